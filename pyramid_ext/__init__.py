@@ -1,0 +1,38 @@
+"""pyramid_ext: fused pyramid pooling for PyTorch.
+
+Ops (each one pass over the input, gather-style backward, no atomics):
+    multi_adaptive_avg_pool2d, multi_adaptive_max_pool2d, spatial_pyramid_pool,
+    upsample_concat
+Backends: "cpp" (compiled C++/CUDA), "triton", "torch" (pure PyTorch); see
+``available_backends(device)`` and ``use_backend(name)``.
+"""
+from . import _extension
+from .backends import BACKENDS, available_backends, use_backend
+from .functional import (
+    multi_adaptive_avg_pool2d,
+    multi_adaptive_max_pool2d,
+    spatial_pyramid_pool,
+    upsample_concat,
+)
+
+__version__ = "0.1.0"
+
+if not _extension.LOADED:
+    _extension.warn_if_missing()
+
+
+def build_info() -> dict:
+    """What the compiled extension holds: version, CUDA, archs, OpenMP."""
+    return _extension.build_info()
+
+
+__all__ = [
+    "BACKENDS",
+    "available_backends",
+    "build_info",
+    "multi_adaptive_avg_pool2d",
+    "multi_adaptive_max_pool2d",
+    "spatial_pyramid_pool",
+    "upsample_concat",
+    "use_backend",
+]

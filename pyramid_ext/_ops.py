@@ -1,0 +1,140 @@
+"""Fake kernels and autograd for the pyramid_ext ops.
+
+The compiled ops' schemas live in csrc/ops.cpp; the Triton ops (declared in
+pyramid_ext/triton_ops.py with the same signatures) reuse these functions, so
+every backend has identical shapes, strides and gradients.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from . import _extension
+from .windows import packed_size
+
+POOL_AVG = 0
+POOL_MAX = 1
+
+
+def _channels_last(t: torch.Tensor) -> bool:
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+# --------------------------------------------------------------------------
+# multi_pool2d
+# --------------------------------------------------------------------------
+
+
+def pool_fake(x, h_bounds, w_bounds, level_bins, mode, channels_last_levels):
+    total = packed_size(level_bins)
+    values = x.new_empty((x.shape[0], x.shape[1] * total))
+    if mode == POOL_MAX:
+        indices = x.new_empty((x.shape[0], x.shape[1] * total), dtype=torch.int64)
+    else:
+        indices = x.new_empty((0,), dtype=torch.int64)
+    return values, indices
+
+
+def pool_backward_fake(grad, indices, input_shape, h_bounds, w_bounds, level_bins, mode, channels_last_levels,
+                       channels_last_input):
+    fmt = torch.channels_last if channels_last_input else torch.contiguous_format
+    return grad.new_empty(input_shape, memory_format=fmt)
+
+
+def make_pool_autograd(backward_op: Callable):
+    """(backward, setup_context) for a multi_pool2d-shaped op whose gradient
+    is computed by `backward_op` (a multi_pool2d_backward-shaped op)."""
+
+    def setup_context(ctx, inputs, output):
+        x, h_bounds, w_bounds, level_bins, mode, channels_last_levels = inputs
+        _, indices = output
+        ctx.args = (list(x.shape), list(h_bounds), list(w_bounds), list(level_bins), mode, channels_last_levels,
+                    _channels_last(x))
+        ctx.save_for_backward(indices if mode == POOL_MAX else None)
+        ctx.mark_non_differentiable(indices)
+
+    def backward(ctx, grad_values, grad_indices):
+        (indices,) = ctx.saved_tensors
+        shape, h_bounds, w_bounds, level_bins, mode, cl_levels, cl_input = ctx.args
+        grad_x = backward_op(grad_values.contiguous(), indices, shape, h_bounds, w_bounds, level_bins, mode,
+                             cl_levels, cl_input)
+        return grad_x, None, None, None, None, None
+
+    return backward, setup_context
+
+
+# --------------------------------------------------------------------------
+# upsample_concat
+# --------------------------------------------------------------------------
+
+
+def upsample_concat_fake(x, branches, size, align_corners, x_first, channels_last):
+    ref = x if x is not None else branches[0]
+    channels = (x.shape[1] if x is not None else 0) + sum(b.shape[1] for b in branches)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return ref.new_empty((ref.shape[0], channels, size[0], size[1]), memory_format=fmt)
+
+
+def upsample_concat_out_fake(x, branches, align_corners, x_first, out):
+    return None
+
+
+def upsample_concat_backward_fake(grad_out, branch_shapes, channel_offset, align_corners, channels_last):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    n = grad_out.shape[0]
+    return [
+        grad_out.new_empty((n, branch_shapes[3 * k], branch_shapes[3 * k + 1], branch_shapes[3 * k + 2]),
+                           memory_format=fmt)
+        for k in range(len(branch_shapes) // 3)
+    ]
+
+
+def make_upsample_concat_autograd(backward_op: Callable):
+    def setup_context(ctx, inputs, output):
+        x, branches, size, align_corners, x_first, channels_last = inputs
+        shapes = []
+        for b in branches:
+            shapes += [b.shape[1], b.shape[2], b.shape[3]]
+        cx = x.shape[1] if x is not None else 0
+        cb = sum(b.shape[1] for b in branches)
+        ctx.args = (shapes, cx, cb, x_first, align_corners, channels_last, x is not None)
+
+    def backward(ctx, grad_out):
+        shapes, cx, cb, x_first, align_corners, channels_last, has_x = ctx.args
+        branch_offset = cx if x_first else 0
+        x_offset = 0 if x_first else cb
+        grad_x = grad_out[:, x_offset : x_offset + cx] if has_x and ctx.needs_input_grad[0] else None
+        grad_branches = None
+        if ctx.needs_input_grad[1]:
+            g = grad_out
+            if not (g.is_contiguous() or g.is_contiguous(memory_format=torch.channels_last)):
+                g = g.contiguous()
+            grad_branches = list(backward_op(g, shapes, branch_offset, align_corners, _channels_last(g)))
+        return grad_x, grad_branches, None, None, None, None
+
+    return backward, setup_context
+
+
+# --------------------------------------------------------------------------
+# Registration of the compiled ops
+# --------------------------------------------------------------------------
+
+
+def _register_compiled() -> None:
+    lib = "pyramid_ext::"
+    torch.library.register_fake(lib + "multi_pool2d")(pool_fake)
+    torch.library.register_fake(lib + "multi_pool2d_backward")(pool_backward_fake)
+    torch.library.register_fake(lib + "upsample_concat")(upsample_concat_fake)
+    torch.library.register_fake(lib + "upsample_concat_out")(upsample_concat_out_fake)
+    torch.library.register_fake(lib + "upsample_concat_backward")(upsample_concat_backward_fake)
+
+    ops = torch.ops.pyramid_ext
+    backward, setup = make_pool_autograd(ops.multi_pool2d_backward.default)
+    torch.library.register_autograd(lib + "multi_pool2d", backward, setup_context=setup)
+    backward, setup = make_upsample_concat_autograd(ops.upsample_concat_backward.default)
+    torch.library.register_autograd(lib + "upsample_concat", backward, setup_context=setup)
+
+
+if _extension.LOADED:
+    _register_compiled()

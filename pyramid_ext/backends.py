@@ -1,0 +1,121 @@
+"""Backend selection: which implementation serves a call.
+
+``"cpp"``: the compiled extension (C++ on CPU, CUDA kernels on GPU).
+``"triton"``: Triton kernels (CUDA tensors; CPU tensors too under TRITON_INTERPRET=1).
+``"torch"``: pure PyTorch (pyramid_ext.reference), runs everywhere.
+
+A call's ``backend=`` argument wins, then the innermost ``use_backend(...)``
+context, then the ``PYRAMID_EXT_BACKEND`` environment variable, then "auto":
+cpp when the extension has a kernel for the device, else triton for CUDA
+tensors when Triton is installed, else torch. A backend that was *named* and
+cannot serve the tensor raises; it never silently switches.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import threading
+from typing import List, Optional
+
+import torch
+
+from . import _extension
+
+BACKENDS = ("cpp", "triton", "torch")
+ENV_VAR = "PYRAMID_EXT_BACKEND"
+
+_local = threading.local()
+
+
+def _stack() -> list:
+    if not hasattr(_local, "stack"):
+        _local.stack = []
+    return _local.stack
+
+
+def _check_name(name, what: str) -> str:
+    if name not in BACKENDS and name != "auto":
+        raise ValueError(f"{what} must be one of {BACKENDS} or 'auto' (or None), got {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: Optional[str]):
+    """Context manager selecting the backend for pyramid_ext calls inside it."""
+    if name is not None:
+        _check_name(name, "use_backend(name)")
+    _stack().append(name)
+    try:
+        yield
+    finally:
+        _stack().pop()
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _why_not(name: str, device: torch.device, op: str) -> Optional[str]:
+    """None if backend `name` can serve `op` on `device`, else the reason."""
+    if name == "torch":
+        return None
+    if name == "cpp":
+        if not _extension.LOADED:
+            return f"the compiled extension is not available ({_extension.LOAD_ERROR}); {_extension.BUILD_HINT}"
+        if not _extension.has_kernel(op, device.type):
+            if device.type == "cuda":
+                return (
+                    "the extension was built without CUDA kernels (rebuild with a CUDA build of torch and nvcc, "
+                    "or FORCE_CUDA=1)"
+                )
+            return f"the extension has no kernel for {device.type} tensors"
+        return None
+    if name == "triton":
+        if not triton_installed():
+            return "Triton is not installed (pip install triton)"
+        if device.type == "cuda":
+            return None
+        if device.type == "cpu" and triton_interpret():
+            return None
+        return f"Triton runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), not {device.type}"
+    raise AssertionError(name)
+
+
+def available_backends(device="cpu", op: str = "multi_pool2d") -> List[str]:
+    """The backends that can serve tensors on `device`, in auto-selection order."""
+    device = torch.device(device)
+    return [b for b in BACKENDS if _why_not(b, device, op) is None]
+
+
+def requested_backend(backend: Optional[str] = None) -> str:
+    """The backend name in force: argument, context, environment, or 'auto'."""
+    if backend is not None:
+        return _check_name(backend, "backend")
+    for name in reversed(_stack()):
+        if name is not None:
+            return name
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return _check_name(env, f"environment variable {ENV_VAR}")
+    return "auto"
+
+
+def resolve(backend: Optional[str], device: torch.device, op: str) -> str:
+    """Chooses the backend for one call; raises if a named one cannot serve."""
+    name = requested_backend(backend)
+    if name == "auto":
+        if _why_not("cpp", device, op) is None:
+            return "cpp"
+        if device.type == "cuda" and _why_not("triton", device, op) is None:
+            return "triton"
+        _extension.warn_if_missing()
+        return "torch"
+    reason = _why_not(name, device, op)
+    if reason is not None:
+        raise RuntimeError(f"pyramid_ext: backend={name!r} cannot run {op} on a {device.type} tensor: {reason}")
+    return name

@@ -1,0 +1,133 @@
+"""The "torch" backend: pure-PyTorch implementations of the op contracts.
+
+Same inputs and outputs as the compiled ops (packed pooling output, fused
+upsample-concat), built from PyTorch's own operators, so it runs wherever
+PyTorch runs and autograd differentiates it. It is the fallback when no
+compiled or Triton kernel can serve a tensor, and the readable statement of
+what the fused kernels compute.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .windows import level_shapes
+
+POOL_AVG = 0
+POOL_MAX = 1
+
+
+def _pack(levels: List[torch.Tensor], channels_last_levels: bool) -> torch.Tensor:
+    n = levels[0].shape[0]
+    flat = []
+    for t in levels:
+        if channels_last_levels:
+            t = t.permute(0, 2, 3, 1)
+        flat.append(t.reshape(n, -1))
+    return torch.cat(flat, 1)
+
+
+def _window_max(x: torch.Tensor, hs: int, he: int, ws: int, we: int):
+    """Max of x[..., hs:he, ws:we] and its flat index into the plane, with
+    ATen's CPU rule: the first maximum in row-major order, or the last NaN."""
+    width = x.shape[-1]
+    win = x[:, :, hs:he, ws:we].reshape(x.shape[0], x.shape[1], -1)
+    length = win.shape[-1]
+    val = win.amax(-1)
+    first_max = (win == val.unsqueeze(-1)).to(torch.uint8).argmax(-1)
+    nan = torch.isnan(win)
+    last_nan = (length - 1) - nan.flip(-1).to(torch.uint8).argmax(-1)
+    local = torch.where(nan.any(-1), last_nan, first_max)
+    wcols = we - ws
+    idx = (hs + local // wcols) * width + ws + local % wcols
+    return val, idx
+
+
+def _generic_level(x, hwins, wwins, mode):
+    """Pools x over explicit windows (any policy); used when the windows are
+    not PyTorch's adaptive ones, so no single ATen op computes the level."""
+    if mode == POOL_AVG:
+        height, width = x.shape[-2], x.shape[-1]
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        ph = torch.zeros(len(hwins), height, dtype=acc, device=x.device)
+        pw = torch.zeros(len(wwins), width, dtype=acc, device=x.device)
+        for i, (s, e) in enumerate(hwins):
+            ph[i, s:e] = 1.0 / (e - s)
+        for j, (s, e) in enumerate(wwins):
+            pw[j, s:e] = 1.0 / (e - s)
+        return torch.einsum("ih,nchw,jw->ncij", ph, x.to(acc), pw).to(x.dtype), None
+    vals, idxs = [], []
+    for hs, he in hwins:
+        row_v, row_i = [], []
+        for ws, we in wwins:
+            v, i = _window_max(x, hs, he, ws, we)
+            row_v.append(v)
+            row_i.append(i)
+        vals.append(torch.stack(row_v, -1))
+        idxs.append(torch.stack(row_i, -1))
+    return torch.stack(vals, -2), torch.stack(idxs, -2)
+
+
+def multi_pool2d(
+    x: torch.Tensor,
+    h_bounds: Sequence[int],
+    w_bounds: Sequence[int],
+    level_bins: Sequence[int],
+    mode: int,
+    channels_last_levels: bool,
+    adaptive: bool = False,
+):
+    """Reference for ``torch.ops.pyramid_ext.multi_pool2d``. With ``adaptive``
+    the windows are known to be PyTorch's adaptive ones and each level is one
+    ``F.adaptive_*_pool2d`` call (exactly PyTorch's numbers)."""
+    values, indices = [], []
+    ho = wo = 0
+    for bh, bw in level_shapes(level_bins):
+        hwins = [(h_bounds[2 * k], h_bounds[2 * k + 1]) for k in range(ho, ho + bh)]
+        wwins = [(w_bounds[2 * k], w_bounds[2 * k + 1]) for k in range(wo, wo + bw)]
+        ho += bh
+        wo += bw
+        if adaptive and mode == POOL_AVG:
+            v, i = F.adaptive_avg_pool2d(x, (bh, bw)), None
+        elif adaptive:
+            v, i = F.adaptive_max_pool2d(x, (bh, bw), return_indices=True)
+        else:
+            v, i = _generic_level(x, hwins, wwins, mode)
+        values.append(v)
+        indices.append(i)
+    packed = _pack(values, channels_last_levels)
+    if mode == POOL_MAX:
+        return packed, _pack(indices, channels_last_levels)
+    return packed, x.new_empty((0,), dtype=torch.int64)
+
+
+def upsample_concat(
+    x: Optional[torch.Tensor],
+    branches: Sequence[torch.Tensor],
+    size: Sequence[int],
+    align_corners: bool,
+    x_first: bool,
+    channels_last: bool,
+) -> torch.Tensor:
+    """Reference for ``torch.ops.pyramid_ext.upsample_concat``."""
+    ups = [F.interpolate(b, size=tuple(size), mode="bilinear", align_corners=align_corners) for b in branches]
+    parts = ([x] + ups if x_first else ups + [x]) if x is not None else ups
+    out = torch.cat(parts, 1)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return out.contiguous(memory_format=fmt)
+
+
+def upsample_concat_out(x, branches, align_corners: bool, x_first: bool, out: torch.Tensor) -> None:
+    """Reference for ``torch.ops.pyramid_ext.upsample_concat_out``."""
+    c = 0
+    parts = list(branches)
+    if x is not None:
+        parts = [x] + parts if x_first else parts + [x]
+    size = tuple(out.shape[-2:])
+    for p in parts:
+        if p is not x:
+            p = F.interpolate(p, size=size, mode="bilinear", align_corners=align_corners)
+        out[:, c : c + p.shape[1]].copy_(p)
+        c += p.shape[1]

@@ -1,0 +1,70 @@
+"""Builds pyramid_ext's C++/CUDA extension against the installed torch.
+
+CUDA kernels are compiled when torch is a CUDA build, nvcc is found (CUDA_HOME)
+and either a GPU is visible or FORCE_CUDA=1. TORCH_CUDA_ARCH_LIST is honoured.
+PYRAMID_EXT_WERROR=1 turns warnings in the project's own sources into errors.
+"""
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+import torch
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+VERSION = "0.1.0"
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def want_cuda():
+    if os.environ.get("FORCE_CPU", "0") == "1":
+        return False
+    if torch.version.cuda is None or CUDA_HOME is None:
+        return False
+    return os.environ.get("FORCE_CUDA", "0") == "1" or torch.cuda.is_available()
+
+
+def extensions():
+    with_cuda = want_cuda()
+    sources = [os.path.join("csrc", "ops.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    werror = os.environ.get("PYRAMID_EXT_WERROR", "0") == "1"
+    cxx = ["-O3", "-std=c++17", "-fopenmp", "-Wall", "-Wextra", "-Wno-unused-parameter"]
+    if werror:
+        cxx.append("-Werror")
+    define_macros = [("PYRAMID_EXT_VERSION", f'"{VERSION}"')]
+    extra_link_args = ["-fopenmp"]
+    extra_compile_args = {"cxx": cxx}
+    ext_cls = CppExtension
+    if with_cuda:
+        ext_cls = CUDAExtension
+        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+        archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
+        define_macros += [("PYRAMID_EXT_WITH_CUDA", None), ("PYRAMID_EXT_CUDA_ARCHS", f'"{archs}"')]
+        nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+        if werror:
+            nvcc += ["-Werror", "all-warnings", "-Xcompiler", "-Wall,-Werror"]
+        extra_compile_args["nvcc"] = nvcc
+    return [
+        ext_cls(
+            "pyramid_ext._C",
+            sources,
+            include_dirs=[os.path.join(ROOT, "csrc")],
+            define_macros=define_macros,
+            extra_compile_args=extra_compile_args,
+            extra_link_args=extra_link_args,
+        )
+    ]
+
+
+setup(
+    name="pyramid_ext",
+    version=VERSION,
+    description="Fused pyramid pooling kernels for PyTorch (CPU, CUDA, Triton)",
+    packages=find_packages(include=["pyramid_ext", "pyramid_ext.*"]),
+    ext_modules=extensions(),
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    python_requires=">=3.9",
+    install_requires=["torch>=2.4"],
+    extras_require={"models": ["torchvision"], "triton": ["triton"], "plot": ["matplotlib"]},
+    zip_safe=False,
+)
