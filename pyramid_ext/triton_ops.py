@@ -83,6 +83,7 @@ def _bilinear_scale(in_size, out_size, ALIGN: tl.constexpr, ACC: tl.constexpr, A
 def _bilinear_tap(dst, in_size, out_size, scale, ALIGN: tl.constexpr, ACC: tl.constexpr):
     """(i0, i1, w0, w1) for output coordinate(s) `dst` (int64), as
     bilinear_tap in csrc/pyramid_index.h / ATen's compute_source_index_and_lambda."""
+    dst = tl.cast(dst, tl.int64)  # also a loop counter (a plain int under the interpreter)
     dst_f = dst.to(ACC)
     if ALIGN:
         src = scale * dst_f
@@ -343,13 +344,15 @@ def _pool_bwd_pixels_kernel(
     cell = tl.where(valid, sh * SW + sw, 0)
     c = cb * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
     cmask = c < C
-    m2 = cmask[:, None] & valid[None, :]
+    start = tl.load(cell_ptr_ptr + cell, mask=valid, other=0)
+    count = tl.load(cell_ptr_ptr + cell + 1, mask=valid, other=0) - start
 
     if MODE == 0:
+        # a cell inside covered rows and columns may still be in no bin (the
+        # rows covered by one level, the columns by another): no cell value
+        m2 = cmask[:, None] & (valid & (count > 0))[None, :]
         g = tl.load(cell_grad_ptr + (n * num_cells + cell[None, :]) * C + c[:, None], mask=m2, other=0.0)
     else:
-        start = tl.load(cell_ptr_ptr + cell, mask=valid, other=0)
-        count = tl.load(cell_ptr_ptr + cell + 1, mask=valid, other=0) - start
         flat = (h * W + w)[None, :]
         g = tl.zeros([BLOCK_C, BLOCK_P], dtype=ACC)
         for q in range(0, max_cover):
@@ -638,6 +641,10 @@ def _prev_pow2(v: int) -> int:
 
 _TILE = 4096  # elements per program tile
 
+# No mul+add -> fma contraction on GPUs: the taps, weights and sums round
+# operation by operation, as ATen's CPU kernels and the interpreter do.
+_LAUNCH = dict(enable_fp_fusion=False)
+
 
 def _pool_impl(x, h_bounds, w_bounds, level_bins, mode, channels_last_levels):
     _check_device(x)
@@ -665,7 +672,7 @@ def _pool_impl(x, h_bounds, w_bounds, level_bins, mode, channels_last_levels):
         x, tabs["cell_tab"], cell_val, cell_idx,
         c, width, plan.num_cells, nneed, ncb, nsb,
         x.stride(0), x.stride(1), x.stride(2), x.stride(3),
-        MODE=mode, ACC=acc, BLOCK_C=block_c, BLOCK_S=block_s, BLOCK_E=block_e,
+        MODE=mode, ACC=acc, BLOCK_C=block_c, BLOCK_S=block_s, BLOCK_E=block_e, **_LAUNCH,
     )
     block_k = _tile(budget, block_c, want=min(plan.max_bin_cells, 64))
     block_t = _tile(budget, block_c, block_k, want=plan.T)
@@ -675,7 +682,7 @@ def _pool_impl(x, h_bounds, w_bounds, level_bins, mode, channels_last_levels):
         cell_val, cell_idx, tabs["bin_tab"], values, idx_out,
         c, plan.T, plan.SW, plan.num_cells, ncb, ntb,
         MODE=mode, CL_LEVELS=bool(channels_last_levels), ACC=acc, ACC_FP64=acc64,
-        BLOCK_C=block_c, BLOCK_T=block_t, BLOCK_K=block_k,
+        BLOCK_C=block_c, BLOCK_T=block_t, BLOCK_K=block_k, **_LAUNCH,
     )
     return values, indices
 
@@ -708,7 +715,7 @@ def _pool_backward_impl(grad, indices, input_shape, h_bounds, w_bounds, level_bi
         _pool_bwd_cells_kernel[(n * ncb * nsb,)](
             grad, tabs["bin_tab"], tabs["cell_list"], tabs["cell_ptr"], tabs["cell_bins"], cell_grad,
             c, plan.T, plan.num_cells, nneed, ncb, nsb, plan.max_cover,
-            CL_LEVELS=cl, ACC=acc, ACC_FP64=acc64, BLOCK_C=block_c, BLOCK_S=block_s,
+            CL_LEVELS=cl, ACC=acc, ACC_FP64=acc64, BLOCK_C=block_c, BLOCK_S=block_s, **_LAUNCH,
         )
         idx = grad  # unused
     else:
@@ -721,7 +728,7 @@ def _pool_backward_impl(grad, indices, input_shape, h_bounds, w_bounds, level_bi
         grad_x,
         c, height, width, plan.T, plan.SW, plan.num_cells, ncb, npb, plan.max_cover,
         grad_x.stride(0), grad_x.stride(1), grad_x.stride(2), grad_x.stride(3),
-        MODE=mode, CL_LEVELS=cl, ACC=acc, BLOCK_C=block_c, BLOCK_P=block_p,
+        MODE=mode, CL_LEVELS=cl, ACC=acc, BLOCK_C=block_c, BLOCK_P=block_p, **_LAUNCH,
     )
     return grad_x
 
@@ -741,7 +748,7 @@ def _write_part(src: torch.Tensor, out: torch.Tensor, c_offset: int, align_corne
         c, ih, iw, oh, ow, c_offset, ncb, npb,
         src.stride(0), src.stride(1), src.stride(2), src.stride(3),
         out.stride(0), out.stride(1), out.stride(2), out.stride(3),
-        COPY=copy, ALIGN=bool(align_corners), ACC=acc, ACC_FP64=acc64, BLOCK_C=block_c, BLOCK_P=block_p,
+        COPY=copy, ALIGN=bool(align_corners), ACC=acc, ACC_FP64=acc64, BLOCK_C=block_c, BLOCK_P=block_p, **_LAUNCH,
     )
 
 
@@ -796,7 +803,7 @@ def _upsample_concat_backward_impl(grad_out, branch_shapes, channel_offset, alig
                 grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), grad_out.stride(3),
                 gb.stride(0), gb.stride(1), gb.stride(2), gb.stride(3),
                 ALIGN=bool(align_corners), ACC=acc, ACC_FP64=acc64,
-                BLOCK_C=block_c, BLOCK_X=block_x, BLOCK_R=block_r, BLOCK_O=block_o,
+                BLOCK_C=block_c, BLOCK_X=block_x, BLOCK_R=block_r, BLOCK_O=block_o, **_LAUNCH,
             )
         offset += c
     return grads

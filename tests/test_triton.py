@@ -1,0 +1,538 @@
+"""Triton backend: pyramid_ext.triton_ops against PyTorch eager.
+
+Runs on CUDA tensors when a GPU is present, else on CPU tensors under Triton's
+interpreter (TRITON_INTERPRET=1, which must be set before Triton is imported;
+the CI does). Shapes stay small: the interpreter is slow.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytestmark = pytest.mark.triton
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("Triton is not installed (pip install triton)", allow_module_level=True)
+if not _INTERPRET and not torch.cuda.is_available():
+    pytest.skip(
+        "no CUDA device and TRITON_INTERPRET != '1': run with TRITON_INTERPRET=1 to test the Triton kernels on CPU",
+        allow_module_level=True,
+    )
+
+import pyramid_ext as pe  # noqa: E402
+from pyramid_ext import reference, triton_ops  # noqa: E402
+from pyramid_ext.windows import pyramid_windows, normalize_bins  # noqa: E402
+
+if _INTERPRET and not triton_ops.INTERPRETED:
+    pytest.skip("pyramid_ext.triton_ops was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
+
+DEVICE = "cpu" if _INTERPRET else "cuda"
+OPS = torch.ops.pyramid_ext
+T = "triton"
+
+
+def _rand(*shape, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype=dtype, device=DEVICE)
+
+
+def _pairs(bins):
+    return [b if isinstance(b, tuple) else (b, b) for b in bins]
+
+
+def _tol(dtype):
+    return {
+        torch.float64: dict(rtol=1e-12, atol=1e-12),
+        torch.float32: dict(rtol=1e-5, atol=1e-6),
+        torch.float16: dict(rtol=1e-3, atol=1e-3),
+        torch.bfloat16: dict(rtol=1e-2, atol=1e-2),
+    }[dtype]
+
+
+def _eager_avg(x, b):
+    if x.dtype in (torch.float16, torch.bfloat16):  # reference in fp32, like the kernels' accumulation
+        return F.adaptive_avg_pool2d(x.float(), b).to(x.dtype)
+    return F.adaptive_avg_pool2d(x, b)
+
+
+# --------------------------------------------------------------------------
+# Pooling forward
+# --------------------------------------------------------------------------
+
+POOL_CASES = [
+    ((2, 3, 33, 47), (1, 2, 3, 6)),
+    ((2, 3, 13, 11), (4, 2, 1)),
+    ((1, 2, 9, 14), [(1, 3), (2, 1), (4, 6), 3]),
+    ((2, 2, 3, 5), (6, (2, 7), 1)),  # bins larger than the input: overlapping windows
+    ((1, 3, 1, 1), (1, 2, 3)),
+]
+
+
+@pytest.mark.parametrize("shape,bins", POOL_CASES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_avg_pool_matches_adaptive_avg_pool2d(shape, bins, dtype):
+    x = _rand(*shape, dtype=dtype)
+    outs = pe.multi_adaptive_avg_pool2d(x, bins, backend=T)
+    for b, o in zip(_pairs(bins), outs):
+        torch.testing.assert_close(o, F.adaptive_avg_pool2d(x, b), **_tol(dtype))
+
+
+@pytest.mark.parametrize("shape,bins", POOL_CASES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_max_pool_matches_adaptive_max_pool2d(shape, bins, dtype):
+    x = _rand(*shape, dtype=dtype, seed=1)
+    vals, idxs = pe.multi_adaptive_max_pool2d(x, bins, return_indices=True, backend=T)
+    for b, v, i in zip(_pairs(bins), vals, idxs):
+        rv, ri = F.adaptive_max_pool2d(x, b, return_indices=True)
+        assert torch.equal(v, rv)
+        assert torch.equal(i, ri)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_pool_16bit(dtype):
+    x = _rand(2, 3, 17, 23, dtype=dtype, seed=2)
+    bins = (1, 2, 3, 6)
+    for b, o in zip(_pairs(bins), pe.multi_adaptive_avg_pool2d(x, bins, backend=T)):
+        assert o.dtype == dtype
+        torch.testing.assert_close(o, _eager_avg(x, b), **_tol(dtype))
+    vals, idxs = pe.multi_adaptive_max_pool2d(x, bins, return_indices=True, backend=T)
+    for b, v, i in zip(_pairs(bins), vals, idxs):
+        rv, ri = F.adaptive_max_pool2d(x.float(), b, return_indices=True)  # exact: upcasting keeps order and ties
+        assert torch.equal(v, rv.to(dtype))
+        assert torch.equal(i, ri)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "sliced", "transposed"])
+def test_pool_layouts(layout):
+    base = _rand(2, 6, 15, 19, seed=3)
+    if layout == "channels_last":
+        x = base.contiguous(memory_format=torch.channels_last)
+    elif layout == "sliced":
+        x = base[:, ::2, 1:, ::2]
+    else:
+        x = base.transpose(2, 3)
+    bins = (1, 2, 3, 6)
+    for b, o in zip(_pairs(bins), pe.multi_adaptive_avg_pool2d(x, bins, backend=T)):
+        torch.testing.assert_close(o, F.adaptive_avg_pool2d(x, b), **_tol(x.dtype))
+    vals, idxs = pe.multi_adaptive_max_pool2d(x, bins, return_indices=True, backend=T)
+    for b, v, i in zip(_pairs(bins), vals, idxs):
+        rv, ri = F.adaptive_max_pool2d(x, b, return_indices=True)
+        assert torch.equal(v, rv) and torch.equal(i, ri)
+
+
+@pytest.mark.parametrize("mode", ["max", "avg"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_spatial_pyramid_pool(mode, channels_last):
+    x = _rand(2, 3, 13, 17, seed=4)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    bins = (4, 2, 1)
+    out = pe.spatial_pyramid_pool(x, bins, mode=mode, backend=T)
+    fn = F.adaptive_max_pool2d if mode == "max" else F.adaptive_avg_pool2d
+    expected = torch.cat([fn(x, b).flatten(1) for b in bins], 1)
+    assert out.shape == expected.shape
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_max_pool_nan_inf_and_ties():
+    # small integers: many ties; NaNs (several in one window) and infinities
+    g = torch.Generator().manual_seed(5)
+    x = torch.randint(-2, 3, (2, 3, 11, 13), generator=g).double()
+    x[0, 0, 0, 0] = float("nan")
+    x[0, 0, 3, 4] = float("nan")
+    x[0, 1, 5, 5] = float("nan")
+    x[1, 2, 10, 12] = float("nan")
+    x[1, 0] = float("-inf")
+    x[1, 0, 7, 2] = float("nan")
+    x[1, 1, 2:6, 3:9] = float("inf")
+    x[0, 2] = float("-inf")  # an all -inf plane: index of the first element
+    x = x.to(DEVICE)
+    bins = (1, 2, 3, 6, (4, 9))
+    vals, idxs = pe.multi_adaptive_max_pool2d(x, bins, return_indices=True, backend=T)
+    for b, v, i in zip(_pairs(bins), vals, idxs):
+        rv, ri = F.adaptive_max_pool2d(x, b, return_indices=True)
+        assert torch.equal(v, rv) or torch.allclose(v, rv, equal_nan=True, rtol=0, atol=0)
+        assert torch.equal(i, ri)
+    # channels_last input, same answer
+    xc = x.contiguous(memory_format=torch.channels_last)
+    vals2, idxs2 = pe.multi_adaptive_max_pool2d(xc, bins, return_indices=True, backend=T)
+    for v, i, v2, i2 in zip(vals, idxs, vals2, idxs2):
+        assert torch.allclose(v, v2, equal_nan=True, rtol=0, atol=0) and torch.equal(i, i2)
+
+
+def test_pool_empty_batch_and_channels():
+    for shape in ((0, 3, 9, 7), (2, 0, 9, 7)):
+        x = _rand(*shape)
+        outs = pe.multi_adaptive_avg_pool2d(x, (1, 2, 3), backend=T)
+        assert [tuple(o.shape) for o in outs] == [(shape[0], shape[1], b, b) for b in (1, 2, 3)]
+        vals, idxs = pe.multi_adaptive_max_pool2d(x, (1, 2, 3), return_indices=True, backend=T)
+        assert [tuple(v.shape) for v in vals] == [(shape[0], shape[1], b, b) for b in (1, 2, 3)]
+        assert all(i.dtype == torch.int64 for i in idxs)
+        out = pe.spatial_pyramid_pool(x, (4, 2, 1), backend=T)
+        assert tuple(out.shape) == (shape[0], shape[1] * 21)
+    x = _rand(0, 3, 9, 7).requires_grad_()
+    sum(o.sum() for o in pe.multi_adaptive_avg_pool2d(x, (1, 2), backend=T)).backward()
+    assert x.grad.shape == x.shape
+
+
+def test_pool_unbatched():
+    x = _rand(3, 10, 12, seed=6)
+    for b, o in zip((1, 2, 5), pe.multi_adaptive_avg_pool2d(x, (1, 2, 5), backend=T)):
+        torch.testing.assert_close(o, F.adaptive_avg_pool2d(x, b))
+
+
+@pytest.mark.parametrize("window", ["sppnet", "keras_same"])
+def test_pool_window_policies_match_torch_backend(window):
+    # sppnet leaves the tail of an axis uncovered; keras_same has uneven windows
+    x = _rand(2, 3, 13, 14, seed=7, dtype=torch.float64).requires_grad_()
+    bins = (1, 2, 3)
+    for fn in (pe.multi_adaptive_avg_pool2d, pe.multi_adaptive_max_pool2d):
+        got = fn(x, bins, window=window, backend=T)
+        ref = fn(x, bins, window=window, backend="torch")
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        w = [_rand(*o.shape, dtype=torch.float64, seed=8 + k) for k, o in enumerate(ref)]
+        (gx,) = torch.autograd.grad(sum((o * wk).sum() for o, wk in zip(got, w)), x)
+        (rx,) = torch.autograd.grad(sum((o * wk).sum() for o, wk in zip(ref, w)), x)
+        torch.testing.assert_close(gx, rx, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("channels_last_levels", [False, True])
+@pytest.mark.parametrize("mode", [0, 1])
+def test_pool_op_arbitrary_windows(mode, channels_last_levels):
+    # windows with gaps and overlaps, given directly to the op
+    x = _rand(2, 3, 10, 12, dtype=torch.float64, seed=9)
+    h_bounds = [0, 4, 3, 7, 1, 2, 5, 8]  # rows 8, 9 uncovered
+    w_bounds = [2, 7, 0, 12, 6, 11, 9, 10, 0, 3, 4, 5]
+    level_bins = [2, 3, 2, 3]
+    xg = x.clone().requires_grad_()
+    values, indices = triton_ops.multi_pool2d(xg, h_bounds, w_bounds, level_bins, mode, channels_last_levels)
+    xr = x.clone().requires_grad_()
+    ref_v, ref_i = reference.multi_pool2d(xr, h_bounds, w_bounds, level_bins, mode, channels_last_levels)
+    torch.testing.assert_close(values, ref_v, rtol=1e-12, atol=1e-12)
+    if mode == 1:
+        assert torch.equal(indices, ref_i)
+    else:
+        assert indices.shape == (0,) and indices.dtype == torch.int64
+    w = _rand(*values.shape, dtype=torch.float64, seed=10)
+    (values * w).sum().backward()
+    (ref_v * w).sum().backward()
+    torch.testing.assert_close(xg.grad, xr.grad, rtol=1e-12, atol=1e-12)
+    assert xg.grad[:, :, 8:].abs().sum() == 0
+
+
+# --------------------------------------------------------------------------
+# Pooling backward
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_pool_backward_matches_eager(layout, dtype):
+    x = _rand(2, 3, 14, 17, dtype=dtype, seed=11)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    bins = (1, 2, 3, 6)
+    for kind in ("avg", "max"):
+        xt = x.clone().requires_grad_()
+        xe = x.clone().requires_grad_()
+        if kind == "avg":
+            got = pe.multi_adaptive_avg_pool2d(xt, bins, backend=T)
+            ref = [F.adaptive_avg_pool2d(xe, b) for b in bins]
+        else:
+            got = pe.multi_adaptive_max_pool2d(xt, bins, backend=T)
+            ref = [F.adaptive_max_pool2d(xe, b) for b in bins]
+        w = [_rand(*r.shape, dtype=dtype, seed=20 + k) for k, r in enumerate(ref)]
+        sum((o * wk).sum() for o, wk in zip(got, w)).backward()
+        sum((o * wk).sum() for o, wk in zip(ref, w)).backward()
+        torch.testing.assert_close(xt.grad, xe.grad, **_tol(dtype))
+        if layout == "channels_last":
+            assert xt.grad.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_pool_backward_16bit(dtype):
+    x = _rand(1, 2, 9, 11, dtype=dtype, seed=12)
+    bins = (1, 2, 3)
+    xt = x.clone().requires_grad_()
+    xe = x.float().requires_grad_()
+    got = pe.multi_adaptive_avg_pool2d(xt, bins, backend=T)
+    ref = [F.adaptive_avg_pool2d(xe, b) for b in bins]
+    sum(o.float().sum() for o in got).backward()
+    sum(o.sum() for o in ref).backward()
+    assert xt.grad.dtype == dtype
+    torch.testing.assert_close(xt.grad.float(), xe.grad, **_tol(dtype))
+
+
+@pytest.mark.parametrize("mode", ["avg", "max"])
+def test_pool_gradcheck(mode):
+    x = _rand(1, 2, 5, 7, dtype=torch.float64, seed=13).requires_grad_()
+    bins = (1, 2, (3, 4))
+
+    def fn(inp):
+        if mode == "avg":
+            return tuple(pe.multi_adaptive_avg_pool2d(inp, bins, backend=T))
+        return tuple(pe.multi_adaptive_max_pool2d(inp, bins, backend=T))
+
+    # fast_mode: a random projection of the Jacobian (the full one costs a forward per input element under the
+    # interpreter); test_pool_backward_matches_eager compares every gradient element with ATen's.
+    assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-7, fast_mode=True)
+
+
+# --------------------------------------------------------------------------
+# Upsample + concat
+# --------------------------------------------------------------------------
+
+
+def _eager_upsample_concat(x, branches, size, align_corners, x_first):
+    ups = [F.interpolate(b, size=size, mode="bilinear", align_corners=align_corners) if b.shape[1] else
+           b.new_empty(b.shape[0], 0, *size) for b in branches]  # (eager rejects zero channels)
+    if x is None:
+        return torch.cat(ups, 1)
+    return torch.cat([x] + ups if x_first else ups + [x], 1)
+
+
+def _branches(n, sizes, channels=(2, 3, 1, 2), dtype=torch.float32, seed=30):
+    return [_rand(n, channels[k % len(channels)], h, w, dtype=dtype, seed=seed + k) for k, (h, w) in enumerate(sizes)]
+
+
+@pytest.mark.parametrize("align_corners", [False, True])
+@pytest.mark.parametrize("x_first", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_upsample_concat_matches_eager(align_corners, x_first, dtype):
+    x = _rand(2, 4, 33, 47, dtype=dtype, seed=40)
+    branches = _branches(2, [(1, 1), (2, 2), (3, 3), (6, 6)], dtype=dtype)
+    out = pe.upsample_concat(x, branches, size=None, align_corners=align_corners, x_first=x_first, out=None,
+                             backend=T)
+    ref = _eager_upsample_concat(x, branches, (33, 47), align_corners, x_first)
+    assert out.shape == ref.shape and out.dtype == dtype
+    torch.testing.assert_close(out, ref, **_tol(dtype))
+    if x_first:
+        assert torch.equal(out[:, :4], x)
+    else:
+        assert torch.equal(out[:, -4:], x)
+
+
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_upsample_concat_odd_sizes(align_corners):
+    # branch larger than the output (downsampling), equal along one axis, equal in both, 1xN, and size 1 outputs
+    for size, sizes in (((5, 7), [(9, 11), (5, 3), (5, 7), (1, 4)]), ((1, 1), [(3, 2), (1, 1)]),
+                        ((3, 5), [(1, 1), (2, 7)]), ((1, 6), [(4, 2)])):
+        x = _rand(2, 3, *size, dtype=torch.float64, seed=41)
+        branches = _branches(2, sizes, dtype=torch.float64)
+        out = pe.upsample_concat(x, branches, align_corners=align_corners, backend=T)
+        torch.testing.assert_close(out, _eager_upsample_concat(x, branches, size, align_corners, True),
+                                   rtol=1e-12, atol=1e-12)
+
+
+def test_upsample_concat_without_x():
+    branches = _branches(2, [(2, 3), (4, 4)], dtype=torch.float64)
+    for align_corners in (False, True):
+        out = pe.upsample_concat(None, branches, size=(9, 10), align_corners=align_corners, backend=T)
+        torch.testing.assert_close(out, _eager_upsample_concat(None, branches, (9, 10), align_corners, True),
+                                   rtol=1e-12, atol=1e-12)
+    out = pe.upsample_concat(None, branches, size=7, backend=T)
+    assert out.shape == (2, 5, 7, 7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_upsample_concat_16bit(dtype):
+    x = _rand(2, 3, 11, 13, dtype=dtype, seed=42)
+    branches = _branches(2, [(1, 1), (3, 3), (6, 5)], dtype=dtype)
+    out = pe.upsample_concat(x, branches, backend=T)
+    ref = _eager_upsample_concat(x.float(), [b.float() for b in branches], (11, 13), False, True).to(dtype)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, ref, **_tol(dtype))
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "non_contiguous"])
+def test_upsample_concat_layouts(layout):
+    x = _rand(2, 4, 12, 15, seed=43)
+    branches = _branches(2, [(1, 1), (3, 4), (6, 6)])
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+        branches = [b.contiguous(memory_format=torch.channels_last) for b in branches]
+    else:
+        x = _rand(2, 8, 12, 30, seed=44)[:, ::2, :, ::2]
+        branches = [b.transpose(2, 3).contiguous().transpose(2, 3) for b in branches[:2]] + \
+            [_rand(2, 6, 6, 6, seed=45)[:, ::3]]
+    out = pe.upsample_concat(x, branches, backend=T)
+    torch.testing.assert_close(out, _eager_upsample_concat(x, branches, (12, 15), False, True), rtol=1e-5, atol=1e-6)
+    if layout == "channels_last":
+        assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_upsample_concat_out_channel_slice(channels_last):
+    x = _rand(2, 3, 10, 9, seed=46)
+    branches = _branches(2, [(1, 1), (2, 3), (5, 5)])
+    ctot = 3 + 2 + 3 + 1
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    buf = torch.full((2, ctot + 5, 10, 9), 7.0, device=DEVICE).contiguous(memory_format=fmt)
+    out = buf[:, 2 : 2 + ctot]
+    ret = pe.upsample_concat(x, branches, x_first=False, out=out, backend=T)
+    assert ret.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(out, _eager_upsample_concat(x, branches, (10, 9), False, False), rtol=1e-5,
+                               atol=1e-6)
+    assert torch.all(buf[:, :2] == 7.0) and torch.all(buf[:, 2 + ctot :] == 7.0)
+    # a full, separate out tensor
+    full = torch.empty(2, ctot, 10, 9, device=DEVICE)
+    pe.upsample_concat(x, branches, align_corners=True, out=full, backend=T)
+    torch.testing.assert_close(full, _eager_upsample_concat(x, branches, (10, 9), True, True), rtol=1e-5, atol=1e-6)
+
+
+def test_upsample_concat_empty():
+    for n, c in ((0, 3), (2, 0)):
+        x = _rand(n, c, 6, 7)
+        branches = [_rand(n, 2, 2, 2), _rand(n, c, 3, 3)]
+        out = pe.upsample_concat(x, branches, backend=T)
+        assert out.shape == (n, 2 * c + 2, 6, 7)
+        torch.testing.assert_close(out, _eager_upsample_concat(x, branches, (6, 7), False, True))
+
+
+@pytest.mark.parametrize("align_corners", [False, True])
+@pytest.mark.parametrize("x_first", [True, False])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_upsample_concat_backward_matches_eager(align_corners, x_first, channels_last):
+    dtype = torch.float64
+    x = _rand(2, 3, 13, 17, dtype=dtype, seed=50)
+    branches = _branches(2, [(1, 1), (2, 2), (3, 5), (6, 6), (15, 20)], dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+        branches = [b.contiguous(memory_format=torch.channels_last) for b in branches]
+    xt = x.clone().requires_grad_()
+    bt = [b.clone().requires_grad_() for b in branches]
+    xe = x.clone().requires_grad_()
+    be = [b.clone().requires_grad_() for b in branches]
+    out = pe.upsample_concat(xt, bt, align_corners=align_corners, x_first=x_first, backend=T)
+    ref = _eager_upsample_concat(xe, be, (13, 17), align_corners, x_first)
+    w = _rand(*ref.shape, dtype=dtype, seed=51)
+    (out * w).sum().backward()
+    (ref * w).sum().backward()
+    torch.testing.assert_close(xt.grad, xe.grad, rtol=1e-12, atol=1e-12)
+    for a, b in zip(bt, be):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-12)
+        if channels_last:
+            assert a.grad.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_upsample_concat_backward_float32_and_bf16():
+    for dtype in (torch.float32, torch.bfloat16):
+        branches = _branches(1, [(1, 1), (4, 3)], dtype=dtype)
+        bt = [b.clone().requires_grad_() for b in branches]
+        be = [b.float().requires_grad_() for b in branches]
+        w = _rand(1, 5, 9, 11, seed=52)
+        (pe.upsample_concat(None, bt, size=(9, 11), backend=T).float() * w).sum().backward()
+        (_eager_upsample_concat(None, be, (9, 11), False, True) * w).sum().backward()
+        for a, b in zip(bt, be):
+            assert a.grad.dtype == dtype
+            torch.testing.assert_close(a.grad.float(), b.grad, **_tol(dtype))
+
+
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_upsample_concat_gradcheck(align_corners):
+    x = _rand(1, 2, 4, 5, dtype=torch.float64, seed=53).requires_grad_()
+    branches = [b.requires_grad_() for b in _branches(1, [(1, 1), (2, 3), (6, 4)], channels=(1, 2, 1),
+                                                       dtype=torch.float64)]
+
+    def fn(x, *bs):
+        return pe.upsample_concat(x, list(bs), align_corners=align_corners, backend=T)
+
+    assert torch.autograd.gradcheck(fn, (x, *branches), eps=1e-6, atol=1e-7, fast_mode=True)
+    # the full Jacobian of a tiny case: a 1x1 branch and a downsampled one
+    small = [b.requires_grad_() for b in _branches(1, [(1, 1), (4, 3)], channels=(1,), dtype=torch.float64)]
+    assert torch.autograd.gradcheck(lambda *bs: pe.upsample_concat(None, list(bs), size=(3, 2),
+                                                                   align_corners=align_corners, backend=T),
+                                     tuple(small), eps=1e-6, atol=1e-7)
+
+
+# --------------------------------------------------------------------------
+# Ops: opcheck, determinism, errors
+# --------------------------------------------------------------------------
+
+
+def _pool_args(x, bins, mode, cl_levels):
+    h, w, lb = pyramid_windows(x.shape[2], x.shape[3], normalize_bins(bins))
+    return (x, h, w, lb, mode, cl_levels)
+
+
+def test_opcheck_pool_ops():
+    x = _rand(2, 3, 7, 6, dtype=torch.float64, seed=60)
+    for mode in (0, 1):
+        for cl in (False, True):
+            args = _pool_args(x.clone().requires_grad_(), (1, 2, 3), mode, cl)
+            torch.library.opcheck(OPS.multi_pool2d_triton.default, args)
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        x_, h, w, lb, _, _ = _pool_args(x_cl, (1, 2, 3), mode, False)
+        values, indices = OPS.multi_pool2d_triton(x_, h, w, lb, mode, False)
+        grad = _rand(*values.shape, dtype=torch.float64, seed=61)
+        idx = indices if mode == 1 else None
+        torch.library.opcheck(OPS.multi_pool2d_backward_triton.default,
+                              (grad, idx, list(x.shape), h, w, lb, mode, False, True))
+
+
+def test_opcheck_upsample_ops():
+    x = _rand(2, 3, 6, 7, dtype=torch.float64, seed=62)
+    branches = _branches(2, [(1, 1), (3, 2)], dtype=torch.float64)
+    for align_corners in (False, True):
+        args = (x.clone().requires_grad_(), [b.clone().requires_grad_() for b in branches], [6, 7], align_corners,
+                False, False)
+        torch.library.opcheck(OPS.upsample_concat_triton.default, args)
+    torch.library.opcheck(OPS.upsample_concat_triton.default, (None, branches, [5, 4], True, True, False))
+    out = torch.empty(2, 8, 6, 7, dtype=torch.float64, device=DEVICE)
+    torch.library.opcheck(OPS.upsample_concat_out_triton.default, (x, branches, False, True, out))
+    g = _rand(2, 8, 6, 7, dtype=torch.float64, seed=63).contiguous(memory_format=torch.channels_last)
+    torch.library.opcheck(OPS.upsample_concat_backward_triton.default, (g, [2, 1, 1, 3, 3, 2], 3, False, True))
+
+
+def test_deterministic():
+    x = _rand(2, 5, 21, 19, seed=70)
+    bins = (1, 2, 3, 6)
+    a = pe.spatial_pyramid_pool(x, bins, mode="avg", backend=T)
+    b = pe.spatial_pyramid_pool(x, bins, mode="avg", backend=T)
+    assert torch.equal(a, b)
+    branches = _branches(2, [(1, 1), (3, 3), (6, 6)])
+    grads = []
+    for _ in range(2):
+        bt = [t.clone().requires_grad_() for t in branches]
+        xt = x.clone().requires_grad_()
+        out = pe.upsample_concat(xt, bt, backend=T)
+        pooled = pe.multi_adaptive_avg_pool2d(xt, bins, backend=T)
+        (out.square().sum() + sum(p.square().sum() for p in pooled)).backward()
+        grads.append([out.detach(), xt.grad] + [t.grad for t in bt])
+    for g0, g1 in zip(*grads):
+        assert torch.equal(g0, g1)
+
+
+def test_no_atomics_in_kernels():
+    src = open(triton_ops.__file__).read()
+    assert "tl.atomic" not in src and ".atomic_" not in src
+
+
+@pytest.mark.skipif(not _INTERPRET, reason="the CPU error is about running without the interpreter")
+def test_cpu_without_interpreter_raises_clearly():
+    code = textwrap.dedent(
+        """
+        import torch
+        from pyramid_ext import triton_ops
+        x = torch.randn(1, 2, 5, 5)
+        try:
+            triton_ops.multi_pool2d(x, [0, 5], [0, 5], [1, 1], 0, False)
+        except RuntimeError as e:
+            print("ERR", e)
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert "ERR" in res.stdout and "TRITON_INTERPRET=1" in res.stdout, res.stdout + res.stderr
