@@ -20,12 +20,11 @@ POOL_MAX = 1
 
 
 def _pack(levels: List[torch.Tensor], channels_last_levels: bool) -> torch.Tensor:
-    n = levels[0].shape[0]
     flat = []
     for t in levels:
         if channels_last_levels:
             t = t.permute(0, 2, 3, 1)
-        flat.append(t.reshape(n, -1))
+        flat.append(t.flatten(1))
     return torch.cat(flat, 1)
 
 
@@ -82,6 +81,12 @@ def multi_pool2d(
     """Reference for ``torch.ops.pyramid_ext.multi_pool2d``. With ``adaptive``
     the windows are known to be PyTorch's adaptive ones and each level is one
     ``F.adaptive_*_pool2d`` call (exactly PyTorch's numbers)."""
+    if x.numel() == 0:
+        # ATen's pooling rejects C == 0; the result is empty either way.
+        total = sum(bh * bw for bh, bw in level_shapes(level_bins))
+        values = x.new_zeros((x.shape[0], x.shape[1] * total)) + x.sum() * 0  # keeps the graph
+        indices = x.new_zeros(values.shape if mode == POOL_MAX else (0,), dtype=torch.int64)
+        return values, indices
     values, indices = [], []
     ho = wo = 0
     for bh, bw in level_shapes(level_bins):
