@@ -108,6 +108,12 @@ def multi_pool2d(
     return packed, x.new_empty((0,), dtype=torch.int64)
 
 
+def _interpolate(b: torch.Tensor, size, align_corners: bool) -> torch.Tensor:
+    if b.numel() == 0:  # ATen's upsampling rejects empty tensors; cat accepts them
+        return b.new_zeros((b.shape[0], b.shape[1], size[0], size[1]))
+    return F.interpolate(b, size=tuple(size), mode="bilinear", align_corners=align_corners)
+
+
 def upsample_concat(
     x: Optional[torch.Tensor],
     branches: Sequence[torch.Tensor],
@@ -117,7 +123,7 @@ def upsample_concat(
     channels_last: bool,
 ) -> torch.Tensor:
     """Reference for ``torch.ops.pyramid_ext.upsample_concat``."""
-    ups = [F.interpolate(b, size=tuple(size), mode="bilinear", align_corners=align_corners) for b in branches]
+    ups = [_interpolate(b, size, align_corners) for b in branches]
     parts = ([x] + ups if x_first else ups + [x]) if x is not None else ups
     out = torch.cat(parts, 1)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -133,6 +139,6 @@ def upsample_concat_out(x, branches, align_corners: bool, x_first: bool, out: to
     size = tuple(out.shape[-2:])
     for p in parts:
         if p is not x:
-            p = F.interpolate(p, size=size, mode="bilinear", align_corners=align_corners)
+            p = _interpolate(p, size, align_corners)
         out[:, c : c + p.shape[1]].copy_(p)
         c += p.shape[1]
