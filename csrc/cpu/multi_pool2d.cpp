@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "cpu/huge_pages.h"
 #include "pyramid_index.h"
 
 namespace pyramid_ext {
@@ -526,6 +527,7 @@ at::Tensor multi_pool2d_backward_cpu(
                                        : at::MemoryFormat::Contiguous;
   at::Tensor gx = at::empty({N, C, H, W}, grad.options().memory_format(fmt));
   if (gx.numel() == 0) return gx;
+  advise_huge_pages(gx);
   at::Tensor indices;
   if (mode == kPoolMax) {
     TORCH_CHECK(indices_in.has_value() && indices_in->sizes() == grad.sizes() &&

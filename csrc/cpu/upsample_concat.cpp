@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "cpu/huge_pages.h"
 #include "pyramid_index.h"
 
 namespace pyramid_ext {
@@ -280,6 +281,7 @@ at::Tensor upsample_concat_cpu(const std::optional<at::Tensor>& x,
                                  : at::MemoryFormat::Contiguous;
   at::Tensor out = at::empty({ref.size(0), channels, size[0], size[1]},
                              ref.options().memory_format(fmt));
+  advise_huge_pages(out);
   upsample_concat_out_impl(x, branches, align_corners, x_first, out,
                            "upsample_concat");
   return out;
