@@ -27,6 +27,9 @@ Environment:
     PYRAMID_EXT_BENCH_DEVICE       "cpu" (default) or "cuda" / "cuda:N"
     PYRAMID_EXT_BENCH_SMALL=1      tiny shapes (smoke runs); same structure, bins and ratios
     PYRAMID_EXT_BENCH_CONTENDERS   comma list restricting the contenders (e.g. "fused-cpp,eager")
+    PYRAMID_EXT_BENCH_COMPILE_BACKEND  torch.compile backend of "compile" (default "inductor"; "aot_eager"
+                                   makes smoke runs fast: Dynamo + AOTAutograd without code generation)
+    PYRAMID_EXT_BENCH_COMPILE_STRICT=1 a case torch.compile fails on raises instead of being skipped
 """
 from __future__ import annotations
 
@@ -66,6 +69,8 @@ CONTENDERS = FUSED + ("eager", "compile", "copy-x")
 DEVICE_ENV = "PYRAMID_EXT_BENCH_DEVICE"
 SMALL_ENV = "PYRAMID_EXT_BENCH_SMALL"
 CONTENDERS_ENV = "PYRAMID_EXT_BENCH_CONTENDERS"
+COMPILE_BACKEND_ENV = "PYRAMID_EXT_BENCH_COMPILE_BACKEND"
+COMPILE_STRICT_ENV = "PYRAMID_EXT_BENCH_COMPILE_STRICT"
 
 SEED = 0
 
@@ -103,6 +108,10 @@ def enabled_contenders() -> Tuple[str, ...]:
     if unknown:
         raise ValueError(f"{CONTENDERS_ENV}: unknown contender(s) {unknown}; choose from {CONTENDERS}")
     return tuple(c for c in CONTENDERS if c in wanted)
+
+
+def compile_backend() -> str:
+    return os.environ.get(COMPILE_BACKEND_ENV, "").strip() or "inductor"
 
 
 def thp_status() -> str:
@@ -311,7 +320,7 @@ def compile_fn(fn: Callable) -> Callable:
         if not torch._dynamo.is_dynamo_supported():
             raise Unavailable("torch.compile is not supported on this Python/platform")
     torch._dynamo.reset()
-    return torch.compile(fn, dynamic=False, fullgraph=True)
+    return torch.compile(fn, backend=compile_backend(), dynamic=False, fullgraph=True)
 
 
 # --------------------------------------------------------------------------
@@ -319,12 +328,27 @@ def compile_fn(fn: Callable) -> Callable:
 # --------------------------------------------------------------------------
 
 
+def _describe(exc: BaseException) -> str:
+    """One line naming an exception: its type, message, and the innermost frame it came from."""
+    inner = exc
+    while inner.__cause__ is not None:
+        inner = inner.__cause__
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    text = f"{type(exc).__name__}: {lines[0] if lines else ''}"[:240]
+    tb = inner.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is not None:
+        text += f" (at {os.path.basename(tb.tb_frame.f_code.co_filename)}:{tb.tb_lineno})"
+    return text
+
+
 @dataclass
 class Contender:
     name: str
     run: Callable[[], Any]  # computes once, returns the result (outputs or input grads)
     step: Callable[[], None]  # the timed function: run(), result dropped, CUDA synced
-    warmup: int  # calls before timing (compile: includes compilation)
+    warmup: int  # untimed calls before timing (compile: compiled already by build())
     note: str = ""
 
 
@@ -375,7 +399,6 @@ def build(case: Case, name: str, inputs: Inputs, *, check: bool = True) -> Conte
             fn = eager_pool_fn(case.op)
         elif name == "compile":
             fn = compile_fn(eager_pool_fn(case.op))
-            warmup = 3
         else:
             raise AssertionError(name)
 
@@ -409,7 +432,6 @@ def build(case: Case, name: str, inputs: Inputs, *, check: bool = True) -> Conte
                     note = "compiles out.copy_(torch.cat(...)): Dynamo rejects cat(out=) on channels_last"
                 else:
                     fn = compile_fn(eager_upsample_concat_out)
-                warmup = 3
             else:
                 raise AssertionError(name)
 
@@ -425,7 +447,6 @@ def build(case: Case, name: str, inputs: Inputs, *, check: bool = True) -> Conte
                 fn = eager_upsample_concat
             elif name == "compile":
                 fn = compile_fn(eager_upsample_concat)
-                warmup = 3
             else:
                 raise AssertionError(name)
 
@@ -435,6 +456,20 @@ def build(case: Case, name: str, inputs: Inputs, *, check: bool = True) -> Conte
             else:
                 def run():
                     return fn(x, branches)
+
+    if name == "compile":
+        # Compile now (the first call), untimed. A case torch.compile cannot
+        # compile is reported as unavailable, with the error, not as a failure
+        # of the benchmark (PYRAMID_EXT_BENCH_COMPILE_STRICT=1 raises instead).
+        try:
+            run()
+        except Exception as exc:  # noqa: BLE001
+            if env_flag(COMPILE_STRICT_ENV):
+                raise
+            raise Unavailable(f"torch.compile(backend={compile_backend()!r}) fails on {case.name} "
+                              f"{shape_id(case.shape)}: {_describe(exc)}") from exc
+        sync(device)
+        warmup = 2
 
     if device.type == "cuda":
         def step():

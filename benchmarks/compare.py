@@ -246,6 +246,7 @@ def environment(device: torch.device, args) -> dict:
         "backends": {op: bc.pe.available_backends(device, op=op) for op in ("multi_pool2d", "upsample_concat")},
         "build_info": build,
         "python": platform.python_version(),
+        "compile_backend": bc.compile_backend(),
         "rounds": args.rounds,
         "warmup": args.warmup,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
@@ -265,7 +266,8 @@ def render(env: dict, rows: List[dict]) -> str:
     lines.append(f"### pyramid_ext: {env['device']}{threads}, {THP}={env[THP]}")
     lines.append("")
     lines.append(f"- {where}; torch {env['torch']}, python {env['python']}, pyramid_ext {env['pyramid_ext']}, "
-                 f"backends {env['backends']['multi_pool2d']}; {env['date']}")
+                 f"backends {env['backends']['multi_pool2d']}, torch.compile backend {env['compile_backend']}; "
+                 f"{env['date']}")
     lines.append(f"- {env['rounds']} interleaved rounds (rotating order) after warm-up; median ms per call; "
                  "eager/F and compile/F > 1: fused op F faster; F/copy-x: distance to the copy floor (1 = floor)")
     if not any(r["contenders"].get(c) for r in rows for c in ("fused-cpp", "fused-triton")):
@@ -287,17 +289,19 @@ def render(env: dict, rows: List[dict]) -> str:
         cells += [f"{r['ratios'][k]:.2f}" if k in r["ratios"] else "—" for k in ratio_keys]
         cells.append(f"{r['max_iqr_pct']:.0f}")
         lines.append("| " + " | ".join(cells) + " |")
-    reasons: Dict[str, str] = {}
-    notes: Dict[str, str] = {}
+    extra: List[str] = []
     for r in rows:
-        reasons.update({c: why for c, why in r["skipped"].items() if c not in reasons})
-        notes.update({c: n for c, n in r["notes"].items() if c not in notes})
-    if reasons or notes:
+        for c, why in r["skipped"].items():
+            line = f"- skipped {c}: {why}"
+            if line not in extra:
+                extra.append(line)
+        for c, note in r["notes"].items():
+            line = f"- note {c}: {note}"
+            if line not in extra:
+                extra.append(line)
+    if extra:
         lines.append("")
-    for c, why in reasons.items():
-        lines.append(f"- skipped {c}: {why}")
-    for c, note in notes.items():
-        lines.append(f"- note {c}: {note}")
+        lines += extra
     return "\n".join(lines)
 
 
@@ -321,6 +325,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=3, help="untimed calls per contender first (default 3)")
     p.add_argument("--threads", type=int, default=2, help="torch threads on CPU (default 2)")
     p.add_argument("--device", default=None, help=f"cpu, cuda, cuda:N (default: ${bc.DEVICE_ENV} or cpu)")
+    p.add_argument("--compile-backend", default=None,
+                   help=f"torch.compile backend of 'compile' (default: ${bc.COMPILE_BACKEND_ENV} or inductor)")
     p.add_argument("--json", metavar="FILE", help="also write environment, samples, medians and ratios as JSON")
     p.add_argument("--no-check", dest="check", action="store_false",
                    help="skip checking every contender's result against eager before timing")
@@ -396,6 +402,8 @@ def main(argv=None) -> int:
         return 0
     if args.both_env:
         return both_env(argv, args)
+    if args.compile_backend:
+        os.environ[bc.COMPILE_BACKEND_ENV] = args.compile_backend
     if args.rounds < 1:
         raise SystemExit("--rounds must be >= 1")
     ops = select_ops(args.ops)

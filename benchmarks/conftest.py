@@ -27,7 +27,7 @@ def pytest_report_header(config):
     return [
         f"pyramid_ext benchmarks: device={device} ({threads}), "
         f"shapes={'small' if bc.env_flag(bc.SMALL_ENV) else 'full'}, "
-        f"THP_MEM_ALLOC_ENABLE={bc.thp_status()}",
+        f"THP_MEM_ALLOC_ENABLE={bc.thp_status()}, torch.compile backend={bc.compile_backend()}",
         f"pyramid_ext {bc.pe.__version__} backends: {backends}; contenders: {', '.join(bc.enabled_contenders())}",
     ]
 
@@ -54,10 +54,14 @@ def run_case(benchmark, bench_device):
         except bc.Unavailable as exc:
             pytest.skip(str(exc))
         inputs = bc.make_inputs(case, bench_device)
-        cont = bc.build(case, contender, inputs)
+        try:
+            cont = bc.build(case, contender, inputs)  # compile: compiles here, untimed
+        except bc.Unavailable as exc:
+            pytest.skip(str(exc))
         benchmark.extra_info.update(
             op=case.op, mode=case.mode, layout=case.layout, shape=bc.shape_id(case.shape),
             contender=contender, device=str(bench_device), thp=bc.thp_status(),
+            compile_backend=bc.compile_backend() if contender == "compile" else None,
             threads=torch.get_num_threads() if bench_device.type == "cpu" else None,
         )
         if cont.note:
