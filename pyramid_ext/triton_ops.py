@@ -17,9 +17,15 @@ the saved indices of the bins covering its cell.
 
 Upsample + concat: one launch per part (x copied, each branch bilinearly
 resized with ATen's taps) writing its channel range of ``out`` through out's
-strides. Backward: for each branch element, a gather over the contiguous
-range of output rows/columns whose taps read it (binary search over the
-monotone taps), no atomics.
+strides. Taps are computed in the kernels exactly as ATen's
+upsample_bilinear2d (csrc/pyramid_index.h, bilinear_tap), with IEEE division
+and no fma contraction. Backward: for each branch element, a gather over the
+contiguous ranges of output rows / columns whose taps read it (found by
+counting the output coordinates whose taps lie before it: taps are monotone),
+no atomics, so the result is bitwise deterministic. A 1x1 branch is one
+program per (sample, channel block) reducing the whole grad plane.
+
+Block sizes keep each program's tile at about _TILE elements.
 """
 from __future__ import annotations
 
