@@ -63,6 +63,27 @@ def _device_fn(fn):
 # --------------------------------------------------------------------------
 
 
+if INTERPRETED:
+
+    def _cast_out(v, dtype):
+        """v (fp32/fp64) in the output dtype, rounded to nearest even. The
+        interpreter truncates fp32 -> bfloat16, so round the bits here, as
+        c10::BFloat16 (and the GPU's cvt.rn) does; NaN stays a quiet NaN."""
+        if dtype == tl.bfloat16:
+            bits = v.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+            bits = tl.where(v != v, 0x7FC0, bits)
+            return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return v.to(dtype)
+
+else:
+
+    @triton.jit
+    def _cast_out(v, dtype: tl.constexpr):
+        return v.to(dtype)  # round to nearest even
+
+
+
 @_device_fn
 def _div(a, b, ACC_FP64: tl.constexpr):
     # IEEE-rounded division: Triton's `/` on fp32 is approximate on GPUs.
@@ -268,7 +289,7 @@ def _pool_bins_kernel(
             m = cmask[:, None, None] & (k < ncell[:, None])[None, :, :]
             acc += tl.load(cell_val_ptr + cell_base + cid[None, :, :] * C, mask=m, other=0.0)
         res = _div(tl.sum(acc, axis=2), area[None, :].to(ACC), ACC_FP64)
-        tl.store(val_ptr + out_off, res.to(val_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(val_ptr + out_off, _cast_out(res, val_ptr.dtype.element_ty), mask=out_mask)
     else:
         run_v = tl.full([BLOCK_C, BLOCK_T], float("-inf"), ACC)
         run_i = tl.full([BLOCK_C, BLOCK_T], _BIG_INDEX, tl.int64)
@@ -281,7 +302,7 @@ def _pool_bins_kernel(
             i = tl.load(cell_idx_ptr + off, mask=m, other=_BIG_INDEX)
             cv, ci = _max_reduce(v, i, m, 2)
             run_v, run_i = _max_combine(run_v, run_i, cv, ci)
-        tl.store(val_ptr + out_off, run_v.to(val_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(val_ptr + out_off, _cast_out(run_v, val_ptr.dtype.element_ty), mask=out_mask)
         tl.store(idx_ptr + out_off, run_i, mask=out_mask)
 
 
@@ -373,7 +394,7 @@ def _pool_bwd_pixels_kernel(
             gv = tl.load(grad_ptr + off, mask=mq, other=0.0).to(ACC)
             g += tl.where(mq & (bi == flat), gv, 0.0)
     out = gx_ptr + n * sgn + c[:, None] * sgc + h[None, :] * sgh + w[None, :] * sgw
-    tl.store(out, g.to(gx_ptr.dtype.element_ty), mask=cmask[:, None] & pmask[None, :])
+    tl.store(out, _cast_out(g, gx_ptr.dtype.element_ty), mask=cmask[:, None] & pmask[None, :])
 
 
 # --------------------------------------------------------------------------
@@ -421,7 +442,7 @@ def _resize_into_kernel(
         v11 = tl.load(src + (h1 * ssh + x1 * ssw)[None, :], mask=m, other=0.0).to(ACC)
         a = wh0[None, :] * (ww0[None, :] * v00 + ww1[None, :] * v01)
         b = wh1[None, :] * (ww0[None, :] * v10 + ww1[None, :] * v11)
-        tl.store(dst, (a + b).to(out_ptr.dtype.element_ty), mask=m)
+        tl.store(dst, _cast_out((a + b), out_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -492,7 +513,7 @@ def _resize_backward_kernel(
             acc += g * (wh * ww)[None, :, :]
     total = tl.sum(acc, axis=2)
     dst = gb_ptr + n * sbn + c[:, None] * sbc + y * sbh + x[None, :] * sbw
-    tl.store(dst, total.to(gb_ptr.dtype.element_ty), mask=cmask[:, None] & xmask[None, :])
+    tl.store(dst, _cast_out(total, gb_ptr.dtype.element_ty), mask=cmask[:, None] & xmask[None, :])
 
 
 # --------------------------------------------------------------------------

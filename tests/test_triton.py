@@ -111,6 +111,15 @@ def test_pool_16bit(dtype):
         assert torch.equal(i, ri)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16bit_outputs_round_to_nearest_even(dtype):
+    # means of two 16-bit values are exact in fp32 and often halfway between two 16-bit values: the stored
+    # result must be ATen's (round to nearest, ties to even), not a truncation
+    x = _rand(2, 8, 2, 16, dtype=dtype, seed=14)
+    (out,) = pe.multi_adaptive_avg_pool2d(x, [(1, 16)], backend=T)
+    assert torch.equal(out, F.adaptive_avg_pool2d(x.float(), (1, 16)).to(dtype))
+
+
 @pytest.mark.parametrize("layout", ["channels_last", "sliced", "transposed"])
 def test_pool_layouts(layout):
     base = _rand(2, 6, 15, 19, seed=3)
