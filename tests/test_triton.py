@@ -545,3 +545,59 @@ def test_cpu_without_interpreter_raises_clearly():
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert "ERR" in res.stdout and "TRITON_INTERPRET=1" in res.stdout, res.stdout + res.stderr
+
+
+_COMPILE_SCRIPT = textwrap.dedent(
+    """
+    import triton, triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    import pyramid_ext.triton_ops as to
+
+    def compile_(fn, ptrs, consts, i32=()):
+        sig = {a: "constexpr" if a in consts else ptrs.get(a, "i32" if a in i32 else "i64") for a in fn.arg_names}
+        triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                       options=dict(enable_fp_fusion=False))
+
+    for dt, acc, a64 in (("bf16", tl.float32, False), ("fp64", tl.float64, True)):
+        accs = "fp64" if a64 else "fp32"
+        for mode in (0, 1):
+            other = "*i64" if mode else "*" + dt
+            compile_(to._pool_cells_kernel, {"x_ptr": "*" + dt, "cell_tab_ptr": "*i64", "cell_val_ptr": "*" + accs,
+                                             "cell_idx_ptr": "*i64"},
+                     dict(MODE=mode, ACC=acc, BLOCK_C=16, BLOCK_S=4, BLOCK_E=32))
+            compile_(to._pool_bins_kernel, {"cell_val_ptr": "*" + accs, "cell_idx_ptr": "*i64", "bin_tab_ptr": "*i64",
+                                            "val_ptr": "*" + dt, "idx_ptr": other},
+                     dict(MODE=mode, CL_LEVELS=bool(mode), ACC=acc, ACC_FP64=a64, BLOCK_C=16, BLOCK_T=4, BLOCK_K=32))
+            compile_(to._pool_bwd_pixels_kernel, {"grad_ptr": "*" + dt, "idx_ptr": other, "cell_grad_ptr": "*" + accs,
+                                                  "bin_tab_ptr": "*i64", "seg_h_ptr": "*i64", "seg_w_ptr": "*i64",
+                                                  "cell_ptr_ptr": "*i64", "cell_bins_ptr": "*i64", "gx_ptr": "*" + dt},
+                     dict(MODE=mode, CL_LEVELS=bool(mode), ACC=acc, BLOCK_C=16, BLOCK_P=256))
+        compile_(to._pool_bwd_cells_kernel, {"grad_ptr": "*" + dt, "bin_tab_ptr": "*i64", "cell_list_ptr": "*i64",
+                                             "cell_ptr_ptr": "*i64", "cell_bins_ptr": "*i64",
+                                             "cell_grad_ptr": "*" + accs},
+                 dict(CL_LEVELS=False, ACC=acc, ACC_FP64=a64, BLOCK_C=16, BLOCK_S=64))
+        for copy in (False, True):
+            compile_(to._resize_into_kernel, {"src_ptr": "*" + dt, "out_ptr": "*" + dt},
+                     dict(COPY=copy, ALIGN=not copy, ACC=acc, ACC_FP64=a64, BLOCK_C=16, BLOCK_P=128),
+                     i32=("IH", "IW", "OH", "OW"))
+        compile_(to._resize_backward_kernel, {"g_ptr": "*" + dt, "gb_ptr": "*" + dt},
+                 dict(ALIGN=a64, ACC=acc, ACC_FP64=a64, BLOCK_C=16, BLOCK_X=8, BLOCK_R=16, BLOCK_O=64),
+                 i32=("IH", "IW", "OH", "OW"))
+    print("COMPILED")
+    """
+)
+
+
+@pytest.mark.skipif(not _INTERPRET, reason="on a GPU the other tests compile and run the kernels")
+def test_kernels_compile_for_gpu():
+    """The interpreter runs the kernels as Python; this compiles every kernel
+    for sm_90 (no GPU needed), so CPU-only CI also checks the GPU code path."""
+    if importlib.util.find_spec("triton.backends.nvidia") is None:
+        pytest.skip("Triton has no CUDA backend here")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert "COMPILED" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
