@@ -16,6 +16,20 @@ VERSION = "0.1.0"
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
+def cxx_std():
+    """The C++ standard torch's headers require (torch >= 2.14: C++20)."""
+    from torch.utils.cpp_extension import include_paths
+
+    for d in include_paths():
+        header = os.path.join(d, "ATen", "ATen.h")
+        if os.path.exists(header):
+            with open(header) as f:
+                if "202002L" in f.read(4096):
+                    return "c++20"
+            break
+    return "c++17"
+
+
 def want_cuda():
     if os.environ.get("FORCE_CPU", "0") == "1":
         return False
@@ -28,7 +42,8 @@ def extensions():
     with_cuda = want_cuda()
     sources = [os.path.join("csrc", "ops.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     werror = os.environ.get("PYRAMID_EXT_WERROR", "0") == "1"
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-Wall", "-Wextra", "-Wno-unused-parameter"]
+    std = cxx_std()
+    cxx = ["-O3", f"-std={std}", "-fopenmp", "-Wall", "-Wextra", "-Wno-unused-parameter"]
     if werror:
         cxx.append("-Werror")
     define_macros = [("PYRAMID_EXT_VERSION", f'"{VERSION}"')]
@@ -40,7 +55,7 @@ def extensions():
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
         define_macros += [("PYRAMID_EXT_WITH_CUDA", None), ("PYRAMID_EXT_CUDA_ARCHS", f'"{archs}"')]
-        nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+        nvcc = ["-O3", f"-std={std}", "--expt-relaxed-constexpr", "-lineinfo"]
         if werror:
             nvcc += ["-Werror", "all-warnings", "-Xcompiler", "-Wall,-Werror"]
         extra_compile_args["nvcc"] = nvcc
