@@ -79,6 +79,19 @@ PE_HOST_DEVICE LinearTap<acc_t> bilinear_tap(int64_t dst, int64_t in_size,
   return t;
 }
 
+// The weight with which the output coordinate whose taps are `t` reads source
+// coordinate `src`: w0 if i0 == src, plus w1 if i1 == src (both at the last
+// row/column, where i0 == i1), else zero. The transpose of the interpolation,
+// as the gather-style backward passes need it.
+template <typename acc_t>
+PE_HOST_DEVICE acc_t bilinear_tap_weight(const LinearTap<acc_t>& t,
+                                         int64_t src) {
+  acc_t w = static_cast<acc_t>(0);
+  if (t.i0 == src) w += t.w0;
+  if (t.i1 == src) w += t.w1;
+  return w;
+}
+
 // The range [first, last] of output coordinates whose taps read source
 // coordinate `src` (with a non-zero or zero weight). Taps are monotone in dst,
 // so the set is contiguous; used by gather-style backward passes that sum,

@@ -76,6 +76,18 @@ void check_parts(const std::vector<Part>& parts, const at::Tensor& out,
               " channels, inputs have ", channels);
 }
 
+// For each source column j, the output columns that read it (a gather over
+// those replaces a scatter from every output column).
+template <typename acc_t>
+std::vector<DstRange> axis_readers(int64_t in_size, int64_t out_size,
+                                   bool align_corners) {
+  const acc_t scale = bilinear_scale<acc_t>(in_size, out_size, align_corners);
+  std::vector<DstRange> readers(static_cast<size_t>(in_size));
+  for (int64_t s = 0; s < in_size; ++s)
+    readers[s] = bilinear_readers<acc_t>(s, in_size, out_size, scale, align_corners);
+  return readers;
+}
+
 template <typename acc_t>
 std::vector<LinearTap<acc_t>> axis_taps(int64_t in_size, int64_t out_size,
                                         bool align_corners) {
@@ -302,7 +314,9 @@ void backward_planes(const at::Tensor& g, std::vector<at::Tensor>& grads,
   std::vector<int64_t> first_task;
   int64_t tasks = 0;
   std::vector<std::vector<LinearTap<acc_t>>> th, tw;
+  std::vector<std::vector<DstRange>> readers;
   for (const auto& gb : grads) {
+    readers.push_back(axis_readers<acc_t>(gb.size(3), W, align_corners));
     first_task.push_back(tasks);
     tasks += N * gb.size(1);
     th.push_back(axis_taps<acc_t>(gb.size(2), H, align_corners));
@@ -345,14 +359,17 @@ void backward_planes(const at::Tensor& g, std::vector<at::Tensor>& grads,
           }
         }
       }
-      // grad[i][j] = sum_w rows[i][w] * Wx[w, j]
+      // grad[i][j] = sum over the columns w that read j of rows[i][w] * Wx[w, j]
       acc.assign(static_cast<size_t>(hb * wb), acc_t(0));
+      const auto& rw = readers[k];
       for (int64_t i = 0; i < hb; ++i) {
         const acc_t* r = rows.data() + i * W;
         acc_t* a = acc.data() + i * wb;
-        for (int64_t w = 0; w < W; ++w) {
-          a[tx[w].i0] += tx[w].w0 * r[w];
-          a[tx[w].i1] += tx[w].w1 * r[w];
+        for (int64_t j = 0; j < wb; ++j) {
+          acc_t sum = 0;
+          for (int64_t w = rw[j].first; w <= rw[j].last; ++w)
+            sum += bilinear_tap_weight(tx[w], j) * r[w];
+          a[j] = sum;
         }
       }
       scalar_t* dst = gb.mutable_data_ptr<scalar_t>() + n * gb.stride(0) + c * gb.stride(1);
@@ -375,7 +392,9 @@ void backward_pixels(const at::Tensor& g, std::vector<at::Tensor>& grads,
   std::vector<int64_t> first_task;
   int64_t tasks = 0;
   std::vector<std::vector<LinearTap<acc_t>>> th, tw;
+  std::vector<std::vector<DstRange>> readers;
   for (const auto& gb : grads) {
+    readers.push_back(axis_readers<acc_t>(gb.size(3), W, align_corners));
     first_task.push_back(tasks);
     tasks += N * ((gb.size(1) + kChunk - 1) / kChunk);
     th.push_back(axis_taps<acc_t>(gb.size(2), H, align_corners));
@@ -412,16 +431,16 @@ void backward_pixels(const at::Tensor& g, std::vector<at::Tensor>& grads,
         }
       }
       acc.assign(static_cast<size_t>(hb * wb * kChunk), acc_t(0));
+      const auto& rw = readers[k];
       for (int64_t i = 0; i < hb; ++i) {
-        for (int64_t w = 0; w < W; ++w) {
-          const acc_t* r = rows.data() + (i * W + w) * kChunk;
-          acc_t* a0 = acc.data() + (i * wb + tx[w].i0) * kChunk;
-          acc_t* a1 = acc.data() + (i * wb + tx[w].i1) * kChunk;
-          const acc_t w0 = tx[w].w0, w1 = tx[w].w1;
+        for (int64_t j = 0; j < wb; ++j) {
+          acc_t* a = acc.data() + (i * wb + j) * kChunk;
+          for (int64_t w = rw[j].first; w <= rw[j].last; ++w) {
+            const acc_t* r = rows.data() + (i * W + w) * kChunk;
+            const acc_t wt = bilinear_tap_weight(tx[w], j);
 #pragma omp simd
-          for (int64_t c = 0; c < cn; ++c) a0[c] += w0 * r[c];
-#pragma omp simd
-          for (int64_t c = 0; c < cn; ++c) a1[c] += w1 * r[c];
+            for (int64_t c = 0; c < cn; ++c) a[c] += wt * r[c];
+          }
         }
       }
       scalar_t* dst = gb.mutable_data_ptr<scalar_t>() + n * gb.stride(0) + c0 * gb.stride(1);

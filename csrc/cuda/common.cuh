@@ -1,0 +1,67 @@
+// Small device utilities shared by the CUDA kernels: deterministic warp
+// reductions (fixed xor-butterfly trees, no atomics) and launch helpers.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "pyramid_index.h"
+
+namespace pyramid_ext {
+namespace cuda {
+
+constexpr int kWarp = 32;
+constexpr unsigned kFullMask = 0xffffffffu;
+// Dynamic shared memory any kernel may use without an opt-in attribute.
+constexpr int64_t kSmemLimit = 48 * 1024;
+
+// Sum over the 32 lanes of a warp. The xor butterfly adds the same pairs in
+// the same order on every run (and every lane ends with the same value, as
+// floating-point addition is commutative), so the result is bitwise
+// deterministic.
+template <typename acc_t>
+__device__ __forceinline__ acc_t warp_sum(acc_t v) {
+#pragma unroll
+  for (int off = kWarp / 2; off > 0; off /= 2) {
+    v += __shfl_xor_sync(kFullMask, v, off);
+  }
+  return v;
+}
+
+// (value, flat index) maximum over the 32 lanes of a warp with the ATen CPU
+// rule (max_pool_combine is a selection by a total order, so any tree gives
+// the row-major-scan answer).
+template <typename acc_t>
+__device__ __forceinline__ void warp_max(acc_t& v, int64_t& idx) {
+#pragma unroll
+  for (int off = kWarp / 2; off > 0; off /= 2) {
+    const acc_t ov = __shfl_xor_sync(kFullMask, v, off);
+    const long long oi =
+        __shfl_xor_sync(kFullMask, static_cast<long long>(idx), off);
+    max_pool_combine(v, idx, ov, static_cast<int64_t>(oi));
+  }
+}
+
+// The "empty" running maximum: loses to every element, including -inf at any
+// index (max_pool_combine takes an equal value with a smaller index).
+constexpr int64_t kNoIndex = std::numeric_limits<int64_t>::max();
+
+template <typename acc_t>
+__host__ __device__ __forceinline__ acc_t neg_inf() {
+  return -std::numeric_limits<acc_t>::infinity();
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Grid size for a 1-D grid-stride loop over `work` items.
+inline unsigned int grid_for(int64_t work, int threads) {
+  const int64_t blocks = ceil_div(work, threads);
+  const int64_t cap = int64_t{1} << 30;
+  return static_cast<unsigned int>(blocks < 1 ? 1 : (blocks > cap ? cap : blocks));
+}
+
+}  // namespace cuda
+}  // namespace pyramid_ext

@@ -1,0 +1,935 @@
+// CUDA kernels of pyramid_ext::multi_pool2d and multi_pool2d_backward.
+//
+// Forward, one pass over x: every window boundary of every level cuts each
+// axis into segments (make_axis_segments); each segment x segment cell is
+// reduced once (sum, or max with its flat index), then the cells are combined
+// into every level's bins. The plan (cuts, windows -> segment ranges, level
+// table) travels by value in a kernel argument when it fits (no host-to-device
+// copy, CUDA-graph friendly); otherwise a direct kernel, one thread per bin
+// looping over its window, handles any number of windows.
+//
+// Backward is a gather without atomics: for avg, the gradient is constant
+// over a cell (computed once per cell, then written over the cell); for max,
+// each element sums, level after level, the grads of the covering bins whose
+// index is its own flat index.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include "cuda/common.cuh"
+#include "pyramid_index.h"
+
+namespace pyramid_ext {
+namespace cuda {
+namespace {
+
+// Plan limits: make_axis_segments' segments per axis (plus the uncovered head
+// and tail this plan adds), windows per axis, levels.
+constexpr int kMaxCutSegs = 64;
+constexpr int kMaxSeg = kMaxCutSegs + 2;
+constexpr int kMaxWin = 256;
+constexpr int kMaxLevels = 32;
+constexpr int kThreads = 256;
+
+// One axis: segment s is [cut[s], cut[s + 1]); the segments tile [0, size),
+// `covered` says whether any window reads segment s; window k spans segments
+// [win_seg[k][0], win_seg[k][1]).
+struct AxisPlan {
+  int32_t nseg;
+  int32_t cut[kMaxSeg + 1];
+  uint8_t covered[kMaxSeg];
+  uint8_t win_seg[kMaxWin][2];
+};
+
+// Level l: bh[l] x bw[l] bins over the H windows [hoff, hoff + bh) and the W
+// windows [woff, woff + bw); its block starts at C * boff[l] in each sample's
+// packed output; boff[nlevels] = T = sum(bh * bw).
+struct PoolPlan {
+  AxisPlan h;
+  AxisPlan w;
+  int32_t nlevels;
+  int32_t bh[kMaxLevels];
+  int32_t bw[kMaxLevels];
+  int32_t hoff[kMaxLevels];
+  int32_t woff[kMaxLevels];
+  int32_t boff[kMaxLevels + 1];
+};
+static_assert(sizeof(PoolPlan) <= 4000, "PoolPlan must fit a 4 KB kernel argument");
+
+// Fills `ax` from one axis' bounds; false when the axis exceeds the limits.
+bool build_axis(const std::vector<int64_t>& bounds, int64_t size, AxisPlan& ax) {
+  const int64_t nwin = static_cast<int64_t>(bounds.size()) / 2;
+  if (nwin > kMaxWin || size > std::numeric_limits<int32_t>::max()) return false;
+  const AxisSegments a = make_axis_segments(bounds.data(), nwin, size);
+  if (a.num_segments() > kMaxCutSegs) return false;
+  std::vector<int64_t> cuts;
+  int shift = 0;
+  if (a.cuts.empty()) {
+    cuts = {0, size};
+  } else {
+    if (a.cuts.front() > 0) {
+      cuts.push_back(0);
+      shift = 1;
+    }
+    cuts.insert(cuts.end(), a.cuts.begin(), a.cuts.end());
+    if (a.cuts.back() < size) cuts.push_back(size);
+  }
+  ax.nseg = static_cast<int32_t>(cuts.size()) - 1;
+  for (size_t s = 0; s < cuts.size(); ++s) ax.cut[s] = static_cast<int32_t>(cuts[s]);
+  for (int s = 0; s < ax.nseg; ++s) {
+    // No window boundary lies inside a segment, so its first coordinate
+    // tells whether the whole segment is read.
+    ax.covered[s] = a.seg_of[static_cast<size_t>(cuts[s])] >= 0 ? 1 : 0;
+  }
+  for (int64_t k = 0; k < nwin; ++k) {
+    ax.win_seg[k][0] = static_cast<uint8_t>(a.seg_begin[k] + shift);
+    ax.win_seg[k][1] = static_cast<uint8_t>(a.seg_end[k] + shift);
+  }
+  return true;
+}
+
+bool build_plan(const std::vector<int64_t>& hb, const std::vector<int64_t>& wb,
+                const std::vector<int64_t>& bins, int64_t H, int64_t W, PoolPlan& plan) {
+  const int64_t nlevels = static_cast<int64_t>(bins.size()) / 2;
+  if (nlevels > kMaxLevels) return false;
+  if (!build_axis(hb, H, plan.h) || !build_axis(wb, W, plan.w)) return false;
+  plan.nlevels = static_cast<int32_t>(nlevels);
+  int64_t ho = 0, wo = 0, bo = 0;
+  for (int64_t l = 0; l < nlevels; ++l) {
+    plan.bh[l] = static_cast<int32_t>(bins[2 * l]);
+    plan.bw[l] = static_cast<int32_t>(bins[2 * l + 1]);
+    plan.hoff[l] = static_cast<int32_t>(ho);
+    plan.woff[l] = static_cast<int32_t>(wo);
+    plan.boff[l] = static_cast<int32_t>(bo);
+    ho += bins[2 * l];
+    wo += bins[2 * l + 1];
+    bo += bins[2 * l] * bins[2 * l + 1];
+  }
+  plan.boff[nlevels] = static_cast<int32_t>(bo);
+  return true;
+}
+
+// The direct kernels' table (int64, on the device): per level (bh, bw, hoff,
+// woff, boff), then the H bounds, then the W bounds.
+at::Tensor direct_table(const std::vector<int64_t>& hb, const std::vector<int64_t>& wb,
+                        const std::vector<int64_t>& bins, const at::Device& device) {
+  const int64_t nlevels = static_cast<int64_t>(bins.size()) / 2;
+  std::vector<int64_t> t;
+  t.reserve(static_cast<size_t>(5 * nlevels) + hb.size() + wb.size());
+  int64_t ho = 0, wo = 0, bo = 0;
+  for (int64_t l = 0; l < nlevels; ++l) {
+    t.insert(t.end(), {bins[2 * l], bins[2 * l + 1], ho, wo, bo});
+    ho += bins[2 * l];
+    wo += bins[2 * l + 1];
+    bo += bins[2 * l] * bins[2 * l + 1];
+  }
+  t.insert(t.end(), hb.begin(), hb.end());
+  t.insert(t.end(), wb.begin(), wb.end());
+  at::Tensor host = at::empty({static_cast<int64_t>(t.size())}, at::TensorOptions().dtype(at::kLong));
+  std::copy(t.begin(), t.end(), host.data_ptr<int64_t>());
+  return host.to(device);
+}
+
+// Threads for a kernel that gives one block to each (n, c) plane.
+int plane_threads(int64_t plane_size) {
+  const int64_t want = ceil_div(ceil_div(plane_size, 8), kWarp) * kWarp;
+  return static_cast<int>(std::min<int64_t>(std::max<int64_t>(want, kWarp), kThreads));
+}
+
+// How many parts each cell is cut into so that `workers` workers all get work.
+int splits_for(int64_t ncells, int workers) {
+  return ncells >= workers ? 1 : static_cast<int>(ceil_div(workers, ncells));
+}
+
+__host__ __device__ inline int64_t align8(int64_t bytes) { return (bytes + 7) / 8 * 8; }
+
+// Channels per block for the channels_last kernels (threadIdx.x over C).
+int channel_tile(int64_t C) {
+  int ct = 1;
+  while (ct < kWarp && ct < C) ct *= 2;
+  return ct;
+}
+
+__device__ __forceinline__ bool covers(const uint8_t (&ws)[2], int s) {
+  return s >= ws[0] && s < ws[1];
+}
+
+// ---------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------
+
+// NCHW: one block per (n, c) plane. Warps reduce cell parts (lanes stride the
+// part's elements in row-major order, then a shuffle tree), parts go to shared
+// memory, then threads combine parts into every level's bins.
+template <typename scalar_t, typename acc_t, bool kMax>
+__global__ void pool_fwd_nchw_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ values,
+                                     int64_t* __restrict__ indices, const __grid_constant__ PoolPlan plan,
+                                     int64_t planes, int64_t C, int64_t H, int64_t W, int splits,
+                                     bool cl_levels) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int nsw = plan.w.nseg;
+  const int nitems = plan.h.nseg * nsw * splits;
+  acc_t* part_val = reinterpret_cast<acc_t*>(smem);
+  int64_t* part_idx = reinterpret_cast<int64_t*>(smem + align8(int64_t{nitems} * sizeof(acc_t)));
+  const int lane = threadIdx.x % kWarp;
+  const int warp = threadIdx.x / kWarp;
+  const int nwarps = blockDim.x / kWarp;
+  const int64_t T = plan.boff[plan.nlevels];
+
+  for (int64_t plane = blockIdx.x; plane < planes; plane += gridDim.x) {
+    const scalar_t* xp = x + plane * H * W;
+    for (int item = warp; item < nitems; item += nwarps) {
+      const int cell = item / splits;
+      const int part = item % splits;
+      const int sh = cell / nsw;
+      const int sw = cell % nsw;
+      if (!plan.h.covered[sh] || !plan.w.covered[sw]) continue;  // warp-uniform
+      const int64_t h0 = plan.h.cut[sh];
+      const int64_t w0 = plan.w.cut[sw];
+      const int64_t cw = plan.w.cut[sw + 1] - w0;
+      const int64_t cells = (plan.h.cut[sh + 1] - h0) * cw;
+      const int64_t e_end = cells * (part + 1) / splits;
+      int64_t e = cells * part / splits + lane;
+      int64_t r = e / cw;
+      int64_t col = e % cw;
+      const int64_t dq = kWarp / cw;
+      const int64_t dr = kWarp % cw;
+      acc_t sum = acc_t(0);
+      acc_t best = neg_inf<acc_t>();
+      int64_t best_idx = kNoIndex;
+      for (; e < e_end; e += kWarp) {
+        const int64_t flat = (h0 + r) * W + (w0 + col);
+        const acc_t v = static_cast<acc_t>(xp[flat]);
+        if constexpr (kMax) {
+          max_pool_combine(best, best_idx, v, flat);
+        } else {
+          sum += v;
+        }
+        col += dr;
+        r += dq;
+        if (col >= cw) {
+          col -= cw;
+          ++r;
+        }
+      }
+      if constexpr (kMax) {
+        warp_max(best, best_idx);
+        if (lane == 0) {
+          part_val[item] = best;
+          part_idx[item] = best_idx;
+        }
+      } else {
+        sum = warp_sum(sum);
+        if (lane == 0) part_val[item] = sum;
+      }
+    }
+    __syncthreads();
+
+    const int64_t n = plane / C;
+    const int64_t c = plane % C;
+    for (int l = 0; l < plan.nlevels; ++l) {
+      const int bh = plan.bh[l];
+      const int bw = plan.bw[l];
+      const int64_t level_off = n * C * T + C * plan.boff[l];
+      for (int b = threadIdx.x; b < bh * bw; b += blockDim.x) {
+        const int i = b / bw;
+        const int j = b % bw;
+        const int hs = plan.h.win_seg[plan.hoff[l] + i][0];
+        const int he = plan.h.win_seg[plan.hoff[l] + i][1];
+        const int ws = plan.w.win_seg[plan.woff[l] + j][0];
+        const int we = plan.w.win_seg[plan.woff[l] + j][1];
+        acc_t sum = acc_t(0);
+        acc_t best = neg_inf<acc_t>();
+        int64_t best_idx = kNoIndex;
+        for (int sh = hs; sh < he; ++sh) {
+          for (int sw = ws; sw < we; ++sw) {
+            const int base = (sh * nsw + sw) * splits;
+            for (int p = 0; p < splits; ++p) {
+              if constexpr (kMax) {
+                max_pool_combine(best, best_idx, part_val[base + p], part_idx[base + p]);
+              } else {
+                sum += part_val[base + p];
+              }
+            }
+          }
+        }
+        const int64_t o = packed_index(level_off, C, bh, bw, c, i, j, cl_levels);
+        if constexpr (kMax) {
+          values[o] = static_cast<scalar_t>(best);
+          indices[o] = best_idx;
+        } else {
+          const int64_t area = int64_t{plan.h.cut[he] - plan.h.cut[hs]} * (plan.w.cut[we] - plan.w.cut[ws]);
+          values[o] = static_cast<scalar_t>(sum / static_cast<acc_t>(area));
+        }
+      }
+    }
+    __syncthreads();  // the next plane reuses the shared parts
+  }
+}
+
+// channels_last: one block per (n, tile of blockDim.x channels); threadIdx.x
+// runs over the contiguous C dimension (coalesced loads), threadIdx.y over
+// cell parts, each reduced sequentially in row-major order.
+template <typename scalar_t, typename acc_t, bool kMax>
+__global__ void pool_fwd_cl_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ values,
+                                   int64_t* __restrict__ indices, const __grid_constant__ PoolPlan plan,
+                                   int64_t N, int64_t C, int64_t H, int64_t W, int64_t ctiles, int splits,
+                                   bool cl_levels) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int CT = blockDim.x;
+  const int R = blockDim.y;
+  const int tx = threadIdx.x;
+  const int nsw = plan.w.nseg;
+  const int nitems = plan.h.nseg * nsw * splits;
+  acc_t* part_val = reinterpret_cast<acc_t*>(smem);
+  int64_t* part_idx = reinterpret_cast<int64_t*>(smem + align8(int64_t{nitems} * CT * sizeof(acc_t)));
+  const int64_t T = plan.boff[plan.nlevels];
+
+  for (int64_t blk = blockIdx.x; blk < N * ctiles; blk += gridDim.x) {
+    const int64_t n = blk / ctiles;
+    const int64_t c = (blk % ctiles) * CT + tx;
+    const bool valid = c < C;
+    const scalar_t* xn = x + n * H * W * C + c;
+    for (int item = threadIdx.y; item < nitems; item += R) {
+      const int cell = item / splits;
+      const int part = item % splits;
+      const int sh = cell / nsw;
+      const int sw = cell % nsw;
+      if (!valid || !plan.h.covered[sh] || !plan.w.covered[sw]) continue;
+      const int64_t h0 = plan.h.cut[sh];
+      const int64_t w0 = plan.w.cut[sw];
+      const int64_t cw = plan.w.cut[sw + 1] - w0;
+      const int64_t cells = (plan.h.cut[sh + 1] - h0) * cw;
+      const int64_t e_end = cells * (part + 1) / splits;
+      int64_t e = cells * part / splits;
+      int64_t r = e / cw;
+      int64_t col = e % cw;
+      acc_t sum = acc_t(0);
+      acc_t best = neg_inf<acc_t>();
+      int64_t best_idx = kNoIndex;
+      for (; e < e_end; ++e) {
+        const int64_t flat = (h0 + r) * W + (w0 + col);
+        const acc_t v = static_cast<acc_t>(xn[flat * C]);
+        if constexpr (kMax) {
+          max_pool_combine(best, best_idx, v, flat);
+        } else {
+          sum += v;
+        }
+        if (++col == cw) {
+          col = 0;
+          ++r;
+        }
+      }
+      if constexpr (kMax) {
+        part_val[item * CT + tx] = best;
+        part_idx[item * CT + tx] = best_idx;
+      } else {
+        part_val[item * CT + tx] = sum;
+      }
+    }
+    __syncthreads();
+
+    if (valid) {
+      for (int64_t b = threadIdx.y; b < T; b += R) {
+        int l = 0;
+        while (b >= plan.boff[l + 1]) ++l;
+        const int bh = plan.bh[l];
+        const int bw = plan.bw[l];
+        const int local = static_cast<int>(b - plan.boff[l]);
+        const int i = local / bw;
+        const int j = local % bw;
+        const int hs = plan.h.win_seg[plan.hoff[l] + i][0];
+        const int he = plan.h.win_seg[plan.hoff[l] + i][1];
+        const int ws = plan.w.win_seg[plan.woff[l] + j][0];
+        const int we = plan.w.win_seg[plan.woff[l] + j][1];
+        acc_t sum = acc_t(0);
+        acc_t best = neg_inf<acc_t>();
+        int64_t best_idx = kNoIndex;
+        for (int sh = hs; sh < he; ++sh) {
+          for (int sw = ws; sw < we; ++sw) {
+            const int base = (sh * nsw + sw) * splits;
+            for (int p = 0; p < splits; ++p) {
+              const int at = (base + p) * CT + tx;
+              if constexpr (kMax) {
+                max_pool_combine(best, best_idx, part_val[at], part_idx[at]);
+              } else {
+                sum += part_val[at];
+              }
+            }
+          }
+        }
+        const int64_t o = packed_index(n * C * T + C * plan.boff[l], C, bh, bw, c, i, j, cl_levels);
+        if constexpr (kMax) {
+          values[o] = static_cast<scalar_t>(best);
+          indices[o] = best_idx;
+        } else {
+          const int64_t area = int64_t{plan.h.cut[he] - plan.h.cut[hs]} * (plan.w.cut[we] - plan.w.cut[ws]);
+          values[o] = static_cast<scalar_t>(sum / static_cast<acc_t>(area));
+        }
+      }
+    }
+    __syncthreads();
+  }
+}
+
+// Direct: one thread per output value, scanning its window row-major exactly
+// as ATen's CPU adaptive pooling does. Any window count; x read via strides.
+template <typename scalar_t, typename acc_t, bool kMax>
+__global__ void pool_fwd_direct_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ values,
+                                       int64_t* __restrict__ indices, const int64_t* __restrict__ table,
+                                       int64_t nlevels, int64_t nh, int64_t N, int64_t C, int64_t H, int64_t W,
+                                       int64_t sN, int64_t sC, int64_t sH, int64_t sW, int64_t T,
+                                       bool cl_levels) {
+  const int64_t* hb = table + 5 * nlevels;
+  const int64_t* wb = hb + 2 * nh;
+  const int64_t total = N * C * T;
+  for (int64_t o = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; o < total;
+       o += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t n = o / (C * T);
+    const int64_t q = o - n * C * T;
+    int64_t l = 0;
+    while (l + 1 < nlevels && q >= C * table[5 * (l + 1) + 4]) ++l;
+    const int64_t bh = table[5 * l], bw = table[5 * l + 1];
+    const int64_t local = q - C * table[5 * l + 4];
+    int64_t c, ij;
+    if (cl_levels) {
+      c = local % C;
+      ij = local / C;
+    } else {
+      c = local / (bh * bw);
+      ij = local % (bh * bw);
+    }
+    const int64_t i = ij / bw, j = ij % bw;
+    const int64_t hs = hb[2 * (table[5 * l + 2] + i)], he = hb[2 * (table[5 * l + 2] + i) + 1];
+    const int64_t ws = wb[2 * (table[5 * l + 3] + j)], we = wb[2 * (table[5 * l + 3] + j) + 1];
+    const scalar_t* xp = x + n * sN + c * sC;
+    if constexpr (kMax) {
+      acc_t best = neg_inf<acc_t>();
+      int64_t best_idx = hs * W + ws;
+      for (int64_t h = hs; h < he; ++h) {
+        for (int64_t w = ws; w < we; ++w) {
+          const acc_t v = static_cast<acc_t>(xp[h * sH + w * sW]);
+          if (max_pool_takes(v, best)) {
+            best = v;
+            best_idx = h * W + w;
+          }
+        }
+      }
+      values[o] = static_cast<scalar_t>(best);
+      indices[o] = best_idx;
+    } else {
+      acc_t sum = acc_t(0);
+      for (int64_t h = hs; h < he; ++h) {
+        for (int64_t w = ws; w < we; ++w) sum += static_cast<acc_t>(xp[h * sH + w * sW]);
+      }
+      values[o] = static_cast<scalar_t>(sum / static_cast<acc_t>((he - hs) * (we - ws)));
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------
+
+// avg: the gradient of every element of cell (sh, sw) of channel c: the sum,
+// level after level, of grad / area over the bins whose windows cover it.
+template <typename scalar_t, typename acc_t>
+__device__ acc_t avg_cell_grad(const PoolPlan& plan, const scalar_t* __restrict__ g, int64_t C, int64_t c,
+                               int sh, int sw, bool cl_levels) {
+  acc_t acc = acc_t(0);
+  for (int l = 0; l < plan.nlevels; ++l) {
+    const int bh = plan.bh[l];
+    const int bw = plan.bw[l];
+    for (int i = 0; i < bh; ++i) {
+      const uint8_t(&hw)[2] = plan.h.win_seg[plan.hoff[l] + i];
+      if (!covers(hw, sh)) continue;
+      const int64_t area_h = plan.h.cut[hw[1]] - plan.h.cut[hw[0]];
+      for (int j = 0; j < bw; ++j) {
+        const uint8_t(&ww)[2] = plan.w.win_seg[plan.woff[l] + j];
+        if (!covers(ww, sw)) continue;
+        const int64_t area = area_h * (plan.w.cut[ww[1]] - plan.w.cut[ww[0]]);
+        const int64_t o = packed_index(C * plan.boff[l], C, bh, bw, c, i, j, cl_levels);
+        acc += static_cast<acc_t>(g[o]) / static_cast<acc_t>(area);
+      }
+    }
+  }
+  return acc;
+}
+
+// max: the gradient of the element at flat index `flat` in cell (sh, sw):
+// the sum, level after level, of the grads of the covering bins whose index
+// is `flat`.
+template <typename scalar_t, typename acc_t>
+__device__ acc_t max_elem_grad(const PoolPlan& plan, const scalar_t* __restrict__ g,
+                               const int64_t* __restrict__ idx, int64_t C, int64_t c, int sh, int sw,
+                               int64_t flat, bool cl_levels) {
+  acc_t acc = acc_t(0);
+  for (int l = 0; l < plan.nlevels; ++l) {
+    const int bh = plan.bh[l];
+    const int bw = plan.bw[l];
+    for (int i = 0; i < bh; ++i) {
+      if (!covers(plan.h.win_seg[plan.hoff[l] + i], sh)) continue;
+      for (int j = 0; j < bw; ++j) {
+        if (!covers(plan.w.win_seg[plan.woff[l] + j], sw)) continue;
+        const int64_t o = packed_index(C * plan.boff[l], C, bh, bw, c, i, j, cl_levels);
+        if (idx[o] == flat) acc += static_cast<acc_t>(g[o]);
+      }
+    }
+  }
+  return acc;
+}
+
+// NCHW grad_x: one block per (n, c) plane; warps write cell parts (lanes over
+// the part's elements), uncovered cells get zeros.
+template <typename scalar_t, typename acc_t, bool kMax>
+__global__ void pool_bwd_nchw_kernel(const scalar_t* __restrict__ grad, const int64_t* __restrict__ indices,
+                                     scalar_t* __restrict__ gx, const __grid_constant__ PoolPlan plan,
+                                     int64_t planes, int64_t C, int64_t H, int64_t W, int splits,
+                                     bool cl_levels) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  acc_t* cell_val = reinterpret_cast<acc_t*>(smem);
+  const int nsw = plan.w.nseg;
+  const int ncells = plan.h.nseg * nsw;
+  const int nitems = ncells * splits;
+  const int lane = threadIdx.x % kWarp;
+  const int warp = threadIdx.x / kWarp;
+  const int nwarps = blockDim.x / kWarp;
+  const int64_t T = plan.boff[plan.nlevels];
+
+  for (int64_t plane = blockIdx.x; plane < planes; plane += gridDim.x) {
+    const int64_t n = plane / C;
+    const int64_t c = plane % C;
+    const scalar_t* g = grad + n * C * T;
+    const int64_t* idx = kMax ? indices + n * C * T : nullptr;
+    scalar_t* out = gx + plane * H * W;
+    if constexpr (!kMax) {
+      for (int cell = threadIdx.x; cell < ncells; cell += blockDim.x) {
+        const int sh = cell / nsw;
+        const int sw = cell % nsw;
+        cell_val[cell] = (plan.h.covered[sh] && plan.w.covered[sw])
+                             ? avg_cell_grad<scalar_t, acc_t>(plan, g, C, c, sh, sw, cl_levels)
+                             : acc_t(0);
+      }
+      __syncthreads();
+    }
+    for (int item = warp; item < nitems; item += nwarps) {
+      const int cell = item / splits;
+      const int part = item % splits;
+      const int sh = cell / nsw;
+      const int sw = cell % nsw;
+      const bool covered = plan.h.covered[sh] && plan.w.covered[sw];
+      const int64_t h0 = plan.h.cut[sh];
+      const int64_t w0 = plan.w.cut[sw];
+      const int64_t cw = plan.w.cut[sw + 1] - w0;
+      const int64_t cells = (plan.h.cut[sh + 1] - h0) * cw;
+      const int64_t e_end = cells * (part + 1) / splits;
+      int64_t e = cells * part / splits + lane;
+      int64_t r = e / cw;
+      int64_t col = e % cw;
+      const int64_t dq = kWarp / cw;
+      const int64_t dr = kWarp % cw;
+      acc_t cell_grad = acc_t(0);
+      if constexpr (!kMax) cell_grad = cell_val[cell];
+      const scalar_t cell_out = static_cast<scalar_t>(cell_grad);
+      for (; e < e_end; e += kWarp) {
+        const int64_t flat = (h0 + r) * W + (w0 + col);
+        if constexpr (kMax) {
+          const acc_t v = covered ? max_elem_grad<scalar_t, acc_t>(plan, g, idx, C, c, sh, sw, flat, cl_levels)
+                                  : acc_t(0);
+          out[flat] = static_cast<scalar_t>(v);
+        } else {
+          out[flat] = cell_out;
+        }
+        col += dr;
+        r += dq;
+        if (col >= cw) {
+          col -= cw;
+          ++r;
+        }
+      }
+    }
+    __syncthreads();
+  }
+}
+
+// channels_last grad_x: one block per (n, channel tile); threadIdx.x over C.
+template <typename scalar_t, typename acc_t, bool kMax>
+__global__ void pool_bwd_cl_kernel(const scalar_t* __restrict__ grad, const int64_t* __restrict__ indices,
+                                   scalar_t* __restrict__ gx, const __grid_constant__ PoolPlan plan, int64_t N,
+                                   int64_t C, int64_t H, int64_t W, int64_t ctiles, int splits, bool cl_levels) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  acc_t* cell_val = reinterpret_cast<acc_t*>(smem);
+  const int CT = blockDim.x;
+  const int R = blockDim.y;
+  const int tx = threadIdx.x;
+  const int nsw = plan.w.nseg;
+  const int ncells = plan.h.nseg * nsw;
+  const int nitems = ncells * splits;
+  const int64_t T = plan.boff[plan.nlevels];
+
+  for (int64_t blk = blockIdx.x; blk < N * ctiles; blk += gridDim.x) {
+    const int64_t n = blk / ctiles;
+    const int64_t c = (blk % ctiles) * CT + tx;
+    const bool valid = c < C;
+    const scalar_t* g = grad + n * C * T;
+    const int64_t* idx = kMax ? indices + n * C * T : nullptr;
+    scalar_t* out = gx + n * H * W * C + c;
+    if constexpr (!kMax) {
+      for (int cell = threadIdx.y; cell < ncells; cell += R) {
+        const int sh = cell / nsw;
+        const int sw = cell % nsw;
+        if (valid) {
+          cell_val[cell * CT + tx] = (plan.h.covered[sh] && plan.w.covered[sw])
+                                         ? avg_cell_grad<scalar_t, acc_t>(plan, g, C, c, sh, sw, cl_levels)
+                                         : acc_t(0);
+        }
+      }
+      __syncthreads();
+    }
+    for (int item = threadIdx.y; item < nitems; item += R) {
+      if (!valid) continue;
+      const int cell = item / splits;
+      const int part = item % splits;
+      const int sh = cell / nsw;
+      const int sw = cell % nsw;
+      const bool covered = plan.h.covered[sh] && plan.w.covered[sw];
+      const int64_t h0 = plan.h.cut[sh];
+      const int64_t w0 = plan.w.cut[sw];
+      const int64_t cw = plan.w.cut[sw + 1] - w0;
+      const int64_t cells = (plan.h.cut[sh + 1] - h0) * cw;
+      const int64_t e_end = cells * (part + 1) / splits;
+      int64_t e = cells * part / splits;
+      int64_t r = e / cw;
+      int64_t col = e % cw;
+      acc_t cell_grad = acc_t(0);
+      if constexpr (!kMax) cell_grad = cell_val[cell * CT + tx];
+      const scalar_t cell_out = static_cast<scalar_t>(cell_grad);
+      for (; e < e_end; ++e) {
+        const int64_t flat = (h0 + r) * W + (w0 + col);
+        if constexpr (kMax) {
+          const acc_t v = covered ? max_elem_grad<scalar_t, acc_t>(plan, g, idx, C, c, sh, sw, flat, cl_levels)
+                                  : acc_t(0);
+          out[flat * C] = static_cast<scalar_t>(v);
+        } else {
+          out[flat * C] = cell_out;
+        }
+        if (++col == cw) {
+          col = 0;
+          ++r;
+        }
+      }
+    }
+    __syncthreads();
+  }
+}
+
+// Direct backward: one thread per grad_x element, in grad_x's memory order,
+// testing every window of every level.
+template <typename scalar_t, typename acc_t, bool kMax>
+__global__ void pool_bwd_direct_kernel(const scalar_t* __restrict__ grad, const int64_t* __restrict__ indices,
+                                       scalar_t* __restrict__ gx, const int64_t* __restrict__ table,
+                                       int64_t nlevels, int64_t nh, int64_t N, int64_t C, int64_t H, int64_t W,
+                                       int64_t T, bool cl_levels, bool cl_input) {
+  const int64_t* hb = table + 5 * nlevels;
+  const int64_t* wb = hb + 2 * nh;
+  const int64_t total = N * C * H * W;
+  for (int64_t o = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; o < total;
+       o += int64_t{gridDim.x} * blockDim.x) {
+    int64_t n, c, h, w;
+    if (cl_input) {
+      c = o % C;
+      int64_t rest = o / C;
+      w = rest % W;
+      rest /= W;
+      h = rest % H;
+      n = rest / H;
+    } else {
+      w = o % W;
+      int64_t rest = o / W;
+      h = rest % H;
+      rest /= H;
+      c = rest % C;
+      n = rest / C;
+    }
+    const int64_t flat = h * W + w;
+    const scalar_t* g = grad + n * C * T;
+    const int64_t* idx = kMax ? indices + n * C * T : nullptr;
+    acc_t acc = acc_t(0);
+    for (int64_t l = 0; l < nlevels; ++l) {
+      const int64_t bh = table[5 * l], bw = table[5 * l + 1];
+      const int64_t hoff = table[5 * l + 2], woff = table[5 * l + 3], boff = table[5 * l + 4];
+      for (int64_t i = 0; i < bh; ++i) {
+        const int64_t hs = hb[2 * (hoff + i)], he = hb[2 * (hoff + i) + 1];
+        if (h < hs || h >= he) continue;
+        for (int64_t j = 0; j < bw; ++j) {
+          const int64_t ws = wb[2 * (woff + j)], we = wb[2 * (woff + j) + 1];
+          if (w < ws || w >= we) continue;
+          const int64_t po = packed_index(C * boff, C, bh, bw, c, i, j, cl_levels);
+          if constexpr (kMax) {
+            if (idx[po] == flat) acc += static_cast<acc_t>(g[po]);
+          } else {
+            acc += static_cast<acc_t>(g[po]) / static_cast<acc_t>((he - hs) * (we - ws));
+          }
+        }
+      }
+    }
+    gx[o] = static_cast<scalar_t>(acc);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Host side
+// ---------------------------------------------------------------------------
+
+struct Levels {
+  std::vector<int64_t> hb, wb, bins;
+  int64_t nh = 0, nw = 0, T = 0;
+};
+
+Levels check_levels(c10::SymIntArrayRef h_bounds, c10::SymIntArrayRef w_bounds, at::IntArrayRef level_bins,
+                    int64_t H, int64_t W, const char* op) {
+  Levels lv;
+  const at::IntArrayRef hb = C10_AS_INTARRAYREF_SLOW(h_bounds);
+  const at::IntArrayRef wb = C10_AS_INTARRAYREF_SLOW(w_bounds);
+  lv.hb.assign(hb.begin(), hb.end());
+  lv.wb.assign(wb.begin(), wb.end());
+  lv.bins.assign(level_bins.begin(), level_bins.end());
+  TORCH_CHECK(lv.bins.size() % 2 == 0, op, ": level_bins must hold (bh, bw) pairs, got ", lv.bins.size(),
+              " values");
+  for (size_t l = 0; l < lv.bins.size(); l += 2) {
+    TORCH_CHECK(lv.bins[l] > 0 && lv.bins[l + 1] > 0, op, ": level_bins must be positive, got (", lv.bins[l],
+                ", ", lv.bins[l + 1], ")");
+    lv.nh += lv.bins[l];
+    lv.nw += lv.bins[l + 1];
+    lv.T += lv.bins[l] * lv.bins[l + 1];
+  }
+  TORCH_CHECK(static_cast<int64_t>(lv.hb.size()) == 2 * lv.nh, op, ": h_bounds has ", lv.hb.size(),
+              " values, level_bins needs ", 2 * lv.nh);
+  TORCH_CHECK(static_cast<int64_t>(lv.wb.size()) == 2 * lv.nw, op, ": w_bounds has ", lv.wb.size(),
+              " values, level_bins needs ", 2 * lv.nw);
+  for (size_t k = 0; k < lv.hb.size(); k += 2) {
+    TORCH_CHECK(0 <= lv.hb[k] && lv.hb[k] < lv.hb[k + 1] && lv.hb[k + 1] <= H, op, ": window [", lv.hb[k], ", ",
+                lv.hb[k + 1], ") along H is empty or outside [0, ", H, ")");
+  }
+  for (size_t k = 0; k < lv.wb.size(); k += 2) {
+    TORCH_CHECK(0 <= lv.wb[k] && lv.wb[k] < lv.wb[k + 1] && lv.wb[k + 1] <= W, op, ": window [", lv.wb[k], ", ",
+                lv.wb[k + 1], ") along W is empty or outside [0, ", W, ")");
+  }
+  return lv;
+}
+
+void check_float(const at::Tensor& t, const char* op, const char* name) {
+  const auto st = t.scalar_type();
+  TORCH_CHECK(st == at::kDouble || st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op, ": ", name,
+              " must be float64, float32, float16 or bfloat16, got ", st);
+}
+
+std::tuple<at::Tensor, at::Tensor> multi_pool2d_cuda(const at::Tensor& x, c10::SymIntArrayRef h_bounds,
+                                                     c10::SymIntArrayRef w_bounds, at::IntArrayRef level_bins,
+                                                     int64_t mode, bool channels_last_levels) {
+  const char* op = "pyramid_ext::multi_pool2d";
+  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got ", x.device());
+  TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got ", x.dim(), "-D");
+  check_float(x, op, "x");
+  TORCH_CHECK(mode == kPoolAvg || mode == kPoolMax, op, ": mode must be 0 (avg) or 1 (max), got ", mode);
+  const bool nchw = x.is_contiguous();
+  TORCH_CHECK(nchw || x.is_contiguous(at::MemoryFormat::ChannelsLast), op,
+              ": x must be contiguous in NCHW or channels_last memory format");
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const Levels lv = check_levels(h_bounds, w_bounds, level_bins, H, W, op);
+  const bool is_max = mode == kPoolMax;
+
+  c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor values = at::empty({N, C * lv.T}, x.options());
+  at::Tensor indices = is_max ? at::empty({N, C * lv.T}, x.options().dtype(at::kLong))
+                              : at::empty({0}, x.options().dtype(at::kLong));
+  if (values.numel() == 0) return {values, indices};
+
+  auto stream = at::cuda::getCurrentCUDAStream();
+  PoolPlan plan;
+  const bool planned = build_plan(lv.hb, lv.wb, lv.bins, H, W, plan);
+  const int64_t ncells = planned ? int64_t{plan.h.nseg} * plan.w.nseg : 0;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "multi_pool2d_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* vp = values.mutable_data_ptr<scalar_t>();
+    int64_t* ip = is_max ? indices.mutable_data_ptr<int64_t>() : nullptr;
+    bool launched = false;
+    if (planned && nchw) {
+      const int threads = plane_threads(H * W);
+      const int splits = splits_for(ncells, threads / kWarp);
+      const int64_t smem = align8(ncells * splits * static_cast<int64_t>(sizeof(acc_t))) +
+                           (is_max ? ncells * splits * static_cast<int64_t>(sizeof(int64_t)) : 0);
+      if (smem <= kSmemLimit) {
+        const unsigned grid = grid_for(N * C, 1);
+        if (is_max) {
+          pool_fwd_nchw_kernel<scalar_t, acc_t, true><<<grid, threads, smem, stream>>>(
+              xp, vp, ip, plan, N * C, C, H, W, splits, channels_last_levels);
+        } else {
+          pool_fwd_nchw_kernel<scalar_t, acc_t, false><<<grid, threads, smem, stream>>>(
+              xp, vp, ip, plan, N * C, C, H, W, splits, channels_last_levels);
+        }
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        launched = true;
+      }
+    } else if (planned) {
+      for (int ct = channel_tile(C); ct >= 1 && !launched; ct /= 2) {
+        const int rows = kThreads / ct;
+        const int splits = splits_for(ncells, rows);
+        const int64_t items = ncells * splits * ct;
+        const int64_t smem = align8(items * static_cast<int64_t>(sizeof(acc_t))) +
+                             (is_max ? items * static_cast<int64_t>(sizeof(int64_t)) : 0);
+        if (smem > kSmemLimit) continue;
+        const int64_t ctiles = ceil_div(C, ct);
+        const unsigned grid = grid_for(N * ctiles, 1);
+        const dim3 block(ct, rows);
+        if (is_max) {
+          pool_fwd_cl_kernel<scalar_t, acc_t, true><<<grid, block, smem, stream>>>(
+              xp, vp, ip, plan, N, C, H, W, ctiles, splits, channels_last_levels);
+        } else {
+          pool_fwd_cl_kernel<scalar_t, acc_t, false><<<grid, block, smem, stream>>>(
+              xp, vp, ip, plan, N, C, H, W, ctiles, splits, channels_last_levels);
+        }
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        launched = true;
+      }
+    }
+    if (!launched) {
+      const at::Tensor table = direct_table(lv.hb, lv.wb, lv.bins, x.device());
+      const int64_t nlevels = static_cast<int64_t>(lv.bins.size()) / 2;
+      const unsigned grid = grid_for(N * C * lv.T, kThreads);
+      if (is_max) {
+        pool_fwd_direct_kernel<scalar_t, acc_t, true><<<grid, kThreads, 0, stream>>>(
+            xp, vp, ip, table.const_data_ptr<int64_t>(), nlevels, lv.nh, N, C, H, W, x.stride(0), x.stride(1),
+            x.stride(2), x.stride(3), lv.T, channels_last_levels);
+      } else {
+        pool_fwd_direct_kernel<scalar_t, acc_t, false><<<grid, kThreads, 0, stream>>>(
+            xp, vp, ip, table.const_data_ptr<int64_t>(), nlevels, lv.nh, N, C, H, W, x.stride(0), x.stride(1),
+            x.stride(2), x.stride(3), lv.T, channels_last_levels);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return {values, indices};
+}
+
+at::Tensor multi_pool2d_backward_cuda(const at::Tensor& grad_in, const std::optional<at::Tensor>& indices_opt,
+                                      c10::SymIntArrayRef input_shape_s, c10::SymIntArrayRef h_bounds,
+                                      c10::SymIntArrayRef w_bounds, at::IntArrayRef level_bins, int64_t mode,
+                                      bool channels_last_levels, bool channels_last_input) {
+  const char* op = "pyramid_ext::multi_pool2d_backward";
+  TORCH_CHECK(grad_in.is_cuda(), op, ": grad must be a CUDA tensor, got ", grad_in.device());
+  check_float(grad_in, op, "grad");
+  TORCH_CHECK(mode == kPoolAvg || mode == kPoolMax, op, ": mode must be 0 (avg) or 1 (max), got ", mode);
+  const at::IntArrayRef input_shape = C10_AS_INTARRAYREF_SLOW(input_shape_s);
+  TORCH_CHECK(input_shape.size() == 4, op, ": input_shape must be (N, C, H, W), got ", input_shape);
+  const int64_t N = input_shape[0], C = input_shape[1], H = input_shape[2], W = input_shape[3];
+  TORCH_CHECK(N >= 0 && C >= 0 && H >= 0 && W >= 0, op, ": invalid input_shape ", input_shape);
+  const Levels lv = check_levels(h_bounds, w_bounds, level_bins, H, W, op);
+  TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(0) == N && grad_in.size(1) == C * lv.T, op,
+              ": grad must have shape (", N, ", ", C * lv.T, "), got ", grad_in.sizes());
+  const bool is_max = mode == kPoolMax;
+  at::Tensor indices;
+  if (is_max) {
+    TORCH_CHECK(indices_opt.has_value() && indices_opt->defined(), op, ": indices are required for max");
+    indices = indices_opt->contiguous();
+    TORCH_CHECK(indices.scalar_type() == at::kLong, op, ": indices must be int64, got ", indices.scalar_type());
+    TORCH_CHECK(indices.device() == grad_in.device(), op, ": indices are on ", indices.device(), " but grad is on ",
+                grad_in.device());
+    TORCH_CHECK(indices.sizes() == grad_in.sizes(), op, ": indices must have grad's shape ", grad_in.sizes(),
+                ", got ", indices.sizes());
+  }
+
+  c10::cuda::CUDAGuard guard(grad_in.device());
+  const at::Tensor grad = grad_in.contiguous();
+  const auto fmt = channels_last_input ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  at::Tensor gx = at::empty({N, C, H, W}, grad.options().memory_format(fmt));
+  if (gx.numel() == 0) return gx;
+  if (lv.T == 0) return gx.zero_();
+
+  auto stream = at::cuda::getCurrentCUDAStream();
+  PoolPlan plan;
+  const bool planned = build_plan(lv.hb, lv.wb, lv.bins, H, W, plan);
+  const int64_t ncells = planned ? int64_t{plan.h.nseg} * plan.w.nseg : 0;
+  // A tensor that is contiguous in both formats (C == 1, or H == W == 1) is
+  // written the same either way; the NCHW kernel covers it.
+  const bool nchw = gx.is_contiguous();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "multi_pool2d_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* gp = grad.const_data_ptr<scalar_t>();
+    const int64_t* ip = is_max ? indices.const_data_ptr<int64_t>() : nullptr;
+    scalar_t* op_ = gx.mutable_data_ptr<scalar_t>();
+    bool launched = false;
+    if (planned && nchw) {
+      const int threads = plane_threads(H * W);
+      const int splits = splits_for(ncells, threads / kWarp);
+      const int64_t smem = is_max ? 0 : ncells * static_cast<int64_t>(sizeof(acc_t));
+      if (smem <= kSmemLimit) {
+        const unsigned grid = grid_for(N * C, 1);
+        if (is_max) {
+          pool_bwd_nchw_kernel<scalar_t, acc_t, true><<<grid, threads, smem, stream>>>(
+              gp, ip, op_, plan, N * C, C, H, W, splits, channels_last_levels);
+        } else {
+          pool_bwd_nchw_kernel<scalar_t, acc_t, false><<<grid, threads, smem, stream>>>(
+              gp, ip, op_, plan, N * C, C, H, W, splits, channels_last_levels);
+        }
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        launched = true;
+      }
+    } else if (planned) {
+      for (int ct = channel_tile(C); ct >= 1 && !launched; ct /= 2) {
+        const int rows = kThreads / ct;
+        const int splits = splits_for(ncells, rows);
+        const int64_t smem = is_max ? 0 : ncells * ct * static_cast<int64_t>(sizeof(acc_t));
+        if (smem > kSmemLimit) continue;
+        const int64_t ctiles = ceil_div(C, ct);
+        const unsigned grid = grid_for(N * ctiles, 1);
+        const dim3 block(ct, rows);
+        if (is_max) {
+          pool_bwd_cl_kernel<scalar_t, acc_t, true><<<grid, block, smem, stream>>>(
+              gp, ip, op_, plan, N, C, H, W, ctiles, splits, channels_last_levels);
+        } else {
+          pool_bwd_cl_kernel<scalar_t, acc_t, false><<<grid, block, smem, stream>>>(
+              gp, ip, op_, plan, N, C, H, W, ctiles, splits, channels_last_levels);
+        }
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        launched = true;
+      }
+    }
+    if (!launched) {
+      const at::Tensor table = direct_table(lv.hb, lv.wb, lv.bins, grad.device());
+      const int64_t nlevels = static_cast<int64_t>(lv.bins.size()) / 2;
+      const unsigned grid = grid_for(N * C * H * W, kThreads);
+      if (is_max) {
+        pool_bwd_direct_kernel<scalar_t, acc_t, true><<<grid, kThreads, 0, stream>>>(
+            gp, ip, op_, table.const_data_ptr<int64_t>(), nlevels, lv.nh, N, C, H, W, lv.T, channels_last_levels,
+            !nchw);
+      } else {
+        pool_bwd_direct_kernel<scalar_t, acc_t, false><<<grid, kThreads, 0, stream>>>(
+            gp, ip, op_, table.const_data_ptr<int64_t>(), nlevels, lv.nh, N, C, H, W, lv.T, channels_last_levels,
+            !nchw);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return gx;
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace pyramid_ext
+
+TORCH_LIBRARY_IMPL(pyramid_ext, CUDA, m) {
+  m.impl("multi_pool2d", &pyramid_ext::cuda::multi_pool2d_cuda);
+  m.impl("multi_pool2d_backward", &pyramid_ext::cuda::multi_pool2d_backward_cuda);
+}

@@ -1,0 +1,605 @@
+"""The compiled CUDA kernels (csrc/cuda/*.cu) against PyTorch on the CPU.
+
+Every test runs the ``cpp`` backend on CUDA tensors and compares with PyTorch's
+own CPU operators (F.adaptive_*_pool2d, F.interpolate + torch.cat) or the
+pure-PyTorch reference, computed in float64 from the very same (rounded)
+inputs, so a 16-bit result is checked to about one rounding of its dtype.
+Max pooling values and indices must match exactly (ATen's CPU rule: first
+maximum in row-major order, or the last NaN).
+
+Skipped, with the reason, where there is no CUDA device or the extension was
+built without its CUDA kernels.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pyramid_ext as pe
+from pyramid_ext import _extension, reference
+from pyramid_ext.windows import normalize_bins, pyramid_windows
+
+pytestmark = pytest.mark.cuda
+
+OP_NAMES = ["multi_pool2d", "multi_pool2d_backward", "upsample_concat", "upsample_concat_out",
+            "upsample_concat_backward"]
+
+
+def _skip_reason():
+    if not torch.cuda.is_available():
+        return "no CUDA device (torch.cuda.is_available() is False)"
+    if not _extension.LOADED:
+        return f"the compiled extension is not available ({_extension.LOAD_ERROR}); {_extension.BUILD_HINT}"
+    missing = [op for op in OP_NAMES if not _extension.has_kernel(op, "cuda")]
+    if missing:
+        return (f"the compiled extension has no CUDA kernel for {missing}: it was built without CUDA "
+                "(rebuild with a CUDA build of torch and nvcc, FORCE_CUDA=1)")
+    return None
+
+
+_REASON = _skip_reason()
+if _REASON is not None:
+    pytest.skip(_REASON, allow_module_level=True)
+
+OPS = torch.ops.pyramid_ext
+DEV = torch.device("cuda")
+CPP = "cpp"
+
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+# Against a float64 computation on the same inputs: about one rounding of the
+# result's dtype (plus summation-order noise for the wide types).
+TOL = {
+    torch.float64: dict(rtol=1e-10, atol=1e-12),
+    torch.float32: dict(rtol=1e-5, atol=1e-6),
+    torch.float16: dict(rtol=2e-3, atol=1e-3),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2),
+}
+# The sums of many products (a 1x1 branch's gradient sums a whole plane).
+SUM_ATOL = {torch.float64: 1e-12, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-1}
+# nvcc contracts `scale * (dst + 0.5) - 0.5` into an FMA (as ATen's CUDA
+# kernels are compiled), so a float32 source coordinate may differ from the
+# CPU's by one rounding: about 1e-7 * src in the tap weight.
+UP_ATOL_F32 = 2e-5
+BIN_SETS = [(1, 2, 3, 6), (6, 3, 2, 1), (4, 2, 1), ((2, 3), (5, 1), 1, (1, 7))]
+SIZES = [(33, 47), (65, 65), (3, 5), (1, 1), (97, 129)]
+LAYOUTS = ["nchw", "channels_last"]
+
+
+def _pair(b):
+    return (b, b) if isinstance(b, int) else tuple(b)
+
+
+def _rand(shape, dtype=torch.float32, seed=0):
+    """CPU tensor of standard normals, rounded to `dtype`."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+
+
+def _cuda(x: torch.Tensor, kind: str = "nchw") -> torch.Tensor:
+    fmt = torch.channels_last if kind == "channels_last" else torch.contiguous_format
+    return x.detach().to(DEV).contiguous(memory_format=fmt)
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, dtype, **kw):
+    """got (CUDA, dtype) against want (CPU, float64)."""
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.cpu().double(), want.double(), **{**TOL[dtype], **kw})
+
+
+def _is_cl(t: torch.Tensor) -> bool:
+    return t.is_contiguous(memory_format=torch.channels_last)
+
+
+# --------------------------------------------------------------------------
+# multi_pool2d forward
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("bins", BIN_SETS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", LAYOUTS)
+def test_avg_pool_matches_cpu(size, bins, dtype, kind):
+    x = _rand((2, 5, *size), dtype)
+    got = pe.multi_adaptive_avg_pool2d(_cuda(x, kind), bins, backend=CPP)
+    assert len(got) == len(bins)
+    for g, b in zip(got, bins):
+        assert g.device.type == DEV.type and g.shape == (2, 5, *_pair(b))
+        _close(g, F.adaptive_avg_pool2d(x.double(), _pair(b)), dtype)
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("bins", BIN_SETS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", LAYOUTS)
+def test_max_pool_values_and_indices_match_cpu(size, bins, dtype, kind):
+    x = _rand((2, 5, *size), dtype, seed=1)
+    vals, idxs = pe.multi_adaptive_max_pool2d(_cuda(x, kind), bins, return_indices=True, backend=CPP)
+    for v, i, b in zip(vals, idxs, bins):
+        # Upcasting is exact and keeps order and ties: float64 gives the same answer.
+        want_v, want_i = F.adaptive_max_pool2d(x.double(), _pair(b), return_indices=True)
+        assert v.dtype == dtype and i.dtype == torch.int64
+        assert torch.equal(v.cpu().double(), want_v)
+        assert torch.equal(i.cpu(), want_i), b
+
+
+@pytest.mark.parametrize("kind", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_max_pool_ties_nan_and_inf_follow_cpu(kind, dtype):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 3, (2, 4, 13, 11), generator=g).to(dtype)  # many ties
+    x[0, 0, 2, 3] = float("nan")
+    x[0, 0, 5, 7] = float("nan")
+    x[0, 1, 12, 10] = float("nan")
+    x[1, 2, :, :6] = float("-inf")
+    x[1, 3] = float("-inf")  # whole plane: the index is each window's first element
+    bins = (1, 2, 3, 6, (4, 13))
+    vals, idxs = pe.multi_adaptive_max_pool2d(_cuda(x, kind), bins, return_indices=True, backend=CPP)
+    for v, i, b in zip(vals, idxs, bins):
+        want_v, want_i = F.adaptive_max_pool2d(x.float(), _pair(b), return_indices=True)
+        torch.testing.assert_close(v.cpu().float(), want_v, rtol=0, atol=0, equal_nan=True)
+        assert torch.equal(i.cpu(), want_i), b
+
+
+@pytest.mark.parametrize("kind", LAYOUTS)
+@pytest.mark.parametrize("mode", [0, 1])
+@pytest.mark.parametrize("cl_levels", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_op_packed_layout_matches_reference(kind, mode, cl_levels, dtype):
+    x = _rand((3, 7, 33, 47), dtype, seed=2)
+    bins = normalize_bins((1, 2, 3, 6, (2, 5)))
+    hb, wb, lb = pyramid_windows(33, 47, bins)
+    values, indices = OPS.multi_pool2d(_cuda(x, kind), hb, wb, lb, mode, cl_levels)
+    want_v, want_i = reference.multi_pool2d(x.double(), hb, wb, lb, mode, cl_levels, adaptive=True)
+    assert values.shape == want_v.shape and values.is_contiguous()
+    _close(values, want_v, dtype)
+    if mode == 1:
+        assert torch.equal(indices.cpu(), want_i)
+    else:
+        assert indices.shape == (0,) and indices.dtype == torch.int64 and indices.device.type == DEV.type
+
+
+@pytest.mark.parametrize("mode", ["max", "avg"])
+@pytest.mark.parametrize("bins", [(4, 2, 1), (6, 3, 2, 1), ((2, 3), 5)])
+@pytest.mark.parametrize("kind", LAYOUTS)
+def test_spatial_pyramid_pool(mode, bins, kind):
+    x = _rand((3, 5, 29, 18), torch.float32)
+    got = pe.spatial_pyramid_pool(_cuda(x, kind), bins, mode=mode, backend=CPP)
+    pool = F.adaptive_max_pool2d if mode == "max" else F.adaptive_avg_pool2d
+    want = torch.cat([pool(x.double(), _pair(b)).flatten(1) for b in bins], 1)
+    _close(got, want, torch.float32)
+
+
+@pytest.mark.parametrize("window,size,bins", [
+    ("sppnet", (24, 36), (4, 2, 1)),
+    ("keras_same", (33, 47), (1, 2, 3, 6)),
+    ("keras_same", (60, 60), (1, 2, 3, 6)),
+])
+@pytest.mark.parametrize("kind", LAYOUTS)
+@pytest.mark.parametrize("mode", [0, 1])
+def test_window_policies_match_reference(window, size, bins, kind, mode):
+    x = _rand((2, 6, *size), torch.float64, seed=4)
+    hb, wb, lb = pyramid_windows(size[0], size[1], normalize_bins(bins), window)
+    got_v, got_i = OPS.multi_pool2d(_cuda(x, kind), hb, wb, lb, mode, kind == "channels_last")
+    want_v, want_i = reference.multi_pool2d(x, hb, wb, lb, mode, kind == "channels_last")
+    _close(got_v, want_v, torch.float64)
+    if mode == 1:
+        assert torch.equal(got_i.cpu(), want_i)
+
+
+# Window sets that exceed the by-value plan (more than 64 segments or 256
+# windows per axis, more than 32 levels) run the direct kernels.
+FALLBACK_BINS = [(70,), (2, 300), tuple(range(1, 36)), ((1, 80), (3, 3))]
+
+
+@pytest.mark.parametrize("bins", FALLBACK_BINS)
+@pytest.mark.parametrize("kind", LAYOUTS)
+@pytest.mark.parametrize("mode", [0, 1])
+def test_many_windows_direct_path(bins, kind, mode):
+    size = (97, 129) if len(bins) < 10 else (40, 37)
+    x = _rand((1, 3, *size), torch.float32, seed=5)
+    hb, wb, lb = pyramid_windows(size[0], size[1], normalize_bins(bins))
+    xg = _cuda(x, kind).requires_grad_()
+    values, indices = OPS.multi_pool2d(xg, hb, wb, lb, mode, False)
+    want_v, want_i = reference.multi_pool2d(x.double(), hb, wb, lb, mode, False, adaptive=True)
+    _close(values, want_v, torch.float32)
+    if mode == 1:
+        assert torch.equal(indices.cpu(), want_i)
+    # backward through the same path
+    w = _rand(values.shape, torch.float32, seed=6)
+    (values * w.to(DEV)).sum().backward()
+    xr = x.detach().double().requires_grad_()
+    rv, _ = reference.multi_pool2d(xr, hb, wb, lb, mode, False, adaptive=True)
+    (rv * w.double()).sum().backward()
+    _close(xg.grad, xr.grad, torch.float32)
+
+
+@pytest.mark.parametrize("kind", LAYOUTS)
+@pytest.mark.parametrize("mode", [0, 1])
+def test_overlapping_and_uncovered_windows(kind, mode):
+    # Windows given as data: overlapping, nested, and leaving rows/columns
+    # that no window reads (their gradient must be zero).
+    x = _rand((2, 3, 20, 17), torch.float64, seed=7)
+    # level 0: bh=2 (H windows 0, 1), bw=1 (W window 0); level 1: bh=2 (H
+    # windows 2, 3), bw=3 (W windows 1, 2, 3). Row 0, rows 9-11, row 19 and
+    # column 16 are read by no window.
+    lb = [2, 1, 2, 3]
+    hb = [1, 5, 3, 9, 12, 19, 2, 8]
+    wb = [1, 4, 6, 16, 0, 8, 8, 9]
+    xg = _cuda(x, kind).requires_grad_()
+    values, indices = OPS.multi_pool2d(xg, hb, wb, lb, mode, kind == "channels_last")
+    want_v, want_i = reference.multi_pool2d(x, hb, wb, lb, mode, kind == "channels_last")
+    _close(values, want_v, torch.float64)
+    if mode == 1:
+        assert torch.equal(indices.cpu(), want_i)
+    w = _rand(values.shape, torch.float64, seed=8)
+    (values * w.to(DEV)).sum().backward()
+    xr = x.detach().clone().requires_grad_()
+    rv, _ = reference.multi_pool2d(xr, hb, wb, lb, mode, kind == "channels_last")
+    (rv * w).sum().backward()
+    _close(xg.grad, xr.grad, torch.float64)
+
+
+def test_pool_empty_batch_and_channels():
+    for shape in [(0, 3, 9, 9), (2, 0, 9, 9)]:
+        x = torch.randn(shape, device=DEV)
+        for mode in (0, 1):
+            hb, wb, lb = pyramid_windows(9, 9, normalize_bins((1, 2, 3)))
+            v, i = OPS.multi_pool2d(x, hb, wb, lb, mode, False)
+            assert v.shape == (shape[0], shape[1] * 14)
+            gx = OPS.multi_pool2d_backward(torch.zeros_like(v), i if mode == 1 else None, list(shape), hb, wb, lb,
+                                           mode, False, False)
+            assert gx.shape == shape
+
+
+def test_pool_rejects_misuse():
+    x = torch.randn(1, 2, 8, 8, device=DEV)
+    with pytest.raises(RuntimeError):
+        OPS.multi_pool2d(x, [0, 9], [0, 8], [1, 1], 0, False)  # window outside H
+    with pytest.raises(RuntimeError):
+        OPS.multi_pool2d(x, [0, 8], [0, 8], [1, 1], 2, False)  # bad mode
+    with pytest.raises(RuntimeError):
+        OPS.multi_pool2d(x[:, :, ::2], [0, 4], [0, 8], [1, 1], 0, False)  # not dense
+    with pytest.raises(RuntimeError):
+        OPS.multi_pool2d(x.int(), [0, 8], [0, 8], [1, 1], 0, False)
+
+
+# --------------------------------------------------------------------------
+# multi_pool2d backward
+# --------------------------------------------------------------------------
+
+
+def _pool_grads(x, bins, mode, kind, seed=10):
+    """(grad from the CUDA op, grad of F.adaptive_*_pool2d in float64 on CPU)."""
+    dtype = x.dtype
+    xg = _cuda(x, kind).requires_grad_()
+    if mode == "max":
+        outs = pe.multi_adaptive_max_pool2d(xg, bins, backend=CPP)
+    else:
+        outs = pe.multi_adaptive_avg_pool2d(xg, bins, backend=CPP)
+    ws = [_rand(o.shape, dtype, seed=seed + k) for k, o in enumerate(outs)]
+    sum((o * w.to(DEV)).sum() for o, w in zip(outs, ws)).backward()
+    xr = x.detach().double().requires_grad_()
+    pool = F.adaptive_max_pool2d if mode == "max" else F.adaptive_avg_pool2d
+    sum((pool(xr, _pair(b)) * w.double()).sum() for b, w in zip(bins, ws)).backward()
+    return xg.grad, xr.grad
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("bins", BIN_SETS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", LAYOUTS)
+@pytest.mark.parametrize("mode", ["avg", "max"])
+def test_pool_backward_matches_cpu_autograd(size, bins, dtype, kind, mode):
+    x = _rand((2, 4, *size), dtype, seed=9)
+    got, want = _pool_grads(x, bins, mode, kind)
+    assert got.shape == x.shape
+    _close(got, want, dtype)
+
+
+@pytest.mark.parametrize("kind", LAYOUTS)
+@pytest.mark.parametrize("mode", [0, 1])
+@pytest.mark.parametrize("cl_levels", [False, True])
+def test_backward_op_memory_format_and_values(kind, mode, cl_levels):
+    x = _rand((2, 6, 33, 47), torch.float64, seed=11)
+    bins = normalize_bins((1, 2, 3, 6))
+    hb, wb, lb = pyramid_windows(33, 47, bins)
+    v, i = OPS.multi_pool2d(_cuda(x, kind), hb, wb, lb, mode, cl_levels)
+    g = _rand(v.shape, torch.float64, seed=12)
+    cl_input = kind == "channels_last"
+    gx = OPS.multi_pool2d_backward(g.to(DEV), i if mode == 1 else None, list(x.shape), hb, wb, lb, mode, cl_levels,
+                                   cl_input)
+    assert gx.shape == x.shape
+    assert gx.is_contiguous(memory_format=torch.channels_last if cl_input else torch.contiguous_format)
+    xr = x.detach().clone().requires_grad_()
+    rv, _ = reference.multi_pool2d(xr, hb, wb, lb, mode, cl_levels, adaptive=True)
+    (rv * g).sum().backward()
+    _close(gx, xr.grad, torch.float64)
+
+
+# --------------------------------------------------------------------------
+# upsample_concat
+# --------------------------------------------------------------------------
+
+BRANCH_SETS = [(1, 2, 3, 6), (6, 3, 2, 1), ((2, 3), (5, 1), 1, (1, 7))]
+
+
+def _branches(n, sizes, dtype, seed=20, channels=(3, 2, 4, 1)):
+    return [_rand((n, channels[k % len(channels)], *_pair(s)), dtype, seed=seed + k) for k, s in enumerate(sizes)]
+
+
+def _acc(dtype):
+    """The accumulation type: the tap weights are computed in it (ATen's opmath)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _ref_upcat(x, branches, size, align_corners, x_first, dtype=torch.float64):
+    """torch.cat of x and F.interpolate'd branches on the CPU, computed in `dtype`
+    (the accumulation type of the inputs' dtype, so that the bilinear weights
+    are ATen's for that dtype, bit for bit), returned as float64."""
+    ups = [F.interpolate(b.to(dtype), size=size, mode="bilinear", align_corners=align_corners) for b in branches]
+    parts = ups if x is None else ([x.to(dtype)] + ups if x_first else ups + [x.to(dtype)])
+    return torch.cat(parts, 1).double()
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("sizes", BRANCH_SETS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", LAYOUTS)
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_upsample_concat_matches_cpu(size, sizes, dtype, kind, align_corners):
+    x = _rand((2, 5, *size), dtype, seed=21)
+    bs = _branches(2, sizes, dtype)
+    got = pe.upsample_concat(_cuda(x, kind), [_cuda(b, kind) for b in bs], align_corners=align_corners,
+                             backend=CPP)
+    assert got.device.type == DEV.type and got.shape == (2, 5 + sum(b.shape[1] for b in bs), *size)
+    assert _is_cl(got) == (kind == "channels_last") or got.is_contiguous()
+    kw = dict(atol=UP_ATOL_F32) if dtype == torch.float32 else {}
+    _close(got, _ref_upcat(x, bs, size, align_corners, True, _acc(dtype)), dtype, **kw)
+
+
+@pytest.mark.parametrize("x_first", [True, False])
+@pytest.mark.parametrize("kind", LAYOUTS)
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_upsample_concat_order_no_x_and_downsampling(x_first, kind, align_corners):
+    size = (33, 47)
+    x = _rand((2, 3, *size), torch.float32, seed=22)
+    # up- and down-sampling, a same-size branch (a copy, as ATen does), 1x1
+    sizes = [(80, 90), (33, 47), (1, 1), (7, 60)]
+    bs = _branches(2, sizes, torch.float32, seed=23)
+    bg = [_cuda(b, kind) for b in bs]
+    got = pe.upsample_concat(_cuda(x, kind), bg, align_corners=align_corners, x_first=x_first, backend=CPP)
+    # sources up to 129 wide: allow ~1e-7 * 129 in the weights
+    _close(got, _ref_upcat(x, bs, size, align_corners, x_first, torch.float32), torch.float32, atol=1e-4)
+    got = pe.upsample_concat(None, bg, size=size, align_corners=align_corners, backend=CPP)
+    _close(got, _ref_upcat(None, bs, size, align_corners, True, torch.float32), torch.float32, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_upsample_concat_out_into_channel_slice(kind, dtype):
+    size = (65, 65)
+    x = _rand((2, 4, *size), dtype, seed=24)
+    bs = _branches(2, (1, 2, 3, 6), dtype, seed=25)
+    channels = 4 + sum(b.shape[1] for b in bs)
+    fmt = torch.channels_last if kind == "channels_last" else torch.contiguous_format
+    buf = torch.full((2, channels + 7, *size), 7.0, dtype=dtype, device=DEV).contiguous(memory_format=fmt)
+    out = buf[:, 3:3 + channels]
+    res = pe.upsample_concat(_cuda(x, kind), [_cuda(b, kind) for b in bs], out=out, backend=CPP)
+    assert res.data_ptr() == out.data_ptr()
+    kw = dict(atol=UP_ATOL_F32) if dtype == torch.float32 else {}
+    _close(out, _ref_upcat(x, bs, size, False, True, _acc(dtype)), dtype, **kw)
+    assert bool((buf[:, :3] == 7).all()) and bool((buf[:, 3 + channels:] == 7).all())
+
+
+def test_upsample_concat_reads_any_strides():
+    # The C++ op reads inputs through their strides (the Python layer makes
+    # them dense, a direct call need not).
+    size = (17, 23)
+    x = torch.randn(2, 6, 17, 46, device=DEV, dtype=torch.float64)[..., ::2]
+    b = torch.randn(2, 3, 5, 4, device=DEV, dtype=torch.float64).transpose(2, 3)
+    got = OPS.upsample_concat(x, [b], list(size), False, True, False)
+    want = _ref_upcat(x.cpu(), [b.cpu()], size, False, True)
+    _close(got, want, torch.float64)
+
+
+def test_upsample_concat_rejects_misuse():
+    x = torch.randn(2, 3, 8, 8, device=DEV)
+    b = torch.randn(2, 2, 2, 2, device=DEV)
+    with pytest.raises(RuntimeError):
+        OPS.upsample_concat(x, [b.double()], [8, 8], False, True, False)  # dtype mismatch
+    with pytest.raises(RuntimeError):
+        OPS.upsample_concat(x, [b.cpu()], [8, 8], False, True, False)  # device mismatch
+    with pytest.raises(RuntimeError):
+        OPS.upsample_concat(x, [b], [9, 8], False, True, False)  # x is not at `size`
+    with pytest.raises(RuntimeError):
+        OPS.upsample_concat(x, [b[:1]], [8, 8], False, True, False)  # batch mismatch
+    out = torch.empty(2, 4, 8, 8, device=DEV)
+    with pytest.raises(RuntimeError):
+        OPS.upsample_concat_out(x, [b], False, True, out)  # wrong channel count
+    with pytest.raises(RuntimeError):
+        OPS.upsample_concat_out(x, [b], False, True, torch.empty(2, 5, 8, 8, device=DEV, dtype=torch.float16))
+
+
+def test_upsample_concat_empty():
+    x = torch.randn(0, 3, 8, 8, device=DEV)
+    b = torch.randn(0, 2, 2, 2, device=DEV)
+    out = OPS.upsample_concat(x, [b], [8, 8], False, True, False)
+    assert out.shape == (0, 5, 8, 8)
+    x = torch.randn(2, 3, 8, 8, device=DEV)
+    b = torch.randn(2, 0, 2, 2, device=DEV)
+    out = OPS.upsample_concat(x, [b], [8, 8], False, True, False)
+    assert torch.equal(out, x)
+    grads = OPS.upsample_concat_backward(torch.randn(2, 3, 8, 8, device=DEV), [0, 2, 2], 3, False, False)
+    assert grads[0].shape == (2, 0, 2, 2)
+
+
+def _upcat_grads(x, bs, size, align_corners, x_first, kind, seed=30):
+    dtype = bs[0].dtype
+    xg = _cuda(x, kind).requires_grad_() if x is not None else None
+    bg = [_cuda(b, kind).requires_grad_() for b in bs]
+    out = pe.upsample_concat(xg, bg, size=size, align_corners=align_corners, x_first=x_first, backend=CPP)
+    w = _rand(out.shape, dtype, seed=seed)
+    (out * w.to(DEV)).sum().backward()
+    xr = x.detach().double().requires_grad_() if x is not None else None
+    br = [b.detach().double().requires_grad_() for b in bs]
+    (_ref_upcat(xr, br, size, align_corners, x_first) * w.double()).sum().backward()
+    return (xg, bg), (xr, br)
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("sizes", BRANCH_SETS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", LAYOUTS)
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_upsample_concat_backward_matches_cpu_autograd(size, sizes, dtype, kind, align_corners):
+    x = _rand((2, 3, *size), dtype, seed=31)
+    # 33 channels: more than one 32-channel tile in the channels_last kernels
+    bs = _branches(2, sizes, dtype, seed=32, channels=(33, 2, 4, 1))
+    (xg, bg), (xr, br) = _upcat_grads(x, bs, size, align_corners, True, kind)
+    _close(xg.grad, xr.grad, dtype)
+    for g, r in zip(bg, br):
+        assert g.grad.shape == r.shape
+        # a 1x1 branch sums a whole plane: allow for the accumulation
+        _close(g.grad, r.grad, dtype, atol=SUM_ATOL[dtype])
+
+
+@pytest.mark.parametrize("kind", LAYOUTS)
+@pytest.mark.parametrize("x_first", [True, False])
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_upsample_concat_backward_downsampling_and_offsets(kind, x_first, align_corners):
+    size = (33, 47)
+    x = _rand((2, 3, *size), torch.float64, seed=33)
+    bs = _branches(2, [(80, 90), (33, 47), (1, 1), (7, 60), (97, 129)], torch.float64, seed=34)
+    (xg, bg), (xr, br) = _upcat_grads(x, bs, size, align_corners, x_first, kind)
+    _close(xg.grad, xr.grad, torch.float64)
+    for g, r in zip(bg, br):
+        _close(g.grad, r.grad, torch.float64)
+    # and without x
+    (_, bg), (_, br) = _upcat_grads(None, bs, size, align_corners, True, kind)
+    for g, r in zip(bg, br):
+        _close(g.grad, r.grad, torch.float64)
+
+
+@pytest.mark.parametrize("kind", LAYOUTS)
+def test_upsample_backward_op_memory_format(kind):
+    g = _cuda(_rand((2, 9, 20, 30), torch.float32, seed=35), kind)
+    cl = kind == "channels_last"
+    grads = OPS.upsample_concat_backward(g, [3, 1, 1, 2, 4, 5], 4, False, cl)
+    assert [t.shape for t in grads] == [(2, 3, 1, 1), (2, 2, 4, 5)]
+    for t in grads:
+        assert t.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+    # 1x1 with align_corners=False: every output reads the single pixel with weight 1
+    torch.testing.assert_close(grads[0].cpu().double().flatten(1),
+                               g[:, 4:7].double().sum((2, 3)).cpu(), rtol=1e-5, atol=1e-4)
+
+
+# --------------------------------------------------------------------------
+# Determinism, streams, CUDA graphs, gradcheck
+# --------------------------------------------------------------------------
+
+
+def _run_all(kind):
+    x = _cuda(_rand((2, 40, 65, 65), torch.float32, seed=40), kind).requires_grad_()
+    outs = []
+    for mode in ("avg", "max"):
+        fn = pe.multi_adaptive_avg_pool2d if mode == "avg" else pe.multi_adaptive_max_pool2d
+        levels = fn(x, (1, 2, 3, 6), backend=CPP)
+        ups = pe.upsample_concat(x, levels, backend=CPP)
+        w = torch.linspace(-1, 1, ups.numel(), device=DEV).view_as(ups)
+        (gx,) = torch.autograd.grad((ups * w).sum(), x)
+        outs += [t.detach().clone() for t in levels] + [ups.detach().clone(), gx]
+    return outs
+
+
+@pytest.mark.parametrize("kind", LAYOUTS)
+def test_bitwise_deterministic(kind):
+    a = _run_all(kind)
+    b = _run_all(kind)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        c = _run_all(kind)
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    assert all(torch.equal(u, v) for u, v in zip(a, c))
+
+
+def test_runs_on_the_current_stream():
+    x = _cuda(_rand((4, 16, 33, 47), torch.float32, seed=41))
+    want = pe.spatial_pyramid_pool(x, (4, 2, 1), mode="avg", backend=CPP)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        got = pe.spatial_pyramid_pool(x, (4, 2, 1), mode="avg", backend=CPP)
+        up = pe.upsample_concat(x, [x[:, :, :4, :4]], backend=CPP)
+    s.synchronize()
+    assert torch.equal(got, want)
+    assert torch.equal(up[:, :16], x)
+
+
+def test_cuda_graph_capture():
+    # The by-value plan needs no host-to-device copy: the ops capture.
+    x = _cuda(_rand((2, 8, 33, 47), torch.float32, seed=42))
+    static_x = x.clone()
+
+    def step():
+        levels = pe.multi_adaptive_max_pool2d(static_x, (1, 2, 3, 6), backend=CPP)
+        return pe.upsample_concat(static_x, levels, backend=CPP)
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = step()
+    new_x = _cuda(_rand((2, 8, 33, 47), torch.float32, seed=43))
+    static_x.copy_(new_x)
+    graph.replay()
+    torch.cuda.synchronize()
+    static_x.copy_(new_x)
+    assert torch.equal(static_out, step())
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_second_device():
+    dev = torch.device("cuda", 1)
+    x = _rand((2, 4, 33, 47), torch.float32, seed=44)
+    xs = x.to(dev)
+    got = pe.spatial_pyramid_pool(xs, (4, 2, 1), mode="max", backend=CPP)
+    assert got.device == dev
+    want = torch.cat([F.adaptive_max_pool2d(x, b).flatten(1) for b in (4, 2, 1)], 1)
+    assert torch.equal(got.cpu(), want)
+    up = pe.upsample_concat(xs, [xs[:, :, :3, :3]], backend=CPP)
+    assert up.device == dev
+
+
+@pytest.mark.parametrize("kind", LAYOUTS)
+@pytest.mark.parametrize("mode", ["avg", "max"])
+def test_pool_gradcheck(kind, mode):
+    x = _cuda(_rand((2, 3, 7, 9), torch.float64, seed=45), kind).requires_grad_()
+    fn = pe.multi_adaptive_avg_pool2d if mode == "avg" else pe.multi_adaptive_max_pool2d
+
+    def f(t):
+        return tuple(fn(t, (1, 2, (3, 4)), backend=CPP))
+
+    assert torch.autograd.gradcheck(f, (x,), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", LAYOUTS)
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_upsample_concat_gradcheck(kind, align_corners):
+    x = _cuda(_rand((2, 2, 6, 7), torch.float64, seed=46), kind).requires_grad_()
+    b1 = _cuda(_rand((2, 3, 1, 1), torch.float64, seed=47), kind).requires_grad_()
+    b2 = _cuda(_rand((2, 2, 3, 2), torch.float64, seed=48), kind).requires_grad_()
+    b3 = _cuda(_rand((2, 1, 9, 11), torch.float64, seed=49), kind).requires_grad_()
+
+    def f(x, b1, b2, b3):
+        return pe.upsample_concat(x, [b1, b2, b3], align_corners=align_corners, backend=CPP)
+
+    assert torch.autograd.gradcheck(f, (x, b1, b2, b3), eps=1e-6, atol=1e-6)
