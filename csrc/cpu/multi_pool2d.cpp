@@ -24,12 +24,18 @@
 namespace pyramid_ext {
 namespace {
 
+// One bin: its level and position, the cells it covers, and its area.
+struct BinRect {
+  int64_t l, i, j, a0, a1, b0, b1, area;
+};
+
 // The window plan of one call: segment tables per axis and, per level, its
 // bin counts, its first window along each axis and its offset in a sample.
 struct PoolPlan {
   AxisSegments h;
   AxisSegments w;
   std::vector<int64_t> bh, bw, win_h0, win_w0, offset;
+  std::vector<BinRect> rects;  // every bin, in packed order
   int64_t channels = 0;
   int64_t total = 0;  // sum over levels of bh * bw
   bool channels_last_levels = false;
@@ -88,6 +94,11 @@ PoolPlan make_plan(int64_t C, int64_t H, int64_t W, c10::IntArrayRef h_bounds,
   check_bounds(w_bounds, W, "W");
   p.h = make_axis_segments(h_bounds.data(), nh, H);
   p.w = make_axis_segments(w_bounds.data(), nw, W);
+  for (int64_t l = 0; l < p.levels(); ++l)
+    for (int64_t i = 0; i < p.bh[l]; ++i)
+      for (int64_t j = 0; j < p.bw[l]; ++j)
+        p.rects.push_back({l, i, j, p.a0(l, i), p.a1(l, i), p.b0(l, j),
+                           p.b1(l, j), p.area(l, i, j)});
   return p;
 }
 
@@ -111,50 +122,178 @@ int64_t plane_grain(int64_t H, int64_t W) {
 }
 
 // ------------------------------- forward -----------------------------------
+//
+// Cells are laid out [cell][k] with k a small vector dimension (a block of
+// NCHW planes, or channels), so combining cells into bins vectorizes over k
+// and its cost is shared by the whole block.
 
+constexpr int64_t kPlaneBlock = 16;        // NCHW planes reduced together
+constexpr size_t kCellBudget = 16 << 20;   // bytes of channels_last cells
+
+// Sums cells into every bin, vector over k < kn; put(rect, k, mean).
+template <typename acc_t, typename Put>
+void avg_cells_to_bins(const PoolPlan& p, const acc_t* cells, int64_t stride,
+                       int64_t kn, acc_t* sum, Put put) {
+  const int64_t SW = p.w.num_segments();
+  for (const BinRect& r : p.rects) {
+    std::fill(sum, sum + kn, acc_t(0));
+    for (int64_t a = r.a0; a < r.a1; ++a)
+      for (int64_t b = r.b0; b < r.b1; ++b) {
+        const acc_t* cell = cells + (a * SW + b) * stride;
+#pragma omp simd
+        for (int64_t k = 0; k < kn; ++k) sum[k] += cell[k];
+      }
+    const acc_t area = static_cast<acc_t>(r.area);
+    for (int64_t k = 0; k < kn; ++k) put(r, k, sum[k] / area);
+  }
+}
+
+// Max over cells into every bin; put(rect, k, value, index).
+template <typename scalar_t, typename Put>
+void max_cells_to_bins(const PoolPlan& p, const scalar_t* vals,
+                       const int64_t* idxs, int64_t stride, int64_t kn,
+                       Put put) {
+  const int64_t SW = p.w.num_segments();
+  for (const BinRect& r : p.rects) {
+    for (int64_t k = 0; k < kn; ++k) {
+      const int64_t first = (r.a0 * SW + r.b0) * stride + k;
+      scalar_t v = vals[first];
+      int64_t idx = idxs[first];
+      for (int64_t a = r.a0; a < r.a1; ++a)
+        for (int64_t b = r.b0; b < r.b1; ++b) {
+          const int64_t at = (a * SW + b) * stride + k;
+          max_pool_combine(v, idx, vals[at], idxs[at]);
+        }
+      put(r, k, v, idx);
+    }
+  }
+}
+
+// NCHW: a block of planes; each plane's rows of one H-segment are summed
+// (vector over W), then reduced into that segment's cells.
 template <typename scalar_t>
 void avg_forward_nchw(const scalar_t* x, scalar_t* out, const PoolPlan& p,
                       int64_t N, int64_t C, int64_t H, int64_t W) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t SH = p.h.num_segments(), SW = p.w.num_segments();
-  at::parallel_for(0, N * C, plane_grain(H, W), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> rows(static_cast<size_t>(SH * W));
-    std::vector<acc_t> cells(static_cast<size_t>(SH * SW));
-    for (int64_t plane = begin; plane < end; ++plane) {
-      const scalar_t* src = x + plane * H * W;
-      std::fill(rows.begin(), rows.end(), acc_t(0));
-      for (int64_t h = 0; h < H; ++h) {
-        const int64_t a = p.h.seg_of[h];
-        if (a < 0) continue;
-        acc_t* acc = rows.data() + a * W;
-        const scalar_t* row = src + h * W;
+  const int64_t planes = N * C, B = kPlaneBlock;
+  const int64_t blocks = (planes + B - 1) / B;
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, H * W * B));
+  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> rows(static_cast<size_t>(W));
+    std::vector<acc_t> cells(static_cast<size_t>(SH * SW * B));
+    std::vector<acc_t> sum(static_cast<size_t>(B));
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t p0 = blk * B, pn = std::min(B, planes - p0);
+      for (int64_t k = 0; k < pn; ++k) {
+        const scalar_t* src = x + (p0 + k) * H * W;
+        for (int64_t a = 0; a < SH; ++a) {
+          const int64_t h0 = p.h.cuts[a], h1 = p.h.cuts[a + 1];
+          if (p.h.seg_of[h0] < 0) continue;  // no window reads these rows
+          acc_t* acc = rows.data();
+          const scalar_t* row = src + h0 * W;
 #pragma omp simd
-        for (int64_t w = 0; w < W; ++w) acc[w] += static_cast<acc_t>(row[w]);
-      }
-      for (int64_t a = 0; a < SH; ++a) {
-        const acc_t* acc = rows.data() + a * W;
-        for (int64_t b = 0; b < SW; ++b) {
-          acc_t s = 0;
-          for (int64_t w = p.w.cuts[b]; w < p.w.cuts[b + 1]; ++w) s += acc[w];
-          cells[a * SW + b] = s;
-        }
-      }
-      const int64_t n = plane / C, c = plane % C;
-      scalar_t* dst = out + n * C * p.total;
-      for (int64_t l = 0; l < p.levels(); ++l) {
-        for (int64_t i = 0; i < p.bh[l]; ++i) {
-          for (int64_t j = 0; j < p.bw[l]; ++j) {
+          for (int64_t w = 0; w < W; ++w) acc[w] = static_cast<acc_t>(row[w]);
+          for (int64_t h = h0 + 1; h < h1; ++h) {
+            row = src + h * W;
+#pragma omp simd
+            for (int64_t w = 0; w < W; ++w) acc[w] += static_cast<acc_t>(row[w]);
+          }
+          for (int64_t b = 0; b < SW; ++b) {
             acc_t s = 0;
-            for (int64_t a = p.a0(l, i); a < p.a1(l, i); ++a)
-              for (int64_t b = p.b0(l, j); b < p.b1(l, j); ++b)
-                s += cells[a * SW + b];
-            dst[p.out_index(l, c, i, j)] =
-                static_cast<scalar_t>(s / static_cast<acc_t>(p.area(l, i, j)));
+            for (int64_t w = p.w.cuts[b]; w < p.w.cuts[b + 1]; ++w) s += acc[w];
+            cells[(a * SW + b) * B + k] = s;
           }
         }
       }
+      avg_cells_to_bins<acc_t>(p, cells.data(), B, pn, sum.data(),
+                               [&](const BinRect& r, int64_t k, acc_t v) {
+                                 const int64_t n = (p0 + k) / C, c = (p0 + k) % C;
+                                 out[n * C * p.total + p.out_index(r.l, c, r.i, r.j)] =
+                                     static_cast<scalar_t>(v);
+                               });
     }
   });
+}
+
+// Max, NCHW: each column's running maximum over the rows of an H-segment
+// (ATen's scan rule), then cells and bins by max_pool_combine on flat
+// indices, which reproduces a row-major scan over each window.
+template <typename scalar_t>
+void max_forward_nchw(const scalar_t* x, scalar_t* out, int64_t* out_idx,
+                      const PoolPlan& p, int64_t N, int64_t C, int64_t H,
+                      int64_t W) {
+  const int64_t SH = p.h.num_segments(), SW = p.w.num_segments();
+  const int64_t planes = N * C, B = kPlaneBlock;
+  const int64_t blocks = (planes + B - 1) / B;
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, H * W * B));
+  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> col_max(static_cast<size_t>(W));
+    std::vector<int64_t> col_row(static_cast<size_t>(W));
+    std::vector<scalar_t> cell_max(static_cast<size_t>(SH * SW * B));
+    std::vector<int64_t> cell_idx(static_cast<size_t>(SH * SW * B));
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t p0 = blk * B, pn = std::min(B, planes - p0);
+      for (int64_t k = 0; k < pn; ++k) {
+        const scalar_t* src = x + (p0 + k) * H * W;
+        for (int64_t a = 0; a < SH; ++a) {
+          const int64_t h0 = p.h.cuts[a], h1 = p.h.cuts[a + 1];
+          if (p.h.seg_of[h0] < 0) continue;
+          std::copy(src + h0 * W, src + (h0 + 1) * W, col_max.begin());
+          std::fill(col_row.begin(), col_row.end(), h0);
+          for (int64_t h = h0 + 1; h < h1; ++h) {
+            const scalar_t* row = src + h * W;
+            for (int64_t w = 0; w < W; ++w) {
+              if (max_pool_takes(row[w], col_max[w])) {
+                col_max[w] = row[w];
+                col_row[w] = h;
+              }
+            }
+          }
+          for (int64_t b = 0; b < SW; ++b) {
+            const int64_t w0 = p.w.cuts[b];
+            scalar_t v = col_max[w0];
+            int64_t idx = col_row[w0] * W + w0;
+            for (int64_t w = w0 + 1; w < p.w.cuts[b + 1]; ++w)
+              max_pool_combine(v, idx, col_max[w], col_row[w] * W + w);
+            cell_max[(a * SW + b) * B + k] = v;
+            cell_idx[(a * SW + b) * B + k] = idx;
+          }
+        }
+      }
+      max_cells_to_bins(p, cell_max.data(), cell_idx.data(), B, pn,
+                        [&](const BinRect& r, int64_t k, scalar_t v, int64_t idx) {
+                          const int64_t n = (p0 + k) / C, c = (p0 + k) % C;
+                          const int64_t o = n * C * p.total + p.out_index(r.l, c, r.i, r.j);
+                          out[o] = v;
+                          out_idx[o] = idx;
+                        });
+    }
+  });
+}
+
+// channels_last runs in two phases over groups of samples. Phase 1: one task
+// per (sample, H-segment[, channel chunk]) reduces the segment's rows into its
+// row of cells, reading whole pixels (all channels) contiguously. Phase 2:
+// one task per (sample, channel chunk) combines cells into bins.
+struct ChannelsLastTiling {
+  int64_t group;    // samples per group
+  int64_t chunks;   // channel chunks per phase-1 task
+  int64_t chunk;
+};
+
+ChannelsLastTiling channels_last_tiling(const PoolPlan& p, int64_t N, int64_t C,
+                                        size_t cell_bytes) {
+  const int64_t cells = p.h.num_segments() * p.w.num_segments();
+  const size_t per_sample = static_cast<size_t>(cells * C) * cell_bytes;
+  ChannelsLastTiling t;
+  t.group = std::max<int64_t>(1, std::min<int64_t>(N, kCellBudget / std::max<size_t>(per_sample, 1)));
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t rows = t.group * p.h.num_segments();
+  t.chunks = std::max<int64_t>(1, (2 * threads + rows - 1) / rows);
+  t.chunks = std::min<int64_t>(t.chunks, std::max<int64_t>(1, C / 16));
+  t.chunk = (C + t.chunks - 1) / t.chunks;
+  return t;
 }
 
 template <typename scalar_t>
@@ -163,117 +302,49 @@ void avg_forward_channels_last(const scalar_t* x, scalar_t* out,
                                int64_t H, int64_t W) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t SH = p.h.num_segments(), SW = p.w.num_segments();
-  const int64_t chunk = channel_chunk(N, C);
-  const int64_t chunks = (C + chunk - 1) / chunk;
-  at::parallel_for(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> cells(static_cast<size_t>(SH * SW * chunk));
-    std::vector<acc_t> sum(static_cast<size_t>(chunk));
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / chunks;
-      const int64_t c0 = (task % chunks) * chunk;
-      const int64_t cn = std::min(chunk, C - c0);
-      std::fill(cells.begin(), cells.end(), acc_t(0));
-      for (int64_t h = 0; h < H; ++h) {
-        const int64_t a = p.h.seg_of[h];
-        if (a < 0) continue;
-        const scalar_t* row = x + ((n * H + h) * W) * C + c0;
-        for (int64_t w = 0; w < W; ++w) {
-          const int64_t b = p.w.seg_of[w];
-          if (b < 0) continue;
-          acc_t* acc = cells.data() + (a * SW + b) * chunk;
-          const scalar_t* px = row + w * C;
-#pragma omp simd
-          for (int64_t c = 0; c < cn; ++c) acc[c] += static_cast<acc_t>(px[c]);
-        }
-      }
-      scalar_t* dst = out + n * C * p.total;
-      for (int64_t l = 0; l < p.levels(); ++l) {
-        for (int64_t i = 0; i < p.bh[l]; ++i) {
-          for (int64_t j = 0; j < p.bw[l]; ++j) {
-            std::fill(sum.begin(), sum.end(), acc_t(0));
-            for (int64_t a = p.a0(l, i); a < p.a1(l, i); ++a) {
-              for (int64_t b = p.b0(l, j); b < p.b1(l, j); ++b) {
-                const acc_t* cell = cells.data() + (a * SW + b) * chunk;
-#pragma omp simd
-                for (int64_t c = 0; c < cn; ++c) sum[c] += cell[c];
-              }
-            }
-            const acc_t area = static_cast<acc_t>(p.area(l, i, j));
-            for (int64_t c = 0; c < cn; ++c)
-              dst[p.out_index(l, c0 + c, i, j)] =
-                  static_cast<scalar_t>(sum[c] / area);
-          }
-        }
-      }
-    }
-  });
-}
-
-// Max: each column's running maximum over the rows of an H-segment, with
-// ATen's scan rule, then cells and windows by max_pool_combine on flat
-// indices, which reproduces a row-major scan over each window.
-template <typename scalar_t>
-void max_forward_nchw(const scalar_t* x, scalar_t* out, int64_t* out_idx,
-                      const PoolPlan& p, int64_t N, int64_t C, int64_t H,
-                      int64_t W) {
-  const int64_t SH = p.h.num_segments(), SW = p.w.num_segments();
-  at::parallel_for(0, N * C, plane_grain(H, W), [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> col_max(static_cast<size_t>(SH * W));
-    std::vector<int64_t> col_row(static_cast<size_t>(SH * W), -1);
-    std::vector<scalar_t> cell_max(static_cast<size_t>(SH * SW));
-    std::vector<int64_t> cell_idx(static_cast<size_t>(SH * SW));
-    for (int64_t plane = begin; plane < end; ++plane) {
-      const scalar_t* src = x + plane * H * W;
-      for (int64_t a = 0; a < SH; ++a) {
-        // Seed each segment's accumulator with its first row.
-        const int64_t h0 = p.h.cuts[a];
-        if (p.h.seg_of[h0] < 0) continue;
-        std::copy(src + h0 * W, src + (h0 + 1) * W, col_max.begin() + a * W);
-        std::fill(col_row.begin() + a * W, col_row.begin() + (a + 1) * W, h0);
-        for (int64_t h = h0 + 1; h < p.h.cuts[a + 1]; ++h) {
-          const scalar_t* row = src + h * W;
-          scalar_t* m = col_max.data() + a * W;
-          int64_t* r = col_row.data() + a * W;
+  const ChannelsLastTiling t = channels_last_tiling(p, N, C, sizeof(acc_t));
+  std::vector<acc_t> cells(static_cast<size_t>(t.group * SH * SW * C));
+  for (int64_t n0 = 0; n0 < N; n0 += t.group) {
+    const int64_t gn = std::min(t.group, N - n0);
+    at::parallel_for(0, gn * SH * t.chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t g = task / (SH * t.chunks);
+        const int64_t a = (task / t.chunks) % SH;
+        const int64_t c0 = (task % t.chunks) * t.chunk;
+        const int64_t cn = std::min(t.chunk, C - c0);
+        const int64_t h0 = p.h.cuts[a], h1 = p.h.cuts[a + 1];
+        if (cn <= 0 || p.h.seg_of[h0] < 0) continue;
+        acc_t* row_cells = cells.data() + ((g * SH + a) * SW) * C + c0;
+        for (int64_t b = 0; b < SW; ++b)
+          std::fill(row_cells + b * C, row_cells + b * C + cn, acc_t(0));
+        for (int64_t h = h0; h < h1; ++h) {
+          const scalar_t* row = x + (((n0 + g) * H + h) * W) * C + c0;
           for (int64_t w = 0; w < W; ++w) {
-            if (max_pool_takes(row[w], m[w])) {
-              m[w] = row[w];
-              r[w] = h;
-            }
+            const int64_t b = p.w.seg_of[w];
+            if (b < 0) continue;
+            acc_t* acc = row_cells + b * C;
+            const scalar_t* px = row + w * C;
+#pragma omp simd
+            for (int64_t c = 0; c < cn; ++c) acc[c] += static_cast<acc_t>(px[c]);
           }
         }
       }
-      for (int64_t a = 0; a < SH; ++a) {
-        if (p.h.seg_of[p.h.cuts[a]] < 0) continue;
-        for (int64_t b = 0; b < SW; ++b) {
-          const int64_t w0 = p.w.cuts[b];
-          scalar_t v = col_max[a * W + w0];
-          int64_t idx = col_row[a * W + w0] * W + w0;
-          for (int64_t w = w0 + 1; w < p.w.cuts[b + 1]; ++w)
-            max_pool_combine(v, idx, col_max[a * W + w], col_row[a * W + w] * W + w);
-          cell_max[a * SW + b] = v;
-          cell_idx[a * SW + b] = idx;
-        }
+    });
+    const int64_t chunk = std::min<int64_t>(C, 256);
+    const int64_t chunks = (C + chunk - 1) / chunk;
+    at::parallel_for(0, gn * chunks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> sum(static_cast<size_t>(chunk));
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t g = task / chunks, c0 = (task % chunks) * chunk;
+        const int64_t cn = std::min(chunk, C - c0);
+        scalar_t* dst = out + (n0 + g) * C * p.total;
+        avg_cells_to_bins<acc_t>(p, cells.data() + g * SH * SW * C + c0, C, cn, sum.data(),
+                                 [&](const BinRect& r, int64_t k, acc_t v) {
+                                   dst[p.out_index(r.l, c0 + k, r.i, r.j)] = static_cast<scalar_t>(v);
+                                 });
       }
-      const int64_t n = plane / C, c = plane % C;
-      scalar_t* dst = out + n * C * p.total;
-      int64_t* dst_idx = out_idx + n * C * p.total;
-      for (int64_t l = 0; l < p.levels(); ++l) {
-        for (int64_t i = 0; i < p.bh[l]; ++i) {
-          for (int64_t j = 0; j < p.bw[l]; ++j) {
-            const int64_t first = p.a0(l, i) * SW + p.b0(l, j);
-            scalar_t v = cell_max[first];
-            int64_t idx = cell_idx[first];
-            for (int64_t a = p.a0(l, i); a < p.a1(l, i); ++a)
-              for (int64_t b = p.b0(l, j); b < p.b1(l, j); ++b)
-                max_pool_combine(v, idx, cell_max[a * SW + b], cell_idx[a * SW + b]);
-            const int64_t o = p.out_index(l, c, i, j);
-            dst[o] = v;
-            dst_idx[o] = idx;
-          }
-        }
-      }
-    }
-  });
+    });
+  }
 }
 
 template <typename scalar_t>
@@ -281,59 +352,60 @@ void max_forward_channels_last(const scalar_t* x, scalar_t* out,
                                int64_t* out_idx, const PoolPlan& p, int64_t N,
                                int64_t C, int64_t H, int64_t W) {
   const int64_t SH = p.h.num_segments(), SW = p.w.num_segments();
-  const int64_t chunk = channel_chunk(N, C);
-  const int64_t chunks = (C + chunk - 1) / chunk;
-  at::parallel_for(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> cell_max(static_cast<size_t>(SH * SW * chunk));
-    std::vector<int64_t> cell_idx(static_cast<size_t>(SH * SW * chunk), -1);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / chunks;
-      const int64_t c0 = (task % chunks) * chunk;
-      const int64_t cn = std::min(chunk, C - c0);
-      std::fill(cell_idx.begin(), cell_idx.end(), -1);
-      // Row-major scan: each cell sees its elements in row-major order.
-      for (int64_t h = 0; h < H; ++h) {
-        const int64_t a = p.h.seg_of[h];
-        if (a < 0) continue;
-        const scalar_t* row = x + ((n * H + h) * W) * C + c0;
-        for (int64_t w = 0; w < W; ++w) {
-          const int64_t b = p.w.seg_of[w];
-          if (b < 0) continue;
-          scalar_t* m = cell_max.data() + (a * SW + b) * chunk;
-          int64_t* r = cell_idx.data() + (a * SW + b) * chunk;
-          const scalar_t* px = row + w * C;
-          const int64_t flat = h * W + w;
-          for (int64_t c = 0; c < cn; ++c) {
-            if (r[c] < 0 || max_pool_takes(px[c], m[c])) {
-              m[c] = px[c];
-              r[c] = flat;
-            }
-          }
-        }
-      }
-      scalar_t* dst = out + n * C * p.total;
-      int64_t* dst_idx = out_idx + n * C * p.total;
-      for (int64_t l = 0; l < p.levels(); ++l) {
-        for (int64_t i = 0; i < p.bh[l]; ++i) {
-          for (int64_t j = 0; j < p.bw[l]; ++j) {
+  const ChannelsLastTiling t =
+      channels_last_tiling(p, N, C, sizeof(scalar_t) + sizeof(int64_t));
+  std::vector<scalar_t> cell_max(static_cast<size_t>(t.group * SH * SW * C));
+  std::vector<int64_t> cell_idx(static_cast<size_t>(t.group * SH * SW * C));
+  for (int64_t n0 = 0; n0 < N; n0 += t.group) {
+    const int64_t gn = std::min(t.group, N - n0);
+    at::parallel_for(0, gn * SH * t.chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t g = task / (SH * t.chunks);
+        const int64_t a = (task / t.chunks) % SH;
+        const int64_t c0 = (task % t.chunks) * t.chunk;
+        const int64_t cn = std::min(t.chunk, C - c0);
+        const int64_t h0 = p.h.cuts[a], h1 = p.h.cuts[a + 1];
+        if (cn <= 0 || p.h.seg_of[h0] < 0) continue;
+        const int64_t base = ((g * SH + a) * SW) * C + c0;
+        for (int64_t b = 0; b < SW; ++b)
+          std::fill(cell_idx.begin() + base + b * C, cell_idx.begin() + base + b * C + cn, -1);
+        // Row-major scan: each cell sees its elements in row-major order.
+        for (int64_t h = h0; h < h1; ++h) {
+          const scalar_t* row = x + (((n0 + g) * H + h) * W) * C + c0;
+          for (int64_t w = 0; w < W; ++w) {
+            const int64_t b = p.w.seg_of[w];
+            if (b < 0) continue;
+            scalar_t* m = cell_max.data() + base + b * C;
+            int64_t* r = cell_idx.data() + base + b * C;
+            const scalar_t* px = row + w * C;
+            const int64_t flat = h * W + w;
             for (int64_t c = 0; c < cn; ++c) {
-              const int64_t first = (p.a0(l, i) * SW + p.b0(l, j)) * chunk + c;
-              scalar_t v = cell_max[first];
-              int64_t idx = cell_idx[first];
-              for (int64_t a = p.a0(l, i); a < p.a1(l, i); ++a)
-                for (int64_t b = p.b0(l, j); b < p.b1(l, j); ++b) {
-                  const int64_t k = (a * SW + b) * chunk + c;
-                  max_pool_combine(v, idx, cell_max[k], cell_idx[k]);
-                }
-              const int64_t o = p.out_index(l, c0 + c, i, j);
-              dst[o] = v;
-              dst_idx[o] = idx;
+              if (r[c] < 0 || max_pool_takes(px[c], m[c])) {
+                m[c] = px[c];
+                r[c] = flat;
+              }
             }
           }
         }
       }
-    }
-  });
+    });
+    const int64_t chunk = std::min<int64_t>(C, 256);
+    const int64_t chunks = (C + chunk - 1) / chunk;
+    at::parallel_for(0, gn * chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t g = task / chunks, c0 = (task % chunks) * chunk;
+        const int64_t cn = std::min(chunk, C - c0);
+        const int64_t base = (n0 + g) * C * p.total;
+        const int64_t cells = g * SH * SW * C + c0;
+        max_cells_to_bins(p, cell_max.data() + cells, cell_idx.data() + cells, C, cn,
+                          [&](const BinRect& r, int64_t k, scalar_t v, int64_t idx) {
+                            const int64_t o = base + p.out_index(r.l, c0 + k, r.i, r.j);
+                            out[o] = v;
+                            out_idx[o] = idx;
+                          });
+      }
+    });
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor> multi_pool2d_cpu(
