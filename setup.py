@@ -32,7 +32,8 @@ def extensions():
     system_includes = []
     for d in include_paths():
         system_includes += ["-isystem", d]
-    cxx = ["-O3", "-fopenmp", "-Wall", "-Wextra", "-Wno-unused-parameter"] + system_includes
+    # -ffp-contract=off: no FMA contraction, so every ISA rounds like ATen's scalar formulas.
+    cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-Wall", "-Wextra", "-Wno-unused-parameter"] + system_includes
     if werror:
         cxx.append("-Werror")
     define_macros = [("PYRAMID_EXT_VERSION", f'"{VERSION}"')]

@@ -1,6 +1,7 @@
 """Loads the compiled extension, if it was built, and answers what it holds."""
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -35,6 +36,7 @@ def warn_if_missing() -> None:
         )
 
 
+@functools.lru_cache(maxsize=None)
 def has_kernel(op_name: str, device_type: str) -> bool:
     """Whether torch.ops.pyramid_ext.<op_name> has a kernel for device_type."""
     if not LOADED:

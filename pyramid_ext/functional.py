@@ -13,7 +13,7 @@ import torch
 
 from . import _ops  # noqa: F401  (fake kernels and autograd of the compiled ops)
 from . import backends, reference
-from .windows import check_bounds, level_shapes, normalize_bins, pyramid_windows
+from .windows import level_shapes, normalize_bins, pyramid_windows
 
 POOL_AVG = 0
 POOL_MAX = 1
@@ -62,7 +62,6 @@ def _pool_packed(x, bins, mode: int, channels_last_levels, window: str, backend:
     x4 = _dense(x4)
     height, width = x4.shape[-2], x4.shape[-1]
     h_bounds, w_bounds, level_bins = pyramid_windows(height, width, pairs, window)
-    check_bounds(h_bounds, w_bounds, level_bins, height, width)
     if channels_last_levels is None:
         channels_last_levels = _channels_last(x4)
     name = backends.resolve(backend, x4.device, "multi_pool2d")

@@ -22,6 +22,7 @@ adaptive policy uses only integer arithmetic, so no guard is added per size.
 """
 from __future__ import annotations
 
+import functools
 from typing import List, Sequence, Tuple, Union
 
 Bin = Union[int, Tuple[int, int]]
@@ -98,6 +99,19 @@ _POLICY = {"adaptive": adaptive_windows, "sppnet": sppnet_windows, "keras_same":
 
 
 def pyramid_windows(height, width, bins: Sequence[Tuple[int, int]], window: str = "adaptive"):
+    if isinstance(height, int) and isinstance(width, int):
+        return _pyramid_windows_cached(height, width, tuple(bins), window)
+    return _pyramid_windows(height, width, bins, window)
+
+
+@functools.lru_cache(maxsize=256)
+def _pyramid_windows_cached(height: int, width: int, bins, window: str):
+    h_bounds, w_bounds, level_bins = _pyramid_windows(height, width, bins, window)
+    check_bounds(h_bounds, w_bounds, level_bins, height, width)
+    return tuple(h_bounds), tuple(w_bounds), tuple(level_bins)
+
+
+def _pyramid_windows(height, width, bins, window):
     """Bounds of every level's windows for an input of ``height`` x ``width``.
 
     Returns ``(h_bounds, w_bounds, level_bins)``: flat [start, end) lists per

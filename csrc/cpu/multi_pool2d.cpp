@@ -16,9 +16,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/huge_pages.h"
+#include "cpu/simd_loops.h"
 #include "pyramid_index.h"
 
 namespace pyramid_ext {
@@ -127,7 +129,7 @@ int64_t plane_grain(int64_t H, int64_t W) {
 // NCHW planes, or channels), so combining cells into bins vectorizes over k
 // and its cost is shared by the whole block.
 
-constexpr int64_t kPlaneBlock = 16;        // NCHW planes reduced together
+constexpr int64_t kPlaneBlock = 8;         // NCHW planes reduced together
 constexpr size_t kCellBudget = 16 << 20;   // bytes of channels_last cells
 
 // Sums cells into every bin, vector over k < kn; put(rect, k, mean).
@@ -136,14 +138,29 @@ void avg_cells_to_bins(const PoolPlan& p, const acc_t* cells, int64_t stride,
                        int64_t kn, acc_t* sum, Put put) {
   const int64_t SW = p.w.num_segments();
   for (const BinRect& r : p.rects) {
+    const acc_t area = static_cast<acc_t>(r.area);
+    if (kn == kPlaneBlock) {
+      // A block of planes: the partial sums stay in registers.
+      acc_t s[kPlaneBlock] = {};
+      for (int64_t a = r.a0; a < r.a1; ++a)
+        for (int64_t b = r.b0; b < r.b1; ++b) {
+          const acc_t* cell = cells + (a * SW + b) * stride;
+          for (int64_t k = 0; k < kPlaneBlock; ++k) s[k] += cell[k];
+        }
+      for (int64_t k = 0; k < kPlaneBlock; ++k) put(r, k, s[k] / area);
+      continue;
+    }
     std::fill(sum, sum + kn, acc_t(0));
     for (int64_t a = r.a0; a < r.a1; ++a)
       for (int64_t b = r.b0; b < r.b1; ++b) {
         const acc_t* cell = cells + (a * SW + b) * stride;
+        if (std::is_same_v<acc_t, float> && kn >= 64) {  // a call pays off on long vectors
+          simd::add(reinterpret_cast<float*>(sum), reinterpret_cast<const float*>(cell), kn);
+        } else {
 #pragma omp simd
-        for (int64_t k = 0; k < kn; ++k) sum[k] += cell[k];
+          for (int64_t k = 0; k < kn; ++k) sum[k] += cell[k];
+        }
       }
-    const acc_t area = static_cast<acc_t>(r.area);
     for (int64_t k = 0; k < kn; ++k) put(r, k, sum[k] / area);
   }
 }
@@ -180,36 +197,52 @@ void avg_forward_nchw(const scalar_t* x, scalar_t* out, const PoolPlan& p,
   const int64_t blocks = (planes + B - 1) / B;
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, H * W * B));
   at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> rows(static_cast<size_t>(W));
+    // Row sums of each H-segment, [segment][w][plane]: W-segments then
+    // reduce vector over the block's planes.
+    std::vector<acc_t> rows(static_cast<size_t>(SH * W * B));
     std::vector<acc_t> cells(static_cast<size_t>(SH * SW * B));
     std::vector<acc_t> sum(static_cast<size_t>(B));
+    int64_t sample_base[kPlaneBlock], channel[kPlaneBlock];
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t p0 = blk * B, pn = std::min(B, planes - p0);
+      if (pn < B) std::fill(rows.begin(), rows.end(), acc_t(0));
+      // Each plane read front to back (one stream).
       for (int64_t k = 0; k < pn; ++k) {
-        const scalar_t* src = x + (p0 + k) * H * W;
         for (int64_t a = 0; a < SH; ++a) {
           const int64_t h0 = p.h.cuts[a], h1 = p.h.cuts[a + 1];
           if (p.h.seg_of[h0] < 0) continue;  // no window reads these rows
-          acc_t* acc = rows.data();
-          const scalar_t* row = src + h0 * W;
-#pragma omp simd
-          for (int64_t w = 0; w < W; ++w) acc[w] = static_cast<acc_t>(row[w]);
-          for (int64_t h = h0 + 1; h < h1; ++h) {
-            row = src + h * W;
-#pragma omp simd
-            for (int64_t w = 0; w < W; ++w) acc[w] += static_cast<acc_t>(row[w]);
-          }
-          for (int64_t b = 0; b < SW; ++b) {
-            acc_t s = 0;
-            for (int64_t w = p.w.cuts[b]; w < p.w.cuts[b + 1]; ++w) s += acc[w];
-            cells[(a * SW + b) * B + k] = s;
+          const scalar_t* src = x + (p0 + k) * H * W + h0 * W;
+          acc_t* acc = rows.data() + a * W * B + k;
+          if constexpr (std::is_same_v<scalar_t, float>) {
+            simd::sum_rows(acc, B, src, h1 - h0, W, W);
+          } else {
+            for (int64_t w = 0; w < W; ++w) {
+              acc_t v = 0;
+              for (int64_t h = 0; h < h1 - h0; ++h) v += static_cast<acc_t>(src[h * W + w]);
+              acc[w * B] = v;
+            }
           }
         }
       }
+      for (int64_t a = 0; a < SH; ++a) {
+        if (p.h.seg_of[p.h.cuts[a]] < 0) continue;
+        for (int64_t b = 0; b < SW; ++b) {
+          acc_t s[kPlaneBlock] = {};
+          for (int64_t w = p.w.cuts[b]; w < p.w.cuts[b + 1]; ++w) {
+            const acc_t* col = rows.data() + (a * W + w) * B;
+            for (int64_t k = 0; k < kPlaneBlock; ++k) s[k] += col[k];
+          }
+          acc_t* cell = cells.data() + (a * SW + b) * B;
+          for (int64_t k = 0; k < kPlaneBlock; ++k) cell[k] = s[k];
+        }
+      }
+      for (int64_t k = 0; k < pn; ++k) {
+        sample_base[k] = ((p0 + k) / C) * C * p.total;
+        channel[k] = (p0 + k) % C;
+      }
       avg_cells_to_bins<acc_t>(p, cells.data(), B, pn, sum.data(),
                                [&](const BinRect& r, int64_t k, acc_t v) {
-                                 const int64_t n = (p0 + k) / C, c = (p0 + k) % C;
-                                 out[n * C * p.total + p.out_index(r.l, c, r.i, r.j)] =
+                                 out[sample_base[k] + p.out_index(r.l, channel[k], r.i, r.j)] =
                                      static_cast<scalar_t>(v);
                                });
     }
@@ -229,9 +262,10 @@ void max_forward_nchw(const scalar_t* x, scalar_t* out, int64_t* out_idx,
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, H * W * B));
   at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
     std::vector<scalar_t> col_max(static_cast<size_t>(W));
-    std::vector<int64_t> col_row(static_cast<size_t>(W));
+    std::vector<int32_t> col_row(static_cast<size_t>(W));
     std::vector<scalar_t> cell_max(static_cast<size_t>(SH * SW * B));
     std::vector<int64_t> cell_idx(static_cast<size_t>(SH * SW * B));
+    int64_t sample_base[kPlaneBlock], channel[kPlaneBlock];
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t p0 = blk * B, pn = std::min(B, planes - p0);
       for (int64_t k = 0; k < pn; ++k) {
@@ -239,32 +273,40 @@ void max_forward_nchw(const scalar_t* x, scalar_t* out, int64_t* out_idx,
         for (int64_t a = 0; a < SH; ++a) {
           const int64_t h0 = p.h.cuts[a], h1 = p.h.cuts[a + 1];
           if (p.h.seg_of[h0] < 0) continue;
-          std::copy(src + h0 * W, src + (h0 + 1) * W, col_max.begin());
-          std::fill(col_row.begin(), col_row.end(), h0);
-          for (int64_t h = h0 + 1; h < h1; ++h) {
-            const scalar_t* row = src + h * W;
-            for (int64_t w = 0; w < W; ++w) {
-              if (max_pool_takes(row[w], col_max[w])) {
-                col_max[w] = row[w];
-                col_row[w] = h;
+          if constexpr (std::is_same_v<scalar_t, float>) {
+            simd::max_rows(col_max.data(), col_row.data(), src + h0 * W, h1 - h0, W, W,
+                           static_cast<int32_t>(h0));
+          } else {
+            std::copy(src + h0 * W, src + (h0 + 1) * W, col_max.begin());
+            std::fill(col_row.begin(), col_row.end(), static_cast<int32_t>(h0));
+            for (int64_t h = h0 + 1; h < h1; ++h) {
+              const scalar_t* row = src + h * W;
+              for (int64_t w = 0; w < W; ++w) {
+                if (max_pool_takes(row[w], col_max[w])) {
+                  col_max[w] = row[w];
+                  col_row[w] = static_cast<int32_t>(h);
+                }
               }
             }
           }
           for (int64_t b = 0; b < SW; ++b) {
             const int64_t w0 = p.w.cuts[b];
             scalar_t v = col_max[w0];
-            int64_t idx = col_row[w0] * W + w0;
+            int64_t idx = static_cast<int64_t>(col_row[w0]) * W + w0;
             for (int64_t w = w0 + 1; w < p.w.cuts[b + 1]; ++w)
-              max_pool_combine(v, idx, col_max[w], col_row[w] * W + w);
+              max_pool_combine(v, idx, col_max[w], static_cast<int64_t>(col_row[w]) * W + w);
             cell_max[(a * SW + b) * B + k] = v;
             cell_idx[(a * SW + b) * B + k] = idx;
           }
         }
       }
+      for (int64_t k = 0; k < pn; ++k) {
+        sample_base[k] = ((p0 + k) / C) * C * p.total;
+        channel[k] = (p0 + k) % C;
+      }
       max_cells_to_bins(p, cell_max.data(), cell_idx.data(), B, pn,
                         [&](const BinRect& r, int64_t k, scalar_t v, int64_t idx) {
-                          const int64_t n = (p0 + k) / C, c = (p0 + k) % C;
-                          const int64_t o = n * C * p.total + p.out_index(r.l, c, r.i, r.j);
+                          const int64_t o = sample_base[k] + p.out_index(r.l, channel[k], r.i, r.j);
                           out[o] = v;
                           out_idx[o] = idx;
                         });
@@ -324,8 +366,12 @@ void avg_forward_channels_last(const scalar_t* x, scalar_t* out,
             if (b < 0) continue;
             acc_t* acc = row_cells + b * C;
             const scalar_t* px = row + w * C;
+            if constexpr (std::is_same_v<scalar_t, float>) {
+              simd::add(acc, px, cn);
+            } else {
 #pragma omp simd
-            for (int64_t c = 0; c < cn; ++c) acc[c] += static_cast<acc_t>(px[c]);
+              for (int64_t c = 0; c < cn; ++c) acc[c] += static_cast<acc_t>(px[c]);
+            }
           }
         }
       }

@@ -16,9 +16,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/huge_pages.h"
+#include "cpu/simd_loops.h"
 #include "pyramid_index.h"
 
 namespace pyramid_ext {
@@ -160,6 +162,12 @@ void forward_planes(const std::vector<Part>& parts, const at::Tensor& out,
         const acc_t* r1 = hrows.data() + ty[h].i1 * W;
         const acc_t w0 = ty[h].w0, w1 = ty[h].w1;
         scalar_t* d = dst + h * osH;
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          if (osW == 1) {
+            simd::blend(d, r0, r1, w0, w1, W);
+            continue;
+          }
+        }
         if (osW == 1) {
 #pragma omp simd
           for (int64_t w = 0; w < W; ++w)
@@ -221,6 +229,12 @@ void forward_pixels(const std::vector<Part>& parts, const at::Tensor& out,
           const scalar_t* p10 = s1 + tx.i0 * sW;
           const scalar_t* p11 = s1 + tx.i1 * sW;
           scalar_t* d = row + w * osW;
+          if constexpr (std::is_same_v<scalar_t, float>) {
+            if (sC == 1) {
+              simd::bilinear(d, p00, p01, p10, p11, ty.w0, ty.w1, tx.w0, tx.w1, Ck);
+              continue;
+            }
+          }
           if (sC == 1) {
 #pragma omp simd
             for (int64_t c = 0; c < Ck; ++c) {
@@ -342,13 +356,20 @@ void backward_planes(const at::Tensor& g, std::vector<at::Tensor>& grads,
         const scalar_t* s = src + h * gsH;
         acc_t* r0 = rows.data() + ty[h].i0 * W;
         const acc_t w0 = ty[h].w0;
+        const acc_t w1 = ty[h].w1;
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          if (gsW == 1) {
+            simd::axpy(r0, s, w0, W);
+            if (w1 != acc_t(0)) simd::axpy(rows.data() + ty[h].i1 * W, s, w1, W);
+            continue;
+          }
+        }
         if (gsW == 1) {
 #pragma omp simd
           for (int64_t w = 0; w < W; ++w) r0[w] += w0 * static_cast<acc_t>(s[w]);
         } else {
           for (int64_t w = 0; w < W; ++w) r0[w] += w0 * static_cast<acc_t>(s[w * gsW]);
         }
-        const acc_t w1 = ty[h].w1;
         if (w1 != acc_t(0)) {
           acc_t* r1 = rows.data() + ty[h].i1 * W;
           if (gsW == 1) {

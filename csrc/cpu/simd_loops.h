@@ -1,0 +1,30 @@
+// Hot inner loops of the CPU kernels for float, compiled for several
+// instruction sets (AVX-512, AVX2, baseline) and picked at load time by the
+// dynamic linker (GCC target_clones), so a source build runs at the width
+// the machine has without -march flags. Other dtypes use the generic loops
+// in the kernels.
+#pragma once
+
+#include <cstdint>
+
+namespace pyramid_ext {
+namespace simd {
+
+// acc[w * acc_stride] = sum over r < rows of src[r * stride + w], for w < n.
+void sum_rows(float* acc, int64_t acc_stride, const float* src, int64_t rows, int64_t stride, int64_t n);
+// acc[i] += src[i]
+void add(float* acc, const float* src, int64_t n);
+// Column-wise running max over rows, ATen's rule (larger, or NaN): m/r hold
+// the current maximum and its row; rows h0 + 1 .. h0 + rows - 1 are scanned
+// after m is seeded with row h0.
+void max_rows(float* m, int32_t* r, const float* src, int64_t rows, int64_t stride, int64_t n, int32_t h0);
+// d[i] = w0 * r0[i] + w1 * r1[i]
+void blend(float* d, const float* r0, const float* r1, float w0, float w1, int64_t n);
+// acc[i] += a * src[i]
+void axpy(float* acc, const float* src, float a, int64_t n);
+// d[i] = wy0 * (wx0 * p00[i] + wx1 * p01[i]) + wy1 * (wx0 * p10[i] + wx1 * p11[i])
+void bilinear(float* d, const float* p00, const float* p01, const float* p10, const float* p11, float wy0,
+              float wy1, float wx0, float wx1, int64_t n);
+
+}  // namespace simd
+}  // namespace pyramid_ext
