@@ -10,7 +10,7 @@ import os
 from setuptools import find_packages, setup
 
 import torch
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension, include_paths
 
 VERSION = "0.1.0"
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -28,7 +28,11 @@ def extensions():
     with_cuda = want_cuda()
     sources = [os.path.join("csrc", "ops.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     werror = os.environ.get("PYRAMID_EXT_WERROR", "0") == "1"
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-Wall", "-Wextra", "-Wno-unused-parameter"]
+    # torch's headers as system headers: -Werror applies to our sources only.
+    system_includes = []
+    for d in include_paths():
+        system_includes += ["-isystem", d]
+    cxx = ["-O3", "-fopenmp", "-Wall", "-Wextra", "-Wno-unused-parameter"] + system_includes
     if werror:
         cxx.append("-Werror")
     define_macros = [("PYRAMID_EXT_VERSION", f'"{VERSION}"')]
@@ -40,7 +44,7 @@ def extensions():
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
         define_macros += [("PYRAMID_EXT_WITH_CUDA", None), ("PYRAMID_EXT_CUDA_ARCHS", f'"{archs}"')]
-        nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+        nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"] + system_includes
         if werror:
             nvcc += ["-Werror", "all-warnings", "-Xcompiler", "-Wall,-Werror"]
         extra_compile_args["nvcc"] = nvcc

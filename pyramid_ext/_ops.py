@@ -39,7 +39,7 @@ def pool_fake(x, h_bounds, w_bounds, level_bins, mode, channels_last_levels):
 def pool_backward_fake(grad, indices, input_shape, h_bounds, w_bounds, level_bins, mode, channels_last_levels,
                        channels_last_input):
     fmt = torch.channels_last if channels_last_input else torch.contiguous_format
-    return grad.new_empty(input_shape, memory_format=fmt)
+    return torch.empty(input_shape, dtype=grad.dtype, device=grad.device, memory_format=fmt)
 
 
 def make_pool_autograd(backward_op: Callable):
@@ -73,7 +73,8 @@ def upsample_concat_fake(x, branches, size, align_corners, x_first, channels_las
     ref = x if x is not None else branches[0]
     channels = (x.shape[1] if x is not None else 0) + sum(b.shape[1] for b in branches)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return ref.new_empty((ref.shape[0], channels, size[0], size[1]), memory_format=fmt)
+    return torch.empty((ref.shape[0], channels, size[0], size[1]), dtype=ref.dtype, device=ref.device,
+                       memory_format=fmt)
 
 
 def upsample_concat_out_fake(x, branches, align_corners, x_first, out):
@@ -84,8 +85,8 @@ def upsample_concat_backward_fake(grad_out, branch_shapes, channel_offset, align
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     n = grad_out.shape[0]
     return [
-        grad_out.new_empty((n, branch_shapes[3 * k], branch_shapes[3 * k + 1], branch_shapes[3 * k + 2]),
-                           memory_format=fmt)
+        torch.empty((n, branch_shapes[3 * k], branch_shapes[3 * k + 1], branch_shapes[3 * k + 2]),
+                    dtype=grad_out.dtype, device=grad_out.device, memory_format=fmt)
         for k in range(len(branch_shapes) // 3)
     ]
 

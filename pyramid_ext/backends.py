@@ -106,7 +106,17 @@ def requested_backend(backend: Optional[str] = None) -> str:
 
 
 def resolve(backend: Optional[str], device: torch.device, op: str) -> str:
-    """Chooses the backend for one call; raises if a named one cannot serve."""
+    """Chooses the backend for one call; raises if a named one cannot serve.
+
+    Under torch.compile the choice is made once, at trace time (a constant of
+    the graph), like any other Python-level configuration.
+    """
+    return _resolve(backend, device.type, op)
+
+
+@torch._dynamo.assume_constant_result
+def _resolve(backend: Optional[str], device_type: str, op: str) -> str:
+    device = torch.device(device_type)
     name = requested_backend(backend)
     if name == "auto":
         if _why_not("cpp", device, op) is None:

@@ -20,12 +20,11 @@ POOL_MAX = 1
 
 
 def _pack(levels: List[torch.Tensor], channels_last_levels: bool) -> torch.Tensor:
-    n = levels[0].shape[0]
     flat = []
     for t in levels:
         if channels_last_levels:
             t = t.permute(0, 2, 3, 1)
-        flat.append(t.reshape(n, -1))
+        flat.append(t.flatten(1))
     return torch.cat(flat, 1)
 
 
@@ -82,6 +81,12 @@ def multi_pool2d(
     """Reference for ``torch.ops.pyramid_ext.multi_pool2d``. With ``adaptive``
     the windows are known to be PyTorch's adaptive ones and each level is one
     ``F.adaptive_*_pool2d`` call (exactly PyTorch's numbers)."""
+    if x.numel() == 0:
+        # ATen's pooling rejects C == 0; the result is empty either way.
+        total = sum(bh * bw for bh, bw in level_shapes(level_bins))
+        values = x.new_zeros((x.shape[0], x.shape[1] * total)) + x.sum() * 0  # keeps the graph
+        indices = x.new_zeros(values.shape if mode == POOL_MAX else (0,), dtype=torch.int64)
+        return values, indices
     values, indices = [], []
     ho = wo = 0
     for bh, bw in level_shapes(level_bins):
@@ -103,6 +108,12 @@ def multi_pool2d(
     return packed, x.new_empty((0,), dtype=torch.int64)
 
 
+def _interpolate(b: torch.Tensor, size, align_corners: bool) -> torch.Tensor:
+    if b.numel() == 0:  # ATen's upsampling rejects empty tensors; cat accepts them
+        return b.new_zeros((b.shape[0], b.shape[1], size[0], size[1]))
+    return F.interpolate(b, size=tuple(size), mode="bilinear", align_corners=align_corners)
+
+
 def upsample_concat(
     x: Optional[torch.Tensor],
     branches: Sequence[torch.Tensor],
@@ -112,7 +123,7 @@ def upsample_concat(
     channels_last: bool,
 ) -> torch.Tensor:
     """Reference for ``torch.ops.pyramid_ext.upsample_concat``."""
-    ups = [F.interpolate(b, size=tuple(size), mode="bilinear", align_corners=align_corners) for b in branches]
+    ups = [_interpolate(b, size, align_corners) for b in branches]
     parts = ([x] + ups if x_first else ups + [x]) if x is not None else ups
     out = torch.cat(parts, 1)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -128,6 +139,6 @@ def upsample_concat_out(x, branches, align_corners: bool, x_first: bool, out: to
     size = tuple(out.shape[-2:])
     for p in parts:
         if p is not x:
-            p = F.interpolate(p, size=size, mode="bilinear", align_corners=align_corners)
+            p = _interpolate(p, size, align_corners)
         out[:, c : c + p.shape[1]].copy_(p)
         c += p.shape[1]

@@ -1,0 +1,73 @@
+# Everything a newcomer needs, from a fresh clone:
+#   make test    set up .venv (torch if missing), build, run the tests
+#   make bench   same set-up, then print the benchmark tables
+# CPU_TORCH picks the torch that `make` installs when .venv has none; the
+# default is PyPI's torch. CI pins the CPU build: CPU_TORCH=torch==2.13.0.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CPU_TORCH ?= torch
+# The CUDA build check (`make cuda-check`): a CUDA build of torch and nvcc.
+VENV_CUDA ?= .venv-cuda
+PY_CUDA := $(VENV_CUDA)/bin/python
+CUDA_TORCH ?= torch==2.14.1
+# Installed beside it for the Triton-interpreter and model-conversion tests.
+CUDA_EXTRAS ?= torchvision==0.29.1 segmentation-models-pytorch==0.6.0
+CUDA_HOME ?= /usr/local/cuda
+TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+MAX_JOBS ?= 2
+PYTEST_ARGS ?=
+
+.PHONY: test bench build venv cuda-check cuda-venv test-cuda-env clean
+
+$(VENV)/.ready:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(CPU_TORCH)"
+	$(PY) -m pip install -q numpy ninja pytest pytest-benchmark matplotlib setuptools wheel
+	touch $@
+
+venv: $(VENV)/.ready
+
+# Builds the extension in place against .venv's torch (editable install).
+build: venv
+	MAX_JOBS=$(MAX_JOBS) $(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	$(PY) -c "import pyramid_ext as pe; print('pyramid_ext', pe.build_info())"
+
+test: build
+	PYRAMID_EXT_REQUIRE_CPP=1 $(PY) -m pytest tests -q $(PYTEST_ARGS)
+
+bench: build
+	$(PY) benchmarks/compare.py --both-env
+	$(PY) -m pyramid_ext bench
+
+$(VENV_CUDA)/.ready:
+	test -x $(PY_CUDA) || $(PYTHON) -m venv $(VENV_CUDA)
+	$(PY_CUDA) -m pip install -q "$(CUDA_TORCH)" $(CUDA_EXTRAS) numpy ninja pytest setuptools wheel
+	touch $@
+
+cuda-venv: $(VENV_CUDA)/.ready
+
+# Compiles the CUDA kernels (no GPU needed: FORCE_CUDA=1), warnings as errors,
+# in a copy of the tree so the CPU build in place is left alone; then checks
+# that every op has a CUDA kernel and runs tests/test_cuda.py (which needs a GPU
+# to do more than skip).
+CUDA_TREE := build/cuda-check
+cuda-check: cuda-venv
+	rm -rf $(CUDA_TREE) && mkdir -p $(CUDA_TREE)
+	tar --exclude=./.venv --exclude=./$(VENV_CUDA) --exclude=./build --exclude='*.so' --exclude=./.git -cf - . | tar -xf - -C $(CUDA_TREE)
+	cd $(CUDA_TREE) && CUDA_HOME=$(CUDA_HOME) FORCE_CUDA=1 PYRAMID_EXT_WERROR=1 MAX_JOBS=$(MAX_JOBS) \
+	  TORCH_CUDA_ARCH_LIST="$(TORCH_CUDA_ARCH_LIST)" \
+	  CPATH="$$($(abspath $(PY_CUDA)) -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "cu13", "include"))')" \
+	  $(abspath $(PY_CUDA)) setup.py -q build_ext --inplace
+	cd $(CUDA_TREE) && $(abspath $(PY_CUDA)) tests/check_cuda_build.py
+
+# The tests that need the CUDA-build environment: Triton kernels on CPU
+# tensors under the interpreter, conversion of torchvision/smp models, and the
+# GPU suite (skips without a GPU). Uses the extension cuda-check built.
+test-cuda-env: cuda-check
+	cd $(CUDA_TREE) && TRITON_INTERPRET=1 PYRAMID_EXT_REQUIRE_CPP=1 $(abspath $(PY_CUDA)) -m pytest -q $(PYTEST_ARGS) \
+	  tests/test_triton.py tests/test_convert.py tests/test_nn.py tests/test_cuda.py
+
+clean:
+	rm -rf build *.egg-info pyramid_ext/*.so

@@ -1,0 +1,562 @@
+// CPU kernels of multi_pool2d and its backward.
+//
+// Forward: every level's windows in one pass over x. The window boundaries
+// cut each axis into segments (pyramid_index.h). NCHW: the rows of one
+// H-segment are summed (or maxed) into a row accumulator with contiguous
+// vector operations, the accumulator is reduced into segment cells, and the
+// cells are combined into the windows of every level. channels_last: the same
+// with a vector of channels in place of each element.
+// Backward: avg gradients are constant over a segment cell, so each cell's
+// value is computed once and then written; max gradients are summed per plane
+// in a fixed order (level, then bin), the order a gather would use.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "cpu/huge_pages.h"
+#include "pyramid_index.h"
+
+namespace pyramid_ext {
+namespace {
+
+// The window plan of one call: segment tables per axis and, per level, its
+// bin counts, its first window along each axis and its offset in a sample.
+struct PoolPlan {
+  AxisSegments h;
+  AxisSegments w;
+  std::vector<int64_t> bh, bw, win_h0, win_w0, offset;
+  int64_t channels = 0;
+  int64_t total = 0;  // sum over levels of bh * bw
+  bool channels_last_levels = false;
+
+  int64_t levels() const { return static_cast<int64_t>(bh.size()); }
+  int64_t out_index(int64_t l, int64_t c, int64_t i, int64_t j) const {
+    return packed_index(offset[l], channels, bh[l], bw[l], c, i, j,
+                        channels_last_levels);
+  }
+  // Window extents in segments and in elements.
+  int64_t a0(int64_t l, int64_t i) const { return h.seg_begin[win_h0[l] + i]; }
+  int64_t a1(int64_t l, int64_t i) const { return h.seg_end[win_h0[l] + i]; }
+  int64_t b0(int64_t l, int64_t j) const { return w.seg_begin[win_w0[l] + j]; }
+  int64_t b1(int64_t l, int64_t j) const { return w.seg_end[win_w0[l] + j]; }
+  int64_t area(int64_t l, int64_t i, int64_t j) const {
+    return (h.cuts[a1(l, i)] - h.cuts[a0(l, i)]) *
+           (w.cuts[b1(l, j)] - w.cuts[b0(l, j)]);
+  }
+};
+
+void check_bounds(c10::IntArrayRef bounds, int64_t size, const char* axis) {
+  for (size_t k = 0; k + 1 < bounds.size(); k += 2) {
+    TORCH_CHECK(0 <= bounds[k] && bounds[k] < bounds[k + 1] &&
+                    bounds[k + 1] <= size,
+                "multi_pool2d: window [", bounds[k], ", ", bounds[k + 1],
+                ") along ", axis, " is empty or outside [0, ", size, ")");
+  }
+}
+
+PoolPlan make_plan(int64_t C, int64_t H, int64_t W, c10::IntArrayRef h_bounds,
+                   c10::IntArrayRef w_bounds, c10::IntArrayRef level_bins,
+                   bool channels_last_levels) {
+  TORCH_CHECK(level_bins.size() % 2 == 0 && !level_bins.empty(),
+              "multi_pool2d: level_bins must hold (bh, bw) pairs");
+  PoolPlan p;
+  p.channels = C;
+  p.channels_last_levels = channels_last_levels;
+  int64_t nh = 0, nw = 0;
+  for (size_t l = 0; l < level_bins.size(); l += 2) {
+    TORCH_CHECK(level_bins[l] > 0 && level_bins[l + 1] > 0,
+                "multi_pool2d: level_bins must be positive");
+    p.bh.push_back(level_bins[l]);
+    p.bw.push_back(level_bins[l + 1]);
+    p.win_h0.push_back(nh);
+    p.win_w0.push_back(nw);
+    p.offset.push_back(p.total * C);
+    nh += level_bins[l];
+    nw += level_bins[l + 1];
+    p.total += level_bins[l] * level_bins[l + 1];
+  }
+  TORCH_CHECK(static_cast<int64_t>(h_bounds.size()) == 2 * nh &&
+                  static_cast<int64_t>(w_bounds.size()) == 2 * nw,
+              "multi_pool2d: h_bounds/w_bounds must hold a [start, end) pair "
+              "per window of every level");
+  check_bounds(h_bounds, H, "H");
+  check_bounds(w_bounds, W, "W");
+  p.h = make_axis_segments(h_bounds.data(), nh, H);
+  p.w = make_axis_segments(w_bounds.data(), nw, W);
+  return p;
+}
+
+bool is_channels_last(const at::Tensor& t) {
+  return !t.is_contiguous() &&
+         t.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+// Channels per task on channels_last tensors: enough tasks for every thread.
+int64_t channel_chunk(int64_t N, int64_t C) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t chunks =
+      std::max<int64_t>(1, (4 * threads + N - 1) / std::max<int64_t>(N, 1));
+  const int64_t chunk = (C + chunks - 1) / chunks;
+  return std::max<int64_t>(std::min<int64_t>(C, 32), chunk);
+}
+
+// Planes per task on NCHW tensors: about 32K elements each.
+int64_t plane_grain(int64_t H, int64_t W) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, H * W));
+}
+
+// ------------------------------- forward -----------------------------------
+
+template <typename scalar_t>
+void avg_forward_nchw(const scalar_t* x, scalar_t* out, const PoolPlan& p,
+                      int64_t N, int64_t C, int64_t H, int64_t W) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t SH = p.h.num_segments(), SW = p.w.num_segments();
+  at::parallel_for(0, N * C, plane_grain(H, W), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> rows(static_cast<size_t>(SH * W));
+    std::vector<acc_t> cells(static_cast<size_t>(SH * SW));
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const scalar_t* src = x + plane * H * W;
+      std::fill(rows.begin(), rows.end(), acc_t(0));
+      for (int64_t h = 0; h < H; ++h) {
+        const int64_t a = p.h.seg_of[h];
+        if (a < 0) continue;
+        acc_t* acc = rows.data() + a * W;
+        const scalar_t* row = src + h * W;
+#pragma omp simd
+        for (int64_t w = 0; w < W; ++w) acc[w] += static_cast<acc_t>(row[w]);
+      }
+      for (int64_t a = 0; a < SH; ++a) {
+        const acc_t* acc = rows.data() + a * W;
+        for (int64_t b = 0; b < SW; ++b) {
+          acc_t s = 0;
+          for (int64_t w = p.w.cuts[b]; w < p.w.cuts[b + 1]; ++w) s += acc[w];
+          cells[a * SW + b] = s;
+        }
+      }
+      const int64_t n = plane / C, c = plane % C;
+      scalar_t* dst = out + n * C * p.total;
+      for (int64_t l = 0; l < p.levels(); ++l) {
+        for (int64_t i = 0; i < p.bh[l]; ++i) {
+          for (int64_t j = 0; j < p.bw[l]; ++j) {
+            acc_t s = 0;
+            for (int64_t a = p.a0(l, i); a < p.a1(l, i); ++a)
+              for (int64_t b = p.b0(l, j); b < p.b1(l, j); ++b)
+                s += cells[a * SW + b];
+            dst[p.out_index(l, c, i, j)] =
+                static_cast<scalar_t>(s / static_cast<acc_t>(p.area(l, i, j)));
+          }
+        }
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void avg_forward_channels_last(const scalar_t* x, scalar_t* out,
+                               const PoolPlan& p, int64_t N, int64_t C,
+                               int64_t H, int64_t W) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t SH = p.h.num_segments(), SW = p.w.num_segments();
+  const int64_t chunk = channel_chunk(N, C);
+  const int64_t chunks = (C + chunk - 1) / chunk;
+  at::parallel_for(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> cells(static_cast<size_t>(SH * SW * chunk));
+    std::vector<acc_t> sum(static_cast<size_t>(chunk));
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / chunks;
+      const int64_t c0 = (task % chunks) * chunk;
+      const int64_t cn = std::min(chunk, C - c0);
+      std::fill(cells.begin(), cells.end(), acc_t(0));
+      for (int64_t h = 0; h < H; ++h) {
+        const int64_t a = p.h.seg_of[h];
+        if (a < 0) continue;
+        const scalar_t* row = x + ((n * H + h) * W) * C + c0;
+        for (int64_t w = 0; w < W; ++w) {
+          const int64_t b = p.w.seg_of[w];
+          if (b < 0) continue;
+          acc_t* acc = cells.data() + (a * SW + b) * chunk;
+          const scalar_t* px = row + w * C;
+#pragma omp simd
+          for (int64_t c = 0; c < cn; ++c) acc[c] += static_cast<acc_t>(px[c]);
+        }
+      }
+      scalar_t* dst = out + n * C * p.total;
+      for (int64_t l = 0; l < p.levels(); ++l) {
+        for (int64_t i = 0; i < p.bh[l]; ++i) {
+          for (int64_t j = 0; j < p.bw[l]; ++j) {
+            std::fill(sum.begin(), sum.end(), acc_t(0));
+            for (int64_t a = p.a0(l, i); a < p.a1(l, i); ++a) {
+              for (int64_t b = p.b0(l, j); b < p.b1(l, j); ++b) {
+                const acc_t* cell = cells.data() + (a * SW + b) * chunk;
+#pragma omp simd
+                for (int64_t c = 0; c < cn; ++c) sum[c] += cell[c];
+              }
+            }
+            const acc_t area = static_cast<acc_t>(p.area(l, i, j));
+            for (int64_t c = 0; c < cn; ++c)
+              dst[p.out_index(l, c0 + c, i, j)] =
+                  static_cast<scalar_t>(sum[c] / area);
+          }
+        }
+      }
+    }
+  });
+}
+
+// Max: each column's running maximum over the rows of an H-segment, with
+// ATen's scan rule, then cells and windows by max_pool_combine on flat
+// indices, which reproduces a row-major scan over each window.
+template <typename scalar_t>
+void max_forward_nchw(const scalar_t* x, scalar_t* out, int64_t* out_idx,
+                      const PoolPlan& p, int64_t N, int64_t C, int64_t H,
+                      int64_t W) {
+  const int64_t SH = p.h.num_segments(), SW = p.w.num_segments();
+  at::parallel_for(0, N * C, plane_grain(H, W), [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> col_max(static_cast<size_t>(SH * W));
+    std::vector<int64_t> col_row(static_cast<size_t>(SH * W), -1);
+    std::vector<scalar_t> cell_max(static_cast<size_t>(SH * SW));
+    std::vector<int64_t> cell_idx(static_cast<size_t>(SH * SW));
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const scalar_t* src = x + plane * H * W;
+      for (int64_t a = 0; a < SH; ++a) {
+        // Seed each segment's accumulator with its first row.
+        const int64_t h0 = p.h.cuts[a];
+        if (p.h.seg_of[h0] < 0) continue;
+        std::copy(src + h0 * W, src + (h0 + 1) * W, col_max.begin() + a * W);
+        std::fill(col_row.begin() + a * W, col_row.begin() + (a + 1) * W, h0);
+        for (int64_t h = h0 + 1; h < p.h.cuts[a + 1]; ++h) {
+          const scalar_t* row = src + h * W;
+          scalar_t* m = col_max.data() + a * W;
+          int64_t* r = col_row.data() + a * W;
+          for (int64_t w = 0; w < W; ++w) {
+            if (max_pool_takes(row[w], m[w])) {
+              m[w] = row[w];
+              r[w] = h;
+            }
+          }
+        }
+      }
+      for (int64_t a = 0; a < SH; ++a) {
+        if (p.h.seg_of[p.h.cuts[a]] < 0) continue;
+        for (int64_t b = 0; b < SW; ++b) {
+          const int64_t w0 = p.w.cuts[b];
+          scalar_t v = col_max[a * W + w0];
+          int64_t idx = col_row[a * W + w0] * W + w0;
+          for (int64_t w = w0 + 1; w < p.w.cuts[b + 1]; ++w)
+            max_pool_combine(v, idx, col_max[a * W + w], col_row[a * W + w] * W + w);
+          cell_max[a * SW + b] = v;
+          cell_idx[a * SW + b] = idx;
+        }
+      }
+      const int64_t n = plane / C, c = plane % C;
+      scalar_t* dst = out + n * C * p.total;
+      int64_t* dst_idx = out_idx + n * C * p.total;
+      for (int64_t l = 0; l < p.levels(); ++l) {
+        for (int64_t i = 0; i < p.bh[l]; ++i) {
+          for (int64_t j = 0; j < p.bw[l]; ++j) {
+            const int64_t first = p.a0(l, i) * SW + p.b0(l, j);
+            scalar_t v = cell_max[first];
+            int64_t idx = cell_idx[first];
+            for (int64_t a = p.a0(l, i); a < p.a1(l, i); ++a)
+              for (int64_t b = p.b0(l, j); b < p.b1(l, j); ++b)
+                max_pool_combine(v, idx, cell_max[a * SW + b], cell_idx[a * SW + b]);
+            const int64_t o = p.out_index(l, c, i, j);
+            dst[o] = v;
+            dst_idx[o] = idx;
+          }
+        }
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void max_forward_channels_last(const scalar_t* x, scalar_t* out,
+                               int64_t* out_idx, const PoolPlan& p, int64_t N,
+                               int64_t C, int64_t H, int64_t W) {
+  const int64_t SH = p.h.num_segments(), SW = p.w.num_segments();
+  const int64_t chunk = channel_chunk(N, C);
+  const int64_t chunks = (C + chunk - 1) / chunk;
+  at::parallel_for(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> cell_max(static_cast<size_t>(SH * SW * chunk));
+    std::vector<int64_t> cell_idx(static_cast<size_t>(SH * SW * chunk), -1);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / chunks;
+      const int64_t c0 = (task % chunks) * chunk;
+      const int64_t cn = std::min(chunk, C - c0);
+      std::fill(cell_idx.begin(), cell_idx.end(), -1);
+      // Row-major scan: each cell sees its elements in row-major order.
+      for (int64_t h = 0; h < H; ++h) {
+        const int64_t a = p.h.seg_of[h];
+        if (a < 0) continue;
+        const scalar_t* row = x + ((n * H + h) * W) * C + c0;
+        for (int64_t w = 0; w < W; ++w) {
+          const int64_t b = p.w.seg_of[w];
+          if (b < 0) continue;
+          scalar_t* m = cell_max.data() + (a * SW + b) * chunk;
+          int64_t* r = cell_idx.data() + (a * SW + b) * chunk;
+          const scalar_t* px = row + w * C;
+          const int64_t flat = h * W + w;
+          for (int64_t c = 0; c < cn; ++c) {
+            if (r[c] < 0 || max_pool_takes(px[c], m[c])) {
+              m[c] = px[c];
+              r[c] = flat;
+            }
+          }
+        }
+      }
+      scalar_t* dst = out + n * C * p.total;
+      int64_t* dst_idx = out_idx + n * C * p.total;
+      for (int64_t l = 0; l < p.levels(); ++l) {
+        for (int64_t i = 0; i < p.bh[l]; ++i) {
+          for (int64_t j = 0; j < p.bw[l]; ++j) {
+            for (int64_t c = 0; c < cn; ++c) {
+              const int64_t first = (p.a0(l, i) * SW + p.b0(l, j)) * chunk + c;
+              scalar_t v = cell_max[first];
+              int64_t idx = cell_idx[first];
+              for (int64_t a = p.a0(l, i); a < p.a1(l, i); ++a)
+                for (int64_t b = p.b0(l, j); b < p.b1(l, j); ++b) {
+                  const int64_t k = (a * SW + b) * chunk + c;
+                  max_pool_combine(v, idx, cell_max[k], cell_idx[k]);
+                }
+              const int64_t o = p.out_index(l, c0 + c, i, j);
+              dst[o] = v;
+              dst_idx[o] = idx;
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> multi_pool2d_cpu(
+    const at::Tensor& x_in, c10::IntArrayRef h_bounds,
+    c10::IntArrayRef w_bounds, c10::IntArrayRef level_bins, int64_t mode,
+    bool channels_last_levels) {
+  TORCH_CHECK(x_in.dim() == 4, "multi_pool2d: x must be 4-D (N, C, H, W), got ",
+              x_in.dim(), "-D");
+  TORCH_CHECK(mode == kPoolAvg || mode == kPoolMax,
+              "multi_pool2d: mode must be 0 (avg) or 1 (max), got ", mode);
+  TORCH_CHECK(at::isFloatingType(x_in.scalar_type()),
+              "multi_pool2d: x must be floating point, got ",
+              x_in.scalar_type());
+  const bool cl = is_channels_last(x_in);
+  const at::Tensor x = cl ? x_in : x_in.contiguous();
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  TORCH_CHECK(H > 0 && W > 0, "multi_pool2d: x must have non-zero H and W");
+  const PoolPlan p =
+      make_plan(C, H, W, h_bounds, w_bounds, level_bins, channels_last_levels);
+  at::Tensor out = at::empty({N, C * p.total}, x.options());
+  at::Tensor idx = mode == kPoolMax
+                       ? at::empty({N, C * p.total}, x.options().dtype(at::kLong))
+                       : at::empty({0}, x.options().dtype(at::kLong));
+  if (out.numel() == 0) return {out, idx};
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "multi_pool2d_cpu", [&] {
+        const scalar_t* xp = x.const_data_ptr<scalar_t>();
+        scalar_t* op = out.mutable_data_ptr<scalar_t>();
+        if (mode == kPoolAvg) {
+          if (cl) avg_forward_channels_last(xp, op, p, N, C, H, W);
+          else avg_forward_nchw(xp, op, p, N, C, H, W);
+        } else {
+          int64_t* ip = idx.mutable_data_ptr<int64_t>();
+          if (cl) max_forward_channels_last(xp, op, ip, p, N, C, H, W);
+          else max_forward_nchw(xp, op, ip, p, N, C, H, W);
+        }
+      });
+  return {out, idx};
+}
+
+// ------------------------------- backward ----------------------------------
+
+// Per-cell gradient of avg pooling: sum over every level's windows covering
+// the cell of grad / area. `g(l, i, j)` reads one bin's gradient (acc_t).
+template <typename acc_t, typename GradAt>
+void avg_cell_grads(const PoolPlan& p, GradAt g, acc_t* cells, int64_t stride) {
+  const int64_t SW = p.w.num_segments();
+  for (int64_t l = 0; l < p.levels(); ++l)
+    for (int64_t i = 0; i < p.bh[l]; ++i)
+      for (int64_t j = 0; j < p.bw[l]; ++j) {
+        const acc_t v = g(l, i, j) / static_cast<acc_t>(p.area(l, i, j));
+        for (int64_t a = p.a0(l, i); a < p.a1(l, i); ++a)
+          for (int64_t b = p.b0(l, j); b < p.b1(l, j); ++b)
+            cells[(a * SW + b) * stride] += v;
+      }
+}
+
+template <typename scalar_t>
+void avg_backward_nchw(const scalar_t* grad, scalar_t* gx, const PoolPlan& p,
+                       int64_t N, int64_t C, int64_t H, int64_t W) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t SH = p.h.num_segments(), SW = p.w.num_segments();
+  at::parallel_for(0, N * C, plane_grain(H, W), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> cells(static_cast<size_t>(SH * SW));
+    std::vector<scalar_t> rows(static_cast<size_t>((SH + 1) * W));
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const int64_t n = plane / C, c = plane % C;
+      const scalar_t* g = grad + n * C * p.total;
+      std::fill(cells.begin(), cells.end(), acc_t(0));
+      avg_cell_grads<acc_t>(
+          p,
+          [&](int64_t l, int64_t i, int64_t j) {
+            return static_cast<acc_t>(g[p.out_index(l, c, i, j)]);
+          },
+          cells.data(), 1);
+      // Row template per H-segment (the last one: rows no window reads).
+      for (int64_t a = 0; a <= SH; ++a) {
+        scalar_t* r = rows.data() + a * W;
+        for (int64_t w = 0; w < W; ++w) {
+          const int64_t b = p.w.seg_of[w];
+          r[w] = (a < SH && b >= 0) ? static_cast<scalar_t>(cells[a * SW + b])
+                                    : scalar_t(0);
+        }
+      }
+      scalar_t* dst = gx + plane * H * W;
+      for (int64_t h = 0; h < H; ++h) {
+        const int64_t a = p.h.seg_of[h] < 0 ? SH : p.h.seg_of[h];
+        std::copy(rows.begin() + a * W, rows.begin() + (a + 1) * W, dst + h * W);
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void avg_backward_channels_last(const scalar_t* grad, scalar_t* gx,
+                                const PoolPlan& p, int64_t N, int64_t C,
+                                int64_t H, int64_t W) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t SH = p.h.num_segments(), SW = p.w.num_segments();
+  const int64_t chunk = channel_chunk(N, C);
+  const int64_t chunks = (C + chunk - 1) / chunk;
+  at::parallel_for(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> cells(static_cast<size_t>(SH * SW * chunk));
+    std::vector<scalar_t> vals(static_cast<size_t>(SH * SW * chunk));
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / chunks;
+      const int64_t c0 = (task % chunks) * chunk;
+      const int64_t cn = std::min(chunk, C - c0);
+      const scalar_t* g = grad + n * C * p.total;
+      std::fill(cells.begin(), cells.end(), acc_t(0));
+      for (int64_t c = 0; c < cn; ++c)
+        avg_cell_grads<acc_t>(
+            p,
+            [&](int64_t l, int64_t i, int64_t j) {
+              return static_cast<acc_t>(g[p.out_index(l, c0 + c, i, j)]);
+            },
+            cells.data() + c, chunk);
+      for (size_t k = 0; k < cells.size(); ++k)
+        vals[k] = static_cast<scalar_t>(cells[k]);
+      for (int64_t h = 0; h < H; ++h) {
+        const int64_t a = p.h.seg_of[h];
+        scalar_t* row = gx + ((n * H + h) * W) * C + c0;
+        for (int64_t w = 0; w < W; ++w) {
+          const int64_t b = p.w.seg_of[w];
+          scalar_t* px = row + w * C;
+          if (a < 0 || b < 0) {
+            std::fill(px, px + cn, scalar_t(0));
+          } else {
+            const scalar_t* v = vals.data() + (a * SW + b) * chunk;
+            std::copy(v, v + cn, px);
+          }
+        }
+      }
+    }
+  });
+}
+
+// Max: each bin's gradient goes to the element its index names, summed in
+// level-then-bin order in acc_t (so 16-bit gradients are summed in fp32).
+template <typename scalar_t>
+void max_backward(const scalar_t* grad, const int64_t* indices, scalar_t* gx,
+                  const PoolPlan& p, int64_t N, int64_t C, int64_t H,
+                  int64_t W, bool channels_last) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t HW = H * W;
+  at::parallel_for(0, N * C, plane_grain(H, W), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(static_cast<size_t>(HW));
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const int64_t n = plane / C, c = plane % C;
+      const scalar_t* g = grad + n * C * p.total;
+      const int64_t* ix = indices + n * C * p.total;
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      for (int64_t l = 0; l < p.levels(); ++l)
+        for (int64_t i = 0; i < p.bh[l]; ++i)
+          for (int64_t j = 0; j < p.bw[l]; ++j) {
+            const int64_t o = p.out_index(l, c, i, j);
+            const int64_t k = ix[o];
+            TORCH_CHECK(0 <= k && k < HW,
+                        "multi_pool2d_backward: index out of range");
+            acc[k] += static_cast<acc_t>(g[o]);
+          }
+      if (channels_last) {
+        scalar_t* dst = gx + n * HW * C + c;
+        for (int64_t k = 0; k < HW; ++k) dst[k * C] = static_cast<scalar_t>(acc[k]);
+      } else {
+        scalar_t* dst = gx + plane * HW;
+        for (int64_t k = 0; k < HW; ++k) dst[k] = static_cast<scalar_t>(acc[k]);
+      }
+    }
+  });
+}
+
+at::Tensor multi_pool2d_backward_cpu(
+    const at::Tensor& grad_in, const std::optional<at::Tensor>& indices_in,
+    c10::IntArrayRef input_shape, c10::IntArrayRef h_bounds,
+    c10::IntArrayRef w_bounds, c10::IntArrayRef level_bins, int64_t mode,
+    bool channels_last_levels, bool channels_last_input) {
+  TORCH_CHECK(input_shape.size() == 4,
+              "multi_pool2d_backward: input_shape must have 4 entries");
+  TORCH_CHECK(mode == kPoolAvg || mode == kPoolMax,
+              "multi_pool2d_backward: mode must be 0 (avg) or 1 (max)");
+  const int64_t N = input_shape[0], C = input_shape[1], H = input_shape[2],
+                W = input_shape[3];
+  const PoolPlan p =
+      make_plan(C, H, W, h_bounds, w_bounds, level_bins, channels_last_levels);
+  TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(0) == N &&
+                  grad_in.size(1) == C * p.total,
+              "multi_pool2d_backward: grad must have shape (N, C * total)");
+  const at::Tensor grad = grad_in.contiguous();
+  const auto fmt = channels_last_input ? at::MemoryFormat::ChannelsLast
+                                       : at::MemoryFormat::Contiguous;
+  at::Tensor gx = at::empty({N, C, H, W}, grad.options().memory_format(fmt));
+  if (gx.numel() == 0) return gx;
+  advise_huge_pages(gx);
+  at::Tensor indices;
+  if (mode == kPoolMax) {
+    TORCH_CHECK(indices_in.has_value() && indices_in->sizes() == grad.sizes() &&
+                    indices_in->scalar_type() == at::kLong,
+                "multi_pool2d_backward: max mode needs int64 indices shaped "
+                "like grad");
+    indices = indices_in->contiguous();
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, grad.scalar_type(), "multi_pool2d_backward_cpu",
+      [&] {
+        const scalar_t* gp = grad.const_data_ptr<scalar_t>();
+        scalar_t* op = gx.mutable_data_ptr<scalar_t>();
+        if (mode == kPoolAvg) {
+          if (channels_last_input) avg_backward_channels_last(gp, op, p, N, C, H, W);
+          else avg_backward_nchw(gp, op, p, N, C, H, W);
+        } else {
+          max_backward(gp, indices.const_data_ptr<int64_t>(), op, p, N, C, H, W,
+                       channels_last_input);
+        }
+      });
+  return gx;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyramid_ext, CPU, m) {
+  m.impl("multi_pool2d", &multi_pool2d_cpu);
+  m.impl("multi_pool2d_backward", &multi_pool2d_backward_cpu);
+}
+
+}  // namespace pyramid_ext

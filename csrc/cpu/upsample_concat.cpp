@@ -1,0 +1,487 @@
+// CPU kernels of upsample_concat (functional and out=) and its backward.
+//
+// Forward writes every output element once: x's channels are copied, each
+// branch's channels are bilinearly interpolated with bilinear_tap weights
+// (pyramid_index.h, ATen's arithmetic). Planar outputs interpolate each
+// branch row horizontally once, then blend two such rows per output row;
+// channels_last outputs blend four source pixels per output pixel, vector
+// over channels.
+// Backward: grad_branch = Wy^T G Wx per plane, as two passes of weighted
+// vector adds into a small buffer, in a fixed order: no atomics, bitwise
+// identical run to run.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "cpu/huge_pages.h"
+#include "pyramid_index.h"
+
+namespace pyramid_ext {
+namespace {
+
+// One source of output channels: x (copied) or a branch (interpolated).
+struct Part {
+  at::Tensor t;
+  int64_t channel_offset;
+  bool interpolate;
+};
+
+std::vector<Part> make_parts(const std::optional<at::Tensor>& x,
+                             at::TensorList branches, bool x_first) {
+  std::vector<Part> parts;
+  int64_t c = 0;
+  auto add_x = [&] {
+    if (x.has_value()) {
+      parts.push_back({*x, c, false});
+      c += x->size(1);
+    }
+  };
+  if (x_first) add_x();
+  for (const auto& b : branches) {
+    parts.push_back({b, c, true});
+    c += b.size(1);
+  }
+  if (!x_first) add_x();
+  return parts;
+}
+
+void check_parts(const std::vector<Part>& parts, const at::Tensor& out,
+                 const char* fn) {
+  TORCH_CHECK(!parts.empty(), fn, ": needs x or at least one branch");
+  TORCH_CHECK(out.dim() == 4, fn, ": out must be 4-D, got ", out.dim(), "-D");
+  int64_t channels = 0;
+  for (const auto& p : parts) {
+    TORCH_CHECK(p.t.dim() == 4, fn, ": inputs must be 4-D (N, C, H, W)");
+    TORCH_CHECK(p.t.scalar_type() == out.scalar_type(), fn,
+                ": inputs and out must share one dtype, got ",
+                p.t.scalar_type(), " and ", out.scalar_type());
+    TORCH_CHECK(p.t.device() == out.device(), fn,
+                ": inputs and out must be on one device");
+    TORCH_CHECK(p.t.size(0) == out.size(0), fn,
+                ": inputs must share out's batch size");
+    TORCH_CHECK(p.t.size(2) > 0 && p.t.size(3) > 0, fn,
+                ": inputs must have non-zero height and width");
+    if (!p.interpolate) {
+      TORCH_CHECK(p.t.size(2) == out.size(2) && p.t.size(3) == out.size(3), fn,
+                  ": x must have out's height and width");
+    }
+    channels += p.t.size(1);
+  }
+  TORCH_CHECK(channels == out.size(1), fn, ": out has ", out.size(1),
+              " channels, inputs have ", channels);
+}
+
+template <typename acc_t>
+std::vector<LinearTap<acc_t>> axis_taps(int64_t in_size, int64_t out_size,
+                                        bool align_corners) {
+  const acc_t scale = bilinear_scale<acc_t>(in_size, out_size, align_corners);
+  std::vector<LinearTap<acc_t>> taps(static_cast<size_t>(out_size));
+  for (int64_t d = 0; d < out_size; ++d)
+    taps[d] = bilinear_tap<acc_t>(d, in_size, out_size, scale, align_corners);
+  return taps;
+}
+
+// Output planes (any strides; unit W stride is the fast case).
+template <typename scalar_t>
+void forward_planes(const std::vector<Part>& parts, const at::Tensor& out,
+                    bool align_corners) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t N = out.size(0), C = out.size(1), H = out.size(2),
+                W = out.size(3);
+  const int64_t osN = out.stride(0), osC = out.stride(1), osH = out.stride(2),
+                osW = out.stride(3);
+  std::vector<int64_t> part_of(static_cast<size_t>(C));
+  std::vector<std::vector<LinearTap<acc_t>>> th(parts.size()), tw(parts.size());
+  for (size_t k = 0; k < parts.size(); ++k) {
+    for (int64_t c = 0; c < parts[k].t.size(1); ++c)
+      part_of[parts[k].channel_offset + c] = static_cast<int64_t>(k);
+    if (parts[k].interpolate) {
+      th[k] = axis_taps<acc_t>(parts[k].t.size(2), H, align_corners);
+      tw[k] = axis_taps<acc_t>(parts[k].t.size(3), W, align_corners);
+    }
+  }
+  scalar_t* o = out.mutable_data_ptr<scalar_t>();
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, H * W));
+  at::parallel_for(0, N * C, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> hrows;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / C, oc = task % C;
+      const size_t k = static_cast<size_t>(part_of[oc]);
+      const Part& part = parts[k];
+      const at::Tensor& t = part.t;
+      const int64_t c = oc - part.channel_offset;
+      const scalar_t* src = t.const_data_ptr<scalar_t>() + n * t.stride(0) + c * t.stride(1);
+      const int64_t sH = t.stride(2), sW = t.stride(3);
+      scalar_t* dst = o + n * osN + oc * osC;
+      if (!part.interpolate) {
+        for (int64_t h = 0; h < H; ++h) {
+          const scalar_t* s = src + h * sH;
+          scalar_t* d = dst + h * osH;
+          if (sW == 1 && osW == 1) {
+            std::copy(s, s + W, d);
+          } else {
+            for (int64_t w = 0; w < W; ++w) d[w * osW] = s[w * sW];
+          }
+        }
+        continue;
+      }
+      const int64_t hb = t.size(2);
+      const auto& ty = th[k];
+      const auto& tx = tw[k];
+      // Each source row interpolated along W once.
+      hrows.resize(static_cast<size_t>(hb * W));
+      for (int64_t i = 0; i < hb; ++i) {
+        const scalar_t* s = src + i * sH;
+        acc_t* r = hrows.data() + i * W;
+        for (int64_t w = 0; w < W; ++w) {
+          r[w] = tx[w].w0 * static_cast<acc_t>(s[tx[w].i0 * sW]) +
+                 tx[w].w1 * static_cast<acc_t>(s[tx[w].i1 * sW]);
+        }
+      }
+      for (int64_t h = 0; h < H; ++h) {
+        const acc_t* r0 = hrows.data() + ty[h].i0 * W;
+        const acc_t* r1 = hrows.data() + ty[h].i1 * W;
+        const acc_t w0 = ty[h].w0, w1 = ty[h].w1;
+        scalar_t* d = dst + h * osH;
+        if (osW == 1) {
+#pragma omp simd
+          for (int64_t w = 0; w < W; ++w)
+            d[w] = static_cast<scalar_t>(w0 * r0[w] + w1 * r1[w]);
+        } else {
+          for (int64_t w = 0; w < W; ++w)
+            d[w * osW] = static_cast<scalar_t>(w0 * r0[w] + w1 * r1[w]);
+        }
+      }
+    }
+  });
+}
+
+// channels_last output (unit channel stride): one task per output row.
+template <typename scalar_t>
+void forward_pixels(const std::vector<Part>& parts, const at::Tensor& out,
+                    bool align_corners) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t N = out.size(0), H = out.size(2), W = out.size(3);
+  const int64_t osN = out.stride(0), osH = out.stride(2), osW = out.stride(3);
+  std::vector<std::vector<LinearTap<acc_t>>> th(parts.size()), tw(parts.size());
+  for (size_t k = 0; k < parts.size(); ++k) {
+    if (parts[k].interpolate) {
+      th[k] = axis_taps<acc_t>(parts[k].t.size(2), H, align_corners);
+      tw[k] = axis_taps<acc_t>(parts[k].t.size(3), W, align_corners);
+    }
+  }
+  scalar_t* o = out.mutable_data_ptr<scalar_t>();
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, W * out.size(1)));
+  at::parallel_for(0, N * H, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / H, h = task % H;
+      for (size_t k = 0; k < parts.size(); ++k) {
+        const Part& part = parts[k];
+        const at::Tensor& t = part.t;
+        const int64_t Ck = t.size(1);
+        const int64_t sC = t.stride(1), sH = t.stride(2), sW = t.stride(3);
+        const scalar_t* src = t.const_data_ptr<scalar_t>() + n * t.stride(0);
+        scalar_t* row = o + n * osN + h * osH + part.channel_offset;
+        if (!part.interpolate) {
+          for (int64_t w = 0; w < W; ++w) {
+            const scalar_t* s = src + h * sH + w * sW;
+            scalar_t* d = row + w * osW;
+            if (sC == 1) {
+              std::copy(s, s + Ck, d);
+            } else {
+              for (int64_t c = 0; c < Ck; ++c) d[c] = s[c * sC];
+            }
+          }
+          continue;
+        }
+        const LinearTap<acc_t> ty = th[k][h];
+        const scalar_t* s0 = src + ty.i0 * sH;
+        const scalar_t* s1 = src + ty.i1 * sH;
+        for (int64_t w = 0; w < W; ++w) {
+          const LinearTap<acc_t> tx = tw[k][w];
+          const scalar_t* p00 = s0 + tx.i0 * sW;
+          const scalar_t* p01 = s0 + tx.i1 * sW;
+          const scalar_t* p10 = s1 + tx.i0 * sW;
+          const scalar_t* p11 = s1 + tx.i1 * sW;
+          scalar_t* d = row + w * osW;
+          if (sC == 1) {
+#pragma omp simd
+            for (int64_t c = 0; c < Ck; ++c) {
+              d[c] = static_cast<scalar_t>(
+                  ty.w0 * (tx.w0 * static_cast<acc_t>(p00[c]) +
+                           tx.w1 * static_cast<acc_t>(p01[c])) +
+                  ty.w1 * (tx.w0 * static_cast<acc_t>(p10[c]) +
+                           tx.w1 * static_cast<acc_t>(p11[c])));
+            }
+          } else {
+            for (int64_t c = 0; c < Ck; ++c) {
+              const int64_t q = c * sC;
+              d[c] = static_cast<scalar_t>(
+                  ty.w0 * (tx.w0 * static_cast<acc_t>(p00[q]) +
+                           tx.w1 * static_cast<acc_t>(p01[q])) +
+                  ty.w1 * (tx.w0 * static_cast<acc_t>(p10[q]) +
+                           tx.w1 * static_cast<acc_t>(p11[q])));
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+void upsample_concat_out_impl(const std::optional<at::Tensor>& x,
+                              at::TensorList branches, bool align_corners,
+                              bool x_first, const at::Tensor& out,
+                              const char* fn) {
+  std::vector<Part> parts = make_parts(x, branches, x_first);
+  check_parts(parts, out, fn);
+  TORCH_CHECK(out.device().is_cpu(), fn, ": expected CPU tensors");
+  if (out.numel() == 0) return;
+  for (auto& p : parts) {
+    // Kernels read NCHW- or channels_last-contiguous inputs through strides;
+    // anything else is made contiguous first.
+    if (!p.t.is_contiguous() &&
+        !p.t.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+      p.t = p.t.contiguous();
+    }
+    TORCH_CHECK(!p.t.is_alias_of(out), fn, ": out must not alias an input");
+  }
+  const bool pixels = out.stride(1) == 1 && out.size(1) > 1;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, out.scalar_type(), "upsample_concat_cpu", [&] {
+        if (pixels) forward_pixels<scalar_t>(parts, out, align_corners);
+        else forward_planes<scalar_t>(parts, out, align_corners);
+      });
+}
+
+void upsample_concat_out_cpu(const std::optional<at::Tensor>& x,
+                             at::TensorList branches, bool align_corners,
+                             bool x_first, const at::Tensor& out) {
+  upsample_concat_out_impl(x, branches, align_corners, x_first, out,
+                           "upsample_concat_out");
+}
+
+at::Tensor upsample_concat_cpu(const std::optional<at::Tensor>& x,
+                               at::TensorList branches, c10::IntArrayRef size,
+                               bool align_corners, bool x_first,
+                               bool channels_last) {
+  TORCH_CHECK(size.size() == 2 && size[0] > 0 && size[1] > 0,
+              "upsample_concat: size must be two positive ints");
+  TORCH_CHECK(x.has_value() || !branches.empty(),
+              "upsample_concat: needs x or at least one branch");
+  const at::Tensor& ref = x.has_value() ? *x : branches[0];
+  int64_t channels = x.has_value() ? x->size(1) : 0;
+  for (const auto& b : branches) channels += b.size(1);
+  const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast
+                                 : at::MemoryFormat::Contiguous;
+  at::Tensor out = at::empty({ref.size(0), channels, size[0], size[1]},
+                             ref.options().memory_format(fmt));
+  advise_huge_pages(out);
+  upsample_concat_out_impl(x, branches, align_corners, x_first, out,
+                           "upsample_concat");
+  return out;
+}
+
+// ------------------------------- backward ----------------------------------
+
+// grad_branch[n, c] = Wy^T G Wx for each plane; G read through its strides.
+template <typename scalar_t>
+void backward_planes(const at::Tensor& g, std::vector<at::Tensor>& grads,
+                     const std::vector<int64_t>& offsets, bool align_corners) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t N = g.size(0), H = g.size(2), W = g.size(3);
+  const int64_t gsN = g.stride(0), gsC = g.stride(1), gsH = g.stride(2),
+                gsW = g.stride(3);
+  const scalar_t* gp = g.const_data_ptr<scalar_t>();
+  // Tasks are (branch, n, c) planes, numbered branch after branch.
+  std::vector<int64_t> first_task;
+  int64_t tasks = 0;
+  std::vector<std::vector<LinearTap<acc_t>>> th, tw;
+  for (const auto& gb : grads) {
+    first_task.push_back(tasks);
+    tasks += N * gb.size(1);
+    th.push_back(axis_taps<acc_t>(gb.size(2), H, align_corners));
+    tw.push_back(axis_taps<acc_t>(gb.size(3), W, align_corners));
+  }
+  first_task.push_back(tasks);
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, H * W));
+  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> rows, acc;
+    for (int64_t task = begin; task < end; ++task) {
+      size_t k = 0;
+      while (task >= first_task[k + 1]) ++k;
+      at::Tensor& gb = grads[k];
+      const int64_t Ck = gb.size(1), hb = gb.size(2), wb = gb.size(3);
+      const int64_t n = (task - first_task[k]) / Ck;
+      const int64_t c = (task - first_task[k]) % Ck;
+      const scalar_t* src = gp + n * gsN + (offsets[k] + c) * gsC;
+      const auto& ty = th[k];
+      const auto& tx = tw[k];
+      // rows[i][w] = sum_h Wy[h, i] * G[h, w]
+      rows.assign(static_cast<size_t>(hb * W), acc_t(0));
+      for (int64_t h = 0; h < H; ++h) {
+        const scalar_t* s = src + h * gsH;
+        acc_t* r0 = rows.data() + ty[h].i0 * W;
+        const acc_t w0 = ty[h].w0;
+        if (gsW == 1) {
+#pragma omp simd
+          for (int64_t w = 0; w < W; ++w) r0[w] += w0 * static_cast<acc_t>(s[w]);
+        } else {
+          for (int64_t w = 0; w < W; ++w) r0[w] += w0 * static_cast<acc_t>(s[w * gsW]);
+        }
+        const acc_t w1 = ty[h].w1;
+        if (w1 != acc_t(0)) {
+          acc_t* r1 = rows.data() + ty[h].i1 * W;
+          if (gsW == 1) {
+#pragma omp simd
+            for (int64_t w = 0; w < W; ++w) r1[w] += w1 * static_cast<acc_t>(s[w]);
+          } else {
+            for (int64_t w = 0; w < W; ++w) r1[w] += w1 * static_cast<acc_t>(s[w * gsW]);
+          }
+        }
+      }
+      // grad[i][j] = sum_w rows[i][w] * Wx[w, j]
+      acc.assign(static_cast<size_t>(hb * wb), acc_t(0));
+      for (int64_t i = 0; i < hb; ++i) {
+        const acc_t* r = rows.data() + i * W;
+        acc_t* a = acc.data() + i * wb;
+        for (int64_t w = 0; w < W; ++w) {
+          a[tx[w].i0] += tx[w].w0 * r[w];
+          a[tx[w].i1] += tx[w].w1 * r[w];
+        }
+      }
+      scalar_t* dst = gb.mutable_data_ptr<scalar_t>() + n * gb.stride(0) + c * gb.stride(1);
+      for (int64_t i = 0; i < hb; ++i)
+        for (int64_t j = 0; j < wb; ++j)
+          dst[i * gb.stride(2) + j * gb.stride(3)] = static_cast<scalar_t>(acc[i * wb + j]);
+    }
+  });
+}
+
+// channels_last G: the same two passes, vector over a chunk of channels.
+template <typename scalar_t>
+void backward_pixels(const at::Tensor& g, std::vector<at::Tensor>& grads,
+                     const std::vector<int64_t>& offsets, bool align_corners) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t N = g.size(0), H = g.size(2), W = g.size(3);
+  const int64_t gsN = g.stride(0), gsH = g.stride(2), gsW = g.stride(3);
+  const scalar_t* gp = g.const_data_ptr<scalar_t>();
+  constexpr int64_t kChunk = 64;
+  std::vector<int64_t> first_task;
+  int64_t tasks = 0;
+  std::vector<std::vector<LinearTap<acc_t>>> th, tw;
+  for (const auto& gb : grads) {
+    first_task.push_back(tasks);
+    tasks += N * ((gb.size(1) + kChunk - 1) / kChunk);
+    th.push_back(axis_taps<acc_t>(gb.size(2), H, align_corners));
+    tw.push_back(axis_taps<acc_t>(gb.size(3), W, align_corners));
+  }
+  first_task.push_back(tasks);
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> rows, acc;
+    for (int64_t task = begin; task < end; ++task) {
+      size_t k = 0;
+      while (task >= first_task[k + 1]) ++k;
+      at::Tensor& gb = grads[k];
+      const int64_t Ck = gb.size(1), hb = gb.size(2), wb = gb.size(3);
+      const int64_t chunks = (Ck + kChunk - 1) / kChunk;
+      const int64_t n = (task - first_task[k]) / chunks;
+      const int64_t c0 = ((task - first_task[k]) % chunks) * kChunk;
+      const int64_t cn = std::min(kChunk, Ck - c0);
+      const scalar_t* src = gp + n * gsN + offsets[k] + c0;
+      const auto& ty = th[k];
+      const auto& tx = tw[k];
+      rows.assign(static_cast<size_t>(hb * W * kChunk), acc_t(0));
+      for (int64_t h = 0; h < H; ++h) {
+        for (int64_t w = 0; w < W; ++w) {
+          const scalar_t* s = src + h * gsH + w * gsW;
+          acc_t* r0 = rows.data() + (ty[h].i0 * W + w) * kChunk;
+          const acc_t w0 = ty[h].w0, w1 = ty[h].w1;
+#pragma omp simd
+          for (int64_t c = 0; c < cn; ++c) r0[c] += w0 * static_cast<acc_t>(s[c]);
+          if (w1 != acc_t(0)) {
+            acc_t* r1 = rows.data() + (ty[h].i1 * W + w) * kChunk;
+#pragma omp simd
+            for (int64_t c = 0; c < cn; ++c) r1[c] += w1 * static_cast<acc_t>(s[c]);
+          }
+        }
+      }
+      acc.assign(static_cast<size_t>(hb * wb * kChunk), acc_t(0));
+      for (int64_t i = 0; i < hb; ++i) {
+        for (int64_t w = 0; w < W; ++w) {
+          const acc_t* r = rows.data() + (i * W + w) * kChunk;
+          acc_t* a0 = acc.data() + (i * wb + tx[w].i0) * kChunk;
+          acc_t* a1 = acc.data() + (i * wb + tx[w].i1) * kChunk;
+          const acc_t w0 = tx[w].w0, w1 = tx[w].w1;
+#pragma omp simd
+          for (int64_t c = 0; c < cn; ++c) a0[c] += w0 * r[c];
+#pragma omp simd
+          for (int64_t c = 0; c < cn; ++c) a1[c] += w1 * r[c];
+        }
+      }
+      scalar_t* dst = gb.mutable_data_ptr<scalar_t>() + n * gb.stride(0) + c0 * gb.stride(1);
+      for (int64_t i = 0; i < hb; ++i)
+        for (int64_t j = 0; j < wb; ++j)
+          for (int64_t c = 0; c < cn; ++c)
+            dst[i * gb.stride(2) + j * gb.stride(3) + c * gb.stride(1)] =
+                static_cast<scalar_t>(acc[(i * wb + j) * kChunk + c]);
+    }
+  });
+}
+
+std::vector<at::Tensor> upsample_concat_backward_cpu(
+    const at::Tensor& grad_out, c10::IntArrayRef branch_shapes,
+    int64_t channel_offset, bool align_corners, bool channels_last) {
+  TORCH_CHECK(grad_out.dim() == 4,
+              "upsample_concat_backward: grad_out must be 4-D");
+  TORCH_CHECK(branch_shapes.size() % 3 == 0,
+              "upsample_concat_backward: branch_shapes must hold (C, h, w) "
+              "triples");
+  const int64_t N = grad_out.size(0);
+  const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast
+                                 : at::MemoryFormat::Contiguous;
+  std::vector<at::Tensor> grads;
+  std::vector<int64_t> offsets;
+  int64_t c = channel_offset;
+  for (size_t k = 0; k < branch_shapes.size(); k += 3) {
+    TORCH_CHECK(branch_shapes[k] >= 0 && branch_shapes[k + 1] > 0 &&
+                    branch_shapes[k + 2] > 0,
+                "upsample_concat_backward: invalid branch shape");
+    grads.push_back(at::empty(
+        {N, branch_shapes[k], branch_shapes[k + 1], branch_shapes[k + 2]},
+        grad_out.options().memory_format(fmt)));
+    offsets.push_back(c);
+    c += branch_shapes[k];
+  }
+  TORCH_CHECK(channel_offset >= 0 && c <= grad_out.size(1),
+              "upsample_concat_backward: branches exceed grad_out's channels");
+  if (grad_out.numel() == 0 || grads.empty()) return grads;
+  const at::Tensor g =
+      (grad_out.is_contiguous() ||
+       grad_out.is_contiguous(at::MemoryFormat::ChannelsLast))
+          ? grad_out
+          : grad_out.contiguous();
+  const bool pixels = g.stride(1) == 1 && g.size(1) > 1;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, g.scalar_type(), "upsample_concat_backward_cpu",
+      [&] {
+        if (pixels) backward_pixels<scalar_t>(g, grads, offsets, align_corners);
+        else backward_planes<scalar_t>(g, grads, offsets, align_corners);
+      });
+  return grads;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyramid_ext, CPU, m) {
+  m.impl("upsample_concat", &upsample_concat_cpu);
+  m.impl("upsample_concat_out", &upsample_concat_out_cpu);
+  m.impl("upsample_concat_backward", &upsample_concat_backward_cpu);
+}
+
+}  // namespace pyramid_ext

@@ -1,0 +1,153 @@
+"""Custom-op citizenship: opcheck, fake kernels, torch.compile, autocast."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pyramid_ext as pe
+
+from .conftest import need_backend
+
+ops = None
+
+
+@pytest.fixture(autouse=True)
+def _cpp():
+    need_backend("cpp")
+    global ops
+    ops = torch.ops.pyramid_ext
+
+
+def _bounds(size, n):
+    out = []
+    for i in range(n):
+        out += [(i * size) // n, -((-(i + 1) * size) // n)]
+    return out
+
+
+def _pool_args(shape, bins, mode, cl, requires_grad=True):
+    x = torch.randn(shape, dtype=torch.float64)
+    if cl:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(requires_grad)
+    hb, wb, lb = [], [], []
+    for b in bins:
+        hb += _bounds(shape[2], b)
+        wb += _bounds(shape[3], b)
+        lb += [b, b]
+    return (x, hb, wb, lb, mode, cl)
+
+
+@pytest.mark.parametrize("mode", [0, 1])
+@pytest.mark.parametrize("cl", [False, True])
+def test_opcheck_multi_pool2d(mode, cl):
+    args = _pool_args((2, 3, 11, 7), (1, 2, 3), mode, cl)
+    if mode == 1:  # distinct values: gradients of max are well defined
+        with torch.no_grad():
+            args[0].copy_(torch.randperm(args[0].numel()).view(args[0].shape).double())
+    torch.library.opcheck(ops.multi_pool2d.default, args)
+
+
+@pytest.mark.parametrize("mode", [0, 1])
+def test_opcheck_multi_pool2d_backward(mode):
+    x, hb, wb, lb, _, cl = _pool_args((2, 3, 11, 7), (1, 2, 3), mode, False, requires_grad=False)
+    values, indices = ops.multi_pool2d(x, hb, wb, lb, mode, False)
+    grad = torch.randn_like(values)
+    torch.library.opcheck(ops.multi_pool2d_backward.default,
+                          (grad, indices if mode == 1 else None, list(x.shape), hb, wb, lb, mode, False, False))
+
+
+@pytest.mark.parametrize("cl", [False, True])
+@pytest.mark.parametrize("x_first", [True, False])
+def test_opcheck_upsample_concat(cl, x_first):
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    x = torch.randn(2, 3, 9, 7, dtype=torch.float64).contiguous(memory_format=fmt).requires_grad_()
+    br = [torch.randn(2, c, s, s, dtype=torch.float64).contiguous(memory_format=fmt).requires_grad_()
+          for c, s in ((1, 1), (2, 3))]
+    torch.library.opcheck(ops.upsample_concat.default, (x, br, [9, 7], False, x_first, cl))
+    torch.library.opcheck(ops.upsample_concat.default, (None, br, [5, 4], True, x_first, cl))
+
+
+def test_opcheck_upsample_concat_out_and_backward():
+    x = torch.randn(2, 3, 9, 7)
+    br = [torch.randn(2, 2, 3, 3)]
+    out = torch.empty(2, 5, 9, 7)
+    torch.library.opcheck(ops.upsample_concat_out.default, (x, br, True, True, out))
+    g = torch.randn(2, 5, 9, 7)
+    torch.library.opcheck(ops.upsample_concat_backward.default, (g, [2, 3, 3], 3, True, False))
+
+
+def _ppm_like(x):
+    levels = pe.multi_adaptive_avg_pool2d(x, (1, 2, 3, 6))
+    return pe.upsample_concat(x, [t * 2 for t in levels], align_corners=True)
+
+
+def _ppm_eager(x):
+    levels = [F.adaptive_avg_pool2d(x, b) for b in (1, 2, 3, 6)]
+    ups = [F.interpolate(t * 2, x.shape[-2:], mode="bilinear", align_corners=True) for t in levels]
+    return torch.cat([x] + ups, 1)
+
+
+def test_compile_fullgraph_inductor():
+    fn = torch.compile(_ppm_like, fullgraph=True)
+    x = torch.randn(2, 4, 13, 17, requires_grad=True)
+    out = fn(x)
+    torch.testing.assert_close(out, _ppm_eager(x))
+    out.sum().backward()
+    x2 = x.detach().clone().requires_grad_()
+    _ppm_eager(x2).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad)
+
+
+def test_compile_max_and_spp_fullgraph():
+    def fn(x):
+        vals, idx = pe.multi_adaptive_max_pool2d(x, (1, 3), return_indices=True)
+        return pe.spatial_pyramid_pool(x, (4, 2, 1)), vals[1], idx[1]
+
+    x = torch.randn(2, 3, 14, 9)
+    spp, v, i = torch.compile(fn, fullgraph=True, backend="aot_eager")(x)
+    want_v, want_i = F.adaptive_max_pool2d(x, 3, return_indices=True)
+    torch.testing.assert_close(spp, torch.cat([F.adaptive_max_pool2d(x, b).flatten(1) for b in (4, 2, 1)], 1))
+    assert torch.equal(v, want_v) and torch.equal(i, want_i)
+
+
+def test_compile_dynamic_no_recompile_per_size():
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    fn = torch.compile(_ppm_like, backend=counter, fullgraph=True, dynamic=True)
+    for h, w in [(13, 17), (20, 31), (33, 47), (64, 64), (61, 29)]:
+        x = torch.randn(2, 4, h, w)
+        torch.testing.assert_close(fn(x), _ppm_eager(x))
+    assert counter.frame_count == 1, f"recompiled {counter.frame_count} times"
+
+
+def test_compile_dynamic_backward_aot():
+    torch._dynamo.reset()
+    fn = torch.compile(_ppm_like, backend="aot_eager", fullgraph=True, dynamic=True)
+    for h, w in [(13, 17), (40, 23)]:
+        x = torch.randn(1, 3, h, w, requires_grad=True)
+        fn(x).square().sum().backward()
+        x2 = x.detach().clone().requires_grad_()
+        _ppm_eager(x2).square().sum().backward()
+        torch.testing.assert_close(x.grad, x2.grad)
+
+
+def test_autocast_runs_in_input_dtype():
+    x = torch.randn(1, 4, 12, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        levels = pe.multi_adaptive_avg_pool2d(x, (1, 2))
+        eager = F.adaptive_avg_pool2d(x, 2)
+        out = pe.upsample_concat(x, levels)
+        ref = torch.cat([x] + [F.interpolate(t, (12, 12), mode="bilinear") for t in levels], 1)
+    assert levels[1].dtype == eager.dtype == torch.float32
+    assert out.dtype == ref.dtype
+
+
+def test_build_info():
+    info = pe.build_info()
+    assert info["extension"] is True
+    assert isinstance(info["openmp"], bool) and isinstance(info["cuda"], bool)
+    for op in ("multi_pool2d", "multi_pool2d_backward", "upsample_concat", "upsample_concat_out",
+               "upsample_concat_backward"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"pyramid_ext::{op}", "CPU")
