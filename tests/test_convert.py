@@ -20,10 +20,12 @@ needs_smp = pytest.mark.skipif(not HAS_SMP, reason="segmentation_models_pytorch 
 needs_tv = pytest.mark.skipif(not HAS_TORCHVISION, reason="torchvision is not installed (pip install torchvision)")
 
 
-@pytest.fixture(params=pe.available_backends("cpu"))
-def backend(request):
-    with pe.use_backend(request.param):
-        yield request.param
+@pytest.fixture
+def backend(backend):
+    """conftest's CPU backends (compiled and pure PyTorch; a missing one skips, or
+    fails under PYRAMID_EXT_REQUIRE_CPP=1), selected for the whole test."""
+    with pe.use_backend(backend):
+        yield backend
 
 
 def randomize_bn(model: nn.Module, seed=0):

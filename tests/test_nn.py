@@ -31,10 +31,12 @@ def _seed():
     torch.manual_seed(0)
 
 
-@pytest.fixture(params=pe.available_backends("cpu"))
-def backend(request):
-    with pe.use_backend(request.param):
-        yield request.param
+@pytest.fixture
+def backend(backend):
+    """conftest's CPU backends (compiled and pure PyTorch; a missing one skips, or
+    fails under PYRAMID_EXT_REQUIRE_CPP=1), selected for the whole test."""
+    with pe.use_backend(backend):
+        yield backend
 
 
 # --------------------------------------------------------------------------
