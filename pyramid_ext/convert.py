@@ -127,6 +127,7 @@ class Replacement:
     new_class: str
     checked: bool = False  # compared against the original on example_input
     max_abs_error: Optional[float] = None
+    output_scale: Optional[float] = None  # largest magnitude of the original's output on example_input
 
 
 @dataclass
@@ -154,7 +155,7 @@ class ConversionReport:
             return "convert(): no recognised pyramid module"
         lines = [f"{'module':<32} {'old class':<62} {'new class':<40} check"]
         for r in self.replacements:
-            check = f"max abs err {r.max_abs_error:.3g}" if r.checked else "-"
+            check = f"max abs err {r.max_abs_error:.3g} (output scale {r.output_scale:.3g})" if r.checked else "-"
             lines.append(f"{r.name:<32} {r.old_class:<62} {r.new_class:<40} {check}")
         for name, why in self.skipped:
             lines.append(f"{name:<32} left alone: {why}")
@@ -269,7 +270,7 @@ def convert(model: nn.Module, *, example_input=None, rtol: Optional[float] = Non
             entry = Replacement(name, _qualname(type(old)), _qualname(type(new)))
             if example_input is not None:
                 if id(old) in captured:
-                    entry.max_abs_error = _compare(old, new, captured[id(old)], name, rtol)
+                    entry.max_abs_error, entry.output_scale = _compare(old, new, captured[id(old)], name, rtol)
                     entry.checked = True
                 else:
                     warnings.warn(f"convert(): '{name}' was not called by the model on example_input; "
@@ -303,9 +304,10 @@ def _compare(old: nn.Module, new: nn.Module, inputs, name: str, rtol: Optional[f
         raise ConversionError(f"convert(): the fused replacement of '{name}' ({_qualname(type(old))}) gives shape "
                               f"{tuple(got.shape)}, the original {tuple(ref.shape)}; the model was left unchanged")
     err = (got.double() - ref.double()).abs().max().item() if ref.numel() else 0.0
-    tol = (rtol if rtol is not None else _tolerance(ref.dtype)) * max(1.0, ref.abs().max().item() if ref.numel() else 0.0)
+    scale = ref.abs().max().item() if ref.numel() else 0.0
+    tol = (rtol if rtol is not None else _tolerance(ref.dtype)) * max(1.0, scale)
     if not err <= tol:  # also catches NaN
         raise ConversionError(f"convert(): the fused replacement of '{name}' ({_qualname(type(old))}) does not match the "
                               f"original on example_input: max abs error {err:.3g} > tolerance {tol:.3g}; "
                               "the model was left unchanged")
-    return err
+    return err, scale

@@ -592,8 +592,11 @@ def test_pspnet_end_to_end(backend):
     shared = [model.layer1[0].conv1.weight, model.aux[4].weight, model.cls[0].weight]
     g = torch.autograd.grad(main_loss + 0.4 * aux_loss, [model.ppm.features[3][1].weight] + shared)
     rg = torch.autograd.grad(r_main + 0.4 * r_aux, [ref_ppm.features[3][1].weight] + shared)
+    # End to end, gradients flow back through ResNet-50 and through BatchNorm over the
+    # 1x1 bin at batch size 2 (ill-conditioned: see compare()); the fp32 reference's own
+    # error there is of the order of 1e-5, so parameter gradients are held to 1e-4.
     for a, b in zip(g, rg):
-        close(a, b, what="parameter grad")
+        close(a, b, rel=1e-4, what="parameter grad")
     for a, b in zip(model.ppm.buffers(), ref_ppm.buffers()):  # same BatchNorm statistics after one step
         close(a.float(), b.float(), what="ppm buffer")
     assert model(x).shape == (2, 3, 17, 17)  # training without targets: the output
