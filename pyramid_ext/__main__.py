@@ -69,8 +69,11 @@ def _step(module: nn.Module, x: torch.Tensor, grad: Optional[torch.Tensor], para
     return [out] + list(torch.autograd.grad(out, [x] + params, grad))
 
 
-def _max_err(a: List[torch.Tensor], b: List[torch.Tensor]) -> float:
-    return max((u.double() - v.double()).abs().max().item() for u, v in zip(a, b))
+def _max_err(a: List[torch.Tensor], b: List[torch.Tensor]):
+    """Max abs error over the compared tensors, and the max of each tensor's
+    error relative to its largest eager magnitude (gradients are large sums)."""
+    errs = [((u.double() - v.double()).abs().max().item(), v.double().abs().max().item()) for u, v in zip(a, b)]
+    return max(e for e, _ in errs), max(e / s if s else e for e, s in errs)
 
 
 def run_bench(args) -> Dict:
@@ -124,7 +127,7 @@ def run_bench(args) -> Dict:
                 continue
             if label == "eager":
                 reference = result
-            errors[label] = _max_err(result, reference) if reference is not None else None
+            errors[label] = _max_err(result, reference) if reference is not None else (None, None)
             live.append((label, module))
 
         times: Dict[str, List[float]] = {label: [] for label, _ in live}
@@ -141,11 +144,12 @@ def run_bench(args) -> Dict:
         for label, _ in contenders:
             if label in failures:
                 rows.append({"backend": label, "mode": mode, "ms": None, "speedup": None, "max_abs_err": None,
-                             "error": failures[label]})
+                             "max_rel_err": None, "error": failures[label]})
                 continue
             ms = statistics.median(times[label]) if times[label] else float("nan")
             rows.append({"backend": label, "mode": mode, "ms": ms, "speedup": (base / ms) if base and ms else None,
-                         "max_abs_err": errors[label], "times_ms": times[label]})
+                         "max_abs_err": errors[label][0], "max_rel_err": errors[label][1],
+                         "times_ms": times[label]})
     return {
         "config": {"shape": [n, c, h, w], "bins": list(bins), "reduction": reduction, "dtype": args.dtype,
                    "device": str(device), "channels_last": args.channels_last, "rounds": args.rounds,
@@ -161,14 +165,16 @@ def format_table(result: Dict) -> str:
             f"{'channels_last ' if cfg['channels_last'] else ''}on {cfg['device']} "
             f"({cfg['threads']} threads), median of {cfg['rounds']} interleaved rounds; "
             f"forward in eval mode, forward+backward in {cfg['backward_bn_mode']} mode")
-    lines = [head, f"{'backend':<22} {'mode':<17} {'ms':>10} {'speedup vs eager':>17} {'max abs err vs eager':>21}"]
+    lines = [head, f"{'backend':<22} {'mode':<17} {'ms':>10} {'speedup vs eager':>17} {'max abs err vs eager':>21} "
+                   f"{'rel to scale':>12}"]
     for r in result["rows"]:
         if r["ms"] is None:
             lines.append(f"{r['backend']:<22} {r['mode']:<17} {'failed':>10}  {r['error']}")
             continue
         speed = f"{r['speedup']:.2f}x" if r["speedup"] else "-"
         err = "-" if r["max_abs_err"] is None else f"{r['max_abs_err']:.3g}"
-        lines.append(f"{r['backend']:<22} {r['mode']:<17} {r['ms']:>10.3f} {speed:>17} {err:>21}")
+        rel = "-" if r["max_rel_err"] is None else f"{r['max_rel_err']:.2g}"
+        lines.append(f"{r['backend']:<22} {r['mode']:<17} {r['ms']:>10.3f} {speed:>17} {err:>21} {rel:>12}")
     return "\n".join(lines)
 
 
