@@ -14,6 +14,8 @@ from .functional import (
     spatial_pyramid_pool,
     upsample_concat,
 )
+from . import nn  # noqa: E402  (drop-in modules)
+from .convert import convert  # noqa: E402  (model conversion)
 
 __version__ = "0.1.0"
 
@@ -30,8 +32,10 @@ __all__ = [
     "BACKENDS",
     "available_backends",
     "build_info",
+    "convert",
     "multi_adaptive_avg_pool2d",
     "multi_adaptive_max_pool2d",
+    "nn",
     "spatial_pyramid_pool",
     "upsample_concat",
     "use_backend",

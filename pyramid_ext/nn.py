@@ -1,0 +1,528 @@
+"""Drop-in ``nn`` modules computing pyramid pooling with the fused ops.
+
+Every module here keeps the constructor, parameter names and ``state_dict``
+keys of the layout it reproduces, so migrating is a change of import. The
+pooling of every bin is one ``multi_adaptive_avg_pool2d`` call, the per-bin
+1x1 conv / norm / activation run on the tiny pooled maps, and the upsampling of
+every branch plus the concatenation with ``x`` is one ``upsample_concat``
+call. The backend is whatever ``pyramid_ext`` selects (``use_backend``,
+``PYRAMID_EXT_BACKEND``, or auto); nothing here names one.
+
+Branches are ``nn.Sequential`` s whose index 0 is the original
+``nn.AdaptiveAvgPool2d`` (kept as a placeholder: it holds no state and the
+fused forward does not call it, it only records the bin), followed by the
+layers applied to the pooled map.
+
+BatchNorm and the 1x1 bin: in training, BatchNorm needs more than one value per
+channel, and a 1x1 bin at batch size 1 gives exactly one. Where a branch would
+hit that, the modules raise a ``ValueError`` naming the module and the branch
+(PyTorch's own error would come from deep inside ``F.batch_norm``).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from . import functional as pf
+from .windows import WINDOW_POLICIES, normalize_bins
+
+__all__ = [
+    "PPM",
+    "PSPModule",
+    "PyramidPooling",
+    "SpatialPyramidPooling",
+    "FeaturePyramidAttention",
+    "PSPNet",
+    "fused_pyramid",
+]
+
+
+# --------------------------------------------------------------------------
+# Shared machinery
+# --------------------------------------------------------------------------
+
+
+def _bin_of(pool: nn.Module) -> Tuple[int, int]:
+    """The (bh, bw) an ``nn.AdaptiveAvgPool2d`` placeholder pools to."""
+    if not isinstance(pool, nn.AdaptiveAvgPool2d):
+        raise TypeError(f"expected an nn.AdaptiveAvgPool2d as a branch's first module, got {type(pool).__name__}")
+    size = pool.output_size
+    pair = (size, size) if isinstance(size, int) else tuple(size)
+    if len(pair) != 2 or not all(isinstance(v, int) for v in pair):
+        raise ValueError(f"AdaptiveAvgPool2d output_size {size!r} is not a fixed (h, w); the fused pooling needs one")
+    return pair
+
+
+def _syncs_across_processes(m: nn.Module) -> bool:
+    return (isinstance(m, nn.SyncBatchNorm) and torch.distributed.is_available()
+            and torch.distributed.is_initialized())
+
+
+def _check_batchnorm(tail: Sequence[nn.Module], pooled: torch.Tensor, label: str) -> None:
+    """Raises a clear error where BatchNorm in training would see one value per channel."""
+    if pooled.shape[0] * pooled.shape[-2] * pooled.shape[-1] != 1:
+        return
+    for t in tail:
+        for m in t.modules():
+            if isinstance(m, _BatchNorm) and m.training and not _syncs_across_processes(m):
+                bh, bw = pooled.shape[-2], pooled.shape[-1]
+                raise ValueError(
+                    f"{label}: {type(m).__name__} in training mode needs more than one value per channel, but this "
+                    f"branch pools to a {bh}x{bw} bin and the batch size is 1, so it sees exactly one. Train with a "
+                    "batch size of at least 2, put the module in eval mode, or build it without a norm layer on the "
+                    "1x1 branch (PyramidPooling(..., norm_on_1x1=False), as segmentation_models_pytorch does)."
+                )
+
+
+def _apply_tail(stage: nn.Sequential, pooled: torch.Tensor, label: str) -> torch.Tensor:
+    tail = list(stage)[1:]
+    _check_batchnorm(tail, pooled, label)
+    for m in tail:
+        pooled = m(pooled)
+    return pooled
+
+
+def fused_pyramid(x: torch.Tensor, stages: Sequence[nn.Sequential], *, align_corners: bool, x_first: bool = True,
+                  with_x: bool = True, label: str = "pyramid") -> torch.Tensor:
+    """``cat([x] + [interpolate(stage(x), x's size)] ...)`` with the fused ops.
+
+    ``stages``: Sequentials whose index 0 is an ``nn.AdaptiveAvgPool2d``
+    (its bin is read, the module itself is not called) and whose remaining
+    modules are applied to the pooled map. One multi-bin pooling call, the
+    stage tails on the pooled maps, one upsample-concat call. ``x_first=False``
+    puts x last; ``with_x=False`` returns the upsampled branches only.
+    """
+    bins = [_bin_of(s[0]) for s in stages]
+    pooled = pf.multi_adaptive_avg_pool2d(x, bins)
+    branches = [_apply_tail(s, p, f"{label}[{i}] (bin {b[0]}x{b[1]})")
+                for i, (s, p, b) in enumerate(zip(stages, pooled, bins))]
+    return pf.upsample_concat(x if with_x else None, branches, size=tuple(x.shape[-2:]),
+                              align_corners=align_corners, x_first=x_first)
+
+
+def _module_label(module: nn.Module, attr: str) -> str:
+    # convert() sets _pe_name to the qualified name of the replaced module.
+    return f"{getattr(module, '_pe_name', None) or type(module).__name__}.{attr}"
+
+
+# --------------------------------------------------------------------------
+# hszhao/semseg PPM
+# --------------------------------------------------------------------------
+
+
+class PPM(nn.Module):
+    """Pyramid Pooling Module, hszhao/semseg layout, fused.
+
+    Per bin: adaptive average pooling -> 1x1 conv (no bias) -> BatchNorm2d ->
+    ReLU, bilinearly upsampled with ``align_corners=True``; returns
+    ``cat([x, branch_1, ...], 1)`` with ``in_dim + len(bins) * reduction_dim``
+    channels. Same constructor and ``state_dict`` keys as the original
+    (``features.{i}.1.weight`` conv, ``features.{i}.2.*`` BatchNorm), so
+    replacing the import is the whole migration.
+    """
+
+    def __init__(self, in_dim: int, reduction_dim: int, bins: Sequence[int]):
+        super().__init__()
+        self.features = nn.ModuleList([
+            nn.Sequential(
+                nn.AdaptiveAvgPool2d(b),  # placeholder: records the bin; pooling is fused
+                nn.Conv2d(in_dim, reduction_dim, kernel_size=1, bias=False),
+                nn.BatchNorm2d(reduction_dim),
+                nn.ReLU(inplace=True),
+            ) for b in bins
+        ])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fused_pyramid(x, self.features, align_corners=True, x_first=True,
+                             label=_module_label(self, "features"))
+
+
+# --------------------------------------------------------------------------
+# Lextal/pspnet-pytorch PSPModule
+# --------------------------------------------------------------------------
+
+
+class PSPModule(nn.Module):
+    """PSP module, Lextal/pspnet-pytorch layout, fused.
+
+    Per size: adaptive average pooling -> full-width 1x1 conv without bias
+    (``stages.{i}.1.weight``), bilinearly upsampled with
+    ``align_corners=False`` (PyTorch's default for ``F.upsample``); the
+    concatenation puts ``x`` LAST: ``[stage_1, ..., stage_k, x]``; then the
+    biased 1x1 ``bottleneck`` conv to ``out_features`` and a ReLU.
+
+    The blog listing this is documented from reassigns ``x`` inside its loop
+    (each stage then pools the previous stage's upsampled output, and the
+    result is discarded anyway); this module follows the original repository's
+    intent, ``priors = [upsample(stage(x)) for stage in stages] + [x]``.
+    """
+
+    def __init__(self, features: int, out_features: int = 1024, sizes: Sequence[int] = (1, 2, 3, 6)):
+        super().__init__()
+        self.stages = nn.ModuleList([self._make_stage(features, size) for size in sizes])
+        self.bottleneck = nn.Conv2d(features * (len(sizes) + 1), out_features, kernel_size=1)
+        self.relu = nn.ReLU()
+
+    @staticmethod
+    def _make_stage(features: int, size: int) -> nn.Sequential:
+        prior = nn.AdaptiveAvgPool2d(output_size=(size, size))  # placeholder: pooling is fused
+        conv = nn.Conv2d(features, features, kernel_size=1, bias=False)
+        return nn.Sequential(prior, conv)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        priors = fused_pyramid(feats, self.stages, align_corners=False, x_first=False,
+                               label=_module_label(self, "stages"))
+        return self.relu(self.bottleneck(priors))
+
+
+# --------------------------------------------------------------------------
+# Configurable pyramid pooling (paper / mmsegmentation / smp / CSAIL layouts)
+# --------------------------------------------------------------------------
+
+NormSpec = Union[None, str, Callable[[int], nn.Module]]
+
+
+def _make_norm(norm: NormSpec, channels: int, gn_groups: int) -> Optional[nn.Module]:
+    if norm is None or norm is False:
+        return None
+    if callable(norm) and not isinstance(norm, str):
+        return norm(channels)
+    name = str(norm).lower()
+    if name in ("bn", "batchnorm", "batchnorm2d"):
+        return nn.BatchNorm2d(channels)
+    if name in ("syncbn", "syncbatchnorm"):
+        return nn.SyncBatchNorm(channels)
+    if name in ("gn", "groupnorm"):
+        if channels % gn_groups:
+            raise ValueError(f"norm='gn': {channels} channels are not divisible into gn_groups={gn_groups} groups")
+        return nn.GroupNorm(gn_groups, channels)
+    raise ValueError(f"norm must be None, 'bn', 'syncbn', 'gn' or a callable(num_channels) -> nn.Module, got {norm!r}")
+
+
+def _make_act(act) -> Optional[nn.Module]:
+    if act is None or act is False:
+        return None
+    if isinstance(act, str):
+        if act.lower() == "relu":
+            return nn.ReLU(inplace=True)
+        raise ValueError(f"act must be None, 'relu' or a callable() -> nn.Module, got {act!r}")
+    return act()
+
+
+_SAME = object()
+
+
+class PyramidPooling(nn.Module):
+    """One configurable pyramid pooling module reproducing the common layouts.
+
+    Per bin: adaptive average pooling -> 1x1 conv -> norm -> activation, all
+    branches bilinearly upsampled to x's size and concatenated with x (first
+    or last), optionally followed by an output conv -> norm -> activation
+    (``bottleneck``). Pooling and upsample-concat are the fused ops.
+
+    Parameters (keyword-only after ``bins``):
+
+    - ``branch_channels``: channels of each branch (default ``in_channels // len(bins)``).
+    - ``norm``: ``None``, ``"bn"``, ``"syncbn"``, ``"gn"`` (``gn_groups`` groups) or a
+      callable ``(num_channels) -> nn.Module``; ``act``: ``"relu"``, ``None`` or a callable.
+    - ``branch_bias``: conv bias of the branches; default: only without a norm.
+    - ``norm_on_1x1``: ``False`` drops the norm (and adds the conv bias) on 1x1 bins,
+      as segmentation_models_pytorch does.
+    - ``align_corners``, ``x_first``.
+    - ``out_channels``: ``None`` returns the concatenation; else a ``bottleneck``
+      conv (``out_kernel_size``, "same" padding) to ``out_channels``, with ``out_norm``
+      / ``out_act`` / ``out_bias`` (defaults: same as the branches).
+
+    Layout presets (classmethods): :meth:`paper`, :meth:`mmseg`, :meth:`smp`, :meth:`csail`.
+
+    Structure / ``state_dict``: ``branches.{i}`` is ``Sequential(pool placeholder,
+    conv, norm-or-Identity, act-or-Identity)``; ``bottleneck`` is
+    ``Sequential(conv, norm-or-Identity, act-or-Identity)`` or ``None``.
+    BatchNorm on a 1x1 bin in training at batch size 1 raises a ``ValueError``
+    naming the module (see the module docstring).
+    """
+
+    def __init__(self, in_channels: int, branch_channels: Optional[int] = None, bins: Sequence = (1, 2, 3, 6), *,
+                 norm: NormSpec = "bn", act="relu", branch_bias: Optional[bool] = None, norm_on_1x1: bool = True,
+                 align_corners: bool = False, x_first: bool = True, out_channels: Optional[int] = None,
+                 out_kernel_size: int = 1, out_norm=_SAME, out_act=_SAME, out_bias: Optional[bool] = None,
+                 gn_groups: int = 32):
+        super().__init__()
+        pairs = normalize_bins(bins, "PyramidPooling(): bins")
+        if branch_channels is None:
+            branch_channels = in_channels // len(pairs)
+        if branch_channels <= 0:
+            raise ValueError(f"PyramidPooling(): branch_channels must be positive, got {branch_channels}")
+        self.in_channels = in_channels
+        self.branch_channels = branch_channels
+        self.bins = pairs
+        self.align_corners = bool(align_corners)
+        self.x_first = bool(x_first)
+        self.branches = nn.ModuleList()
+        for bh, bw in pairs:
+            n = None if (bh, bw) == (1, 1) and not norm_on_1x1 else _make_norm(norm, branch_channels, gn_groups)
+            bias = (n is None) if branch_bias is None else branch_bias
+            self.branches.append(nn.Sequential(
+                nn.AdaptiveAvgPool2d((bh, bw)),  # placeholder: pooling is fused
+                nn.Conv2d(in_channels, branch_channels, kernel_size=1, bias=bias),
+                n if n is not None else nn.Identity(),
+                _make_act(act) or nn.Identity(),
+            ))
+        self.concat_channels = in_channels + len(pairs) * branch_channels
+        self.out_channels = out_channels
+        if out_channels is None:
+            self.bottleneck = None
+        else:
+            if out_kernel_size % 2 != 1:
+                raise ValueError(f"PyramidPooling(): out_kernel_size must be odd, got {out_kernel_size}")
+            on = _make_norm(norm if out_norm is _SAME else out_norm, out_channels, gn_groups)
+            oa = _make_act(act if out_act is _SAME else out_act)
+            self.bottleneck = nn.Sequential(
+                nn.Conv2d(self.concat_channels, out_channels, out_kernel_size, padding=out_kernel_size // 2,
+                          bias=(on is None) if out_bias is None else out_bias),
+                on if on is not None else nn.Identity(),
+                oa or nn.Identity(),
+            )
+
+    # ---- layout presets -------------------------------------------------
+
+    @classmethod
+    def paper(cls, in_channels: int, out_channels: int, bins: Sequence[int] = (1, 2, 3, 6)) -> "PyramidPooling":
+        """The first document's PPM: per bin a biased 1x1 conv to ``in_channels // 4``
+        (no norm, no activation), bilinear ``align_corners=True``, concat
+        ``[x, b1, b2, b3, b6]``, biased 1x1 output conv (no norm, no activation).
+        (The listing upsamples to ``(H, H)``; this uses ``(H, W)``, equal on square inputs.)"""
+        return cls(in_channels, in_channels // 4, bins, norm=None, act=None, align_corners=True, x_first=True,
+                   out_channels=out_channels, out_kernel_size=1)
+
+    @classmethod
+    def mmseg(cls, in_channels: int, channels: int, pool_scales: Sequence[int] = (1, 2, 3, 6), *,
+              norm: NormSpec = "bn", align_corners: bool = False) -> "PyramidPooling":
+        """mmsegmentation's PSPHead up to its bottleneck: ConvModule branches
+        (1x1 conv, bias only without norm, norm, ReLU), ``align_corners=False``, x first,
+        3x3 ConvModule bottleneck to ``channels`` (the ``cls_seg`` classifier is not part of it)."""
+        return cls(in_channels, channels, pool_scales, norm=norm, act="relu", align_corners=align_corners,
+                   x_first=True, out_channels=channels, out_kernel_size=3)
+
+    @classmethod
+    def smp(cls, in_channels: int, sizes: Sequence[int] = (1, 2, 3, 6), use_batchnorm: bool = True) -> "PyramidPooling":
+        """segmentation_models_pytorch's ``PSPModule`` (decoders/pspnet/decoder.py):
+        per size ``Conv2dReLU`` to ``in_channels // len(sizes)`` (1x1 conv, BatchNorm
+        unless ``use_batchnorm=False`` or the size is 1, then a biased conv; ReLU),
+        ``align_corners=True``, x LAST, no output conv."""
+        return cls(in_channels, in_channels // len(sizes), sizes, norm="bn" if use_batchnorm else None, act="relu",
+                   norm_on_1x1=False, align_corners=True, x_first=False, out_channels=None)
+
+    @classmethod
+    def csail(cls, fc_dim: int = 4096, pool_scales: Sequence[int] = (1, 2, 3, 6), branch_channels: int = 512,
+              out_channels: Optional[int] = 512, *, norm: NormSpec = "bn") -> "PyramidPooling":
+        """CSAIL semantic-segmentation-pytorch's PPM decoder: 512-channel branches
+        (1x1 conv without bias, BatchNorm, ReLU), ``align_corners=False``, x first,
+        then ``conv_last``'s 3x3 conv (no bias) + BatchNorm + ReLU to 512
+        (its dropout and classifier are not part of it; ``out_channels=None`` drops it)."""
+        return cls(fc_dim, branch_channels, pool_scales, norm=norm, act="relu", align_corners=False, x_first=True,
+                   out_channels=out_channels, out_kernel_size=3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = fused_pyramid(x, self.branches, align_corners=self.align_corners, x_first=self.x_first,
+                            label=_module_label(self, "branches"))
+        if self.bottleneck is not None:
+            out = self.bottleneck(out)
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"bins={[b[0] if b[0] == b[1] else b for b in self.bins]}, align_corners={self.align_corners}, "
+                f"x_first={self.x_first}")
+
+
+# --------------------------------------------------------------------------
+# SPPNet spatial pyramid pooling
+# --------------------------------------------------------------------------
+
+
+class SpatialPyramidPooling(nn.Module):
+    """SPPNet's spatial pyramid pooling: a fixed-length vector from any input size.
+
+    Pools every level (``levels`` of n x n bins, or (h, w) pairs) and
+    concatenates the flattened levels, level by level, channel-major within a
+    level: ``(N, C * sum(n * n))``; one ``pyramid_ext.spatial_pyramid_pool`` call.
+
+    ``window``: ``"adaptive"`` (PyTorch's adaptive pooling windows),
+    ``"sppnet"`` (the paper's kernel ``ceil(a/n)``, stride ``floor(a/n)``; an
+    input size where that does not give n bins raises a ``ValueError`` naming
+    the size), or ``"keras_same"`` (TensorFlow ``AveragePooling2D`` with
+    pool = stride = ``round(a/n)``, padding 'same', padding excluded; it yields
+    ``ceil(a / round(a/n))`` bins, which is not always n, so its length can
+    depend on the input size).
+    """
+
+    def __init__(self, levels: Sequence = (4, 2, 1), mode: str = "max", window: str = "adaptive"):
+        super().__init__()
+        if mode not in ("max", "avg"):
+            raise ValueError(f"SpatialPyramidPooling(): mode must be 'max' or 'avg', got {mode!r}")
+        if window not in WINDOW_POLICIES:
+            raise ValueError(f"SpatialPyramidPooling(): window must be one of {WINDOW_POLICIES}, got {window!r}")
+        self.levels = normalize_bins(levels, "SpatialPyramidPooling(): levels")
+        self.mode = mode
+        self.window = window
+
+    def output_features(self, channels: int) -> int:
+        """Length of the output vector for ``channels`` input channels (adaptive / sppnet windows)."""
+        return channels * sum(bh * bw for bh, bw in self.levels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return pf.spatial_pyramid_pool(x, self.levels, mode=self.mode, window=self.window)
+
+    def extra_repr(self) -> str:
+        return f"levels={self.levels}, mode={self.mode!r}, window={self.window!r}"
+
+
+# --------------------------------------------------------------------------
+# Pyramid Attention Network: Feature Pyramid Attention
+# --------------------------------------------------------------------------
+
+
+def _conv_bn_elu(cin: int, cout: int, k: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel_size=k, stride=stride, padding=k // 2, bias=False),
+                         nn.BatchNorm2d(cout), nn.ELU(True))
+
+
+class FeaturePyramidAttention(nn.Module):
+    """Feature Pyramid Attention (Pyramid Attention Network), fused where it pools or resizes.
+
+    Parameter names as in the document's ``PyramidAttention``: ``glob`` (global
+    average pool + 1x1 conv), ``down2_1``/``down2_2`` (5x5, stride 2),
+    ``down3_1``/``down3_2`` (3x3, stride 2), ``conv1`` (1x1); conv-BN-ELU blocks.
+    ``out = conv1(x) * up(down2_2(d2) + up(down3_2(d3))) + glob(x)``, bilinear
+    with ``align_corners=True``.
+
+    The listing hard-codes ``scale_factor=16`` for the global branch and
+    ``scale_factor=2`` for the pyramid, which only fits 16x16 inputs. Here the
+    global branch (1x1) is broadcast over the input size and each upsampling
+    targets the size of the map it is combined with, so any input size works;
+    on 16x16 inputs this equals the listing. The global pooling is the fused
+    pooling op, the upsamplings are ``upsample_concat(None, [t], size=...)``.
+    """
+
+    def __init__(self, input_dim: int, output_dim: int):
+        super().__init__()
+        self.glob = nn.Sequential(nn.AdaptiveAvgPool2d(1),  # placeholder: pooling is fused
+                                  nn.Conv2d(input_dim, output_dim, kernel_size=1, bias=False))
+        self.down2_1 = _conv_bn_elu(input_dim, input_dim, 5, stride=2)
+        self.down2_2 = _conv_bn_elu(input_dim, output_dim, 5)
+        self.down3_1 = _conv_bn_elu(input_dim, input_dim, 3, stride=2)
+        self.down3_2 = _conv_bn_elu(input_dim, output_dim, 3)
+        self.conv1 = _conv_bn_elu(input_dim, output_dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        (pooled,) = pf.multi_adaptive_avg_pool2d(x, [1])
+        x_glob = self.glob[1](pooled)  # (N, output_dim, 1, 1), broadcast below
+
+        d2 = self.down2_1(x)
+        d3 = self.down3_1(d2)
+        d2 = self.down2_2(d2)
+        d3 = self.down3_2(d3)
+
+        d2 = d2 + pf.upsample_concat(None, [d3], size=tuple(d2.shape[-2:]), align_corners=True)
+        d2 = pf.upsample_concat(None, [d2], size=tuple(x.shape[-2:]), align_corners=True)
+        return self.conv1(x) * d2 + x_glob
+
+
+# --------------------------------------------------------------------------
+# PSPNet end to end
+# --------------------------------------------------------------------------
+
+
+def _torchvision_resnet(layers: int):
+    try:
+        from torchvision import models
+    except ImportError as e:
+        raise ImportError(
+            "pyramid_ext.nn.PSPNet needs torchvision for its ResNet backbone: pip install pyramid_ext[models]"
+        ) from e
+    try:
+        return {50: models.resnet50, 101: models.resnet101, 152: models.resnet152}[layers]
+    except KeyError:
+        raise ValueError(f"PSPNet(): layers must be 50, 101 or 152, got {layers!r}") from None
+
+
+class PSPNet(nn.Module):
+    """PSPNet end to end (the fifth document), with the fused :class:`PPM`.
+
+    Backbone: torchvision ResNet (``layers`` = 50/101/152) with
+    ``replace_stride_with_dilation=[False, True, True]`` (output stride 8) and
+    ``weights=None`` by default (nothing is downloaded); ``layer0`` = conv1, bn1,
+    relu, maxpool. Then the PPM on layer4 (``2048 / len(bins)`` channels per
+    bin), the classifier ``cls`` (3x3 conv 512, BN, ReLU, Dropout2d, 1x1 conv to
+    ``classes``), the auxiliary head ``aux`` on layer3 (3x3 conv 256 ...), and
+    bilinear (``align_corners=True``) upsampling to
+    ``int((H - 1) / 8 * zoom_factor + 1)`` when ``zoom_factor != 1``.
+
+    ``forward(x, y=None)``: in training with targets ``y`` returns
+    ``(output, main_loss, aux_loss)`` (logits and the criterion on the main and
+    auxiliary outputs); otherwise the logits. Needs torchvision
+    (``pip install pyramid_ext[models]``).
+    """
+
+    def __init__(self, layers: int = 50, bins: Sequence[int] = (1, 2, 3, 6), dropout: float = 0.1,
+                 classes: int = 2, zoom_factor: int = 8, use_ppm: bool = True,
+                 criterion: Optional[nn.Module] = None, weights=None):
+        super().__init__()
+        factory = _torchvision_resnet(layers)
+        if 2048 % len(bins) != 0:
+            raise ValueError(f"PSPNet(): 2048 channels must divide evenly among the {len(bins)} bins")
+        if classes < 2:
+            raise ValueError(f"PSPNet(): classes must be at least 2, got {classes}")
+        if zoom_factor not in (1, 2, 4, 8):
+            raise ValueError(f"PSPNet(): zoom_factor must be 1, 2, 4 or 8, got {zoom_factor}")
+        self.zoom_factor = zoom_factor
+        self.use_ppm = use_ppm
+        self.criterion = criterion if criterion is not None else nn.CrossEntropyLoss(ignore_index=255)
+
+        resnet = factory(weights=weights, replace_stride_with_dilation=[False, True, True])
+        self.layer0 = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool)
+        self.layer1, self.layer2, self.layer3, self.layer4 = resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4
+
+        fea_dim = 2048
+        if use_ppm:
+            self.ppm = PPM(fea_dim, fea_dim // len(bins), bins)
+            fea_dim *= 2
+        self.cls = nn.Sequential(
+            nn.Conv2d(fea_dim, 512, kernel_size=3, padding=1, bias=False),
+            nn.BatchNorm2d(512),
+            nn.ReLU(inplace=True),
+            nn.Dropout2d(p=dropout),
+            nn.Conv2d(512, classes, kernel_size=1),
+        )
+        self.aux = nn.Sequential(
+            nn.Conv2d(1024, 256, kernel_size=3, padding=1, bias=False),
+            nn.BatchNorm2d(256),
+            nn.ReLU(inplace=True),
+            nn.Dropout2d(p=dropout),
+            nn.Conv2d(256, classes, kernel_size=1),
+        )
+
+    def _out_size(self, h: int, w: int) -> Tuple[int, int]:
+        return int((h - 1) / 8 * self.zoom_factor + 1), int((w - 1) / 8 * self.zoom_factor + 1)
+
+    def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None):
+        h, w = self._out_size(x.shape[-2], x.shape[-1])
+        x = self.layer0(x)
+        x = self.layer1(x)
+        x = self.layer2(x)
+        x3 = self.layer3(x)
+        x = self.layer4(x3)
+        if self.use_ppm:
+            x = self.ppm(x)
+        x = self.cls(x)
+        if self.zoom_factor != 1:
+            x = pf.upsample_concat(None, [x], size=(h, w), align_corners=True)
+        if self.training and y is not None:
+            aux = self.aux(x3)
+            if self.zoom_factor != 1:
+                aux = pf.upsample_concat(None, [aux], size=(h, w), align_corners=True)
+            return x, self.criterion(x, y), self.criterion(aux, y)
+        return x
