@@ -13,6 +13,7 @@ import importlib.metadata
 import json
 import platform
 import statistics
+import os
 import sys
 import time
 from typing import Callable, Dict, List, Optional
@@ -210,7 +211,34 @@ def plot(result: Dict, path: str, plt) -> None:
     plt.close(fig)
 
 
+THP_VAR = "THP_MEM_ALLOC_ENABLE"
+
+
+def _bench_both_envs(argv: List[str]) -> int:
+    """Runs the benchmark twice, in subprocesses: c10 reads THP_MEM_ALLOC_ENABLE
+    once at start-up, and on CPU fresh large outputs cost page faults that
+    huge pages cut, so both environments are reported."""
+    import subprocess
+
+    rc = 0
+    for thp in ("0", "1"):
+        env = dict(os.environ)
+        if thp == "1":
+            env[THP_VAR] = "1"
+        else:
+            env.pop(THP_VAR, None)
+        label = "THP_MEM_ALLOC_ENABLE=1" if thp == "1" else "default environment"
+        print(f"\n### {label}\n", flush=True)
+        cmd = [sys.executable, "-m", "pyramid_ext", "bench", "--env", "current"] + argv
+        rc = subprocess.call(cmd, env=env) or rc
+    return rc
+
+
 def cmd_bench(args) -> int:
+    if args.env == "both" and not (args.plot or args.json):
+        return _bench_both_envs(args.passthrough)
+    if args.env == "both":
+        _log(f"[bench] --plot/--json: one environment, this process's ({THP_VAR}={os.environ.get(THP_VAR, 'unset')})")
     plt = _require_matplotlib() if args.plot else None
     if args.rounds < 1:
         raise SystemExit("error: --rounds must be at least 1")
@@ -284,6 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also time forward+backward (default: on)")
     b.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="include torch.compile of the eager module (default: on)")
+    b.add_argument("--env", choices=("both", "current"), default="both",
+                   help="both (default): run once in the default environment and once with THP_MEM_ALLOC_ENABLE=1 "
+                        "(c10 reads it at start-up); current: this process's environment only (also what "
+                        "--plot/--json use)")
     b.add_argument("--plot", metavar="FILE.png", help="bar chart of the medians (needs matplotlib)")
     b.add_argument("--json", metavar="FILE", help="write the results as JSON ('-' for stdout)")
     b.set_defaults(func=cmd_bench)
@@ -293,7 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    # What a re-run per environment passes on: everything but --env.
+    args.passthrough = [a for i, a in enumerate(argv[1:]) if a != "--env" and (i == 0 or argv[i] != "--env")]
     return args.func(args)
 
 
