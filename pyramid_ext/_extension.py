@@ -14,7 +14,8 @@ try:
 except ImportError as e:  # not built, or built against another torch
     _C = None
     LOADED = False
-    LOAD_ERROR = e
+    # A missing module reads as a circular import on Python >= 3.10; say what it is.
+    LOAD_ERROR = "pyramid_ext._C is not built" if "cannot import name '_C'" in str(e) else e
 
 BUILD_HINT = (
     "build it with `pip install --no-build-isolation .` (or `make build`) from the pyramid_ext source tree, "
