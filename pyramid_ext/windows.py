@@ -25,6 +25,8 @@ from __future__ import annotations
 import functools
 from typing import List, Sequence, Tuple, Union
 
+import torch
+
 Bin = Union[int, Tuple[int, int]]
 
 WINDOW_POLICIES = ("adaptive", "sppnet", "keras_same")
@@ -99,7 +101,9 @@ _POLICY = {"adaptive": adaptive_windows, "sppnet": sppnet_windows, "keras_same":
 
 
 def pyramid_windows(height, width, bins: Sequence[Tuple[int, int]], window: str = "adaptive"):
-    if isinstance(height, int) and isinstance(width, int):
+    # Cached per size in eager mode (the Python overhead of a call); traced as
+    # plain code under torch.compile, where it runs once per graph anyway.
+    if isinstance(height, int) and isinstance(width, int) and not torch.compiler.is_compiling():
         return _pyramid_windows_cached(height, width, tuple(bins), window)
     return _pyramid_windows(height, width, bins, window)
 
