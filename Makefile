@@ -60,13 +60,13 @@ cuda-check: cuda-venv
 	  TORCH_CUDA_ARCH_LIST="$(TORCH_CUDA_ARCH_LIST)" \
 	  CPATH="$$($(abspath $(PY_CUDA)) -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "cu13", "include"))')" \
 	  $(abspath $(PY_CUDA)) setup.py -q build_ext --inplace
-	cd $(CUDA_TREE) && $(abspath $(PY_CUDA)) tests/check_cuda_build.py
+	cd $(CUDA_TREE) && PYTHONPATH=. $(abspath $(PY_CUDA)) tests/check_cuda_build.py
 
 # The tests that need the CUDA-build environment: Triton kernels on CPU
 # tensors under the interpreter, conversion of torchvision/smp models, and the
 # GPU suite (skips without a GPU). Uses the extension cuda-check built.
 test-cuda-env: cuda-check
-	cd $(CUDA_TREE) && TRITON_INTERPRET=1 PYRAMID_EXT_REQUIRE_CPP=1 $(abspath $(PY_CUDA)) -m pytest -q $(PYTEST_ARGS) \
+	cd $(CUDA_TREE) && PYTHONPATH=. TRITON_INTERPRET=1 PYRAMID_EXT_REQUIRE_CPP=1 $(abspath $(PY_CUDA)) -m pytest -q $(PYTEST_ARGS) \
 	  tests/test_triton.py tests/test_convert.py tests/test_nn.py tests/test_cuda.py
 
 clean:

@@ -109,15 +109,6 @@ bool is_channels_last(const at::Tensor& t) {
          t.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
 
-// Channels per task on channels_last tensors: enough tasks for every thread.
-int64_t channel_chunk(int64_t N, int64_t C) {
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t chunks =
-      std::max<int64_t>(1, (4 * threads + N - 1) / std::max<int64_t>(N, 1));
-  const int64_t chunk = (C + chunks - 1) / chunks;
-  return std::max<int64_t>(std::min<int64_t>(C, 32), chunk);
-}
-
 // Planes per task on NCHW tensors: about 32K elements each.
 int64_t plane_grain(int64_t H, int64_t W) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, H * W));
@@ -551,11 +542,12 @@ void avg_backward_channels_last(const scalar_t* grad, scalar_t* gx,
                                 int64_t H, int64_t W) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t SH = p.h.num_segments(), SW = p.w.num_segments();
-  const int64_t chunk = channel_chunk(N, C);
+  // Phase 1: each cell's gradient, [n][cell][c] (small: cells x C per sample).
+  std::vector<scalar_t> vals(static_cast<size_t>(N * SH * SW * C));
+  const int64_t chunk = std::min<int64_t>(C, 64);
   const int64_t chunks = (C + chunk - 1) / chunk;
   at::parallel_for(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> cells(static_cast<size_t>(SH * SW * chunk));
-    std::vector<scalar_t> vals(static_cast<size_t>(SH * SW * chunk));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / chunks;
       const int64_t c0 = (task % chunks) * chunk;
@@ -569,20 +561,25 @@ void avg_backward_channels_last(const scalar_t* grad, scalar_t* gx,
               return static_cast<acc_t>(g[p.out_index(l, c0 + c, i, j)]);
             },
             cells.data() + c, chunk);
-      for (size_t k = 0; k < cells.size(); ++k)
-        vals[k] = static_cast<scalar_t>(cells[k]);
-      for (int64_t h = 0; h < H; ++h) {
-        const int64_t a = p.h.seg_of[h];
-        scalar_t* row = gx + ((n * H + h) * W) * C + c0;
-        for (int64_t w = 0; w < W; ++w) {
-          const int64_t b = p.w.seg_of[w];
-          scalar_t* px = row + w * C;
-          if (a < 0 || b < 0) {
-            std::fill(px, px + cn, scalar_t(0));
-          } else {
-            const scalar_t* v = vals.data() + (a * SW + b) * chunk;
-            std::copy(v, v + cn, px);
-          }
+      for (int64_t cell = 0; cell < SH * SW; ++cell)
+        for (int64_t c = 0; c < cn; ++c)
+          vals[(n * SH * SW + cell) * C + c0 + c] = static_cast<scalar_t>(cells[cell * chunk + c]);
+    }
+  });
+  // Phase 2: one task per output row writes whole pixels (all channels).
+  at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / H, h = task % H;
+      const int64_t a = p.h.seg_of[h];
+      scalar_t* row = gx + ((n * H + h) * W) * C;
+      for (int64_t w = 0; w < W; ++w) {
+        const int64_t b = p.w.seg_of[w];
+        scalar_t* px = row + w * C;
+        if (a < 0 || b < 0) {
+          std::fill(px, px + C, scalar_t(0));
+        } else {
+          const scalar_t* v = vals.data() + (n * SH * SW + a * SW + b) * C;
+          std::copy(v, v + C, px);
         }
       }
     }
