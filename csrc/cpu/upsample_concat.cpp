@@ -133,6 +133,10 @@ void forward_planes(const std::vector<Part>& parts, const at::Tensor& out,
       const int64_t sH = t.stride(2), sW = t.stride(3);
       scalar_t* dst = o + n * osN + oc * osC;
       if (!part.interpolate) {
+        if (sW == 1 && osW == 1 && sH == W && osH == W) {  // whole plane contiguous on both sides
+          std::copy(src, src + H * W, dst);
+          continue;
+        }
         for (int64_t h = 0; h < H; ++h) {
           const scalar_t* s = src + h * sH;
           scalar_t* d = dst + h * osH;
