@@ -29,6 +29,8 @@ namespace {
 // One bin: its level and position, the cells it covers, and its area.
 struct BinRect {
   int64_t l, i, j, a0, a1, b0, b1, area;
+  int64_t out_offset;  // packed index of channel 0 within a sample
+  int64_t c_stride;    // packed index step per channel
 };
 
 // The window plan of one call: segment tables per axis and, per level, its
@@ -100,7 +102,8 @@ PoolPlan make_plan(int64_t C, int64_t H, int64_t W, c10::IntArrayRef h_bounds,
     for (int64_t i = 0; i < p.bh[l]; ++i)
       for (int64_t j = 0; j < p.bw[l]; ++j)
         p.rects.push_back({l, i, j, p.a0(l, i), p.a1(l, i), p.b0(l, j),
-                           p.b1(l, j), p.area(l, i, j)});
+                           p.b1(l, j), p.area(l, i, j), p.out_index(l, 0, i, j),
+                           p.out_index(l, 1, i, j) - p.out_index(l, 0, i, j)});
   return p;
 }
 
@@ -152,7 +155,9 @@ void avg_cells_to_bins(const PoolPlan& p, const acc_t* cells, int64_t stride,
           for (int64_t k = 0; k < kn; ++k) sum[k] += cell[k];
         }
       }
-    for (int64_t k = 0; k < kn; ++k) put(r, k, sum[k] / area);
+#pragma omp simd
+    for (int64_t k = 0; k < kn; ++k) sum[k] = sum[k] / area;
+    for (int64_t k = 0; k < kn; ++k) put(r, k, sum[k]);
   }
 }
 
@@ -233,7 +238,7 @@ void avg_forward_nchw(const scalar_t* x, scalar_t* out, const PoolPlan& p,
       }
       avg_cells_to_bins<acc_t>(p, cells.data(), B, pn, sum.data(),
                                [&](const BinRect& r, int64_t k, acc_t v) {
-                                 out[sample_base[k] + p.out_index(r.l, channel[k], r.i, r.j)] =
+                                 out[sample_base[k] + r.out_offset + channel[k] * r.c_stride] =
                                      static_cast<scalar_t>(v);
                                });
     }
@@ -352,16 +357,19 @@ void avg_forward_channels_last(const scalar_t* x, scalar_t* out,
           std::fill(row_cells + b * C, row_cells + b * C + cn, acc_t(0));
         for (int64_t h = h0; h < h1; ++h) {
           const scalar_t* row = x + (((n0 + g) * H + h) * W) * C + c0;
-          for (int64_t w = 0; w < W; ++w) {
-            const int64_t b = p.w.seg_of[w];
-            if (b < 0) continue;
+          for (int64_t b = 0; b < SW; ++b) {
+            const int64_t w0 = p.w.cuts[b], w1 = p.w.cuts[b + 1];
+            if (p.w.seg_of[w0] < 0) continue;
             acc_t* acc = row_cells + b * C;
-            const scalar_t* px = row + w * C;
             if constexpr (std::is_same_v<scalar_t, float>) {
-              simd::add(acc, px, cn);
+              // The segment's pixels summed in registers, then into the cell.
+              simd::add_rows(acc, row + w0 * C, w1 - w0, C, cn);
             } else {
+              for (int64_t w = w0; w < w1; ++w) {
+                const scalar_t* px = row + w * C;
 #pragma omp simd
-              for (int64_t c = 0; c < cn; ++c) acc[c] += static_cast<acc_t>(px[c]);
+                for (int64_t c = 0; c < cn; ++c) acc[c] += static_cast<acc_t>(px[c]);
+              }
             }
           }
         }
@@ -377,7 +385,7 @@ void avg_forward_channels_last(const scalar_t* x, scalar_t* out,
         scalar_t* dst = out + (n0 + g) * C * p.total;
         avg_cells_to_bins<acc_t>(p, cells.data() + g * SH * SW * C + c0, C, cn, sum.data(),
                                  [&](const BinRect& r, int64_t k, acc_t v) {
-                                   dst[p.out_index(r.l, c0 + k, r.i, r.j)] = static_cast<scalar_t>(v);
+                                   dst[r.out_offset + (c0 + k) * r.c_stride] = static_cast<scalar_t>(v);
                                  });
       }
     });

@@ -34,6 +34,25 @@ void sum_rows(float* acc, int64_t acc_stride, const float* src, int64_t rows, in
   for (; w0 < n; ++w0) sum_cols<1>(acc + w0 * acc_stride, acc_stride, src + w0, rows, stride);
 }
 
+template <int64_t kWidth>
+inline void add_cols(float* acc, const float* src, int64_t rows, int64_t stride) {
+  float a[kWidth];
+  for (int64_t i = 0; i < kWidth; ++i) a[i] = acc[i];
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = src + r * stride;
+    for (int64_t i = 0; i < kWidth; ++i) a[i] += row[i];
+  }
+  for (int64_t i = 0; i < kWidth; ++i) acc[i] = a[i];
+}
+
+PE_MULTIVERSION
+void add_rows(float* acc, const float* src, int64_t rows, int64_t stride, int64_t n) {
+  int64_t i = 0;
+  for (; i + kCols <= n; i += kCols) add_cols<kCols>(acc + i, src + i, rows, stride);
+  for (; i + 16 <= n; i += 16) add_cols<16>(acc + i, src + i, rows, stride);
+  for (; i < n; ++i) add_cols<1>(acc + i, src + i, rows, stride);
+}
+
 PE_MULTIVERSION
 void add(float* acc, const float* src, int64_t n) {
   for (int64_t i = 0; i < n; ++i) acc[i] += src[i];

@@ -12,6 +12,8 @@ namespace simd {
 
 // acc[w * acc_stride] = sum over r < rows of src[r * stride + w], for w < n.
 void sum_rows(float* acc, int64_t acc_stride, const float* src, int64_t rows, int64_t stride, int64_t n);
+// acc[i] += sum over r < rows of src[r * stride + i], for i < n.
+void add_rows(float* acc, const float* src, int64_t rows, int64_t stride, int64_t n);
 // acc[i] += src[i]
 void add(float* acc, const float* src, int64_t n);
 // Column-wise running max over rows, ATen's rule (larger, or NaN): m/r hold
