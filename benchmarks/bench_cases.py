@@ -499,7 +499,10 @@ def check_against(case: Case, result, reference) -> None:
     if len(got) != len(want):
         raise AssertionError(f"{case.group}: {len(got)} outputs, eager gives {len(want)}")
     for i, (g, w) in enumerate(zip(got, want)):
-        torch.testing.assert_close(g.detach(), w.detach(), rtol=1e-4, atol=1e-5,
+        # Gradients of small branches sum thousands of terms (a 1x1 branch sums
+        # the whole plane), in another order than eager: scale atol with them.
+        scale = max(1.0, float(w.detach().abs().max())) if w.numel() else 1.0
+        torch.testing.assert_close(g.detach(), w.detach(), rtol=1e-4, atol=1e-5 * scale,
                                    msg=lambda m, i=i: f"{case.group}: output {i} differs from eager: {m}")
 
 
