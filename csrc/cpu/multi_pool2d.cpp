@@ -538,7 +538,10 @@ void avg_backward_nchw(const scalar_t* grad, scalar_t* gx, const PoolPlan& p,
       scalar_t* dst = gx + plane * H * W;
       for (int64_t h = 0; h < H; ++h) {
         const int64_t a = p.h.seg_of[h] < 0 ? SH : p.h.seg_of[h];
-        std::copy(rows.begin() + a * W, rows.begin() + (a + 1) * W, dst + h * W);
+        const scalar_t* r = rows.data() + a * W;
+        scalar_t* d = dst + h * W;
+#pragma omp simd
+        for (int64_t w = 0; w < W; ++w) d[w] = r[w];  // short rows: no memmove call
       }
     }
   });
