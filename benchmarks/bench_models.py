@@ -97,7 +97,10 @@ def bench_smp(rounds, warmup):
         return []
     model = smp.PSPNet(encoder_name="resnet50", encoder_weights=None).eval()
     feats = {}
-    hook = model.decoder.psp.register_forward_hook(lambda m, i, o: feats.setdefault("x", i[0]))
+    def capture(module, inputs, output):  # returns None: the output is left alone
+        feats["x"] = inputs[0]
+
+    hook = model.decoder.psp.register_forward_hook(capture)
     with torch.no_grad():
         model(torch.randn(1, 3, 512, 512))
     hook.remove()
