@@ -40,6 +40,7 @@ test: build
 bench: build
 	$(PY) benchmarks/compare.py --both-env
 	$(PY) -m pyramid_ext bench
+	$(PY) benchmarks/bench_models.py --both-env
 
 $(VENV_CUDA)/.ready:
 	test -x $(PY_CUDA) || $(PYTHON) -m venv $(VENV_CUDA)
