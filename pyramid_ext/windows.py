@@ -101,6 +101,12 @@ _POLICY = {"adaptive": adaptive_windows, "sppnet": sppnet_windows, "keras_same":
 
 
 def pyramid_windows(height, width, bins: Sequence[Tuple[int, int]], window: str = "adaptive"):
+    """Bounds of every level's windows for an input of ``height`` x ``width``.
+
+    Returns ``(h_bounds, w_bounds, level_bins)``: flat [start, end) lists per
+    axis over all levels, and the flat (bh, bw) of each level's output (which
+    for ``keras_same`` may differ from the requested bins).
+    """
     # Cached per size in eager mode (the Python overhead of a call); traced as
     # plain code under torch.compile, where it runs once per graph anyway.
     if isinstance(height, int) and isinstance(width, int) and not torch.compiler.is_compiling():
@@ -116,12 +122,6 @@ def _pyramid_windows_cached(height: int, width: int, bins, window: str):
 
 
 def _pyramid_windows(height, width, bins, window):
-    """Bounds of every level's windows for an input of ``height`` x ``width``.
-
-    Returns ``(h_bounds, w_bounds, level_bins)``: flat [start, end) lists per
-    axis over all levels, and the flat (bh, bw) of each level's output (which
-    for ``keras_same`` may differ from the requested bins).
-    """
     if window not in _POLICY:
         raise ValueError(f"window must be one of {WINDOW_POLICIES}, got {window!r}")
     policy = _POLICY[window]
