@@ -513,35 +513,52 @@ void avg_backward_nchw(const scalar_t* grad, scalar_t* gx, const PoolPlan& p,
                        int64_t N, int64_t C, int64_t H, int64_t W) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t SH = p.h.num_segments(), SW = p.w.num_segments();
-  at::parallel_for(0, N * C, plane_grain(H, W), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> cells(static_cast<size_t>(SH * SW));
+  // Blocks of planes, as in the forward: the cell gradients of the block
+  // are summed vector over its planes, then each plane's rows are written.
+  const int64_t planes = N * C, B = kPlaneBlock;
+  const int64_t blocks = (planes + B - 1) / B;
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, H * W * B));
+  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> cells(static_cast<size_t>(SH * SW * B));
     std::vector<scalar_t> rows(static_cast<size_t>((SH + 1) * W));
-    for (int64_t plane = begin; plane < end; ++plane) {
-      const int64_t n = plane / C, c = plane % C;
-      const scalar_t* g = grad + n * C * p.total;
-      std::fill(cells.begin(), cells.end(), acc_t(0));
-      avg_cell_grads<acc_t>(
-          p,
-          [&](int64_t l, int64_t i, int64_t j) {
-            return static_cast<acc_t>(g[p.out_index(l, c, i, j)]);
-          },
-          cells.data(), 1);
-      // Row template per H-segment (the last one: rows no window reads).
-      for (int64_t a = 0; a <= SH; ++a) {
-        scalar_t* r = rows.data() + a * W;
-        for (int64_t w = 0; w < W; ++w) {
-          const int64_t b = p.w.seg_of[w];
-          r[w] = (a < SH && b >= 0) ? static_cast<scalar_t>(cells[a * SW + b])
-                                    : scalar_t(0);
-        }
+    int64_t sample_base[kPlaneBlock], channel[kPlaneBlock];
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t p0 = blk * B, pn = std::min(B, planes - p0);
+      for (int64_t k = 0; k < B; ++k) {
+        const int64_t plane = p0 + std::min(k, pn - 1);  // a partial block repeats its last plane
+        sample_base[k] = (plane / C) * C * p.total;
+        channel[k] = plane % C;
       }
-      scalar_t* dst = gx + plane * H * W;
-      for (int64_t h = 0; h < H; ++h) {
-        const int64_t a = p.h.seg_of[h] < 0 ? SH : p.h.seg_of[h];
-        const scalar_t* r = rows.data() + a * W;
-        scalar_t* d = dst + h * W;
+      std::fill(cells.begin(), cells.end(), acc_t(0));
+      for (const BinRect& r : p.rects) {
+        acc_t v[kPlaneBlock];
+        const acc_t area = static_cast<acc_t>(r.area);
+        for (int64_t k = 0; k < B; ++k)
+          v[k] = static_cast<acc_t>(grad[sample_base[k] + r.out_offset + channel[k] * r.c_stride]) / area;
+        for (int64_t a = r.a0; a < r.a1; ++a)
+          for (int64_t b = r.b0; b < r.b1; ++b) {
+            acc_t* cell = cells.data() + (a * SW + b) * B;
+            for (int64_t k = 0; k < kPlaneBlock; ++k) cell[k] += v[k];
+          }
+      }
+      for (int64_t k = 0; k < pn; ++k) {
+        // Row template per H-segment (the last one: rows no window reads).
+        for (int64_t a = 0; a <= SH; ++a) {
+          scalar_t* r = rows.data() + a * W;
+          for (int64_t w = 0; w < W; ++w) {
+            const int64_t b = p.w.seg_of[w];
+            r[w] = (a < SH && b >= 0) ? static_cast<scalar_t>(cells[(a * SW + b) * B + k])
+                                      : scalar_t(0);
+          }
+        }
+        scalar_t* dst = gx + (p0 + k) * H * W;
+        for (int64_t h = 0; h < H; ++h) {
+          const int64_t a = p.h.seg_of[h] < 0 ? SH : p.h.seg_of[h];
+          const scalar_t* r = rows.data() + a * W;
+          scalar_t* d = dst + h * W;
 #pragma omp simd
-        for (int64_t w = 0; w < W; ++w) d[w] = r[w];  // short rows: no memmove call
+          for (int64_t w = 0; w < W; ++w) d[w] = r[w];  // short rows: no memmove call
+        }
       }
     }
   });
