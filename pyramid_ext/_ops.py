@@ -11,10 +11,8 @@ from typing import Callable
 import torch
 
 from . import _extension
+from .reference import POOL_MAX
 from .windows import packed_size
-
-POOL_AVG = 0
-POOL_MAX = 1
 
 
 def _channels_last(t: torch.Tensor) -> bool:

@@ -13,10 +13,8 @@ import torch
 
 from . import _ops  # noqa: F401  (fake kernels and autograd of the compiled ops)
 from . import backends, reference
+from .reference import POOL_AVG, POOL_MAX
 from .windows import level_shapes, normalize_bins, pyramid_windows
-
-POOL_AVG = 0
-POOL_MAX = 1
 
 _FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from .windows import level_shapes
 
+# Pooling modes of the multi_pool2d ops (csrc/pyramid_index.h: kPoolAvg, kPoolMax).
 POOL_AVG = 0
 POOL_MAX = 1
 

@@ -38,10 +38,8 @@ import triton
 import triton.language as tl
 
 from . import _ops
+from .reference import POOL_AVG, POOL_MAX
 from .windows import level_shapes
-
-POOL_AVG = _ops.POOL_AVG
-POOL_MAX = _ops.POOL_MAX
 
 # Triton decides at decoration time whether @triton.jit functions are
 # interpreted, so what matters is the variable's value when this module loads.
