@@ -126,6 +126,23 @@ int64_t plane_grain(int64_t H, int64_t W) {
 constexpr int64_t kPlaneBlock = 8;         // NCHW planes reduced together
 constexpr size_t kCellBudget = 16 << 20;   // bytes of channels_last cells
 
+// Blocks of kPlaneBlock NCHW planes, about 32K elements per task.
+int64_t block_grain(int64_t H, int64_t W) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, H * W * kPlaneBlock));
+}
+
+// Sample offset (in the packed output) and channel of each plane of the
+// block starting at plane p0; a partial block repeats its last plane, so
+// fixed-width loops over the block read valid entries.
+void block_planes(int64_t p0, int64_t pn, int64_t C, int64_t total,
+                  int64_t* sample_base, int64_t* channel) {
+  for (int64_t k = 0; k < kPlaneBlock; ++k) {
+    const int64_t plane = p0 + std::min(k, pn - 1);
+    sample_base[k] = (plane / C) * C * total;
+    channel[k] = plane % C;
+  }
+}
+
 // Sums cells into every bin, vector over k < kn; put(rect, k, mean).
 template <typename acc_t, typename Put>
 void avg_cells_to_bins(const PoolPlan& p, const acc_t* cells, int64_t stride,
@@ -191,7 +208,7 @@ void avg_forward_nchw(const scalar_t* x, scalar_t* out, const PoolPlan& p,
   const int64_t SH = p.h.num_segments(), SW = p.w.num_segments();
   const int64_t planes = N * C, B = kPlaneBlock;
   const int64_t blocks = (planes + B - 1) / B;
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, H * W * B));
+  const int64_t grain = block_grain(H, W);
   at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
     // Row sums of each H-segment, [segment][w][plane]: W-segments then
     // reduce vector over the block's planes.
@@ -232,10 +249,7 @@ void avg_forward_nchw(const scalar_t* x, scalar_t* out, const PoolPlan& p,
           for (int64_t k = 0; k < kPlaneBlock; ++k) cell[k] = s[k];
         }
       }
-      for (int64_t k = 0; k < pn; ++k) {
-        sample_base[k] = ((p0 + k) / C) * C * p.total;
-        channel[k] = (p0 + k) % C;
-      }
+      block_planes(p0, pn, C, p.total, sample_base, channel);
       avg_cells_to_bins<acc_t>(p, cells.data(), B, pn, sum.data(),
                                [&](const BinRect& r, int64_t k, acc_t v) {
                                  out[sample_base[k] + r.out_offset + channel[k] * r.c_stride] =
@@ -255,7 +269,7 @@ void max_forward_nchw(const scalar_t* x, scalar_t* out, int64_t* out_idx,
   const int64_t SH = p.h.num_segments(), SW = p.w.num_segments();
   const int64_t planes = N * C, B = kPlaneBlock;
   const int64_t blocks = (planes + B - 1) / B;
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, H * W * B));
+  const int64_t grain = block_grain(H, W);
   at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
     std::vector<scalar_t> col_max(static_cast<size_t>(W));
     std::vector<int32_t> col_row(static_cast<size_t>(W));
@@ -296,10 +310,7 @@ void max_forward_nchw(const scalar_t* x, scalar_t* out, int64_t* out_idx,
           }
         }
       }
-      for (int64_t k = 0; k < pn; ++k) {
-        sample_base[k] = ((p0 + k) / C) * C * p.total;
-        channel[k] = (p0 + k) % C;
-      }
+      block_planes(p0, pn, C, p.total, sample_base, channel);
       max_cells_to_bins(p, cell_max.data(), cell_idx.data(), B, pn,
                         [&](const BinRect& r, int64_t k, scalar_t v, int64_t idx) {
                           const int64_t o = sample_base[k] + p.out_index(r.l, channel[k], r.i, r.j);
@@ -517,18 +528,14 @@ void avg_backward_nchw(const scalar_t* grad, scalar_t* gx, const PoolPlan& p,
   // are summed vector over its planes, then each plane's rows are written.
   const int64_t planes = N * C, B = kPlaneBlock;
   const int64_t blocks = (planes + B - 1) / B;
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, H * W * B));
+  const int64_t grain = block_grain(H, W);
   at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> cells(static_cast<size_t>(SH * SW * B));
     std::vector<scalar_t> rows(static_cast<size_t>((SH + 1) * W));
     int64_t sample_base[kPlaneBlock], channel[kPlaneBlock];
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t p0 = blk * B, pn = std::min(B, planes - p0);
-      for (int64_t k = 0; k < B; ++k) {
-        const int64_t plane = p0 + std::min(k, pn - 1);  // a partial block repeats its last plane
-        sample_base[k] = (plane / C) * C * p.total;
-        channel[k] = plane % C;
-      }
+      block_planes(p0, pn, C, p.total, sample_base, channel);
       std::fill(cells.begin(), cells.end(), acc_t(0));
       for (const BinRect& r : p.rects) {
         acc_t v[kPlaneBlock];
