@@ -319,6 +319,29 @@ at::Tensor upsample_concat_cpu(const std::optional<at::Tensor>& x,
 
 // ------------------------------- backward ----------------------------------
 
+// Per branch: its first task (tasks are (n, chunk of `chunk` channels),
+// branch after branch; the last entry is the total), the taps along H and W,
+// and the output columns that read each branch column.
+template <typename acc_t>
+struct BackwardTables {
+  std::vector<int64_t> first_task;
+  std::vector<std::vector<LinearTap<acc_t>>> th, tw;
+  std::vector<std::vector<DstRange>> readers;
+
+  BackwardTables(const std::vector<at::Tensor>& grads, int64_t N, int64_t H,
+                 int64_t W, int64_t chunk, bool align_corners) {
+    int64_t tasks = 0;
+    for (const auto& gb : grads) {
+      first_task.push_back(tasks);
+      tasks += N * ((gb.size(1) + chunk - 1) / chunk);
+      th.push_back(axis_taps<acc_t>(gb.size(2), H, align_corners));
+      tw.push_back(axis_taps<acc_t>(gb.size(3), W, align_corners));
+      readers.push_back(axis_readers<acc_t>(gb.size(3), W, align_corners));
+    }
+    first_task.push_back(tasks);
+  }
+};
+
 // grad_branch[n, c] = Wy^T G Wx for each plane; G read through its strides.
 template <typename scalar_t>
 void backward_planes(const at::Tensor& g, std::vector<at::Tensor>& grads,
@@ -329,18 +352,12 @@ void backward_planes(const at::Tensor& g, std::vector<at::Tensor>& grads,
                 gsW = g.stride(3);
   const scalar_t* gp = g.const_data_ptr<scalar_t>();
   // Tasks are (branch, n, c) planes, numbered branch after branch.
-  std::vector<int64_t> first_task;
-  int64_t tasks = 0;
-  std::vector<std::vector<LinearTap<acc_t>>> th, tw;
-  std::vector<std::vector<DstRange>> readers;
-  for (const auto& gb : grads) {
-    readers.push_back(axis_readers<acc_t>(gb.size(3), W, align_corners));
-    first_task.push_back(tasks);
-    tasks += N * gb.size(1);
-    th.push_back(axis_taps<acc_t>(gb.size(2), H, align_corners));
-    tw.push_back(axis_taps<acc_t>(gb.size(3), W, align_corners));
-  }
-  first_task.push_back(tasks);
+  const BackwardTables<acc_t> t(grads, N, H, W, 1, align_corners);
+  const auto& first_task = t.first_task;
+  const auto& th = t.th;
+  const auto& tw = t.tw;
+  const auto& readers = t.readers;
+  const int64_t tasks = first_task.back();
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, H * W));
   at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> rows, acc;
@@ -414,18 +431,13 @@ void backward_pixels(const at::Tensor& g, std::vector<at::Tensor>& grads,
   const int64_t gsN = g.stride(0), gsH = g.stride(2), gsW = g.stride(3);
   const scalar_t* gp = g.const_data_ptr<scalar_t>();
   constexpr int64_t kChunk = 64;
-  std::vector<int64_t> first_task;
-  int64_t tasks = 0;
-  std::vector<std::vector<LinearTap<acc_t>>> th, tw;
-  std::vector<std::vector<DstRange>> readers;
-  for (const auto& gb : grads) {
-    readers.push_back(axis_readers<acc_t>(gb.size(3), W, align_corners));
-    first_task.push_back(tasks);
-    tasks += N * ((gb.size(1) + kChunk - 1) / kChunk);
-    th.push_back(axis_taps<acc_t>(gb.size(2), H, align_corners));
-    tw.push_back(axis_taps<acc_t>(gb.size(3), W, align_corners));
-  }
-  first_task.push_back(tasks);
+  // Tasks are (branch, n, channel chunk), numbered branch after branch.
+  const BackwardTables<acc_t> t(grads, N, H, W, kChunk, align_corners);
+  const auto& first_task = t.first_task;
+  const auto& th = t.th;
+  const auto& tw = t.tw;
+  const auto& readers = t.readers;
+  const int64_t tasks = first_task.back();
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> rows, acc;
     for (int64_t task = begin; task < end; ++task) {
