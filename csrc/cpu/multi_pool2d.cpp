@@ -19,6 +19,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/block_cells.h"
 #include "cpu/huge_pages.h"
 #include "cpu/simd_loops.h"
 #include "pyramid_index.h"
@@ -123,7 +124,7 @@ int64_t plane_grain(int64_t H, int64_t W) {
 // NCHW planes, or channels), so combining cells into bins vectorizes over k
 // and its cost is shared by the whole block.
 
-constexpr int64_t kPlaneBlock = 8;         // NCHW planes reduced together
+constexpr int64_t kPlaneBlock = simd::kCellBlock;  // NCHW planes reduced together
 constexpr size_t kCellBudget = 16 << 20;   // bytes of channels_last cells
 
 // Blocks of kPlaneBlock NCHW planes, about 32K elements per task.
@@ -209,15 +210,47 @@ void avg_forward_nchw(const scalar_t* x, scalar_t* out, const PoolPlan& p,
   const int64_t planes = N * C, B = kPlaneBlock;
   const int64_t blocks = (planes + B - 1) / B;
   const int64_t grain = block_grain(H, W);
+  // float on AVX2 CPUs: the block kernel (block_cells.cpp).
+  bool block_kernel = false;
+  std::vector<char> h_used(static_cast<size_t>(SH)), col_last(static_cast<size_t>(W));
+  // Prefetch the next block's planes while this one is reduced.
+  simd::CellBlock cb{W, SH, SW, p.h.cuts.data(), h_used.data(), p.w.seg_of.data(), col_last.data(),
+                     B * H * W};
+  std::vector<simd::CellRect> cell_rects;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    block_kernel = simd::cell_sums_8planes_available();
+    for (int64_t a = 0; a < SH; ++a) h_used[a] = p.h.seg_of[p.h.cuts[a]] >= 0;
+    for (int64_t w = 0; w < W; ++w) col_last[w] = w + 1 == W || p.w.seg_of[w + 1] != p.w.seg_of[w];
+    for (const BinRect& r : p.rects)
+      cell_rects.push_back({r.a0, r.a1, r.b0, r.b1, static_cast<float>(r.area)});
+  }
+  const int64_t num_rects = static_cast<int64_t>(p.rects.size());
   at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
     // Row sums of each H-segment, [segment][w][plane]: W-segments then
     // reduce vector over the block's planes.
-    std::vector<acc_t> rows(static_cast<size_t>(SH * W * B));
+    std::vector<acc_t> rows(static_cast<size_t>(
+        block_kernel ? simd::cell_sums_scratch(cb) : SH * W * B));
     std::vector<acc_t> cells(static_cast<size_t>(SH * SW * B));
     std::vector<acc_t> sum(static_cast<size_t>(B));
+    std::vector<acc_t> means(static_cast<size_t>(block_kernel ? num_rects * B : 0));
     int64_t sample_base[kPlaneBlock], channel[kPlaneBlock];
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t p0 = blk * B, pn = std::min(B, planes - p0);
+      block_planes(p0, pn, C, p.total, sample_base, channel);
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (block_kernel) {
+          const float* plane_ptrs[kPlaneBlock];
+          for (int64_t k = 0; k < B; ++k) plane_ptrs[k] = x + (p0 + std::min(k, pn - 1)) * H * W;
+          simd::cell_sums_8planes(cb, plane_ptrs, cells.data(), rows.data());
+          simd::bin_means_8planes(cells.data(), SW, cell_rects.data(), num_rects, means.data());
+          for (int64_t k = 0; k < pn; ++k)
+            for (int64_t r = 0; r < num_rects; ++r) {
+              const BinRect& rect = p.rects[r];
+              out[sample_base[k] + rect.out_offset + channel[k] * rect.c_stride] = means[r * B + k];
+            }
+          continue;
+        }
+      }
       if (pn < B) std::fill(rows.begin(), rows.end(), acc_t(0));
       // Each plane read front to back (one stream).
       for (int64_t k = 0; k < pn; ++k) {
@@ -249,7 +282,6 @@ void avg_forward_nchw(const scalar_t* x, scalar_t* out, const PoolPlan& p,
           for (int64_t k = 0; k < kPlaneBlock; ++k) cell[k] = s[k];
         }
       }
-      block_planes(p0, pn, C, p.total, sample_base, channel);
       avg_cells_to_bins<acc_t>(p, cells.data(), B, pn, sum.data(),
                                [&](const BinRect& r, int64_t k, acc_t v) {
                                  out[sample_base[k] + r.out_offset + channel[k] * r.c_stride] =
@@ -352,7 +384,8 @@ void avg_forward_channels_last(const scalar_t* x, scalar_t* out,
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t SH = p.h.num_segments(), SW = p.w.num_segments();
   const ChannelsLastTiling t = channels_last_tiling(p, N, C, sizeof(acc_t));
-  std::vector<acc_t> cells(static_cast<size_t>(t.group * SH * SW * C));
+  const int64_t cs = C;  // cell stride
+  std::vector<acc_t> cells(static_cast<size_t>(t.group * SH * SW * cs));
   for (int64_t n0 = 0; n0 < N; n0 += t.group) {
     const int64_t gn = std::min(t.group, N - n0);
     at::parallel_for(0, gn * SH * t.chunks, 1, [&](int64_t begin, int64_t end) {
@@ -363,18 +396,18 @@ void avg_forward_channels_last(const scalar_t* x, scalar_t* out,
         const int64_t cn = std::min(t.chunk, C - c0);
         const int64_t h0 = p.h.cuts[a], h1 = p.h.cuts[a + 1];
         if (cn <= 0 || p.h.seg_of[h0] < 0) continue;
-        acc_t* row_cells = cells.data() + ((g * SH + a) * SW) * C + c0;
+        acc_t* row_cells = cells.data() + ((g * SH + a) * SW) * cs + c0;
         for (int64_t b = 0; b < SW; ++b)
-          std::fill(row_cells + b * C, row_cells + b * C + cn, acc_t(0));
+          std::fill(row_cells + b * cs, row_cells + b * cs + cn, acc_t(0));
         for (int64_t h = h0; h < h1; ++h) {
           const scalar_t* row = x + (((n0 + g) * H + h) * W) * C + c0;
           for (int64_t b = 0; b < SW; ++b) {
             const int64_t w0 = p.w.cuts[b], w1 = p.w.cuts[b + 1];
             if (p.w.seg_of[w0] < 0) continue;
-            acc_t* acc = row_cells + b * C;
+            acc_t* acc = row_cells + b * cs;
             if constexpr (std::is_same_v<scalar_t, float>) {
               // The segment's pixels summed in registers, then into the cell.
-              simd::add_rows(acc, row + w0 * C, w1 - w0, C, cn);
+              for (int64_t w = w0; w < w1; ++w) simd::add(acc, row + w * C, cn);
             } else {
               for (int64_t w = w0; w < w1; ++w) {
                 const scalar_t* px = row + w * C;
@@ -394,7 +427,7 @@ void avg_forward_channels_last(const scalar_t* x, scalar_t* out,
         const int64_t g = task / chunks, c0 = (task % chunks) * chunk;
         const int64_t cn = std::min(chunk, C - c0);
         scalar_t* dst = out + (n0 + g) * C * p.total;
-        avg_cells_to_bins<acc_t>(p, cells.data() + g * SH * SW * C + c0, C, cn, sum.data(),
+        avg_cells_to_bins<acc_t>(p, cells.data() + g * SH * SW * cs + c0, cs, cn, sum.data(),
                                  [&](const BinRect& r, int64_t k, acc_t v) {
                                    dst[r.out_offset + (c0 + k) * r.c_stride] = static_cast<scalar_t>(v);
                                  });

@@ -1,0 +1,191 @@
+// Segment-cell sums of a block of 8 NCHW float planes, with AVX2 (x86-64).
+//
+// Average pooling of NCHW planes reduces each H-segment's rows (vector over
+// W), then each W-segment's columns. The second step wants vectors over
+// planes, so the row sums of 8 planes are transposed 8x8 in registers
+// (instead of being stored transposed one float at a time, which bound the
+// portable loop) and the columns of each W-segment are summed as vectors of
+// 8 planes. Summation order per cell: rows top to bottom, then columns left
+// to right, the same as the portable loops in multi_pool2d.cpp.
+#include "cpu/block_cells.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define PE_HAVE_AVX2_PATH 1
+#include <immintrin.h>
+#else
+#define PE_HAVE_AVX2_PATH 0
+#endif
+
+namespace pyramid_ext {
+namespace simd {
+
+#if PE_HAVE_AVX2_PATH
+
+namespace {
+
+#define PE_AVX2 __attribute__((target("avx2")))
+
+// Mask of the first n (< 8) lanes, for the tail of a row.
+PE_AVX2 inline __m256i tail_mask(int64_t n) {
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), lane);
+}
+
+// NV vectors of 8 columns summed over `rows` rows of stride W, the partial
+// sums in registers; with kTail the last vector holds the row's last
+// columns (mask m) and its padding lanes come out zero. Each row read is
+// also prefetched `ahead` floats further on (the next block's planes), so
+// memory works while this block's cells and bins are computed.
+template <int NV, bool kTail>
+PE_AVX2 inline void sum_cols(float* dst, const float* src, int64_t rows, int64_t W, __m256i m,
+                             int64_t ahead) {
+  __m256 a[NV];
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) a[v] = _mm256_setzero_ps();
+  for (int64_t r = 0; r < rows; ++r, src += W) {
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; v += 2) _mm_prefetch(reinterpret_cast<const char*>(src + ahead + 8 * v), _MM_HINT_T1);
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v)
+      a[v] = _mm256_add_ps(a[v], (kTail && v == NV - 1) ? _mm256_maskload_ps(src + 8 * v, m)
+                                                        : _mm256_loadu_ps(src + 8 * v));
+  }
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) _mm256_storeu_ps(dst + 8 * v, a[v]);
+}
+
+template <bool kTail>
+PE_AVX2 void sum_cols_n(int nv, float* dst, const float* src, int64_t rows, int64_t W, __m256i m,
+                        int64_t ahead) {
+  switch (nv) {
+    case 1: return sum_cols<1, kTail>(dst, src, rows, W, m, ahead);
+    case 2: return sum_cols<2, kTail>(dst, src, rows, W, m, ahead);
+    case 3: return sum_cols<3, kTail>(dst, src, rows, W, m, ahead);
+    case 4: return sum_cols<4, kTail>(dst, src, rows, W, m, ahead);
+    case 5: return sum_cols<5, kTail>(dst, src, rows, W, m, ahead);
+    case 6: return sum_cols<6, kTail>(dst, src, rows, W, m, ahead);
+    case 7: return sum_cols<7, kTail>(dst, src, rows, W, m, ahead);
+    default: return sum_cols<8, kTail>(dst, src, rows, W, m, ahead);
+  }
+}
+
+// dst[w] = sum over r < rows of src[r * W + w] for w < W; dst is padded to a
+// multiple of 8 with zeros. Up to 64 columns at a time, so rows up to 64
+// wide are read front to back (one stream for the prefetcher).
+PE_AVX2 void sum_rows(float* dst, const float* src, int64_t rows, int64_t W, int64_t ahead) {
+  const int64_t full = W / 8, tail = W % 8;
+  const __m256i m = tail_mask(tail);
+  int64_t v = 0;
+  for (; v + 8 <= full; v += 8) sum_cols<8, false>(dst + 8 * v, src + 8 * v, rows, W, m, ahead);
+  if (tail) {
+    sum_cols_n<true>(static_cast<int>(full - v + 1), dst + 8 * v, src + 8 * v, rows, W, m, ahead);
+  } else if (v < full) {
+    sum_cols_n<false>(static_cast<int>(full - v), dst + 8 * v, src + 8 * v, rows, W, m, ahead);
+  }
+}
+
+// c[j] lane k = r[k] lane j.
+PE_AVX2 inline void transpose8(const __m256 r[8], __m256 c[8]) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 u1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 u3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 u4 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 u5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 u6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 u7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
+  c[0] = _mm256_permute2f128_ps(u0, u4, 0x20);
+  c[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+  c[2] = _mm256_permute2f128_ps(u2, u6, 0x20);
+  c[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+  c[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
+  c[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+  c[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
+  c[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
+PE_AVX2 void cell_sums_avx2(const CellBlock& blk, const float* const planes[kCellBlock], float* cells,
+                            float* rows) {
+  const int64_t W = blk.W, SH = blk.SH, SW = blk.SW;
+  const int64_t Wp = (W + 7) / 8 * 8;
+  // 1. Row sums of every H-segment some window reads: rows[k][a][w].
+  for (int64_t k = 0; k < kCellBlock; ++k)
+    for (int64_t a = 0; a < SH; ++a) {
+      if (!blk.h_used[a]) continue;
+      const int64_t h0 = blk.h_cuts[a];
+      sum_rows(rows + (k * SH + a) * Wp, planes[k] + h0 * W, blk.h_cuts[a + 1] - h0, W, blk.prefetch_ahead);
+    }
+  // 2. Eight columns of the 8 planes at a time, transposed so that each
+  //    column is a vector over planes; columns summed into their W-segment.
+  for (int64_t a = 0; a < SH; ++a) {
+    if (!blk.h_used[a]) continue;
+    float* cell_row = cells + a * SW * kCellBlock;
+    __m256 s = _mm256_setzero_ps();
+    for (int64_t w0 = 0; w0 < W; w0 += 8) {
+      __m256 r[8], c[8];
+      for (int64_t k = 0; k < 8; ++k) r[k] = _mm256_loadu_ps(rows + (k * SH + a) * Wp + w0);
+      transpose8(r, c);
+      const int64_t n = W - w0 < 8 ? W - w0 : 8;
+#pragma GCC unroll 8
+      for (int64_t j = 0; j < 8; ++j) {
+        if (j >= n) break;
+        const int64_t b = blk.col_seg[w0 + j];
+        if (b < 0) continue;  // no window reads this column
+        s = _mm256_add_ps(s, c[j]);
+        if (blk.col_last[w0 + j]) {
+          _mm256_storeu_ps(cell_row + b * kCellBlock, s);
+          s = _mm256_setzero_ps();
+        }
+      }
+    }
+  }
+}
+
+PE_AVX2 void bin_means_avx2(const float* cells, int64_t SW, const CellRect* rects, int64_t num_rects,
+                            float* means) {
+  for (int64_t r = 0; r < num_rects; ++r) {
+    const CellRect& rc = rects[r];
+    __m256 s = _mm256_setzero_ps();
+    for (int64_t a = rc.a0; a < rc.a1; ++a) {
+      const float* cell = cells + (a * SW + rc.b0) * kCellBlock;
+      for (int64_t b = rc.b0; b < rc.b1; ++b, cell += kCellBlock) s = _mm256_add_ps(s, _mm256_loadu_ps(cell));
+    }
+    _mm256_storeu_ps(means + r * kCellBlock, _mm256_div_ps(s, _mm256_set1_ps(rc.area)));
+  }
+}
+
+#undef PE_AVX2
+
+}  // namespace
+
+bool cell_sums_8planes_available() {
+  static const bool ok = __builtin_cpu_supports("avx2");
+  return ok;
+}
+
+void cell_sums_8planes(const CellBlock& blk, const float* const planes[kCellBlock], float* cells,
+                       float* rows) {
+  cell_sums_avx2(blk, planes, cells, rows);
+}
+
+void bin_means_8planes(const float* cells, int64_t SW, const CellRect* rects, int64_t num_rects,
+                       float* means) {
+  bin_means_avx2(cells, SW, rects, num_rects, means);
+}
+
+#else  // no AVX2 path on this platform
+
+bool cell_sums_8planes_available() { return false; }
+
+void cell_sums_8planes(const CellBlock&, const float* const*, float*, float*) {}
+
+void bin_means_8planes(const float*, int64_t, const CellRect*, int64_t, float*) {}
+
+#endif
+
+}  // namespace simd
+}  // namespace pyramid_ext

@@ -1,0 +1,52 @@
+// Segment-cell sums of a block of NCHW float planes, vector over the block
+// (see block_cells.cpp). Used by the average-pooling forward when the CPU
+// has AVX2; the portable loops in multi_pool2d.cpp serve every other case.
+#pragma once
+
+#include <cstdint>
+
+namespace pyramid_ext {
+namespace simd {
+
+constexpr int64_t kCellBlock = 8;  // planes per block
+
+// The segment tables of one call, as the block kernel reads them.
+struct CellBlock {
+  int64_t W;
+  int64_t SH;              // H-segments
+  int64_t SW;              // W-segments
+  const int64_t* h_cuts;   // SH + 1 row boundaries
+  const char* h_used;      // SH flags: does some window read the segment
+  const int64_t* col_seg;  // W: W-segment of each column, -1 if no window reads it
+  const char* col_last;    // W: is the column the last of its W-segment
+  int64_t prefetch_ahead;  // floats from a plane to the one to prefetch (0: none)
+};
+
+// Scratch floats cell_sums_8planes needs for its row sums.
+inline int64_t cell_sums_scratch(const CellBlock& blk) {
+  return kCellBlock * blk.SH * ((blk.W + 7) / 8 * 8);
+}
+
+// One bin as a rectangle of cells: H-segments [a0, a1), W-segments [b0, b1).
+struct CellRect {
+  int64_t a0, a1, b0, b1;
+  float area;  // elements in the bin
+};
+
+bool cell_sums_8planes_available();
+
+// cells[(a * SW + b) * 8 + k] = sum of plane k over H-segment a and
+// W-segment b, for every segment pair some window reads (others are left
+// as they are). planes[k] points at plane k (H x W, row stride W); rows is
+// scratch of cell_sums_scratch(blk) floats. Only call when
+// cell_sums_8planes_available().
+void cell_sums_8planes(const CellBlock& blk, const float* const planes[kCellBlock], float* cells,
+                       float* rows);
+
+// means[r * 8 + k] = (sum over the cells of rects[r], plane k) / area, from
+// the cells cell_sums_8planes wrote (SW W-segments). Same availability.
+void bin_means_8planes(const float* cells, int64_t SW, const CellRect* rects, int64_t num_rects,
+                       float* means);
+
+}  // namespace simd
+}  // namespace pyramid_ext
