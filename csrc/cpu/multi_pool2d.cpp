@@ -144,7 +144,8 @@ void block_planes(int64_t p0, int64_t pn, int64_t C, int64_t total,
   }
 }
 
-// Sums cells into every bin, vector over k < kn; put(rect, k, mean).
+// Sums cells into every bin, vector over k < kn; put(rect, means) with
+// means[k] for k < kn.
 template <typename acc_t, typename Put>
 void avg_cells_to_bins(const PoolPlan& p, const acc_t* cells, int64_t stride,
                        int64_t kn, acc_t* sum, Put put) {
@@ -159,7 +160,8 @@ void avg_cells_to_bins(const PoolPlan& p, const acc_t* cells, int64_t stride,
           const acc_t* cell = cells + (a * SW + b) * stride;
           for (int64_t k = 0; k < kPlaneBlock; ++k) s[k] += cell[k];
         }
-      for (int64_t k = 0; k < kPlaneBlock; ++k) put(r, k, s[k] / area);
+      for (int64_t k = 0; k < kPlaneBlock; ++k) s[k] /= area;
+      put(r, s);
       continue;
     }
     std::fill(sum, sum + kn, acc_t(0));
@@ -175,7 +177,7 @@ void avg_cells_to_bins(const PoolPlan& p, const acc_t* cells, int64_t stride,
       }
 #pragma omp simd
     for (int64_t k = 0; k < kn; ++k) sum[k] = sum[k] / area;
-    for (int64_t k = 0; k < kn; ++k) put(r, k, sum[k]);
+    put(r, sum);
   }
 }
 
@@ -215,7 +217,7 @@ void avg_forward_nchw(const scalar_t* x, scalar_t* out, const PoolPlan& p,
   std::vector<char> h_used(static_cast<size_t>(SH)), col_last(static_cast<size_t>(W));
   // Prefetch the next block's planes while this one is reduced.
   simd::CellBlock cb{W, SH, SW, p.h.cuts.data(), h_used.data(), p.w.seg_of.data(), col_last.data(),
-                     B * H * W};
+                     B * H * W * (getenv("PE_PF") ? atoi(getenv("PE_PF")) : 1)};
   std::vector<simd::CellRect> cell_rects;
   if constexpr (std::is_same_v<scalar_t, float>) {
     block_kernel = simd::cell_sums_8planes_available();
@@ -283,9 +285,10 @@ void avg_forward_nchw(const scalar_t* x, scalar_t* out, const PoolPlan& p,
         }
       }
       avg_cells_to_bins<acc_t>(p, cells.data(), B, pn, sum.data(),
-                               [&](const BinRect& r, int64_t k, acc_t v) {
-                                 out[sample_base[k] + r.out_offset + channel[k] * r.c_stride] =
-                                     static_cast<scalar_t>(v);
+                               [&](const BinRect& r, const acc_t* means) {
+                                 for (int64_t k = 0; k < pn; ++k)
+                                   out[sample_base[k] + r.out_offset + channel[k] * r.c_stride] =
+                                       static_cast<scalar_t>(means[k]);
                                });
     }
   });
@@ -406,8 +409,7 @@ void avg_forward_channels_last(const scalar_t* x, scalar_t* out,
             if (p.w.seg_of[w0] < 0) continue;
             acc_t* acc = row_cells + b * cs;
             if constexpr (std::is_same_v<scalar_t, float>) {
-              // The segment's pixels summed in registers, then into the cell.
-              for (int64_t w = w0; w < w1; ++w) simd::add(acc, row + w * C, cn);
+              simd::add_rows(acc, row + w0 * C, w1 - w0, C, cn);  // pixels in order
             } else {
               for (int64_t w = w0; w < w1; ++w) {
                 const scalar_t* px = row + w * C;
@@ -428,8 +430,15 @@ void avg_forward_channels_last(const scalar_t* x, scalar_t* out,
         const int64_t cn = std::min(chunk, C - c0);
         scalar_t* dst = out + (n0 + g) * C * p.total;
         avg_cells_to_bins<acc_t>(p, cells.data() + g * SH * SW * cs + c0, cs, cn, sum.data(),
-                                 [&](const BinRect& r, int64_t k, acc_t v) {
-                                   dst[r.out_offset + (c0 + k) * r.c_stride] = static_cast<scalar_t>(v);
+                                 [&](const BinRect& r, const acc_t* means) {
+                                   scalar_t* d = dst + r.out_offset + c0 * r.c_stride;
+                                   if (r.c_stride == 1) {  // channels_last levels: contiguous
+#pragma omp simd
+                                     for (int64_t k = 0; k < cn; ++k) d[k] = static_cast<scalar_t>(means[k]);
+                                   } else {
+                                     for (int64_t k = 0; k < cn; ++k)
+                                       d[k * r.c_stride] = static_cast<scalar_t>(means[k]);
+                                   }
                                  });
       }
     });

@@ -34,23 +34,22 @@ void sum_rows(float* acc, int64_t acc_stride, const float* src, int64_t rows, in
   for (; w0 < n; ++w0) sum_cols<1>(acc + w0 * acc_stride, acc_stride, src + w0, rows, stride);
 }
 
-template <int64_t kWidth>
-inline void add_cols(float* acc, const float* src, int64_t rows, int64_t stride) {
-  float a[kWidth];
-  for (int64_t i = 0; i < kWidth; ++i) a[i] = acc[i];
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* row = src + r * stride;
-    for (int64_t i = 0; i < kWidth; ++i) a[i] += row[i];
-  }
-  for (int64_t i = 0; i < kWidth; ++i) acc[i] = a[i];
-}
-
 PE_MULTIVERSION
-void add_rows(float* acc, const float* src, int64_t rows, int64_t stride, int64_t n) {
-  int64_t i = 0;
-  for (; i + kCols <= n; i += kCols) add_cols<kCols>(acc + i, src + i, rows, stride);
-  for (; i + 16 <= n; i += 16) add_cols<16>(acc + i, src + i, rows, stride);
-  for (; i < n; ++i) add_cols<1>(acc + i, src + i, rows, stride);
+void add_rows(float* __restrict acc, const float* __restrict src, int64_t rows, int64_t stride,
+              int64_t n) {
+  for (; rows >= 4; rows -= 4, src += 4 * stride) {
+    const float *s0 = src, *s1 = src + stride, *s2 = src + 2 * stride, *s3 = src + 3 * stride;
+    for (int64_t i = 0; i < n; ++i) acc[i] = acc[i] + s0[i] + s1[i] + s2[i] + s3[i];
+  }
+  if (rows == 3) {
+    const float *s0 = src, *s1 = src + stride, *s2 = src + 2 * stride;
+    for (int64_t i = 0; i < n; ++i) acc[i] = acc[i] + s0[i] + s1[i] + s2[i];
+  } else if (rows == 2) {
+    const float *s0 = src, *s1 = src + stride;
+    for (int64_t i = 0; i < n; ++i) acc[i] = acc[i] + s0[i] + s1[i];
+  } else if (rows == 1) {
+    for (int64_t i = 0; i < n; ++i) acc[i] += src[i];
+  }
 }
 
 PE_MULTIVERSION

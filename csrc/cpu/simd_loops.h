@@ -12,7 +12,9 @@ namespace simd {
 
 // acc[w * acc_stride] = sum over r < rows of src[r * stride + w], for w < n.
 void sum_rows(float* acc, int64_t acc_stride, const float* src, int64_t rows, int64_t stride, int64_t n);
-// acc[i] += sum over r < rows of src[r * stride + i], for i < n.
+// acc[i] = (((acc[i] + src[i]) + src[stride + i]) + ...) over `rows` rows,
+// for i < n: rows added in order, four at a time (one pass over acc per four
+// rows, each row read front to back).
 void add_rows(float* acc, const float* src, int64_t rows, int64_t stride, int64_t n);
 // acc[i] += src[i]
 void add(float* acc, const float* src, int64_t n);
