@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -106,6 +107,13 @@ PoolPlan make_plan(int64_t C, int64_t H, int64_t W, c10::IntArrayRef h_bounds,
                            p.b1(l, j), p.area(l, i, j), p.out_index(l, 0, i, j),
                            p.out_index(l, 1, i, j) - p.out_index(l, 0, i, j)});
   return p;
+}
+
+// A large scratch buffer left uninitialized: its tasks write every entry they
+// read, and a zeroing constructor would be one more serial pass over memory.
+template <typename T>
+std::unique_ptr<T[]> scratch_buffer(int64_t n) {
+  return std::unique_ptr<T[]>(new T[static_cast<size_t>(n)]);
 }
 
 bool is_channels_last(const at::Tensor& t) {
@@ -380,69 +388,80 @@ ChannelsLastTiling channels_last_tiling(const PoolPlan& p, int64_t N, int64_t C,
   return t;
 }
 
+// Average, channels_last. Phase 1 reduces one H-segment's rows of a sample
+// into its row of cells ([cell][channel], pixels added in order, whole
+// pixels read contiguously); phase 2 combines a sample's cells into every
+// bin, vector over channels. With enough samples to share evenly among the
+// threads, one task runs both phases for a sample (its cells stay in cache);
+// otherwise phase 1 is split over H-segments and phase 2 over channels.
 template <typename scalar_t>
 void avg_forward_channels_last(const scalar_t* x, scalar_t* out,
                                const PoolPlan& p, int64_t N, int64_t C,
                                int64_t H, int64_t W) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t SH = p.h.num_segments(), SW = p.w.num_segments();
-  const ChannelsLastTiling t = channels_last_tiling(p, N, C, sizeof(acc_t));
-  const int64_t cs = C;  // cell stride
-  std::vector<acc_t> cells(static_cast<size_t>(t.group * SH * SW * cs));
-  for (int64_t n0 = 0; n0 < N; n0 += t.group) {
-    const int64_t gn = std::min(t.group, N - n0);
-    at::parallel_for(0, gn * SH * t.chunks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t g = task / (SH * t.chunks);
-        const int64_t a = (task / t.chunks) % SH;
-        const int64_t c0 = (task % t.chunks) * t.chunk;
-        const int64_t cn = std::min(t.chunk, C - c0);
-        const int64_t h0 = p.h.cuts[a], h1 = p.h.cuts[a + 1];
-        if (cn <= 0 || p.h.seg_of[h0] < 0) continue;
-        acc_t* row_cells = cells.data() + ((g * SH + a) * SW) * cs + c0;
-        for (int64_t b = 0; b < SW; ++b)
-          std::fill(row_cells + b * cs, row_cells + b * cs + cn, acc_t(0));
-        for (int64_t h = h0; h < h1; ++h) {
-          const scalar_t* row = x + (((n0 + g) * H + h) * W) * C + c0;
-          for (int64_t b = 0; b < SW; ++b) {
-            const int64_t w0 = p.w.cuts[b], w1 = p.w.cuts[b + 1];
-            if (p.w.seg_of[w0] < 0) continue;
-            acc_t* acc = row_cells + b * cs;
-            if constexpr (std::is_same_v<scalar_t, float>) {
-              simd::add_rows(acc, row + w0 * C, w1 - w0, C, cn);  // pixels in order
-            } else {
-              for (int64_t w = w0; w < w1; ++w) {
-                const scalar_t* px = row + w * C;
+  const int64_t cells_per_sample = SH * SW * C;
+  auto reduce_rows = [&](int64_t n, int64_t a, acc_t* cells) {
+    const int64_t h0 = p.h.cuts[a], h1 = p.h.cuts[a + 1];
+    if (p.h.seg_of[h0] < 0) return;  // no window reads these rows
+    acc_t* row_cells = cells + a * SW * C;
+    std::fill(row_cells, row_cells + SW * C, acc_t(0));
+    for (int64_t h = h0; h < h1; ++h) {
+      const scalar_t* row = x + ((n * H + h) * W) * C;
+      for (int64_t b = 0; b < SW; ++b) {
+        const int64_t w0 = p.w.cuts[b], w1 = p.w.cuts[b + 1];
+        if (p.w.seg_of[w0] < 0) continue;
+        acc_t* acc = row_cells + b * C;
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          simd::add_rows(acc, row + w0 * C, w1 - w0, C, C);  // pixels in order
+        } else {
+          for (int64_t w = w0; w < w1; ++w) {
+            const scalar_t* px = row + w * C;
 #pragma omp simd
-                for (int64_t c = 0; c < cn; ++c) acc[c] += static_cast<acc_t>(px[c]);
-              }
-            }
+            for (int64_t c = 0; c < C; ++c) acc[c] += static_cast<acc_t>(px[c]);
           }
         }
       }
-    });
-    const int64_t chunk = std::min<int64_t>(C, 256);
-    const int64_t chunks = (C + chunk - 1) / chunk;
-    at::parallel_for(0, gn * chunks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> sum(static_cast<size_t>(chunk));
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t g = task / chunks, c0 = (task % chunks) * chunk;
-        const int64_t cn = std::min(chunk, C - c0);
-        scalar_t* dst = out + (n0 + g) * C * p.total;
-        avg_cells_to_bins<acc_t>(p, cells.data() + g * SH * SW * cs + c0, cs, cn, sum.data(),
-                                 [&](const BinRect& r, const acc_t* means) {
-                                   scalar_t* d = dst + r.out_offset + c0 * r.c_stride;
-                                   if (r.c_stride == 1) {  // channels_last levels: contiguous
-#pragma omp simd
-                                     for (int64_t k = 0; k < cn; ++k) d[k] = static_cast<scalar_t>(means[k]);
-                                   } else {
-                                     for (int64_t k = 0; k < cn; ++k)
-                                       d[k * r.c_stride] = static_cast<scalar_t>(means[k]);
-                                   }
-                                 });
+    }
+  };
+  auto cells_to_bins = [&](int64_t n, int64_t c0, int64_t cn, const acc_t* cells, acc_t* sum) {
+    scalar_t* dst = out + n * C * p.total;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      for (const BinRect& r : p.rects)
+        simd::rect_means(dst + r.out_offset + c0 * r.c_stride, r.c_stride, cells + c0, SW * C, C,
+                         r.a0, r.a1, r.b0, r.b1, static_cast<float>(r.area), cn);
+    } else {
+      avg_cells_to_bins<acc_t>(p, cells + c0, C, cn, sum, [&](const BinRect& r, const acc_t* means) {
+        scalar_t* d = dst + r.out_offset + c0 * r.c_stride;
+        for (int64_t k = 0; k < cn; ++k) d[k * r.c_stride] = static_cast<scalar_t>(means[k]);
+      });
+    }
+  };
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  if (N % threads == 0 || N >= 4 * threads) {
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> cells(static_cast<size_t>(cells_per_sample)), sum(static_cast<size_t>(C));
+      for (int64_t n = begin; n < end; ++n) {
+        for (int64_t a = 0; a < SH; ++a) reduce_rows(n, a, cells.data());
+        cells_to_bins(n, 0, C, cells.data(), sum.data());
       }
     });
+    return;
   }
+  auto cells = scratch_buffer<acc_t>(N * cells_per_sample);
+  at::parallel_for(0, N * SH, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task)
+      reduce_rows(task / SH, task % SH, cells.get() + (task / SH) * cells_per_sample);
+  });
+  const int64_t chunk = std::min<int64_t>(C, 256);
+  const int64_t chunks = (C + chunk - 1) / chunk;
+  at::parallel_for(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> sum(static_cast<size_t>(chunk));
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / chunks, c0 = (task % chunks) * chunk;
+      cells_to_bins(n, c0, std::min(chunk, C - c0), cells.get() + n * cells_per_sample, sum.data());
+    }
+  });
 }
 
 template <typename scalar_t>
@@ -452,8 +471,8 @@ void max_forward_channels_last(const scalar_t* x, scalar_t* out,
   const int64_t SH = p.h.num_segments(), SW = p.w.num_segments();
   const ChannelsLastTiling t =
       channels_last_tiling(p, N, C, sizeof(scalar_t) + sizeof(int64_t));
-  std::vector<scalar_t> cell_max(static_cast<size_t>(t.group * SH * SW * C));
-  std::vector<int64_t> cell_idx(static_cast<size_t>(t.group * SH * SW * C));
+  auto cell_max = scratch_buffer<scalar_t>(t.group * SH * SW * C);
+  auto cell_idx = scratch_buffer<int64_t>(t.group * SH * SW * C);
   for (int64_t n0 = 0; n0 < N; n0 += t.group) {
     const int64_t gn = std::min(t.group, N - n0);
     at::parallel_for(0, gn * SH * t.chunks, 1, [&](int64_t begin, int64_t end) {
@@ -466,15 +485,15 @@ void max_forward_channels_last(const scalar_t* x, scalar_t* out,
         if (cn <= 0 || p.h.seg_of[h0] < 0) continue;
         const int64_t base = ((g * SH + a) * SW) * C + c0;
         for (int64_t b = 0; b < SW; ++b)
-          std::fill(cell_idx.begin() + base + b * C, cell_idx.begin() + base + b * C + cn, -1);
+          std::fill(cell_idx.get() + base + b * C, cell_idx.get() + base + b * C + cn, -1);
         // Row-major scan: each cell sees its elements in row-major order.
         for (int64_t h = h0; h < h1; ++h) {
           const scalar_t* row = x + (((n0 + g) * H + h) * W) * C + c0;
           for (int64_t w = 0; w < W; ++w) {
             const int64_t b = p.w.seg_of[w];
             if (b < 0) continue;
-            scalar_t* m = cell_max.data() + base + b * C;
-            int64_t* r = cell_idx.data() + base + b * C;
+            scalar_t* m = cell_max.get() + base + b * C;
+            int64_t* r = cell_idx.get() + base + b * C;
             const scalar_t* px = row + w * C;
             const int64_t flat = h * W + w;
             for (int64_t c = 0; c < cn; ++c) {
@@ -495,7 +514,7 @@ void max_forward_channels_last(const scalar_t* x, scalar_t* out,
         const int64_t cn = std::min(chunk, C - c0);
         const int64_t base = (n0 + g) * C * p.total;
         const int64_t cells = g * SH * SW * C + c0;
-        max_cells_to_bins(p, cell_max.data() + cells, cell_idx.data() + cells, C, cn,
+        max_cells_to_bins(p, cell_max.get() + cells, cell_idx.get() + cells, C, cn,
                           [&](const BinRect& r, int64_t k, scalar_t v, int64_t idx) {
                             const int64_t o = base + p.out_index(r.l, c0 + k, r.i, r.j);
                             out[o] = v;
@@ -620,7 +639,7 @@ void avg_backward_channels_last(const scalar_t* grad, scalar_t* gx,
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t SH = p.h.num_segments(), SW = p.w.num_segments();
   // Phase 1: each cell's gradient, [n][cell][c] (small: cells x C per sample).
-  std::vector<scalar_t> vals(static_cast<size_t>(N * SH * SW * C));
+  auto vals = scratch_buffer<scalar_t>(N * SH * SW * C);
   const int64_t chunk = std::min<int64_t>(C, 64);
   const int64_t chunks = (C + chunk - 1) / chunk;
   at::parallel_for(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
@@ -655,7 +674,7 @@ void avg_backward_channels_last(const scalar_t* grad, scalar_t* gx,
         if (a < 0 || b < 0) {
           std::fill(px, px + C, scalar_t(0));
         } else {
-          const scalar_t* v = vals.data() + (n * SH * SW + a * SW + b) * C;
+          const scalar_t* v = vals.get() + (n * SH * SW + a * SW + b) * C;
           std::copy(v, v + C, px);
         }
       }

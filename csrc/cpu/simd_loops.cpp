@@ -1,10 +1,15 @@
 #include "cpu/simd_loops.h"
 
+#include <cstring>
+
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
 #define PE_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define PE_MULTIVERSION
 #endif
+// Helpers of the multiversioned loops: always inlined, so each clone
+// compiles them for its own instruction set.
+#define PE_INLINE inline __attribute__((always_inline))
 
 namespace pyramid_ext {
 namespace simd {
@@ -15,7 +20,7 @@ namespace simd {
 constexpr int64_t kCols = 64;
 
 template <int64_t kWidth>
-inline void sum_cols(float* acc, int64_t acc_stride, const float* src, int64_t rows, int64_t stride) {
+PE_INLINE void sum_cols(float* acc, int64_t acc_stride, const float* src, int64_t rows, int64_t stride) {
   float a[kWidth];
   for (int64_t i = 0; i < kWidth; ++i) a[i] = src[i];
   for (int64_t r = 1; r < rows; ++r) {
@@ -55,6 +60,51 @@ void add_rows(float* __restrict acc, const float* __restrict src, int64_t rows, 
 PE_MULTIVERSION
 void add(float* acc, const float* src, int64_t n) {
   for (int64_t i = 0; i < n; ++i) acc[i] += src[i];
+}
+
+// 16 floats as one value (lowered to the target's vector width).
+typedef float v16 __attribute__((vector_size(64)));
+
+// s += p[0..16) (by reference: returning a vector type by value changes the ABI per target).
+PE_INLINE void add16(v16& s, const float* p) {
+  v16 v;
+  std::memcpy(&v, p, sizeof(v));
+  s += v;
+}
+
+template <int kVecs>
+PE_INLINE void rect_means_cols(float* dst, int64_t dst_stride, const float* cells, int64_t row_stride,
+                            int64_t cell_stride, int64_t a0, int64_t a1, int64_t b0, int64_t b1, float area) {
+  v16 s[kVecs] = {};
+  for (int64_t a = a0; a < a1; ++a)
+    for (int64_t b = b0; b < b1; ++b) {
+      const float* c = cells + a * row_stride + b * cell_stride;
+      for (int v = 0; v < kVecs; ++v) add16(s[v], c + 16 * v);
+    }
+  for (int v = 0; v < kVecs; ++v) {
+    const v16 m = s[v] / area;
+    if (dst_stride == 1) {
+      std::memcpy(dst + 16 * v, &m, sizeof(m));
+    } else {
+      for (int i = 0; i < 16; ++i) dst[(16 * v + i) * dst_stride] = m[i];
+    }
+  }
+}
+
+PE_MULTIVERSION
+void rect_means(float* dst, int64_t dst_stride, const float* cells, int64_t row_stride, int64_t cell_stride,
+                int64_t a0, int64_t a1, int64_t b0, int64_t b1, float area, int64_t n) {
+  int64_t k = 0;
+  for (; k + 64 <= n; k += 64)  // four independent sums hide the add latency
+    rect_means_cols<4>(dst + k * dst_stride, dst_stride, cells + k, row_stride, cell_stride, a0, a1, b0, b1, area);
+  for (; k + 16 <= n; k += 16)
+    rect_means_cols<1>(dst + k * dst_stride, dst_stride, cells + k, row_stride, cell_stride, a0, a1, b0, b1, area);
+  for (; k < n; ++k) {
+    float s = 0;
+    for (int64_t a = a0; a < a1; ++a)
+      for (int64_t b = b0; b < b1; ++b) s += cells[a * row_stride + b * cell_stride + k];
+    dst[k * dst_stride] = s / area;
+  }
 }
 
 PE_MULTIVERSION

@@ -18,6 +18,11 @@ void sum_rows(float* acc, int64_t acc_stride, const float* src, int64_t rows, in
 void add_rows(float* acc, const float* src, int64_t rows, int64_t stride, int64_t n);
 // acc[i] += src[i]
 void add(float* acc, const float* src, int64_t n);
+// One bin's means over a vector of n channels: dst[k * dst_stride] = (sum
+// over a0 <= a < a1, b0 <= b < b1 of cells[a * row_stride + b * cell_stride
+// + k]) / area, summed a-major in registers.
+void rect_means(float* dst, int64_t dst_stride, const float* cells, int64_t row_stride, int64_t cell_stride,
+                int64_t a0, int64_t a1, int64_t b0, int64_t b1, float area, int64_t n);
 // Column-wise running max over rows, ATen's rule (larger, or NaN): m/r hold
 // the current maximum and its row; rows h0 + 1 .. h0 + rows - 1 are scanned
 // after m is seeded with row h0.
