@@ -109,7 +109,7 @@ PE_AVX2 inline void transpose8(const __m256 r[8], __m256 c[8]) {
 }
 
 PE_AVX2 void cell_sums_avx2(const CellBlock& blk, const float* const planes[kCellBlock], float* cells,
-                            float* rows) {
+                            int64_t cell_stride, float* rows) {
   const int64_t W = blk.W, SH = blk.SH, SW = blk.SW;
   const int64_t Wp = (W + 7) / 8 * 8;
   // 1. Row sums of every H-segment some window reads: rows[k][a][w].
@@ -123,7 +123,7 @@ PE_AVX2 void cell_sums_avx2(const CellBlock& blk, const float* const planes[kCel
   //    column is a vector over planes; columns summed into their W-segment.
   for (int64_t a = 0; a < SH; ++a) {
     if (!blk.h_used[a]) continue;
-    float* cell_row = cells + a * SW * kCellBlock;
+    float* cell_row = cells + a * SW * cell_stride;
     __m256 s = _mm256_setzero_ps();
     for (int64_t w0 = 0; w0 < W; w0 += 8) {
       __m256 r[8], c[8];
@@ -137,7 +137,7 @@ PE_AVX2 void cell_sums_avx2(const CellBlock& blk, const float* const planes[kCel
         if (b < 0) continue;  // no window reads this column
         s = _mm256_add_ps(s, c[j]);
         if (blk.col_last[w0 + j]) {
-          _mm256_storeu_ps(cell_row + b * kCellBlock, s);
+          _mm256_storeu_ps(cell_row + b * cell_stride, s);
           s = _mm256_setzero_ps();
         }
       }
@@ -147,14 +147,26 @@ PE_AVX2 void cell_sums_avx2(const CellBlock& blk, const float* const planes[kCel
 
 PE_AVX2 void bin_means_avx2(const float* cells, int64_t SW, const CellRect* rects, int64_t num_rects,
                             float* means) {
+  // Four blocks of 8 planes: four independent add chains per bin, and the
+  // loop over a bin's cells paid once per 32 planes.
   for (int64_t r = 0; r < num_rects; ++r) {
     const CellRect& rc = rects[r];
-    __m256 s = _mm256_setzero_ps();
+    __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
     for (int64_t a = rc.a0; a < rc.a1; ++a) {
-      const float* cell = cells + (a * SW + rc.b0) * kCellBlock;
-      for (int64_t b = rc.b0; b < rc.b1; ++b, cell += kCellBlock) s = _mm256_add_ps(s, _mm256_loadu_ps(cell));
+      const float* cell = cells + (a * SW + rc.b0) * kGroupPlanes;
+      for (int64_t b = rc.b0; b < rc.b1; ++b, cell += kGroupPlanes) {
+        s0 = _mm256_add_ps(s0, _mm256_loadu_ps(cell));
+        s1 = _mm256_add_ps(s1, _mm256_loadu_ps(cell + 8));
+        s2 = _mm256_add_ps(s2, _mm256_loadu_ps(cell + 16));
+        s3 = _mm256_add_ps(s3, _mm256_loadu_ps(cell + 24));
+      }
     }
-    _mm256_storeu_ps(means + r * kCellBlock, _mm256_div_ps(s, _mm256_set1_ps(rc.area)));
+    const __m256 area = _mm256_set1_ps(rc.area);
+    float* m = means + r * kGroupPlanes;
+    _mm256_storeu_ps(m, _mm256_div_ps(s0, area));
+    _mm256_storeu_ps(m + 8, _mm256_div_ps(s1, area));
+    _mm256_storeu_ps(m + 16, _mm256_div_ps(s2, area));
+    _mm256_storeu_ps(m + 24, _mm256_div_ps(s3, area));
   }
 }
 
@@ -168,11 +180,11 @@ bool cell_sums_8planes_available() {
 }
 
 void cell_sums_8planes(const CellBlock& blk, const float* const planes[kCellBlock], float* cells,
-                       float* rows) {
-  cell_sums_avx2(blk, planes, cells, rows);
+                       int64_t cell_stride, float* rows) {
+  cell_sums_avx2(blk, planes, cells, cell_stride, rows);
 }
 
-void bin_means_8planes(const float* cells, int64_t SW, const CellRect* rects, int64_t num_rects,
+void bin_means_32planes(const float* cells, int64_t SW, const CellRect* rects, int64_t num_rects,
                        float* means) {
   bin_means_avx2(cells, SW, rects, num_rects, means);
 }
@@ -181,9 +193,9 @@ void bin_means_8planes(const float* cells, int64_t SW, const CellRect* rects, in
 
 bool cell_sums_8planes_available() { return false; }
 
-void cell_sums_8planes(const CellBlock&, const float* const*, float*, float*) {}
+void cell_sums_8planes(const CellBlock&, const float* const*, float*, int64_t, float*) {}
 
-void bin_means_8planes(const float*, int64_t, const CellRect*, int64_t, float*) {}
+void bin_means_32planes(const float*, int64_t, const CellRect*, int64_t, float*) {}
 
 #endif
 

@@ -8,7 +8,8 @@
 namespace pyramid_ext {
 namespace simd {
 
-constexpr int64_t kCellBlock = 8;  // planes per block
+constexpr int64_t kCellBlock = 8;    // planes per block (one transposed 8x8 tile)
+constexpr int64_t kGroupPlanes = 32;  // planes per group: four blocks share the bin step
 
 // The segment tables of one call, as the block kernel reads them.
 struct CellBlock {
@@ -35,18 +36,19 @@ struct CellRect {
 
 bool cell_sums_8planes_available();
 
-// cells[(a * SW + b) * 8 + k] = sum of plane k over H-segment a and
-// W-segment b, for every segment pair some window reads (others are left
-// as they are). planes[k] points at plane k (H x W, row stride W); rows is
-// scratch of cell_sums_scratch(blk) floats. Only call when
-// cell_sums_8planes_available().
+// cells[(a * SW + b) * cell_stride + k] = sum of plane k over H-segment a
+// and W-segment b, for k < 8 and every segment pair some window reads
+// (others are left as they are). planes[k] points at plane k (H x W, row
+// stride W); rows is scratch of cell_sums_scratch(blk) floats. Only call
+// when cell_sums_8planes_available().
 void cell_sums_8planes(const CellBlock& blk, const float* const planes[kCellBlock], float* cells,
-                       float* rows);
+                       int64_t cell_stride, float* rows);
 
-// means[r * 8 + k] = (sum over the cells of rects[r], plane k) / area, from
-// the cells cell_sums_8planes wrote (SW W-segments). Same availability.
-void bin_means_8planes(const float* cells, int64_t SW, const CellRect* rects, int64_t num_rects,
-                       float* means);
+// means[r * 32 + k] = (sum over the cells of rects[r], plane k) / area, for
+// the 32 planes of a group whose cells (cell stride 32, SW W-segments)
+// cell_sums_8planes wrote. Same availability.
+void bin_means_32planes(const float* cells, int64_t SW, const CellRect* rects, int64_t num_rects,
+                        float* means);
 
 }  // namespace simd
 }  // namespace pyramid_ext

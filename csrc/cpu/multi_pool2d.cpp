@@ -210,6 +210,52 @@ void max_cells_to_bins(const PoolPlan& p, const scalar_t* vals,
   }
 }
 
+// NCHW float on AVX2 CPUs (block_cells.cpp): groups of 32 planes, each
+// reduced to cells as four transposed blocks of 8, then every bin of the
+// group summed at once.
+void avg_forward_nchw_groups(const float* x, float* out, const PoolPlan& p, int64_t N, int64_t C,
+                             int64_t H, int64_t W) {
+  constexpr int64_t G = simd::kGroupPlanes, B = simd::kCellBlock;
+  const int64_t SH = p.h.num_segments(), SW = p.w.num_segments();
+  const int64_t planes = N * C, groups = (planes + G - 1) / G;
+  std::vector<char> h_used(static_cast<size_t>(SH)), col_last(static_cast<size_t>(W));
+  for (int64_t a = 0; a < SH; ++a) h_used[a] = p.h.seg_of[p.h.cuts[a]] >= 0;
+  for (int64_t w = 0; w < W; ++w) col_last[w] = w + 1 == W || p.w.seg_of[w + 1] != p.w.seg_of[w];
+  // The next block's planes are prefetched while this one is reduced.
+  const simd::CellBlock cb{W, SH, SW, p.h.cuts.data(), h_used.data(), p.w.seg_of.data(), col_last.data(),
+                           B * H * W};
+  std::vector<simd::CellRect> rects;
+  for (const BinRect& r : p.rects) rects.push_back({r.a0, r.a1, r.b0, r.b1, static_cast<float>(r.area)});
+  const int64_t num_rects = static_cast<int64_t>(rects.size());
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, H * W * G));
+  at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> rows(static_cast<size_t>(simd::cell_sums_scratch(cb)));
+    // Zeroed once: blocks past the last plane keep finite stale values.
+    std::vector<float> cells(static_cast<size_t>(SH * SW * G)), means(static_cast<size_t>(num_rects * G));
+    for (int64_t grp = begin; grp < end; ++grp) {
+      const int64_t p0 = grp * G, pn = std::min(G, planes - p0);
+      for (int64_t q = 0; q * B < pn; ++q) {
+        const float* plane_ptrs[B];
+        for (int64_t k = 0; k < B; ++k) plane_ptrs[k] = x + (p0 + std::min(q * B + k, pn - 1)) * H * W;
+        simd::cell_sums_8planes(cb, plane_ptrs, cells.data() + q * B, G, rows.data());
+      }
+      simd::bin_means_32planes(cells.data(), SW, rects.data(), num_rects, means.data());
+      // Each plane's bins of a level are one run of the output (strided by
+      // C for channels_last levels).
+      const int64_t step = p.channels_last_levels ? C : 1;
+      for (int64_t k = 0; k < pn; ++k) {
+        const int64_t plane = p0 + k, n = plane / C, c = plane % C;
+        const float* m = means.data() + k;
+        for (int64_t l = 0, r0 = 0; l < p.levels(); r0 += p.bh[l] * p.bw[l], ++l) {
+          const int64_t bins = p.bh[l] * p.bw[l];
+          float* d = out + n * C * p.total + p.out_index(l, c, 0, 0);
+          for (int64_t i = 0; i < bins; ++i) d[i * step] = m[(r0 + i) * G];
+        }
+      }
+    }
+  });
+}
+
 // NCHW: a block of planes; each plane's rows of one H-segment are summed
 // (vector over W), then reduced into that segment's cells.
 template <typename scalar_t>
@@ -220,47 +266,19 @@ void avg_forward_nchw(const scalar_t* x, scalar_t* out, const PoolPlan& p,
   const int64_t planes = N * C, B = kPlaneBlock;
   const int64_t blocks = (planes + B - 1) / B;
   const int64_t grain = block_grain(H, W);
-  // float on AVX2 CPUs: the block kernel (block_cells.cpp).
-  bool block_kernel = false;
-  std::vector<char> h_used(static_cast<size_t>(SH)), col_last(static_cast<size_t>(W));
-  // Prefetch the next block's planes while this one is reduced.
-  simd::CellBlock cb{W, SH, SW, p.h.cuts.data(), h_used.data(), p.w.seg_of.data(), col_last.data(),
-                     B * H * W * (getenv("PE_PF") ? atoi(getenv("PE_PF")) : 1)};
-  std::vector<simd::CellRect> cell_rects;
   if constexpr (std::is_same_v<scalar_t, float>) {
-    block_kernel = simd::cell_sums_8planes_available();
-    for (int64_t a = 0; a < SH; ++a) h_used[a] = p.h.seg_of[p.h.cuts[a]] >= 0;
-    for (int64_t w = 0; w < W; ++w) col_last[w] = w + 1 == W || p.w.seg_of[w + 1] != p.w.seg_of[w];
-    for (const BinRect& r : p.rects)
-      cell_rects.push_back({r.a0, r.a1, r.b0, r.b1, static_cast<float>(r.area)});
+    if (simd::cell_sums_8planes_available()) return avg_forward_nchw_groups(x, out, p, N, C, H, W);
   }
-  const int64_t num_rects = static_cast<int64_t>(p.rects.size());
   at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
     // Row sums of each H-segment, [segment][w][plane]: W-segments then
     // reduce vector over the block's planes.
-    std::vector<acc_t> rows(static_cast<size_t>(
-        block_kernel ? simd::cell_sums_scratch(cb) : SH * W * B));
+    std::vector<acc_t> rows(static_cast<size_t>(SH * W * B));
     std::vector<acc_t> cells(static_cast<size_t>(SH * SW * B));
     std::vector<acc_t> sum(static_cast<size_t>(B));
-    std::vector<acc_t> means(static_cast<size_t>(block_kernel ? num_rects * B : 0));
     int64_t sample_base[kPlaneBlock], channel[kPlaneBlock];
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t p0 = blk * B, pn = std::min(B, planes - p0);
       block_planes(p0, pn, C, p.total, sample_base, channel);
-      if constexpr (std::is_same_v<scalar_t, float>) {
-        if (block_kernel) {
-          const float* plane_ptrs[kPlaneBlock];
-          for (int64_t k = 0; k < B; ++k) plane_ptrs[k] = x + (p0 + std::min(k, pn - 1)) * H * W;
-          simd::cell_sums_8planes(cb, plane_ptrs, cells.data(), rows.data());
-          simd::bin_means_8planes(cells.data(), SW, cell_rects.data(), num_rects, means.data());
-          for (int64_t k = 0; k < pn; ++k)
-            for (int64_t r = 0; r < num_rects; ++r) {
-              const BinRect& rect = p.rects[r];
-              out[sample_base[k] + rect.out_offset + channel[k] * rect.c_stride] = means[r * B + k];
-            }
-          continue;
-        }
-      }
       if (pn < B) std::fill(rows.begin(), rows.end(), acc_t(0));
       // Each plane read front to back (one stream).
       for (int64_t k = 0; k < pn; ++k) {
