@@ -55,6 +55,37 @@ def test_max_matches_eager_with_indices(backend, shape, bins, dtype, kind):
         assert torch.equal(i, want_i)
 
 
+# Many planes: the CPU float kernels work on blocks of 8 and groups of 32
+# planes (NCHW) or on per-sample tasks (channels_last); 3 x 23 planes leaves
+# partial blocks and groups, and widths 70 / 129 take the 64-column chunks
+# plus a tail.
+@pytest.mark.parametrize("shape", [(3, 23, 37, 70), (2, 41, 20, 129), (5, 7, 32, 32)])
+@pytest.mark.parametrize("kind", LAYOUTS)
+def test_avg_many_planes(backend, shape, kind):
+    x = layout(_rand(shape, torch.float32, seed=3), kind)
+    for g, b in zip(pe.multi_adaptive_avg_pool2d(x, (1, 2, 3, 6), backend=backend), (1, 2, 3, 6)):
+        torch.testing.assert_close(g, F.adaptive_avg_pool2d(x, b), **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("kind", ["nchw", "channels_last"])
+def test_avg_inf_and_nan_stay_in_their_windows(backend, kind):
+    x = _rand((2, 19, 24, 40), torch.float32, seed=4)
+    x[0, 3, 5, 7] = float("inf")
+    x[1, 17, 20, 33] = float("nan")
+    x[1, 2, 0, 39] = float("-inf")
+    x = layout(x, kind)
+    for g, b in zip(pe.multi_adaptive_avg_pool2d(x, (1, 2, 3, 6), backend=backend), (1, 2, 3, 6)):
+        torch.testing.assert_close(g, F.adaptive_avg_pool2d(x, b), equal_nan=True, **TOL[torch.float32])
+
+
+def test_avg_sppnet_windows_many_planes(backend):
+    # SPPNet windows leave trailing rows and columns unread.
+    x = _rand((2, 21, 30, 45), torch.float32, seed=5)
+    got = pe.spatial_pyramid_pool(x, (4, 3), mode="avg", window="sppnet", backend=backend)
+    want = pe.spatial_pyramid_pool(x, (4, 3), mode="avg", window="sppnet", backend="torch")
+    torch.testing.assert_close(got, want, **TOL[torch.float32])
+
+
 @pytest.mark.parametrize("kind", ["nchw", "channels_last"])
 def test_max_ties_nan_and_inf_follow_pytorch(backend, kind):
     # Few distinct values: many ties. NaNs and all -inf windows included.
