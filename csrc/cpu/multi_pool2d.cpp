@@ -382,7 +382,7 @@ void max_forward_nchw(const scalar_t* x, scalar_t* out, int64_t* out_idx,
   });
 }
 
-// channels_last runs in two phases over groups of samples. Phase 1: one task
+// Max, channels_last, runs in two phases over groups of samples. Phase 1: one task
 // per (sample, H-segment[, channel chunk]) reduces the segment's rows into its
 // row of cells, reading whole pixels (all channels) contiguously. Phase 2:
 // one task per (sample, channel chunk) combines cells into bins.
