@@ -9,14 +9,22 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from . import _extension
-from .reference import POOL_MAX
-from .windows import packed_size
+from .reference import POOL_AVG, POOL_MAX
+from .windows import level_shapes, packed_size
 
 
 def _channels_last(t: torch.Tensor) -> bool:
     return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """t if its layout is one the kernels read directly, else a contiguous copy."""
+    if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last):
+        return t
+    return t.contiguous()
 
 
 # --------------------------------------------------------------------------
@@ -58,6 +66,53 @@ def make_pool_autograd(backward_op: Callable):
         grad_x = backward_op(grad_values.contiguous(), indices, shape, h_bounds, w_bounds, level_bins, mode,
                              cl_levels, cl_input)
         return grad_x, None, None, None, None, None
+
+    return backward, setup_context
+
+
+def _packed_channels(channels: int, level_bins, channels_last_levels: bool, device) -> torch.Tensor:
+    """The channel of every packed position of one sample (see packed_index)."""
+    c = torch.arange(channels, device=device)
+    parts = [c.repeat(bh * bw) if channels_last_levels else c.repeat_interleave(bh * bw)
+             for bh, bw in level_shapes(level_bins)]
+    return torch.cat(parts) if parts else c.new_empty((0,))
+
+
+def gather_packed(plane_values: torch.Tensor, indices: torch.Tensor, level_bins, channels_last_levels: bool):
+    """values[n, k] = plane_values[n, c(k), indices[n, k]]: the packed max-pool
+    output of `plane_values` through recorded indices (ATen's max-pool double
+    backward). Differentiable: gather's derivative scatters back."""
+    n, c, h, w = plane_values.shape
+    flat = plane_values.reshape(n, c * h * w)
+    offset = _packed_channels(c, level_bins, channels_last_levels, indices.device) * (h * w)
+    return flat.gather(1, indices + offset)
+
+
+def make_pool_backward_autograd(forward_op: Callable):
+    """(backward, setup_context) for a multi_pool2d_backward-shaped op.
+
+    The backward is linear in `grad` and is the adjoint of the forward, so its
+    own derivative is the forward again: average pooling of the incoming
+    gradient for avg (`forward_op`, the same backend's multi_pool2d), a gather
+    through the recorded indices for max. Both are differentiable in turn, so
+    any order of derivative is exact.
+    """
+
+    def setup_context(ctx, inputs, output):
+        grad, indices, input_shape, h_bounds, w_bounds, level_bins, mode, channels_last_levels, _ = inputs
+        ctx.args = (list(h_bounds), list(w_bounds), list(level_bins), mode, channels_last_levels)
+        ctx.save_for_backward(indices if mode == POOL_MAX else None)
+
+    def backward(ctx, grad_grad_x):
+        (indices,) = ctx.saved_tensors
+        h_bounds, w_bounds, level_bins, mode, cl_levels = ctx.args
+        grad_grad = None
+        if ctx.needs_input_grad[0]:
+            if mode == POOL_MAX:
+                grad_grad = gather_packed(grad_grad_x, indices, level_bins, cl_levels)
+            else:
+                grad_grad, _ = forward_op(_dense(grad_grad_x), h_bounds, w_bounds, level_bins, POOL_AVG, cl_levels)
+        return grad_grad, None, None, None, None, None, None, None, None
 
     return backward, setup_context
 
@@ -115,6 +170,36 @@ def make_upsample_concat_autograd(backward_op: Callable):
     return backward, setup_context
 
 
+def make_upsample_concat_backward_autograd(forward_op: Callable):
+    """(backward, setup_context) for an upsample_concat_backward-shaped op.
+
+    The backward (Wy^T G Wx per branch) is linear in grad_out and the adjoint
+    of the resize, so its derivative resizes each branch's incoming gradient
+    back into that branch's channels (`forward_op`, the same backend's
+    upsample_concat) and is zero in the other channels of grad_out.
+    """
+
+    def setup_context(ctx, inputs, output):
+        grad_out, branch_shapes, channel_offset, align_corners, _ = inputs
+        ctx.args = (list(grad_out.shape), list(branch_shapes), channel_offset, align_corners)
+
+    def backward(ctx, grad_grad_branches):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None
+        (n, channels, height, width), shapes, offset, align_corners = ctx.args
+        ref = next(g for g in grad_grad_branches if g is not None)
+        parts = []
+        for k, g in enumerate(grad_grad_branches):
+            if g is None:  # that branch's gradient was not used downstream
+                g = ref.new_zeros((n, shapes[3 * k], shapes[3 * k + 1], shapes[3 * k + 2]))
+            parts.append(_dense(g))
+        resized = forward_op(None, parts, [height, width], align_corners, True, _channels_last(parts[0]))
+        after = channels - offset - resized.shape[1]
+        return F.pad(resized, (0, 0, 0, 0, offset, after)), None, None, None, None
+
+    return backward, setup_context
+
+
 # --------------------------------------------------------------------------
 # Registration of the compiled ops
 # --------------------------------------------------------------------------
@@ -133,6 +218,10 @@ def _register_compiled() -> None:
     torch.library.register_autograd(lib + "multi_pool2d", backward, setup_context=setup)
     backward, setup = make_upsample_concat_autograd(ops.upsample_concat_backward.default)
     torch.library.register_autograd(lib + "upsample_concat", backward, setup_context=setup)
+    backward, setup = make_pool_backward_autograd(ops.multi_pool2d.default)
+    torch.library.register_autograd(lib + "multi_pool2d_backward", backward, setup_context=setup)
+    backward, setup = make_upsample_concat_backward_autograd(ops.upsample_concat.default)
+    torch.library.register_autograd(lib + "upsample_concat_backward", backward, setup_context=setup)
 
 
 if _extension.LOADED:

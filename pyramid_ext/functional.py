@@ -19,15 +19,8 @@ from .windows import level_shapes, normalize_bins, pyramid_windows
 _FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
-def _channels_last(t: torch.Tensor) -> bool:
-    return _ops._channels_last(t)
-
-
-def _dense(t: torch.Tensor) -> torch.Tensor:
-    """t if its layout is one the kernels read directly, else a contiguous copy."""
-    if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last):
-        return t
-    return t.contiguous()
+_channels_last = _ops._channels_last
+_dense = _ops._dense
 
 
 def _check_float(t: torch.Tensor, name: str) -> None:

@@ -891,6 +891,12 @@ def _register() -> None:
     torch.library.register_autograd("pyramid_ext::multi_pool2d_triton", backward, setup_context=setup, lib=_LIB)
     backward, setup = _ops.make_upsample_concat_autograd(ops.upsample_concat_backward_triton.default)
     torch.library.register_autograd("pyramid_ext::upsample_concat_triton", backward, setup_context=setup, lib=_LIB)
+    backward, setup = _ops.make_pool_backward_autograd(ops.multi_pool2d_triton.default)
+    torch.library.register_autograd("pyramid_ext::multi_pool2d_backward_triton", backward, setup_context=setup,
+                                    lib=_LIB)
+    backward, setup = _ops.make_upsample_concat_backward_autograd(ops.upsample_concat_triton.default)
+    torch.library.register_autograd("pyramid_ext::upsample_concat_backward_triton", backward, setup_context=setup,
+                                    lib=_LIB)
 
 
 _LIB = None
