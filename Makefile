@@ -68,7 +68,7 @@ cuda-check: cuda-venv
 # GPU suite (skips without a GPU). Uses the extension cuda-check built.
 test-cuda-env: cuda-check
 	cd $(CUDA_TREE) && PYTHONPATH=. TRITON_INTERPRET=1 PYRAMID_EXT_REQUIRE_CPP=1 $(abspath $(PY_CUDA)) -m pytest -q $(PYTEST_ARGS) \
-	  tests/test_triton.py tests/test_convert.py tests/test_nn.py tests/test_cuda.py
+	  tests/test_triton.py tests/test_double_backward.py tests/test_convert.py tests/test_nn.py tests/test_cuda.py
 
 clean:
 	rm -rf build *.egg-info pyramid_ext/*.so
