@@ -1,0 +1,169 @@
+"""Helpers shared by the test modules: inputs, PyTorch eager references,
+independent window-policy references and tolerance tables.
+
+Expectations here are PyTorch's own operators (F.adaptive_*_pool2d,
+F.max_pool2d / F.avg_pool2d, F.interpolate, torch.cat) or fp64 loops written
+from the policies' definitions in the source documents; nothing here calls
+pyramid_ext, so no test compares the code under test with itself.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+
+# Against PyTorch's own result in the same dtype (PyTorch rounds too).
+TOL = {
+    torch.float64: dict(rtol=1e-10, atol=1e-12),
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.float16: dict(rtol=1e-2, atol=2e-3),
+    torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
+}
+
+# Against a float64 computation on the same (rounded) inputs: about one
+# rounding of the result's dtype, plus summation-order noise for the wide types.
+TOL_VS_FP64 = {
+    torch.float64: dict(rtol=1e-10, atol=1e-12),
+    torch.float32: dict(rtol=1e-5, atol=1e-6),
+    torch.float16: dict(rtol=2e-3, atol=1e-3),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2),
+}
+
+# Unit roundoff of each dtype (half an ulp of 1).
+EPS = {torch.float64: 2.0 ** -53, torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
+
+
+def rand(shape, dtype=torch.float32, seed=0, device="cpu") -> torch.Tensor:
+    """Standard normals drawn in float64 from a seeded generator, rounded to dtype."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(tuple(shape), generator=g, dtype=torch.float64).to(dtype=dtype, device=device)
+
+
+def as_pair(b) -> Tuple[int, int]:
+    return (b, b) if isinstance(b, int) else tuple(b)
+
+
+def pairs(bins) -> List[Tuple[int, int]]:
+    return [as_pair(b) for b in bins]
+
+
+LAYOUTS = ["nchw", "channels_last", "noncontig"]
+
+
+def layout(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """x in NCHW, channels_last, or a non-contiguous view of the same values."""
+    if kind == "nchw":
+        return x.contiguous()
+    if kind == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    if kind == "noncontig":
+        # Same values, every stride non-standard: a slice of a wider tensor.
+        big = torch.zeros(x.shape[0], x.shape[1], x.shape[2], 2 * x.shape[3] + 1, dtype=x.dtype, device=x.device)
+        big[..., 1::2] = x
+        return big[..., 1::2]
+    raise ValueError(kind)
+
+
+def is_channels_last(t: torch.Tensor) -> bool:
+    return t.is_contiguous(memory_format=torch.channels_last)
+
+
+def same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a and b are views of one storage (no copy between them)."""
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+# ------------------------------------------------------------- references ---
+
+
+def eager_pool(x, bins, mode: str):
+    """F.adaptive_{avg,max}_pool2d of every level."""
+    pool = F.adaptive_max_pool2d if mode == "max" else F.adaptive_avg_pool2d
+    return [pool(x, as_pair(b)) for b in bins]
+
+
+def eager_spp(x, bins, mode: str):
+    return torch.cat([t.flatten(1) for t in eager_pool(x, bins, mode)], 1)
+
+
+def interpolate(b, size, align_corners):
+    if b.numel() == 0:  # F.interpolate rejects empty tensors
+        return b.new_zeros((b.shape[0], b.shape[1]) + tuple(size))
+    return F.interpolate(b, size=tuple(size), mode="bilinear", align_corners=align_corners)
+
+
+def eager_upsample_concat(x, branches, size, align_corners, x_first=True):
+    """torch.cat of x and the F.interpolate'd branches."""
+    ups = [interpolate(b, size, align_corners) for b in branches]
+    if x is None:
+        return torch.cat(ups, 1)
+    return torch.cat([x] + ups if x_first else ups + [x], 1)
+
+
+def sppnet_kernel_stride(a: int, n: int) -> Tuple[int, int]:
+    """Document 002 (SPPNet): kernel = ceil(a/n), stride = floor(a/n)."""
+    return math.ceil(a / n), math.floor(a / n)
+
+
+def sppnet_pool(x, n, mode: str):
+    """SPPNet's level of n x n bins as PyTorch's F.max_pool2d / F.avg_pool2d
+    with the document's kernel and stride (no padding)."""
+    kh, sh = sppnet_kernel_stride(x.shape[-2], n)
+    kw, sw = sppnet_kernel_stride(x.shape[-1], n)
+    pool = F.max_pool2d if mode == "max" else F.avg_pool2d
+    return pool(x, (kh, kw), (sh, sw))
+
+
+def keras_same_avg(x, n):
+    """Document 001: Keras AveragePooling2D(pool=strides=round(a/n),
+    padding='same') (np.round, half to even, as Python's round), TensorFlow's
+    SAME padding (out = ceil(a/pool), the odd padded element after), padded
+    positions excluded from the mean: zero-padded sums over padded counts,
+    with F.pad and F.avg_pool2d."""
+    pads, kernel = [], []
+    for a in (x.shape[-1], x.shape[-2]):  # F.pad order: last dim first
+        p = int(round(a / n))
+        out = -(-a // p)
+        total = max((out - 1) * p + p - a, 0)
+        pads += [total // 2, total - total // 2]
+        kernel.insert(0, p)
+    s = F.avg_pool2d(F.pad(x, pads), kernel, stride=kernel)
+    cnt = F.avg_pool2d(F.pad(torch.ones_like(x[..., :1, :, :]), pads), kernel, stride=kernel)
+    return s / cnt
+
+
+def naive_window_pool(x: torch.Tensor, h_windows, w_windows, mode: str) -> torch.Tensor:
+    """fp64 loop over explicit [start, end) windows: mean or max of each."""
+    xd = x.double()
+    out = torch.empty(*x.shape[:-2], len(h_windows), len(w_windows), dtype=torch.float64)
+    for i, (hs, he) in enumerate(h_windows):
+        for j, (ws, we) in enumerate(w_windows):
+            win = xd[..., hs:he, ws:we].flatten(-2)
+            out[..., i, j] = win.amax(-1) if mode == "max" else win.sum(-1) / win.shape[-1]
+    return out
+
+
+# -------------------------------------------------------------- tolerances ---
+
+
+def grad_close(got: torch.Tensor, want: torch.Tensor, dtype, terms: Optional[torch.Tensor] = None, what=""):
+    """A gradient computed in dtype (fp32 accumulation for 16-bit types)
+    against an fp64 one, per element: |got - want| <= k * u * scale, where u
+    is the unit roundoff of dtype and scale is the element's own magnitude
+    plus, when given, `terms` (the sum of the absolute values of the terms
+    summed into it, which bounds the accumulation error). A branch whose
+    gradient entries are of order 1 thus gets a bound of order u, not a fixed
+    absolute tolerance."""
+    got, want = got.double().cpu(), want.double().cpu()
+    scale = want.abs() + (terms.double().cpu() if terms is not None else 0)
+    bound = 8 * EPS[dtype] * scale + 1e-300
+    err = (got - want).abs()
+    bad = err > bound
+    assert not bool(bad.any()), (f"{what}: {int(bad.sum())} of {err.numel()} elements exceed the scaled bound; "
+                                 f"worst err {err.max().item():.3g}, its bound {bound.flatten()[err.argmax()].item():.3g}")
+
+
