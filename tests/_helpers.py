@@ -136,15 +136,50 @@ def keras_same_avg(x, n):
     return s / cnt
 
 
-def naive_window_pool(x: torch.Tensor, h_windows, w_windows, mode: str) -> torch.Tensor:
-    """fp64 loop over explicit [start, end) windows: mean or max of each."""
+def naive_window_pool(x: torch.Tensor, h_windows, w_windows, mode: str):
+    """fp64 loop over explicit [start, end) windows: (values, flat indices).
+    Values are the mean or max of each window (differentiable); for max the
+    index is the first maximum in row-major order, as h * W + w (inputs
+    without NaN or ties, where that is the only rule)."""
     xd = x.double()
-    out = torch.empty(*x.shape[:-2], len(h_windows), len(w_windows), dtype=torch.float64)
-    for i, (hs, he) in enumerate(h_windows):
-        for j, (ws, we) in enumerate(w_windows):
+    width = x.shape[-1]
+    rows_v, rows_i = [], []
+    for hs, he in h_windows:
+        vals, idxs = [], []
+        for ws, we in w_windows:
             win = xd[..., hs:he, ws:we].flatten(-2)
-            out[..., i, j] = win.amax(-1) if mode == "max" else win.sum(-1) / win.shape[-1]
-    return out
+            if mode == "max":
+                vals.append(win.amax(-1))
+                r = win.argmax(-1)
+                idxs.append((hs + r // (we - ws)) * width + ws + r % (we - ws))
+            else:
+                vals.append(win.sum(-1) / win.shape[-1])
+        rows_v.append(torch.stack(vals, -1))
+        if idxs:
+            rows_i.append(torch.stack(idxs, -1))
+    return torch.stack(rows_v, -2), (torch.stack(rows_i, -2) if rows_i else None)
+
+
+def naive_multi_pool(x, h_bounds, w_bounds, level_bins, mode: int, channels_last_levels: bool):
+    """The multi_pool2d op contract (docs/DESIGN.md) written out: every level's
+    windows pooled by naive_window_pool, packed level after level as (c, i, j)
+    or, with channels_last_levels, (i, j, c). Returns fp64 values and, for
+    max (mode 1), int64 indices, else None."""
+    vals, idxs = [], []
+    ho = wo = 0
+    for lv in range(0, len(level_bins), 2):
+        bh, bw = level_bins[lv], level_bins[lv + 1]
+        hw = [(h_bounds[2 * k], h_bounds[2 * k + 1]) for k in range(ho, ho + bh)]
+        ww = [(w_bounds[2 * k], w_bounds[2 * k + 1]) for k in range(wo, wo + bw)]
+        ho, wo = ho + bh, wo + bw
+        v, i = naive_window_pool(x, hw, ww, "max" if mode == 1 else "avg")
+        if channels_last_levels:
+            v = v.permute(0, 2, 3, 1)
+            i = i.permute(0, 2, 3, 1) if i is not None else None
+        vals.append(v.flatten(1))
+        if i is not None:
+            idxs.append(i.flatten(1))
+    return torch.cat(vals, 1), (torch.cat(idxs, 1) if idxs else None)
 
 
 # -------------------------------------------------------------- tolerances ---
