@@ -104,6 +104,43 @@ def eager_upsample_concat(x, branches, size, align_corners, x_first=True):
     return torch.cat([x] + ups if x_first else ups + [x], 1)
 
 
+def bilinear_weights(in_size: int, out_size: int, align_corners: bool, dtype=torch.float32) -> torch.Tensor:
+    """(out_size, in_size) fp64 matrix of ATen's bilinear tap weights along one
+    axis, computed in `dtype` (the kernels' accumulation type) with ATen's
+    formulas (UpSample.h: area_pixel_compute_scale, area_pixel_compute_source_index,
+    compute_source_index_and_lambda), one rounding per operation as there."""
+    w = torch.zeros(out_size, in_size, dtype=torch.float64)
+    if in_size == out_size:
+        return w + torch.eye(in_size, dtype=torch.float64)
+    if align_corners:
+        scale = torch.tensor((in_size - 1) / (out_size - 1) if out_size > 1 else 0.0, dtype=dtype)
+    else:
+        scale = torch.tensor(in_size, dtype=dtype) / torch.tensor(out_size, dtype=dtype)
+    for o in range(out_size):
+        dst = torch.tensor(float(o), dtype=dtype)
+        src = scale * dst if align_corners else scale * (dst + 0.5) - 0.5
+        src = torch.clamp_min(src, 0.0)
+        i0 = min(int(torch.floor(src)), in_size - 1)
+        lam1 = torch.clamp(src - i0, 0.0, 1.0)
+        lam0 = 1.0 - lam1
+        i1 = i0 + (1 if i0 < in_size - 1 else 0)
+        w[o, i0] += float(lam0)
+        w[o, i1] += float(lam1)
+    return w
+
+
+def bilinear_backward_fp64(g: torch.Tensor, in_hw, align_corners: bool, dtype=torch.float32):
+    """The gradient of a bilinear resize from in_hw to g's size, Wy^T G Wx in
+    fp64 with the weights of bilinear_weights; also the sums of the absolute
+    terms (for grad_close) and of |G| over every tap with a nonzero weight."""
+    wy = bilinear_weights(in_hw[0], g.shape[-2], align_corners, dtype)
+    wx = bilinear_weights(in_hw[1], g.shape[-1], align_corners, dtype)
+    gd = g.double().cpu()
+    grad = torch.einsum("oi,ncop,pj->ncij", wy, gd, wx)
+    terms = torch.einsum("oi,ncop,pj->ncij", wy.abs(), gd.abs(), wx.abs())
+    return grad, terms
+
+
 def sppnet_kernel_stride(a: int, n: int) -> Tuple[int, int]:
     """Document 002 (SPPNet): kernel = ceil(a/n), stride = floor(a/n)."""
     return math.ceil(a / n), math.floor(a / n)
@@ -185,20 +222,27 @@ def naive_multi_pool(x, h_bounds, w_bounds, level_bins, mode: int, channels_last
 # -------------------------------------------------------------- tolerances ---
 
 
-def grad_close(got: torch.Tensor, want: torch.Tensor, dtype, terms: Optional[torch.Tensor] = None, what=""):
-    """A gradient computed in dtype (fp32 accumulation for 16-bit types)
-    against an fp64 one, per element: |got - want| <= k * u * scale, where u
-    is the unit roundoff of dtype and scale is the element's own magnitude
-    plus, when given, `terms` (the sum of the absolute values of the terms
-    summed into it, which bounds the accumulation error). A branch whose
-    gradient entries are of order 1 thus gets a bound of order u, not a fixed
-    absolute tolerance."""
+def acc_dtype(dtype):
+    """The accumulation type of the kernels (ATen's opmath type)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def grad_close(got: torch.Tensor, want: torch.Tensor, dtype, terms: Optional[torch.Tensor] = None, n_sum: int = 1,
+               what=""):
+    """A result computed in dtype (accumulated in acc_dtype(dtype)) against an
+    fp64 one, element by element, with the textbook error bound of a sum:
+    |got - want| <= 2 u_dtype |want| + 2 n_sum u_acc terms, where `terms` is
+    the sum of the absolute values of the terms summed into the element and
+    n_sum the length of the longest chain of additions (the first part is the
+    final rounding to dtype). So a gradient entry of order 1 gets a bound of
+    order u, not a fixed absolute tolerance."""
     got, want = got.double().cpu(), want.double().cpu()
-    scale = want.abs() + (terms.double().cpu() if terms is not None else 0)
-    bound = 8 * EPS[dtype] * scale + 1e-300
+    bound = 2 * EPS[dtype] * want.abs() + 1e-300
+    if terms is not None:
+        bound = bound + 2 * n_sum * EPS[acc_dtype(dtype)] * terms.double().cpu()
     err = (got - want).abs()
     bad = err > bound
-    assert not bool(bad.any()), (f"{what}: {int(bad.sum())} of {err.numel()} elements exceed the scaled bound; "
-                                 f"worst err {err.max().item():.3g}, its bound {bound.flatten()[err.argmax()].item():.3g}")
-
-
+    k = int((err / bound).flatten().argmax())
+    assert not bool(bad.any()), (f"{what}: {int(bad.sum())} of {err.numel()} elements exceed the error bound; worst "
+                                 f"(flat index {k}): got {got.flatten()[k].item():.9g}, want {want.flatten()[k].item():.9g}, "
+                                 f"err {err.flatten()[k].item():.3g} > bound {bound.flatten()[k].item():.3g}")
