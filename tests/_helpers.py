@@ -33,6 +33,15 @@ TOL_VS_FP64 = {
     torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2),
 }
 
+# The Triton kernels against PyTorch eager (16-bit: eager computed in fp32
+# and rounded once, like the kernels' fp32 accumulation).
+TOL_TRITON = {
+    torch.float64: dict(rtol=1e-12, atol=1e-12),
+    torch.float32: dict(rtol=1e-5, atol=1e-6),
+    torch.float16: dict(rtol=1e-3, atol=1e-3),
+    torch.bfloat16: dict(rtol=1e-2, atol=1e-2),
+}
+
 # Unit roundoff of each dtype (half an ulp of 1).
 EPS = {torch.float64: 2.0 ** -53, torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
 
@@ -171,6 +180,19 @@ def keras_same_avg(x, n):
     s = F.avg_pool2d(F.pad(x, pads), kernel, stride=kernel)
     cnt = F.avg_pool2d(F.pad(torch.ones_like(x[..., :1, :, :]), pads), kernel, stride=kernel)
     return s / cnt
+
+
+def keras_same_max(x, n):
+    """Max over document 001's keras_same windows (the policy's windows with
+    max instead of mean): -inf padding, F.max_pool2d(pool, stride=pool)."""
+    pads, kernel = [], []
+    for a in (x.shape[-1], x.shape[-2]):
+        p = int(round(a / n))
+        out = -(-a // p)
+        total = max((out - 1) * p + p - a, 0)
+        pads += [total // 2, total - total // 2]
+        kernel.insert(0, p)
+    return F.max_pool2d(F.pad(x, pads, value=float("-inf")), kernel, stride=kernel)
 
 
 def naive_window_pool(x: torch.Tensor, h_windows, w_windows, mode: str):
