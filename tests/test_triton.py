@@ -591,9 +591,12 @@ def test_deterministic():
 
 def test_plan_cache_under_threads(monkeypatch):
     """Eight threads, each with its own shapes and bins, hammer the plan cache
-    (triton_ops._plan_for and _PoolPlan.tensors): every thread's results match
-    eager, and each plan's device tables are built once and shared. Building
-    a table is slowed down to widen any race window."""
+    (triton_ops._plan_for and _PoolPlan.tensors): each plan's device tables
+    are built once and shared, and the ops that use them match eager. Building
+    a table is slowed down to widen any race window. On a GPU the threads run
+    the ops themselves; Triton's interpreter is not thread-safe (it patches
+    triton.language while a kernel runs), so there the threads build the plans
+    and the ops then run, on those plans, in this thread."""
     import threading
     import time
 
@@ -610,26 +613,31 @@ def test_plan_cache_under_threads(monkeypatch):
     monkeypatch.setattr(triton_ops.torch, "tensor", slow_tensor)
     shapes = [(1, 2, 7 + k % 4, 9 + k // 2) for k in range(8)]
     binsets = [(1, 2, 3), (2, 3), (1, 4), (3, 1, 2)]
-    errors, tables = [], {}
+    errors, tables, cases = [], {}, []
     start = threading.Barrier(8)
 
-    def plan_tables(shape, bins, device):
+    def check_op(x, bins):
+        outs = pe.multi_adaptive_avg_pool2d(x, bins, backend=T)
+        for b, o in zip(pairs(bins), outs):
+            torch.testing.assert_close(o, F.adaptive_avg_pool2d(x, b), rtol=1e-12, atol=1e-12)
+
+    def plan_tables(shape, bins):
         h, w, lb = pyramid_windows(shape[2], shape[3], normalize_bins(bins))
         plan = triton_ops._plan_for(h, w, lb, shape[2], shape[3])
-        tables.setdefault((shape[2:], bins), set()).add(id(plan.tensors(device)["bin_tab"]))
+        tables.setdefault((shape[2:], bins), set()).add(id(plan.tensors(torch.device(DEVICE))["bin_tab"]))
 
     def work(k):
         try:
             start.wait()
-            plan_tables((1, 1, 40, 50), (1, 2, 3, 6), DEVICE)  # all eight threads at once, one plan
+            plan_tables((1, 1, 40, 50), (1, 2, 3, 6))  # all eight threads at once, one plan
             for it in range(3):
-                shape = shapes[(k + it) % 8]
-                bins = binsets[(k + it) % 4]
+                shape, bins = shapes[(k + it) % 8], binsets[(k + it) % 4]
                 x = _rand(*shape, dtype=torch.float64, seed=80 + k)
-                outs = pe.multi_adaptive_avg_pool2d(x, bins, backend=T)
-                for b, o in zip(pairs(bins), outs):
-                    torch.testing.assert_close(o, F.adaptive_avg_pool2d(x, b), rtol=1e-12, atol=1e-12)
-                plan_tables(shape, bins, x.device)
+                plan_tables(shape, bins)
+                if _INTERPRET:
+                    cases.append((x, bins))
+                else:
+                    check_op(x, bins)
         except Exception as e:  # noqa: BLE001 - reported below with the thread
             errors.append((k, repr(e)))
 
@@ -641,6 +649,9 @@ def test_plan_cache_under_threads(monkeypatch):
     assert not errors, errors
     assert all(len(ids) == 1 for ids in tables.values()), "a plan's tables were built more than once"
     assert len(builds) == 7 * len(tables)  # seven tables per plan, each built once
+    for x, bins in cases:
+        check_op(x, bins)
+    assert len(builds) == 7 * len(tables)  # the ops reused the tables the threads built
 
 
 def test_no_atomics_in_kernels():
