@@ -403,6 +403,29 @@ def test_upsample_concat_out_into_channel_slice(kind, dtype):
     assert bool((buf[:, :3] == 7).all()) and bool((buf[:, 3 + channels:] == 7).all())
 
 
+@pytest.mark.parametrize("x_kind", LAYOUTS)
+def test_upsample_concat_mixed_layouts(x_kind):
+    # x in one layout, the branches alternating: each read through its own
+    # strides; forward and backward against float64 eager on the CPU.
+    size = (33, 47)
+    other = "nchw" if x_kind == "channels_last" else "channels_last"
+    kinds = [other, x_kind, other]
+    x = _rand((2, 5, *size), torch.float32, seed=26)
+    bs = _branches(2, (1, 3, 6), torch.float32, seed=27)
+    xg = _cuda(x, x_kind).requires_grad_()
+    bg = [_cuda(b, kd).requires_grad_() for b, kd in zip(bs, kinds)]
+    got = pe.upsample_concat(xg, bg, backend=CPP)
+    _close(got, _ref_upcat(x, bs, size, False, True, torch.float32), torch.float32, atol=UP_ATOL_F32)
+    w = _rand(got.shape, torch.float32, seed=28)
+    (got * w.to(DEV)).sum().backward()
+    xr = x.double().requires_grad_()
+    br = [b.double().requires_grad_() for b in bs]
+    (_ref_upcat(xr, br, size, False, True) * w.double()).sum().backward()
+    _close(xg.grad, xr.grad, torch.float32)
+    for g, r in zip(bg, br):
+        _close(g.grad, r.grad, torch.float32, atol=SUM_ATOL[torch.float32])
+
+
 def test_upsample_concat_reads_any_strides():
     # The C++ op reads inputs through their strides (the Python layer makes
     # them dense, a direct call need not).

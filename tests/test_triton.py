@@ -424,6 +424,28 @@ def test_upsample_concat_layouts(layout):
         assert out.is_contiguous(memory_format=torch.channels_last)
 
 
+def test_upsample_concat_mixed_layouts():
+    # x and branches each NCHW or channels_last, in both directions; forward and backward against eager
+    size = (10, 13)
+    for x_cl, kinds in ((False, [True, False, True]), (True, [False, True, False])):
+        xb = _rand(2, 3, *size, dtype=torch.float64, seed=47)
+        brb = _branches(2, [(1, 1), (3, 4), (6, 5)], dtype=torch.float64, seed=48)
+        fmt = lambda t, cl: t.contiguous(memory_format=torch.channels_last) if cl else t.contiguous()  # noqa: E731
+        x1 = fmt(xb, x_cl).requires_grad_()
+        b1 = [fmt(b, cl).requires_grad_() for b, cl in zip(brb, kinds)]
+        x2 = xb.detach().clone().requires_grad_()
+        b2 = [b.detach().clone().requires_grad_() for b in brb]
+        out = pe.upsample_concat(x1, b1, backend=T)
+        ref = _eager_upsample_concat(x2, b2, size, False, True)
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+        g = _rand(*ref.shape, dtype=torch.float64, seed=49)
+        out.backward(g)
+        ref.backward(g)
+        torch.testing.assert_close(x1.grad, x2.grad, rtol=0, atol=0)
+        for a, b in zip(b1, b2):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_upsample_concat_out_channel_slice(channels_last):
     x = _rand(2, 3, 10, 9, seed=46)
