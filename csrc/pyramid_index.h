@@ -2,7 +2,19 @@
 //
 // Everything the kernels compute about *where* to read and *with which
 // weight* lives here, as inline functions usable from host and device code,
-// so the CPU tests execute exactly the arithmetic the CUDA kernels run.
+// so the CPU and CUDA kernels run one formula. The integer math (segments,
+// packed indices, the max rule) is bit-identical on both. The floating-point
+// math is not quite: the CPU build uses -ffp-contract=off (every operation
+// rounds, as in ATen's CPU kernels), while nvcc keeps its default --fmad=true
+// (as ATen's CUDA kernels are built), so on the GPU
+// `scale * (dst + 0.5) - 0.5` in bilinear_tap may become one FMA: src, and so
+// the tap weight, can differ from the CPU's by one rounding of src (about
+// 6e-8 * src in float, 1.1e-16 * src in double), and i0 can move by one where
+// src is within that of an integer (where the weights are 0 and 1, so the
+// value moves by the same amount). tests/test_cuda.py bounds it: float32
+// outputs get atol UP_ATOL_F32 (2e-5) on top of TOL_VS_FP64, wider sources
+// 1e-4; double and 16-bit tolerances already exceed it. The CPU tests check
+// the formula; the CUDA tests check the CUDA rounding against ATen's.
 #pragma once
 
 #include <cmath>

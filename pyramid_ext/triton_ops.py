@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -595,19 +596,24 @@ class _PoolPlan:
         self.cell_bins = flat if flat else [0]
         self.max_cover = max((len(c) for c in covering), default=0)
         self._tensors = {}
+        # A plan is shared by every thread (the lru_cache below): its device
+        # tables are built once per device, under this lock, so no two threads
+        # build them concurrently and every caller gets the same tensors.
+        self._lock = threading.Lock()
 
     def tensors(self, device):
         key = str(device)
-        if key not in self._tensors:
-            def t(v):
-                return torch.tensor(v, dtype=torch.int64, device=device)
+        with self._lock:
+            if key not in self._tensors:
+                def t(v):
+                    return torch.tensor(v, dtype=torch.int64, device=device)
 
-            self._tensors[key] = dict(
-                bin_tab=t(self.bin_tab), cell_tab=t(self.cell_tab if self.cell_tab else [[0] * 5]),
-                cell_list=t(self.needed if self.needed else [0]), cell_ptr=t(self.cell_ptr),
-                cell_bins=t(self.cell_bins), seg_h=t(self.seg_h), seg_w=t(self.seg_w),
-            )
-        return self._tensors[key]
+                self._tensors[key] = dict(
+                    bin_tab=t(self.bin_tab), cell_tab=t(self.cell_tab if self.cell_tab else [[0] * 5]),
+                    cell_list=t(self.needed if self.needed else [0]), cell_ptr=t(self.cell_ptr),
+                    cell_bins=t(self.cell_bins), seg_h=t(self.seg_h), seg_w=t(self.seg_w),
+                )
+            return self._tensors[key]
 
 
 @functools.lru_cache(maxsize=128)
@@ -616,9 +622,16 @@ def _pool_plan(h_bounds: Tuple[int, ...], w_bounds: Tuple[int, ...], level_bins:
     return _PoolPlan(h_bounds, w_bounds, level_bins, height, width)
 
 
+# Held while a plan is looked up or built: lru_cache alone may build one key
+# twice when two threads miss at once, handing them different plans.
+_PLAN_LOCK = threading.Lock()
+
+
 def _plan_for(h_bounds, w_bounds, level_bins, height, width) -> _PoolPlan:
-    return _pool_plan(tuple(int(v) for v in h_bounds), tuple(int(v) for v in w_bounds),
-                      tuple(int(v) for v in level_bins), int(height), int(width))
+    key = (tuple(int(v) for v in h_bounds), tuple(int(v) for v in w_bounds), tuple(int(v) for v in level_bins),
+           int(height), int(width))
+    with _PLAN_LOCK:
+        return _pool_plan(*key)
 
 
 def _acc(dtype: torch.dtype):

@@ -117,10 +117,24 @@ def test_smp_pspnet_train_mode_and_gradients(backend):
 @needs_smp
 def test_smp_pspnet_with_example_input(backend):
     model = smp_pspnet().train()
+    original = smp_pspnet().train()
+    original.load_state_dict(model.state_dict())
     x = torch.randn(1, 3, 64, 64)
     report = convert(model, example_input=x)
     assert report[0].checked and report[0].max_abs_error <= 1e-5 * max(1.0, report[0].output_scale)
     assert model.training and model.decoder.psp.training  # flags restored
+    # convert's own report is not the evidence: the outputs of the converted
+    # model and of an unconverted copy, compared here (eval: no dropout, BN
+    # with running statistics; train: the same batch statistics).
+    assert not any(isinstance(m, type(original.decoder.psp)) for m in model.modules())
+    for train, inp in ((False, x), (True, torch.randn(2, 3, 64, 64))):
+        model.train(train)
+        original.train(train)
+        torch.manual_seed(1)
+        got = model(inp)
+        torch.manual_seed(1)
+        want = original(inp)
+        close(got, want)
 
 
 @needs_smp

@@ -8,9 +8,12 @@ Max pooling values and indices must match exactly (ATen's CPU rule: first
 maximum in row-major order, or the last NaN).
 
 Skipped, with the reason, where there is no CUDA device or the extension was
-built without its CUDA kernels.
+built without its CUDA kernels; with PYRAMID_EXT_REQUIRE_CPP=1 (CI, `make
+test`) a GPU machine whose build lacks the kernels fails instead.
 """
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -20,15 +23,19 @@ import pyramid_ext as pe
 from pyramid_ext import _extension, reference
 from pyramid_ext.windows import normalize_bins, pyramid_windows
 
+from ._helpers import TOL_VS_FP64 as TOL
+from ._helpers import as_pair as _pair
+from ._helpers import is_channels_last as _is_cl
+from ._helpers import keras_same_avg, naive_multi_pool, rand as _rand, sppnet_pool
+
 pytestmark = pytest.mark.cuda
 
 OP_NAMES = ["multi_pool2d", "multi_pool2d_backward", "upsample_concat", "upsample_concat_out",
             "upsample_concat_backward"]
 
 
-def _skip_reason():
-    if not torch.cuda.is_available():
-        return "no CUDA device (torch.cuda.is_available() is False)"
+def _missing_kernels_reason():
+    """Why a GPU machine cannot run these tests (None when it can)."""
     if not _extension.LOADED:
         return f"the compiled extension is not available ({_extension.LOAD_ERROR}); {_extension.BUILD_HINT}"
     missing = [op for op in OP_NAMES if not _extension.has_kernel(op, "cuda")]
@@ -38,23 +45,28 @@ def _skip_reason():
     return None
 
 
-_REASON = _skip_reason()
-if _REASON is not None:
-    pytest.skip(_REASON, allow_module_level=True)
+def _skip_or_fail():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device (torch.cuda.is_available() is False)", allow_module_level=True)
+    reason = _missing_kernels_reason()
+    if reason is None:
+        return
+    if os.environ.get("PYRAMID_EXT_REQUIRE_CPP") == "1":
+        # A GPU is here and the build must have its kernels: a skip would
+        # count a broken build as passing.
+        pytest.fail(f"PYRAMID_EXT_REQUIRE_CPP=1 on a CUDA machine: {reason}", pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
+
+
+_skip_or_fail()
 
 OPS = torch.ops.pyramid_ext
 DEV = torch.device("cuda")
 CPP = "cpp"
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
-# Against a float64 computation on the same inputs: about one rounding of the
-# result's dtype (plus summation-order noise for the wide types).
-TOL = {
-    torch.float64: dict(rtol=1e-10, atol=1e-12),
-    torch.float32: dict(rtol=1e-5, atol=1e-6),
-    torch.float16: dict(rtol=2e-3, atol=1e-3),
-    torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2),
-}
+# TOL (_helpers.TOL_VS_FP64): against a float64 computation on the same
+# inputs, about one rounding of the result's dtype.
 # The sums of many products (a 1x1 branch's gradient sums a whole plane).
 SUM_ATOL = {torch.float64: 1e-12, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-1}
 # nvcc contracts `scale * (dst + 0.5) - 0.5` into an FMA (as ATen's CUDA
@@ -66,16 +78,6 @@ SIZES = [(33, 47), (65, 65), (3, 5), (1, 1), (97, 129)]
 LAYOUTS = ["nchw", "channels_last"]
 
 
-def _pair(b):
-    return (b, b) if isinstance(b, int) else tuple(b)
-
-
-def _rand(shape, dtype=torch.float32, seed=0):
-    """CPU tensor of standard normals, rounded to `dtype`."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
-
-
 def _cuda(x: torch.Tensor, kind: str = "nchw") -> torch.Tensor:
     fmt = torch.channels_last if kind == "channels_last" else torch.contiguous_format
     return x.detach().to(DEV).contiguous(memory_format=fmt)
@@ -85,10 +87,6 @@ def _close(got: torch.Tensor, want: torch.Tensor, dtype, **kw):
     """got (CUDA, dtype) against want (CPU, float64)."""
     assert got.dtype == dtype
     torch.testing.assert_close(got.cpu().double(), want.double(), **{**TOL[dtype], **kw})
-
-
-def _is_cl(t: torch.Tensor) -> bool:
-    return t.is_contiguous(memory_format=torch.channels_last)
 
 
 # --------------------------------------------------------------------------
@@ -178,11 +176,20 @@ def test_spatial_pyramid_pool(mode, bins, kind):
 ])
 @pytest.mark.parametrize("kind", LAYOUTS)
 @pytest.mark.parametrize("mode", [0, 1])
-def test_window_policies_match_reference(window, size, bins, kind, mode):
+def test_window_policies_match_independent_reference(window, size, bins, kind, mode):
     x = _rand((2, 6, *size), torch.float64, seed=4)
     hb, wb, lb = pyramid_windows(size[0], size[1], normalize_bins(bins), window)
     got_v, got_i = OPS.multi_pool2d(_cuda(x, kind), hb, wb, lb, mode, kind == "channels_last")
-    want_v, want_i = reference.multi_pool2d(x, hb, wb, lb, mode, kind == "channels_last")
+    cl = kind == "channels_last"
+    want_v, want_i = naive_multi_pool(x, hb, wb, lb, mode, cl)
+    # The bounds windows.py gave the op are the policy's: the same levels from
+    # PyTorch's pooling with the documents' kernel/stride/padding (keras_same
+    # is an average-pooling policy; its max is checked against the loop only).
+    name = "max" if mode == 1 else "avg"
+    if window == "sppnet" or mode == 0:
+        levels = [sppnet_pool(x, n, name) if window == "sppnet" else keras_same_avg(x, n) for n in bins]
+        packed = torch.cat([(t.permute(0, 2, 3, 1) if cl else t).flatten(1) for t in levels], 1)
+        torch.testing.assert_close(want_v, packed)
     _close(got_v, want_v, torch.float64)
     if mode == 1:
         assert torch.equal(got_i.cpu(), want_i)
@@ -229,14 +236,14 @@ def test_overlapping_and_uncovered_windows(kind, mode):
     wb = [1, 4, 6, 16, 0, 8, 8, 9]
     xg = _cuda(x, kind).requires_grad_()
     values, indices = OPS.multi_pool2d(xg, hb, wb, lb, mode, kind == "channels_last")
-    want_v, want_i = reference.multi_pool2d(x, hb, wb, lb, mode, kind == "channels_last")
+    want_v, want_i = naive_multi_pool(x, hb, wb, lb, mode, kind == "channels_last")
     _close(values, want_v, torch.float64)
     if mode == 1:
         assert torch.equal(indices.cpu(), want_i)
     w = _rand(values.shape, torch.float64, seed=8)
     (values * w.to(DEV)).sum().backward()
     xr = x.detach().clone().requires_grad_()
-    rv, _ = reference.multi_pool2d(xr, hb, wb, lb, mode, kind == "channels_last")
+    rv, _ = naive_multi_pool(xr, hb, wb, lb, mode, kind == "channels_last")
     (rv * w).sum().backward()
     _close(xg.grad, xr.grad, torch.float64)
 
@@ -255,13 +262,13 @@ def test_pool_empty_batch_and_channels():
 
 def test_pool_rejects_misuse():
     x = torch.randn(1, 2, 8, 8, device=DEV)
-    with pytest.raises(RuntimeError):
-        OPS.multi_pool2d(x, [0, 9], [0, 8], [1, 1], 0, False)  # window outside H
-    with pytest.raises(RuntimeError):
-        OPS.multi_pool2d(x, [0, 8], [0, 8], [1, 1], 2, False)  # bad mode
-    with pytest.raises(RuntimeError):
-        OPS.multi_pool2d(x[:, :, ::2], [0, 4], [0, 8], [1, 1], 0, False)  # not dense
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match=r"window \[0, 9\) along H is empty or outside \[0, 8\)"):
+        OPS.multi_pool2d(x, [0, 9], [0, 8], [1, 1], 0, False)
+    with pytest.raises(RuntimeError, match=r"mode must be 0 \(avg\) or 1 \(max\), got 2"):
+        OPS.multi_pool2d(x, [0, 8], [0, 8], [1, 1], 2, False)
+    with pytest.raises(RuntimeError, match="x must be contiguous in NCHW or channels_last memory format"):
+        OPS.multi_pool2d(x[:, :, ::2], [0, 4], [0, 8], [1, 1], 0, False)
+    with pytest.raises(RuntimeError, match="x must be float64, float32, float16 or bfloat16, got Int"):
         OPS.multi_pool2d(x.int(), [0, 8], [0, 8], [1, 1], 0, False)
 
 
@@ -354,7 +361,10 @@ def test_upsample_concat_matches_cpu(size, sizes, dtype, kind, align_corners):
     got = pe.upsample_concat(_cuda(x, kind), [_cuda(b, kind) for b in bs], align_corners=align_corners,
                              backend=CPP)
     assert got.device.type == DEV.type and got.shape == (2, 5 + sum(b.shape[1] for b in bs), *size)
-    assert _is_cl(got) == (kind == "channels_last") or got.is_contiguous()
+    if kind == "channels_last":
+        assert _is_cl(got) and not got.is_contiguous()
+    else:
+        assert got.is_contiguous()
     kw = dict(atol=UP_ATOL_F32) if dtype == torch.float32 else {}
     _close(got, _ref_upcat(x, bs, size, align_corners, True, _acc(dtype)), dtype, **kw)
 
@@ -393,6 +403,29 @@ def test_upsample_concat_out_into_channel_slice(kind, dtype):
     assert bool((buf[:, :3] == 7).all()) and bool((buf[:, 3 + channels:] == 7).all())
 
 
+@pytest.mark.parametrize("x_kind", LAYOUTS)
+def test_upsample_concat_mixed_layouts(x_kind):
+    # x in one layout, the branches alternating: each read through its own
+    # strides; forward and backward against float64 eager on the CPU.
+    size = (33, 47)
+    other = "nchw" if x_kind == "channels_last" else "channels_last"
+    kinds = [other, x_kind, other]
+    x = _rand((2, 5, *size), torch.float32, seed=26)
+    bs = _branches(2, (1, 3, 6), torch.float32, seed=27)
+    xg = _cuda(x, x_kind).requires_grad_()
+    bg = [_cuda(b, kd).requires_grad_() for b, kd in zip(bs, kinds)]
+    got = pe.upsample_concat(xg, bg, backend=CPP)
+    _close(got, _ref_upcat(x, bs, size, False, True, torch.float32), torch.float32, atol=UP_ATOL_F32)
+    w = _rand(got.shape, torch.float32, seed=28)
+    (got * w.to(DEV)).sum().backward()
+    xr = x.double().requires_grad_()
+    br = [b.double().requires_grad_() for b in bs]
+    (_ref_upcat(xr, br, size, False, True) * w.double()).sum().backward()
+    _close(xg.grad, xr.grad, torch.float32)
+    for g, r in zip(bg, br):
+        _close(g.grad, r.grad, torch.float32, atol=SUM_ATOL[torch.float32])
+
+
 def test_upsample_concat_reads_any_strides():
     # The C++ op reads inputs through their strides (the Python layer makes
     # them dense, a direct call need not).
@@ -407,18 +440,18 @@ def test_upsample_concat_reads_any_strides():
 def test_upsample_concat_rejects_misuse():
     x = torch.randn(2, 3, 8, 8, device=DEV)
     b = torch.randn(2, 2, 2, 2, device=DEV)
-    with pytest.raises(RuntimeError):
-        OPS.upsample_concat(x, [b.double()], [8, 8], False, True, False)  # dtype mismatch
-    with pytest.raises(RuntimeError):
-        OPS.upsample_concat(x, [b.cpu()], [8, 8], False, True, False)  # device mismatch
-    with pytest.raises(RuntimeError):
-        OPS.upsample_concat(x, [b], [9, 8], False, True, False)  # x is not at `size`
-    with pytest.raises(RuntimeError):
-        OPS.upsample_concat(x, [b[:1]], [8, 8], False, True, False)  # batch mismatch
+    with pytest.raises(RuntimeError, match=r"branches\[0\] has dtype Double but out has Float"):
+        OPS.upsample_concat(x, [b.double()], [8, 8], False, True, False)
+    with pytest.raises(RuntimeError, match=r"branches\[0\] is on cpu but out is on cuda"):
+        OPS.upsample_concat(x, [b.cpu()], [8, 8], False, True, False)
+    with pytest.raises(RuntimeError, match=r"x has spatial size \(8, 8\) but the output has \(9, 8\)"):
+        OPS.upsample_concat(x, [b], [9, 8], False, True, False)
+    with pytest.raises(RuntimeError, match=r"branches\[0\] has batch size 1 but out has 2"):
+        OPS.upsample_concat(x, [b[:1]], [8, 8], False, True, False)
     out = torch.empty(2, 4, 8, 8, device=DEV)
-    with pytest.raises(RuntimeError):
-        OPS.upsample_concat_out(x, [b], False, True, out)  # wrong channel count
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="the inputs have 5 channels in all but out has 4"):
+        OPS.upsample_concat_out(x, [b], False, True, out)
+    with pytest.raises(RuntimeError, match="x has dtype Float but out has Half"):
         OPS.upsample_concat_out(x, [b], False, True, torch.empty(2, 5, 8, 8, device=DEV, dtype=torch.float16))
 
 
@@ -528,16 +561,46 @@ def test_bitwise_deterministic(kind):
 
 
 def test_runs_on_the_current_stream():
-    x = _cuda(_rand((4, 16, 33, 47), torch.float32, seed=41))
-    want = pe.spatial_pyramid_pool(x, (4, 2, 1), mode="avg", backend=CPP)
+    """Every op enqueues its kernels on the current stream. On a side stream a
+    long sleep kernel runs first, then the inputs are overwritten, then the
+    op: launched on the side stream, the op reads the new inputs; launched on
+    the default stream (or any other), it would run during the sleep and read
+    the old ones."""
+    old = _rand((4, 16, 33, 47), torch.float32, seed=41)
+    new = _rand((4, 16, 33, 47), torch.float32, seed=42)
+    x = _cuda(old)
+    new_dev = _cuda(new)
+    hb, wb, lb = pyramid_windows(33, 47, normalize_bins((4, 2, 1)))
+    g_old = torch.zeros(4, 16 * 21, device=DEV)
+    g_new = _rand((4, 16 * 21), torch.float32, seed=43).to(DEV)
+    gu_old = torch.zeros(4, 20, 33, 47, device=DEV)
+    gu_new = _rand((4, 20, 33, 47), torch.float32, seed=44).to(DEV)
+    torch.cuda.synchronize()
     s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        got = pe.spatial_pyramid_pool(x, (4, 2, 1), mode="avg", backend=CPP)
+        torch.cuda._sleep(int(2e8))  # ~0.1 s of spinning, on s only
+        x.copy_(new_dev)
+        g_old.copy_(g_new)
+        gu_old.copy_(gu_new)
+        spp = pe.spatial_pyramid_pool(x, (4, 2, 1), mode="avg", backend=CPP)
+        vals, idx = OPS.multi_pool2d(x, hb, wb, lb, 1, False)
+        gx = OPS.multi_pool2d_backward(g_old, idx, list(x.shape), hb, wb, lb, 1, False, False)
         up = pe.upsample_concat(x, [x[:, :, :4, :4]], backend=CPP)
-    s.synchronize()
-    assert torch.equal(got, want)
-    assert torch.equal(up[:, :16], x)
+        (gb,) = OPS.upsample_concat_backward(gu_old, [4, 5, 5], 16, False, False)
+    torch.cuda.synchronize()
+    want_spp = torch.cat([F.adaptive_avg_pool2d(new.double(), b).flatten(1) for b in (4, 2, 1)], 1)
+    _close(spp, want_spp, torch.float32)
+    want_v, want_i = naive_multi_pool(new, hb, wb, lb, 1, False)
+    assert torch.equal(vals.cpu().double(), want_v) and torch.equal(idx.cpu(), want_i)
+    xr = new.double().requires_grad_()
+    (naive_multi_pool(xr, hb, wb, lb, 1, False)[0] * g_new.cpu().double()).sum().backward()
+    _close(gx, xr.grad, torch.float32)
+    assert torch.equal(up[:, :16].cpu(), new)
+    _close(up[:, 16:], F.interpolate(new[:, :, :4, :4].double(), size=(33, 47), mode="bilinear"), torch.float32,
+           atol=UP_ATOL_F32)
+    br = torch.zeros(4, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    (F.interpolate(br, size=(33, 47), mode="bilinear") * gu_new[:, 16:].cpu().double()).sum().backward()
+    _close(gb, br.grad, torch.float32, atol=SUM_ATOL[torch.float32])
 
 
 def test_cuda_graph_capture():

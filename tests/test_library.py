@@ -134,14 +134,22 @@ def test_compile_dynamic_backward_aot():
 
 
 def test_autocast_runs_in_input_dtype():
+    # The ops are not autocast-listed: under autocast they run in the input's
+    # dtype (as F.adaptive_avg_pool2d and F.interpolate do), same values.
     x = torch.randn(1, 4, 12, 12)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         levels = pe.multi_adaptive_avg_pool2d(x, (1, 2))
-        eager = F.adaptive_avg_pool2d(x, 2)
         out = pe.upsample_concat(x, levels)
+        eager = F.adaptive_avg_pool2d(x, 2)
         ref = torch.cat([x] + [F.interpolate(t, (12, 12), mode="bilinear") for t in levels], 1)
     assert levels[1].dtype == eager.dtype == torch.float32
-    assert out.dtype == ref.dtype
+    assert out.dtype == ref.dtype == torch.float32
+    # the values, against eager outside autocast
+    torch.testing.assert_close(levels[0], F.adaptive_avg_pool2d(x, 1))
+    torch.testing.assert_close(levels[1], F.adaptive_avg_pool2d(x, 2))
+    want = torch.cat([x] + [F.interpolate(F.adaptive_avg_pool2d(x, b), (12, 12), mode="bilinear") for b in (1, 2)], 1)
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(out, ref)
 
 
 def test_build_info():

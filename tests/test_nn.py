@@ -21,6 +21,8 @@ from torch import nn
 import pyramid_ext as pe
 from pyramid_ext.nn import FeaturePyramidAttention, PPM, PSPModule, PyramidPooling, SpatialPyramidPooling
 
+from ._helpers import keras_same_avg as ref_keras_same_avg  # document 001's AveragePooling2D(padding='same')
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_TORCHVISION = importlib.util.find_spec("torchvision") is not None
 HAS_SMP = importlib.util.find_spec("segmentation_models_pytorch") is not None
@@ -33,10 +35,19 @@ def _seed():
 
 @pytest.fixture
 def backend(backend):
-    """conftest's CPU backends (compiled and pure PyTorch; a missing one skips, or
-    fails under PYRAMID_EXT_REQUIRE_CPP=1), selected for the whole test."""
+    """conftest's compiled CPU backend (a missing one skips, or fails under
+    PYRAMID_EXT_REQUIRE_CPP=1), selected for the whole test. The torch
+    backend would compare F.adaptive_avg_pool2d with itself here."""
     with pe.use_backend(backend):
         yield backend
+
+
+@pytest.fixture
+def any_backend(any_backend):
+    """Compiled and pure PyTorch, for the window policies whose torch-backend
+    code is its own (not F.adaptive_*), selected for the whole test."""
+    with pe.use_backend(any_backend):
+        yield any_backend
 
 
 # --------------------------------------------------------------------------
@@ -434,22 +445,8 @@ def ref_spp_adaptive(x, levels, mode):
     return torch.cat([pool(x, n).flatten(1) for n in levels], 1)
 
 
-def ref_keras_same_avg(x, n):
-    """TF AveragePooling2D(pool=stride=round(a/n), padding='same'): padding split less-before, excluded."""
-    pads = []
-    for a in (x.shape[3], x.shape[2]):  # F.pad order: last dim first
-        p = int(round(a / n))
-        out = -(-a // p)
-        total = max((out - 1) * p + p - a, 0)
-        pads += [total // 2, total - total // 2]
-    ph, pw = int(round(x.shape[2] / n)), int(round(x.shape[3] / n))
-    s = F.avg_pool2d(F.pad(x, pads), (ph, pw), stride=(ph, pw))
-    cnt = F.avg_pool2d(F.pad(torch.ones_like(x[:, :1]), pads), (ph, pw), stride=(ph, pw))
-    return s / cnt
-
-
 @pytest.mark.parametrize("shape", [(2, 3, 10, 20), (1, 2, 13, 9)])
-def test_spp_sppnet_window_matches_document(backend, shape):
+def test_spp_sppnet_window_matches_document(any_backend, shape):
     x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
     spp = SpatialPyramidPooling((4, 2, 1), mode="max", window="sppnet")
     out = spp(x)
@@ -478,7 +475,7 @@ def test_spp_adaptive(backend, mode):
 
 
 @pytest.mark.parametrize("size", [(30, 30), (13, 17)])
-def test_spp_keras_same(backend, size):
+def test_spp_keras_same(any_backend, size):
     x = torch.randn(2, 3, *size, dtype=torch.float64, requires_grad=True)
     levels = (1, 2, 3, 6)
     out = SpatialPyramidPooling(levels, mode="avg", window="keras_same")(x)
@@ -670,11 +667,23 @@ def test_cli_info():
         assert key in r.stdout
 
 
-def test_modules_under_torch_compile_fullgraph(backend):
-    ppm = randomize(PPM(6, 2, (1, 2, 3, 6))).train()
-    x = torch.randn(2, 6, 9, 7, requires_grad=True)
-    ref = ppm(x)
-    ref_grad = torch.autograd.grad(ref.sum(), x)[0]
-    out = torch.compile(ppm, fullgraph=True, backend="aot_eager")(x)
-    close(out, ref)
-    close(torch.autograd.grad(out.sum(), x)[0], ref_grad, what="input grad")
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_modules_under_torch_compile_fullgraph(backend, compile_backend):
+    # The compiled fused module against the eager plain-PyTorch reference
+    # (RefPPM: F.adaptive_avg_pool2d, F.interpolate, torch.cat), not against
+    # itself; aot_eager checks the traced graph, inductor the generated code
+    # around the custom ops.
+    torch._dynamo.reset()
+    fused = randomize(PPM(6, 2, (1, 2, 3, 6))).train()
+    ref = RefPPM(6, 2, (1, 2, 3, 6)).train()
+    ref.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 6, 9, 7)
+    xr = x.clone().requires_grad_()
+    want = ref(xr)
+    (want_grad,) = torch.autograd.grad(want.sum(), xr)
+    xc = x.clone().requires_grad_()
+    out = torch.compile(fused, fullgraph=True, backend=compile_backend)(xc)
+    close(out, want)
+    close(torch.autograd.grad(out.sum(), xc)[0], want_grad, what="input grad")
+    for name, a, b in zip(fused.state_dict(), fused.state_dict().values(), ref.state_dict().values()):
+        close(a.float(), b.float(), what=f"buffer {name} after the step")  # BatchNorm statistics

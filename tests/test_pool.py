@@ -9,19 +9,12 @@ import torch.nn.functional as F
 import pyramid_ext as pe
 from pyramid_ext import windows
 
-from .conftest import DTYPES, LAYOUTS, TOL, layout, need_backend
+from ._helpers import DTYPES, LAYOUTS, TOL, as_pair as _as_pair, eager_spp, keras_same_avg, layout, rand as _rand
+from ._helpers import sppnet_pool
+from .conftest import need_backend
 
 BIN_SETS = [(1, 2, 3, 6), (6, 3, 2, 1), (4, 2, 1), ((2, 3), (5, 1), 1, (1, 7))]
 SHAPES = [(2, 3, 33, 47), (1, 2, 65, 65), (2, 3, 3, 5), (1, 2, 1, 1), (1, 2, 97, 129)]
-
-
-def _as_pair(b):
-    return (b, b) if isinstance(b, int) else tuple(b)
-
-
-def _rand(shape, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
 
 
 # ---------------------------------------------------------------- forward ---
@@ -78,11 +71,13 @@ def test_avg_inf_and_nan_stay_in_their_windows(backend, kind):
         torch.testing.assert_close(g, F.adaptive_avg_pool2d(x, b), equal_nan=True, **TOL[torch.float32])
 
 
-def test_avg_sppnet_windows_many_planes(backend):
-    # SPPNet windows leave trailing rows and columns unread.
+@pytest.mark.parametrize("mode", ["avg", "max"])
+def test_sppnet_windows_many_planes(any_backend, mode):
+    # SPPNet windows leave trailing rows and columns unread. Expectation:
+    # document 002's layer, F.{avg,max}_pool2d(kernel=ceil(a/n), stride=floor(a/n)).
     x = _rand((2, 21, 30, 45), torch.float32, seed=5)
-    got = pe.spatial_pyramid_pool(x, (4, 3), mode="avg", window="sppnet", backend=backend)
-    want = pe.spatial_pyramid_pool(x, (4, 3), mode="avg", window="sppnet", backend="torch")
+    got = pe.spatial_pyramid_pool(x, (4, 3), mode=mode, window="sppnet", backend=any_backend)
+    want = torch.cat([sppnet_pool(x, n, mode).flatten(1) for n in (4, 3)], 1)
     torch.testing.assert_close(got, want, **TOL[torch.float32])
 
 
@@ -107,13 +102,37 @@ def test_max_ties_nan_and_inf_follow_pytorch(backend, kind):
 @pytest.mark.parametrize("mode", ["max", "avg"])
 @pytest.mark.parametrize("bins", [(4, 2, 1), (6, 3, 2, 1), ((2, 3), 5)])
 @pytest.mark.parametrize("kind", LAYOUTS)
-def test_spatial_pyramid_pool(backend, mode, bins, kind):
+def test_spatial_pyramid_pool(any_backend, mode, bins, kind):
+    # The torch backend packs the levels with code of its own (reference._pack).
     x = layout(_rand((3, 5, 29, 18), torch.float32), kind)
     pool = F.adaptive_max_pool2d if mode == "max" else F.adaptive_avg_pool2d
     want = torch.cat([pool(x, _as_pair(b)).flatten(1) for b in bins], 1)
-    got = pe.spatial_pyramid_pool(x, bins, mode=mode, backend=backend)
+    got = pe.spatial_pyramid_pool(x, bins, mode=mode, backend=any_backend)
     assert got.shape == want.shape and got.is_contiguous()
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("mode", ["max", "avg"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_spatial_pyramid_pool_channels_last_backward(any_backend, mode, dtype):
+    # spatial_pyramid_pool packs a channels_last input's levels (i, j, c) and
+    # unpacks the gradient: the backward of that layout against eager's.
+    base = _rand((3, 6, 19, 14), dtype, seed=6)
+    if mode == "max":  # distinct values: one argmax per window
+        base = torch.randperm(base.numel(), generator=torch.Generator().manual_seed(6)).to(dtype).view(base.shape)
+    x1 = layout(base, "channels_last").requires_grad_()
+    x2 = layout(base, "channels_last").requires_grad_()
+    bins = (4, 2, 1, (2, 3))
+    got = pe.spatial_pyramid_pool(x1, bins, mode=mode, backend=any_backend)
+    want = eager_spp(x2, bins, mode)
+    torch.testing.assert_close(got, want, **TOL[dtype])
+    g = _rand(want.shape, dtype, seed=7)
+    got.backward(g)
+    want.backward(g)
+    torch.testing.assert_close(x1.grad, x2.grad, **TOL[dtype])
+    assert x1.grad.is_contiguous(memory_format=torch.channels_last)
+
+
 
 
 def test_unbatched_input(backend):
@@ -130,23 +149,23 @@ def test_unbatched_input(backend):
 
 
 @pytest.mark.parametrize("shape", [(0, 3, 8, 8), (2, 0, 8, 8)])
-def test_empty_batch_or_channels(backend, shape):
+def test_empty_batch_or_channels(any_backend, shape):
     x = torch.randn(shape)
-    got = pe.multi_adaptive_avg_pool2d(x, (1, 3), backend=backend)
+    got = pe.multi_adaptive_avg_pool2d(x, (1, 3), backend=any_backend)
     assert [tuple(g.shape) for g in got] == [(shape[0], shape[1], 1, 1), (shape[0], shape[1], 3, 3)]
-    vals, idxs = pe.multi_adaptive_max_pool2d(x, (2,), return_indices=True, backend=backend)
+    vals, idxs = pe.multi_adaptive_max_pool2d(x, (2,), return_indices=True, backend=any_backend)
     assert vals[0].shape == idxs[0].shape == (shape[0], shape[1], 2, 2)
     x.requires_grad_()
-    pe.multi_adaptive_avg_pool2d(x, (1, 3), backend=backend)[1].sum().backward()
+    pe.multi_adaptive_avg_pool2d(x, (1, 3), backend=any_backend)[1].sum().backward()
     assert x.grad.shape == x.shape
 
 
-def test_levels_are_views_into_one_buffer(backend):
+def test_levels_are_views_into_one_buffer(any_backend):
     x = torch.randn(2, 4, 12, 12)
-    levels = pe.multi_adaptive_avg_pool2d(x, (1, 2, 3, 6), backend=backend)
+    levels = pe.multi_adaptive_avg_pool2d(x, (1, 2, 3, 6), backend=any_backend)
     storage = {t.untyped_storage().data_ptr() for t in levels}
     assert len(storage) == 1
-    spp = pe.spatial_pyramid_pool(x, (1, 2, 3, 6), mode="avg", backend=backend)
+    spp = pe.spatial_pyramid_pool(x, (1, 2, 3, 6), mode="avg", backend=any_backend)
     torch.testing.assert_close(spp, torch.cat([t.flatten(1) for t in levels], 1))
 
 
@@ -197,43 +216,52 @@ def test_backward_matches_eager(backend, mode, dtype, kind):
         assert x1.grad.is_contiguous(memory_format=torch.channels_last)
 
 
+# Bitwise determinism across thread counts (in process here; across
+# processes, and with every CPU path forced, in tests/test_cpu_paths.py).
+# N=3 with 2 threads takes the split channels_last path, with 1 or 3 threads
+# the per-sample one.
 @pytest.mark.parametrize("mode", ["avg", "max"])
-def test_deterministic(backend, mode):
-    x = torch.randn(2, 16, 45, 37)
+@pytest.mark.parametrize("kind", ["nchw", "channels_last"])
+def test_deterministic_across_thread_counts(backend, mode, kind):
+    x = layout(torch.randn(3, 40, 45, 37, generator=torch.Generator().manual_seed(0)), kind)
     fn = pe.multi_adaptive_avg_pool2d if mode == "avg" else pe.multi_adaptive_max_pool2d
+    w = [torch.randn(3, 40, b, b, generator=torch.Generator().manual_seed(b)) for b in (1, 2, 3, 6)]
 
     def run():
         t = x.clone().requires_grad_()
         outs = fn(t, (1, 2, 3, 6), backend=backend)
-        torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
-        return [o.detach() for o in outs], t.grad
+        torch.autograd.backward(outs, w)
+        return [o.detach() for o in outs] + [t.grad]
 
+    prev_threads = torch.get_num_threads()
     prev = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        a_out, a_grad = run()
-        b_out, b_grad = run()
+        results = {}
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results[threads] = run()
     finally:
+        torch.set_num_threads(prev_threads)
         torch.use_deterministic_algorithms(prev)
-    assert all(torch.equal(a, b) for a, b in zip(a_out, b_out))
-    assert torch.equal(a_grad, b_grad)
+    for threads in (2, 3):
+        for a, b in zip(results[1], results[threads]):
+            assert torch.equal(a, b), f"{threads} threads differ from 1 thread"
 
 
 # ---------------------------------------------------------- window policies ---
 
 
-def test_sppnet_windows_equal_max_pool2d(backend):
+@pytest.mark.parametrize("mode", ["max", "avg"])
+@pytest.mark.parametrize("size", [(13, 10), (24, 36), (30, 45)])
+def test_sppnet_windows_equal_pool2d(any_backend, mode, size):
     # Where kernel=ceil(a/n), stride=floor(a/n) yields n windows, SPPNet's
-    # layer is exactly max_pool2d with that kernel and stride.
-    x = _rand((2, 3, 13, 10), torch.float32)
+    # layer is exactly F.max_pool2d / F.avg_pool2d with that kernel and stride.
+    x = _rand((2, 3) + size, torch.float64)
     levels = (4, 2, 1)
-    got = pe.spatial_pyramid_pool(x, levels, mode="max", window="sppnet", backend=backend)
-    parts = []
-    for n in levels:
-        k = (math.ceil(13 / n), math.ceil(10 / n))
-        s = (13 // n, 10 // n)
-        parts.append(F.max_pool2d(x, k, s).flatten(1))
-    torch.testing.assert_close(got, torch.cat(parts, 1), rtol=0, atol=0)
+    got = pe.spatial_pyramid_pool(x, levels, mode=mode, window="sppnet", backend=any_backend)
+    want = torch.cat([sppnet_pool(x, n, mode).flatten(1) for n in levels], 1)
+    torch.testing.assert_close(got, want, **({} if mode == "avg" else dict(rtol=0, atol=0)))
 
 
 def test_sppnet_windows_raise_where_formula_fails():
@@ -244,21 +272,17 @@ def test_sppnet_windows_raise_where_formula_fails():
         pe.spatial_pyramid_pool(torch.randn(1, 2, 11, 12), (6,), window="sppnet")
 
 
-def _keras_same_avg(x, n):
-    """AveragePooling2D(pool=stride=round(a/n), padding='same') written out."""
-    out_rows = []
-    for hs, he in windows.keras_same_windows(x.shape[-2], n):
-        row = [x[..., hs:he, ws:we].mean((-2, -1)) for ws, we in windows.keras_same_windows(x.shape[-1], n)]
-        out_rows.append(torch.stack(row, -1))
-    return torch.stack(out_rows, -2)
-
-
 @pytest.mark.parametrize("size", [(30, 30), (64, 47), (13, 9)])
-def test_keras_same_windows(backend, size):
-    x = _rand((1, 2) + size, torch.float64)
-    got = pe.multi_adaptive_avg_pool2d(x, (1, 2, 3, 6), window="keras_same", backend=backend)
+@pytest.mark.parametrize("kind", ["nchw", "channels_last"])
+def test_keras_same_windows(any_backend, size, kind):
+    # Expectation: document 001's AveragePooling2D(pool=strides=round(a/n),
+    # padding='same') written with F.pad and F.avg_pool2d (_helpers.keras_same_avg).
+    x = layout(_rand((2, 3) + size, torch.float64), kind)
+    got = pe.multi_adaptive_avg_pool2d(x, (1, 2, 3, 6), window="keras_same", backend=any_backend)
     for g, n in zip(got, (1, 2, 3, 6)):
-        torch.testing.assert_close(g, _keras_same_avg(x, n))
+        want = keras_same_avg(x, n)
+        assert g.shape == want.shape
+        torch.testing.assert_close(g, want)
 
 
 def test_keras_same_windows_match_tensorflow_padding():

@@ -29,8 +29,12 @@ if not _INTERPRET and not torch.cuda.is_available():
     )
 
 import pyramid_ext as pe  # noqa: E402
-from pyramid_ext import reference, triton_ops  # noqa: E402
+from pyramid_ext import triton_ops  # noqa: E402
 from pyramid_ext.windows import pyramid_windows, normalize_bins  # noqa: E402
+
+from ._helpers import TOL_TRITON, eager_spp, keras_same_avg, keras_same_max, pairs, rand, sppnet_pool  # noqa: E402
+from ._helpers import eager_upsample_concat as _helpers_eager_upsample_concat  # noqa: E402
+from ._helpers import bilinear_backward_fp64, grad_close, naive_multi_pool  # noqa: E402
 
 if _INTERPRET and not triton_ops.INTERPRETED:
     pytest.skip("pyramid_ext.triton_ops was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
@@ -41,21 +45,15 @@ T = "triton"
 
 
 def _rand(*shape, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype=dtype, device=DEVICE)
+    return rand(shape, dtype, seed, DEVICE)
 
 
 def _pairs(bins):
-    return [b if isinstance(b, tuple) else (b, b) for b in bins]
+    return pairs(bins)
 
 
 def _tol(dtype):
-    return {
-        torch.float64: dict(rtol=1e-12, atol=1e-12),
-        torch.float32: dict(rtol=1e-5, atol=1e-6),
-        torch.float16: dict(rtol=1e-3, atol=1e-3),
-        torch.bfloat16: dict(rtol=1e-2, atol=1e-2),
-    }[dtype]
+    return TOL_TRITON[dtype]
 
 
 def _eager_avg(x, b):
@@ -200,14 +198,20 @@ def test_pool_unbatched():
 
 
 @pytest.mark.parametrize("window", ["sppnet", "keras_same"])
-def test_pool_window_policies_match_torch_backend(window):
-    # sppnet leaves the tail of an axis uncovered; keras_same has uneven windows
+def test_pool_window_policies_match_documents(window):
+    # sppnet leaves the tail of an axis uncovered; keras_same has uneven
+    # windows. Expectations from the documents' formulas with PyTorch's
+    # pooling (_helpers.sppnet_pool, keras_same_avg / keras_same_max).
     x = _rand(2, 3, 13, 14, seed=7, dtype=torch.float64).requires_grad_()
     bins = (1, 2, 3)
-    for fn in (pe.multi_adaptive_avg_pool2d, pe.multi_adaptive_max_pool2d):
+    for fn, mode in ((pe.multi_adaptive_avg_pool2d, "avg"), (pe.multi_adaptive_max_pool2d, "max")):
         got = fn(x, bins, window=window, backend=T)
-        ref = fn(x, bins, window=window, backend="torch")
+        if window == "sppnet":
+            ref = [sppnet_pool(x, n, mode) for n in bins]
+        else:
+            ref = [(keras_same_avg if mode == "avg" else keras_same_max)(x, n) for n in bins]
         for a, b in zip(got, ref):
+            assert a.shape == b.shape
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
         w = [_rand(*o.shape, dtype=torch.float64, seed=8 + k) for k, o in enumerate(ref)]
         (gx,) = torch.autograd.grad(sum((o * wk).sum() for o, wk in zip(got, w)), x)
@@ -226,7 +230,7 @@ def test_pool_op_arbitrary_windows(mode, channels_last_levels):
     xg = x.clone().requires_grad_()
     values, indices = triton_ops.multi_pool2d(xg, h_bounds, w_bounds, level_bins, mode, channels_last_levels)
     xr = x.clone().requires_grad_()
-    ref_v, ref_i = reference.multi_pool2d(xr, h_bounds, w_bounds, level_bins, mode, channels_last_levels)
+    ref_v, ref_i = naive_multi_pool(xr, h_bounds, w_bounds, level_bins, mode, channels_last_levels)
     torch.testing.assert_close(values, ref_v, rtol=1e-12, atol=1e-12)
     if mode == 1:
         assert torch.equal(indices, ref_i)
@@ -282,6 +286,50 @@ def test_pool_backward_16bit(dtype):
     torch.testing.assert_close(xt.grad.float(), xe.grad, **_tol(dtype))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_max_pool_backward_16bit(dtype, channels_last):
+    # distinct values (exact in 16 bits): one argmax per window, the gradient
+    # is a gather of the incoming 16-bit gradients, exact except where windows
+    # overlap (sums, in fp32 then rounded once)
+    perm = torch.randperm(2 * 3 * 9 * 11, generator=torch.Generator().manual_seed(15))
+    x = (perm.to(torch.float64) / 8).view(2, 3, 9, 11).to(dtype=dtype, device=DEVICE)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    bins = (1, 2, 3, (4, 6))
+    xt = x.clone().requires_grad_()
+    xe = x.double().requires_grad_()
+    got = pe.multi_adaptive_max_pool2d(xt, bins, backend=T)
+    ref = [F.adaptive_max_pool2d(xe, b) for b in pairs(bins)]
+    w = [_rand(*r.shape, dtype=dtype, seed=30 + k) for k, r in enumerate(ref)]
+    torch.autograd.backward(got, w)
+    torch.autograd.backward(ref, [t.double() for t in w])
+    assert xt.grad.dtype == dtype
+    # the fp64 sum of the (exact) 16-bit gradients, rounded once to dtype
+    torch.testing.assert_close(xt.grad, xe.grad.to(dtype), rtol=0, atol=0)
+    if channels_last:
+        assert xt.grad.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("mode", ["avg", "max"])
+def test_spatial_pyramid_pool_channels_last_backward(mode):
+    base = _rand(2, 5, 13, 10, dtype=torch.float64, seed=16)
+    if mode == "max":  # distinct values
+        base = torch.randperm(base.numel(), generator=torch.Generator().manual_seed(16)).to(
+            dtype=torch.float64, device=DEVICE).view(base.shape)
+    x1 = base.contiguous(memory_format=torch.channels_last).requires_grad_()
+    x2 = base.contiguous(memory_format=torch.channels_last).requires_grad_()
+    bins = (4, 2, 1, (2, 3))
+    got = pe.spatial_pyramid_pool(x1, bins, mode=mode, backend=T)
+    want = eager_spp(x2, bins, mode)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    g = _rand(*want.shape, dtype=torch.float64, seed=17)
+    got.backward(g)
+    want.backward(g)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-12, atol=1e-12)
+    assert x1.grad.is_contiguous(memory_format=torch.channels_last)
+
+
 @pytest.mark.parametrize("mode", ["avg", "max"])
 def test_pool_gradcheck(mode):
     x = _rand(1, 2, 5, 7, dtype=torch.float64, seed=13).requires_grad_()
@@ -303,11 +351,7 @@ def test_pool_gradcheck(mode):
 
 
 def _eager_upsample_concat(x, branches, size, align_corners, x_first):
-    ups = [F.interpolate(b, size=size, mode="bilinear", align_corners=align_corners) if b.shape[1] else
-           b.new_empty(b.shape[0], 0, *size) for b in branches]  # (eager rejects zero channels)
-    if x is None:
-        return torch.cat(ups, 1)
-    return torch.cat([x] + ups if x_first else ups + [x], 1)
+    return _helpers_eager_upsample_concat(x, branches, size, align_corners, x_first)
 
 
 def _branches(n, sizes, channels=(2, 3, 1, 2), dtype=torch.float32, seed=30):
@@ -380,6 +424,28 @@ def test_upsample_concat_layouts(layout):
         assert out.is_contiguous(memory_format=torch.channels_last)
 
 
+def test_upsample_concat_mixed_layouts():
+    # x and branches each NCHW or channels_last, in both directions; forward and backward against eager
+    size = (10, 13)
+    for x_cl, kinds in ((False, [True, False, True]), (True, [False, True, False])):
+        xb = _rand(2, 3, *size, dtype=torch.float64, seed=47)
+        brb = _branches(2, [(1, 1), (3, 4), (6, 5)], dtype=torch.float64, seed=48)
+        fmt = lambda t, cl: t.contiguous(memory_format=torch.channels_last) if cl else t.contiguous()  # noqa: E731
+        x1 = fmt(xb, x_cl).requires_grad_()
+        b1 = [fmt(b, cl).requires_grad_() for b, cl in zip(brb, kinds)]
+        x2 = xb.detach().clone().requires_grad_()
+        b2 = [b.detach().clone().requires_grad_() for b in brb]
+        out = pe.upsample_concat(x1, b1, backend=T)
+        ref = _eager_upsample_concat(x2, b2, size, False, True)
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+        g = _rand(*ref.shape, dtype=torch.float64, seed=49)
+        out.backward(g)
+        ref.backward(g)
+        torch.testing.assert_close(x1.grad, x2.grad, rtol=0, atol=0)
+        for a, b in zip(b1, b2):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_upsample_concat_out_channel_slice(channels_last):
     x = _rand(2, 3, 10, 9, seed=46)
@@ -445,6 +511,29 @@ def test_upsample_concat_backward_float32_and_bf16():
         for a, b in zip(bt, be):
             assert a.grad.dtype == dtype
             torch.testing.assert_close(a.grad.float(), b.grad, **_tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_upsample_concat_backward_16bit(dtype, align_corners):
+    # every branch gradient against Wy^T G Wx in fp64 with the kernels' fp32
+    # tap weights, within the error bound of its sum (_helpers.grad_close)
+    size = (9, 11)
+    x = _rand(2, 2, *size, dtype=dtype, seed=54)
+    branches = _branches(2, [(1, 1), (4, 3), (6, 6), (13, 15)], dtype=dtype, seed=55)
+    bt = [b.clone().requires_grad_() for b in branches]
+    xt = x.clone().requires_grad_()
+    out = pe.upsample_concat(xt, bt, align_corners=align_corners, backend=T)
+    g = _rand(*out.shape, dtype=dtype, seed=56)
+    out.backward(g)
+    assert torch.equal(xt.grad, g[:, :2])
+    offset = 2
+    for k, (a, b) in enumerate(zip(bt, branches)):
+        gk = g[:, offset:offset + b.shape[1]]
+        offset += b.shape[1]
+        want, terms = bilinear_backward_fp64(gk, b.shape[-2:], align_corners, torch.float32)
+        assert a.grad.dtype == dtype
+        grad_close(a.grad, want, dtype, terms=terms, n_sum=sum(size), what=f"branch {k}")
 
 
 @pytest.mark.parametrize("align_corners", [False, True])
@@ -520,6 +609,71 @@ def test_deterministic():
         grads.append([out.detach(), xt.grad] + [t.grad for t in bt])
     for g0, g1 in zip(*grads):
         assert torch.equal(g0, g1)
+
+
+def test_plan_cache_under_threads(monkeypatch):
+    """Eight threads, each with its own shapes and bins, hammer the plan cache
+    (triton_ops._plan_for and _PoolPlan.tensors): each plan's device tables
+    are built once and shared, and the ops that use them match eager. Building
+    a table is slowed down to widen any race window. On a GPU the threads run
+    the ops themselves; Triton's interpreter is not thread-safe (it patches
+    triton.language while a kernel runs), so there the threads build the plans
+    and the ops then run, on those plans, in this thread."""
+    import threading
+    import time
+
+    triton_ops._pool_plan.cache_clear()
+    real_tensor = torch.tensor
+    builds = []
+
+    def slow_tensor(*a, **k):
+        if sys._getframe(1).f_code.co_name == "t":  # _PoolPlan.tensors' table builder
+            builds.append(threading.get_ident())
+            time.sleep(0.002)
+        return real_tensor(*a, **k)
+
+    monkeypatch.setattr(triton_ops.torch, "tensor", slow_tensor)
+    shapes = [(1, 2, 7 + k % 4, 9 + k // 2) for k in range(8)]
+    binsets = [(1, 2, 3), (2, 3), (1, 4), (3, 1, 2)]
+    errors, tables, cases = [], {}, []
+    start = threading.Barrier(8)
+
+    def check_op(x, bins):
+        outs = pe.multi_adaptive_avg_pool2d(x, bins, backend=T)
+        for b, o in zip(pairs(bins), outs):
+            torch.testing.assert_close(o, F.adaptive_avg_pool2d(x, b), rtol=1e-12, atol=1e-12)
+
+    def plan_tables(shape, bins):
+        h, w, lb = pyramid_windows(shape[2], shape[3], normalize_bins(bins))
+        plan = triton_ops._plan_for(h, w, lb, shape[2], shape[3])
+        tables.setdefault((shape[2:], bins), set()).add(id(plan.tensors(torch.device(DEVICE))["bin_tab"]))
+
+    def work(k):
+        try:
+            start.wait()
+            plan_tables((1, 1, 40, 50), (1, 2, 3, 6))  # all eight threads at once, one plan
+            for it in range(3):
+                shape, bins = shapes[(k + it) % 8], binsets[(k + it) % 4]
+                x = _rand(*shape, dtype=torch.float64, seed=80 + k)
+                plan_tables(shape, bins)
+                if _INTERPRET:
+                    cases.append((x, bins))
+                else:
+                    check_op(x, bins)
+        except Exception as e:  # noqa: BLE001 - reported below with the thread
+            errors.append((k, repr(e)))
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert all(len(ids) == 1 for ids in tables.values()), "a plan's tables were built more than once"
+    assert len(builds) == 7 * len(tables)  # seven tables per plan, each built once
+    for x, bins in cases:
+        check_op(x, bins)
+    assert len(builds) == 7 * len(tables)  # the ops reused the tables the threads built
 
 
 def test_no_atomics_in_kernels():

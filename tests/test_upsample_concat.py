@@ -5,31 +5,15 @@ import torch.nn.functional as F
 
 import pyramid_ext as pe
 
-from .conftest import DTYPES, LAYOUTS, TOL, layout, need_backend
+from ._helpers import DTYPES, LAYOUTS, TOL, acc_dtype, bilinear_backward_fp64, grad_close, layout, rand as _rand, same_storage
+from ._helpers import eager_upsample_concat as _eager
+from .conftest import need_backend
 
 OUT_SIZES = [(1, 1), (33, 47), (65, 65), (97, 129), (6, 6)]
 
 
-def _rand(shape, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
-
-
 def _branches(n, sizes, channels, dtype, seed=1, kind="nchw"):
     return [layout(_rand((n, c, h, w), dtype, seed + k), kind) for k, ((h, w), c) in enumerate(zip(sizes, channels))]
-
-
-def _interpolate(b, size, align_corners):
-    if b.numel() == 0:  # F.interpolate rejects empty tensors
-        return b.new_zeros((b.shape[0], b.shape[1]) + tuple(size))
-    return F.interpolate(b, size=size, mode="bilinear", align_corners=align_corners)
-
-
-def _eager(x, branches, size, align_corners, x_first):
-    ups = [_interpolate(b, size, align_corners) for b in branches]
-    if x is None:
-        return torch.cat(ups, 1)
-    return torch.cat([x] + ups if x_first else ups + [x], 1)
 
 
 PYRAMID = [(1, 1), (2, 2), (3, 3), (6, 6)]
@@ -81,7 +65,7 @@ def test_x_none_needs_size(backend):
 
 def test_explicit_size_resizes_branches_not_x(backend):
     x = _rand((1, 2, 5, 7), torch.float64)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="upsample_concat: x must have out's height and width"):
         pe.upsample_concat(x, [_rand((1, 2, 3, 3), torch.float64)], size=(6, 7), backend=backend)
 
 
@@ -105,36 +89,36 @@ def test_mixed_dtypes_promote_like_cat(backend):
 
 
 @pytest.mark.parametrize("shape", [(0, 3, 8, 8), (2, 0, 8, 8)])
-def test_empty_batch_or_channels(backend, shape):
+def test_empty_batch_or_channels(any_backend, shape):
     x = torch.randn(shape)
     br = [torch.randn(shape[0], 2, 3, 3), torch.randn(shape[0], 0, 2, 2)]  # a 0-channel branch, as cat accepts
-    got = pe.upsample_concat(x, br, backend=backend)
+    got = pe.upsample_concat(x, br, backend=any_backend)
     assert got.shape == (shape[0], shape[1] + 2, 8, 8)
     torch.testing.assert_close(got, _eager(x, br, (8, 8), False, True))
 
 
-def test_out_fills_in_place(backend):
+def test_out_fills_in_place(any_backend):
     x = _rand((2, 3, 17, 19))
     br = _branches(2, PYRAMID, (2, 2, 2, 2), torch.float32)
     out = torch.full((2, 11, 17, 19), float("nan"))
     ptr = out.data_ptr()
-    res = pe.upsample_concat(x, br, out=out, align_corners=True, backend=backend)
+    res = pe.upsample_concat(x, br, out=out, align_corners=True, backend=any_backend)
     assert res is out and out.data_ptr() == ptr
     torch.testing.assert_close(out, _eager(x, br, (17, 19), True, True))
 
 
 @pytest.mark.parametrize("kind", ["nchw", "channels_last"])
-def test_out_channel_slice_of_bigger_buffer(backend, kind):
+def test_out_channel_slice_of_bigger_buffer(any_backend, kind):
     x = layout(_rand((2, 3, 17, 19)), kind)
     br = _branches(2, MIXED, (2, 1, 2, 3), torch.float32, kind=kind)
     buf = layout(torch.full((2, 20, 17, 19), -7.0), kind)
     out = buf[:, 5:16]
-    pe.upsample_concat(x, br, out=out, x_first=False, backend=backend)
+    pe.upsample_concat(x, br, out=out, x_first=False, backend=any_backend)
     torch.testing.assert_close(out, _eager(x, br, (17, 19), False, False))
     assert torch.all(buf[:, :5] == -7.0) and torch.all(buf[:, 16:] == -7.0)
 
 
-def test_out_errors_leave_out_untouched(backend):
+def test_out_errors_leave_out_untouched(any_backend):
     x = _rand((2, 3, 8, 8))
     br = [_rand((2, 2, 2, 2))]
     for bad, exc, msg in [
@@ -144,15 +128,15 @@ def test_out_errors_leave_out_untouched(backend):
     ]:
         before = bad.clone() if bad.device.type != "meta" else None
         with pytest.raises(exc, match=msg):
-            pe.upsample_concat(x, br, out=bad, backend=backend)
+            pe.upsample_concat(x, br, out=bad, backend=any_backend)
         if before is not None:
             assert torch.equal(bad, before)
 
 
-def test_out_refuses_autograd(backend):
+def test_out_refuses_autograd(any_backend):
     x = _rand((1, 2, 8, 8)).requires_grad_()
     with pytest.raises(RuntimeError, match="out= does not support automatic differentiation"):
-        pe.upsample_concat(x, [_rand((1, 1, 2, 2))], out=torch.empty(1, 3, 8, 8), backend=backend)
+        pe.upsample_concat(x, [_rand((1, 1, 2, 2))], out=torch.empty(1, 3, 8, 8), backend=any_backend)
 
 
 # --------------------------------------------------------------- backward ---
@@ -188,63 +172,107 @@ def test_backward_matches_eager(backend, dtype, kind, align_corners):
     pe.upsample_concat(x1, b1, align_corners=align_corners, backend=backend).backward(g)
     _eager(x2, b2, size, align_corners, True).backward(g)
     torch.testing.assert_close(x1.grad, x2.grad, rtol=0, atol=0)
-    tol = dict(rtol=1e-4, atol=1e-3) if dtype == torch.float32 else TOL[dtype]
-    if dtype in (torch.float16, torch.bfloat16):
-        tol = dict(rtol=3e-2, atol=0.3)  # whole-plane sums of 16-bit grads: eager sums in another order
-    for a, b in zip(b1, b2):
-        torch.testing.assert_close(a.grad, b.grad, **tol)
+    # Each branch gradient against an fp64 computation, Wy^T G Wx with the
+    # kernel's (ATen's) tap weights in the accumulation type, within the error
+    # bound of its sum: the final rounding of the entry's own magnitude plus
+    # the accumulation error over the terms summed into it (sum |g| * weight,
+    # in chains of at most H + W additions).
+    offset = x1.shape[1]
+    for k, (a, b) in enumerate(zip(b1, brb)):
+        gk = g[:, offset:offset + b.shape[1]]
+        offset += b.shape[1]
+        want, terms = bilinear_backward_fp64(gk, b.shape[-2:], align_corners, acc_dtype(dtype))
+        assert a.grad.dtype == dtype
+        grad_close(a.grad, want, dtype, terms=terms, n_sum=sum(size), what=f"branch {k}")
+        if kind == "channels_last":
+            assert a.grad.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_grad_of_x_is_a_slice_without_copy(backend):
     x = _rand((1, 3, 6, 6)).requires_grad_()
     br = [_rand((1, 2, 2, 2)).requires_grad_()]
     out = pe.upsample_concat(x, br, backend=backend)
-    (gx,) = torch.autograd.grad(out, [x], torch.ones_like(out), retain_graph=True)
-    assert torch.equal(gx, torch.ones_like(x))
+    g = _rand(out.shape, seed=3)
+    (gx,) = torch.autograd.grad(out, [x], g, retain_graph=True)
+    assert torch.equal(gx, g[:, :3])
+    # no copy: x's gradient is a view into the incoming gradient's storage
+    assert same_storage(gx, g) and gx.data_ptr() == g.data_ptr()
 
 
-def test_backward_deterministic_for_1x1_branch(backend):
-    x = _rand((2, 8, 64, 64)).requires_grad_()
-    br = [_rand((2, 8, 1, 1)).requires_grad_(), _rand((2, 8, 2, 2)).requires_grad_()]
-    g = _rand((2, 24, 64, 64), seed=5)
+def test_mixed_nchw_and_channels_last_inputs(backend):
+    # x NCHW, branches in both layouts (and the reverse): each read through its
+    # own strides; the output takes x's layout (the first input's).
+    size = (17, 23)
+    for x_kind, kinds in (("nchw", ["channels_last", "nchw", "channels_last"]),
+                          ("channels_last", ["nchw", "channels_last", "nchw"])):
+        xb = _rand((2, 3) + size, seed=4)
+        brb = [_rand((2, 2 + k, s, s + 1), seed=5 + k) for k, s in enumerate((1, 3, 6))]
+        x1 = layout(xb, x_kind).requires_grad_()
+        b1 = [layout(b, kd).requires_grad_() for b, kd in zip(brb, kinds)]
+        x2 = xb.detach().clone().requires_grad_()
+        b2 = [b.detach().clone().requires_grad_() for b in brb]
+        got = pe.upsample_concat(x1, b1, backend=backend)
+        want = _eager(x2, b2, size, False)
+        torch.testing.assert_close(got, want, **TOL[torch.float32])
+        g = _rand(want.shape, seed=9)
+        got.backward(g)
+        want.backward(g)
+        torch.testing.assert_close(x1.grad, x2.grad, rtol=0, atol=0)
+        for a, b, kd in zip(b1, b2, kinds):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5)
+            assert a.grad.shape == b.shape
 
-    def run():
-        out = pe.upsample_concat(x, br, backend=backend)
-        return torch.autograd.grad(out, br, g)
 
+def test_backward_deterministic_across_thread_counts(backend):
+    x = _rand((3, 8, 64, 64)).requires_grad_()
+    br = [_rand((3, 8, 1, 1)).requires_grad_(), _rand((3, 8, 2, 2)).requires_grad_(),
+          _rand((3, 8, 80, 70)).requires_grad_()]
+    g = _rand((3, 32, 64, 64), seed=5)
+
+    def run(kind):
+        out = pe.upsample_concat(layout(x, kind), [layout(b, kind) for b in br], backend=backend)
+        return [out.detach()] + list(torch.autograd.grad(out, br, layout(g, kind)))
+
+    prev_threads = torch.get_num_threads()
     prev = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        a, b = run(), run()
+        for kind in ("nchw", "channels_last"):
+            results = []
+            for threads in (1, 2, 3):
+                torch.set_num_threads(threads)
+                results.append(run(kind))
+            for threads, r in zip((2, 3), results[1:]):
+                assert all(torch.equal(p, q) for p, q in zip(results[0], r)), f"{kind}: {threads} threads differ"
     finally:
+        torch.set_num_threads(prev_threads)
         torch.use_deterministic_algorithms(prev)
-    assert all(torch.equal(p, q) for p, q in zip(a, b))
 
 
 # ------------------------------------------------------------- bad input ---
 
 
-def test_bad_input_errors(backend):
+def test_bad_input_errors(any_backend):
     x = _rand((2, 3, 8, 8))
     b = _rand((2, 1, 2, 2))
     with pytest.raises(ValueError, match="x must be a 4-D"):
-        pe.upsample_concat(_rand((3, 8, 8)), [b], backend=backend)
+        pe.upsample_concat(_rand((3, 8, 8)), [b], backend=any_backend)
     with pytest.raises(ValueError, match=r"branches\[1\] must be a 4-D"):
-        pe.upsample_concat(x, [b, _rand((1, 2, 2))], backend=backend)
+        pe.upsample_concat(x, [b, _rand((1, 2, 2))], backend=any_backend)
     with pytest.raises(ValueError, match=r"branches\[0\] has batch size 3 but x has 2"):
-        pe.upsample_concat(x, [_rand((3, 1, 2, 2))], backend=backend)
+        pe.upsample_concat(x, [_rand((3, 1, 2, 2))], backend=any_backend)
     with pytest.raises(ValueError, match=r"branches\[0\] is on meta but x is on cpu"):
-        pe.upsample_concat(x, [torch.empty(2, 1, 2, 2, device="meta")], backend=backend)
+        pe.upsample_concat(x, [torch.empty(2, 1, 2, 2, device="meta")], backend=any_backend)
     with pytest.raises(TypeError, match="branches must be a list"):
-        pe.upsample_concat(x, b, backend=backend)
+        pe.upsample_concat(x, b, backend=any_backend)
     with pytest.raises(TypeError, match=r"branches\[0\] must be a floating-point"):
-        pe.upsample_concat(x, [torch.ones(2, 1, 2, 2, dtype=torch.int32)], backend=backend)
+        pe.upsample_concat(x, [torch.ones(2, 1, 2, 2, dtype=torch.int32)], backend=any_backend)
     with pytest.raises(ValueError, match="size must be positive"):
-        pe.upsample_concat(None, [b], size=(0, 4), backend=backend)
+        pe.upsample_concat(None, [b], size=(0, 4), backend=any_backend)
     with pytest.raises(ValueError, match="needs x or at least one branch"):
-        pe.upsample_concat(None, [], size=4, backend=backend)
+        pe.upsample_concat(None, [], size=4, backend=any_backend)
     with pytest.raises(ValueError, match=r"branches\[0\] must have non-zero height"):
-        pe.upsample_concat(x, [torch.randn(2, 1, 0, 2)], backend=backend)
+        pe.upsample_concat(x, [torch.randn(2, 1, 0, 2)], backend=any_backend)
 
 
 def test_cpp_op_checks_its_arguments():

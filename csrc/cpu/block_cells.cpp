@@ -9,6 +9,9 @@
 // to right, the same as the portable loops in multi_pool2d.cpp.
 #include "cpu/block_cells.h"
 
+#include "cpu/simd_loops.h"
+#include "cpu/test_overrides.h"
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define PE_HAVE_AVX2_PATH 1
 #include <immintrin.h>
@@ -176,7 +179,9 @@ PE_AVX2 void bin_means_avx2(const float* cells, int64_t SW, const CellRect* rect
 
 bool cell_sums_8planes_available() {
   static const bool ok = __builtin_cpu_supports("avx2");
-  return ok;
+  // The test-only switches stand in for a CPU without AVX2.
+  return ok && !test_overrides::get(test_overrides::kNoBlockKernel) &&
+         test_overrides::get(test_overrides::kSimdIsa) != static_cast<int64_t>(Isa::kBaseline);
 }
 
 void cell_sums_8planes(const CellBlock& blk, const float* const planes[kCellBlock], float* cells,

@@ -1,14 +1,21 @@
 // Hot inner loops of the CPU kernels for float, compiled for several
-// instruction sets (AVX-512, AVX2, baseline) and picked at load time by the
-// dynamic linker (GCC target_clones), so a source build runs at the width
-// the machine has without -march flags. Other dtypes use the generic loops
-// in the kernels.
+// instruction sets (AVX-512, AVX2, baseline) and picked at run time from the
+// CPU's features (simd_loops.cpp), so a source build runs at the width the
+// machine has without -march flags. Other dtypes use the generic loops in
+// the kernels.
 #pragma once
 
 #include <cstdint>
 
 namespace pyramid_ext {
 namespace simd {
+
+// The instruction sets the loops are compiled for (values of the test-only
+// switch test_overrides::kSimdIsa; 0 there means "the best available").
+enum class Isa : int64_t { kBaseline = 1, kAvx2 = 2, kAvx512 = 3 };
+bool isa_available(Isa isa);
+// The ISA the loops run now (the best available, unless a test forced one).
+Isa active_isa();
 
 // acc[w * acc_stride] = sum over r < rows of src[r * stride + w], for w < n.
 void sum_rows(float* acc, int64_t acc_stride, const float* src, int64_t rows, int64_t stride, int64_t n);

@@ -1,0 +1,34 @@
+// Test-only switches that force a CPU code path the machine or the thread
+// count would not pick on its own (tests/test_cpu_paths.py sets them through
+// pyramid_ext._C._set_test_override). All are 0 (automatic choice) unless a
+// test sets them; kernels read each once per call, never in inner loops.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace pyramid_ext {
+namespace test_overrides {
+
+enum Switch : int {
+  // simd_loops: 0 the best ISA the CPU has; else a simd::Isa value.
+  kSimdIsa = 0,
+  // 1: the AVX2 block kernel (block_cells.cpp) is not used, so float NCHW
+  // average pooling runs the portable simd::sum_rows loops.
+  kNoBlockKernel,
+  // Average pooling, channels_last: 0 chosen from N and the thread count,
+  // 1 one task per sample, 2 phases split over H-segments and channels.
+  kChannelsLastAvgTasks,
+  kNumSwitches
+};
+
+int64_t get(Switch s);
+// Sets a switch by its name ("simd_isa", "no_block_kernel",
+// "channels_last_avg_tasks"); throws std::invalid_argument for an unknown
+// name or a value this CPU cannot run.
+void set(const std::string& name, int64_t value);
+// "name=value" for every switch, comma separated.
+std::string describe();
+
+}  // namespace test_overrides
+}  // namespace pyramid_ext

@@ -1,0 +1,270 @@
+"""Helpers shared by the test modules: inputs, PyTorch eager references,
+independent window-policy references and tolerance tables.
+
+Expectations here are PyTorch's own operators (F.adaptive_*_pool2d,
+F.max_pool2d / F.avg_pool2d, F.interpolate, torch.cat) or fp64 loops written
+from the policies' definitions in the source documents; nothing here calls
+pyramid_ext, so no test compares the code under test with itself.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+
+# Against PyTorch's own result in the same dtype (PyTorch rounds too).
+TOL = {
+    torch.float64: dict(rtol=1e-10, atol=1e-12),
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.float16: dict(rtol=1e-2, atol=2e-3),
+    torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
+}
+
+# Against a float64 computation on the same (rounded) inputs: about one
+# rounding of the result's dtype, plus summation-order noise for the wide types.
+TOL_VS_FP64 = {
+    torch.float64: dict(rtol=1e-10, atol=1e-12),
+    torch.float32: dict(rtol=1e-5, atol=1e-6),
+    torch.float16: dict(rtol=2e-3, atol=1e-3),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2),
+}
+
+# The Triton kernels against PyTorch eager (16-bit: eager computed in fp32
+# and rounded once, like the kernels' fp32 accumulation).
+TOL_TRITON = {
+    torch.float64: dict(rtol=1e-12, atol=1e-12),
+    torch.float32: dict(rtol=1e-5, atol=1e-6),
+    torch.float16: dict(rtol=1e-3, atol=1e-3),
+    torch.bfloat16: dict(rtol=1e-2, atol=1e-2),
+}
+
+# Unit roundoff of each dtype (half an ulp of 1).
+EPS = {torch.float64: 2.0 ** -53, torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
+
+
+def rand(shape, dtype=torch.float32, seed=0, device="cpu") -> torch.Tensor:
+    """Standard normals drawn in float64 from a seeded generator, rounded to dtype."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(tuple(shape), generator=g, dtype=torch.float64).to(dtype=dtype, device=device)
+
+
+def as_pair(b) -> Tuple[int, int]:
+    return (b, b) if isinstance(b, int) else tuple(b)
+
+
+def pairs(bins) -> List[Tuple[int, int]]:
+    return [as_pair(b) for b in bins]
+
+
+LAYOUTS = ["nchw", "channels_last", "noncontig"]
+
+
+def layout(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """x in NCHW, channels_last, or a non-contiguous view of the same values."""
+    if kind == "nchw":
+        return x.contiguous()
+    if kind == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    if kind == "noncontig":
+        # Same values, every stride non-standard: a slice of a wider tensor.
+        big = torch.zeros(x.shape[0], x.shape[1], x.shape[2], 2 * x.shape[3] + 1, dtype=x.dtype, device=x.device)
+        big[..., 1::2] = x
+        return big[..., 1::2]
+    raise ValueError(kind)
+
+
+def is_channels_last(t: torch.Tensor) -> bool:
+    return t.is_contiguous(memory_format=torch.channels_last)
+
+
+def same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a and b are views of one storage (no copy between them)."""
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+# ------------------------------------------------------------- references ---
+
+
+def eager_pool(x, bins, mode: str):
+    """F.adaptive_{avg,max}_pool2d of every level."""
+    pool = F.adaptive_max_pool2d if mode == "max" else F.adaptive_avg_pool2d
+    return [pool(x, as_pair(b)) for b in bins]
+
+
+def eager_spp(x, bins, mode: str):
+    return torch.cat([t.flatten(1) for t in eager_pool(x, bins, mode)], 1)
+
+
+def interpolate(b, size, align_corners):
+    if b.numel() == 0:  # F.interpolate rejects empty tensors
+        return b.new_zeros((b.shape[0], b.shape[1]) + tuple(size))
+    return F.interpolate(b, size=tuple(size), mode="bilinear", align_corners=align_corners)
+
+
+def eager_upsample_concat(x, branches, size, align_corners, x_first=True):
+    """torch.cat of x and the F.interpolate'd branches."""
+    ups = [interpolate(b, size, align_corners) for b in branches]
+    if x is None:
+        return torch.cat(ups, 1)
+    return torch.cat([x] + ups if x_first else ups + [x], 1)
+
+
+def bilinear_weights(in_size: int, out_size: int, align_corners: bool, dtype=torch.float32) -> torch.Tensor:
+    """(out_size, in_size) fp64 matrix of ATen's bilinear tap weights along one
+    axis, computed in `dtype` (the kernels' accumulation type) with ATen's
+    formulas (UpSample.h: area_pixel_compute_scale, area_pixel_compute_source_index,
+    compute_source_index_and_lambda), one rounding per operation as there."""
+    w = torch.zeros(out_size, in_size, dtype=torch.float64)
+    if in_size == out_size:
+        return w + torch.eye(in_size, dtype=torch.float64)
+    if align_corners:
+        scale = torch.tensor((in_size - 1) / (out_size - 1) if out_size > 1 else 0.0, dtype=dtype)
+    else:
+        scale = torch.tensor(in_size, dtype=dtype) / torch.tensor(out_size, dtype=dtype)
+    for o in range(out_size):
+        dst = torch.tensor(float(o), dtype=dtype)
+        src = scale * dst if align_corners else scale * (dst + 0.5) - 0.5
+        src = torch.clamp_min(src, 0.0)
+        i0 = min(int(torch.floor(src)), in_size - 1)
+        lam1 = torch.clamp(src - i0, 0.0, 1.0)
+        lam0 = 1.0 - lam1
+        i1 = i0 + (1 if i0 < in_size - 1 else 0)
+        w[o, i0] += float(lam0)
+        w[o, i1] += float(lam1)
+    return w
+
+
+def bilinear_backward_fp64(g: torch.Tensor, in_hw, align_corners: bool, dtype=torch.float32):
+    """The gradient of a bilinear resize from in_hw to g's size, Wy^T G Wx in
+    fp64 with the weights of bilinear_weights; also the sums of the absolute
+    terms (for grad_close) and of |G| over every tap with a nonzero weight."""
+    wy = bilinear_weights(in_hw[0], g.shape[-2], align_corners, dtype)
+    wx = bilinear_weights(in_hw[1], g.shape[-1], align_corners, dtype)
+    gd = g.double().cpu()
+    grad = torch.einsum("oi,ncop,pj->ncij", wy, gd, wx)
+    terms = torch.einsum("oi,ncop,pj->ncij", wy.abs(), gd.abs(), wx.abs())
+    return grad, terms
+
+
+def sppnet_kernel_stride(a: int, n: int) -> Tuple[int, int]:
+    """Document 002 (SPPNet): kernel = ceil(a/n), stride = floor(a/n)."""
+    return math.ceil(a / n), math.floor(a / n)
+
+
+def sppnet_pool(x, n, mode: str):
+    """SPPNet's level of n x n bins as PyTorch's F.max_pool2d / F.avg_pool2d
+    with the document's kernel and stride (no padding)."""
+    kh, sh = sppnet_kernel_stride(x.shape[-2], n)
+    kw, sw = sppnet_kernel_stride(x.shape[-1], n)
+    pool = F.max_pool2d if mode == "max" else F.avg_pool2d
+    return pool(x, (kh, kw), (sh, sw))
+
+
+def keras_same_avg(x, n):
+    """Document 001: Keras AveragePooling2D(pool=strides=round(a/n),
+    padding='same') (np.round, half to even, as Python's round), TensorFlow's
+    SAME padding (out = ceil(a/pool), the odd padded element after), padded
+    positions excluded from the mean: zero-padded sums over padded counts,
+    with F.pad and F.avg_pool2d."""
+    pads, kernel = [], []
+    for a in (x.shape[-1], x.shape[-2]):  # F.pad order: last dim first
+        p = int(round(a / n))
+        out = -(-a // p)
+        total = max((out - 1) * p + p - a, 0)
+        pads += [total // 2, total - total // 2]
+        kernel.insert(0, p)
+    s = F.avg_pool2d(F.pad(x, pads), kernel, stride=kernel)
+    cnt = F.avg_pool2d(F.pad(torch.ones_like(x[..., :1, :, :]), pads), kernel, stride=kernel)
+    return s / cnt
+
+
+def keras_same_max(x, n):
+    """Max over document 001's keras_same windows (the policy's windows with
+    max instead of mean): -inf padding, F.max_pool2d(pool, stride=pool)."""
+    pads, kernel = [], []
+    for a in (x.shape[-1], x.shape[-2]):
+        p = int(round(a / n))
+        out = -(-a // p)
+        total = max((out - 1) * p + p - a, 0)
+        pads += [total // 2, total - total // 2]
+        kernel.insert(0, p)
+    return F.max_pool2d(F.pad(x, pads, value=float("-inf")), kernel, stride=kernel)
+
+
+def naive_window_pool(x: torch.Tensor, h_windows, w_windows, mode: str):
+    """fp64 loop over explicit [start, end) windows: (values, flat indices).
+    Values are the mean or max of each window (differentiable); for max the
+    index is the first maximum in row-major order, as h * W + w (inputs
+    without NaN or ties, where that is the only rule)."""
+    xd = x.double()
+    width = x.shape[-1]
+    rows_v, rows_i = [], []
+    for hs, he in h_windows:
+        vals, idxs = [], []
+        for ws, we in w_windows:
+            win = xd[..., hs:he, ws:we].flatten(-2)
+            if mode == "max":
+                vals.append(win.amax(-1))
+                r = win.argmax(-1)
+                idxs.append((hs + r // (we - ws)) * width + ws + r % (we - ws))
+            else:
+                vals.append(win.sum(-1) / win.shape[-1])
+        rows_v.append(torch.stack(vals, -1))
+        if idxs:
+            rows_i.append(torch.stack(idxs, -1))
+    return torch.stack(rows_v, -2), (torch.stack(rows_i, -2) if rows_i else None)
+
+
+def naive_multi_pool(x, h_bounds, w_bounds, level_bins, mode: int, channels_last_levels: bool):
+    """The multi_pool2d op contract (docs/DESIGN.md) written out: every level's
+    windows pooled by naive_window_pool, packed level after level as (c, i, j)
+    or, with channels_last_levels, (i, j, c). Returns fp64 values and, for
+    max (mode 1), int64 indices, else None."""
+    vals, idxs = [], []
+    ho = wo = 0
+    for lv in range(0, len(level_bins), 2):
+        bh, bw = level_bins[lv], level_bins[lv + 1]
+        hw = [(h_bounds[2 * k], h_bounds[2 * k + 1]) for k in range(ho, ho + bh)]
+        ww = [(w_bounds[2 * k], w_bounds[2 * k + 1]) for k in range(wo, wo + bw)]
+        ho, wo = ho + bh, wo + bw
+        v, i = naive_window_pool(x, hw, ww, "max" if mode == 1 else "avg")
+        if channels_last_levels:
+            v = v.permute(0, 2, 3, 1)
+            i = i.permute(0, 2, 3, 1) if i is not None else None
+        vals.append(v.flatten(1))
+        if i is not None:
+            idxs.append(i.flatten(1))
+    return torch.cat(vals, 1), (torch.cat(idxs, 1) if idxs else None)
+
+
+# -------------------------------------------------------------- tolerances ---
+
+
+def acc_dtype(dtype):
+    """The accumulation type of the kernels (ATen's opmath type)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def grad_close(got: torch.Tensor, want: torch.Tensor, dtype, terms: Optional[torch.Tensor] = None, n_sum: int = 1,
+               what=""):
+    """A result computed in dtype (accumulated in acc_dtype(dtype)) against an
+    fp64 one, element by element, with the textbook error bound of a sum:
+    |got - want| <= 2 u_dtype |want| + 2 n_sum u_acc terms, where `terms` is
+    the sum of the absolute values of the terms summed into the element and
+    n_sum the length of the longest chain of additions (the first part is the
+    final rounding to dtype). So a gradient entry of order 1 gets a bound of
+    order u, not a fixed absolute tolerance."""
+    got, want = got.double().cpu(), want.double().cpu()
+    bound = 2 * EPS[dtype] * want.abs() + 1e-300
+    if terms is not None:
+        bound = bound + 2 * n_sum * EPS[acc_dtype(dtype)] * terms.double().cpu()
+    err = (got - want).abs()
+    bad = err > bound
+    k = int((err / bound).flatten().argmax())
+    assert not bool(bad.any()), (f"{what}: {int(bad.sum())} of {err.numel()} elements exceed the error bound; worst "
+                                 f"(flat index {k}): got {got.flatten()[k].item():.9g}, want {want.flatten()[k].item():.9g}, "
+                                 f"err {err.flatten()[k].item():.3g} > bound {bound.flatten()[k].item():.3g}")
