@@ -21,15 +21,23 @@ from pyramid_ext import backends
 
 from .conftest import layout, need_backend
 
-BACKENDS = ["cpp", "torch", "triton"]
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    if request.param == "triton" and not (backends.triton_installed() and backends.triton_interpret()):
+def _need(name):
+    if name == "triton" and not (backends.triton_installed() and backends.triton_interpret()):
         pytest.skip("Triton runs here only under TRITON_INTERPRET=1 (the CUDA-environment CI step runs this file)")
-    need_backend(request.param)
-    return request.param
+    need_backend(name)
+    return name
+
+
+# gradgradcheck calls the kernels thousands of times: too slow for Triton's
+# interpreter, which gets the cheap checks below and fast-mode gradgradchecks.
+@pytest.fixture(params=["cpp", "torch"])
+def backend(request):
+    return _need(request.param)
+
+
+@pytest.fixture(params=["cpp", "torch", "triton"])
+def every_backend(request):
+    return _need(request.param)
 
 
 def _x(shape, kind="nchw", seed=0):
@@ -128,6 +136,22 @@ def test_third_derivative(backend):
     assert gradgradcheck(grad_fn, (x, b))
 
 
+@pytest.mark.parametrize("mode", ["avg", "max"])
+def test_pool_gradgrad_fast_every_backend(every_backend, mode):
+    x = _x((1, 2, 7, 5), "channels_last")
+    fn = lambda t: pe.spatial_pyramid_pool(t, (3, 2, 1), mode=mode, backend=every_backend)
+    assert gradgradcheck(fn, (x,), fast_mode=True)
+
+
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_upsample_concat_gradgrad_fast_every_backend(every_backend, align_corners):
+    x = _x((1, 2, 5, 4))
+    branches = [_x((1, 2, 2, 3), seed=1), _x((1, 1, 7, 6), seed=2)]
+    fn = lambda x, *bs: pe.upsample_concat(x, list(bs), align_corners=align_corners, x_first=False,
+                                           backend=every_backend)
+    assert gradgradcheck(fn, (x, *branches), fast_mode=True)
+
+
 # --------------------------------------------------------------------------
 # Against PyTorch's own ops: gradient penalties and Hessian-vector products
 # --------------------------------------------------------------------------
@@ -143,7 +167,8 @@ def _penalty_grads(fn, inputs):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("mode", ["avg", "max"])
 @pytest.mark.parametrize("kind", ["nchw", "channels_last"])
-def test_pool_penalty_matches_pytorch(backend, dtype, mode, kind):
+def test_pool_penalty_matches_pytorch(every_backend, dtype, mode, kind):
+    backend = every_backend
     bins = (1, 2, 3, 6)
     x = _x((2, 5, 13, 10), kind).detach().to(dtype).requires_grad_(True)
     eager_pool = F.adaptive_avg_pool2d if mode == "avg" else F.adaptive_max_pool2d
@@ -158,7 +183,8 @@ def test_pool_penalty_matches_pytorch(backend, dtype, mode, kind):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("align_corners", [False, True])
 @pytest.mark.parametrize("x_first", [True, False])
-def test_upsample_concat_penalty_matches_pytorch(backend, dtype, align_corners, x_first):
+def test_upsample_concat_penalty_matches_pytorch(every_backend, dtype, align_corners, x_first):
+    backend = every_backend
     size = (11, 9)
     x = _x((2, 3, *size)).detach().to(dtype).requires_grad_(True)
     branches = [_x((2, c, h, w), seed=i + 1).detach().to(dtype).requires_grad_(True)
@@ -228,9 +254,10 @@ def test_spp_and_fpa_modules_gradgrad(backend):
 # --------------------------------------------------------------------------
 
 
-def test_no_unregistered_autograd_warning(backend):
+def test_no_unregistered_autograd_warning(every_backend):
     """PyTorch warns (and would silently return zeros) when a backward op has
     no autograd kernel; every backward op here has one."""
+    backend = every_backend
     x = _x((1, 2, 6, 5))
     b = _x((1, 2, 2, 2), seed=1)
     with warnings.catch_warnings():
