@@ -62,11 +62,11 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Grid size for a 1-D grid-stride loop over `work` items, `per_block` items
 // per block of `block_threads` threads: one block per `per_block` items, at
-// most 8 waves of blocks resident on every SM (the grid-stride loops take the
-// rest), so the grid shrinks with the device.
+// most 8 waves of the blocks that fit an SM by thread count (the grid-stride
+// loops take the rest), so the grid follows the device.
 inline unsigned int grid_for(int64_t work, int64_t per_block, int block_threads) {
   const int64_t blocks = ceil_div(work, per_block);
-  const int64_t resident = std::min<int64_t>(32, std::max<int64_t>(1, 2048 / block_threads));
+  const int64_t resident = std::min<int64_t>(32, std::max<int64_t>(1, max_threads_per_sm() / block_threads));
   const int64_t cap = std::min<int64_t>(int64_t{sm_count()} * resident * 8, int64_t{1} << 30);
   return static_cast<unsigned int>(blocks < 1 ? 1 : (blocks > cap ? cap : blocks));
 }

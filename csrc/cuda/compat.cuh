@@ -28,6 +28,7 @@ struct DeviceGuard {
 // The emulated device's tensors are CPU tensors.
 inline bool on_device(const at::Tensor& t) { return t.is_cpu(); }
 inline int sm_count() { return ::pe_emu::device().sm_count; }
+inline int max_threads_per_sm() { return ::pe_emu::device().max_threads_per_sm; }
 inline int64_t max_dynamic_smem() { return ::pe_emu::device().smem_per_block; }
 
 }  // namespace cuda
@@ -58,6 +59,7 @@ inline Stream current_stream() { return at::cuda::getCurrentCUDAStream(); }
 using DeviceGuard = c10::cuda::CUDAGuard;
 inline bool on_device(const at::Tensor& t) { return t.is_cuda(); }
 inline int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+inline int max_threads_per_sm() { return at::cuda::getCurrentDeviceProperties()->maxThreadsPerMultiProcessor; }
 // Dynamic shared memory a kernel may use without an opt-in attribute (48 KB).
 inline int64_t max_dynamic_smem() {
   return static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlock);

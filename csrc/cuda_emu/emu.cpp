@@ -3,7 +3,9 @@
 #include "cuda_emu/emu.h"
 
 #include <sys/mman.h>
+#if !defined(__x86_64__)
 #include <ucontext.h>
+#endif
 
 #include <algorithm>
 #include <map>
@@ -31,10 +33,87 @@ constexpr size_t kCanary = 256;       // bytes after the dynamic shared memory
 constexpr unsigned char kFill = 0xff;    // NaN in every floating type, -1 in integers
 constexpr unsigned char kCanaryByte = 0xa5;
 
+// ---------------------------------------------------------------------------
+// Fiber contexts. x86-64: a minimal switch (callee-saved registers, MXCSR and
+// the x87 control word; no signal-mask system call as in swapcontext).
+// Elsewhere: ucontext.
+// ---------------------------------------------------------------------------
+
+#if defined(__x86_64__)
+
+extern "C" void pe_emu_switch(void** save_sp, void* load_sp);
+asm(R"(
+.text
+.p2align 4
+.globl pe_emu_switch
+.hidden pe_emu_switch
+.type pe_emu_switch,@function
+pe_emu_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+.size pe_emu_switch,.-pe_emu_switch
+)");
+
+struct Context {
+  void* sp = nullptr;
+};
+
+// A stack that pe_emu_switch "returns" into `entry` (which never returns).
+void make_context(Context& c, unsigned char* stack, size_t size, void (*entry)()) {
+  uint64_t* top = reinterpret_cast<uint64_t*>(reinterpret_cast<uintptr_t>(stack + size) & ~uintptr_t{15});
+  top[-1] = 0;                                   // entry's return address: none
+  top[-2] = reinterpret_cast<uint64_t>(entry);   // popped by ret (16-byte aligned slot)
+  for (int k = 3; k <= 8; ++k) top[-k] = 0;      // rbp, rbx, r12..r15
+  uint32_t csr[2];
+  asm volatile("stmxcsr %0" : "=m"(csr[0]));
+  asm volatile("fnstcw %0" : "=m"(csr[1]));
+  std::memcpy(&top[-9], csr, 8);
+  c.sp = &top[-9];
+}
+
+inline void switch_context(Context& from, Context& to) { pe_emu_switch(&from.sp, to.sp); }
+
+#else
+
+struct Context {
+  ucontext_t uc;
+};
+
+__attribute__((noinline)) void make_context(Context& c, unsigned char* stack, size_t size, void (*entry)()) {
+  getcontext(&c.uc);
+  c.uc.uc_stack.ss_sp = stack;
+  c.uc.uc_stack.ss_size = size;
+  c.uc.uc_link = nullptr;
+  makecontext(&c.uc, entry, 0);
+}
+
+inline void switch_context(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
+
+#endif
+
 enum class St : uint8_t { Runnable, Barrier, Warp, Done, Failed };
 
 struct Fiber {
-  ucontext_t ctx;
+  Context ctx;
   St st = St::Runnable;
   int line = 0;               // of the barrier / shuffle it waits at
   const char* what = nullptr;  // the shuffle's name
@@ -64,8 +143,7 @@ struct Runtime {
   // Stacks: one mapping, reused by every block.
   unsigned char* stacks = nullptr;
   size_t nstacks = 0;
-  ucontext_t sched;
-  ucontext_t fiber_template;
+  Context sched;
   Fiber* cur = nullptr;
   Block* blk = nullptr;
   const std::function<void()>* body = nullptr;
@@ -88,25 +166,16 @@ void ensure_stacks(size_t n) {
   for (size_t i = 0; i < n; ++i) mprotect(r.stacks + i * (kStack + kGuard), kGuard, PROT_NONE);
 }
 
-// getcontext returns twice: kept out of run_grid's frame.
-__attribute__((noinline)) void init_fiber_template() {
-  static bool ready = false;
-  if (!ready) {
-    getcontext(&rt().fiber_template);
-    ready = true;
-  }
-}
-
 void fiber_main() {
   Runtime& r = rt();
   (*r.body)();
   r.cur->st = St::Done;
-  swapcontext(&r.cur->ctx, &r.sched);
+  switch_context(r.cur->ctx, r.sched);
 }
 
 void yield_to_scheduler() {
   Runtime& r = rt();
-  swapcontext(&r.cur->ctx, &r.sched);
+  switch_context(r.cur->ctx, r.sched);
 }
 
 // Records an error detected inside a fiber and never returns.
@@ -216,12 +285,7 @@ void run_block(Block& b, int nthreads, std::mt19937_64& rng) {
     f.warp_seq = 0;
     f.linear = i;
     f.tid = uint3{i % bd.x, i / bd.x % bd.y, i / (bd.x * bd.y)};
-    f.ctx = r.fiber_template;
-    f.ctx.uc_mcontext.fpregs = &f.ctx.__fpregs_mem;
-    f.ctx.uc_stack.ss_sp = r.stacks + i * (kStack + kGuard) + kGuard;
-    f.ctx.uc_stack.ss_size = kStack;
-    f.ctx.uc_link = &r.sched;
-    makecontext(&f.ctx, fiber_main, 0);
+    make_context(f.ctx, r.stacks + i * (kStack + kGuard) + kGuard, kStack, fiber_main);
   }
   std::vector<int> order;
   order.reserve(nthreads);
@@ -236,7 +300,7 @@ void run_block(Block& b, int nthreads, std::mt19937_64& rng) {
         Fiber& f = b.fibers[i];
         r.cur = &f;
         g_thread_idx = f.tid;
-        swapcontext(&r.sched, &f.ctx);
+        switch_context(r.sched, f.ctx);
         if (f.st == St::Failed) throw std::runtime_error(thread_name(f) + ": " + b.error);
       }
       continue;
@@ -363,7 +427,6 @@ void run_grid(const LaunchSpec& spec, const std::function<void()>& body) {
   ++r.counts[base];
   ++r.launches;
 
-  init_fiber_template();
   ensure_stacks(threads);
   Block b;
   b.fibers.resize(threads);
@@ -400,13 +463,14 @@ void run_grid(const LaunchSpec& spec, const std::function<void()>& body) {
 // ---------------------------------------------------------------------------
 
 void configure(int sm_count, int64_t smem_per_block, int64_t smem_per_block_optin, int max_threads_per_block,
-               uint64_t seed) {
+               int max_threads_per_sm, uint64_t seed) {
   Runtime& r = rt();
   std::lock_guard<std::mutex> lock(r.mu);
   r.dev.sm_count = sm_count;
   r.dev.smem_per_block = smem_per_block;
   r.dev.smem_per_block_optin = smem_per_block_optin;
   r.dev.max_threads_per_block = max_threads_per_block;
+  r.dev.max_threads_per_sm = max_threads_per_sm;
   r.dev.seed = seed;
   r.max_dynamic.clear();
 }

@@ -2,7 +2,7 @@
 // kernels of csrc/cuda/ on the CPU (see docs/DESIGN.md, "CUDA emulator").
 //
 // The kernel sources are compiled unchanged by the host C++ compiler against
-// this header. Every thread of a block is a fiber (ucontext) with its own small
+// this header. Every thread of a block is a fiber with its own small
 // stack; the block's fibers run one at a time on the calling OS thread, in an
 // order shuffled from a seed between synchronisation points. __syncthreads and
 // the warp shuffles are rendezvous with CUDA's semantics, checked strictly:
@@ -56,6 +56,7 @@ struct Device {
   int64_t smem_per_block = 48 * 1024;       // cudaDevAttrMaxSharedMemoryPerBlock
   int64_t smem_per_block_optin = 232448;    // ...PerBlockOptin (227 KB)
   int max_threads_per_block = 1024;
+  int max_threads_per_sm = 2048;
   uint64_t seed = 0;                        // scheduler seed
 };
 Device& device();

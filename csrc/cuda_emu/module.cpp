@@ -17,7 +17,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "pyramid_ext's CUDA kernels under the CUDA emulator (ops in torch.ops.pyramid_ext_emu)";
   m.def("configure", &pe_emu::configure, "Sets the emulated device and the scheduler seed", py::arg("sm_count"),
         py::arg("smem_per_block"), py::arg("smem_per_block_optin"), py::arg("max_threads_per_block"),
-        py::arg("seed"));
+        py::arg("max_threads_per_sm"), py::arg("seed"));
   m.def("launch_counts", &pe_emu::launch_counts, "Launches per __global__ kernel since the last reset");
   m.def("reset_launch_counts", &pe_emu::reset_launch_counts);
   m.def("selftest", &pe_emu_selftest::run, "Runs one of the emulator's rule-breaking test kernels");
