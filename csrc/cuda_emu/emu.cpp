@@ -219,24 +219,28 @@ bool resolve_warps(Block& b, int nthreads) {
     if (f.st != St::Warp) continue;
     const int base = i / 32 * 32;
     const int lane = i % 32;
-    std::vector<int> group;
-    for (int l = 0; l < 32; ++l) {
-      if (!((f.mask >> l) & 1u)) continue;
-      const int j = base + l;
+    auto named = [&](int l) {
       std::ostringstream o;
       o << f.what << " on line " << f.line << " by lane " << lane << " (" << thread_name(f) << ") has mask 0x"
         << std::hex << f.mask << std::dec << ", which names lane " << l;
-      if (j >= nthreads) throw std::runtime_error(o.str() + ", but the block has no such thread");
+      return o.str();
+    };
+    for (int l = 0; l < 32; ++l) {
+      if (!((f.mask >> l) & 1u)) continue;
+      const int j = base + l;
+      if (j >= nthreads) throw std::runtime_error(named(l) + ", but the block has no such thread");
       const Fiber& g = b.fibers[j];
-      if (g.st != St::Warp) throw std::runtime_error(o.str() + ", which never arrives: " + state_name(g));
+      if (g.st != St::Warp) throw std::runtime_error(named(l) + ", which never arrives: " + state_name(g));
       if (g.warp_seq != f.warp_seq || g.mask != f.mask || g.line != f.line) {
-        o << ", which waits at " << g.what << " on line " << g.line << " with mask 0x" << std::hex << g.mask
-          << std::dec << " (a different warp operation)";
+        std::ostringstream o;
+        o << named(l) << ", which waits at " << g.what << " on line " << g.line << " with mask 0x" << std::hex
+          << g.mask << std::dec << " (a different warp operation)";
         throw std::runtime_error(o.str());
       }
-      group.push_back(j);
     }
-    for (int j : group) b.fibers[j].st = St::Runnable;
+    for (int l = 0; l < 32; ++l) {
+      if ((f.mask >> l) & 1u) b.fibers[base + l].st = St::Runnable;
+    }
     released = true;
   }
   return released;
