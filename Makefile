@@ -1,5 +1,6 @@
 # Everything a newcomer needs, from a fresh clone:
 #   make test    set up .venv (torch if missing), build, run the tests
+#                (all but tests/test_cuda_emu.py, which `make test-cuda-emu` runs)
 #   make bench   same set-up, then print the benchmark tables
 # CPU_TORCH picks the torch that `make` installs when .venv has none; the
 # default is PyPI's torch. CI pins the CPU build: CPU_TORCH=torch==2.13.0.
@@ -35,7 +36,7 @@ build: venv
 	$(PY) -c "import pyramid_ext as pe; print('pyramid_ext', pe.build_info())"
 
 test: build
-	PYRAMID_EXT_REQUIRE_CPP=1 $(PY) -m pytest tests -q $(PYTEST_ARGS)
+	PYRAMID_EXT_REQUIRE_CPP=1 $(PY) -m pytest tests -q --ignore=tests/test_cuda_emu.py $(PYTEST_ARGS)
 
 bench: build
 	$(PY) benchmarks/compare.py --both-env

@@ -268,8 +268,8 @@ def test_direct_fallback(bins, kind, mode):
 @pytest.mark.parametrize("mode", [0, 1])
 def test_plan_at_its_limits(kind, mode):
     # 32 levels (the plan's maximum) of 8x8 bins: 256 windows per axis (the
-    # maximum), 8 segments; the PoolPlan argument is just under 4 KB (the
-    # emulator checks every launch's arguments against 4 KB)
+    # maximum), 8 segments. The plan travels by value: at 2.4 KB the largest
+    # kernel argument (the emulator checks every launch against CUDA's 4 KB)
     x = _rand((1, 3, 16, 24), torch.float32, seed=6)
     _pool_case(x, (8,) * 32, mode, kind)
     # 64 segments per axis (the maximum) with a second level
@@ -405,7 +405,7 @@ def test_upsample_concat_down_and_offsets(kind, x_first, device):
 
 
 def test_upsample_concat_many_parts():
-    # 20 inputs: more than one launch's UpParams (16 parts, just under 4 KB)
+    # 20 inputs: more than one launch's UpParams (16 parts, by value)
     x = _rand((1, 2, 9, 10), torch.float32, seed=35)
     bs = _branches(1, [(k % 4 + 1, k % 3 + 2) for k in range(19)], torch.float32, seed=36)
     _upcat_case(x, bs, (9, 10), False, True, "nchw")
@@ -516,8 +516,8 @@ def test_planted_bug_is_caught(tmp_path):
     root = cuda_emu_build.ROOT
     env = dict(os.environ, PYRAMID_EXT_EMU_PLANT_BUG="1",
                PYRAMID_EXT_EMU_BUILD_DIR=cuda_emu_build.default_build_dir(1))
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", os.path.join("tests", "test_cuda_emu.py"),
-           "-k", "test_pool_forward_backward and 33-47 and float32"]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+           os.path.join("tests", "test_cuda_emu.py"), "-k", "test_pool_forward_backward and 33-47 and float32"]
     r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=1500)
     out = r.stdout + r.stderr
     assert r.returncode == 1, out[-3000:]  # 1: tests failed (not a build or collection error)

@@ -479,15 +479,19 @@ std::vector<at::Tensor> upsample_concat_backward_cuda(const at::Tensor& grad_out
       const int64_t elems = N * C * h * w;
       if (cf && readers >= 64) {
         const unsigned grid = grid_for(N * h * w * ceil_div(C, kWarp), 1, kWarp * kClRows);
-        PE_LAUNCH((upsample_bwd_cl_kernel<scalar_t, acc_t>), grid, dim3(kWarp, kClRows), 0, stream)(gp, bp, a, scale_h,
-                                                                                           scale_w);
+        PE_LAUNCH((upsample_bwd_cl_kernel<scalar_t, acc_t>), grid, dim3(kWarp, kClRows), 0, stream)(
+            gp, bp, a, scale_h, scale_w);
       } else if (readers >= 2048) {
-        PE_LAUNCH((upsample_bwd_group_kernel<scalar_t, acc_t, kThreads>), grid_for(elems, 1, kThreads), kThreads, 0, stream)(
+        const unsigned grid = grid_for(elems, 1, kThreads);
+        PE_LAUNCH((upsample_bwd_group_kernel<scalar_t, acc_t, kThreads>), grid, kThreads, 0, stream)(
             gp, bp, a, scale_h, scale_w);
       } else if (readers >= 64) {
-        PE_LAUNCH((upsample_bwd_group_kernel<scalar_t, acc_t, kWarp>), grid_for(elems, kThreads / kWarp, kThreads), kThreads, 0, stream)(gp, bp, a, scale_h, scale_w);
+        const unsigned grid = grid_for(elems, kThreads / kWarp, kThreads);
+        PE_LAUNCH((upsample_bwd_group_kernel<scalar_t, acc_t, kWarp>), grid, kThreads, 0, stream)(
+            gp, bp, a, scale_h, scale_w);
       } else {
-        PE_LAUNCH((upsample_bwd_group_kernel<scalar_t, acc_t, 1>), grid_for(elems, kThreads, kThreads), kThreads, 0, stream)(
+        const unsigned grid = grid_for(elems, kThreads, kThreads);
+        PE_LAUNCH((upsample_bwd_group_kernel<scalar_t, acc_t, 1>), grid, kThreads, 0, stream)(
             gp, bp, a, scale_h, scale_w);
       }
       PE_KERNEL_LAUNCH_CHECK();
