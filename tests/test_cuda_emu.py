@@ -49,13 +49,19 @@ DEVICES = {
 
 
 def configure(device="h100", seed=0):
-    EMU.configure(smem_per_block_optin=232448, max_threads_per_block=1024, seed=seed, **DEVICES[device])
+    EMU.configure(smem_per_block_optin=232448, max_threads_per_block=1024, seed=seed + SEED_OFFSET,
+                  **DEVICES[device])
+
+
+# Added to every test's scheduler seed: PYRAMID_EXT_EMU_SEED=7 runs the suite
+# under other schedules.
+SEED_OFFSET = int(os.environ.get("PYRAMID_EXT_EMU_SEED", "0"))
 
 
 @pytest.fixture(autouse=True)
 def _emulated_device(request):
     # Each test gets its own scheduler seed (stable across runs).
-    configure("h100", zlib.crc32(request.node.nodeid.encode()) % 1000)
+    configure("h100", zlib.crc32(request.node.nodeid.encode()))
     yield
 
 
@@ -256,26 +262,51 @@ def test_window_policies(window, size, bins, kind, mode):
 FALLBACK_BINS = [(70,), (2, 300), tuple(range(1, 36))]
 
 
+def _kernels_run(fn, *args, **kw):
+    """The kernels (by name) that fn(*args, **kw) launched."""
+    before = EMU.launch_counts()
+    fn(*args, **kw)
+    after = EMU.launch_counts()
+    return {k for k, v in after.items() if v > before.get(k, 0)}
+
+
 @pytest.mark.parametrize("bins", FALLBACK_BINS, ids=["70", "2-300", "1to35"])
 @pytest.mark.parametrize("kind", LAYOUTS)
 @pytest.mark.parametrize("mode", [0, 1])
 def test_direct_fallback(bins, kind, mode):
     size = (71, 301) if len(bins) < 10 else (40, 37)
-    _pool_case(_rand((1, 2, *size), torch.float32, seed=5), bins, mode, kind)
+    ran = _kernels_run(_pool_case, _rand((1, 2, *size), torch.float32, seed=5), bins, mode, kind)
+    assert ran == {"pool_fwd_direct_kernel", "pool_bwd_direct_kernel"}
 
 
 @pytest.mark.parametrize("kind", LAYOUTS)
 @pytest.mark.parametrize("mode", [0, 1])
 def test_plan_at_its_limits(kind, mode):
+    planned = {"pool_fwd_nchw_kernel", "pool_bwd_nchw_kernel"} if kind == "nchw" else {
+        "pool_fwd_cl_kernel", "pool_bwd_cl_kernel"}
     # 32 levels (the plan's maximum) of 8x8 bins: 256 windows per axis (the
     # maximum), 8 segments. The plan travels by value: at 2.4 KB the largest
     # kernel argument (the emulator checks every launch against CUDA's 4 KB)
     x = _rand((1, 3, 16, 24), torch.float32, seed=6)
-    _pool_case(x, (8,) * 32, mode, kind)
+    assert _kernels_run(_pool_case, x, (8,) * 32, mode, kind) == planned
     # 64 segments per axis (the maximum) with a second level
-    _pool_case(_rand((1, 2, 64, 64), torch.float32, seed=7), (1, 64), mode, kind)
+    assert _kernels_run(_pool_case, _rand((1, 2, 64, 64), torch.float32, seed=7), (1, 64), mode, kind) == planned
     # one level more than the plan holds: the direct kernels
-    _pool_case(x, (8,) * 33, mode, kind)
+    assert _kernels_run(_pool_case, x, (8,) * 33, mode, kind) == {"pool_fwd_direct_kernel", "pool_bwd_direct_kernel"}
+
+
+def test_small_shared_memory_changes_the_plan():
+    # max partials of 14 x 16 cells (12 bytes each) exceed 2 KB: the forward
+    # goes direct (the max backward needs no shared memory); the avg partials
+    # of channels_last fit once the channel tile shrinks from 32 to 2
+    configure("small_smem", seed=1)
+    x = _rand((2, 40, 17, 23), torch.float32, seed=2)
+    bins = (1, 2, 3, 6, (5, 7))
+    assert _kernels_run(_pool_case, x, bins, 1, "nchw") == {"pool_fwd_direct_kernel", "pool_bwd_nchw_kernel"}
+    assert _kernels_run(_pool_case, x, bins, 1, "channels_last") == {"pool_fwd_direct_kernel", "pool_bwd_cl_kernel"}
+    assert _kernels_run(_pool_case, x, bins, 0, "channels_last") == {"pool_fwd_cl_kernel", "pool_bwd_cl_kernel"}
+    configure("h100", seed=1)
+    assert _kernels_run(_pool_case, x, bins, 1, "nchw") == {"pool_fwd_nchw_kernel", "pool_bwd_nchw_kernel"}
 
 
 @pytest.mark.parametrize("kind", LAYOUTS)
