@@ -27,7 +27,7 @@ __device__ __forceinline__ acc_t warp_sum(acc_t v) {
 #pragma unroll
   for (int off = kWarp / 2; off > 0; off /= 2) {
 #if PE_EMU_PLANT_BUG == 3  // test-only (tests/test_cuda_emu.py): a wrong shuffle offset
-    v += __shfl_xor_sync(kFullMask, v, off == 1 ? 3 : off);
+    v += __shfl_xor_sync(kFullMask, v, off == 1 ? 2 : off);
 #else
     v += __shfl_xor_sync(kFullMask, v, off);
 #endif
