@@ -1,5 +1,6 @@
 # Everything a newcomer needs, from a fresh clone:
 #   make test    set up .venv (torch if missing), build, run the tests
+#                (all but tests/test_cuda_emu.py, which `make test-cuda-emu` runs)
 #   make bench   same set-up, then print the benchmark tables
 # CPU_TORCH picks the torch that `make` installs when .venv has none; the
 # default is PyPI's torch. CI pins the CPU build: CPU_TORCH=torch==2.13.0.
@@ -19,7 +20,7 @@ TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 MAX_JOBS ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: test bench build venv cuda-check cuda-venv test-cuda-env clean
+.PHONY: test bench build venv cuda-check cuda-venv test-cuda-env test-cuda-emu gpu-check clean
 
 $(VENV)/.ready:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,7 +36,7 @@ build: venv
 	$(PY) -c "import pyramid_ext as pe; print('pyramid_ext', pe.build_info())"
 
 test: build
-	PYRAMID_EXT_REQUIRE_CPP=1 $(PY) -m pytest tests -q $(PYTEST_ARGS)
+	PYRAMID_EXT_REQUIRE_CPP=1 $(PY) -m pytest tests -q --ignore=tests/test_cuda_emu.py $(PYTEST_ARGS)
 
 bench: build
 	$(PY) benchmarks/compare.py --both-env
@@ -69,6 +70,25 @@ cuda-check: cuda-venv
 test-cuda-env: cuda-check
 	cd $(CUDA_TREE) && PYTHONPATH=. TRITON_INTERPRET=1 PYRAMID_EXT_REQUIRE_CPP=1 $(abspath $(PY_CUDA)) -m pytest -q $(PYTEST_ARGS) \
 	  tests/test_triton.py tests/test_double_backward.py tests/test_convert.py tests/test_nn.py tests/test_cuda.py
+
+# The CUDA kernels of csrc/cuda/ compiled by the host compiler against the CUDA
+# emulator (csrc/cuda_emu/) and run on CPU tensors: tests/test_cuda_emu.py
+# builds the test-only module (cached in build/cuda-emu; a planted-bug build in
+# build/cuda-emu-bug1) against .venv's torch. No GPU or nvcc needed.
+test-cuda-emu: venv
+	MAX_JOBS=$(MAX_JOBS) PYTHONPATH=. $(PY) -m pytest tests/test_cuda_emu.py -q $(PYTEST_ARGS)
+
+# On a machine with a CUDA GPU: build for its architecture, run the GPU tests
+# and the Triton tests on CUDA tensors, print the benchmark table for the GPU;
+# everything goes to $(GPU_RESULTS) (and the timings to its .json twin).
+GPU_RESULTS ?= build/gpu-check-results.txt
+GPU_BENCH_OPS ?= avg.fwd.nchw,avg.fwdbwd.nchw,uc.fresh.nchw,uc.fwdbwd.nchw
+GPU_BENCH_SHAPES ?= 1x2048x64x64,4x512x60x60,8x512x32x32,16x2048x64x64
+GPU_BENCH_ROUNDS ?= 20
+GPU_MAX_JOBS ?= 8
+gpu-check: cuda-venv
+	PY_CUDA=$(PY_CUDA) CUDA_HOME=$(CUDA_HOME) TREE=build/gpu-check RESULTS=$(GPU_RESULTS) MAX_JOBS=$(GPU_MAX_JOBS) \
+	  BENCH_OPS="$(GPU_BENCH_OPS)" BENCH_SHAPES="$(GPU_BENCH_SHAPES)" BENCH_ROUNDS=$(GPU_BENCH_ROUNDS) bash .ci/gpu-check
 
 clean:
 	rm -rf build *.egg-info pyramid_ext/*.so

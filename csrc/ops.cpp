@@ -1,4 +1,4 @@
-// The op schemas (declared once, here) and the extension's Python module.
+// The op schemas (declared once, in op_schemas.h) and the extension's Python module.
 //
 // Kernels register per backend: csrc/cpu/*.cpp for CPU, csrc/cuda/*.cu for
 // CUDA. Fake (meta) kernels and autograd are registered from Python
@@ -8,7 +8,12 @@
 
 #include <pybind11/pybind11.h>
 
+<<<<<<< HEAD
 #include <stdexcept>
+=======
+#include "op_schemas.h"
+
+>>>>>>> cuda-emu
 #include <string>
 
 #include "cpu/simd_loops.h"
@@ -16,42 +21,7 @@
 
 namespace pyramid_ext {
 
-TORCH_LIBRARY(pyramid_ext, m) {
-  // Pools x (N, C, H, W) over every window of every level in one pass.
-  // h_bounds / w_bounds: flat [start, end) pairs of every level's windows
-  // along H / W; level_bins: flat (bh, bw) per level; mode: 0 avg, 1 max.
-  // Returns the packed values (N, C * sum(bh * bw)), level after level, each
-  // level channel-major or, with channels_last_levels, (bh, bw, C); and for
-  // max the matching int64 flat indices (h * W + w), else an empty tensor.
-  m.def(
-      "multi_pool2d(Tensor x, SymInt[] h_bounds, SymInt[] w_bounds, "
-      "int[] level_bins, int mode, bool channels_last_levels) "
-      "-> (Tensor, Tensor)");
-  // Gradient of multi_pool2d with respect to x: (N, C, H, W), channels_last
-  // when channels_last_input. `indices` is required for max, ignored for avg.
-  m.def(
-      "multi_pool2d_backward(Tensor grad, Tensor? indices, SymInt[] "
-      "input_shape, SymInt[] h_bounds, SymInt[] w_bounds, int[] level_bins, "
-      "int mode, bool channels_last_levels, bool channels_last_input) "
-      "-> Tensor");
-  // Bilinearly resizes each branch to `size` and writes it, with x, into one
-  // concatenated (N, C_x + sum C_k, H, W) output: x first (or last when not
-  // x_first), branches in order. All tensors share one dtype and device.
-  m.def(
-      "upsample_concat(Tensor? x, Tensor[] branches, SymInt[] size, "
-      "bool align_corners, bool x_first, bool channels_last) -> Tensor");
-  // Same, written into a caller's `out` through its strides.
-  m.def(
-      "upsample_concat_out(Tensor? x, Tensor[] branches, bool align_corners, "
-      "bool x_first, Tensor(a!) out) -> ()");
-  // Gradients of the branches, from grad_out's channels [channel_offset,
-  // channel_offset + sum C_k). branch_shapes: flat (C_k, h_k, w_k) per
-  // branch. Results are channels_last when channels_last.
-  m.def(
-      "upsample_concat_backward(Tensor grad_out, SymInt[] branch_shapes, "
-      "SymInt channel_offset, bool align_corners, bool channels_last) "
-      "-> Tensor[]");
-}
+TORCH_LIBRARY(pyramid_ext, m) { define_ops(m); }
 
 }  // namespace pyramid_ext
 

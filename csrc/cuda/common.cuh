@@ -4,10 +4,12 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <vector>
 
+#include "cuda/compat.cuh"
 #include "pyramid_index.h"
 
 namespace pyramid_ext {
@@ -15,8 +17,6 @@ namespace cuda {
 
 constexpr int kWarp = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
-// Dynamic shared memory any kernel may use without an opt-in attribute.
-constexpr int64_t kSmemLimit = 48 * 1024;
 
 // Sum over the 32 lanes of a warp. The xor butterfly adds the same pairs in
 // the same order on every run (and every lane ends with the same value, as
@@ -26,7 +26,11 @@ template <typename acc_t>
 __device__ __forceinline__ acc_t warp_sum(acc_t v) {
 #pragma unroll
   for (int off = kWarp / 2; off > 0; off /= 2) {
+#if PE_EMU_PLANT_BUG == 3  // test-only (tests/test_cuda_emu.py): a wrong shuffle offset
+    v += __shfl_xor_sync(kFullMask, v, off == 1 ? 2 : off);
+#else
     v += __shfl_xor_sync(kFullMask, v, off);
+#endif
   }
   return v;
 }
@@ -56,10 +60,14 @@ __host__ __device__ __forceinline__ acc_t neg_inf() {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Grid size for a 1-D grid-stride loop over `work` items.
-inline unsigned int grid_for(int64_t work, int threads) {
-  const int64_t blocks = ceil_div(work, threads);
-  const int64_t cap = int64_t{1} << 30;
+// Grid size for a 1-D grid-stride loop over `work` items, `per_block` items
+// per block of `block_threads` threads: one block per `per_block` items, at
+// most 8 waves of the blocks that fit an SM by thread count (the grid-stride
+// loops take the rest), so the grid follows the device.
+inline unsigned int grid_for(int64_t work, int64_t per_block, int block_threads) {
+  const int64_t blocks = ceil_div(work, per_block);
+  const int64_t resident = std::min<int64_t>(32, std::max<int64_t>(1, max_threads_per_sm() / block_threads));
+  const int64_t cap = std::min<int64_t>(int64_t{sm_count()} * resident * 8, int64_t{1} << 30);
   return static_cast<unsigned int>(blocks < 1 ? 1 : (blocks > cap ? cap : blocks));
 }
 

@@ -16,8 +16,6 @@
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -141,7 +139,7 @@ __device__ __forceinline__ void decode(const BwdArgs& a, int64_t e, int64_t& n, 
 template <typename scalar_t, typename acc_t, int G>
 __global__ void upsample_bwd_group_kernel(const scalar_t* __restrict__ g, scalar_t* __restrict__ gb,
                                           const BwdArgs a, acc_t scale_h, acc_t scale_w) {
-  __shared__ acc_t warp_part[kThreads / kWarp];
+  PE_SHARED_ARRAY(acc_t, warp_part, [kThreads / kWarp]);
   const int groups = blockDim.x / G;
   const int member = threadIdx.x % G;
   const int64_t total = a.N * a.C * a.h * a.w;
@@ -215,7 +213,7 @@ constexpr int kClRows = 8;
 template <typename scalar_t, typename acc_t>
 __global__ void upsample_bwd_cl_kernel(const scalar_t* __restrict__ g, scalar_t* __restrict__ gb,
                                        const BwdArgs a, acc_t scale_h, acc_t scale_w) {
-  __shared__ acc_t part[kClRows][kWarp];
+  PE_SHARED_ARRAY(acc_t, part, [kClRows][kWarp]);
   const int tx = threadIdx.x;
   const int ty = threadIdx.y;
   const int64_t ctiles = (a.C + kWarp - 1) / kWarp;
@@ -282,7 +280,7 @@ bool channels_fastest(const at::Tensor& t) { return t.size(1) > 1 && t.stride(1)
 // Validates the inputs against `out` and returns them in concatenation order.
 std::vector<at::Tensor> check_parts(const std::optional<at::Tensor>& x, at::TensorList branches, bool x_first,
                                     const at::Tensor& out, const char* op) {
-  TORCH_CHECK(out.defined() && out.is_cuda(), op, ": out must be a CUDA tensor");
+  TORCH_CHECK(out.defined() && on_device(out), op, ": out must be a CUDA tensor");
   TORCH_CHECK(out.dim() == 4, op, ": out must be 4-D (N, C, H, W), got ", out.dim(), "-D");
   TORCH_CHECK(is_float(out.scalar_type()), op, ": out must be float64, float32, float16 or bfloat16, got ",
               out.scalar_type());
@@ -322,8 +320,8 @@ std::vector<at::Tensor> check_parts(const std::optional<at::Tensor>& x, at::Tens
 
 void upsample_concat_impl(const std::vector<at::Tensor>& parts, bool align_corners, const at::Tensor& out) {
   if (out.numel() == 0) return;
-  c10::cuda::CUDAGuard guard(out.device());
-  auto stream = at::cuda::getCurrentCUDAStream();
+  DeviceGuard guard(out.device());
+  auto stream = current_stream();
   const int64_t N = out.size(0), OH = out.size(2), OW = out.size(3);
   const bool cf = channels_fastest(out);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "upsample_concat_cuda", [&] {
@@ -354,26 +352,26 @@ void upsample_concat_impl(const std::vector<at::Tensor>& parts, bool align_corne
       }
       if (P.nparts == 0) break;
       const int64_t total = N * chunk_c * OH * OW;
-      const unsigned grid = grid_for(total, kThreads);
+      const unsigned grid = grid_for(total, kThreads, kThreads);
       const bool small = total <= std::numeric_limits<int32_t>::max();
       if (small && cf) {
-        upsample_concat_kernel<scalar_t, acc_t, int32_t, true><<<grid, kThreads, 0, stream>>>(
+        PE_LAUNCH((upsample_concat_kernel<scalar_t, acc_t, int32_t, true>), grid, kThreads, 0, stream)(
             P, op, static_cast<int32_t>(N), static_cast<int32_t>(chunk_c), c_start, static_cast<int32_t>(OH),
             static_cast<int32_t>(OW), out.stride(0), out.stride(1), out.stride(2), out.stride(3), align_corners);
       } else if (small) {
-        upsample_concat_kernel<scalar_t, acc_t, int32_t, false><<<grid, kThreads, 0, stream>>>(
+        PE_LAUNCH((upsample_concat_kernel<scalar_t, acc_t, int32_t, false>), grid, kThreads, 0, stream)(
             P, op, static_cast<int32_t>(N), static_cast<int32_t>(chunk_c), c_start, static_cast<int32_t>(OH),
             static_cast<int32_t>(OW), out.stride(0), out.stride(1), out.stride(2), out.stride(3), align_corners);
       } else if (cf) {
-        upsample_concat_kernel<scalar_t, acc_t, int64_t, true><<<grid, kThreads, 0, stream>>>(
+        PE_LAUNCH((upsample_concat_kernel<scalar_t, acc_t, int64_t, true>), grid, kThreads, 0, stream)(
             P, op, N, chunk_c, c_start, OH, OW, out.stride(0), out.stride(1), out.stride(2), out.stride(3),
             align_corners);
       } else {
-        upsample_concat_kernel<scalar_t, acc_t, int64_t, false><<<grid, kThreads, 0, stream>>>(
+        PE_LAUNCH((upsample_concat_kernel<scalar_t, acc_t, int64_t, false>), grid, kThreads, 0, stream)(
             P, op, N, chunk_c, c_start, OH, OW, out.stride(0), out.stride(1), out.stride(2), out.stride(3),
             align_corners);
       }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      PE_KERNEL_LAUNCH_CHECK();
       c_start += chunk_c;
     }
   });
@@ -387,7 +385,7 @@ at::Tensor upsample_concat_cuda(const std::optional<at::Tensor>& x, at::TensorLi
   const bool has_x = x.has_value() && x->defined();
   TORCH_CHECK(has_x || !branches.empty(), op, ": needs x or at least one branch");
   const at::Tensor& ref = has_x ? *x : branches[0];
-  TORCH_CHECK(ref.defined() && ref.is_cuda(), op, ": inputs must be CUDA tensors");
+  TORCH_CHECK(ref.defined() && on_device(ref), op, ": inputs must be CUDA tensors");
   TORCH_CHECK(ref.dim() == 4, op, ": inputs must be 4-D (N, C, H, W), got ", ref.dim(), "-D");
   TORCH_CHECK(is_float(ref.scalar_type()), op, ": inputs must be float64, float32, float16 or bfloat16, got ",
               ref.scalar_type());
@@ -396,7 +394,7 @@ at::Tensor upsample_concat_cuda(const std::optional<at::Tensor>& x, at::TensorLi
     TORCH_CHECK(b.defined() && b.dim() == 4, op, ": branches must be 4-D (N, C, h, w) tensors");
     channels += b.size(1);
   }
-  c10::cuda::CUDAGuard guard(ref.device());
+  DeviceGuard guard(ref.device());
   const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   at::Tensor out = at::empty({ref.size(0), channels, size[0], size[1]}, ref.options().memory_format(fmt));
   const std::vector<at::Tensor> parts = check_parts(x, branches, x_first, out, op);
@@ -415,7 +413,7 @@ std::vector<at::Tensor> upsample_concat_backward_cuda(const at::Tensor& grad_out
                                                       c10::SymInt channel_offset_s, bool align_corners,
                                                       bool channels_last) {
   const char* op = "pyramid_ext::upsample_concat_backward";
-  TORCH_CHECK(grad_out.is_cuda(), op, ": grad_out must be a CUDA tensor, got ", grad_out.device());
+  TORCH_CHECK(on_device(grad_out), op, ": grad_out must be a CUDA tensor, got ", grad_out.device());
   TORCH_CHECK(grad_out.dim() == 4, op, ": grad_out must be 4-D (N, C, H, W), got ", grad_out.dim(), "-D");
   TORCH_CHECK(is_float(grad_out.scalar_type()), op,
               ": grad_out must be float64, float32, float16 or bfloat16, got ", grad_out.scalar_type());
@@ -433,8 +431,8 @@ std::vector<at::Tensor> upsample_concat_backward_cuda(const at::Tensor& grad_out
   TORCH_CHECK(channel_offset >= 0 && channel_offset + channels <= grad_out.size(1), op, ": channels [",
               channel_offset, ", ", channel_offset + channels, ") are outside grad_out's ", grad_out.size(1));
 
-  c10::cuda::CUDAGuard guard(grad_out.device());
-  auto stream = at::cuda::getCurrentCUDAStream();
+  DeviceGuard guard(grad_out.device());
+  auto stream = current_stream();
   const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const int64_t N = grad_out.size(0), OH = grad_out.size(2), OW = grad_out.size(3);
   const bool cf = channels_fastest(grad_out);
@@ -480,20 +478,23 @@ std::vector<at::Tensor> upsample_concat_backward_cuda(const at::Tensor& grad_out
       scalar_t* bp = gb.mutable_data_ptr<scalar_t>();
       const int64_t elems = N * C * h * w;
       if (cf && readers >= 64) {
-        const unsigned grid = grid_for(N * h * w * ceil_div(C, kWarp), 1);
-        upsample_bwd_cl_kernel<scalar_t, acc_t><<<grid, dim3(kWarp, kClRows), 0, stream>>>(gp, bp, a, scale_h,
-                                                                                           scale_w);
+        const unsigned grid = grid_for(N * h * w * ceil_div(C, kWarp), 1, kWarp * kClRows);
+        PE_LAUNCH((upsample_bwd_cl_kernel<scalar_t, acc_t>), grid, dim3(kWarp, kClRows), 0, stream)(
+            gp, bp, a, scale_h, scale_w);
       } else if (readers >= 2048) {
-        upsample_bwd_group_kernel<scalar_t, acc_t, kThreads><<<grid_for(elems, 1), kThreads, 0, stream>>>(
+        const unsigned grid = grid_for(elems, 1, kThreads);
+        PE_LAUNCH((upsample_bwd_group_kernel<scalar_t, acc_t, kThreads>), grid, kThreads, 0, stream)(
             gp, bp, a, scale_h, scale_w);
       } else if (readers >= 64) {
-        upsample_bwd_group_kernel<scalar_t, acc_t, kWarp>
-            <<<grid_for(elems, kThreads / kWarp), kThreads, 0, stream>>>(gp, bp, a, scale_h, scale_w);
+        const unsigned grid = grid_for(elems, kThreads / kWarp, kThreads);
+        PE_LAUNCH((upsample_bwd_group_kernel<scalar_t, acc_t, kWarp>), grid, kThreads, 0, stream)(
+            gp, bp, a, scale_h, scale_w);
       } else {
-        upsample_bwd_group_kernel<scalar_t, acc_t, 1><<<grid_for(elems, kThreads), kThreads, 0, stream>>>(
+        const unsigned grid = grid_for(elems, kThreads, kThreads);
+        PE_LAUNCH((upsample_bwd_group_kernel<scalar_t, acc_t, 1>), grid, kThreads, 0, stream)(
             gp, bp, a, scale_h, scale_w);
       }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      PE_KERNEL_LAUNCH_CHECK();
     });
   }
   return grads;
@@ -503,7 +504,7 @@ std::vector<at::Tensor> upsample_concat_backward_cuda(const at::Tensor& grad_out
 }  // namespace cuda
 }  // namespace pyramid_ext
 
-TORCH_LIBRARY_IMPL(pyramid_ext, CUDA, m) {
+PE_CUDA_LIBRARY_IMPL(m) {
   m.impl("upsample_concat", &pyramid_ext::cuda::upsample_concat_cuda);
   m.impl("upsample_concat_out", &pyramid_ext::cuda::upsample_concat_out_cuda);
   m.impl("upsample_concat_backward", &pyramid_ext::cuda::upsample_concat_backward_cuda);
