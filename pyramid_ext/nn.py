@@ -506,7 +506,9 @@ class PSPNet(nn.Module):
         )
 
     def _out_size(self, h: int, w: int) -> Tuple[int, int]:
-        return int((h - 1) / 8 * self.zoom_factor + 1), int((w - 1) / 8 * self.zoom_factor + 1)
+        # int((h - 1) / 8 * zoom + 1) in integers (zoom divides 8), so a symbolic
+        # or traced size stays symbolic (dynamic-size export)
+        return (h - 1) * self.zoom_factor // 8 + 1, (w - 1) * self.zoom_factor // 8 + 1
 
     def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None):
         h, w = self._out_size(x.shape[-2], x.shape[-1])
