@@ -150,6 +150,19 @@ def _window_max(x: torch.Tensor, dim: int, start, end, longest, fixed_count: Opt
     return values, arg
 
 
+def _window_mean(x: torch.Tensor, dim: int, start, end, longest):
+    """Mean over each window of axis ``dim`` (window count not fixed)."""
+    pos = _gather_positions(start, end, longest)
+    k = torch.arange(longest, dtype=torch.int64, device=start.device)
+    inside = k.unsqueeze(0) < (end - start).unsqueeze(1)  # (count, K): repeated positions excluded
+    shape = [1] * x.dim() + [1]
+    shape[dim], shape[dim + 1] = -1, longest  # broadcast over the other axes
+    g = _split_axis(x.index_select(dim, pos.reshape(-1)), dim, None, longest)
+    total = torch.where(inside.reshape(shape), g, torch.zeros((), dtype=x.dtype, device=x.device)).sum(dim + 1)
+    length = (end - start).to(x.dtype).reshape(shape[:dim + 1] + shape[dim + 2:])
+    return total / length
+
+
 def _split_axis(t: torch.Tensor, dim: int, fixed_count: Optional[int], longest) -> torch.Tensor:
     """Axis ``dim`` of length count * K split into (count, K). The shape is
     built from t's own sizes, which the TorchScript exporter traces (a size
@@ -180,13 +193,17 @@ def multi_pool2d(x: torch.Tensor, bins: Sequence[Tuple[int, int]], mode: str, wi
     if mode == "avg":
         acc = torch.float64 if x4.dtype == torch.float64 else torch.float32
         xa = x4.to(acc)
-        pw = [_avg_matrix(s, e, width, acc) for s, e, _, _ in cols]
         if fixed:  # one MatMul over x for the W side of every level
-            per_level = torch.matmul(xa, torch.cat(pw, 0).transpose(0, 1)).split([bw for _, bw in bins], -1)
+            pw = torch.cat([_avg_matrix(s, e, width, acc) for s, e, _, _ in cols], 0)
+            per_level = torch.matmul(xa, pw.transpose(0, 1)).split([bw for _, bw in bins], -1)
+            for (s, e, _, _), y in zip(rows, per_level):
+                values.append(torch.matmul(_avg_matrix(s, e, height, acc), y).to(x4.dtype))
         else:
-            per_level = [torch.matmul(xa, p.transpose(0, 1)) for p in pw]
-        for (s, e, _, _), y in zip(rows, per_level):
-            values.append(torch.matmul(_avg_matrix(s, e, height, acc), y).to(x4.dtype))
+            # keras_same: the window count depends on the size; the MatMuls' shape
+            # checks would make the dynamo exporter pin it, so gather and sum instead
+            for (hs, he, _, hk), (ws, we, _, wk) in zip(rows, cols):
+                y = _window_mean(xa, 3, ws, we, wk)
+                values.append(_window_mean(y, 2, hs, he, hk).to(x4.dtype))
     elif mode == "max":
         for (bh, bw), (hs, he, _, hk), (ws, we, _, wk) in zip(bins, rows, cols):
             v, w_arg = _window_max(x4, 3, ws, we, wk, bw if fixed else None)  # (N, C, H, bw)

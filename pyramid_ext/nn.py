@@ -387,7 +387,7 @@ class SpatialPyramidPooling(nn.Module):
 
 def _conv_bn_elu(cin: int, cout: int, k: int, stride: int = 1) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, kernel_size=k, stride=stride, padding=k // 2, bias=False),
-                         nn.BatchNorm2d(cout), nn.ELU(True))
+                         nn.BatchNorm2d(cout), nn.ELU(inplace=True))
 
 
 class FeaturePyramidAttention(nn.Module):
