@@ -24,13 +24,14 @@ input:
   which equal PyTorch's source-index formula at every size (output size 1
   included); the concatenation is one ``Concat`` in the module's order.
 
-What the path guarantees: for finite inputs, the values PyTorch computes (to
-float rounding: sums are formed in a different order). Non-finite inputs: a
-max window holding NaN gives NaN in PyTorch; in ONNX it depends on the
-runtime's ReduceMax (onnxruntime propagates it). An inf or NaN in an average
-window reaches, through the MatMul (0 * inf = NaN), every window sharing its
-rows or columns. ``return_indices=True`` gives PyTorch's flat indices (first
-maximum in row-major order) for inputs without NaN. Sizes where a window
+What the path guarantees: the values PyTorch computes (max exactly, averages
+to float rounding: the sums are formed in another order). Max windows
+holding NaN are NaN, as in PyTorch (propagated explicitly: ONNX ReduceMax
+need not, and onnxruntime's does not); +-inf are ordinary values there.
+Averages assume finite inputs: an inf or NaN in an average window reaches,
+through the MatMul (0 * inf = NaN), every window sharing its rows or columns.
+``return_indices=True`` gives PyTorch's flat indices (first maximum in
+row-major order) for inputs without NaN. Sizes where a window
 policy is undefined (``sppnet`` when ``kernel``/``stride`` do not give the
 requested bins, ``keras_same`` when ``round(a/n) == 0``) raise in PyTorch; the
 exported graph cannot raise, so its level is NaN at such sizes.
@@ -147,6 +148,9 @@ def _window_max(x: torch.Tensor, dim: int, start, end, longest, fixed_count: Opt
     pos = _gather_positions(start, end, longest)
     g = _split_axis(x.index_select(dim, pos.reshape(-1)), dim, fixed_count, longest)
     values, arg = torch.max(g, dim + 1)  # first maximum: ArgMax's default
+    # PyTorch's max pooling propagates NaN; ONNX ReduceMax need not (onnxruntime's does not)
+    has_nan = torch.isnan(g).to(g.dtype).amax(dim + 1) > 0
+    values = torch.where(has_nan, torch.full_like(values, float("nan")), values)
     return values, arg
 
 

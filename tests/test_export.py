@@ -248,6 +248,26 @@ def export_onnx(model, x, path, dynamo: bool, opset=None, batch=True):
     return str(path)
 
 
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """exported(name, dynamo, opset=None) -> path of ``make(name)`` exported with
+    dynamic N, H, W at EXPORT_SIZE; each file is exported once per module run."""
+    folder = tmp_path_factory.mktemp("onnx")
+    files = {}
+
+    def get(name: str, dynamo: bool, opset=None) -> str:
+        need("onnx")
+        need("onnxscript")
+        key = (name, dynamo, opset)
+        if key not in files:
+            x = torch.randn(*EXPORT_SIZE[:1], C, *EXPORT_SIZE[1:])
+            path = folder / f"{name}_{'dynamo' if dynamo else 'ts'}_{opset}.onnx"
+            files[key] = export_onnx(make(name), x, path, dynamo, opset=opset)
+        return files[key]
+
+    return get
+
+
 def check_graph(path: str):
     """Standard ONNX operators only: no custom domain, no ATen fallback."""
     onnx = need("onnx")
@@ -296,11 +316,10 @@ def check_sizes(model, path, sizes, runtime="onnxruntime", channels=C):
 
 @pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
 @pytest.mark.parametrize("name", list(MODULES))
-def test_onnx_module_exact_at_every_size(name, dynamo, tmp_path):
+def test_onnx_module_exact_at_every_size(name, dynamo, exported):
     need("onnxruntime")
     model = make(name)
-    x = torch.randn(*EXPORT_SIZE[:1], C, *EXPORT_SIZE[1:])
-    path = export_onnx(model, x, tmp_path / f"{name}.onnx", dynamo)
+    path = exported(name, dynamo)
     check_graph(path)
     check_sizes(model, path, RUN_SIZES)
 
@@ -308,12 +327,11 @@ def test_onnx_module_exact_at_every_size(name, dynamo, tmp_path):
 @pytest.mark.parametrize("opset", [17, 18])
 @pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
 @pytest.mark.parametrize("name", ["PPM", "SPP_max_adaptive"])
-def test_onnx_opsets(name, dynamo, opset, tmp_path):
-    onnx = need("onnx")
+def test_onnx_opsets(name, dynamo, opset, exported):
+    need("onnxruntime")
     model = make(name)
-    path = export_onnx(model, torch.randn(2, C, 24, 20), tmp_path / "m.onnx", dynamo, opset=opset)
-    assert check_graph(path).opset_import[0].version == opset or any(
-        o.version == opset for o in onnx.load(path).opset_import if o.domain in ("", "ai.onnx"))
+    path = exported(name, dynamo, opset)
+    assert [o.version for o in check_graph(path).opset_import if o.domain in ("", "ai.onnx")] == [opset]
     check_sizes(model, path, RUN_SIZES[:7])
 
 
@@ -335,11 +353,27 @@ def test_onnx_sppnet_window(mode, dynamo, tmp_path):
 
 @pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
 @pytest.mark.parametrize("name", ["PPM", "PSPModule", "SPP_max_adaptive", "SPP_avg_keras_same", "functional"])
-def test_openvino_runs_the_same_files(name, dynamo, tmp_path):
+def test_openvino_runs_the_same_files(name, dynamo, exported):
     need("openvino")
     model = make(name)
-    path = export_onnx(model, torch.randn(2, C, 24, 20), tmp_path / "m.onnx", dynamo)
+    path = exported(name, dynamo)
     check_sizes(model, path, RUN_SIZES, runtime="openvino")
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
+def test_onnx_max_nan_and_inf_like_pytorch(dynamo, exported):
+    need("onnxruntime")
+    model = make("SPP_max_adaptive")
+    path = exported("SPP_max_adaptive", dynamo)
+    x = torch.randn(2, C, 13, 11)
+    x[0, 0, 1, 1] = x[1, 3, 12, 10] = float("nan")
+    x[1, 2, 7, 7] = float("inf")
+    x[0, 5] = -float("inf")  # a whole plane
+    (got,) = run_onnxruntime(path, x)
+    ref = model(x)
+    assert torch.isnan(ref).any() and torch.isinf(ref).any()
+    assert torch.equal(torch.isnan(got), torch.isnan(ref))
+    assert torch.equal(got.nan_to_num(0.0), ref.nan_to_num(0.0))
 
 
 def test_onnx_export_needs_no_extra_arguments(tmp_path):
