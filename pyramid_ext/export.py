@@ -18,7 +18,7 @@ input:
   once for every level), accumulated in float32 for 16-bit inputs;
 - max pooling: per window a Gather of ``K`` positions ``min(start + k, end - 1)``
   (``K`` bounds the longest window; the repeated last position cannot change
-  a maximum) and a ReduceMax, along W then along H;
+  a maximum or the first argmax), ArgMax and the value there, along W then H;
 - bilinear upsampling: ``F.interpolate``, exported as ONNX ``Resize`` with
   ``half_pixel`` (``align_corners=False``) or ``align_corners`` coordinates,
   which equal PyTorch's source-index formula at every size (output size 1
@@ -26,8 +26,8 @@ input:
 
 What the path guarantees: the values PyTorch computes (max exactly, averages
 to float rounding: the sums are formed in another order). Max windows
-holding NaN are NaN, as in PyTorch (propagated explicitly: ONNX ReduceMax
-need not, and onnxruntime's does not); +-inf are ordinary values there.
+holding NaN are NaN, as in PyTorch (propagated explicitly: ONNX's max
+reductions need not, and onnxruntime's do not); +-inf are ordinary values there.
 Averages assume finite inputs: an inf or NaN in an average window reaches,
 through the MatMul (0 * inf = NaN), every window sharing its rows or columns.
 ``return_indices=True`` gives PyTorch's flat indices (first maximum in
@@ -147,11 +147,15 @@ def _window_max(x: torch.Tensor, dim: int, start, end, longest, fixed_count: Opt
     """Max over each window of axis ``dim``; returns (values, first argmax within the window)."""
     pos = _gather_positions(start, end, longest)
     g = _split_axis(x.index_select(dim, pos.reshape(-1)), dim, fixed_count, longest)
-    values, arg = torch.max(g, dim + 1)  # first maximum: ArgMax's default
-    # PyTorch's max pooling propagates NaN; ONNX ReduceMax need not (onnxruntime's does not)
-    has_nan = torch.isnan(g).to(g.dtype).amax(dim + 1) > 0
+    # ArgMax (first maximum, as ONNX's default select_last_index=0) and a gather of
+    # its value, not ReduceMax: the dynamo exporter cannot convert ReduceMax to
+    # opset 17 when its axes are computed (onnx's axes_input_to_attribute adapter)
+    arg = torch.argmax(g, dim + 1, keepdim=True)
+    values = torch.gather(g, dim + 1, arg).squeeze(dim + 1)
+    # PyTorch's max pooling propagates NaN; ONNX's max reductions need not (onnxruntime's do not)
+    has_nan = torch.isnan(g).to(g.dtype).sum(dim + 1) > 0
     values = torch.where(has_nan, torch.full_like(values, float("nan")), values)
-    return values, arg
+    return values, arg.squeeze(dim + 1)
 
 
 def _window_mean(x: torch.Tensor, dim: int, start, end, longest):

@@ -422,12 +422,12 @@ class OutTensor(nn.Module):
         return self.model(x)["out"]
 
 
-CONVERTED = {"smp_pspnet": smp_pspnet, "tv_deeplabv3": lambda: OutTensor(tv_deeplab())}
+CONVERTED = {"smp_pspnet": smp_pspnet, "tv_deeplabv3": lambda: OutTensor(tv_deeplab()).eval()}
 # smp checks that H and W divide by its output stride (8 for PSPNet); the
 # pyramid then sees H/8 x W/8: 65x47, 3x5 (below the bin 6), 1x1, ...
 CONVERTED_SIZES = {
     "smp_pspnet": [(1, 8 * h, 8 * w) for h, w in [(65, 47), (33, 17), (3, 5), (1, 1), (6, 11), (12, 9)]],
-    "tv_deeplabv3": [(1, 65, 47), (2, 33, 97), (1, 97, 129), (1, 3, 5), (1, 1, 1), (1, 64, 64)],
+    "tv_deeplabv3": [(1, 65, 47), (1, 33, 97), (1, 97, 129), (1, 3, 5), (1, 1, 1), (1, 64, 64)],
 }
 
 
@@ -458,21 +458,26 @@ def _fused_targets(ep):
     return {str(n.target) for n in ep.graph.nodes if "pyramid_ext" in str(n.target)}
 
 
-@pytest.mark.parametrize("name", list(MODULES) + list(CONVERTED))
+# keras_same's window count depends on the size, so the fused op's window list
+# cannot be symbolic: torch.export pins H and W (the ONNX path computes it in the graph)
+TORCH_EXPORT_MODULES = [n for n in MODULES if "keras_same" not in n]
+
+
+@pytest.mark.parametrize("name", TORCH_EXPORT_MODULES + list(CONVERTED))
 def test_torch_export_round_trip_dynamic_hw(name):
     model = make(name) if name in MODULES else CONVERTED[name]()
     channels = 3 if name in CONVERTED else C
-    if name in CONVERTED:
+    # the stride-2 convolutions of FPA and MobileNet would otherwise need guards on sizes near 1
+    low = {"FPA": 8, "tv_deeplabv3": 32}.get(name, 1)
+    if name == "smp_pspnet":  # smp asserts H % 8 == W % 8 == 0
         x = torch.randn(1, 3, 64, 48)
-        scale = 8 if name == "smp_pspnet" else 1
-        dims = {2: scale * torch.export.Dim("h", min=1, max=512), 3: scale * torch.export.Dim("w", min=1, max=512)}
-        sizes = CONVERTED_SIZES[name][:3]
+        dims = {2: 8 * torch.export.Dim("h", min=1, max=512), 3: 8 * torch.export.Dim("w", min=1, max=512)}
+        sizes = CONVERTED_SIZES[name][:4]
     else:
-        x = torch.randn(2, C, 24, 20)
-        dims = {2: torch.export.Dim("H", min=1, max=4096), 3: torch.export.Dim("W", min=1, max=4096)}
-        sizes = [(2, 65, 47), (2, 3, 5), (2, 1, 1), (2, 97, 129)]
-        if "SPP_" in name and "keras" in name:
-            sizes = [(2, 65, 47), (2, 3, 5), (2, 97, 129)]  # keras_same rejects sizes below bins / 2
+        x = torch.randn(2, channels, 40, 36)
+        dims = {2: torch.export.Dim("H", min=low, max=4096), 3: torch.export.Dim("W", min=low, max=4096)}
+        sizes = [(2, h, w) for h, w in [(65, 47), (33, 97), (97, 129), (3, 5), (1, 1), (8, 8), (32, 32)]
+                 if min(h, w) >= low]
     ep = torch.export.export(model, (x,), dynamic_shapes=(dims,))
     assert _fused_targets(ep), "the exported program lost the fused ops"
     for n, h, w in sizes:
@@ -491,9 +496,9 @@ def test_aoti_package_runs_the_fused_ops(tmp_path):
     dims = {2: torch.export.Dim("H", min=2, max=1024), 3: torch.export.Dim("W", min=2, max=1024)}
     ep = torch.export.export(model, (x,), dynamic_shapes=(dims,))
     path = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "ppm.pt2"))
-    with zipfile.ZipFile(path) as z:
-        code = b"".join(z.read(n) for n in z.namelist() if n.endswith(".cpp"))
-    assert b"pyramid_ext::multi_pool2d" in code and b"pyramid_ext::upsample_concat" in code
+    with zipfile.ZipFile(path) as z:  # the ops the package's code calls through the dispatcher
+        calls = b"".join(z.read(n) for n in z.namelist() if n.endswith(".json"))
+    assert b'"pyramid_ext::multi_pool2d"' in calls and b'"pyramid_ext::upsample_concat"' in calls
     loaded = torch._inductor.aoti_load_package(path)
     for h, w in [(24, 20), (65, 47), (3, 5), (97, 129)]:
         xx = torch.randn(2, C, h, w)
