@@ -38,11 +38,13 @@ exported graph cannot raise, so its level is NaN at such sizes.
 """
 from __future__ import annotations
 
+import warnings
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from . import windows
 from .windows import WINDOW_POLICIES
 
 __all__ = ["active", "axis_windows", "multi_pool2d", "upsample_concat", "ExportUnsupportedError"]
@@ -73,6 +75,17 @@ def _max(a, b):
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         return torch.maximum(_tensor(a, None), _tensor(b, None))
     return torch.sym_max(a, b)
+
+
+def _example_size(v) -> Optional[int]:
+    """The example input's value of a size (int, SymInt or traced 0-d tensor)."""
+    if isinstance(v, int):
+        return v
+    if isinstance(v, torch.SymInt):
+        return v.node.hint if isinstance(v.node.hint, int) else None
+    with warnings.catch_warnings():  # the tracer warns that the value is not traced: it is only checked
+        warnings.simplefilter("ignore")
+        return int(v)
 
 
 def _ceil_div(a, n):
@@ -192,6 +205,12 @@ def multi_pool2d(x: torch.Tensor, bins: Sequence[Tuple[int, int]], mode: str, wi
     x4 = x.unsqueeze(0) if unbatched else x
     height, width = x4.shape[-2], x4.shape[-1]
     device = x4.device
+    if window != "adaptive" and active():
+        # the example input must be one the policy accepts, as in eager mode (the
+        # graph cannot raise: at other sizes where it is undefined it gives NaN)
+        example = (_example_size(height), _example_size(width))
+        if None not in example:
+            windows.pyramid_windows(example[0], example[1], bins, window)
     fixed = window != "keras_same"  # adaptive and sppnet always give the requested bins
     rows = [axis_windows(height, bh, window, device) for bh, _ in bins]
     cols = [axis_windows(width, bw, window, device) for _, bw in bins]
