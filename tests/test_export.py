@@ -28,7 +28,7 @@ REQUIRE = os.environ.get("PYRAMID_EXT_REQUIRE_EXPORT") == "1"
 
 def need(module: str):
     """Imports ``module`` or skips (fails under PYRAMID_EXT_REQUIRE_EXPORT=1)."""
-    if importlib.util.find_spec(module) is None:
+    if importlib.util.find_spec(module.split(".")[0]) is None:
         if REQUIRE:
             pytest.fail(f"{module} is required (PYRAMID_EXT_REQUIRE_EXPORT=1) but not installed")
         pytest.skip(f"{module} is not installed (the export tests run in `make test-cuda-env`)")
