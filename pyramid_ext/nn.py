@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from . import export
 from . import functional as pf
 from .windows import WINDOW_POLICIES, normalize_bins
 
@@ -374,6 +375,12 @@ class SpatialPyramidPooling(nn.Module):
         return channels * sum(bh * bw for bh, bw in self.levels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if export.active():  # name the module in what the export refuses
+            try:
+                return pf.spatial_pyramid_pool(x, self.levels, mode=self.mode, window=self.window)
+            except ValueError as e:
+                raise ValueError(f"{type(self).__name__}(levels={self.levels}, window={self.window!r}) cannot be "
+                                 f"exported with this example input: {e}") from e
         return pf.spatial_pyramid_pool(x, self.levels, mode=self.mode, window=self.window)
 
     def extra_repr(self) -> str:
