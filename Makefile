@@ -15,6 +15,8 @@ PY_CUDA := $(VENV_CUDA)/bin/python
 CUDA_TORCH ?= torch==2.14.1
 # Installed beside it for the Triton-interpreter and model-conversion tests.
 CUDA_EXTRAS ?= torchvision==0.29.1 segmentation-models-pytorch==0.6.0
+# And for the export tests (tests/test_export.py: ONNX in onnxruntime and OpenVINO).
+EXPORT_EXTRAS ?= onnx==1.23.2 onnxscript==0.7.2 onnxruntime==1.32.0 openvino==2026.4.1
 CUDA_HOME ?= /usr/local/cuda
 TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 MAX_JOBS ?= 2
@@ -48,7 +50,12 @@ $(VENV_CUDA)/.ready:
 	$(PY_CUDA) -m pip install -q "$(CUDA_TORCH)" $(CUDA_EXTRAS) numpy ninja pytest setuptools wheel
 	touch $@
 
-cuda-venv: $(VENV_CUDA)/.ready
+# A separate stamp, so an existing .venv-cuda gets them too.
+$(VENV_CUDA)/.export-ready: $(VENV_CUDA)/.ready
+	$(PY_CUDA) -m pip install -q $(EXPORT_EXTRAS)
+	touch $@
+
+cuda-venv: $(VENV_CUDA)/.ready $(VENV_CUDA)/.export-ready
 
 # Compiles the CUDA kernels (no GPU needed: FORCE_CUDA=1), warnings as errors,
 # in a copy of the tree so the CPU build in place is left alone; then checks
@@ -65,11 +72,15 @@ cuda-check: cuda-venv
 	cd $(CUDA_TREE) && PYTHONPATH=. $(abspath $(PY_CUDA)) tests/check_cuda_build.py
 
 # The tests that need the CUDA-build environment: Triton kernels on CPU
-# tensors under the interpreter, conversion of torchvision/smp models, and the
-# GPU suite (skips without a GPU). Uses the extension cuda-check built.
+# tensors under the interpreter, conversion of torchvision/smp models, export
+# (ONNX, torch.export, AOTInductor; PYRAMID_EXT_REQUIRE_EXPORT=1 makes a missing
+# onnx/onnxruntime/openvino fail rather than skip) and the GPU suite (skips
+# without a GPU). Uses the extension cuda-check built.
 test-cuda-env: cuda-check
-	cd $(CUDA_TREE) && PYTHONPATH=. TRITON_INTERPRET=1 PYRAMID_EXT_REQUIRE_CPP=1 $(abspath $(PY_CUDA)) -m pytest -q $(PYTEST_ARGS) \
-	  tests/test_triton.py tests/test_double_backward.py tests/test_convert.py tests/test_nn.py tests/test_cuda.py
+	cd $(CUDA_TREE) && PYTHONPATH=. TRITON_INTERPRET=1 PYRAMID_EXT_REQUIRE_CPP=1 PYRAMID_EXT_REQUIRE_EXPORT=1 \
+	  $(abspath $(PY_CUDA)) -m pytest -q $(PYTEST_ARGS) \
+	  tests/test_triton.py tests/test_double_backward.py tests/test_convert.py tests/test_nn.py tests/test_export.py \
+	  tests/test_cuda.py
 
 # The CUDA kernels of csrc/cuda/ compiled by the host compiler against the CUDA
 # emulator (csrc/cuda_emu/) and run on CPU tensors: tests/test_cuda_emu.py

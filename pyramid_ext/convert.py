@@ -43,7 +43,8 @@ class FusedSMPPSPModule(nn.Module):
     Per block: pooling to ``pool_size`` (fused, all sizes in one pass), the
     block's ``Conv2dReLU`` on the pooled map, bilinear ``align_corners=True``;
     output ``cat([block_1, ..., block_k, x], 1)`` (x last) in one
-    ``upsample_concat``. During ONNX export it runs the original blocks.
+    ``upsample_concat``. ONNX export goes through the ops' export path
+    (pyramid_ext.export), like every fused module.
     """
 
     def __init__(self, original: nn.Module):
@@ -51,8 +52,6 @@ class FusedSMPPSPModule(nn.Module):
         self.blocks = original.blocks
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.onnx.is_in_onnx_export():
-            return torch.cat([block(x) for block in self.blocks] + [x], dim=1)
         return fused_pyramid(x, [block.pool for block in self.blocks], align_corners=True, x_first=False,
                              label=_module_label(self, "blocks"))
 

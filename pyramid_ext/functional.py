@@ -12,7 +12,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 
 from . import _ops  # noqa: F401  (fake kernels and autograd of the compiled ops)
-from . import backends, reference
+from . import backends, export, reference
 from .reference import POOL_AVG, POOL_MAX
 from .windows import level_shapes, normalize_bins, pyramid_windows
 
@@ -39,7 +39,8 @@ def _triton_ops():
 # --------------------------------------------------------------------------
 
 
-def _pool_packed(x, bins, mode: int, channels_last_levels, window: str, backend: Optional[str], fn: str):
+def _pool_args(x, bins, fn: str):
+    """Validates the pooling arguments; returns the bins as (bh, bw) pairs."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{fn}(): x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() not in (3, 4):
@@ -47,7 +48,11 @@ def _pool_packed(x, bins, mode: int, channels_last_levels, window: str, backend:
     _check_float(x, f"{fn}(): x")
     if x.shape[-2] == 0 or x.shape[-1] == 0:
         raise ValueError(f"{fn}(): x must have non-zero height and width, got shape {tuple(x.shape)}")
-    pairs = normalize_bins(bins, f"{fn}(): bins")
+    return normalize_bins(bins, f"{fn}(): bins")
+
+
+def _pool_packed(x, bins, mode: int, channels_last_levels, window: str, backend: Optional[str], fn: str):
+    pairs = _pool_args(x, bins, fn)
     unbatched = x.dim() == 3
     x4 = x.unsqueeze(0) if unbatched else x
     x4 = _dense(x4)
@@ -92,6 +97,8 @@ def multi_adaptive_avg_pool2d(x: torch.Tensor, bins=(1, 2, 3, 6), *, window: str
     one packed buffer (see ``spatial_pyramid_pool``). ``window`` selects the
     window policy (pyramid_ext.windows); the default is PyTorch's.
     """
+    if export.active():  # ONNX export: standard ops, windows from the runtime size
+        return export.multi_pool2d(x, _pool_args(x, bins, "multi_adaptive_avg_pool2d"), "avg", window)[0]
     values, _, level_bins, unbatched, cl = _pool_packed(x, bins, POOL_AVG, None, window, backend,
                                                          "multi_adaptive_avg_pool2d")
     return _unpack(values, level_bins, x.shape[-3], cl, unbatched)
@@ -105,6 +112,10 @@ def multi_adaptive_max_pool2d(x: torch.Tensor, bins=(1, 2, 3, 6), *, return_indi
     ``return_indices=True`` also returns the list of int64 flat indices
     (``h * W + w``), identical to PyTorch's on CPU, NaN propagated.
     """
+    if export.active():
+        vals, idx = export.multi_pool2d(x, _pool_args(x, bins, "multi_adaptive_max_pool2d"), "max", window,
+                                        return_indices)
+        return (vals, idx) if return_indices else vals
     values, indices, level_bins, unbatched, cl = _pool_packed(x, bins, POOL_MAX, None, window, backend,
                                                                "multi_adaptive_max_pool2d")
     vals = _unpack(values, level_bins, x.shape[-3], cl, unbatched)
@@ -121,6 +132,8 @@ def spatial_pyramid_pool(x: torch.Tensor, bins=(4, 2, 1), *, mode: str = "max", 
     """
     if mode not in ("max", "avg"):
         raise ValueError(f"spatial_pyramid_pool(): mode must be 'max' or 'avg', got {mode!r}")
+    if export.active():
+        return export.spatial_pyramid_pool(x, _pool_args(x, bins, "spatial_pyramid_pool"), mode, window)
     values, _, _, unbatched, _ = _pool_packed(x, bins, POOL_MAX if mode == "max" else POOL_AVG, False, window,
                                               backend, "spatial_pyramid_pool")
     return values[0] if unbatched else values
@@ -195,6 +208,8 @@ def upsample_concat(x: Optional[torch.Tensor], branches: Sequence[torch.Tensor],
     if x is not None:
         x = _dense(x.to(dtype))
     branches = [_dense(b.to(dtype)) for b in branches]
+    if export.active():
+        return export.upsample_concat(x, branches, size, align_corners, x_first, out)
     channels_last = _channels_last(x) if x is not None else _channels_last(branches[0])
     name = backends.resolve(backend, ref.device, "upsample_concat")
 

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from . import export
 from . import functional as pf
 from .windows import WINDOW_POLICIES, normalize_bins
 
@@ -374,6 +375,12 @@ class SpatialPyramidPooling(nn.Module):
         return channels * sum(bh * bw for bh, bw in self.levels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if export.active():  # name the module in what the export refuses
+            try:
+                return pf.spatial_pyramid_pool(x, self.levels, mode=self.mode, window=self.window)
+            except ValueError as e:
+                raise ValueError(f"{type(self).__name__}(levels={self.levels}, window={self.window!r}) cannot be "
+                                 f"exported with this example input: {e}") from e
         return pf.spatial_pyramid_pool(x, self.levels, mode=self.mode, window=self.window)
 
     def extra_repr(self) -> str:
@@ -387,7 +394,7 @@ class SpatialPyramidPooling(nn.Module):
 
 def _conv_bn_elu(cin: int, cout: int, k: int, stride: int = 1) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, kernel_size=k, stride=stride, padding=k // 2, bias=False),
-                         nn.BatchNorm2d(cout), nn.ELU(True))
+                         nn.BatchNorm2d(cout), nn.ELU(inplace=True))
 
 
 class FeaturePyramidAttention(nn.Module):
@@ -506,7 +513,9 @@ class PSPNet(nn.Module):
         )
 
     def _out_size(self, h: int, w: int) -> Tuple[int, int]:
-        return int((h - 1) / 8 * self.zoom_factor + 1), int((w - 1) / 8 * self.zoom_factor + 1)
+        # int((h - 1) / 8 * zoom + 1) in integers (zoom divides 8), so a symbolic
+        # or traced size stays symbolic (dynamic-size export)
+        return (h - 1) * self.zoom_factor // 8 + 1, (w - 1) * self.zoom_factor // 8 + 1
 
     def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None):
         h, w = self._out_size(x.shape[-2], x.shape[-1])
