@@ -8,13 +8,10 @@
 
 #include <pybind11/pybind11.h>
 
-<<<<<<< HEAD
 #include <stdexcept>
-=======
-#include "op_schemas.h"
-
->>>>>>> cuda-emu
 #include <string>
+
+#include "op_schemas.h"
 
 #include "cpu/simd_loops.h"
 #include "cpu/test_overrides.h"

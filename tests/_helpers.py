@@ -33,6 +33,9 @@ TOL_VS_FP64 = {
     torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2),
 }
 
+# Against fp64, for the sums of many products (a 1x1 branch's gradient sums a whole plane).
+SUM_ATOL_VS_FP64 = {torch.float64: 1e-12, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-1}
+
 # The Triton kernels against PyTorch eager (16-bit: eager computed in fp32
 # and rounded once, like the kernels' fp32 accumulation).
 TOL_TRITON = {
@@ -268,3 +271,27 @@ def grad_close(got: torch.Tensor, want: torch.Tensor, dtype, terms: Optional[tor
     assert not bool(bad.any()), (f"{what}: {int(bad.sum())} of {err.numel()} elements exceed the error bound; worst "
                                  f"(flat index {k}): got {got.flatten()[k].item():.9g}, want {want.flatten()[k].item():.9g}, "
                                  f"err {err.flatten()[k].item():.3g} > bound {bound.flatten()[k].item():.3g}")
+
+
+def randomize_bn(model, seed=0):
+    """Non-trivial BatchNorm running statistics (so eval mode is not the identity)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    return model
+
+
+def ties_nan_inf_input(dtype):
+    """Max-pooling input with many ties, NaNs and -inf windows (ATen's rule:
+    first maximum in row-major order, or the last NaN); bins to use with it."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 3, (2, 4, 13, 11), generator=g).to(dtype)  # many ties
+    x[0, 0, 2, 3] = float("nan")
+    x[0, 0, 5, 7] = float("nan")
+    x[0, 1, 12, 10] = float("nan")
+    x[1, 2, :, :6] = float("-inf")
+    x[1, 3] = float("-inf")  # whole plane: the index is each window's first element
+    return x, (1, 2, 3, 6, (4, 13))

@@ -13,6 +13,8 @@ from torch import nn
 import pyramid_ext as pe
 from pyramid_ext.convert import ConversionError, FusedASPPPooling, FusedSMPPSPModule, convert
 
+from ._helpers import randomize_bn
+
 HAS_SMP = importlib.util.find_spec("segmentation_models_pytorch") is not None
 HAS_TORCHVISION = importlib.util.find_spec("torchvision") is not None
 needs_smp = pytest.mark.skipif(not HAS_SMP, reason="segmentation_models_pytorch is not installed "
@@ -26,16 +28,6 @@ def backend(backend):
     fails under PYRAMID_EXT_REQUIRE_CPP=1), selected for the whole test."""
     with pe.use_backend(backend):
         yield backend
-
-
-def randomize_bn(model: nn.Module, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-    return model
 
 
 def close(a, b, rel=1e-5):

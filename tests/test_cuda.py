@@ -26,7 +26,8 @@ from pyramid_ext.windows import normalize_bins, pyramid_windows
 from ._helpers import TOL_VS_FP64 as TOL
 from ._helpers import as_pair as _pair
 from ._helpers import is_channels_last as _is_cl
-from ._helpers import keras_same_avg, naive_multi_pool, rand as _rand, sppnet_pool
+from ._helpers import SUM_ATOL_VS_FP64 as SUM_ATOL
+from ._helpers import keras_same_avg, naive_multi_pool, rand as _rand, sppnet_pool, ties_nan_inf_input
 
 pytestmark = pytest.mark.cuda
 
@@ -68,7 +69,6 @@ DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 # TOL (_helpers.TOL_VS_FP64): against a float64 computation on the same
 # inputs, about one rounding of the result's dtype.
 # The sums of many products (a 1x1 branch's gradient sums a whole plane).
-SUM_ATOL = {torch.float64: 1e-12, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-1}
 # nvcc contracts `scale * (dst + 0.5) - 0.5` into an FMA (as ATen's CUDA
 # kernels are compiled), so a float32 source coordinate may differ from the
 # CPU's by one rounding: about 1e-7 * src in the tap weight.
@@ -125,14 +125,7 @@ def test_max_pool_values_and_indices_match_cpu(size, bins, dtype, kind):
 @pytest.mark.parametrize("kind", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_max_pool_ties_nan_and_inf_follow_cpu(kind, dtype):
-    g = torch.Generator().manual_seed(3)
-    x = torch.randint(0, 3, (2, 4, 13, 11), generator=g).to(dtype)  # many ties
-    x[0, 0, 2, 3] = float("nan")
-    x[0, 0, 5, 7] = float("nan")
-    x[0, 1, 12, 10] = float("nan")
-    x[1, 2, :, :6] = float("-inf")
-    x[1, 3] = float("-inf")  # whole plane: the index is each window's first element
-    bins = (1, 2, 3, 6, (4, 13))
+    x, bins = ties_nan_inf_input(dtype)
     vals, idxs = pe.multi_adaptive_max_pool2d(_cuda(x, kind), bins, return_indices=True, backend=CPP)
     for v, i, b in zip(vals, idxs, bins):
         want_v, want_i = F.adaptive_max_pool2d(x.float(), _pair(b), return_indices=True)

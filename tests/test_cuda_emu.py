@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from pyramid_ext import reference
 from pyramid_ext.windows import normalize_bins, pyramid_windows
 from tests import cuda_emu_build
+from tests._helpers import DTYPES, SUM_ATOL_VS_FP64 as SUM_ATOL, TOL_VS_FP64 as TOL, ties_nan_inf_input
 
 PLANTED_BUG = int(os.environ.get("PYRAMID_EXT_EMU_PLANT_BUG", "0"))
 EMU = cuda_emu_build.load(os.environ.get("PYRAMID_EXT_EMU_BUILD_DIR"), PLANTED_BUG)
@@ -65,14 +66,6 @@ def _emulated_device(request):
     yield
 
 
-DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
-TOL = {
-    torch.float64: dict(rtol=1e-10, atol=1e-12),
-    torch.float32: dict(rtol=1e-5, atol=1e-6),
-    torch.float16: dict(rtol=2e-3, atol=1e-3),
-    torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2),
-}
-SUM_ATOL = {torch.float64: 1e-12, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-1}
 LAYOUTS = ["nchw", "channels_last"]
 BIN_SETS = [(1, 2, 3, 6), ((2, 3), (5, 1), 1, (1, 7))]
 SIZES = [(13, 11), (3, 5), (1, 1), (33, 47)]
@@ -229,14 +222,7 @@ def test_pool_devices_and_level_layouts(kind, mode, cl_levels, device):
 @pytest.mark.parametrize("kind", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=_id)
 def test_max_pool_ties_nan_and_inf(kind, dtype):
-    g = torch.Generator().manual_seed(3)
-    x = torch.randint(0, 3, (2, 4, 13, 11), generator=g).to(dtype)  # many ties
-    x[0, 0, 2, 3] = float("nan")
-    x[0, 0, 5, 7] = float("nan")
-    x[0, 1, 12, 10] = float("nan")
-    x[1, 2, :, :6] = float("-inf")
-    x[1, 3] = float("-inf")
-    bins = (1, 2, 3, 6, (4, 13))
+    x, bins = ties_nan_inf_input(dtype)
     hb, wb, lb = _windows(x, bins)
     values, indices = OPS.multi_pool2d(_fmt(x, kind), hb, wb, lb, 1, False)
     for v, i, b in zip(_levels(values, normalize_bins(bins), 4), _levels(indices, normalize_bins(bins), 4),

@@ -23,6 +23,8 @@ import pyramid_ext as pe
 from pyramid_ext import export, windows
 from pyramid_ext.export import ExportUnsupportedError
 
+from ._helpers import randomize_bn
+
 REQUIRE = os.environ.get("PYRAMID_EXT_REQUIRE_EXPORT") == "1"
 
 
@@ -37,13 +39,7 @@ def need(module: str):
 
 def randomize(model: nn.Module, seed=0) -> nn.Module:
     """Non-trivial BatchNorm statistics, eval mode."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-    return model.eval()
+    return randomize_bn(model, seed).eval()
 
 
 def assert_close(got: torch.Tensor, ref: torch.Tensor, what: str, rel=1e-5):
