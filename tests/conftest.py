@@ -8,6 +8,21 @@ from pyramid_ext import _extension
 
 from ._helpers import DTYPES, LAYOUTS, TOL, layout  # noqa: F401  (re-exported for the test modules)
 
+try:  # property-based tests (tests/test_properties.py)
+    from hypothesis import HealthCheck, settings as _hyp_settings
+
+    _HYP_COMMON = dict(deadline=None, print_blob=True,
+                       suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    # CI: a fixed, derandomized run (a failure reproduces by rerunning it).
+    _hyp_settings.register_profile("ci", max_examples=300, derandomize=True, database=None, **_HYP_COMMON)
+    # Local runs: a new seed each run; a failure prints --hypothesis-seed=N.
+    _hyp_settings.register_profile("dev", max_examples=300, **_HYP_COMMON)
+    # `make fuzz`: many more examples, new seed each run.
+    _hyp_settings.register_profile("fuzz", max_examples=5000, **_HYP_COMMON)
+    _hyp_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev"))
+except ImportError:  # test_properties.py then fails on import, naming hypothesis
+    pass
+
 # Backends the CPU test suite runs every op on. Triton runs in
 # tests/test_triton.py (under TRITON_INTERPRET=1), CUDA in tests/test_cuda.py.
 CPU_BACKENDS = ["cpp", "torch"]
