@@ -35,13 +35,16 @@ def _window_max(x: torch.Tensor, hs: int, he: int, ws: int, we: int):
     width = x.shape[-1]
     win = x[:, :, hs:he, ws:we].reshape(x.shape[0], x.shape[1], -1)
     length = win.shape[-1]
-    val = win.amax(-1)
-    first_max = (win == val.unsqueeze(-1)).to(torch.uint8).argmax(-1)
-    nan = torch.isnan(win)
+    top = win.detach().amax(-1)
+    first_max = (win.detach() == top.unsqueeze(-1)).to(torch.uint8).argmax(-1)
+    nan = torch.isnan(win.detach())
     last_nan = (length - 1) - nan.flip(-1).to(torch.uint8).argmax(-1)
     local = torch.where(nan.any(-1), last_nan, first_max)
     wcols = we - ws
     idx = (hs + local // wcols) * width + ws + local % wcols
+    # The value gathered at the index, so the gradient goes to that element
+    # alone, as ATen's max pooling does (amax would split it among ties).
+    val = x.reshape(x.shape[0], x.shape[1], -1).gather(-1, idx.unsqueeze(-1)).squeeze(-1)
     return val, idx
 
 

@@ -11,6 +11,7 @@ a fresh seed per run and a failure names it (`--hypothesis-seed=N`); "fuzz"
 """
 from __future__ import annotations
 
+import functools
 import math
 import random
 
@@ -42,6 +43,13 @@ def _examples(backend: str) -> int:
     return max(5, n // 20) if backend == "triton" else n
 
 
+def _acc(dtype, backend):
+    """The accumulation type: fp32 for 16-bit in our kernels; PyTorch's own
+    CPU ops (the torch backend) round 16-bit sums and bilinear weights in the
+    dtype itself."""
+    return dtype if backend == "torch" else acc_dtype(dtype)
+
+
 def _run(request, backend: str, strategy, body):
     """Runs `body(case)` over `strategy` with the profile's settings; a
     failure says how to reproduce it."""
@@ -65,7 +73,7 @@ def _run(request, backend: str, strategy, body):
         raise
 
 
-def grad_close(got, want, dtype, terms=None, n_sum=1, extra=0.0, what=""):
+def grad_close(got, want, dtype, terms=None, n_sum=1, extra=0.0, what="", acc=None):
     """got (computed in dtype, accumulated in acc_dtype(dtype)) against the
     fp64 want: |got - want| <= 2 u |want| + 2 n_sum u_acc terms + extra + the
     dtype's subnormal spacing (float16 results below 6e-5 are subnormal),
@@ -78,7 +86,7 @@ def grad_close(got, want, dtype, terms=None, n_sum=1, extra=0.0, what=""):
     fi = torch.finfo(dtype)
     bound = 2 * EPS[dtype] * want.abs() + fi.smallest_normal * fi.eps + extra
     if terms is not None:
-        bound = bound + 2 * n_sum * EPS[acc_dtype(dtype)] * terms.double()
+        bound = bound + 2 * n_sum * EPS[acc or acc_dtype(dtype)] * terms.double()
     err = (got - want).abs()
     bad = err > bound
     if bool(bad.any()):
@@ -185,6 +193,7 @@ def _empty_safe(fn, xd, *args):
 
 def _check_pool(case, backend, mode):
     draw = torch.Generator().manual_seed(case["gen_seed"])
+    close = functools.partial(grad_close, acc=_acc(case["dtype"], backend))
     dtype, window = case["dtype"], case["window"]
     # Max tests: a shuffled ramp keeps ties rare; where they occur (16-bit,
     # expanded inputs) ATen's rule on the same rounded values decides.
@@ -214,7 +223,7 @@ def _check_pool(case, backend, mode):
             torch.testing.assert_close(g.double(), wv, rtol=0, atol=0)
         else:
             area = _empty_safe(lambda t: _reference_levels(t, case["bins"], window, "avg"), xd.abs())[lv]
-            grad_close(g, wv, dtype, terms=area[0] if case["unbatched"] else area,
+            close(g, wv, dtype, terms=area[0] if case["unbatched"] else area,
                        n_sum=case["shape"][2] * case["shape"][3], what=f"level {lv}")
     if mode == "max" and window == "adaptive" and x.numel() > 0:
         for lv, b in enumerate(case["bins"]):
@@ -232,7 +241,7 @@ def _check_pool(case, backend, mode):
             want_grad, terms = want_grad[0], terms[0]
         # Each input gets at most 4 windows per level (adaptive windows
         # overlap by one pixel per axis), each once.
-        grad_close(grad, want_grad, dtype, terms=terms, n_sum=4 * len(case["bins"]), what="grad")
+        close(grad, want_grad, dtype, terms=terms, n_sum=4 * len(case["bins"]), what="grad")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -259,6 +268,7 @@ def spp_cases(draw):
 def _check_spp(case, backend):
     mode, dtype = case["mode"], case["dtype"]
     draw = torch.Generator().manual_seed(case["gen_seed"])
+    close = functools.partial(grad_close, acc=_acc(case["dtype"], backend))
     x = _lay_out(_values(draw, case["shape"], dtype, distinct=mode == "max"), case["kind"], case["expand_dim"])
     x = x.detach().requires_grad_(True)
     got = pe.spatial_pyramid_pool(x, case["bins"], mode=mode, backend=backend)
@@ -274,12 +284,12 @@ def _check_spp(case, backend):
         torch.testing.assert_close(got.double(), want, rtol=0, atol=0)
     else:
         terms = torch.cat([pool(xd.detach().abs(), as_pair(b)).flatten(1) for b in case["bins"]], 1)
-        grad_close(got, want, dtype, terms=terms, n_sum=x.shape[2] * x.shape[3], what="spp")
+        close(got, want, dtype, terms=terms, n_sum=x.shape[2] * x.shape[3], what="spp")
     g = _values(draw, tuple(got.shape), dtype, distinct=False)
     (grad,) = torch.autograd.grad(got, x, g)
     (want_grad,) = torch.autograd.grad(want, xd, g.double(), retain_graph=True)
     (terms,) = torch.autograd.grad(want, xd, g.double().abs())
-    grad_close(grad, want_grad, dtype, terms=terms, n_sum=4 * len(case["bins"]), what="grad")
+    close(grad, want_grad, dtype, terms=terms, n_sum=4 * len(case["bins"]), what="grad")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -312,6 +322,7 @@ def upsample_cases(draw):
 def _check_upsample(case, backend):
     dtype, n, size = case["dtype"], case["n"], case["size"]
     draw = torch.Generator().manual_seed(case["gen_seed"])
+    close = functools.partial(grad_close, acc=_acc(case["dtype"], backend))
     x = None
     if case["cx"] is not None:
         x = _lay_out(_values(draw, (n, case["cx"]) + size, dtype, False), case["kinds"][0], case["expand_dim"])
@@ -329,7 +340,7 @@ def _check_upsample(case, backend):
     # A tap weight computed in the accumulation type is off by up to about
     # (source coordinate + 2) u_acc: at most 4 taps per output.
     biggest = max([max(h, w) for _, h, w in case["branches"]] + [1])
-    u_acc = EPS[acc_dtype(dtype)]
+    u_acc = EPS[_acc(dtype, backend)]
     max_in = max([t.abs().max().item() for t in branches if t.numel()] + [0.0])
     n_sum = 4
     extra = 8 * (biggest + 2) * u_acc * max_in
@@ -344,7 +355,7 @@ def _check_upsample(case, backend):
         assert got is out
         if case["out"] == "slice":
             assert bool((buf[:, :1] == 7).all()) and bool((buf[:, 1 + channels:] == 7).all()), "wrote outside out"
-        grad_close(got, want, dtype, terms=abs_up, n_sum=n_sum, extra=extra, what="out=")
+        close(got, want, dtype, terms=abs_up, n_sum=n_sum, extra=extra, what="out=")
         return
     leaves = ([] if x is None else [x]) + branches
     leaves = [t.detach().requires_grad_(True) for t in leaves]
@@ -352,7 +363,7 @@ def _check_upsample(case, backend):
     br_in = leaves[0 if x is None else 1:]
     got = pe.upsample_concat(x_in, br_in, **kwargs)
     assert got.dtype == dtype and got.shape == want.shape
-    grad_close(got, want, dtype, terms=abs_up, n_sum=n_sum, extra=extra, what="forward")
+    close(got, want, dtype, terms=abs_up, n_sum=n_sum, extra=extra, what="forward")
     if got.numel() == 0:
         return
     g = _values(draw, tuple(got.shape), dtype, False)
@@ -370,7 +381,7 @@ def _check_upsample(case, backend):
         # An input pixel gathers the gradient of up to (size/h + 2) x (size/w + 2) outputs.
         chain = (size[0] // h + 3) * (size[1] // w + 3)
         extra_g = 0.0 if (k == 0 and x is not None) else 2 * chain * (max(h, w) + 2) * u_acc * g.abs().max().item()
-        grad_close(gr, wg, dtype, terms=tm, n_sum=chain, extra=extra_g, what=f"grad of input {k}")
+        close(gr, wg, dtype, terms=tm, n_sum=chain, extra=extra_g, what=f"grad of input {k}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
