@@ -22,12 +22,12 @@ TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 MAX_JOBS ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: test bench build venv cuda-check cuda-venv test-cuda-env test-cuda-emu gpu-check clean
+.PHONY: test fuzz bench build venv cuda-check cuda-venv test-cuda-env test-cuda-emu gpu-check clean
 
 $(VENV)/.ready:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(CPU_TORCH)"
-	$(PY) -m pip install -q numpy ninja pytest pytest-benchmark matplotlib setuptools wheel
+	$(PY) -m pip install -q numpy ninja pytest pytest-benchmark hypothesis matplotlib setuptools wheel
 	touch $@
 
 venv: $(VENV)/.ready
@@ -40,6 +40,13 @@ build: venv
 test: build
 	PYRAMID_EXT_REQUIRE_CPP=1 $(PY) -m pytest tests -q --ignore=tests/test_cuda_emu.py $(PYTEST_ARGS)
 
+# The property-based tests with many more random examples (a new seed each
+# run; a failure prints the --hypothesis-seed=N that reproduces it).
+# FUZZ_PROFILE=ci reruns CI's fixed examples.
+FUZZ_PROFILE ?= fuzz
+fuzz: build
+	HYPOTHESIS_PROFILE=$(FUZZ_PROFILE) PYRAMID_EXT_REQUIRE_CPP=1 $(PY) -m pytest tests/test_properties.py -q $(PYTEST_ARGS)
+
 bench: build
 	$(PY) benchmarks/compare.py --both-env
 	$(PY) -m pyramid_ext bench
@@ -47,7 +54,7 @@ bench: build
 
 $(VENV_CUDA)/.ready:
 	test -x $(PY_CUDA) || $(PYTHON) -m venv $(VENV_CUDA)
-	$(PY_CUDA) -m pip install -q "$(CUDA_TORCH)" $(CUDA_EXTRAS) numpy ninja pytest setuptools wheel
+	$(PY_CUDA) -m pip install -q "$(CUDA_TORCH)" $(CUDA_EXTRAS) numpy ninja pytest hypothesis setuptools wheel
 	touch $@
 
 # A separate stamp, so an existing .venv-cuda gets them too.
