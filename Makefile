@@ -88,6 +88,8 @@ test-cuda-env: cuda-check
 	  $(abspath $(PY_CUDA)) -m pytest -q $(PYTEST_ARGS) \
 	  tests/test_triton.py tests/test_double_backward.py tests/test_convert.py tests/test_nn.py tests/test_export.py \
 	  tests/test_cuda.py
+	cd $(CUDA_TREE) && PYTHONPATH=. TRITON_INTERPRET=1 PYRAMID_EXT_REQUIRE_CPP=1 $(abspath $(PY_CUDA)) -m pytest -q $(PYTEST_ARGS) \
+	  tests/test_properties.py -k triton
 
 # The CUDA kernels of csrc/cuda/ compiled by the host compiler against the CUDA
 # emulator (csrc/cuda_emu/) and run on CPU tensors: tests/test_cuda_emu.py

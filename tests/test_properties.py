@@ -40,7 +40,7 @@ _SESSION_SEED = random.randrange(2 ** 32)
 def _examples(backend: str) -> int:
     n = settings.default.max_examples
     # The Triton interpreter runs a kernel thousands of times slower.
-    return max(5, n // 20) if backend == "triton" else n
+    return max(5, n // 10) if backend == "triton" else n
 
 
 def _acc(dtype, backend):
