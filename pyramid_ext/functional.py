@@ -152,6 +152,8 @@ def _pair(size, name: str) -> Tuple[int, int]:
     except (TypeError, ValueError):
         raise TypeError(f"{name} must be an int or an (H, W) pair, got {size!r}") from None
     for v in (h, w):
+        if isinstance(v, bool) or not isinstance(v, (int, torch.SymInt)):
+            raise TypeError(f"{name} must be an int or an (H, W) pair of ints, got {tuple(size)!r}")
         if isinstance(v, int) and v <= 0:
             raise ValueError(f"{name} must be positive, got {tuple(size)!r}")
     return h, w
@@ -172,7 +174,10 @@ def upsample_concat(x: Optional[torch.Tensor], branches: Sequence[torch.Tensor],
     fn = "upsample_concat()"
     if isinstance(branches, torch.Tensor):
         raise TypeError(f"{fn}: branches must be a list of tensors, got a single Tensor")
-    branches = list(branches)
+    try:
+        branches = list(branches)
+    except TypeError:
+        raise TypeError(f"{fn}: branches must be a list of tensors, got {type(branches).__name__}") from None
     tensors = []
     if x is not None:
         if not isinstance(x, torch.Tensor):
@@ -180,6 +185,8 @@ def upsample_concat(x: Optional[torch.Tensor], branches: Sequence[torch.Tensor],
         if x.dim() != 4:
             raise ValueError(f"{fn}: x must be a 4-D (N, C, H, W) tensor, got shape {tuple(x.shape)}")
         _check_float(x, f"{fn}: x")
+        if x.shape[-2] == 0 or x.shape[-1] == 0:
+            raise ValueError(f"{fn}: x must have non-zero height and width, got shape {tuple(x.shape)}")
         tensors.append(("x", x))
     elif size is None:
         raise ValueError(f"{fn}: size is required when x is None")
@@ -202,6 +209,10 @@ def upsample_concat(x: Optional[torch.Tensor], branches: Sequence[torch.Tensor],
         if t.shape[0] != ref.shape[0]:
             raise ValueError(f"{fn}: {name} has batch size {t.shape[0]} but {ref_name} has {ref.shape[0]}")
     size = _pair(size if size is not None else x.shape[-2:], f"{fn}: size")
+    if x is not None and (size[0] != x.shape[-2] or size[1] != x.shape[-1]):
+        # x is concatenated as is, never resized.
+        raise ValueError(f"{fn}: size {tuple(size)} must equal x's height and width {tuple(x.shape[-2:])} "
+                         "(x is not resized; pass size only with x=None, or resize x first)")
     dtype = ref.dtype
     for _, t in tensors[1:]:
         dtype = torch.promote_types(dtype, t.dtype)
@@ -244,3 +255,6 @@ def _check_out(out, x, branches, size, dtype, device, fn: str) -> None:
         raise TypeError(f"{fn}: out has dtype {out.dtype}, expected {dtype}")
     if out.device != device:
         raise ValueError(f"{fn}: out is on {out.device}, expected {device}")
+    if torch._debug_has_internal_overlap(out) == 1:  # MemOverlap::Yes, e.g. expanded (stride 0)
+        raise ValueError(f"{fn}: out has elements that share memory (e.g. an expanded tensor, stride "
+                         f"{tuple(out.stride())}); it must be writable element by element")

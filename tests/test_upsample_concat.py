@@ -65,8 +65,11 @@ def test_x_none_needs_size(backend):
 
 def test_explicit_size_resizes_branches_not_x(backend):
     x = _rand((1, 2, 5, 7), torch.float64)
-    with pytest.raises(RuntimeError, match="upsample_concat: x must have out's height and width"):
+    with pytest.raises(ValueError, match=r"size \(6, 7\) must equal x's height and width \(5, 7\)"):
         pe.upsample_concat(x, [_rand((1, 2, 3, 3), torch.float64)], size=(6, 7), backend=backend)
+    # the op itself (no Python validation) still refuses
+    with pytest.raises(RuntimeError, match="upsample_concat: x must have out's height and width"):
+        torch.ops.pyramid_ext.upsample_concat(x, [_rand((1, 2, 3, 3), torch.float64)], [6, 7], False, True, False)
 
 
 def test_align_corners_true_output_of_size_one(backend):
