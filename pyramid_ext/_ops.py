@@ -159,8 +159,10 @@ def make_upsample_concat_autograd(backward_op: Callable):
         branch_offset = cx if x_first else 0
         x_offset = 0 if x_first else cb
         grad_x = grad_out[:, x_offset : x_offset + cx] if has_x and ctx.needs_input_grad[0] else None
-        grad_branches = None
-        if ctx.needs_input_grad[1]:
+        # An empty list, not None, when there are no branches: autograd
+        # checks that the gradients have the structure of the inputs.
+        grad_branches = None if shapes else []
+        if ctx.needs_input_grad[1] and shapes:
             g = grad_out
             if not (g.is_contiguous() or g.is_contiguous(memory_format=torch.channels_last)):
                 g = g.contiguous()

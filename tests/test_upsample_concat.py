@@ -289,3 +289,14 @@ def test_cpp_op_checks_its_arguments():
     with pytest.raises(RuntimeError, match="alias"):
         buf = torch.randn(1, 3, 4, 4)
         torch.ops.pyramid_ext.upsample_concat_out(buf[:, :2], [torch.randn(1, 1, 2, 2)], False, True, buf)
+
+
+def test_x_without_branches_backward(any_backend):
+    # Found by tests/test_properties.py: autograd rejected the None gradient
+    # returned for an empty branches list.
+    x = _rand((2, 3, 4, 5), torch.float64).requires_grad_(True)
+    got = pe.upsample_concat(x, [], backend=any_backend)
+    torch.testing.assert_close(got, x.detach(), rtol=0, atol=0)
+    g = _rand(got.shape, torch.float64, seed=3)
+    (grad,) = torch.autograd.grad(got, x, g)
+    torch.testing.assert_close(grad, g, rtol=0, atol=0)
