@@ -193,3 +193,44 @@ def test_convert_sync_batchnorm_pspnet():
     with torch.no_grad():
         out = model(torch.randn(1, 3, 65, 65))
     assert out.shape == (1, 3, 65, 65)
+
+
+# ------------------------------------------------------------------ GPU ---
+# SyncBatchNorm in training (GPU tensors only, PyTorch's restriction), the
+# 1x1 bin at a per-process batch of 1 included: one process per GPU (NCCL
+# refuses two ranks on one GPU), so it needs two GPUs and skips elsewhere.
+
+
+def _syncbn_model(norm):
+    torch.manual_seed(0)
+    return nn.Sequential(pe.nn.PyramidPooling(8, 4, bins=(1, 2, 3), norm=norm), nn.Conv2d(24, 3, 1)).double()
+
+
+def _gpu_worker(rank, port, out_dir):
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        x, y = _data()
+        model = _syncbn_model("syncbn").cuda()
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[rank])
+        rows = slice(rank, rank + 1)  # batch 1 per process: the 1x1 bin sees one value here, two in all
+        _train(ddp, x[:, :WORLD].cuda(), y[:, :WORLD].cuda(), rows)
+        torch.save({k: v.cpu() for k, v in model.state_dict().items()}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2 or not dist.is_nccl_available(),
+                    reason="SyncBatchNorm training needs GPU tensors and NCCL, one GPU per process (two GPUs)")
+def test_syncbatchnorm_training_per_process_batch_1_gpu():
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(_gpu_worker, args=(_free_port(), out_dir), nprocs=WORLD, join=True)
+        got = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
+    # one process with plain BatchNorm on the concatenated batch of 2
+    model = _syncbn_model("bn").cuda()
+    x, y = _data()
+    _train(model, x[:, :WORLD].cuda(), y[:, :WORLD].cuda(), slice(0, WORLD))
+    for k, want in model.state_dict().items():
+        for r in range(WORLD):
+            err = (got[r][k].double() - want.cpu().double()).abs().max().item()
+            assert err <= 1e-6, f"rank {r}: {k} differs by {err:.3g}"
