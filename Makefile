@@ -22,7 +22,7 @@ TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 MAX_JOBS ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: test fuzz bench build venv cuda-check cuda-venv test-cuda-env test-cuda-emu gpu-check clean
+.PHONY: test test-long fuzz bench build venv cuda-check cuda-venv test-cuda-env test-cuda-emu gpu-check clean
 
 $(VENV)/.ready:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,11 @@ build: venv
 
 test: build
 	PYRAMID_EXT_REQUIRE_CPP=1 $(PY) -m pytest tests -q --ignore=tests/test_cuda_emu.py $(PYTEST_ARGS)
+
+# The long runs (tests/test_long_run.py, marked `long`): 20,000 calls of each
+# op, resident memory and Python object counts flat.
+test-long: build
+	PYRAMID_EXT_LONG=1 PYRAMID_EXT_REQUIRE_CPP=1 $(PY) -m pytest tests/test_long_run.py -q $(PYTEST_ARGS)
 
 # The property-based tests with many more random examples (a new seed each
 # run; a failure prints the --hypothesis-seed=N that reproduces it).
@@ -87,7 +92,7 @@ test-cuda-env: cuda-check
 	cd $(CUDA_TREE) && PYTHONPATH=. TRITON_INTERPRET=1 PYRAMID_EXT_REQUIRE_CPP=1 PYRAMID_EXT_REQUIRE_EXPORT=1 \
 	  $(abspath $(PY_CUDA)) -m pytest -q $(PYTEST_ARGS) \
 	  tests/test_triton.py tests/test_double_backward.py tests/test_convert.py tests/test_nn.py tests/test_export.py \
-	  tests/test_cuda.py tests/test_bad_input.py tests/test_distributed.py
+	  tests/test_cuda.py tests/test_bad_input.py tests/test_distributed.py tests/test_long_run.py
 	cd $(CUDA_TREE) && PYTHONPATH=. TRITON_INTERPRET=1 PYRAMID_EXT_REQUIRE_CPP=1 $(abspath $(PY_CUDA)) -m pytest -q $(PYTEST_ARGS) \
 	  tests/test_properties.py -k triton
 

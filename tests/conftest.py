@@ -53,3 +53,14 @@ def backend(request):
 def any_backend(request):
     need_backend(request.param)
     return request.param
+
+
+def pytest_collection_modifyitems(config, items):
+    # The `long` tests (tests/test_long_run.py, about a minute) run under
+    # `make test-long` (PYRAMID_EXT_LONG=1); elsewhere they skip, saying how to run them.
+    if os.environ.get("PYRAMID_EXT_LONG") == "1":
+        return
+    skip = pytest.mark.skip(reason="long run: set PYRAMID_EXT_LONG=1 (make test-long)")
+    for item in items:
+        if "long" in item.keywords:
+            item.add_marker(skip)
