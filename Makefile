@@ -30,7 +30,12 @@ $(VENV)/.ready:
 	$(PY) -m pip install -q numpy ninja pytest pytest-benchmark hypothesis matplotlib setuptools wheel
 	touch $@
 
-venv: $(VENV)/.ready
+# A separate stamp, so an existing .venv gets the property tests' hypothesis too.
+$(VENV)/.hypothesis-ready: $(VENV)/.ready
+	$(PY) -m pip install -q hypothesis
+	touch $@
+
+venv: $(VENV)/.ready $(VENV)/.hypothesis-ready
 
 # Builds the extension in place against .venv's torch (editable install).
 build: venv
@@ -67,7 +72,11 @@ $(VENV_CUDA)/.export-ready: $(VENV_CUDA)/.ready
 	$(PY_CUDA) -m pip install -q $(EXPORT_EXTRAS)
 	touch $@
 
-cuda-venv: $(VENV_CUDA)/.ready $(VENV_CUDA)/.export-ready
+$(VENV_CUDA)/.hypothesis-ready: $(VENV_CUDA)/.ready
+	$(PY_CUDA) -m pip install -q hypothesis
+	touch $@
+
+cuda-venv: $(VENV_CUDA)/.ready $(VENV_CUDA)/.export-ready $(VENV_CUDA)/.hypothesis-ready
 
 # Compiles the CUDA kernels (no GPU needed: FORCE_CUDA=1), warnings as errors,
 # in a copy of the tree so the CPU build in place is left alone; then checks
