@@ -144,6 +144,12 @@ def spatial_pyramid_pool(x: torch.Tensor, bins=(4, 2, 1), *, mode: str = "max", 
 # --------------------------------------------------------------------------
 
 
+def _traced_size(v) -> bool:
+    """A size the TorchScript tracer (ONNX export, dynamo=False) hands out for
+    ``x.shape[i]``: a 0-d integer tensor."""
+    return isinstance(v, torch.Tensor) and v.dim() == 0 and not v.is_floating_point()
+
+
 def _pair(size, name: str) -> Tuple[int, int]:
     if isinstance(size, int) or isinstance(size, torch.SymInt):
         size = (size, size)
@@ -152,7 +158,7 @@ def _pair(size, name: str) -> Tuple[int, int]:
     except (TypeError, ValueError):
         raise TypeError(f"{name} must be an int or an (H, W) pair, got {size!r}") from None
     for v in (h, w):
-        if isinstance(v, bool) or not isinstance(v, (int, torch.SymInt)):
+        if isinstance(v, bool) or not (isinstance(v, (int, torch.SymInt)) or _traced_size(v)):
             raise TypeError(f"{name} must be an int or an (H, W) pair of ints, got {tuple(size)!r}")
         if isinstance(v, int) and v <= 0:
             raise ValueError(f"{name} must be positive, got {tuple(size)!r}")
@@ -209,7 +215,7 @@ def upsample_concat(x: Optional[torch.Tensor], branches: Sequence[torch.Tensor],
         if t.shape[0] != ref.shape[0]:
             raise ValueError(f"{fn}: {name} has batch size {t.shape[0]} but {ref_name} has {ref.shape[0]}")
     size = _pair(size if size is not None else x.shape[-2:], f"{fn}: size")
-    if x is not None and (size[0] != x.shape[-2] or size[1] != x.shape[-1]):
+    if x is not None and not any(map(_traced_size, size)) and (size[0] != x.shape[-2] or size[1] != x.shape[-1]):
         # x is concatenated as is, never resized.
         raise ValueError(f"{fn}: size {tuple(size)} must equal x's height and width {tuple(x.shape[-2:])} "
                          "(x is not resized; pass size only with x=None, or resize x first)")
