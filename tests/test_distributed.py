@@ -189,7 +189,7 @@ def test_convert_sync_batchnorm_every_module(name):
 
 def test_convert_sync_batchnorm_pspnet():
     pytest.importorskip("torchvision")
-    model = nn.SyncBatchNorm.convert_sync_batchnorm(pe.nn.PSPNet(layers=50, classes=3, pretrained=False)).eval()
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(pe.nn.PSPNet(layers=50, classes=3)).eval()
     with torch.no_grad():
         out = model(torch.randn(1, 3, 65, 65))
     assert out.shape == (1, 3, 65, 65)
