@@ -295,3 +295,12 @@ def ties_nan_inf_input(dtype):
     x[1, 2, :, :6] = float("-inf")
     x[1, 3] = float("-inf")  # whole plane: the index is each window's first element
     return x, (1, 2, 3, 6, (4, 13))
+
+
+# Windows given as data (multi_pool2d's h_bounds, w_bounds, level_bins) for a
+# 20 x 17 map: overlapping, nested, and leaving rows and columns that no window
+# reads (their gradient must be zero). Level 0: bh=2 (H windows 0, 1), bw=1
+# (W window 0); level 1: bh=2 (H windows 2, 3), bw=3 (W windows 1, 2, 3).
+# Row 0, rows 9-11, row 19 and column 16 are read by no window.
+OVERLAPPING_WINDOWS = dict(h_bounds=[1, 5, 3, 9, 12, 19, 2, 8], w_bounds=[1, 4, 6, 16, 0, 8, 8, 9],
+                           level_bins=[2, 1, 2, 3], size=(20, 17))

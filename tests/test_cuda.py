@@ -26,7 +26,7 @@ from pyramid_ext.windows import normalize_bins, pyramid_windows
 from ._helpers import TOL_VS_FP64 as TOL
 from ._helpers import as_pair as _pair
 from ._helpers import is_channels_last as _is_cl
-from ._helpers import SUM_ATOL_VS_FP64 as SUM_ATOL
+from ._helpers import OVERLAPPING_WINDOWS, SUM_ATOL_VS_FP64 as SUM_ATOL
 from ._helpers import keras_same_avg, naive_multi_pool, rand as _rand, sppnet_pool, ties_nan_inf_input
 
 pytestmark = pytest.mark.cuda
@@ -218,15 +218,9 @@ def test_many_windows_direct_path(bins, kind, mode):
 @pytest.mark.parametrize("kind", LAYOUTS)
 @pytest.mark.parametrize("mode", [0, 1])
 def test_overlapping_and_uncovered_windows(kind, mode):
-    # Windows given as data: overlapping, nested, and leaving rows/columns
-    # that no window reads (their gradient must be zero).
-    x = _rand((2, 3, 20, 17), torch.float64, seed=7)
-    # level 0: bh=2 (H windows 0, 1), bw=1 (W window 0); level 1: bh=2 (H
-    # windows 2, 3), bw=3 (W windows 1, 2, 3). Row 0, rows 9-11, row 19 and
-    # column 16 are read by no window.
-    lb = [2, 1, 2, 3]
-    hb = [1, 5, 3, 9, 12, 19, 2, 8]
-    wb = [1, 4, 6, 16, 0, 8, 8, 9]
+    win = OVERLAPPING_WINDOWS
+    x = _rand((2, 3, *win["size"]), torch.float64, seed=7)
+    hb, wb, lb = win["h_bounds"], win["w_bounds"], win["level_bins"]
     xg = _cuda(x, kind).requires_grad_()
     values, indices = OPS.multi_pool2d(xg, hb, wb, lb, mode, kind == "channels_last")
     want_v, want_i = naive_multi_pool(x, hb, wb, lb, mode, kind == "channels_last")

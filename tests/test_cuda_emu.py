@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from pyramid_ext import reference
 from pyramid_ext.windows import normalize_bins, pyramid_windows
 from tests import cuda_emu_build
-from tests._helpers import DTYPES, SUM_ATOL_VS_FP64 as SUM_ATOL, TOL_VS_FP64 as TOL, ties_nan_inf_input
+from tests._helpers import DTYPES, OVERLAPPING_WINDOWS, SUM_ATOL_VS_FP64 as SUM_ATOL, TOL_VS_FP64 as TOL
+from tests._helpers import naive_multi_pool, ties_nan_inf_input
 
 PLANTED_BUG = int(os.environ.get("PYRAMID_EXT_EMU_PLANT_BUG", "0"))
 EMU = cuda_emu_build.load(os.environ.get("PYRAMID_EXT_EMU_BUILD_DIR"), PLANTED_BUG)
@@ -167,6 +168,15 @@ def test_emulator_schedule_exposes_a_race():
 # --------------------------------------------------------------------------
 
 
+def _expected_pool(x, hb, wb, lb, mode, cl_levels, window):
+    """PyTorch's F.adaptive_*_pool2d per level for the adaptive windows (the
+    torch backend's adaptive path is exactly those calls); fp64 loops over the
+    windows for the other policies (not the project's own generic code)."""
+    if window == "adaptive":
+        return reference.multi_pool2d(x, hb, wb, lb, mode, cl_levels, adaptive=True)
+    return naive_multi_pool(x, hb, wb, lb, mode, cl_levels)
+
+
 def _pool_case(x, bins, mode, kind, cl_levels=False, window="adaptive", seed=10):
     """Runs forward and backward through the emulated ops and checks both."""
     dtype = x.dtype
@@ -174,7 +184,7 @@ def _pool_case(x, bins, mode, kind, cl_levels=False, window="adaptive", seed=10)
     hb, wb, lb = _windows(x, bins, window)
     values, indices = OPS.multi_pool2d(_fmt(x, kind), hb, wb, lb, mode, cl_levels)
     assert values.shape == (N, C * sum(lb[k] * lb[k + 1] for k in range(0, len(lb), 2)))
-    want_v, want_i = reference.multi_pool2d(x.double(), hb, wb, lb, mode, cl_levels, adaptive=window == "adaptive")
+    want_v, want_i = _expected_pool(x.double(), hb, wb, lb, mode, cl_levels, window)
     if mode == 1:
         # values and indices exactly as ATen (upcasting keeps order and ties)
         assert torch.equal(values.double(), want_v)
@@ -193,7 +203,7 @@ def _pool_case(x, bins, mode, kind, cl_levels=False, window="adaptive", seed=10)
     assert gx.shape == x.shape and gx.dtype == dtype
     assert gx.is_contiguous(memory_format=torch.channels_last if kind == "channels_last" else torch.contiguous_format)
     xr = x.detach().double().requires_grad_()
-    rv, _ = reference.multi_pool2d(xr, hb, wb, lb, mode, cl_levels, adaptive=window == "adaptive")
+    rv, _ = _expected_pool(xr, hb, wb, lb, mode, cl_levels, window)
     (rv * g.double()).sum().backward()
     _close(gx, xr.grad, dtype)
     return values, indices, gx
@@ -298,20 +308,19 @@ def test_small_shared_memory_changes_the_plan():
 @pytest.mark.parametrize("kind", LAYOUTS)
 @pytest.mark.parametrize("mode", [0, 1])
 def test_overlapping_and_uncovered_windows(kind, mode):
-    x = _rand((2, 3, 20, 17), torch.float64, seed=7)
-    lb = [2, 1, 2, 3]
-    hb = [1, 5, 3, 9, 12, 19, 2, 8]
-    wb = [1, 4, 6, 16, 0, 8, 8, 9]
+    win = OVERLAPPING_WINDOWS
+    x = _rand((2, 3, *win["size"]), torch.float64, seed=7)
+    hb, wb, lb = win["h_bounds"], win["w_bounds"], win["level_bins"]
     cl = kind == "channels_last"
     values, indices = OPS.multi_pool2d(_fmt(x, kind), hb, wb, lb, mode, cl)
-    want_v, want_i = reference.multi_pool2d(x, hb, wb, lb, mode, cl)
+    want_v, want_i = naive_multi_pool(x, hb, wb, lb, mode, cl)  # fp64 loops, not the code under test
     _close(values, want_v, torch.float64)
     if mode == 1:
         assert torch.equal(indices, want_i)
     g = _rand(values.shape, torch.float64, seed=8)
     gx = OPS.multi_pool2d_backward(g, indices if mode == 1 else None, list(x.shape), hb, wb, lb, mode, cl, cl)
     xr = x.clone().requires_grad_()
-    rv, _ = reference.multi_pool2d(xr, hb, wb, lb, mode, cl)
+    rv, _ = naive_multi_pool(xr, hb, wb, lb, mode, cl)
     (rv * g).sum().backward()
     _close(gx, xr.grad, torch.float64)
 
