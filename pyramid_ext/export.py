@@ -261,7 +261,7 @@ def multi_pool2d(x: torch.Tensor, bins: Sequence[Tuple[int, int]], mode: str, wi
     x4 = x.unsqueeze(0) if unbatched else x
     height, width = x4.shape[-2], x4.shape[-1]
     device = x4.device
-    if window != "adaptive":
+    if window != "adaptive" and (active() or torch.compiler.is_exporting()):
         # the example input must be one the policy accepts, as in eager mode (the
         # graph cannot raise: at other sizes where it is undefined it gives NaN)
         example = (_example_size(height), _example_size(width))
