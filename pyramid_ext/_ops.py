@@ -1,7 +1,7 @@
 """Fake kernels and autograd for the pyramid_ext ops.
 
 The compiled ops' schemas live in csrc/ops.cpp; the Triton ops (declared in
-pyramid_ext/triton_ops.py with the same signatures) reuse these functions, so
+pyramid_ext/triton/ with the same signatures) reuse these functions, so
 every backend has identical shapes, strides and gradients.
 """
 from __future__ import annotations

@@ -29,9 +29,9 @@ def _check_float(t: torch.Tensor, name: str) -> None:
 
 
 def _triton_ops():
-    from . import triton_ops  # imported lazily: importing Triton is slow
+    from . import triton  # imported lazily: importing Triton is slow
 
-    return triton_ops
+    return triton
 
 
 # --------------------------------------------------------------------------

@@ -1,145 +1,35 @@
-"""Triton kernels and the ``pyramid_ext::*_triton`` custom ops.
+"""Triton pooling (multi_pool2d): kernels, host-side plans and the op implementations.
 
-The ops have the same schemas and semantics as the compiled ops declared in
-csrc/ops.cpp (see docs/DESIGN.md); their fake kernels and autograd come from
-pyramid_ext/_ops.py. Kernels run on CUDA tensors, and on CPU tensors when
-Triton's interpreter is on (``TRITON_INTERPRET=1`` set before Triton is
-imported).
-
-Pooling (one pass over x): the union of all window boundaries cuts each axis
-into segments (host-side tables, cached); kernel 1 reduces every segment cell
-that some bin reads exactly once (sum, or max value + flat index); kernel 2
+One pass over x: the union of all window boundaries cuts each axis into
+segments (host-side tables, cached); kernel 1 reduces every segment cell that
+some bin reads exactly once (sum, or max value + flat index); kernel 2
 combines cells into the windows of every level and writes the packed output.
 Backward is a gather with no atomics: avg computes each cell's gradient once
 (the sum of grad / area over the bins covering it, in level order) and
 expands it to the cell's pixels; max compares each pixel's flat index with
 the saved indices of the bins covering its cell.
-
-Upsample + concat: one launch per part (x copied, each branch bilinearly
-resized with ATen's taps) writing its channel range of ``out`` through out's
-strides. Taps are computed in the kernels exactly as ATen's
-upsample_bilinear2d (csrc/pyramid_index.h, bilinear_tap), with IEEE division
-and no fma contraction. Backward: for each branch element, a gather over the
-contiguous ranges of output rows / columns whose taps read it (found by
-counting the output coordinates whose taps lie before it: taps are monotone),
-no atomics, so the result is bitwise deterministic. A 1x1 branch is one
-program per (sample, channel block) reducing the whole grad plane.
-
-Block sizes keep each program's tile at about _TILE elements.
 """
 from __future__ import annotations
 
 import functools
-import os
 import threading
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from . import _ops
-from .reference import POOL_AVG, POOL_MAX
-from .windows import level_shapes
-
-# Triton decides at decoration time whether @triton.jit functions are
-# interpreted, so what matters is the variable's value when this module loads.
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from .. import _ops
+from ..reference import POOL_AVG, POOL_MAX
+from ..windows import level_shapes
+from ._common import _LAUNCH, _TILE, _acc, _cast_out, _channel_block, _check_device, _device_fn, _div, _tile
 
 _BIG_INDEX = tl.constexpr(1 << 62)
 
 
-def _device_fn(fn):
-    """@triton.jit for helpers called from kernels. Under the interpreter a
-    @triton.jit helper re-patches triton.language on every call (about a
-    millisecond each); there the helper runs as the plain Python function it
-    is, on the interpreter's tensors, with the same arithmetic."""
-    return fn if INTERPRETED else triton.jit(fn)
-
-
 # --------------------------------------------------------------------------
-# Small helpers (device code)
+# Pooling kernels
 # --------------------------------------------------------------------------
-
-
-if INTERPRETED:
-
-    def _cast_out(v, dtype):
-        """v (fp32/fp64) in the output dtype, rounded to nearest even. The
-        interpreter truncates fp32 -> bfloat16, so round the bits here, as
-        c10::BFloat16 (and the GPU's cvt.rn) does; NaN stays a quiet NaN."""
-        if dtype == tl.bfloat16:
-            bits = v.to(tl.float32).to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-            bits = tl.where(v != v, 0x7FC0, bits)
-            return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        return v.to(dtype)
-
-else:
-
-    @triton.jit
-    def _cast_out(v, dtype: tl.constexpr):
-        return v.to(dtype)  # round to nearest even
-
-
-
-@_device_fn
-def _div(a, b, ACC_FP64: tl.constexpr):
-    # IEEE-rounded division: Triton's `/` on fp32 is approximate on GPUs.
-    if ACC_FP64:
-        return a / b
-    else:
-        return tl.math.div_rn(a, b)
-
-
-@_device_fn
-def _bilinear_scale(in_size, out_size, ALIGN: tl.constexpr, ACC: tl.constexpr, ACC_FP64: tl.constexpr):
-    """ATen's area_pixel_compute_scale (no scale_factor given)."""
-    if ALIGN:
-        num = (in_size - 1).to(ACC)
-        den = tl.maximum(out_size - 1, 1).to(ACC)
-        scale = _div(num, den, ACC_FP64)
-        scale = tl.where(out_size > 1, scale, 0.0)
-    else:
-        scale = _div(in_size.to(ACC), out_size.to(ACC), ACC_FP64)
-    return scale
-
-
-@_device_fn
-def _bilinear_tap(dst, in_size, out_size, scale, ALIGN: tl.constexpr, ACC: tl.constexpr):
-    """(i0, i1, w0, w1) for output coordinate(s) `dst` (int64), as
-    bilinear_tap in csrc/pyramid_index.h / ATen's compute_source_index_and_lambda."""
-    dst = tl.cast(dst, tl.int64)  # also a loop counter (a plain int under the interpreter)
-    dst_f = dst.to(ACC)
-    if ALIGN:
-        src = scale * dst_f
-    else:
-        src = scale * (dst_f + 0.5) - 0.5
-        src = tl.where(src < 0.0, 0.0, src)
-    i0 = tl.floor(src).to(tl.int64)
-    i0 = tl.minimum(i0, in_size - 1)
-    lam = src - i0.to(ACC)
-    lam = tl.where(lam < 0.0, 0.0, tl.where(lam > 1.0, 1.0, lam))
-    i1 = i0 + tl.where(i0 < in_size - 1, 1, 0).to(tl.int64)
-    w0 = 1.0 - lam
-    same = in_size == out_size  # ATen: sizes match -> index = dst, weights (1, 0)
-    i0 = tl.where(same, dst, i0)
-    i1 = tl.where(same, dst, i1)
-    w0 = tl.where(same, 1.0, w0)
-    w1 = tl.where(same, 0.0, lam)
-    return i0, i1, w0, w1
-
-
-@_device_fn
-def _reader_counts(src, d, dmask, in_size, out_size, scale, ALIGN: tl.constexpr, ACC: tl.constexpr):
-    """For source coordinate(s) `src` (shape S, broadcast against the output
-    coordinates `d`, shape S x D or D), how many of the `d` have i1 < src and
-    how many have i0 <= src. Summed over every d, these are the first reader
-    and one past the last reader of src (taps are monotone in d)."""
-    i0, i1, _w0, _w1 = _bilinear_tap(d, in_size, out_size, scale, ALIGN, ACC)
-    before = tl.where(dmask & (i1 < src), 1, 0).to(tl.int64)
-    upto = tl.where(dmask & (i0 <= src), 1, 0).to(tl.int64)
-    return before, upto
 
 
 @_device_fn
@@ -152,11 +42,6 @@ def _max_combine(val, idx, oval, oidx):
     take_num = (oval > val) | ((oval == val) & (oidx < idx))
     take = tl.where(nan | onan, take_nan, take_num)
     return tl.where(take, oval, val), tl.where(take, oidx, idx)
-
-
-# --------------------------------------------------------------------------
-# Pooling kernels
-# --------------------------------------------------------------------------
 
 
 @_device_fn
@@ -397,131 +282,8 @@ def _pool_bwd_pixels_kernel(
 
 
 # --------------------------------------------------------------------------
-# Upsample + concat kernels
-# --------------------------------------------------------------------------
-
-
-@triton.jit
-def _resize_into_kernel(
-    src_ptr, out_ptr,
-    C, IH, IW, OH, OW, c_offset, num_cblocks, num_pblocks,
-    ssn, ssc, ssh, ssw, son, soc, soh, sow,
-    COPY: tl.constexpr, ALIGN: tl.constexpr, ACC: tl.constexpr, ACC_FP64: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-):
-    """out[:, c_offset:c_offset+C] = bilinear resize of src (or a copy)."""
-    pid = tl.program_id(0).to(tl.int64)
-    pb = pid % num_pblocks
-    rest = pid // num_pblocks
-    cb = rest % num_cblocks
-    n = rest // num_cblocks
-
-    p = pb * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
-    pmask = p < OH * OW
-    oh = p // OW
-    ow = p % OW
-    c = cb * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
-    cmask = c < C
-    m = cmask[:, None] & pmask[None, :]
-    src = src_ptr + n * ssn + c[:, None] * ssc
-    dst = out_ptr + n * son + (c_offset + c)[:, None] * soc + (oh * soh + ow * sow)[None, :]
-    if COPY:
-        v = tl.load(src + (oh * ssh + ow * ssw)[None, :], mask=m, other=0.0)
-        tl.store(dst, v, mask=m)
-    else:
-        IH64 = IH.to(tl.int64)
-        IW64 = IW.to(tl.int64)
-        scale_h = _bilinear_scale(IH64, OH, ALIGN, ACC, ACC_FP64)
-        scale_w = _bilinear_scale(IW64, OW, ALIGN, ACC, ACC_FP64)
-        h0, h1, wh0, wh1 = _bilinear_tap(oh, IH64, OH, scale_h, ALIGN, ACC)
-        x0, x1, ww0, ww1 = _bilinear_tap(ow, IW64, OW, scale_w, ALIGN, ACC)
-        v00 = tl.load(src + (h0 * ssh + x0 * ssw)[None, :], mask=m, other=0.0).to(ACC)
-        v01 = tl.load(src + (h0 * ssh + x1 * ssw)[None, :], mask=m, other=0.0).to(ACC)
-        v10 = tl.load(src + (h1 * ssh + x0 * ssw)[None, :], mask=m, other=0.0).to(ACC)
-        v11 = tl.load(src + (h1 * ssh + x1 * ssw)[None, :], mask=m, other=0.0).to(ACC)
-        a = wh0[None, :] * (ww0[None, :] * v00 + ww1[None, :] * v01)
-        b = wh1[None, :] * (ww0[None, :] * v10 + ww1[None, :] * v11)
-        tl.store(dst, _cast_out((a + b), out_ptr.dtype.element_ty), mask=m)
-
-
-@triton.jit
-def _resize_backward_kernel(
-    g_ptr, gb_ptr,
-    C, IH, IW, OH, OW, c_offset, num_cblocks, num_xblocks,
-    sgn, sgc, sgh, sgw, sbn, sbc, sbh, sbw,
-    ALIGN: tl.constexpr, ACC: tl.constexpr, ACC_FP64: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr,
-):
-    """Gradient of one branch row y, columns [xb * BLOCK_X, ...), for a block
-    of channels: the sum of grad_out * wh * ww over the output rows / columns
-    whose taps read (y, x) -- contiguous ranges, since taps are monotone.
-    Tile: channel x source column x reader column."""
-    pid = tl.program_id(0).to(tl.int64)
-    xb = pid % num_xblocks
-    rest = pid // num_xblocks
-    y = rest % IH
-    rest = rest // IH
-    cb = rest % num_cblocks
-    n = rest // num_cblocks
-    IH64 = IH.to(tl.int64)
-    IW64 = IW.to(tl.int64)
-    OH64 = OH.to(tl.int64)
-    OW64 = OW.to(tl.int64)
-    scale_h = _bilinear_scale(IH64, OH64, ALIGN, ACC, ACC_FP64)
-    scale_w = _bilinear_scale(IW64, OW64, ALIGN, ACC, ACC_FP64)
-
-    x = xb * BLOCK_X + tl.arange(0, BLOCK_X).to(tl.int64)
-    xmask = x < IW64
-    o_range = tl.arange(0, BLOCK_O).to(tl.int64)
-    # readers of row y: [fh, lh]; of each column x: [fw, lw]
-    fh_acc = tl.zeros([BLOCK_O], dtype=tl.int64)
-    lh_acc = tl.zeros([BLOCK_O], dtype=tl.int64)
-    for d0 in range(0, OH64, BLOCK_O):
-        d = d0 + o_range
-        before, upto = _reader_counts(y, d, d < OH64, IH64, OH64, scale_h, ALIGN, ACC)
-        fh_acc += before
-        lh_acc += upto
-    fh = tl.sum(fh_acc, axis=0)
-    lh = tl.sum(lh_acc, axis=0) - 1
-    fw_acc = tl.zeros([BLOCK_X, BLOCK_O], dtype=tl.int64)
-    lw_acc = tl.zeros([BLOCK_X, BLOCK_O], dtype=tl.int64)
-    for d0 in range(0, OW64, BLOCK_O):
-        d = d0 + o_range[None, :]
-        before, upto = _reader_counts(x[:, None], d, d < OW64, IW64, OW64, scale_w, ALIGN, ACC)
-        fw_acc += before
-        lw_acc += upto
-    fw = tl.sum(fw_acc, axis=1)
-    lw = tl.sum(lw_acc, axis=1) - 1
-    span = tl.max(tl.where(xmask, lw - fw + 1, 0), axis=0)
-
-    c = cb * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
-    cmask = c < C
-    g_base = g_ptr + n * sgn + (c_offset + c)[:, None, None] * sgc
-    r_range = tl.arange(0, BLOCK_R).to(tl.int64)
-    acc = tl.zeros([BLOCK_C, BLOCK_X, BLOCK_R], dtype=ACC)
-    for oh in range(fh, lh + 1):
-        h0, h1, wh0, wh1 = _bilinear_tap(oh, IH64, OH64, scale_h, ALIGN, ACC)
-        wh = tl.where(h0 == y, wh0, 0.0) + tl.where(h1 == y, wh1, 0.0)
-        for r0 in range(0, span, BLOCK_R):
-            ow = fw[:, None] + r0 + r_range[None, :]
-            rmask = xmask[:, None] & (ow <= lw[:, None])
-            x0, x1, ww0, ww1 = _bilinear_tap(ow, IW64, OW64, scale_w, ALIGN, ACC)
-            ww = tl.where(x0 == x[:, None], ww0, 0.0) + tl.where(x1 == x[:, None], ww1, 0.0)
-            m = cmask[:, None, None] & rmask[None, :, :]
-            g = tl.load(g_base + oh * sgh + (ow * sgw)[None, :, :], mask=m, other=0.0).to(ACC)
-            acc += g * (wh * ww)[None, :, :]
-    total = tl.sum(acc, axis=2)
-    dst = gb_ptr + n * sbn + c[:, None] * sbc + y * sbh + x[None, :] * sbw
-    tl.store(dst, _cast_out(total, gb_ptr.dtype.element_ty), mask=cmask[:, None] & xmask[None, :])
-
-
-# --------------------------------------------------------------------------
 # Host-side plans (pure Python, cached)
 # --------------------------------------------------------------------------
-
-
-def _next_pow2(v: int) -> int:
-    return 1 if v <= 1 else 1 << (int(v) - 1).bit_length()
 
 
 def _axis_segments(bounds: Sequence[int], size: int):
@@ -634,54 +396,9 @@ def _plan_for(h_bounds, w_bounds, level_bins, height, width) -> _PoolPlan:
         return _pool_plan(*key)
 
 
-def _acc(dtype: torch.dtype):
-    return (tl.float64, True) if dtype == torch.float64 else (tl.float32, False)
-
-
-def _check_device(*tensors: Optional[torch.Tensor]) -> None:
-    for t in tensors:
-        if t is None:
-            continue
-        if t.device.type == "cpu" and not INTERPRETED:
-            raise RuntimeError(
-                "pyramid_ext Triton ops run on CPU tensors only under Triton's interpreter: set "
-                "TRITON_INTERPRET=1 before importing triton / pyramid_ext.triton_ops (it was not set when the "
-                "kernels were defined); otherwise use CUDA tensors or another backend"
-            )
-
-
-def _channel_block(c: int, cap: int = 32) -> int:
-    return max(1, min(cap, _next_pow2(c)))
-
-
 # --------------------------------------------------------------------------
 # Op implementations
 # --------------------------------------------------------------------------
-
-
-def _tile(budget: int, *fixed: int, want: int) -> int:
-    """Largest power of two <= want's next power of two that keeps the tile
-    (fixed dims times it) within `budget` elements."""
-    room = max(1, budget // max(1, _prod(fixed)))
-    return max(1, min(_next_pow2(want), _prev_pow2(room)))
-
-
-def _prod(vals) -> int:
-    out = 1
-    for v in vals:
-        out *= v
-    return out
-
-
-def _prev_pow2(v: int) -> int:
-    return 1 << (max(1, int(v)).bit_length() - 1)
-
-
-_TILE = 4096  # elements per program tile
-
-# No mul+add -> fma contraction on GPUs: the taps, weights and sums round
-# operation by operation, as ATen's CPU kernels and the interpreter do.
-_LAUNCH = dict(enable_fp_fusion=False)
 
 
 def _pool_impl(x, h_bounds, w_bounds, level_bins, mode, channels_last_levels):
@@ -770,170 +487,3 @@ def _pool_backward_impl(grad, indices, input_shape, h_bounds, w_bounds, level_bi
     )
     return grad_x
 
-
-def _write_part(src: torch.Tensor, out: torch.Tensor, c_offset: int, align_corners: bool, copy: bool) -> None:
-    n, c, ih, iw = src.shape
-    oh, ow = out.shape[2], out.shape[3]
-    if n == 0 or c == 0 or oh * ow == 0:
-        return
-    acc, acc64 = _acc(out.dtype)
-    block_c = _channel_block(c)
-    block_p = max(1, min(_next_pow2(oh * ow), max(16, 2048 // block_c)))
-    ncb = triton.cdiv(c, block_c)
-    npb = triton.cdiv(oh * ow, block_p)
-    _resize_into_kernel[(n * ncb * npb,)](
-        src, out,
-        c, ih, iw, oh, ow, c_offset, ncb, npb,
-        src.stride(0), src.stride(1), src.stride(2), src.stride(3),
-        out.stride(0), out.stride(1), out.stride(2), out.stride(3),
-        COPY=copy, ALIGN=bool(align_corners), ACC=acc, ACC_FP64=acc64, BLOCK_C=block_c, BLOCK_P=block_p, **_LAUNCH,
-    )
-
-
-def _fill(x, branches, align_corners, x_first, out) -> None:
-    _check_device(x, *branches, out)
-    parts = [(b, False) for b in branches]
-    if x is not None:
-        parts = [(x, True)] + parts if x_first else parts + [(x, True)]
-    offset = 0
-    for t, is_x in parts:
-        if t.dtype != out.dtype or t.device != out.device:
-            raise ValueError("upsample_concat_triton: all tensors must share out's dtype and device")
-        same = tuple(t.shape[-2:]) == tuple(out.shape[-2:])
-        if is_x and not same:
-            raise ValueError(f"upsample_concat_triton: x has spatial size {tuple(t.shape[-2:])}, "
-                             f"expected {tuple(out.shape[-2:])}")
-        _write_part(t, out, offset, align_corners, copy=same)
-        offset += t.shape[1]
-    if offset != out.shape[1]:
-        raise ValueError(f"upsample_concat_triton: out has {out.shape[1]} channels, inputs have {offset}")
-
-
-def _upsample_concat_impl(x, branches, size, align_corners, x_first, channels_last):
-    out = _ops.upsample_concat_fake(x, branches, [int(s) for s in size], align_corners, x_first, channels_last)
-    _fill(x, list(branches), align_corners, x_first, out)
-    return out
-
-
-def _upsample_concat_out_impl(x, branches, align_corners, x_first, out) -> None:
-    _fill(x, list(branches), align_corners, x_first, out)
-
-
-def _upsample_concat_backward_impl(grad_out, branch_shapes, channel_offset, align_corners, channels_last):
-    _check_device(grad_out)
-    grads = _ops.upsample_concat_backward_fake(grad_out, branch_shapes, channel_offset, align_corners, channels_last)
-    n, _, oh, ow = grad_out.shape
-    acc, acc64 = _acc(grad_out.dtype)
-    offset = int(channel_offset)
-    for gb in grads:
-        c, ih, iw = gb.shape[1], gb.shape[2], gb.shape[3]
-        if gb.numel() > 0:
-            block_c = _channel_block(c, 16)
-            ncb = triton.cdiv(c, block_c)
-            # the readers of one source column span about 2 * ow / iw + 2 output columns
-            block_r = _tile(_TILE, block_c, want=min(2 * triton.cdiv(ow, iw) + 2, 64))
-            block_x = _tile(_TILE, block_c, block_r, want=iw)
-            block_o = _tile(_TILE, block_x, want=min(max(oh, ow), 256))
-            nxb = triton.cdiv(iw, block_x)
-            _resize_backward_kernel[(n * ncb * ih * nxb,)](
-                grad_out, gb,
-                c, ih, iw, oh, ow, offset, ncb, nxb,
-                grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), grad_out.stride(3),
-                gb.stride(0), gb.stride(1), gb.stride(2), gb.stride(3),
-                ALIGN=bool(align_corners), ACC=acc, ACC_FP64=acc64,
-                BLOCK_C=block_c, BLOCK_X=block_x, BLOCK_R=block_r, BLOCK_O=block_o, **_LAUNCH,
-            )
-        offset += c
-    return grads
-
-
-# --------------------------------------------------------------------------
-# Op registration
-# --------------------------------------------------------------------------
-
-_SCHEMAS = {
-    "multi_pool2d_triton": (
-        "multi_pool2d_triton(Tensor x, SymInt[] h_bounds, SymInt[] w_bounds, int[] level_bins, int mode, "
-        "bool channels_last_levels) -> (Tensor, Tensor)"
-    ),
-    "multi_pool2d_backward_triton": (
-        "multi_pool2d_backward_triton(Tensor grad, Tensor? indices, SymInt[] input_shape, SymInt[] h_bounds, "
-        "SymInt[] w_bounds, int[] level_bins, int mode, bool channels_last_levels, bool channels_last_input) "
-        "-> Tensor"
-    ),
-    "upsample_concat_triton": (
-        "upsample_concat_triton(Tensor? x, Tensor[] branches, SymInt[] size, bool align_corners, bool x_first, "
-        "bool channels_last) -> Tensor"
-    ),
-    "upsample_concat_out_triton": (
-        "upsample_concat_out_triton(Tensor? x, Tensor[] branches, bool align_corners, bool x_first, "
-        "Tensor(a!) out) -> ()"
-    ),
-    "upsample_concat_backward_triton": (
-        "upsample_concat_backward_triton(Tensor grad_out, SymInt[] branch_shapes, SymInt channel_offset, "
-        "bool align_corners, bool channels_last) -> Tensor[]"
-    ),
-}
-
-_IMPLS = {
-    "multi_pool2d_triton": (_pool_impl, _ops.pool_fake),
-    "multi_pool2d_backward_triton": (_pool_backward_impl, _ops.pool_backward_fake),
-    "upsample_concat_triton": (_upsample_concat_impl, _ops.upsample_concat_fake),
-    "upsample_concat_out_triton": (_upsample_concat_out_impl, _ops.upsample_concat_out_fake),
-    "upsample_concat_backward_triton": (_upsample_concat_backward_impl, _ops.upsample_concat_backward_fake),
-}
-
-
-def _registered(name: str) -> bool:
-    return hasattr(torch.ops.pyramid_ext, name)
-
-
-def _register() -> None:
-    if _registered("multi_pool2d_triton"):  # module re-imported (e.g. reload): keep the first registration
-        return
-    global _LIB
-    _LIB = torch.library.Library("pyramid_ext", "FRAGMENT")
-    for name, schema in _SCHEMAS.items():
-        _LIB.define(schema)
-        impl, fake = _IMPLS[name]
-        qualname = "pyramid_ext::" + name
-        torch.library.impl(qualname, ("cpu", "cuda"), impl, lib=_LIB)
-        torch.library.register_fake(qualname, fake, lib=_LIB)
-    ops = torch.ops.pyramid_ext
-    backward, setup = _ops.make_pool_autograd(ops.multi_pool2d_backward_triton.default)
-    torch.library.register_autograd("pyramid_ext::multi_pool2d_triton", backward, setup_context=setup, lib=_LIB)
-    backward, setup = _ops.make_upsample_concat_autograd(ops.upsample_concat_backward_triton.default)
-    torch.library.register_autograd("pyramid_ext::upsample_concat_triton", backward, setup_context=setup, lib=_LIB)
-    backward, setup = _ops.make_pool_backward_autograd(ops.multi_pool2d_triton.default)
-    torch.library.register_autograd("pyramid_ext::multi_pool2d_backward_triton", backward, setup_context=setup,
-                                    lib=_LIB)
-    backward, setup = _ops.make_upsample_concat_backward_autograd(ops.upsample_concat_triton.default)
-    torch.library.register_autograd("pyramid_ext::upsample_concat_backward_triton", backward, setup_context=setup,
-                                    lib=_LIB)
-
-
-_LIB = None
-_register()
-
-
-# --------------------------------------------------------------------------
-# Entry points called by pyramid_ext.functional
-# --------------------------------------------------------------------------
-
-
-def multi_pool2d(x, h_bounds, w_bounds, level_bins, mode, channels_last_levels):
-    return torch.ops.pyramid_ext.multi_pool2d_triton(x, list(h_bounds), list(w_bounds), list(level_bins), int(mode),
-                                                      bool(channels_last_levels))
-
-
-def upsample_concat(x, branches, size, align_corners, x_first, channels_last):
-    return torch.ops.pyramid_ext.upsample_concat_triton(x, list(branches), list(size), bool(align_corners),
-                                                        bool(x_first), bool(channels_last))
-
-
-def upsample_concat_out(x, branches, align_corners, x_first, out):
-    torch.ops.pyramid_ext.upsample_concat_out_triton(x, list(branches), bool(align_corners), bool(x_first), out)
-    return out
-
-
-__all__ = ["multi_pool2d", "upsample_concat", "upsample_concat_out", "INTERPRETED"]
