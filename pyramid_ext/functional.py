@@ -1,7 +1,8 @@
 """Public functional API, named like ``torch.nn.functional``.
 
-Each function validates its arguments (errors name the argument), picks a
-backend (see pyramid_ext.backends) and calls that backend's op. The compiled
+Each function validates its arguments (errors name the argument), resolves
+the backend once (see pyramid_ext.backends) and calls that backend's op
+through the backend table (``backends.implementation``). The compiled
 and Triton ops are ``torch.library`` ops with fake kernels and autograd, so
 everything here works under ``torch.compile(fullgraph=True)``.
 """
@@ -12,7 +13,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 
 from . import _ops  # noqa: F401  (fake kernels and autograd of the compiled ops)
-from . import backends, export, reference
+from . import backends, export
 from .reference import POOL_AVG, POOL_MAX
 from .windows import level_shapes, normalize_bins, pyramid_windows
 
@@ -26,12 +27,6 @@ _dense = _ops._dense
 def _check_float(t: torch.Tensor, name: str) -> None:
     if t.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{name} must be a floating-point tensor (float64, float32, float16 or bfloat16), got {t.dtype}")
-
-
-def _triton_ops():
-    from . import triton  # imported lazily: importing Triton is slow
-
-    return triton
 
 
 # --------------------------------------------------------------------------
@@ -60,15 +55,8 @@ def _pool_packed(x, bins, mode: int, channels_last_levels, window: str, backend:
     h_bounds, w_bounds, level_bins = pyramid_windows(height, width, pairs, window)
     if channels_last_levels is None:
         channels_last_levels = _channels_last(x4)
-    name = backends.resolve(backend, x4.device, "multi_pool2d")
-    if name == "cpp":
-        values, indices = torch.ops.pyramid_ext.multi_pool2d(x4, h_bounds, w_bounds, level_bins, mode,
-                                                             channels_last_levels)
-    elif name == "triton":
-        values, indices = _triton_ops().multi_pool2d(x4, h_bounds, w_bounds, level_bins, mode, channels_last_levels)
-    else:
-        values, indices = reference.multi_pool2d(x4, h_bounds, w_bounds, level_bins, mode, channels_last_levels,
-                                                 adaptive=window == "adaptive")
+    impl = backends.implementation(backends.resolve(backend, x4.device, "multi_pool2d"))
+    values, indices = impl.multi_pool2d(x4, h_bounds, w_bounds, level_bins, mode, channels_last_levels)
     return values, indices, level_bins, unbatched, channels_last_levels
 
 
@@ -228,25 +216,15 @@ def upsample_concat(x: Optional[torch.Tensor], branches: Sequence[torch.Tensor],
     if export.active():
         return export.upsample_concat(x, branches, size, align_corners, x_first, out)
     channels_last = _channels_last(x) if x is not None else _channels_last(branches[0])
-    name = backends.resolve(backend, ref.device, "upsample_concat")
+    impl = backends.implementation(backends.resolve(backend, ref.device, "upsample_concat"))
 
     if out is not None:
         _check_out(out, x, branches, size, dtype, ref.device, fn)
         if torch.is_grad_enabled() and any(t.requires_grad for _, t in tensors):
             raise RuntimeError(f"{fn}: out= does not support automatic differentiation, but an input requires grad")
-        if name == "cpp":
-            torch.ops.pyramid_ext.upsample_concat_out(x, branches, align_corners, x_first, out)
-        elif name == "triton":
-            _triton_ops().upsample_concat_out(x, branches, align_corners, x_first, out)
-        else:
-            reference.upsample_concat_out(x, branches, align_corners, x_first, out)
+        impl.upsample_concat_out(x, branches, align_corners, x_first, out)
         return out
-
-    if name == "cpp":
-        return torch.ops.pyramid_ext.upsample_concat(x, branches, list(size), align_corners, x_first, channels_last)
-    if name == "triton":
-        return _triton_ops().upsample_concat(x, branches, list(size), align_corners, x_first, channels_last)
-    return reference.upsample_concat(x, branches, size, align_corners, x_first, channels_last)
+    return impl.upsample_concat(x, branches, list(size), align_corners, x_first, channels_last)
 
 
 def _check_out(out, x, branches, size, dtype, device, fn: str) -> None:

@@ -159,3 +159,78 @@ def test_build_info():
     for op in ("multi_pool2d", "multi_pool2d_backward", "upsample_concat", "upsample_concat_out",
                "upsample_concat_backward"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"pyramid_ext::{op}", "CPU")
+
+
+# --------------------------------------------------------------------------
+# The backend table (pyramid_ext.backends)
+# --------------------------------------------------------------------------
+
+
+def _table_backends():
+    names = ["cpp", "torch"]
+    if "triton" in pe.available_backends("cpu") or "triton" in pe.available_backends("cuda"):
+        names.append("triton")
+    return names
+
+
+def test_backend_table_one_signature_per_op():
+    """Every entry has every op, with the very same parameters: functional.py
+    calls them all the same way."""
+    import inspect
+
+    from pyramid_ext import backends
+
+    names = _table_backends()
+    for name in names:
+        backends._load(name)
+    for op in backends.OPS:
+        sigs = {name: list(inspect.signature(getattr(backends.implementation(name), op)).parameters)
+                for name in names}
+        assert len({tuple(s) for s in sigs.values()}) == 1, f"{op}: {sigs}"
+
+
+def _ppm_on(backend_name):
+    def fn(x):
+        levels = pe.multi_adaptive_avg_pool2d(x, (1, 2, 3, 6), backend=backend_name)
+        spp = pe.spatial_pyramid_pool(x, (2, 1), mode="max", backend=backend_name)
+        sppnet = pe.spatial_pyramid_pool(x, (2, 1), mode="avg", window="sppnet", backend=backend_name)
+        return pe.upsample_concat(x, [t * 2 for t in levels], align_corners=True, backend=backend_name), spp, sppnet
+
+    return fn
+
+
+def _ppm_on_eager(x):
+    sppnet = []
+    for n in (2, 1):  # SPPNet's windows: kernel ceil(a/n), stride floor(a/n)
+        kernel = (-(-x.shape[-2] // n), -(-x.shape[-1] // n))
+        stride = (x.shape[-2] // n, x.shape[-1] // n)
+        sppnet.append(F.avg_pool2d(x, kernel, stride).flatten(1))
+    spp = torch.cat([F.adaptive_max_pool2d(x, b).flatten(1) for b in (2, 1)], 1)
+    return _ppm_eager(x), spp, torch.cat(sppnet, 1)
+
+
+@pytest.mark.parametrize("backend_name", ["cpp", "torch"])
+def test_compile_dynamic_through_the_table(backend_name):
+    """Every backend's table entry traces into one graph (fullgraph), and with
+    dynamic=True the adaptive windows stay symbolic: one compilation for
+    every size, the torch backend's check for adaptive windows included."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    fn = torch.compile(_ppm_on(backend_name), backend=counter, fullgraph=True, dynamic=True)
+    for h, w in [(12, 16), (20, 30), (34, 46)]:  # SPPNet's windows need sizes that give n windows
+        x = torch.randn(2, 4, h, w)
+        for got, want in zip(fn(x), _ppm_on_eager(x)):
+            torch.testing.assert_close(got, want)
+    # sppnet's window count depends on the size (windows.sppnet_windows reads
+    # it as an int), so that part specializes; the rest must not recompile.
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    adaptive_only = torch.compile(lambda x: _ppm_on(backend_name)(x)[:2], backend=counter, fullgraph=True,
+                                  dynamic=True)
+    for h, w in [(13, 17), (20, 31), (33, 47), (61, 29)]:
+        x = torch.randn(2, 4, h, w)
+        for got, want in zip(adaptive_only(x), _ppm_on_eager(x)[:2]):
+            torch.testing.assert_close(got, want)
+    assert counter.frame_count == 1, f"recompiled {counter.frame_count} times"

@@ -593,6 +593,37 @@ def test_opcheck_upsample_ops():
     torch.library.opcheck(OPS.upsample_concat_backward_triton.default, (g, [2, 1, 1, 3, 3, 2], 3, False, True))
 
 
+def test_compile_fullgraph_dynamic():
+    """The Triton entry of the backend table under torch.compile: one graph
+    (fullgraph), one compilation for every size (dynamic=True), forward and
+    backward against eager PyTorch."""
+    from torch._dynamo.testing import CompileCounter
+
+    def ppm(x):
+        levels = pe.multi_adaptive_avg_pool2d(x, (1, 2, 3), backend=T)
+        return pe.upsample_concat(x, [t * 2 for t in levels], align_corners=True, backend=T)
+
+    def ppm_eager(x):
+        ups = [F.interpolate(F.adaptive_avg_pool2d(x, b) * 2, x.shape[-2:], mode="bilinear", align_corners=True)
+               for b in (1, 2, 3)]
+        return torch.cat([x] + ups, 1)
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    fn = torch.compile(ppm, backend=counter, fullgraph=True, dynamic=True)
+    for h, w in [(7, 9), (11, 6), (13, 10)]:
+        x = _rand(1, 2, h, w, dtype=torch.float64, seed=h)
+        torch.testing.assert_close(fn(x), ppm_eager(x))
+    assert counter.frame_count == 1, f"recompiled {counter.frame_count} times"
+    torch._dynamo.reset()
+    fn = torch.compile(ppm, backend="aot_eager", fullgraph=True, dynamic=True)
+    x = _rand(2, 3, 9, 8, dtype=torch.float64, seed=64).requires_grad_()
+    fn(x).square().sum().backward()
+    x2 = x.detach().clone().requires_grad_()
+    ppm_eager(x2).square().sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad)
+
+
 def test_deterministic():
     x = _rand(2, 5, 21, 19, seed=70)
     bins = (1, 2, 3, 6)
