@@ -1,8 +1,10 @@
-"""Fake kernels and autograd for the pyramid_ext ops.
+"""Schemas, fake kernels and autograd for the pyramid_ext ops.
 
-The compiled ops' schemas live in csrc/ops.cpp; the Triton ops (declared in
-pyramid_ext/triton/ with the same signatures) reuse these functions, so
-every backend has identical shapes, strides and gradients.
+The compiled ops' schemas are declared in csrc/op_schemas.h; ``SCHEMAS``
+states them once in Python, and the Triton ops (pyramid_ext/triton/, named
+``<op>_triton``) are declared from it (tests/test_library.py checks it equals
+the compiled ops' schemas). Both reuse the fake kernels and autograd below,
+so every backend has identical shapes, strides and gradients.
 """
 from __future__ import annotations
 
@@ -14,6 +16,33 @@ import torch.nn.functional as F
 from . import _extension
 from .reference import POOL_AVG, POOL_MAX
 from .windows import level_shapes, packed_size
+
+
+# The schema of every op, after its name: the same as csrc/op_schemas.h.
+SCHEMAS = {
+    "multi_pool2d": (
+        "(Tensor x, SymInt[] h_bounds, SymInt[] w_bounds, int[] level_bins, int mode, bool channels_last_levels) "
+        "-> (Tensor, Tensor)"
+    ),
+    "multi_pool2d_backward": (
+        "(Tensor grad, Tensor? indices, SymInt[] input_shape, SymInt[] h_bounds, SymInt[] w_bounds, "
+        "int[] level_bins, int mode, bool channels_last_levels, bool channels_last_input) -> Tensor"
+    ),
+    "upsample_concat": (
+        "(Tensor? x, Tensor[] branches, SymInt[] size, bool align_corners, bool x_first, bool channels_last) "
+        "-> Tensor"
+    ),
+    "upsample_concat_out": "(Tensor? x, Tensor[] branches, bool align_corners, bool x_first, Tensor(a!) out) -> ()",
+    "upsample_concat_backward": (
+        "(Tensor grad_out, SymInt[] branch_shapes, SymInt channel_offset, bool align_corners, bool channels_last) "
+        "-> Tensor[]"
+    ),
+}
+
+
+def schema(op: str, suffix: str = "") -> str:
+    """The schema of `op` as declared under the name op + suffix."""
+    return op + suffix + SCHEMAS[op]
 
 
 def _channels_last(t: torch.Tensor) -> bool:

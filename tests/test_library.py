@@ -234,3 +234,93 @@ def test_compile_dynamic_through_the_table(backend_name):
         for got, want in zip(adaptive_only(x), _ppm_on_eager(x)[:2]):
             torch.testing.assert_close(got, want)
     assert counter.frame_count == 1, f"recompiled {counter.frame_count} times"
+
+
+# --------------------------------------------------------------------------
+# Op schemas: the Triton ops' (from pyramid_ext._ops.SCHEMAS) equal the compiled ones
+# --------------------------------------------------------------------------
+
+
+def _schema_fields(schema):
+    """Everything of a schema but its name: the text after the name (types as
+    written, SymInt included, defaults, alias annotations, returns) and the
+    parsed arguments and returns."""
+
+    def arg(a):
+        alias = a.alias_info
+        return (a.name, str(a.type), str(a.real_type), a.N, a.has_default_value(), a.default_value, a.kwarg_only,
+                a.is_out, None if alias is None else (alias.is_write, sorted(alias.before_set), sorted(alias.after_set)))
+
+    text = str(schema)
+    return dict(text=text[text.index("("):], overload=schema.overload_name, mutable=schema.is_mutable,
+                arguments=[arg(a) for a in schema.arguments], returns=[arg(r) for r in schema.returns])
+
+
+def _schema_diff(compiled, other) -> list:
+    a, b = _schema_fields(compiled), _schema_fields(other)
+    return [f"{key}: compiled {a[key]!r} != {b[key]!r}" for key in a if a[key] != b[key]]
+
+
+def _registered_schemas(suffix: str):
+    """{op: schema} of the registered pyramid_ext ops whose name ends with
+    `suffix` ("" for the compiled ones: those without the "_triton" suffix)."""
+    out = {}
+    for s in torch._C._jit_get_all_schemas():
+        if not s.name.startswith("pyramid_ext::"):
+            continue
+        name = s.name[len("pyramid_ext::"):]
+        if suffix and name.endswith(suffix):
+            out[name[: -len(suffix)]] = s
+        elif not suffix and not name.endswith("_triton"):
+            out[name] = s
+    return out
+
+
+def _triton_loaded() -> bool:
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        return False
+    import pyramid_ext.triton  # noqa: F401  (registers the pyramid_ext::*_triton ops)
+
+    return True
+
+
+def test_triton_schemas_equal_compiled():
+    """Every compiled op has a Triton op with the same schema (argument names,
+    types, defaults, alias annotations, returns) and vice versa: checked on
+    the Python statement the Triton ops are declared from and, where Triton
+    is installed, on the registered Triton ops themselves."""
+    from pyramid_ext import _ops
+
+    compiled = _registered_schemas("")
+    assert compiled, "no compiled op registered"
+    sides = {"pyramid_ext._ops.SCHEMAS": {op: torch._C.parse_schema("pyramid_ext::" + _ops.schema(op, "_triton"))
+                                          for op in _ops.SCHEMAS}}
+    if _triton_loaded():
+        sides["registered Triton ops"] = _registered_schemas("_triton")
+    for side, schemas in sides.items():
+        assert set(compiled) == set(schemas), (
+            f"compiled only: {sorted(set(compiled) - set(schemas))}; {side} only: {sorted(set(schemas) - set(compiled))}")
+        for op in compiled:
+            assert schemas[op].name == f"pyramid_ext::{op}_triton"
+            diff = _schema_diff(compiled[op], schemas[op])
+            assert not diff, f"{op} ({side}): " + "; ".join(diff)
+
+
+@pytest.mark.parametrize("change", [("SymInt[] h_bounds", "int[] h_bounds"),
+                                    ("bool channels_last_input", "bool channels_last_input=False"),
+                                    ("Tensor? indices", "Tensor indices"), ("int mode", "int modes"),
+                                    ("-> Tensor", "-> Tensor(a)")])
+def test_schema_diff_sees_every_field(change):
+    """The comparison above can fail: one changed type, default, optional
+    marker, name or alias annotation is a difference."""
+    from pyramid_ext import _ops
+
+    op = "multi_pool2d_backward"
+    compiled = _registered_schemas("")[op]
+    text = _ops.schema(op, "_triton")
+    assert change[0] in text
+    changed = torch._C.parse_schema("pyramid_ext::" + text.replace(change[0], change[1]))
+    assert _schema_diff(compiled, changed)
+    assert not _schema_diff(compiled, torch._C.parse_schema("pyramid_ext::" + text))

@@ -27,37 +27,16 @@ from ._upsample_concat import _upsample_concat_backward_impl, _upsample_concat_i
 # Op registration
 # --------------------------------------------------------------------------
 
-_SCHEMAS = {
-    "multi_pool2d_triton": (
-        "multi_pool2d_triton(Tensor x, SymInt[] h_bounds, SymInt[] w_bounds, int[] level_bins, int mode, "
-        "bool channels_last_levels) -> (Tensor, Tensor)"
-    ),
-    "multi_pool2d_backward_triton": (
-        "multi_pool2d_backward_triton(Tensor grad, Tensor? indices, SymInt[] input_shape, SymInt[] h_bounds, "
-        "SymInt[] w_bounds, int[] level_bins, int mode, bool channels_last_levels, bool channels_last_input) "
-        "-> Tensor"
-    ),
-    "upsample_concat_triton": (
-        "upsample_concat_triton(Tensor? x, Tensor[] branches, SymInt[] size, bool align_corners, bool x_first, "
-        "bool channels_last) -> Tensor"
-    ),
-    "upsample_concat_out_triton": (
-        "upsample_concat_out_triton(Tensor? x, Tensor[] branches, bool align_corners, bool x_first, "
-        "Tensor(a!) out) -> ()"
-    ),
-    "upsample_concat_backward_triton": (
-        "upsample_concat_backward_triton(Tensor grad_out, SymInt[] branch_shapes, SymInt channel_offset, "
-        "bool align_corners, bool channels_last) -> Tensor[]"
-    ),
-}
-
+# Every op of _ops.SCHEMAS, declared as pyramid_ext::<op>_triton with that schema.
 _IMPLS = {
-    "multi_pool2d_triton": (_pool_impl, _ops.pool_fake),
-    "multi_pool2d_backward_triton": (_pool_backward_impl, _ops.pool_backward_fake),
-    "upsample_concat_triton": (_upsample_concat_impl, _ops.upsample_concat_fake),
-    "upsample_concat_out_triton": (_upsample_concat_out_impl, _ops.upsample_concat_out_fake),
-    "upsample_concat_backward_triton": (_upsample_concat_backward_impl, _ops.upsample_concat_backward_fake),
+    "multi_pool2d": (_pool_impl, _ops.pool_fake),
+    "multi_pool2d_backward": (_pool_backward_impl, _ops.pool_backward_fake),
+    "upsample_concat": (_upsample_concat_impl, _ops.upsample_concat_fake),
+    "upsample_concat_out": (_upsample_concat_out_impl, _ops.upsample_concat_out_fake),
+    "upsample_concat_backward": (_upsample_concat_backward_impl, _ops.upsample_concat_backward_fake),
 }
+if _IMPLS.keys() != _ops.SCHEMAS.keys():
+    raise RuntimeError(f"pyramid_ext.triton implements {sorted(_IMPLS)}, _ops.SCHEMAS declares {sorted(_ops.SCHEMAS)}")
 
 
 def _registered(name: str) -> bool:
@@ -69,10 +48,9 @@ def _register() -> None:
         return
     global _LIB
     _LIB = torch.library.Library("pyramid_ext", "FRAGMENT")
-    for name, schema in _SCHEMAS.items():
-        _LIB.define(schema)
-        impl, fake = _IMPLS[name]
-        qualname = "pyramid_ext::" + name
+    for op, (impl, fake) in _IMPLS.items():
+        _LIB.define(_ops.schema(op, "_triton"))
+        qualname = "pyramid_ext::" + op + "_triton"
         torch.library.impl(qualname, ("cpu", "cuda"), impl, lib=_LIB)
         torch.library.register_fake(qualname, fake, lib=_LIB)
     ops = torch.ops.pyramid_ext
@@ -93,7 +71,7 @@ _register()
 
 
 # --------------------------------------------------------------------------
-# Entry points called by pyramid_ext.functional
+# Entry points: the "triton" entry of the backend table (pyramid_ext.backends)
 # --------------------------------------------------------------------------
 
 
