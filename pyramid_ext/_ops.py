@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _extension
-from .reference import POOL_AVG, POOL_MAX
+from .plan import POOL_AVG, POOL_MAX
 from .windows import level_shapes, packed_size
 
 

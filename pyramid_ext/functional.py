@@ -14,7 +14,7 @@ import torch
 
 from . import _ops  # noqa: F401  (fake kernels and autograd of the compiled ops)
 from . import backends, export
-from .reference import POOL_AVG, POOL_MAX
+from .plan import POOL_AVG, POOL_MAX
 from .windows import level_shapes, normalize_bins, pyramid_windows
 
 _FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)

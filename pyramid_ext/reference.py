@@ -13,11 +13,8 @@ from typing import List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .plan import POOL_AVG, POOL_MAX, check_pool_args
 from .windows import adaptive_windows, level_shapes
-
-# Pooling modes of the multi_pool2d ops (csrc/pyramid_index.h: kPoolAvg, kPoolMax).
-POOL_AVG = 0
-POOL_MAX = 1
 
 
 def _pack(levels: List[torch.Tensor], channels_last_levels: bool) -> torch.Tensor:
@@ -95,6 +92,7 @@ def multi_pool2d(
     """Reference for ``torch.ops.pyramid_ext.multi_pool2d``. A level whose
     windows are PyTorch's adaptive ones is one ``F.adaptive_*_pool2d`` call
     (exactly PyTorch's numbers); other windows are pooled explicitly."""
+    check_pool_args(x.shape, h_bounds, w_bounds, level_bins, mode)
     if x.numel() == 0:
         # ATen's pooling rejects C == 0; the result is empty either way.
         total = sum(bh * bw for bh, bw in level_shapes(level_bins))

@@ -624,6 +624,22 @@ def test_compile_fullgraph_dynamic():
     torch.testing.assert_close(x.grad, x2.grad)
 
 
+def test_op_checks_pool_args():
+    """The Triton ops check their arguments as the compiled ops do
+    (pyramid_ext.plan.check_pool_args), naming the argument."""
+    x = _rand(1, 2, 5, 5)
+    cases = [(([0, 6], [0, 5], [1, 1], 0), r"h_bounds window 0, \[0, 6\), is empty or outside \[0, 5\)"),
+             (([0, 5], [0, 5, 1, 2], [1, 1], 0), r"w_bounds has 4 values, level_bins needs 2"),
+             (([0, 5], [0, 5], [1, 0], 0), r"level_bins must be positive"),
+             (([0, 5], [0, 5], [1, 1], 2), r"mode must be 0 \(avg\) or 1 \(max\), got 2")]
+    for (hb, wb, lb, mode), message in cases:
+        with pytest.raises(ValueError, match="multi_pool2d_triton: " + message):
+            OPS.multi_pool2d_triton(x, hb, wb, lb, mode, False)
+        with pytest.raises(ValueError, match="multi_pool2d_backward_triton: " + message):
+            OPS.multi_pool2d_backward_triton(torch.zeros(1, 2, device=DEVICE), None, [1, 2, 5, 5], hb, wb, lb, mode,
+                                             False, False)
+
+
 def test_deterministic():
     x = _rand(2, 5, 21, 19, seed=70)
     bins = (1, 2, 3, 6)

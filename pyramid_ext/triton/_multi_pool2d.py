@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import functools
 import threading
-from typing import List, Sequence, Tuple
+from typing import List, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
 from .. import _ops
-from ..reference import POOL_AVG, POOL_MAX
+from ..plan import POOL_AVG, POOL_MAX, axis_segments, check_pool_args, level_offsets
 from ..windows import level_shapes
 from ._common import _LAUNCH, _TILE, _acc, _cast_out, _channel_block, _check_device, _device_fn, _div, _tile
 
@@ -286,44 +286,21 @@ def _pool_bwd_pixels_kernel(
 # --------------------------------------------------------------------------
 
 
-def _axis_segments(bounds: Sequence[int], size: int):
-    """make_axis_segments of the header: (cuts, seg_begin, seg_end, seg_of)."""
-    is_cut = [False] * (size + 1)
-    covered = [False] * size
-    nwin = len(bounds) // 2
-    for k in range(nwin):
-        s, e = bounds[2 * k], bounds[2 * k + 1]
-        is_cut[s] = is_cut[e] = True
-        for i in range(s, e):
-            covered[i] = True
-    cuts, seg_at = [], [-1] * (size + 1)
-    for i in range(size + 1):
-        if is_cut[i]:
-            seg_at[i] = len(cuts)
-            cuts.append(i)
-    seg_of, seg = [-1] * size, -1
-    for i in range(size):
-        if is_cut[i]:
-            seg = seg_at[i]
-        if covered[i]:
-            seg_of[i] = seg
-    seg_begin = [seg_at[bounds[2 * k]] for k in range(nwin)]
-    seg_end = [seg_at[bounds[2 * k + 1]] for k in range(nwin)]
-    return cuts, seg_begin, seg_end, seg_of
-
-
 class _PoolPlan:
-    """Segment tables of one (bounds, input size) combination."""
+    """Segment tables of one (bounds, input size) combination (pyramid_ext.plan:
+    the segments of each axis, the offset of each level per channel)."""
 
     def __init__(self, h_bounds, w_bounds, level_bins, height, width):
-        hc, hb, he, self.seg_h = _axis_segments(h_bounds, height)
-        wc, wb, we, self.seg_w = _axis_segments(w_bounds, width)
+        hc, hb, he, self.seg_h = axis_segments(h_bounds, height)
+        wc, wb, we, self.seg_w = axis_segments(w_bounds, width)
         self.SH, self.SW = len(hc) - 1, len(wc) - 1
         self.num_cells = max(self.SH * self.SW, 1)
         bins = []  # per bin t: hsb, hse, wsb, wse, area, prior, pos, bh*bw
         covering: List[List[int]] = [[] for _ in range(self.num_cells)]
-        prior = ho = wo = 0
-        for bh, bw in level_shapes(level_bins):
+        priors = level_offsets(level_bins, 1)  # bins of the levels before, per channel
+        ho = wo = 0
+        for level, (bh, bw) in enumerate(level_shapes(level_bins)):
+            prior = priors[level]
             for i in range(bh):
                 for j in range(bw):
                     kh, kw = ho + i, wo + j
@@ -333,7 +310,6 @@ class _PoolPlan:
                     for a in range(hb[kh], he[kh]):
                         for b in range(wb[kw], we[kw]):
                             covering[a * self.SW + b].append(t)
-            prior += bh * bw
             ho += bh
             wo += bw
         self.T = len(bins)
@@ -403,8 +379,7 @@ def _plan_for(h_bounds, w_bounds, level_bins, height, width) -> _PoolPlan:
 
 def _pool_impl(x, h_bounds, w_bounds, level_bins, mode, channels_last_levels):
     _check_device(x)
-    if mode not in (POOL_AVG, POOL_MAX):
-        raise ValueError(f"multi_pool2d_triton: mode must be 0 (avg) or 1 (max), got {mode}")
+    check_pool_args(x.shape, h_bounds, w_bounds, level_bins, mode, "multi_pool2d_triton")
     values, indices = _ops.pool_fake(x, h_bounds, w_bounds, level_bins, mode, channels_last_levels)
     n, c, height, width = x.shape
     if values.numel() == 0:
@@ -445,8 +420,7 @@ def _pool_impl(x, h_bounds, w_bounds, level_bins, mode, channels_last_levels):
 def _pool_backward_impl(grad, indices, input_shape, h_bounds, w_bounds, level_bins, mode, channels_last_levels,
                         channels_last_input):
     _check_device(grad, indices)
-    if mode not in (POOL_AVG, POOL_MAX):
-        raise ValueError(f"multi_pool2d_backward_triton: mode must be 0 (avg) or 1 (max), got {mode}")
+    check_pool_args(input_shape, h_bounds, w_bounds, level_bins, mode, "multi_pool2d_backward_triton")
     if mode == POOL_MAX and indices is None:
         raise ValueError("multi_pool2d_backward_triton: indices are required for max pooling")
     grad_x = _ops.pool_backward_fake(grad, indices, input_shape, h_bounds, w_bounds, level_bins, mode,
