@@ -56,6 +56,33 @@ def _dense(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous()
 
 
+def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a and b may share memory: the same storage and intersecting
+    byte ranges, each range from the tensor's first to its last element.
+    Conservative: two channel slices of a batch of several samples interleave,
+    so they count as overlapping although no element is shared."""
+    if a.numel() == 0 or b.numel() == 0 or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+
+    def byte_range(t):
+        last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+        return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+    a_begin, a_end = byte_range(a)
+    b_begin, b_end = byte_range(b)
+    return a_begin < b_end and b_begin < a_end
+
+
+def check_out_disjoint(op: str, x, branches, out: torch.Tensor) -> None:
+    """The upsample_concat_out ops' rule (every backend): no input may overlap
+    out, since out is written while the inputs are read. (The public function
+    copies such inputs first.)"""
+    named = ([("x", x)] if x is not None else []) + [(f"branches[{i}]", b) for i, b in enumerate(branches)]
+    for name, t in named:
+        if overlaps(t, out):
+            raise RuntimeError(f"{op}: out must not overlap {name} (they share memory); pass a copy of {name}")
+
+
 # --------------------------------------------------------------------------
 # multi_pool2d
 # --------------------------------------------------------------------------

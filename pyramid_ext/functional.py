@@ -164,6 +164,12 @@ def upsample_concat(x: Optional[torch.Tensor], branches: Sequence[torch.Tensor],
     into one output. ``size`` defaults to x's (H, W). ``x_first=False`` puts x
     last; ``x=None`` concatenates the branches alone (``size`` required).
     ``out``: a tensor (or a channel slice of a bigger buffer) to fill in place.
+    An input whose memory overlaps ``out``'s (same storage, intersecting byte
+    ranges) is copied first, so the result is computed from the inputs'
+    values before the call, as PyTorch's ``out=`` ops do; an input that shares
+    out's storage without overlapping it (another channel slice of the same
+    buffer, for a batch of one) is read in place. Channel slices of a batch of
+    several samples interleave in memory and count as overlapping.
     """
     fn = "upsample_concat()"
     if isinstance(branches, torch.Tensor):
@@ -222,6 +228,11 @@ def upsample_concat(x: Optional[torch.Tensor], branches: Sequence[torch.Tensor],
         _check_out(out, x, branches, size, dtype, ref.device, fn)
         if torch.is_grad_enabled() and any(t.requires_grad for _, t in tensors):
             raise RuntimeError(f"{fn}: out= does not support automatic differentiation, but an input requires grad")
+        # The ops reject inputs that overlap out (they read while writing out):
+        # those are copied here, the others passed as they are.
+        if x is not None and _ops.overlaps(x, out):
+            x = x.clone()
+        branches = [b.clone() if _ops.overlaps(b, out) else b for b in branches]
         impl.upsample_concat_out(x, branches, align_corners, x_first, out)
         return out
     return impl.upsample_concat(x, branches, list(size), align_corners, x_first, channels_last)

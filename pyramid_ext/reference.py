@@ -13,6 +13,7 @@ from typing import List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from . import _ops
 from .plan import POOL_AVG, POOL_MAX, check_pool_args
 from .windows import adaptive_windows, level_shapes
 
@@ -145,6 +146,7 @@ def upsample_concat(
 
 def upsample_concat_out(x, branches, align_corners: bool, x_first: bool, out: torch.Tensor) -> torch.Tensor:
     """Reference for ``torch.ops.pyramid_ext.upsample_concat_out``; returns out."""
+    _ops.check_out_disjoint("upsample_concat_out", x, branches, out)
     c = 0
     parts = list(branches)
     if x is not None:

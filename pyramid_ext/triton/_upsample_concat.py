@@ -244,6 +244,7 @@ def _upsample_concat_impl(x, branches, size, align_corners, x_first, channels_la
 
 
 def _upsample_concat_out_impl(x, branches, align_corners, x_first, out) -> None:
+    _ops.check_out_disjoint("upsample_concat_out_triton", x, branches, out)
     _fill(x, list(branches), align_corners, x_first, out)
 
 
