@@ -7,8 +7,7 @@ computed in the kernels exactly as ATen's upsample_bilinear2d
 contraction. Backward: for each branch element, a gather over the contiguous
 ranges of output rows / columns whose taps read it (found by counting the
 output coordinates whose taps lie before it: taps are monotone), no atomics,
-so the result is bitwise deterministic. A 1x1 branch is one program per
-(sample, channel block) reducing the whole grad plane.
+so the result is bitwise deterministic.
 """
 from __future__ import annotations
 
