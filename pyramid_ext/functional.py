@@ -14,7 +14,7 @@ import torch
 
 from . import _ops  # noqa: F401  (fake kernels and autograd of the compiled ops)
 from . import backends, export
-from .plan import POOL_AVG, POOL_MAX
+from .plan import POOL_AVG, POOL_MAX, level_offsets
 from .windows import level_shapes, normalize_bins, pyramid_windows
 
 _FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -63,11 +63,10 @@ def _pool_packed(x, bins, mode: int, channels_last_levels, window: str, backend:
 def _unpack(packed: torch.Tensor, level_bins, channels: int, channels_last_levels: bool, unbatched: bool):
     """Per-level (N, C, bh, bw) views into the packed (N, C * total) buffer."""
     out = []
-    offset = 0
+    offsets = level_offsets(level_bins, channels)
     n = packed.shape[0]
-    for bh, bw in level_shapes(level_bins):
-        block = packed[:, offset : offset + channels * bh * bw]
-        offset += channels * bh * bw
+    for level, (bh, bw) in enumerate(level_shapes(level_bins)):
+        block = packed[:, offsets[level] : offsets[level + 1]]
         if channels_last_levels:
             level = block.view(n, bh, bw, channels).permute(0, 3, 1, 2)
         else:
