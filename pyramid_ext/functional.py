@@ -12,7 +12,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from . import _ops  # noqa: F401  (fake kernels and autograd of the compiled ops)
+from . import _ops  # also registers the fake kernels and autograd of the compiled ops
 from . import backends, export
 from .plan import POOL_AVG, POOL_MAX, level_offsets
 from .windows import level_shapes, normalize_bins, pyramid_windows
