@@ -1,8 +1,10 @@
-"""Fake kernels and autograd for the pyramid_ext ops.
+"""Schemas, fake kernels and autograd for the pyramid_ext ops.
 
-The compiled ops' schemas live in csrc/ops.cpp; the Triton ops (declared in
-pyramid_ext/triton_ops.py with the same signatures) reuse these functions, so
-every backend has identical shapes, strides and gradients.
+The compiled ops' schemas are declared in csrc/op_schemas.h; ``SCHEMAS``
+states them once in Python, and the Triton ops (pyramid_ext/triton/, named
+``<op>_triton``) are declared from it (tests/test_library.py checks it equals
+the compiled ops' schemas). Both reuse the fake kernels and autograd below,
+so every backend has identical shapes, strides and gradients.
 """
 from __future__ import annotations
 
@@ -12,8 +14,35 @@ import torch
 import torch.nn.functional as F
 
 from . import _extension
-from .reference import POOL_AVG, POOL_MAX
+from .plan import POOL_AVG, POOL_MAX
 from .windows import level_shapes, packed_size
+
+
+# The schema of every op, after its name: the same as csrc/op_schemas.h.
+SCHEMAS = {
+    "multi_pool2d": (
+        "(Tensor x, SymInt[] h_bounds, SymInt[] w_bounds, int[] level_bins, int mode, bool channels_last_levels) "
+        "-> (Tensor, Tensor)"
+    ),
+    "multi_pool2d_backward": (
+        "(Tensor grad, Tensor? indices, SymInt[] input_shape, SymInt[] h_bounds, SymInt[] w_bounds, "
+        "int[] level_bins, int mode, bool channels_last_levels, bool channels_last_input) -> Tensor"
+    ),
+    "upsample_concat": (
+        "(Tensor? x, Tensor[] branches, SymInt[] size, bool align_corners, bool x_first, bool channels_last) "
+        "-> Tensor"
+    ),
+    "upsample_concat_out": "(Tensor? x, Tensor[] branches, bool align_corners, bool x_first, Tensor(a!) out) -> ()",
+    "upsample_concat_backward": (
+        "(Tensor grad_out, SymInt[] branch_shapes, SymInt channel_offset, bool align_corners, bool channels_last) "
+        "-> Tensor[]"
+    ),
+}
+
+
+def schema(op: str, suffix: str = "") -> str:
+    """The schema of `op` as declared under the name op + suffix."""
+    return op + suffix + SCHEMAS[op]
 
 
 def _channels_last(t: torch.Tensor) -> bool:
@@ -25,6 +54,33 @@ def _dense(t: torch.Tensor) -> torch.Tensor:
     if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last):
         return t
     return t.contiguous()
+
+
+def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a and b may share memory: the same storage and intersecting
+    byte ranges, each range from the tensor's first to its last element.
+    Conservative: two channel slices of a batch of several samples interleave,
+    so they count as overlapping although no element is shared."""
+    if a.numel() == 0 or b.numel() == 0 or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+
+    def byte_range(t):
+        last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+        return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+    a_begin, a_end = byte_range(a)
+    b_begin, b_end = byte_range(b)
+    return a_begin < b_end and b_begin < a_end
+
+
+def check_out_disjoint(op: str, x, branches, out: torch.Tensor) -> None:
+    """The upsample_concat_out ops' rule (every backend): no input may overlap
+    out, since out is written while the inputs are read. (The public function
+    copies such inputs first.)"""
+    named = ([("x", x)] if x is not None else []) + [(f"branches[{i}]", b) for i, b in enumerate(branches)]
+    for name, t in named:
+        if overlaps(t, out):
+            raise RuntimeError(f"{op}: out must not overlap {name} (they share memory); pass a copy of {name}")
 
 
 # --------------------------------------------------------------------------

@@ -9,6 +9,11 @@ context, then the ``PYRAMID_EXT_BACKEND`` environment variable, then "auto":
 cpp when the extension has a kernel for the device, else triton for CUDA
 tensors when Triton is installed, else torch. A backend that was *named* and
 cannot serve the tensor raises; it never silently switches.
+
+The backend table: ``implementation(name)`` is the backend's entry in it, an
+object with one function per op and the same signature in every backend
+(``OPS``); pyramid_ext.functional resolves the backend once per call and
+calls through it. A new op is one function in each entry.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ from typing import List, Optional
 
 import torch
 
-from . import _extension
+from . import _extension, reference
 
 BACKENDS = ("cpp", "triton", "torch")
 ENV_VAR = "PYRAMID_EXT_BACKEND"
@@ -109,7 +114,8 @@ def resolve(backend: Optional[str], device: torch.device, op: str) -> str:
     """Chooses the backend for one call; raises if a named one cannot serve.
 
     Under torch.compile the choice is made once, at trace time (a constant of
-    the graph), like any other Python-level configuration.
+    the graph), like any other Python-level configuration. The chosen
+    backend's table entry is loaded (``implementation(name)``).
     """
     return _resolve(backend, device.type, op)
 
@@ -120,12 +126,63 @@ def _resolve(backend: Optional[str], device_type: str, op: str) -> str:
     name = requested_backend(backend)
     if name == "auto":
         if _why_not("cpp", device, op) is None:
-            return "cpp"
-        if device.type == "cuda" and _why_not("triton", device, op) is None:
-            return "triton"
-        _extension.warn_if_missing()
-        return "torch"
-    reason = _why_not(name, device, op)
-    if reason is not None:
-        raise RuntimeError(f"pyramid_ext: backend={name!r} cannot run {op} on a {device.type} tensor: {reason}")
+            name = "cpp"
+        elif device.type == "cuda" and _why_not("triton", device, op) is None:
+            name = "triton"
+        else:
+            _extension.warn_if_missing()
+            name = "torch"
+    else:
+        reason = _why_not(name, device, op)
+        if reason is not None:
+            raise RuntimeError(f"pyramid_ext: backend={name!r} cannot run {op} on a {device.type} tensor: {reason}")
+    _load(name)
     return name
+
+
+# --------------------------------------------------------------------------
+# The backend table
+# --------------------------------------------------------------------------
+
+# The ops every entry provides, each with one signature in every backend:
+#   multi_pool2d(x, h_bounds, w_bounds, level_bins, mode, channels_last_levels) -> (values, indices)
+#   upsample_concat(x, branches, size, align_corners, x_first, channels_last) -> out
+#   upsample_concat_out(x, branches, align_corners, x_first, out) -> out
+# (the contracts of docs/DESIGN.md, "Op contracts").
+OPS = ("multi_pool2d", "upsample_concat", "upsample_concat_out")
+
+
+class _Compiled:
+    """The "cpp" entry: the compiled ops (C++ on CPU, CUDA kernels on GPU)."""
+
+    @staticmethod
+    def multi_pool2d(x, h_bounds, w_bounds, level_bins, mode, channels_last_levels):
+        return torch.ops.pyramid_ext.multi_pool2d(x, h_bounds, w_bounds, level_bins, mode, channels_last_levels)
+
+    @staticmethod
+    def upsample_concat(x, branches, size, align_corners, x_first, channels_last):
+        return torch.ops.pyramid_ext.upsample_concat(x, branches, size, align_corners, x_first, channels_last)
+
+    @staticmethod
+    def upsample_concat_out(x, branches, align_corners, x_first, out):
+        torch.ops.pyramid_ext.upsample_concat_out(x, branches, align_corners, x_first, out)
+        return out
+
+
+# "triton" (the module pyramid_ext.triton) is added by _load, on the first call
+# that resolves to it: importing Triton is slow.
+_TABLE = {"cpp": _Compiled, "torch": reference}
+
+
+def _load(name: str) -> None:
+    if name == "triton" and name not in _TABLE:
+        from . import triton
+
+        _TABLE[name] = triton
+
+
+def implementation(name: str):
+    """The table entry of backend `name`, a name `resolve` returned (which
+    has loaded it: under torch.compile the lookup is then a plain dict read
+    of the traced code, the import having run at trace time)."""
+    return _TABLE[name]

@@ -1,7 +1,8 @@
 """Public functional API, named like ``torch.nn.functional``.
 
-Each function validates its arguments (errors name the argument), picks a
-backend (see pyramid_ext.backends) and calls that backend's op. The compiled
+Each function validates its arguments (errors name the argument), resolves
+the backend once (see pyramid_ext.backends) and calls that backend's op
+through the backend table (``backends.implementation``). The compiled
 and Triton ops are ``torch.library`` ops with fake kernels and autograd, so
 everything here works under ``torch.compile(fullgraph=True)``.
 """
@@ -11,9 +12,9 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from . import _ops  # noqa: F401  (fake kernels and autograd of the compiled ops)
-from . import backends, export, reference
-from .reference import POOL_AVG, POOL_MAX
+from . import _ops  # also registers the fake kernels and autograd of the compiled ops
+from . import backends, export
+from .plan import POOL_AVG, POOL_MAX, level_offsets
 from .windows import level_shapes, normalize_bins, pyramid_windows
 
 _FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -26,12 +27,6 @@ _dense = _ops._dense
 def _check_float(t: torch.Tensor, name: str) -> None:
     if t.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{name} must be a floating-point tensor (float64, float32, float16 or bfloat16), got {t.dtype}")
-
-
-def _triton_ops():
-    from . import triton_ops  # imported lazily: importing Triton is slow
-
-    return triton_ops
 
 
 # --------------------------------------------------------------------------
@@ -60,26 +55,18 @@ def _pool_packed(x, bins, mode: int, channels_last_levels, window: str, backend:
     h_bounds, w_bounds, level_bins = pyramid_windows(height, width, pairs, window)
     if channels_last_levels is None:
         channels_last_levels = _channels_last(x4)
-    name = backends.resolve(backend, x4.device, "multi_pool2d")
-    if name == "cpp":
-        values, indices = torch.ops.pyramid_ext.multi_pool2d(x4, h_bounds, w_bounds, level_bins, mode,
-                                                             channels_last_levels)
-    elif name == "triton":
-        values, indices = _triton_ops().multi_pool2d(x4, h_bounds, w_bounds, level_bins, mode, channels_last_levels)
-    else:
-        values, indices = reference.multi_pool2d(x4, h_bounds, w_bounds, level_bins, mode, channels_last_levels,
-                                                 adaptive=window == "adaptive")
+    impl = backends.implementation(backends.resolve(backend, x4.device, "multi_pool2d"))
+    values, indices = impl.multi_pool2d(x4, h_bounds, w_bounds, level_bins, mode, channels_last_levels)
     return values, indices, level_bins, unbatched, channels_last_levels
 
 
 def _unpack(packed: torch.Tensor, level_bins, channels: int, channels_last_levels: bool, unbatched: bool):
     """Per-level (N, C, bh, bw) views into the packed (N, C * total) buffer."""
     out = []
-    offset = 0
+    offsets = level_offsets(level_bins, channels)
     n = packed.shape[0]
-    for bh, bw in level_shapes(level_bins):
-        block = packed[:, offset : offset + channels * bh * bw]
-        offset += channels * bh * bw
+    for level, (bh, bw) in enumerate(level_shapes(level_bins)):
+        block = packed[:, offsets[level] : offsets[level + 1]]
         if channels_last_levels:
             level = block.view(n, bh, bw, channels).permute(0, 3, 1, 2)
         else:
@@ -176,6 +163,12 @@ def upsample_concat(x: Optional[torch.Tensor], branches: Sequence[torch.Tensor],
     into one output. ``size`` defaults to x's (H, W). ``x_first=False`` puts x
     last; ``x=None`` concatenates the branches alone (``size`` required).
     ``out``: a tensor (or a channel slice of a bigger buffer) to fill in place.
+    An input whose memory overlaps ``out``'s (same storage, intersecting byte
+    ranges) is copied first, so the result is computed from the inputs'
+    values before the call, as PyTorch's ``out=`` ops do; an input that shares
+    out's storage without overlapping it (another channel slice of the same
+    buffer, for a batch of one) is read in place. Channel slices of a batch of
+    several samples interleave in memory and count as overlapping.
     """
     fn = "upsample_concat()"
     if isinstance(branches, torch.Tensor):
@@ -228,25 +221,20 @@ def upsample_concat(x: Optional[torch.Tensor], branches: Sequence[torch.Tensor],
     if export.active():
         return export.upsample_concat(x, branches, size, align_corners, x_first, out)
     channels_last = _channels_last(x) if x is not None else _channels_last(branches[0])
-    name = backends.resolve(backend, ref.device, "upsample_concat")
+    impl = backends.implementation(backends.resolve(backend, ref.device, "upsample_concat"))
 
     if out is not None:
         _check_out(out, x, branches, size, dtype, ref.device, fn)
         if torch.is_grad_enabled() and any(t.requires_grad for _, t in tensors):
             raise RuntimeError(f"{fn}: out= does not support automatic differentiation, but an input requires grad")
-        if name == "cpp":
-            torch.ops.pyramid_ext.upsample_concat_out(x, branches, align_corners, x_first, out)
-        elif name == "triton":
-            _triton_ops().upsample_concat_out(x, branches, align_corners, x_first, out)
-        else:
-            reference.upsample_concat_out(x, branches, align_corners, x_first, out)
+        # The ops reject inputs that overlap out (they read while writing out):
+        # those are copied here, the others passed as they are.
+        if x is not None and _ops.overlaps(x, out):
+            x = x.clone()
+        branches = [b.clone() if _ops.overlaps(b, out) else b for b in branches]
+        impl.upsample_concat_out(x, branches, align_corners, x_first, out)
         return out
-
-    if name == "cpp":
-        return torch.ops.pyramid_ext.upsample_concat(x, branches, list(size), align_corners, x_first, channels_last)
-    if name == "triton":
-        return _triton_ops().upsample_concat(x, branches, list(size), align_corners, x_first, channels_last)
-    return reference.upsample_concat(x, branches, size, align_corners, x_first, channels_last)
+    return impl.upsample_concat(x, branches, list(size), align_corners, x_first, channels_last)
 
 
 def _check_out(out, x, branches, size, dtype, device, fn: str) -> None:

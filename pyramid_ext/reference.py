@@ -13,11 +13,9 @@ from typing import List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .windows import level_shapes
-
-# Pooling modes of the multi_pool2d ops (csrc/pyramid_index.h: kPoolAvg, kPoolMax).
-POOL_AVG = 0
-POOL_MAX = 1
+from . import _ops
+from .plan import POOL_AVG, POOL_MAX, check_pool_args
+from .windows import adaptive_windows, level_shapes
 
 
 def _pack(levels: List[torch.Tensor], channels_last_levels: bool) -> torch.Tensor:
@@ -46,6 +44,17 @@ def _window_max(x: torch.Tensor, hs: int, he: int, ws: int, we: int):
     # alone, as ATen's max pooling does (amax would split it among ties).
     val = x.reshape(x.shape[0], x.shape[1], -1).gather(-1, idx.unsqueeze(-1)).squeeze(-1)
     return val, idx
+
+
+def _are_adaptive(windows, size, n: int) -> bool:
+    """Whether `windows` are PyTorch's adaptive windows of n bins over size.
+    With the sizes of torch.compile(dynamic=True) both sides are the same
+    symbolic expressions (windows.adaptive_windows made them), so the
+    comparison is decided without a guard."""
+    for (s, e), (adaptive_s, adaptive_e) in zip(windows, adaptive_windows(size, n)):
+        if s != adaptive_s or e != adaptive_e:
+            return False
+    return True
 
 
 def _generic_level(x, hwins, wwins, mode):
@@ -80,11 +89,11 @@ def multi_pool2d(
     level_bins: Sequence[int],
     mode: int,
     channels_last_levels: bool,
-    adaptive: bool = False,
 ):
-    """Reference for ``torch.ops.pyramid_ext.multi_pool2d``. With ``adaptive``
-    the windows are known to be PyTorch's adaptive ones and each level is one
-    ``F.adaptive_*_pool2d`` call (exactly PyTorch's numbers)."""
+    """Reference for ``torch.ops.pyramid_ext.multi_pool2d``. A level whose
+    windows are PyTorch's adaptive ones is one ``F.adaptive_*_pool2d`` call
+    (exactly PyTorch's numbers); other windows are pooled explicitly."""
+    check_pool_args(x.shape, h_bounds, w_bounds, level_bins, mode)
     if x.numel() == 0:
         # ATen's pooling rejects C == 0; the result is empty either way.
         total = sum(bh * bw for bh, bw in level_shapes(level_bins))
@@ -98,6 +107,7 @@ def multi_pool2d(
         wwins = [(w_bounds[2 * k], w_bounds[2 * k + 1]) for k in range(wo, wo + bw)]
         ho += bh
         wo += bw
+        adaptive = _are_adaptive(hwins, x.shape[-2], bh) and _are_adaptive(wwins, x.shape[-1], bw)
         if adaptive and mode == POOL_AVG:
             v, i = F.adaptive_avg_pool2d(x, (bh, bw)), None
         elif adaptive:
@@ -134,8 +144,9 @@ def upsample_concat(
     return out.contiguous(memory_format=fmt)
 
 
-def upsample_concat_out(x, branches, align_corners: bool, x_first: bool, out: torch.Tensor) -> None:
-    """Reference for ``torch.ops.pyramid_ext.upsample_concat_out``."""
+def upsample_concat_out(x, branches, align_corners: bool, x_first: bool, out: torch.Tensor) -> torch.Tensor:
+    """Reference for ``torch.ops.pyramid_ext.upsample_concat_out``; returns out."""
+    _ops.check_out_disjoint("upsample_concat_out", x, branches, out)
     c = 0
     parts = list(branches)
     if x is not None:
@@ -146,3 +157,4 @@ def upsample_concat_out(x, branches, align_corners: bool, x_first: bool, out: to
             p = _interpolate(p, size, align_corners)
         out[:, c : c + p.shape[1]].copy_(p)
         c += p.shape[1]
+    return out

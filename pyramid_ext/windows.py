@@ -27,6 +27,8 @@ from typing import List, Sequence, Tuple, Union
 
 import torch
 
+from .plan import check_windows
+
 Bin = Union[int, Tuple[int, int]]
 
 WINDOW_POLICIES = ("adaptive", "sppnet", "keras_same")
@@ -147,18 +149,9 @@ def packed_size(level_bins: Sequence[int]) -> int:
 
 
 def check_bounds(h_bounds, w_bounds, level_bins, height, width) -> None:
-    """Validates concrete window bounds (skipped for symbolic sizes)."""
-    nh = sum(level_bins[0::2])
-    nw = sum(level_bins[1::2])
-    if len(h_bounds) != 2 * nh or len(w_bounds) != 2 * nw:
-        raise ValueError("window bounds do not match level_bins")
-    for bounds, size, axis in ((h_bounds, height, "height"), (w_bounds, width, "width")):
-        if not all(isinstance(v, int) for v in bounds) or not isinstance(size, int):
-            continue
-        for k in range(len(bounds) // 2):
-            s, e = bounds[2 * k], bounds[2 * k + 1]
-            if not (0 <= s < e <= size):
-                raise ValueError(f"window [{s}, {e}) along {axis} is empty or outside [0, {size})")
+    """Validates a policy's window bounds (concrete values; symbolic ones are
+    skipped): the checks of the ops themselves, pyramid_ext.plan.check_windows."""
+    check_windows(h_bounds, w_bounds, level_bins, height, width, "pyramid_windows")
 
 
 __all__ = [

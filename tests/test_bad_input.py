@@ -1,5 +1,6 @@
 """Bad input, every error class per public function and module: each case
 asserts the exact exception class and that the message names the argument."""
+import re
 import sys
 import types
 
@@ -186,6 +187,161 @@ def test_out_overlapping_inputs_is_correct(any_backend):
     want = torch.cat([x, b.clone()], 1)
     got = UP(x, [b], out=buf, backend=any_backend)
     torch.testing.assert_close(got, want)
+
+
+# ------------------------------------------------ out= sharing memory ---
+# The rule, every backend: the ops reject an input that overlaps out ("out
+# must not overlap <input>"); upsample_concat(out=) copies exactly those
+# inputs first (PyTorch's out= semantics), and reads the others in place.
+
+
+def _overlap_backend(name):
+    if name == "triton":
+        from pyramid_ext import backends
+
+        if not (backends.triton_installed() and backends.triton_interpret()):
+            pytest.skip("Triton runs here only under TRITON_INTERPRET=1 (the CUDA-environment CI step runs this file)")
+    need_backend(name)
+    return name
+
+
+@pytest.fixture(params=["cpp", "torch", "triton"])
+def out_backend(request):
+    return _overlap_backend(request.param)
+
+
+def _cpp_has_old_alias_rule() -> bool:
+    """Whether the compiled CPU op still rejects every input that shares out's
+    storage ("out must not alias an input"), disjoint or not: the rule before
+    at::get_overlap_status (csrc/ is changed on another branch)."""
+    buf = torch.zeros(1, 4, 2, 2)
+    try:
+        torch.ops.pyramid_ext.upsample_concat_out(buf[:, :2], [], False, True, buf[:, 2:])
+    except RuntimeError as e:
+        return "must not alias" in str(e)
+    return False
+
+
+def _op_out_error(backend, name):
+    """The op-level error for an input `name` overlapping out. The compiled
+    op's message before the csrc/ change names no input: accepted until then."""
+    named = rf"{re.escape(name)}(?![\w\[])"  # the name itself: "x", not the x of "x_first"
+    if backend == "cpp":
+        return rf"(out must not overlap.*{named}|out must not alias an input)"
+    return rf"out must not overlap {named}"
+
+
+def _entry(backend):
+    from pyramid_ext import backends
+
+    backends.resolve(backend, torch.device("cpu"), "upsample_concat")  # loads the entry
+    return backends.implementation(backend)
+
+
+def _spy_out_op(monkeypatch, backend):
+    """Records the data pointers of the tensors the backend's out= op gets."""
+    entry = _entry(backend)
+    original = entry.upsample_concat_out
+    calls = []
+
+    def spy(x, branches, align_corners, x_first, out):
+        calls.append(([x.data_ptr()] if x is not None else []) + [b.data_ptr() for b in branches] + [out.data_ptr()])
+        return original(x, branches, align_corners, x_first, out)
+
+    monkeypatch.setattr(entry, "upsample_concat_out", spy)
+    return calls
+
+
+def _up(t, size, align_corners=False):
+    return torch.nn.functional.interpolate(t, size=size, mode="bilinear", align_corners=align_corners)
+
+
+def test_out_is_x(out_backend, monkeypatch):
+    """x is out's own memory (out=buf, x=buf; and x = out's first channels,
+    written after a branch overwrote them): the result is x before the call."""
+    buf = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    want = buf.clone()
+    calls = _spy_out_op(monkeypatch, out_backend)
+    got = UP(buf, [], out=buf, backend=out_backend)
+    assert got is buf and torch.equal(buf, want)
+    assert calls[0][0] != buf.data_ptr()  # x was copied
+    buf = torch.randn(1, 5, 6, 6, dtype=torch.float64)
+    x = buf[:, :3]  # contiguous (a batch of one): read in place unless copied
+    br = torch.randn(1, 2, 3, 3, dtype=torch.float64)
+    want = torch.cat([_up(br, (6, 6)), x.clone()], 1)
+    got = UP(x, [br], x_first=False, out=buf, backend=out_backend)
+    assert got is buf
+    torch.testing.assert_close(buf, want, rtol=1e-12, atol=1e-12)
+
+
+def test_out_branch_is_view_of_out(out_backend, monkeypatch):
+    """A branch that is a contiguous view of out's memory, sample for sample
+    (its batch stride is out's): resized from its values before the call."""
+    buf = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    br = buf.view(2, 4, 16, 4)
+    want = _up(br.clone(), (8, 8))
+    calls = _spy_out_op(monkeypatch, out_backend)
+    got = UP(None, [br], size=(8, 8), out=buf, backend=out_backend)
+    assert got is buf and calls[0][0] != br.data_ptr()
+    torch.testing.assert_close(buf, want, rtol=1e-12, atol=1e-12)
+    # with x in front: the branch spans out's memory, x does not touch it
+    buf = torch.randn(2, 7, 8, 8, dtype=torch.float64)
+    br = buf.view(2, 4, 28, 4)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    want = torch.cat([x, _up(br.clone(), (8, 8), True)], 1)
+    got = UP(x, [br], align_corners=True, out=buf, backend=out_backend)
+    assert got is buf
+    torch.testing.assert_close(buf, want, rtol=1e-12, atol=1e-12)
+
+
+def test_out_disjoint_slices_of_one_buffer_not_copied(out_backend, monkeypatch):
+    """x, out and a branch are disjoint channel slices of one buffer (a batch
+    of one, so each slice is contiguous): written in place, nothing copied."""
+    if out_backend == "cpp" and _cpp_has_old_alias_rule():
+        pytest.xfail("the compiled op still rejects any input sharing out's storage (the csrc/ change to "
+                     "at::get_overlap_status is on another branch)")
+    buf = torch.randn(1, 10, 6, 6, dtype=torch.float64)
+    x, out, br = buf[:, 0:3], buf[:, 3:8], buf[:, 8:10]
+    want = torch.cat([x, br], 1).clone()
+    calls = _spy_out_op(monkeypatch, out_backend)
+    got = UP(x, [br], out=out, backend=out_backend)
+    assert got is out and got.data_ptr() == buf[:, 3].data_ptr()
+    assert calls == [[x.data_ptr(), br.data_ptr(), out.data_ptr()]]  # the inputs themselves, no copies
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    torch.testing.assert_close(buf[:, 0:3], want[:, 0:3], rtol=0, atol=0)  # x untouched
+
+
+def test_out_op_rejects_overlapping_inputs(out_backend):
+    """The ops themselves (the backend table's upsample_concat_out, below the
+    public function's copies) reject an input overlapping out, naming it."""
+    op = _entry(out_backend).upsample_concat_out
+    buf = torch.randn(2, 3, 6, 6)
+    with pytest.raises(RuntimeError, match=_op_out_error(out_backend, "x")):
+        op(buf, [], False, True, buf)
+    buf = torch.randn(2, 4, 8, 8)
+    other = torch.randn(2, 1, 3, 3)
+    with pytest.raises(RuntimeError, match=_op_out_error(out_backend, "branches[0]")):
+        op(None, [buf.view(2, 4, 16, 4)], False, True, buf)
+    buf = torch.randn(2, 5, 8, 8)
+    with pytest.raises(RuntimeError, match=_op_out_error(out_backend, "branches[1]")):
+        op(None, [other, buf.view(2, 4, 10, 8)], False, True, buf)
+    # partial overlap: x is out's first channel and two channels before it
+    buf = torch.randn(1, 7, 4, 4)
+    with pytest.raises(RuntimeError, match=_op_out_error(out_backend, "x")):
+        op(buf[:, 0:3], [torch.randn(1, 2, 2, 2)], False, True, buf[:, 2:7])
+
+
+def test_out_op_accepts_disjoint_slices(out_backend):
+    if out_backend == "cpp" and _cpp_has_old_alias_rule():
+        pytest.xfail("the compiled op still rejects any input sharing out's storage (the csrc/ change to "
+                     "at::get_overlap_status is on another branch)")
+    op = _entry(out_backend).upsample_concat_out
+    buf = torch.randn(1, 9, 5, 5, dtype=torch.float64)
+    x, out, br = buf[:, 6:9], buf[:, 1:6], buf[:, 0:1]  # out between its inputs
+    small = torch.randn(1, 1, 2, 3, dtype=torch.float64)
+    want = torch.cat([x, br, _up(small, (5, 5))], 1).clone()
+    op(x, [br, small], False, True, out)
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
 
 
 # --------------------------------------------------------------- modules ---

@@ -142,7 +142,7 @@ def test_op_packed_layout_matches_reference(kind, mode, cl_levels, dtype):
     bins = normalize_bins((1, 2, 3, 6, (2, 5)))
     hb, wb, lb = pyramid_windows(33, 47, bins)
     values, indices = OPS.multi_pool2d(_cuda(x, kind), hb, wb, lb, mode, cl_levels)
-    want_v, want_i = reference.multi_pool2d(x.double(), hb, wb, lb, mode, cl_levels, adaptive=True)
+    want_v, want_i = reference.multi_pool2d(x.double(), hb, wb, lb, mode, cl_levels)
     assert values.shape == want_v.shape and values.is_contiguous()
     _close(values, want_v, dtype)
     if mode == 1:
@@ -202,7 +202,7 @@ def test_many_windows_direct_path(bins, kind, mode):
     hb, wb, lb = pyramid_windows(size[0], size[1], normalize_bins(bins))
     xg = _cuda(x, kind).requires_grad_()
     values, indices = OPS.multi_pool2d(xg, hb, wb, lb, mode, False)
-    want_v, want_i = reference.multi_pool2d(x.double(), hb, wb, lb, mode, False, adaptive=True)
+    want_v, want_i = reference.multi_pool2d(x.double(), hb, wb, lb, mode, False)
     _close(values, want_v, torch.float32)
     if mode == 1:
         assert torch.equal(indices.cpu(), want_i)
@@ -210,7 +210,7 @@ def test_many_windows_direct_path(bins, kind, mode):
     w = _rand(values.shape, torch.float32, seed=6)
     (values * w.to(DEV)).sum().backward()
     xr = x.detach().double().requires_grad_()
-    rv, _ = reference.multi_pool2d(xr, hb, wb, lb, mode, False, adaptive=True)
+    rv, _ = reference.multi_pool2d(xr, hb, wb, lb, mode, False)
     (rv * w.double()).sum().backward()
     _close(xg.grad, xr.grad, torch.float32)
 
@@ -307,7 +307,7 @@ def test_backward_op_memory_format_and_values(kind, mode, cl_levels):
     assert gx.shape == x.shape
     assert gx.is_contiguous(memory_format=torch.channels_last if cl_input else torch.contiguous_format)
     xr = x.detach().clone().requires_grad_()
-    rv, _ = reference.multi_pool2d(xr, hb, wb, lb, mode, cl_levels, adaptive=True)
+    rv, _ = reference.multi_pool2d(xr, hb, wb, lb, mode, cl_levels)
     (rv * g).sum().backward()
     _close(gx, xr.grad, torch.float64)
 

@@ -173,7 +173,7 @@ def _expected_pool(x, hb, wb, lb, mode, cl_levels, window):
     torch backend's adaptive path is exactly those calls); fp64 loops over the
     windows for the other policies (not the project's own generic code)."""
     if window == "adaptive":
-        return reference.multi_pool2d(x, hb, wb, lb, mode, cl_levels, adaptive=True)
+        return reference.multi_pool2d(x, hb, wb, lb, mode, cl_levels)
     return naive_multi_pool(x, hb, wb, lb, mode, cl_levels)
 
 

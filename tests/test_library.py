@@ -159,3 +159,168 @@ def test_build_info():
     for op in ("multi_pool2d", "multi_pool2d_backward", "upsample_concat", "upsample_concat_out",
                "upsample_concat_backward"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"pyramid_ext::{op}", "CPU")
+
+
+# --------------------------------------------------------------------------
+# The backend table (pyramid_ext.backends)
+# --------------------------------------------------------------------------
+
+
+def _table_backends():
+    names = ["cpp", "torch"]
+    if "triton" in pe.available_backends("cpu") or "triton" in pe.available_backends("cuda"):
+        names.append("triton")
+    return names
+
+
+def test_backend_table_one_signature_per_op():
+    """Every entry has every op, with the very same parameters: functional.py
+    calls them all the same way."""
+    import inspect
+
+    from pyramid_ext import backends
+
+    names = _table_backends()
+    for name in names:
+        backends._load(name)
+    for op in backends.OPS:
+        sigs = {name: list(inspect.signature(getattr(backends.implementation(name), op)).parameters)
+                for name in names}
+        assert len({tuple(s) for s in sigs.values()}) == 1, f"{op}: {sigs}"
+
+
+def _ppm_on(backend_name):
+    def fn(x):
+        levels = pe.multi_adaptive_avg_pool2d(x, (1, 2, 3, 6), backend=backend_name)
+        spp = pe.spatial_pyramid_pool(x, (2, 1), mode="max", backend=backend_name)
+        sppnet = pe.spatial_pyramid_pool(x, (2, 1), mode="avg", window="sppnet", backend=backend_name)
+        return pe.upsample_concat(x, [t * 2 for t in levels], align_corners=True, backend=backend_name), spp, sppnet
+
+    return fn
+
+
+def _ppm_on_eager(x):
+    sppnet = []
+    for n in (2, 1):  # SPPNet's windows: kernel ceil(a/n), stride floor(a/n)
+        kernel = (-(-x.shape[-2] // n), -(-x.shape[-1] // n))
+        stride = (x.shape[-2] // n, x.shape[-1] // n)
+        sppnet.append(F.avg_pool2d(x, kernel, stride).flatten(1))
+    spp = torch.cat([F.adaptive_max_pool2d(x, b).flatten(1) for b in (2, 1)], 1)
+    return _ppm_eager(x), spp, torch.cat(sppnet, 1)
+
+
+@pytest.mark.parametrize("backend_name", ["cpp", "torch"])
+def test_compile_dynamic_through_the_table(backend_name):
+    """Every backend's table entry traces into one graph (fullgraph), and with
+    dynamic=True the adaptive windows stay symbolic: one compilation for
+    every size, the torch backend's check for adaptive windows included."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    fn = torch.compile(_ppm_on(backend_name), backend=counter, fullgraph=True, dynamic=True)
+    for h, w in [(12, 16), (20, 30), (34, 46)]:  # SPPNet's windows need sizes that give n windows
+        x = torch.randn(2, 4, h, w)
+        for got, want in zip(fn(x), _ppm_on_eager(x)):
+            torch.testing.assert_close(got, want)
+    # sppnet's window count depends on the size (windows.sppnet_windows reads
+    # it as an int), so that part specializes; the rest must not recompile.
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    adaptive_only = torch.compile(lambda x: _ppm_on(backend_name)(x)[:2], backend=counter, fullgraph=True,
+                                  dynamic=True)
+    for h, w in [(13, 17), (20, 31), (33, 47), (61, 29)]:
+        x = torch.randn(2, 4, h, w)
+        for got, want in zip(adaptive_only(x), _ppm_on_eager(x)[:2]):
+            torch.testing.assert_close(got, want)
+    assert counter.frame_count == 1, f"recompiled {counter.frame_count} times"
+
+
+# --------------------------------------------------------------------------
+# Op schemas: the Triton ops' (from pyramid_ext._ops.SCHEMAS) equal the compiled ones
+# --------------------------------------------------------------------------
+
+
+def _schema_fields(schema):
+    """Everything of a schema but its name: the text after the name (types as
+    written, SymInt included, defaults, alias annotations, returns) and the
+    parsed arguments and returns."""
+
+    def arg(a):
+        alias = a.alias_info
+        return (a.name, str(a.type), str(a.real_type), a.N, a.has_default_value(), a.default_value, a.kwarg_only,
+                a.is_out, None if alias is None else (alias.is_write, sorted(alias.before_set), sorted(alias.after_set)))
+
+    text = str(schema)
+    return dict(text=text[text.index("("):], overload=schema.overload_name, mutable=schema.is_mutable,
+                arguments=[arg(a) for a in schema.arguments], returns=[arg(r) for r in schema.returns])
+
+
+def _schema_diff(compiled, other) -> list:
+    a, b = _schema_fields(compiled), _schema_fields(other)
+    return [f"{key}: compiled {a[key]!r} != {b[key]!r}" for key in a if a[key] != b[key]]
+
+
+def _registered_schemas(suffix: str):
+    """{op: schema} of the registered pyramid_ext ops whose name ends with
+    `suffix` ("" for the compiled ones: those without the "_triton" suffix)."""
+    out = {}
+    for s in torch._C._jit_get_all_schemas():
+        if not s.name.startswith("pyramid_ext::"):
+            continue
+        name = s.name[len("pyramid_ext::"):]
+        if suffix and name.endswith(suffix):
+            out[name[: -len(suffix)]] = s
+        elif not suffix and not name.endswith("_triton"):
+            out[name] = s
+    return out
+
+
+def _triton_loaded() -> bool:
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        return False
+    import pyramid_ext.triton  # noqa: F401  (registers the pyramid_ext::*_triton ops)
+
+    return True
+
+
+def test_triton_schemas_equal_compiled():
+    """Every compiled op has a Triton op with the same schema (argument names,
+    types, defaults, alias annotations, returns) and vice versa: checked on
+    the Python statement the Triton ops are declared from and, where Triton
+    is installed, on the registered Triton ops themselves."""
+    from pyramid_ext import _ops
+
+    compiled = _registered_schemas("")
+    assert compiled, "no compiled op registered"
+    sides = {"pyramid_ext._ops.SCHEMAS": {op: torch._C.parse_schema("pyramid_ext::" + _ops.schema(op, "_triton"))
+                                          for op in _ops.SCHEMAS}}
+    if _triton_loaded():
+        sides["registered Triton ops"] = _registered_schemas("_triton")
+    for side, schemas in sides.items():
+        assert set(compiled) == set(schemas), (
+            f"compiled only: {sorted(set(compiled) - set(schemas))}; {side} only: {sorted(set(schemas) - set(compiled))}")
+        for op in compiled:
+            assert schemas[op].name == f"pyramid_ext::{op}_triton"
+            diff = _schema_diff(compiled[op], schemas[op])
+            assert not diff, f"{op} ({side}): " + "; ".join(diff)
+
+
+@pytest.mark.parametrize("change", [("SymInt[] h_bounds", "int[] h_bounds"),
+                                    ("bool channels_last_input", "bool channels_last_input=False"),
+                                    ("Tensor? indices", "Tensor indices"), ("int mode", "int modes"),
+                                    ("-> Tensor", "-> Tensor(a)")])
+def test_schema_diff_sees_every_field(change):
+    """The comparison above can fail: one changed type, default, optional
+    marker, name or alias annotation is a difference."""
+    from pyramid_ext import _ops
+
+    op = "multi_pool2d_backward"
+    compiled = _registered_schemas("")[op]
+    text = _ops.schema(op, "_triton")
+    assert change[0] in text
+    changed = torch._C.parse_schema("pyramid_ext::" + text.replace(change[0], change[1]))
+    assert _schema_diff(compiled, changed)
+    assert not _schema_diff(compiled, torch._C.parse_schema("pyramid_ext::" + text))

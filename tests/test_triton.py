@@ -1,4 +1,4 @@
-"""Triton backend: pyramid_ext.triton_ops against PyTorch eager.
+"""Triton backend: pyramid_ext.triton against PyTorch eager.
 
 Runs on CUDA tensors when a GPU is present, else on CPU tensors under Triton's
 interpreter (TRITON_INTERPRET=1, which must be set before Triton is imported;
@@ -29,15 +29,16 @@ if not _INTERPRET and not torch.cuda.is_available():
     )
 
 import pyramid_ext as pe  # noqa: E402
-from pyramid_ext import triton_ops  # noqa: E402
+from pyramid_ext import triton as pe_triton  # noqa: E402
+from pyramid_ext.triton import _multi_pool2d as triton_pool  # noqa: E402
 from pyramid_ext.windows import pyramid_windows, normalize_bins  # noqa: E402
 
 from ._helpers import TOL_TRITON, eager_spp, keras_same_avg, keras_same_max, pairs, rand, sppnet_pool  # noqa: E402
 from ._helpers import eager_upsample_concat as _helpers_eager_upsample_concat  # noqa: E402
 from ._helpers import bilinear_backward_fp64, grad_close, naive_multi_pool  # noqa: E402
 
-if _INTERPRET and not triton_ops.INTERPRETED:
-    pytest.skip("pyramid_ext.triton_ops was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
+if _INTERPRET and not pe_triton.INTERPRETED:
+    pytest.skip("pyramid_ext.triton was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
 
 DEVICE = "cpu" if _INTERPRET else "cuda"
 OPS = torch.ops.pyramid_ext
@@ -228,7 +229,7 @@ def test_pool_op_arbitrary_windows(mode, channels_last_levels):
     w_bounds = [2, 7, 0, 12, 6, 11, 9, 10, 0, 3, 4, 5]
     level_bins = [2, 3, 2, 3]
     xg = x.clone().requires_grad_()
-    values, indices = triton_ops.multi_pool2d(xg, h_bounds, w_bounds, level_bins, mode, channels_last_levels)
+    values, indices = pe_triton.multi_pool2d(xg, h_bounds, w_bounds, level_bins, mode, channels_last_levels)
     xr = x.clone().requires_grad_()
     ref_v, ref_i = naive_multi_pool(xr, h_bounds, w_bounds, level_bins, mode, channels_last_levels)
     torch.testing.assert_close(values, ref_v, rtol=1e-12, atol=1e-12)
@@ -592,6 +593,53 @@ def test_opcheck_upsample_ops():
     torch.library.opcheck(OPS.upsample_concat_backward_triton.default, (g, [2, 1, 1, 3, 3, 2], 3, False, True))
 
 
+def test_compile_fullgraph_dynamic():
+    """The Triton entry of the backend table under torch.compile: one graph
+    (fullgraph), one compilation for every size (dynamic=True), forward and
+    backward against eager PyTorch."""
+    from torch._dynamo.testing import CompileCounter
+
+    def ppm(x):
+        levels = pe.multi_adaptive_avg_pool2d(x, (1, 2, 3), backend=T)
+        return pe.upsample_concat(x, [t * 2 for t in levels], align_corners=True, backend=T)
+
+    def ppm_eager(x):
+        ups = [F.interpolate(F.adaptive_avg_pool2d(x, b) * 2, x.shape[-2:], mode="bilinear", align_corners=True)
+               for b in (1, 2, 3)]
+        return torch.cat([x] + ups, 1)
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    fn = torch.compile(ppm, backend=counter, fullgraph=True, dynamic=True)
+    for h, w in [(7, 9), (11, 6), (13, 10)]:
+        x = _rand(1, 2, h, w, dtype=torch.float64, seed=h)
+        torch.testing.assert_close(fn(x), ppm_eager(x))
+    assert counter.frame_count == 1, f"recompiled {counter.frame_count} times"
+    torch._dynamo.reset()
+    fn = torch.compile(ppm, backend="aot_eager", fullgraph=True, dynamic=True)
+    x = _rand(2, 3, 9, 8, dtype=torch.float64, seed=64).requires_grad_()
+    fn(x).square().sum().backward()
+    x2 = x.detach().clone().requires_grad_()
+    ppm_eager(x2).square().sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad)
+
+
+def test_op_checks_pool_args():
+    """The Triton ops check their arguments as the compiled ops do
+    (pyramid_ext.plan.check_pool_args), naming the argument."""
+    x = _rand(1, 2, 5, 5)
+    cases = [(([0, 6], [0, 5], [1, 1], 0), r"h_bounds window 0, \[0, 6\), is empty or outside \[0, 5\)"),
+             (([0, 5], [0, 5, 1, 2], [1, 1], 0), r"w_bounds has 4 values, level_bins needs 2"),
+             (([0, 5], [0, 5], [1, 0], 0), r"level_bins must be positive"),
+             (([0, 5], [0, 5], [1, 1], 2), r"mode must be 0 \(avg\) or 1 \(max\), got 2")]
+    for (hb, wb, lb, mode), message in cases:
+        with pytest.raises(ValueError, match="multi_pool2d_triton: " + message):
+            OPS.multi_pool2d_triton(x, hb, wb, lb, mode, False)
+        with pytest.raises(ValueError, match="multi_pool2d_backward_triton: " + message):
+            OPS.multi_pool2d_backward_triton(torch.zeros(1, 2, device=DEVICE), None, [1, 2, 5, 5], hb, wb, lb, mode,
+                                             False, False)
+
+
 def test_deterministic():
     x = _rand(2, 5, 21, 19, seed=70)
     bins = (1, 2, 3, 6)
@@ -613,7 +661,7 @@ def test_deterministic():
 
 def test_plan_cache_under_threads(monkeypatch):
     """Eight threads, each with its own shapes and bins, hammer the plan cache
-    (triton_ops._plan_for and _PoolPlan.tensors): each plan's device tables
+    (_multi_pool2d._plan_for and _PoolPlan.tensors): each plan's device tables
     are built once and shared, and the ops that use them match eager. Building
     a table is slowed down to widen any race window. On a GPU the threads run
     the ops themselves; Triton's interpreter is not thread-safe (it patches
@@ -622,7 +670,7 @@ def test_plan_cache_under_threads(monkeypatch):
     import threading
     import time
 
-    triton_ops._pool_plan.cache_clear()
+    triton_pool._pool_plan.cache_clear()
     real_tensor = torch.tensor
     builds = []
 
@@ -632,7 +680,7 @@ def test_plan_cache_under_threads(monkeypatch):
             time.sleep(0.002)
         return real_tensor(*a, **k)
 
-    monkeypatch.setattr(triton_ops.torch, "tensor", slow_tensor)
+    monkeypatch.setattr(triton_pool.torch, "tensor", slow_tensor)
     shapes = [(1, 2, 7 + k % 4, 9 + k // 2) for k in range(8)]
     binsets = [(1, 2, 3), (2, 3), (1, 4), (3, 1, 2)]
     errors, tables, cases = [], {}, []
@@ -645,7 +693,7 @@ def test_plan_cache_under_threads(monkeypatch):
 
     def plan_tables(shape, bins):
         h, w, lb = pyramid_windows(shape[2], shape[3], normalize_bins(bins))
-        plan = triton_ops._plan_for(h, w, lb, shape[2], shape[3])
+        plan = triton_pool._plan_for(h, w, lb, shape[2], shape[3])
         tables.setdefault((shape[2:], bins), set()).add(id(plan.tensors(torch.device(DEVICE))["bin_tab"]))
 
     def work(k):
@@ -677,8 +725,12 @@ def test_plan_cache_under_threads(monkeypatch):
 
 
 def test_no_atomics_in_kernels():
-    src = open(triton_ops.__file__).read()
-    assert "tl.atomic" not in src and ".atomic_" not in src
+    package = os.path.dirname(pe_triton.__file__)
+    sources = [f for f in os.listdir(package) if f.endswith(".py")]
+    assert {"__init__.py", "_common.py", "_multi_pool2d.py", "_upsample_concat.py"} <= set(sources)
+    for name in sources:
+        src = open(os.path.join(package, name)).read()
+        assert "tl.atomic" not in src and ".atomic_" not in src, name
 
 
 @pytest.mark.skipif(not _INTERPRET, reason="the CPU error is about running without the interpreter")
@@ -686,10 +738,10 @@ def test_cpu_without_interpreter_raises_clearly():
     code = textwrap.dedent(
         """
         import torch
-        from pyramid_ext import triton_ops
+        from pyramid_ext import triton
         x = torch.randn(1, 2, 5, 5)
         try:
-            triton_ops.multi_pool2d(x, [0, 5], [0, 5], [1, 1], 0, False)
+            triton.multi_pool2d(x, [0, 5], [0, 5], [1, 1], 0, False)
         except RuntimeError as e:
             print("ERR", e)
         """
@@ -706,7 +758,7 @@ _COMPILE_SCRIPT = textwrap.dedent(
     import triton, triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    import pyramid_ext.triton_ops as to
+    from pyramid_ext.triton import _multi_pool2d as pool, _upsample_concat as up
 
     def compile_(fn, ptrs, consts, i32=()):
         sig = {a: "constexpr" if a in consts else ptrs.get(a, "i32" if a in i32 else "i64") for a in fn.arg_names}
@@ -717,25 +769,25 @@ _COMPILE_SCRIPT = textwrap.dedent(
         accs = "fp64" if a64 else "fp32"
         for mode in (0, 1):
             other = "*i64" if mode else "*" + dt
-            compile_(to._pool_cells_kernel, {"x_ptr": "*" + dt, "cell_tab_ptr": "*i64", "cell_val_ptr": "*" + accs,
+            compile_(pool._pool_cells_kernel, {"x_ptr": "*" + dt, "cell_tab_ptr": "*i64", "cell_val_ptr": "*" + accs,
                                              "cell_idx_ptr": "*i64"},
                      dict(MODE=mode, ACC=acc, BLOCK_C=16, BLOCK_S=4, BLOCK_E=32))
-            compile_(to._pool_bins_kernel, {"cell_val_ptr": "*" + accs, "cell_idx_ptr": "*i64", "bin_tab_ptr": "*i64",
+            compile_(pool._pool_bins_kernel, {"cell_val_ptr": "*" + accs, "cell_idx_ptr": "*i64", "bin_tab_ptr": "*i64",
                                             "val_ptr": "*" + dt, "idx_ptr": other},
                      dict(MODE=mode, CL_LEVELS=bool(mode), ACC=acc, ACC_FP64=a64, BLOCK_C=16, BLOCK_T=4, BLOCK_K=32))
-            compile_(to._pool_bwd_pixels_kernel, {"grad_ptr": "*" + dt, "idx_ptr": other, "cell_grad_ptr": "*" + accs,
+            compile_(pool._pool_bwd_pixels_kernel, {"grad_ptr": "*" + dt, "idx_ptr": other, "cell_grad_ptr": "*" + accs,
                                                   "bin_tab_ptr": "*i64", "seg_h_ptr": "*i64", "seg_w_ptr": "*i64",
                                                   "cell_ptr_ptr": "*i64", "cell_bins_ptr": "*i64", "gx_ptr": "*" + dt},
                      dict(MODE=mode, CL_LEVELS=bool(mode), ACC=acc, BLOCK_C=16, BLOCK_P=256))
-        compile_(to._pool_bwd_cells_kernel, {"grad_ptr": "*" + dt, "bin_tab_ptr": "*i64", "cell_list_ptr": "*i64",
+        compile_(pool._pool_bwd_cells_kernel, {"grad_ptr": "*" + dt, "bin_tab_ptr": "*i64", "cell_list_ptr": "*i64",
                                              "cell_ptr_ptr": "*i64", "cell_bins_ptr": "*i64",
                                              "cell_grad_ptr": "*" + accs},
                  dict(CL_LEVELS=False, ACC=acc, ACC_FP64=a64, BLOCK_C=16, BLOCK_S=64))
         for copy in (False, True):
-            compile_(to._resize_into_kernel, {"src_ptr": "*" + dt, "out_ptr": "*" + dt},
+            compile_(up._resize_into_kernel, {"src_ptr": "*" + dt, "out_ptr": "*" + dt},
                      dict(COPY=copy, ALIGN=not copy, ACC=acc, ACC_FP64=a64, BLOCK_C=16, BLOCK_P=128),
                      i32=("IH", "IW", "OH", "OW"))
-        compile_(to._resize_backward_kernel, {"g_ptr": "*" + dt, "gb_ptr": "*" + dt},
+        compile_(up._resize_backward_kernel, {"g_ptr": "*" + dt, "gb_ptr": "*" + dt},
                  dict(ALIGN=a64, ACC=acc, ACC_FP64=a64, BLOCK_C=16, BLOCK_X=8, BLOCK_R=16, BLOCK_O=64),
                  i32=("IH", "IW", "OH", "OW"))
     print("COMPILED")

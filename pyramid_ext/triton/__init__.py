@@ -1,0 +1,93 @@
+"""Triton kernels and the ``pyramid_ext::*_triton`` custom ops.
+
+The ops have the same schemas and semantics as the compiled ops declared in
+csrc/ops.cpp (see docs/DESIGN.md); their fake kernels and autograd come from
+pyramid_ext/_ops.py. Kernels run on CUDA tensors, and on CPU tensors when
+Triton's interpreter is on (``TRITON_INTERPRET=1`` set before Triton is
+imported).
+
+Modules: ``_common`` (device helpers, launch settings), ``_multi_pool2d``
+(pooling kernels, plans, op implementations), ``_upsample_concat`` (resize
+kernels, op implementations); this module registers the ops and holds the
+entry points pyramid_ext.functional calls.
+
+Block sizes keep each program's tile at about _common._TILE elements.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _ops
+from ._common import INTERPRETED
+from ._multi_pool2d import _pool_backward_impl, _pool_impl
+from ._upsample_concat import _upsample_concat_backward_impl, _upsample_concat_impl, _upsample_concat_out_impl
+
+
+# --------------------------------------------------------------------------
+# Op registration
+# --------------------------------------------------------------------------
+
+# Every op of _ops.SCHEMAS, declared as pyramid_ext::<op>_triton with that schema.
+_IMPLS = {
+    "multi_pool2d": (_pool_impl, _ops.pool_fake),
+    "multi_pool2d_backward": (_pool_backward_impl, _ops.pool_backward_fake),
+    "upsample_concat": (_upsample_concat_impl, _ops.upsample_concat_fake),
+    "upsample_concat_out": (_upsample_concat_out_impl, _ops.upsample_concat_out_fake),
+    "upsample_concat_backward": (_upsample_concat_backward_impl, _ops.upsample_concat_backward_fake),
+}
+if _IMPLS.keys() != _ops.SCHEMAS.keys():
+    raise RuntimeError(f"pyramid_ext.triton implements {sorted(_IMPLS)}, _ops.SCHEMAS declares {sorted(_ops.SCHEMAS)}")
+
+
+def _registered(name: str) -> bool:
+    return hasattr(torch.ops.pyramid_ext, name)
+
+
+def _register() -> None:
+    if _registered("multi_pool2d_triton"):  # module re-imported (e.g. reload): keep the first registration
+        return
+    global _LIB
+    _LIB = torch.library.Library("pyramid_ext", "FRAGMENT")
+    for op, (impl, fake) in _IMPLS.items():
+        _LIB.define(_ops.schema(op, "_triton"))
+        qualname = "pyramid_ext::" + op + "_triton"
+        torch.library.impl(qualname, ("cpu", "cuda"), impl, lib=_LIB)
+        torch.library.register_fake(qualname, fake, lib=_LIB)
+    ops = torch.ops.pyramid_ext
+    backward, setup = _ops.make_pool_autograd(ops.multi_pool2d_backward_triton.default)
+    torch.library.register_autograd("pyramid_ext::multi_pool2d_triton", backward, setup_context=setup, lib=_LIB)
+    backward, setup = _ops.make_upsample_concat_autograd(ops.upsample_concat_backward_triton.default)
+    torch.library.register_autograd("pyramid_ext::upsample_concat_triton", backward, setup_context=setup, lib=_LIB)
+    backward, setup = _ops.make_pool_backward_autograd(ops.multi_pool2d_triton.default)
+    torch.library.register_autograd("pyramid_ext::multi_pool2d_backward_triton", backward, setup_context=setup,
+                                    lib=_LIB)
+    backward, setup = _ops.make_upsample_concat_backward_autograd(ops.upsample_concat_triton.default)
+    torch.library.register_autograd("pyramid_ext::upsample_concat_backward_triton", backward, setup_context=setup,
+                                    lib=_LIB)
+
+
+_LIB = None
+_register()
+
+
+# --------------------------------------------------------------------------
+# Entry points: the "triton" entry of the backend table (pyramid_ext.backends)
+# --------------------------------------------------------------------------
+
+
+def multi_pool2d(x, h_bounds, w_bounds, level_bins, mode, channels_last_levels):
+    return torch.ops.pyramid_ext.multi_pool2d_triton(x, list(h_bounds), list(w_bounds), list(level_bins), int(mode),
+                                                      bool(channels_last_levels))
+
+
+def upsample_concat(x, branches, size, align_corners, x_first, channels_last):
+    return torch.ops.pyramid_ext.upsample_concat_triton(x, list(branches), list(size), bool(align_corners),
+                                                        bool(x_first), bool(channels_last))
+
+
+def upsample_concat_out(x, branches, align_corners, x_first, out):
+    torch.ops.pyramid_ext.upsample_concat_out_triton(x, list(branches), bool(align_corners), bool(x_first), out)
+    return out
+
+
+__all__ = ["multi_pool2d", "upsample_concat", "upsample_concat_out", "INTERPRETED"]
