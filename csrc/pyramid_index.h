@@ -204,7 +204,7 @@ struct AxisSegments {
 };
 
 // `bounds` holds 2 * num_windows values; every window must satisfy
-// 0 <= start < end <= size (the Python layer validates this).
+// 0 <= start < end <= size (make_window_plan in pool_plan.h checks it).
 inline AxisSegments make_axis_segments(const int64_t* bounds,
                                        int64_t num_windows, int64_t size) {
   AxisSegments a;
