@@ -680,6 +680,59 @@ __global__ void pool_bwd_direct_kernel(const scalar_t* __restrict__ grad, const 
 // Host side
 // ---------------------------------------------------------------------------
 
+// Which kernel runs one multi_pool2d (or backward) call, and how it is launched.
+struct PoolLaunch {
+  enum Kind { kPlanes, kChannelTiles, kDirect };
+  Kind kind = kDirect;
+  unsigned grid = 1;
+  dim3 block;
+  int64_t smem = 0;    // dynamic shared memory, bytes
+  int splits = 1;      // parts per cell (planned kernels)
+  int64_t ctiles = 0;  // channel tiles per sample (kChannelTiles)
+};
+
+// The launch selection of the forward and the backward: with a plan, an NCHW
+// tensor gets the per-plane kernel if its shared memory fits, a channels_last
+// tensor the channel-tile kernel with the widest tile whose shared memory
+// fits; otherwise the direct kernel, one thread per item of `direct_items`.
+// `smem_bytes(splits, tile)`: the planned kernel's dynamic shared memory for
+// `splits` parts per cell and `tile` channels per block (1 per plane).
+template <typename SmemBytes>
+PoolLaunch choose_pool_launch(bool planned, bool nchw, int64_t ncells, int64_t N, int64_t C, int64_t plane_size,
+                              int64_t direct_items, SmemBytes smem_bytes) {
+  PoolLaunch launch;
+  if (planned && nchw) {
+    const int threads = plane_threads(plane_size);
+    const int splits = splits_for(ncells, threads / kWarp);
+    const int64_t smem = smem_bytes(splits, 1);
+    if (smem <= max_dynamic_smem()) {
+      launch.kind = PoolLaunch::kPlanes;
+      launch.grid = grid_for(N * C, 1, threads);
+      launch.block = dim3(threads);
+      launch.smem = smem;
+      launch.splits = splits;
+      return launch;
+    }
+  } else if (planned) {
+    for (int ct = channel_tile(C); ct >= 1; ct /= 2) {
+      const int rows = kThreads / ct;
+      const int splits = splits_for(ncells, rows);
+      const int64_t smem = smem_bytes(splits, ct);
+      if (smem > max_dynamic_smem()) continue;
+      launch.kind = PoolLaunch::kChannelTiles;
+      launch.ctiles = ceil_div(C, ct);
+      launch.grid = grid_for(N * launch.ctiles, 1, kThreads);
+      launch.block = dim3(ct, rows);
+      launch.smem = smem;
+      launch.splits = splits;
+      return launch;
+    }
+  }
+  launch.grid = grid_for(direct_items, kThreads, kThreads);
+  launch.block = dim3(kThreads);
+  return launch;
+}
+
 std::tuple<at::Tensor, at::Tensor> multi_pool2d_cuda(const at::Tensor& x, c10::SymIntArrayRef h_bounds,
                                                      c10::SymIntArrayRef w_bounds, at::IntArrayRef level_bins,
                                                      int64_t mode, bool channels_last_levels) {
@@ -709,65 +762,47 @@ std::tuple<at::Tensor, at::Tensor> multi_pool2d_cuda(const at::Tensor& x, c10::S
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* vp = values.mutable_data_ptr<scalar_t>();
     int64_t* ip = is_max ? indices.mutable_data_ptr<int64_t>() : nullptr;
-    bool launched = false;
-    if (planned && nchw) {
-      const int threads = plane_threads(H * W);
-      const int splits = splits_for(ncells, threads / kWarp);
-      const int64_t smem = align8(ncells * splits * static_cast<int64_t>(sizeof(acc_t))) +
-                           (is_max ? ncells * splits * static_cast<int64_t>(sizeof(int64_t)) : 0)
+    // Partial sums (and for max their indices) of every cell part, per channel of the block.
+    auto smem_bytes = [&](int splits, int tile) -> int64_t {
+      const int64_t items = ncells * splits * tile;
+      return align8(items * static_cast<int64_t>(sizeof(acc_t))) +
+             (is_max ? items * static_cast<int64_t>(sizeof(int64_t)) : 0)
 #if PE_EMU_PLANT_BUG == 2  // test-only (tests/test_cuda_emu.py): one partial short
-          - static_cast<int64_t>(sizeof(acc_t))
+             - (nchw ? static_cast<int64_t>(sizeof(acc_t)) : 0)
 #endif
           ;
-      if (smem <= max_dynamic_smem()) {
-        const unsigned grid = grid_for(N * C, 1, threads);
-        if (is_max) {
-          PE_LAUNCH((pool_fwd_nchw_kernel<scalar_t, acc_t, true>), grid, threads, smem, stream)(
-              xp, vp, ip, plan, N * C, C, H, W, splits, channels_last_levels);
-        } else {
-          PE_LAUNCH((pool_fwd_nchw_kernel<scalar_t, acc_t, false>), grid, threads, smem, stream)(
-              xp, vp, ip, plan, N * C, C, H, W, splits, channels_last_levels);
-        }
-        PE_KERNEL_LAUNCH_CHECK();
-        launched = true;
+    };
+    const PoolLaunch L = choose_pool_launch(planned, nchw, ncells, N, C, H * W, N * C * wp.total, smem_bytes);
+    if (L.kind == PoolLaunch::kPlanes) {
+      if (is_max) {
+        PE_LAUNCH((pool_fwd_nchw_kernel<scalar_t, acc_t, true>), L.grid, L.block, L.smem, stream)(
+            xp, vp, ip, plan, N * C, C, H, W, L.splits, channels_last_levels);
+      } else {
+        PE_LAUNCH((pool_fwd_nchw_kernel<scalar_t, acc_t, false>), L.grid, L.block, L.smem, stream)(
+            xp, vp, ip, plan, N * C, C, H, W, L.splits, channels_last_levels);
       }
-    } else if (planned) {
-      for (int ct = channel_tile(C); ct >= 1 && !launched; ct /= 2) {
-        const int rows = kThreads / ct;
-        const int splits = splits_for(ncells, rows);
-        const int64_t items = ncells * splits * ct;
-        const int64_t smem = align8(items * static_cast<int64_t>(sizeof(acc_t))) +
-                             (is_max ? items * static_cast<int64_t>(sizeof(int64_t)) : 0);
-        if (smem > max_dynamic_smem()) continue;
-        const int64_t ctiles = ceil_div(C, ct);
-        const unsigned grid = grid_for(N * ctiles, 1, kThreads);
-        const dim3 block(ct, rows);
-        if (is_max) {
-          PE_LAUNCH((pool_fwd_cl_kernel<scalar_t, acc_t, true>), grid, block, smem, stream)(
-              xp, vp, ip, plan, N, C, H, W, ctiles, splits, channels_last_levels);
-        } else {
-          PE_LAUNCH((pool_fwd_cl_kernel<scalar_t, acc_t, false>), grid, block, smem, stream)(
-              xp, vp, ip, plan, N, C, H, W, ctiles, splits, channels_last_levels);
-        }
-        PE_KERNEL_LAUNCH_CHECK();
-        launched = true;
+    } else if (L.kind == PoolLaunch::kChannelTiles) {
+      if (is_max) {
+        PE_LAUNCH((pool_fwd_cl_kernel<scalar_t, acc_t, true>), L.grid, L.block, L.smem, stream)(
+            xp, vp, ip, plan, N, C, H, W, L.ctiles, L.splits, channels_last_levels);
+      } else {
+        PE_LAUNCH((pool_fwd_cl_kernel<scalar_t, acc_t, false>), L.grid, L.block, L.smem, stream)(
+            xp, vp, ip, plan, N, C, H, W, L.ctiles, L.splits, channels_last_levels);
       }
-    }
-    if (!launched) {
+    } else {
       const at::Tensor table = direct_table(wp, hb, wb, x.device());
       const int64_t nlevels = wp.levels(), nh = wp.h.num_windows();
-      const unsigned grid = grid_for(N * C * wp.total, kThreads, kThreads);
       if (is_max) {
-        PE_LAUNCH((pool_fwd_direct_kernel<scalar_t, acc_t, true>), grid, kThreads, 0, stream)(
+        PE_LAUNCH((pool_fwd_direct_kernel<scalar_t, acc_t, true>), L.grid, L.block, 0, stream)(
             xp, vp, ip, table.const_data_ptr<int64_t>(), nlevels, nh, N, C, H, W, x.stride(0), x.stride(1),
             x.stride(2), x.stride(3), wp.total, channels_last_levels);
       } else {
-        PE_LAUNCH((pool_fwd_direct_kernel<scalar_t, acc_t, false>), grid, kThreads, 0, stream)(
+        PE_LAUNCH((pool_fwd_direct_kernel<scalar_t, acc_t, false>), L.grid, L.block, 0, stream)(
             xp, vp, ip, table.const_data_ptr<int64_t>(), nlevels, nh, N, C, H, W, x.stride(0), x.stride(1),
             x.stride(2), x.stride(3), wp.total, channels_last_levels);
       }
-      PE_KERNEL_LAUNCH_CHECK();
     }
+    PE_KERNEL_LAUNCH_CHECK();
   });
   return {values, indices};
 }
@@ -806,58 +841,41 @@ at::Tensor multi_pool2d_backward_cuda(const at::Tensor& grad_in, const std::opti
     const scalar_t* gp = grad.const_data_ptr<scalar_t>();
     const int64_t* ip = is_max ? indices.const_data_ptr<int64_t>() : nullptr;
     scalar_t* op_ = gx.mutable_data_ptr<scalar_t>();
-    bool launched = false;
-    if (planned && nchw) {
-      const int threads = plane_threads(H * W);
-      const int splits = splits_for(ncells, threads / kWarp);
-      const int64_t smem = is_max ? 0 : ncells * static_cast<int64_t>(sizeof(acc_t));
-      if (smem <= max_dynamic_smem()) {
-        const unsigned grid = grid_for(N * C, 1, threads);
-        if (is_max) {
-          PE_LAUNCH((pool_bwd_nchw_kernel<scalar_t, acc_t, true>), grid, threads, smem, stream)(
-              gp, ip, op_, plan, N * C, C, H, W, splits, channels_last_levels);
-        } else {
-          PE_LAUNCH((pool_bwd_nchw_kernel<scalar_t, acc_t, false>), grid, threads, smem, stream)(
-              gp, ip, op_, plan, N * C, C, H, W, splits, channels_last_levels);
-        }
-        PE_KERNEL_LAUNCH_CHECK();
-        launched = true;
+    // avg: the gradient of every cell, per channel of the block; max needs none.
+    auto smem_bytes = [&](int /*splits*/, int tile) -> int64_t {
+      return is_max ? 0 : ncells * tile * static_cast<int64_t>(sizeof(acc_t));
+    };
+    const PoolLaunch L = choose_pool_launch(planned, nchw, ncells, N, C, H * W, N * C * H * W, smem_bytes);
+    if (L.kind == PoolLaunch::kPlanes) {
+      if (is_max) {
+        PE_LAUNCH((pool_bwd_nchw_kernel<scalar_t, acc_t, true>), L.grid, L.block, L.smem, stream)(
+            gp, ip, op_, plan, N * C, C, H, W, L.splits, channels_last_levels);
+      } else {
+        PE_LAUNCH((pool_bwd_nchw_kernel<scalar_t, acc_t, false>), L.grid, L.block, L.smem, stream)(
+            gp, ip, op_, plan, N * C, C, H, W, L.splits, channels_last_levels);
       }
-    } else if (planned) {
-      for (int ct = channel_tile(C); ct >= 1 && !launched; ct /= 2) {
-        const int rows = kThreads / ct;
-        const int splits = splits_for(ncells, rows);
-        const int64_t smem = is_max ? 0 : ncells * ct * static_cast<int64_t>(sizeof(acc_t));
-        if (smem > max_dynamic_smem()) continue;
-        const int64_t ctiles = ceil_div(C, ct);
-        const unsigned grid = grid_for(N * ctiles, 1, kThreads);
-        const dim3 block(ct, rows);
-        if (is_max) {
-          PE_LAUNCH((pool_bwd_cl_kernel<scalar_t, acc_t, true>), grid, block, smem, stream)(
-              gp, ip, op_, plan, N, C, H, W, ctiles, splits, channels_last_levels);
-        } else {
-          PE_LAUNCH((pool_bwd_cl_kernel<scalar_t, acc_t, false>), grid, block, smem, stream)(
-              gp, ip, op_, plan, N, C, H, W, ctiles, splits, channels_last_levels);
-        }
-        PE_KERNEL_LAUNCH_CHECK();
-        launched = true;
+    } else if (L.kind == PoolLaunch::kChannelTiles) {
+      if (is_max) {
+        PE_LAUNCH((pool_bwd_cl_kernel<scalar_t, acc_t, true>), L.grid, L.block, L.smem, stream)(
+            gp, ip, op_, plan, N, C, H, W, L.ctiles, L.splits, channels_last_levels);
+      } else {
+        PE_LAUNCH((pool_bwd_cl_kernel<scalar_t, acc_t, false>), L.grid, L.block, L.smem, stream)(
+            gp, ip, op_, plan, N, C, H, W, L.ctiles, L.splits, channels_last_levels);
       }
-    }
-    if (!launched) {
+    } else {
       const at::Tensor table = direct_table(wp, hb, wb, grad.device());
       const int64_t nlevels = wp.levels(), nh = wp.h.num_windows();
-      const unsigned grid = grid_for(N * C * H * W, kThreads, kThreads);
       if (is_max) {
-        PE_LAUNCH((pool_bwd_direct_kernel<scalar_t, acc_t, true>), grid, kThreads, 0, stream)(
+        PE_LAUNCH((pool_bwd_direct_kernel<scalar_t, acc_t, true>), L.grid, L.block, 0, stream)(
             gp, ip, op_, table.const_data_ptr<int64_t>(), nlevels, nh, N, C, H, W, wp.total, channels_last_levels,
             !nchw);
       } else {
-        PE_LAUNCH((pool_bwd_direct_kernel<scalar_t, acc_t, false>), grid, kThreads, 0, stream)(
+        PE_LAUNCH((pool_bwd_direct_kernel<scalar_t, acc_t, false>), L.grid, L.block, 0, stream)(
             gp, ip, op_, table.const_data_ptr<int64_t>(), nlevels, nh, N, C, H, W, wp.total, channels_last_levels,
             !nchw);
       }
-      PE_KERNEL_LAUNCH_CHECK();
     }
+    PE_KERNEL_LAUNCH_CHECK();
   });
   return gx;
 }
