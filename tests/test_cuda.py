@@ -27,7 +27,8 @@ from ._helpers import TOL_VS_FP64 as TOL
 from ._helpers import as_pair as _pair
 from ._helpers import is_channels_last as _is_cl
 from ._helpers import OVERLAPPING_WINDOWS, SUM_ATOL_VS_FP64 as SUM_ATOL
-from ._helpers import keras_same_avg, naive_multi_pool, rand as _rand, sppnet_pool, ties_nan_inf_input
+from ._helpers import check_out_overlap_rule, keras_same_avg, naive_multi_pool, rand as _rand, sppnet_pool
+from ._helpers import ties_nan_inf_input
 
 pytestmark = pytest.mark.cuda
 
@@ -440,6 +441,10 @@ def test_upsample_concat_rejects_misuse():
         OPS.upsample_concat_out(x, [b], False, True, out)
     with pytest.raises(RuntimeError, match="x has dtype Float but out has Half"):
         OPS.upsample_concat_out(x, [b], False, True, torch.empty(2, 5, 8, 8, device=DEV, dtype=torch.float16))
+
+
+def test_upsample_concat_out_may_share_storage_only_without_overlap():
+    check_out_overlap_rule(OPS.upsample_concat_out, DEV)
 
 
 def test_upsample_concat_empty():
