@@ -32,7 +32,8 @@ def extensions():
     system_includes = []
     for d in include_paths():
         system_includes += ["-isystem", d]
-    # -ffp-contract=off: no FMA contraction, so every ISA rounds like ATen's scalar formulas.
+    # -ffp-contract=off: no FMA contraction, so every ISA (and the CUDA build, --fmad=false below)
+    # rounds each operation of the shared formulas once, in the order written.
     cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-Wall", "-Wextra", "-Wno-unused-parameter"] + system_includes
     if werror:
         cxx.append("-Werror")
@@ -45,7 +46,13 @@ def extensions():
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
         define_macros += [("PYRAMID_EXT_WITH_CUDA", None), ("PYRAMID_EXT_CUDA_ARCHS", f'"{archs}"')]
-        nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"] + system_includes
+        # --fmad=false: no FMA contraction, as -ffp-contract=off for the CPU build, so the CUDA kernels
+        # round every operation of pyramid_index.h's formulas as the CPU kernels and the CPU-run emulated
+        # CUDA build do (see that header). The kernels are memory-bound, so this should cost nothing
+        # measurable (not timed on a GPU yet; the sm_90 PTX): multi_pool2d's is the same instructions
+        # either way (sums and divisions, nothing to fuse); upsample_concat's has 372 more of 15,523
+        # (each FMA a mul and an add: a few per output element, which moves at least 4 bytes of DRAM).
+        nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "--fmad=false"] + system_includes
         if werror:
             nvcc += ["-Werror", "all-warnings", "-Xcompiler", "-Wall,-Werror"]
         extra_compile_args["nvcc"] = nvcc

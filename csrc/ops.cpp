@@ -7,11 +7,14 @@
 #include <torch/library.h>
 
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "op_schemas.h"
+#include "pool_plan.h"
 
 #include "cpu/simd_loops.h"
 #include "cpu/test_overrides.h"
@@ -38,6 +41,23 @@ std::string cuda_archs() {
 #else
   return "";
 #endif
+}
+
+// Test only (tests/test_plan.py): the window plan every device builds for a
+// multi_pool2d call, as lists of ints: (h_cuts, h_seg_begin, h_seg_end,
+// h_seg_of, w_cuts, w_seg_begin, w_seg_end, w_seg_of, level_offsets, total);
+// level_offsets[l] is the offset of level l's block in a sample's packed
+// output, total = channels * sum(bh * bw) the sample's length. Bad arguments
+// raise RuntimeError with the ops' messages.
+pybind11::tuple pool_plan(const std::vector<int64_t>& h_bounds, const std::vector<int64_t>& w_bounds,
+                          const std::vector<int64_t>& level_bins, int64_t height, int64_t width,
+                          int64_t channels) {
+  const pyramid_ext::WindowPlan p =
+      pyramid_ext::make_window_plan("pyramid_ext._C._pool_plan", h_bounds, w_bounds, level_bins, height, width,
+                                    channels);
+  // std::vector -> list by pybind11/stl.h
+  return pybind11::make_tuple(p.h.cuts, p.h.seg_begin, p.h.seg_end, p.h.seg_of, p.w.cuts, p.w.seg_begin,
+                              p.w.seg_end, p.w.seg_of, p.offset, channels * p.total);
 }
 
 bool built_with_cuda() {
@@ -84,6 +104,9 @@ PYBIND11_MODULE(_C, m) {
         }
       },
       "The instruction set the CPU float loops run with now.");
+  m.def("_pool_plan", &pool_plan, pybind11::arg("h_bounds"), pybind11::arg("w_bounds"),
+        pybind11::arg("level_bins"), pybind11::arg("height"), pybind11::arg("width"), pybind11::arg("channels"),
+        "Test only: multi_pool2d's window plan (segments per axis, level offsets, total), as lists of ints.");
   m.def("_simd_isa_available", [](int64_t isa) {
     return pyramid_ext::simd::isa_available(static_cast<pyramid_ext::simd::Isa>(isa));
   }, "Whether this CPU runs the loops compiled for ISA 1 (baseline), 2 (AVX2), 3 (AVX-512).");

@@ -3,18 +3,27 @@
 // Everything the kernels compute about *where* to read and *with which
 // weight* lives here, as inline functions usable from host and device code,
 // so the CPU and CUDA kernels run one formula. The integer math (segments,
-// packed indices, the max rule) is bit-identical on both. The floating-point
-// math is not quite: the CPU build uses -ffp-contract=off (every operation
-// rounds, as in ATen's CPU kernels), while nvcc keeps its default --fmad=true
-// (as ATen's CUDA kernels are built), so on the GPU
-// `scale * (dst + 0.5) - 0.5` in bilinear_tap may become one FMA: src, and so
-// the tap weight, can differ from the CPU's by one rounding of src (about
-// 6e-8 * src in float, 1.1e-16 * src in double), and i0 can move by one where
-// src is within that of an integer (where the weights are 0 and 1, so the
-// value moves by the same amount). tests/test_cuda.py bounds it: float32
-// outputs get atol UP_ATOL_F32 (2e-5) on top of TOL_VS_FP64, wider sources
-// 1e-4; double and 16-bit tolerances already exceed it. The CPU tests check
-// the formula; the CUDA tests check the CUDA rounding against ATen's.
+// packed indices, the max rule) is bit-identical on both, and so is the
+// floating-point math: the CPU build uses -ffp-contract=off and the CUDA
+// build --fmad=false (setup.py; the emulated CUDA build -ffp-contract=off),
+// so every operation here rounds once, in the order written, on every device
+// (IEEE division and no flush-to-zero on both: nvcc's defaults without
+// --use_fast_math). The CPU tests therefore execute the arithmetic the CUDA
+// kernels use, and tests/test_cuda_emu.py runs the CUDA kernels' own code
+// with it. (The kernels' summation orders are their own, not this header's.)
+//
+// Against PyTorch eager the taps are not always bit-identical: ATen's kernels
+// may contract `scale * (dst + 0.5) - 0.5` in bilinear_tap into one FMA
+// (nvcc's default for its CUDA kernels; this project's CPU torch 2.13 build
+// does it too: F.interpolate in float32, 129 -> 300 columns, matches the
+// fused source at every column and this formula at all but 3). Then src, and
+// so the weights, differ by one rounding of src (about 6e-8 * src in float,
+// 1.1e-16 * src in double), times the difference of the two neighbours in
+// the value; i0 moves by one only where src is within that of an integer
+// (weights 0 and 1, same bound). Tests against eager allow it:
+// tests/test_upsample_concat.py TOL[float32] (atol 1e-5), the per-element
+// bound of tests/test_properties.py (weights rounded in the accumulation
+// type), tests/test_cuda.py UP_ATOL_F32.
 #pragma once
 
 #include <cmath>
@@ -204,7 +213,7 @@ struct AxisSegments {
 };
 
 // `bounds` holds 2 * num_windows values; every window must satisfy
-// 0 <= start < end <= size (the Python layer validates this).
+// 0 <= start < end <= size (make_window_plan in pool_plan.h checks it).
 inline AxisSegments make_axis_segments(const int64_t* bounds,
                                        int64_t num_windows, int64_t size) {
   AxisSegments a;

@@ -9,8 +9,10 @@ pyramid_ext, so no test compares the code under test with itself.
 from __future__ import annotations
 
 import math
+import re
 from typing import Iterable, List, Optional, Sequence, Tuple
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -114,6 +116,49 @@ def eager_upsample_concat(x, branches, size, align_corners, x_first=True):
     if x is None:
         return torch.cat(ups, 1)
     return torch.cat([x] + ups if x_first else ups + [x], 1)
+
+
+def check_out_overlap_rule(upsample_concat_out, device="cpu"):
+    """The op-level out= rule of upsample_concat_out (csrc/upsample_concat_checks.h),
+    for the op `upsample_concat_out(x, branches, align_corners, x_first, out)`
+    of one backend: an input may share out's storage only where their memory
+    provably does not overlap; full, partial and possible (not provably
+    disjoint) overlap raise naming the input, and so does an out whose own
+    elements share memory. Accepted calls must match eager (float64)."""
+    def f64(*shape):
+        return torch.randn(*shape, dtype=torch.float64, device=device)
+
+    # Disjoint dense pieces of one storage: x and a branch beside out.
+    store = f64(1000)
+    out, b, x = store[:180].view(1, 5, 6, 6), store[500:518].view(1, 2, 3, 3), store[600:708].view(1, 3, 6, 6)
+    want = eager_upsample_concat(x, [b], (6, 6), False)
+    upsample_concat_out(x, [b], False, True, out)
+    torch.testing.assert_close(out, want)
+    # Disjoint channel slices of one (N=1) buffer: x the first three channels, out the rest.
+    buf = f64(1, 8, 6, 6)
+    x, before = buf[:, :3], buf[:, :3].clone()
+    b = f64(1, 2, 4, 5)
+    want = eager_upsample_concat(before, [b], (6, 6), True, x_first=False)
+    upsample_concat_out(x, [b], True, False, buf[:, 3:])
+    torch.testing.assert_close(buf[:, 3:], want)
+    assert torch.equal(buf[:, :3], before)
+
+    def rejects(name, *args):
+        with pytest.raises(RuntimeError, match=re.escape(f"out must not overlap the inputs, but {name} shares")):
+            upsample_concat_out(*args)
+
+    buf = f64(1, 8, 6, 6)
+    rejects("x", buf[:, :3], [f64(1, 2, 3, 3)], False, True, buf[:, 2:7])  # partial
+    rejects("x", buf, [], False, True, buf)  # full: out is x
+    rejects("branches[0]", None, [buf[:, :5]], False, True, buf[:, :5])  # full: out is the branch
+    store = f64(1000)
+    rejects("branches[1]", None, [f64(1, 1, 3, 3), store[100:118].view(1, 2, 3, 3)], False, True,
+            store[:108].view(1, 3, 6, 6))  # partial, one element shared
+    # Disjoint, but channel slices of a batch of two are not dense: not provably disjoint.
+    buf = f64(2, 8, 6, 6)
+    rejects("x", buf[:, :3], [f64(2, 2, 3, 3)], False, True, buf[:, 3:])
+    with pytest.raises(RuntimeError, match="out must not overlap itself"):
+        upsample_concat_out(f64(1, 3, 6, 6), [], False, True, f64(1, 1, 6, 6).expand(1, 3, 6, 6))
 
 
 def bilinear_weights(in_size: int, out_size: int, align_corners: bool, dtype=torch.float32) -> torch.Tensor:

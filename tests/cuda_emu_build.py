@@ -33,7 +33,7 @@ def load(build_dir: str | None = None, plant_bug: int = 0, verbose: bool = False
     os.makedirs(build_dir, exist_ok=True)
     flags = [
         "-O2", "-DPYRAMID_EXT_CUDA_EMU", f"-DPE_EMU_PLANT_BUG={plant_bug}",
-        # as the CPU build: no FMA contraction, so results round like ATen's CPU kernels
+        # no FMA contraction, as the CPU build (-ffp-contract=off) and the CUDA build (--fmad=false)
         "-ffp-contract=off",
         "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-unknown-pragmas", "-Werror",
     ]

@@ -27,7 +27,8 @@ from ._helpers import TOL_VS_FP64 as TOL
 from ._helpers import as_pair as _pair
 from ._helpers import is_channels_last as _is_cl
 from ._helpers import OVERLAPPING_WINDOWS, SUM_ATOL_VS_FP64 as SUM_ATOL
-from ._helpers import keras_same_avg, naive_multi_pool, rand as _rand, sppnet_pool, ties_nan_inf_input
+from ._helpers import check_out_overlap_rule, keras_same_avg, naive_multi_pool, rand as _rand, sppnet_pool
+from ._helpers import ties_nan_inf_input
 
 pytestmark = pytest.mark.cuda
 
@@ -69,10 +70,16 @@ DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 # TOL (_helpers.TOL_VS_FP64): against a float64 computation on the same
 # inputs, about one rounding of the result's dtype.
 # The sums of many products (a 1x1 branch's gradient sums a whole plane).
-# nvcc contracts `scale * (dst + 0.5) - 0.5` into an FMA (as ATen's CUDA
-# kernels are compiled), so a float32 source coordinate may differ from the
-# CPU's by one rounding: about 1e-7 * src in the tap weight.
-UP_ATOL_F32 = 2e-5
+# The kernels are built with --fmad=false (setup.py), so they round as the CPU
+# kernels do, bit for bit (csrc/pyramid_index.h): against the same references
+# the CPU kernels need atol 7.9e-7 beyond rtol in these tests (measured with
+# the CPU op on the tests' inputs). That is not zero because the float32
+# reference, F.interpolate on the CPU, computes the tap source
+# `scale * (dst + 0.5) - 0.5` as one FMA (torch 2.13's CPU build), so its
+# weights may differ by one rounding of src: about 6e-8 * src times the
+# difference of two neighbours. UP_ATOL_F32 keeps a margin of 6 over that (was
+# 2e-5 while nvcc contracted the kernels' own tap source too).
+UP_ATOL_F32 = 5e-6
 BIN_SETS = [(1, 2, 3, 6), (6, 3, 2, 1), (4, 2, 1), ((2, 3), (5, 1), 1, (1, 7))]
 SIZES = [(33, 47), (65, 65), (3, 5), (1, 1), (97, 129)]
 LAYOUTS = ["nchw", "channels_last"]
@@ -367,10 +374,11 @@ def test_upsample_concat_order_no_x_and_downsampling(x_first, kind, align_corner
     bs = _branches(2, sizes, torch.float32, seed=23)
     bg = [_cuda(b, kind) for b in bs]
     got = pe.upsample_concat(_cuda(x, kind), bg, align_corners=align_corners, x_first=x_first, backend=CPP)
-    # sources up to 129 wide: allow ~1e-7 * 129 in the weights
-    _close(got, _ref_upcat(x, bs, size, align_corners, x_first, torch.float32), torch.float32, atol=1e-4)
+    # sources up to 90 wide: eager's FMA tap source (see UP_ATOL_F32) moves its weights by up to
+    # ~6e-8 * 89; the CPU kernels, same arithmetic as these, need atol 1.1e-5 here (was 1e-4)
+    _close(got, _ref_upcat(x, bs, size, align_corners, x_first, torch.float32), torch.float32, atol=5e-5)
     got = pe.upsample_concat(None, bg, size=size, align_corners=align_corners, backend=CPP)
-    _close(got, _ref_upcat(None, bs, size, align_corners, True, torch.float32), torch.float32, atol=1e-4)
+    _close(got, _ref_upcat(None, bs, size, align_corners, True, torch.float32), torch.float32, atol=5e-5)
 
 
 @pytest.mark.parametrize("kind", LAYOUTS)
@@ -440,6 +448,10 @@ def test_upsample_concat_rejects_misuse():
         OPS.upsample_concat_out(x, [b], False, True, out)
     with pytest.raises(RuntimeError, match="x has dtype Float but out has Half"):
         OPS.upsample_concat_out(x, [b], False, True, torch.empty(2, 5, 8, 8, device=DEV, dtype=torch.float16))
+
+
+def test_upsample_concat_out_may_share_storage_only_without_overlap():
+    check_out_overlap_rule(OPS.upsample_concat_out, DEV)
 
 
 def test_upsample_concat_empty():

@@ -32,7 +32,7 @@ from pyramid_ext import reference
 from pyramid_ext.windows import normalize_bins, pyramid_windows
 from tests import cuda_emu_build
 from tests._helpers import DTYPES, OVERLAPPING_WINDOWS, SUM_ATOL_VS_FP64 as SUM_ATOL, TOL_VS_FP64 as TOL
-from tests._helpers import naive_multi_pool, ties_nan_inf_input
+from tests._helpers import check_out_overlap_rule, naive_multi_pool, ties_nan_inf_input
 
 PLANTED_BUG = int(os.environ.get("PYRAMID_EXT_EMU_PLANT_BUG", "0"))
 EMU = cuda_emu_build.load(os.environ.get("PYRAMID_EXT_EMU_BUILD_DIR"), PLANTED_BUG)
@@ -487,6 +487,10 @@ def test_upsample_concat_empty_and_misuse():
         OPS.upsample_concat(x, [b], [9, 8], False, True, False)
     with pytest.raises(RuntimeError, match="channels"):
         OPS.upsample_concat_out(x, [b], False, True, torch.empty(2, 4, 8, 8))
+
+
+def test_upsample_concat_out_may_share_storage_only_without_overlap():
+    check_out_overlap_rule(OPS.upsample_concat_out)
 
 
 # --------------------------------------------------------------------------

@@ -5,7 +5,8 @@ import torch.nn.functional as F
 
 import pyramid_ext as pe
 
-from ._helpers import DTYPES, LAYOUTS, TOL, acc_dtype, bilinear_backward_fp64, grad_close, layout, rand as _rand, same_storage
+from ._helpers import DTYPES, LAYOUTS, TOL, acc_dtype, bilinear_backward_fp64, check_out_overlap_rule, grad_close, layout
+from ._helpers import rand as _rand, same_storage
 from ._helpers import eager_upsample_concat as _eager
 from .conftest import need_backend
 
@@ -286,9 +287,14 @@ def test_cpp_op_checks_its_arguments():
         torch.ops.pyramid_ext.upsample_concat_out(x, [torch.randn(1, 1, 2, 2)], False, True, out)
     with pytest.raises(RuntimeError, match="channels"):
         torch.ops.pyramid_ext.upsample_concat_out(x, [torch.randn(1, 2, 2, 2)], False, True, torch.empty(1, 3, 4, 4))
-    with pytest.raises(RuntimeError, match="alias"):
+    with pytest.raises(RuntimeError, match=r"out must not overlap the inputs, but x shares"):
         buf = torch.randn(1, 3, 4, 4)
         torch.ops.pyramid_ext.upsample_concat_out(buf[:, :2], [torch.randn(1, 1, 2, 2)], False, True, buf)
+
+
+def test_cpp_op_out_may_share_storage_only_without_overlap():
+    need_backend("cpp")
+    check_out_overlap_rule(torch.ops.pyramid_ext.upsample_concat_out)
 
 
 def test_x_without_branches_backward(any_backend):

@@ -18,12 +18,14 @@
 #include <algorithm>
 #include <memory>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "cpu/block_cells.h"
 #include "cpu/huge_pages.h"
 #include "cpu/simd_loops.h"
 #include "cpu/test_overrides.h"
+#include "pool_plan.h"
 #include "pyramid_index.h"
 
 namespace pyramid_ext {
@@ -36,18 +38,13 @@ struct BinRect {
   int64_t c_stride;    // packed index step per channel
 };
 
-// The window plan of one call: segment tables per axis and, per level, its
-// bin counts, its first window along each axis and its offset in a sample.
-struct PoolPlan {
-  AxisSegments h;
-  AxisSegments w;
-  std::vector<int64_t> bh, bw, win_h0, win_w0, offset;
+// The window plan of one call (pool_plan.h: segment tables per axis and, per
+// level, its bin counts, first windows and offset in a sample), with every
+// bin's cell rectangle, in packed order, and the level layout.
+struct PoolPlan : WindowPlan {
   std::vector<BinRect> rects;  // every bin, in packed order
-  int64_t channels = 0;
-  int64_t total = 0;  // sum over levels of bh * bw
   bool channels_last_levels = false;
 
-  int64_t levels() const { return static_cast<int64_t>(bh.size()); }
   int64_t out_index(int64_t l, int64_t c, int64_t i, int64_t j) const {
     return packed_index(offset[l], channels, bh[l], bw[l], c, i, j,
                         channels_last_levels);
@@ -63,44 +60,10 @@ struct PoolPlan {
   }
 };
 
-void check_bounds(c10::IntArrayRef bounds, int64_t size, const char* axis) {
-  for (size_t k = 0; k + 1 < bounds.size(); k += 2) {
-    TORCH_CHECK(0 <= bounds[k] && bounds[k] < bounds[k + 1] &&
-                    bounds[k + 1] <= size,
-                "multi_pool2d: window [", bounds[k], ", ", bounds[k + 1],
-                ") along ", axis, " is empty or outside [0, ", size, ")");
-  }
-}
-
-PoolPlan make_plan(int64_t C, int64_t H, int64_t W, c10::IntArrayRef h_bounds,
-                   c10::IntArrayRef w_bounds, c10::IntArrayRef level_bins,
-                   bool channels_last_levels) {
-  TORCH_CHECK(level_bins.size() % 2 == 0 && !level_bins.empty(),
-              "multi_pool2d: level_bins must hold (bh, bw) pairs");
+PoolPlan make_plan(WindowPlan windows, bool channels_last_levels) {
   PoolPlan p;
-  p.channels = C;
+  static_cast<WindowPlan&>(p) = std::move(windows);
   p.channels_last_levels = channels_last_levels;
-  int64_t nh = 0, nw = 0;
-  for (size_t l = 0; l < level_bins.size(); l += 2) {
-    TORCH_CHECK(level_bins[l] > 0 && level_bins[l + 1] > 0,
-                "multi_pool2d: level_bins must be positive");
-    p.bh.push_back(level_bins[l]);
-    p.bw.push_back(level_bins[l + 1]);
-    p.win_h0.push_back(nh);
-    p.win_w0.push_back(nw);
-    p.offset.push_back(p.total * C);
-    nh += level_bins[l];
-    nw += level_bins[l + 1];
-    p.total += level_bins[l] * level_bins[l + 1];
-  }
-  TORCH_CHECK(static_cast<int64_t>(h_bounds.size()) == 2 * nh &&
-                  static_cast<int64_t>(w_bounds.size()) == 2 * nw,
-              "multi_pool2d: h_bounds/w_bounds must hold a [start, end) pair "
-              "per window of every level");
-  check_bounds(h_bounds, H, "H");
-  check_bounds(w_bounds, W, "W");
-  p.h = make_axis_segments(h_bounds.data(), nh, H);
-  p.w = make_axis_segments(w_bounds.data(), nw, W);
   for (int64_t l = 0; l < p.levels(); ++l)
     for (int64_t i = 0; i < p.bh[l]; ++i)
       for (int64_t j = 0; j < p.bw[l]; ++j)
@@ -115,11 +78,6 @@ PoolPlan make_plan(int64_t C, int64_t H, int64_t W, c10::IntArrayRef h_bounds,
 template <typename T>
 std::unique_ptr<T[]> scratch_buffer(int64_t n) {
   return std::unique_ptr<T[]>(new T[static_cast<size_t>(n)]);
-}
-
-bool is_channels_last(const at::Tensor& t) {
-  return !t.is_contiguous() &&
-         t.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
 
 // Planes per task on NCHW tensors: about 32K elements each.
@@ -546,22 +504,13 @@ void max_forward_channels_last(const scalar_t* x, scalar_t* out,
 }
 
 std::tuple<at::Tensor, at::Tensor> multi_pool2d_cpu(
-    const at::Tensor& x_in, c10::IntArrayRef h_bounds,
+    const at::Tensor& x, c10::IntArrayRef h_bounds,
     c10::IntArrayRef w_bounds, c10::IntArrayRef level_bins, int64_t mode,
     bool channels_last_levels) {
-  TORCH_CHECK(x_in.dim() == 4, "multi_pool2d: x must be 4-D (N, C, H, W), got ",
-              x_in.dim(), "-D");
-  TORCH_CHECK(mode == kPoolAvg || mode == kPoolMax,
-              "multi_pool2d: mode must be 0 (avg) or 1 (max), got ", mode);
-  TORCH_CHECK(at::isFloatingType(x_in.scalar_type()),
-              "multi_pool2d: x must be floating point, got ",
-              x_in.scalar_type());
-  const bool cl = is_channels_last(x_in);
-  const at::Tensor x = cl ? x_in : x_in.contiguous();
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  TORCH_CHECK(H > 0 && W > 0, "multi_pool2d: x must have non-zero H and W");
-  const PoolPlan p =
-      make_plan(C, H, W, h_bounds, w_bounds, level_bins, channels_last_levels);
+  PoolCall call = check_multi_pool2d("pyramid_ext::multi_pool2d", x, h_bounds, w_bounds, level_bins, mode);
+  const bool cl = call.channels_last;
+  const int64_t N = call.N, C = call.C, H = call.H, W = call.W;
+  const PoolPlan p = make_plan(std::move(call.plan), channels_last_levels);
   at::Tensor out = at::empty({N, C * p.total}, x.options());
   at::Tensor idx = mode == kPoolMax
                        ? at::empty({N, C * p.total}, x.options().dtype(at::kLong))
@@ -742,31 +691,18 @@ at::Tensor multi_pool2d_backward_cpu(
     c10::IntArrayRef input_shape, c10::IntArrayRef h_bounds,
     c10::IntArrayRef w_bounds, c10::IntArrayRef level_bins, int64_t mode,
     bool channels_last_levels, bool channels_last_input) {
-  TORCH_CHECK(input_shape.size() == 4,
-              "multi_pool2d_backward: input_shape must have 4 entries");
-  TORCH_CHECK(mode == kPoolAvg || mode == kPoolMax,
-              "multi_pool2d_backward: mode must be 0 (avg) or 1 (max)");
-  const int64_t N = input_shape[0], C = input_shape[1], H = input_shape[2],
-                W = input_shape[3];
-  const PoolPlan p =
-      make_plan(C, H, W, h_bounds, w_bounds, level_bins, channels_last_levels);
-  TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(0) == N &&
-                  grad_in.size(1) == C * p.total,
-              "multi_pool2d_backward: grad must have shape (N, C * total)");
+  PoolCall call = check_multi_pool2d_backward("pyramid_ext::multi_pool2d_backward", grad_in, indices_in,
+                                              input_shape, h_bounds, w_bounds, level_bins, mode,
+                                              channels_last_input);
+  const int64_t N = call.N, C = call.C, H = call.H, W = call.W;
+  const PoolPlan p = make_plan(std::move(call.plan), channels_last_levels);
   const at::Tensor grad = grad_in.contiguous();
   const auto fmt = channels_last_input ? at::MemoryFormat::ChannelsLast
                                        : at::MemoryFormat::Contiguous;
   at::Tensor gx = at::empty({N, C, H, W}, grad.options().memory_format(fmt));
   if (gx.numel() == 0) return gx;
   advise_huge_pages(gx);
-  at::Tensor indices;
-  if (mode == kPoolMax) {
-    TORCH_CHECK(indices_in.has_value() && indices_in->sizes() == grad.sizes() &&
-                    indices_in->scalar_type() == at::kLong,
-                "multi_pool2d_backward: max mode needs int64 indices shaped "
-                "like grad");
-    indices = indices_in->contiguous();
-  }
+  const at::Tensor indices = mode == kPoolMax ? indices_in->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, grad.scalar_type(), "multi_pool2d_backward_cpu",
       [&] {

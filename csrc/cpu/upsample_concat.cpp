@@ -22,61 +22,13 @@
 #include "cpu/huge_pages.h"
 #include "cpu/simd_loops.h"
 #include "pyramid_index.h"
+#include "upsample_concat_checks.h"
 
 namespace pyramid_ext {
 namespace {
 
 // One source of output channels: x (copied) or a branch (interpolated).
-struct Part {
-  at::Tensor t;
-  int64_t channel_offset;
-  bool interpolate;
-};
-
-std::vector<Part> make_parts(const std::optional<at::Tensor>& x,
-                             at::TensorList branches, bool x_first) {
-  std::vector<Part> parts;
-  int64_t c = 0;
-  auto add_x = [&] {
-    if (x.has_value()) {
-      parts.push_back({*x, c, false});
-      c += x->size(1);
-    }
-  };
-  if (x_first) add_x();
-  for (const auto& b : branches) {
-    parts.push_back({b, c, true});
-    c += b.size(1);
-  }
-  if (!x_first) add_x();
-  return parts;
-}
-
-void check_parts(const std::vector<Part>& parts, const at::Tensor& out,
-                 const char* fn) {
-  TORCH_CHECK(!parts.empty(), fn, ": needs x or at least one branch");
-  TORCH_CHECK(out.dim() == 4, fn, ": out must be 4-D, got ", out.dim(), "-D");
-  int64_t channels = 0;
-  for (const auto& p : parts) {
-    TORCH_CHECK(p.t.dim() == 4, fn, ": inputs must be 4-D (N, C, H, W)");
-    TORCH_CHECK(p.t.scalar_type() == out.scalar_type(), fn,
-                ": inputs and out must share one dtype, got ",
-                p.t.scalar_type(), " and ", out.scalar_type());
-    TORCH_CHECK(p.t.device() == out.device(), fn,
-                ": inputs and out must be on one device");
-    TORCH_CHECK(p.t.size(0) == out.size(0), fn,
-                ": inputs must share out's batch size");
-    TORCH_CHECK(p.t.size(2) > 0 && p.t.size(3) > 0, fn,
-                ": inputs must have non-zero height and width");
-    if (!p.interpolate) {
-      TORCH_CHECK(p.t.size(2) == out.size(2) && p.t.size(3) == out.size(3), fn,
-                  ": x must have out's height and width");
-    }
-    channels += p.t.size(1);
-  }
-  TORCH_CHECK(channels == out.size(1), fn, ": out has ", out.size(1),
-              " channels, inputs have ", channels);
-}
+using Part = ConcatPart;
 
 // For each source column j, the output columns that read it (a gather over
 // those replaces a scatter from every output column).
@@ -268,9 +220,9 @@ void upsample_concat_out_impl(const std::optional<at::Tensor>& x,
                               at::TensorList branches, bool align_corners,
                               bool x_first, const at::Tensor& out,
                               const char* fn) {
-  std::vector<Part> parts = make_parts(x, branches, x_first);
-  check_parts(parts, out, fn);
-  TORCH_CHECK(out.device().is_cpu(), fn, ": expected CPU tensors");
+  std::vector<Part> parts = concat_parts(x, branches, x_first);
+  TORCH_CHECK(out.device().is_cpu(), fn, ": out must be a CPU tensor, got ", out.device());
+  check_upsample_concat_parts(fn, parts, out);
   if (out.numel() == 0) return;
   for (auto& p : parts) {
     // Kernels read NCHW- or channels_last-contiguous inputs through strides;
@@ -279,7 +231,6 @@ void upsample_concat_out_impl(const std::optional<at::Tensor>& x,
         !p.t.is_contiguous(at::MemoryFormat::ChannelsLast)) {
       p.t = p.t.contiguous();
     }
-    TORCH_CHECK(!p.t.is_alias_of(out), fn, ": out must not alias an input");
   }
   const bool pixels = out.stride(1) == 1 && out.size(1) > 1;
   AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -293,27 +244,20 @@ void upsample_concat_out_cpu(const std::optional<at::Tensor>& x,
                              at::TensorList branches, bool align_corners,
                              bool x_first, const at::Tensor& out) {
   upsample_concat_out_impl(x, branches, align_corners, x_first, out,
-                           "upsample_concat_out");
+                           "pyramid_ext::upsample_concat_out");
 }
 
 at::Tensor upsample_concat_cpu(const std::optional<at::Tensor>& x,
                                at::TensorList branches, c10::IntArrayRef size,
                                bool align_corners, bool x_first,
                                bool channels_last) {
-  TORCH_CHECK(size.size() == 2 && size[0] > 0 && size[1] > 0,
-              "upsample_concat: size must be two positive ints");
-  TORCH_CHECK(x.has_value() || !branches.empty(),
-              "upsample_concat: needs x or at least one branch");
-  const at::Tensor& ref = x.has_value() ? *x : branches[0];
-  int64_t channels = x.has_value() ? x->size(1) : 0;
-  for (const auto& b : branches) channels += b.size(1);
+  const char* fn = "pyramid_ext::upsample_concat";
+  const ConcatOut like = upsample_concat_out_like(fn, concat_parts(x, branches, x_first), size);
   const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast
                                  : at::MemoryFormat::Contiguous;
-  at::Tensor out = at::empty({ref.size(0), channels, size[0], size[1]},
-                             ref.options().memory_format(fmt));
+  at::Tensor out = at::empty(like.sizes, like.options.memory_format(fmt));
   advise_huge_pages(out);
-  upsample_concat_out_impl(x, branches, align_corners, x_first, out,
-                           "upsample_concat");
+  upsample_concat_out_impl(x, branches, align_corners, x_first, out, fn);
   return out;
 }
 

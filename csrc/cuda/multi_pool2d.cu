@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "cuda/common.cuh"
+#include "pool_plan.h"
 #include "pyramid_index.h"
 
 namespace pyramid_ext {
@@ -62,11 +63,9 @@ struct PoolPlan {
 };
 static_assert(sizeof(PoolPlan) <= 4000, "PoolPlan must fit a 4 KB kernel argument");
 
-// Fills `ax` from one axis' bounds; false when the axis exceeds the limits.
-bool build_axis(const std::vector<int64_t>& bounds, int64_t size, AxisPlan& ax) {
-  const int64_t nwin = static_cast<int64_t>(bounds.size()) / 2;
-  if (nwin > kMaxWin || size > std::numeric_limits<int32_t>::max()) return false;
-  const AxisSegments a = make_axis_segments(bounds.data(), nwin, size);
+// Fills `ax` from one axis' segments; false when the axis exceeds the limits.
+bool build_axis(const AxisSegments& a, int64_t size, AxisPlan& ax) {
+  if (a.num_windows() > kMaxWin || size > std::numeric_limits<int32_t>::max()) return false;
   if (a.num_segments() > kMaxCutSegs) return false;
   std::vector<int64_t> cuts;
   int shift = 0;
@@ -87,47 +86,39 @@ bool build_axis(const std::vector<int64_t>& bounds, int64_t size, AxisPlan& ax) 
     // tells whether the whole segment is read.
     ax.covered[s] = a.seg_of[static_cast<size_t>(cuts[s])] >= 0 ? 1 : 0;
   }
-  for (int64_t k = 0; k < nwin; ++k) {
+  for (int64_t k = 0; k < a.num_windows(); ++k) {
     ax.win_seg[k][0] = static_cast<uint8_t>(a.seg_begin[k] + shift);
     ax.win_seg[k][1] = static_cast<uint8_t>(a.seg_end[k] + shift);
   }
   return true;
 }
 
-bool build_plan(const std::vector<int64_t>& hb, const std::vector<int64_t>& wb,
-                const std::vector<int64_t>& bins, int64_t H, int64_t W, PoolPlan& plan) {
-  const int64_t nlevels = static_cast<int64_t>(bins.size()) / 2;
+// The kernel argument for the window plan `wp` of an H x W map; false when
+// the plan exceeds the limits (the direct kernels take any plan).
+bool build_plan(const WindowPlan& wp, int64_t H, int64_t W, PoolPlan& plan) {
+  const int64_t nlevels = wp.levels();
   if (nlevels > kMaxLevels) return false;
-  if (!build_axis(hb, H, plan.h) || !build_axis(wb, W, plan.w)) return false;
+  if (!build_axis(wp.h, H, plan.h) || !build_axis(wp.w, W, plan.w)) return false;
   plan.nlevels = static_cast<int32_t>(nlevels);
-  int64_t ho = 0, wo = 0, bo = 0;
   for (int64_t l = 0; l < nlevels; ++l) {
-    plan.bh[l] = static_cast<int32_t>(bins[2 * l]);
-    plan.bw[l] = static_cast<int32_t>(bins[2 * l + 1]);
-    plan.hoff[l] = static_cast<int32_t>(ho);
-    plan.woff[l] = static_cast<int32_t>(wo);
-    plan.boff[l] = static_cast<int32_t>(bo);
-    ho += bins[2 * l];
-    wo += bins[2 * l + 1];
-    bo += bins[2 * l] * bins[2 * l + 1];
+    plan.bh[l] = static_cast<int32_t>(wp.bh[l]);
+    plan.bw[l] = static_cast<int32_t>(wp.bw[l]);
+    plan.hoff[l] = static_cast<int32_t>(wp.win_h0[l]);
+    plan.woff[l] = static_cast<int32_t>(wp.win_w0[l]);
+    plan.boff[l] = static_cast<int32_t>(wp.first_bin[l]);
   }
-  plan.boff[nlevels] = static_cast<int32_t>(bo);
+  plan.boff[nlevels] = static_cast<int32_t>(wp.total);
   return true;
 }
 
 // The direct kernels' table (int64, on the device): per level (bh, bw, hoff,
 // woff, boff), then the H bounds, then the W bounds.
-at::Tensor direct_table(const std::vector<int64_t>& hb, const std::vector<int64_t>& wb,
-                        const std::vector<int64_t>& bins, const at::Device& device) {
-  const int64_t nlevels = static_cast<int64_t>(bins.size()) / 2;
+at::Tensor direct_table(const WindowPlan& wp, at::IntArrayRef hb, at::IntArrayRef wb, const at::Device& device) {
+  const int64_t nlevels = wp.levels();
   std::vector<int64_t> t;
   t.reserve(static_cast<size_t>(5 * nlevels) + hb.size() + wb.size());
-  int64_t ho = 0, wo = 0, bo = 0;
   for (int64_t l = 0; l < nlevels; ++l) {
-    t.insert(t.end(), {bins[2 * l], bins[2 * l + 1], ho, wo, bo});
-    ho += bins[2 * l];
-    wo += bins[2 * l + 1];
-    bo += bins[2 * l] * bins[2 * l + 1];
+    t.insert(t.end(), {wp.bh[l], wp.bw[l], wp.win_h0[l], wp.win_w0[l], wp.first_bin[l]});
   }
   t.insert(t.end(), hb.begin(), hb.end());
   t.insert(t.end(), wb.begin(), wb.end());
@@ -689,47 +680,57 @@ __global__ void pool_bwd_direct_kernel(const scalar_t* __restrict__ grad, const 
 // Host side
 // ---------------------------------------------------------------------------
 
-struct Levels {
-  std::vector<int64_t> hb, wb, bins;
-  int64_t nh = 0, nw = 0, T = 0;
+// Which kernel runs one multi_pool2d (or backward) call, and how it is launched.
+struct PoolLaunch {
+  enum Kind { kPlanes, kChannelTiles, kDirect };
+  Kind kind = kDirect;
+  unsigned grid = 1;
+  dim3 block;
+  int64_t smem = 0;    // dynamic shared memory, bytes
+  int splits = 1;      // parts per cell (planned kernels)
+  int64_t ctiles = 0;  // channel tiles per sample (kChannelTiles)
 };
 
-Levels check_levels(c10::SymIntArrayRef h_bounds, c10::SymIntArrayRef w_bounds, at::IntArrayRef level_bins,
-                    int64_t H, int64_t W, const char* op) {
-  Levels lv;
-  const at::IntArrayRef hb = C10_AS_INTARRAYREF_SLOW(h_bounds);
-  const at::IntArrayRef wb = C10_AS_INTARRAYREF_SLOW(w_bounds);
-  lv.hb.assign(hb.begin(), hb.end());
-  lv.wb.assign(wb.begin(), wb.end());
-  lv.bins.assign(level_bins.begin(), level_bins.end());
-  TORCH_CHECK(lv.bins.size() % 2 == 0, op, ": level_bins must hold (bh, bw) pairs, got ", lv.bins.size(),
-              " values");
-  for (size_t l = 0; l < lv.bins.size(); l += 2) {
-    TORCH_CHECK(lv.bins[l] > 0 && lv.bins[l + 1] > 0, op, ": level_bins must be positive, got (", lv.bins[l],
-                ", ", lv.bins[l + 1], ")");
-    lv.nh += lv.bins[l];
-    lv.nw += lv.bins[l + 1];
-    lv.T += lv.bins[l] * lv.bins[l + 1];
+// The launch selection of the forward and the backward: with a plan, an NCHW
+// tensor gets the per-plane kernel if its shared memory fits, a channels_last
+// tensor the channel-tile kernel with the widest tile whose shared memory
+// fits; otherwise the direct kernel, one thread per item of `direct_items`.
+// `smem_bytes(splits, tile)`: the planned kernel's dynamic shared memory for
+// `splits` parts per cell and `tile` channels per block (1 per plane).
+template <typename SmemBytes>
+PoolLaunch choose_pool_launch(bool planned, bool nchw, int64_t ncells, int64_t N, int64_t C, int64_t plane_size,
+                              int64_t direct_items, SmemBytes smem_bytes) {
+  PoolLaunch launch;
+  if (planned && nchw) {
+    const int threads = plane_threads(plane_size);
+    const int splits = splits_for(ncells, threads / kWarp);
+    const int64_t smem = smem_bytes(splits, 1);
+    if (smem <= max_dynamic_smem()) {
+      launch.kind = PoolLaunch::kPlanes;
+      launch.grid = grid_for(N * C, 1, threads);
+      launch.block = dim3(threads);
+      launch.smem = smem;
+      launch.splits = splits;
+      return launch;
+    }
+  } else if (planned) {
+    for (int ct = channel_tile(C); ct >= 1; ct /= 2) {
+      const int rows = kThreads / ct;
+      const int splits = splits_for(ncells, rows);
+      const int64_t smem = smem_bytes(splits, ct);
+      if (smem > max_dynamic_smem()) continue;
+      launch.kind = PoolLaunch::kChannelTiles;
+      launch.ctiles = ceil_div(C, ct);
+      launch.grid = grid_for(N * launch.ctiles, 1, kThreads);
+      launch.block = dim3(ct, rows);
+      launch.smem = smem;
+      launch.splits = splits;
+      return launch;
+    }
   }
-  TORCH_CHECK(static_cast<int64_t>(lv.hb.size()) == 2 * lv.nh, op, ": h_bounds has ", lv.hb.size(),
-              " values, level_bins needs ", 2 * lv.nh);
-  TORCH_CHECK(static_cast<int64_t>(lv.wb.size()) == 2 * lv.nw, op, ": w_bounds has ", lv.wb.size(),
-              " values, level_bins needs ", 2 * lv.nw);
-  for (size_t k = 0; k < lv.hb.size(); k += 2) {
-    TORCH_CHECK(0 <= lv.hb[k] && lv.hb[k] < lv.hb[k + 1] && lv.hb[k + 1] <= H, op, ": window [", lv.hb[k], ", ",
-                lv.hb[k + 1], ") along H is empty or outside [0, ", H, ")");
-  }
-  for (size_t k = 0; k < lv.wb.size(); k += 2) {
-    TORCH_CHECK(0 <= lv.wb[k] && lv.wb[k] < lv.wb[k + 1] && lv.wb[k + 1] <= W, op, ": window [", lv.wb[k], ", ",
-                lv.wb[k + 1], ") along W is empty or outside [0, ", W, ")");
-  }
-  return lv;
-}
-
-void check_float(const at::Tensor& t, const char* op, const char* name) {
-  const auto st = t.scalar_type();
-  TORCH_CHECK(st == at::kDouble || st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op, ": ", name,
-              " must be float64, float32, float16 or bfloat16, got ", st);
+  launch.grid = grid_for(direct_items, kThreads, kThreads);
+  launch.block = dim3(kThreads);
+  return launch;
 }
 
 std::tuple<at::Tensor, at::Tensor> multi_pool2d_cuda(const at::Tensor& x, c10::SymIntArrayRef h_bounds,
@@ -737,25 +738,23 @@ std::tuple<at::Tensor, at::Tensor> multi_pool2d_cuda(const at::Tensor& x, c10::S
                                                      int64_t mode, bool channels_last_levels) {
   const char* op = "pyramid_ext::multi_pool2d";
   TORCH_CHECK(on_device(x), op, ": x must be a CUDA tensor, got ", x.device());
-  TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got ", x.dim(), "-D");
-  check_float(x, op, "x");
-  TORCH_CHECK(mode == kPoolAvg || mode == kPoolMax, op, ": mode must be 0 (avg) or 1 (max), got ", mode);
-  const bool nchw = x.is_contiguous();
-  TORCH_CHECK(nchw || x.is_contiguous(at::MemoryFormat::ChannelsLast), op,
-              ": x must be contiguous in NCHW or channels_last memory format");
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  const Levels lv = check_levels(h_bounds, w_bounds, level_bins, H, W, op);
+  const at::IntArrayRef hb = C10_AS_INTARRAYREF_SLOW(h_bounds);
+  const at::IntArrayRef wb = C10_AS_INTARRAYREF_SLOW(w_bounds);
+  const PoolCall call = check_multi_pool2d(op, x, hb, wb, level_bins, mode);
+  const WindowPlan& wp = call.plan;
+  const bool nchw = !call.channels_last;
+  const int64_t N = call.N, C = call.C, H = call.H, W = call.W;
   const bool is_max = mode == kPoolMax;
 
   DeviceGuard guard(x.device());
-  at::Tensor values = at::empty({N, C * lv.T}, x.options());
-  at::Tensor indices = is_max ? at::empty({N, C * lv.T}, x.options().dtype(at::kLong))
+  at::Tensor values = at::empty({N, C * wp.total}, x.options());
+  at::Tensor indices = is_max ? at::empty({N, C * wp.total}, x.options().dtype(at::kLong))
                               : at::empty({0}, x.options().dtype(at::kLong));
   if (values.numel() == 0) return {values, indices};
 
   auto stream = current_stream();
   PoolPlan plan;
-  const bool planned = build_plan(lv.hb, lv.wb, lv.bins, H, W, plan);
+  const bool planned = build_plan(wp, H, W, plan);
   const int64_t ncells = planned ? int64_t{plan.h.nseg} * plan.w.nseg : 0;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "multi_pool2d_cuda", [&] {
@@ -763,65 +762,47 @@ std::tuple<at::Tensor, at::Tensor> multi_pool2d_cuda(const at::Tensor& x, c10::S
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* vp = values.mutable_data_ptr<scalar_t>();
     int64_t* ip = is_max ? indices.mutable_data_ptr<int64_t>() : nullptr;
-    bool launched = false;
-    if (planned && nchw) {
-      const int threads = plane_threads(H * W);
-      const int splits = splits_for(ncells, threads / kWarp);
-      const int64_t smem = align8(ncells * splits * static_cast<int64_t>(sizeof(acc_t))) +
-                           (is_max ? ncells * splits * static_cast<int64_t>(sizeof(int64_t)) : 0)
+    // Partial sums (and for max their indices) of every cell part, per channel of the block.
+    auto smem_bytes = [&](int splits, int tile) -> int64_t {
+      const int64_t items = ncells * splits * tile;
+      return align8(items * static_cast<int64_t>(sizeof(acc_t))) +
+             (is_max ? items * static_cast<int64_t>(sizeof(int64_t)) : 0)
 #if PE_EMU_PLANT_BUG == 2  // test-only (tests/test_cuda_emu.py): one partial short
-          - static_cast<int64_t>(sizeof(acc_t))
+             - (nchw ? static_cast<int64_t>(sizeof(acc_t)) : 0)
 #endif
           ;
-      if (smem <= max_dynamic_smem()) {
-        const unsigned grid = grid_for(N * C, 1, threads);
-        if (is_max) {
-          PE_LAUNCH((pool_fwd_nchw_kernel<scalar_t, acc_t, true>), grid, threads, smem, stream)(
-              xp, vp, ip, plan, N * C, C, H, W, splits, channels_last_levels);
-        } else {
-          PE_LAUNCH((pool_fwd_nchw_kernel<scalar_t, acc_t, false>), grid, threads, smem, stream)(
-              xp, vp, ip, plan, N * C, C, H, W, splits, channels_last_levels);
-        }
-        PE_KERNEL_LAUNCH_CHECK();
-        launched = true;
-      }
-    } else if (planned) {
-      for (int ct = channel_tile(C); ct >= 1 && !launched; ct /= 2) {
-        const int rows = kThreads / ct;
-        const int splits = splits_for(ncells, rows);
-        const int64_t items = ncells * splits * ct;
-        const int64_t smem = align8(items * static_cast<int64_t>(sizeof(acc_t))) +
-                             (is_max ? items * static_cast<int64_t>(sizeof(int64_t)) : 0);
-        if (smem > max_dynamic_smem()) continue;
-        const int64_t ctiles = ceil_div(C, ct);
-        const unsigned grid = grid_for(N * ctiles, 1, kThreads);
-        const dim3 block(ct, rows);
-        if (is_max) {
-          PE_LAUNCH((pool_fwd_cl_kernel<scalar_t, acc_t, true>), grid, block, smem, stream)(
-              xp, vp, ip, plan, N, C, H, W, ctiles, splits, channels_last_levels);
-        } else {
-          PE_LAUNCH((pool_fwd_cl_kernel<scalar_t, acc_t, false>), grid, block, smem, stream)(
-              xp, vp, ip, plan, N, C, H, W, ctiles, splits, channels_last_levels);
-        }
-        PE_KERNEL_LAUNCH_CHECK();
-        launched = true;
-      }
-    }
-    if (!launched) {
-      const at::Tensor table = direct_table(lv.hb, lv.wb, lv.bins, x.device());
-      const int64_t nlevels = static_cast<int64_t>(lv.bins.size()) / 2;
-      const unsigned grid = grid_for(N * C * lv.T, kThreads, kThreads);
+    };
+    const PoolLaunch L = choose_pool_launch(planned, nchw, ncells, N, C, H * W, N * C * wp.total, smem_bytes);
+    if (L.kind == PoolLaunch::kPlanes) {
       if (is_max) {
-        PE_LAUNCH((pool_fwd_direct_kernel<scalar_t, acc_t, true>), grid, kThreads, 0, stream)(
-            xp, vp, ip, table.const_data_ptr<int64_t>(), nlevels, lv.nh, N, C, H, W, x.stride(0), x.stride(1),
-            x.stride(2), x.stride(3), lv.T, channels_last_levels);
+        PE_LAUNCH((pool_fwd_nchw_kernel<scalar_t, acc_t, true>), L.grid, L.block, L.smem, stream)(
+            xp, vp, ip, plan, N * C, C, H, W, L.splits, channels_last_levels);
       } else {
-        PE_LAUNCH((pool_fwd_direct_kernel<scalar_t, acc_t, false>), grid, kThreads, 0, stream)(
-            xp, vp, ip, table.const_data_ptr<int64_t>(), nlevels, lv.nh, N, C, H, W, x.stride(0), x.stride(1),
-            x.stride(2), x.stride(3), lv.T, channels_last_levels);
+        PE_LAUNCH((pool_fwd_nchw_kernel<scalar_t, acc_t, false>), L.grid, L.block, L.smem, stream)(
+            xp, vp, ip, plan, N * C, C, H, W, L.splits, channels_last_levels);
       }
-      PE_KERNEL_LAUNCH_CHECK();
+    } else if (L.kind == PoolLaunch::kChannelTiles) {
+      if (is_max) {
+        PE_LAUNCH((pool_fwd_cl_kernel<scalar_t, acc_t, true>), L.grid, L.block, L.smem, stream)(
+            xp, vp, ip, plan, N, C, H, W, L.ctiles, L.splits, channels_last_levels);
+      } else {
+        PE_LAUNCH((pool_fwd_cl_kernel<scalar_t, acc_t, false>), L.grid, L.block, L.smem, stream)(
+            xp, vp, ip, plan, N, C, H, W, L.ctiles, L.splits, channels_last_levels);
+      }
+    } else {
+      const at::Tensor table = direct_table(wp, hb, wb, x.device());
+      const int64_t nlevels = wp.levels(), nh = wp.h.num_windows();
+      if (is_max) {
+        PE_LAUNCH((pool_fwd_direct_kernel<scalar_t, acc_t, true>), L.grid, L.block, 0, stream)(
+            xp, vp, ip, table.const_data_ptr<int64_t>(), nlevels, nh, N, C, H, W, x.stride(0), x.stride(1),
+            x.stride(2), x.stride(3), wp.total, channels_last_levels);
+      } else {
+        PE_LAUNCH((pool_fwd_direct_kernel<scalar_t, acc_t, false>), L.grid, L.block, 0, stream)(
+            xp, vp, ip, table.const_data_ptr<int64_t>(), nlevels, nh, N, C, H, W, x.stride(0), x.stride(1),
+            x.stride(2), x.stride(3), wp.total, channels_last_levels);
+      }
     }
+    PE_KERNEL_LAUNCH_CHECK();
   });
   return {values, indices};
 }
@@ -832,37 +813,24 @@ at::Tensor multi_pool2d_backward_cuda(const at::Tensor& grad_in, const std::opti
                                       bool channels_last_levels, bool channels_last_input) {
   const char* op = "pyramid_ext::multi_pool2d_backward";
   TORCH_CHECK(on_device(grad_in), op, ": grad must be a CUDA tensor, got ", grad_in.device());
-  check_float(grad_in, op, "grad");
-  TORCH_CHECK(mode == kPoolAvg || mode == kPoolMax, op, ": mode must be 0 (avg) or 1 (max), got ", mode);
-  const at::IntArrayRef input_shape = C10_AS_INTARRAYREF_SLOW(input_shape_s);
-  TORCH_CHECK(input_shape.size() == 4, op, ": input_shape must be (N, C, H, W), got ", input_shape);
-  const int64_t N = input_shape[0], C = input_shape[1], H = input_shape[2], W = input_shape[3];
-  TORCH_CHECK(N >= 0 && C >= 0 && H >= 0 && W >= 0, op, ": invalid input_shape ", input_shape);
-  const Levels lv = check_levels(h_bounds, w_bounds, level_bins, H, W, op);
-  TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(0) == N && grad_in.size(1) == C * lv.T, op,
-              ": grad must have shape (", N, ", ", C * lv.T, "), got ", grad_in.sizes());
+  const at::IntArrayRef hb = C10_AS_INTARRAYREF_SLOW(h_bounds);
+  const at::IntArrayRef wb = C10_AS_INTARRAYREF_SLOW(w_bounds);
+  const PoolCall call = check_multi_pool2d_backward(op, grad_in, indices_opt, C10_AS_INTARRAYREF_SLOW(input_shape_s),
+                                                    hb, wb, level_bins, mode, channels_last_input);
+  const WindowPlan& wp = call.plan;
+  const int64_t N = call.N, C = call.C, H = call.H, W = call.W;
   const bool is_max = mode == kPoolMax;
-  at::Tensor indices;
-  if (is_max) {
-    TORCH_CHECK(indices_opt.has_value() && indices_opt->defined(), op, ": indices are required for max");
-    indices = indices_opt->contiguous();
-    TORCH_CHECK(indices.scalar_type() == at::kLong, op, ": indices must be int64, got ", indices.scalar_type());
-    TORCH_CHECK(indices.device() == grad_in.device(), op, ": indices are on ", indices.device(), " but grad is on ",
-                grad_in.device());
-    TORCH_CHECK(indices.sizes() == grad_in.sizes(), op, ": indices must have grad's shape ", grad_in.sizes(),
-                ", got ", indices.sizes());
-  }
+  const at::Tensor indices = is_max ? indices_opt->contiguous() : at::Tensor();
 
   DeviceGuard guard(grad_in.device());
   const at::Tensor grad = grad_in.contiguous();
   const auto fmt = channels_last_input ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   at::Tensor gx = at::empty({N, C, H, W}, grad.options().memory_format(fmt));
   if (gx.numel() == 0) return gx;
-  if (lv.T == 0) return gx.zero_();
 
   auto stream = current_stream();
   PoolPlan plan;
-  const bool planned = build_plan(lv.hb, lv.wb, lv.bins, H, W, plan);
+  const bool planned = build_plan(wp, H, W, plan);
   const int64_t ncells = planned ? int64_t{plan.h.nseg} * plan.w.nseg : 0;
   // A tensor that is contiguous in both formats (C == 1, or H == W == 1) is
   // written the same either way; the NCHW kernel covers it.
@@ -873,58 +841,41 @@ at::Tensor multi_pool2d_backward_cuda(const at::Tensor& grad_in, const std::opti
     const scalar_t* gp = grad.const_data_ptr<scalar_t>();
     const int64_t* ip = is_max ? indices.const_data_ptr<int64_t>() : nullptr;
     scalar_t* op_ = gx.mutable_data_ptr<scalar_t>();
-    bool launched = false;
-    if (planned && nchw) {
-      const int threads = plane_threads(H * W);
-      const int splits = splits_for(ncells, threads / kWarp);
-      const int64_t smem = is_max ? 0 : ncells * static_cast<int64_t>(sizeof(acc_t));
-      if (smem <= max_dynamic_smem()) {
-        const unsigned grid = grid_for(N * C, 1, threads);
-        if (is_max) {
-          PE_LAUNCH((pool_bwd_nchw_kernel<scalar_t, acc_t, true>), grid, threads, smem, stream)(
-              gp, ip, op_, plan, N * C, C, H, W, splits, channels_last_levels);
-        } else {
-          PE_LAUNCH((pool_bwd_nchw_kernel<scalar_t, acc_t, false>), grid, threads, smem, stream)(
-              gp, ip, op_, plan, N * C, C, H, W, splits, channels_last_levels);
-        }
-        PE_KERNEL_LAUNCH_CHECK();
-        launched = true;
-      }
-    } else if (planned) {
-      for (int ct = channel_tile(C); ct >= 1 && !launched; ct /= 2) {
-        const int rows = kThreads / ct;
-        const int splits = splits_for(ncells, rows);
-        const int64_t smem = is_max ? 0 : ncells * ct * static_cast<int64_t>(sizeof(acc_t));
-        if (smem > max_dynamic_smem()) continue;
-        const int64_t ctiles = ceil_div(C, ct);
-        const unsigned grid = grid_for(N * ctiles, 1, kThreads);
-        const dim3 block(ct, rows);
-        if (is_max) {
-          PE_LAUNCH((pool_bwd_cl_kernel<scalar_t, acc_t, true>), grid, block, smem, stream)(
-              gp, ip, op_, plan, N, C, H, W, ctiles, splits, channels_last_levels);
-        } else {
-          PE_LAUNCH((pool_bwd_cl_kernel<scalar_t, acc_t, false>), grid, block, smem, stream)(
-              gp, ip, op_, plan, N, C, H, W, ctiles, splits, channels_last_levels);
-        }
-        PE_KERNEL_LAUNCH_CHECK();
-        launched = true;
-      }
-    }
-    if (!launched) {
-      const at::Tensor table = direct_table(lv.hb, lv.wb, lv.bins, grad.device());
-      const int64_t nlevels = static_cast<int64_t>(lv.bins.size()) / 2;
-      const unsigned grid = grid_for(N * C * H * W, kThreads, kThreads);
+    // avg: the gradient of every cell, per channel of the block; max needs none.
+    auto smem_bytes = [&](int /*splits*/, int tile) -> int64_t {
+      return is_max ? 0 : ncells * tile * static_cast<int64_t>(sizeof(acc_t));
+    };
+    const PoolLaunch L = choose_pool_launch(planned, nchw, ncells, N, C, H * W, N * C * H * W, smem_bytes);
+    if (L.kind == PoolLaunch::kPlanes) {
       if (is_max) {
-        PE_LAUNCH((pool_bwd_direct_kernel<scalar_t, acc_t, true>), grid, kThreads, 0, stream)(
-            gp, ip, op_, table.const_data_ptr<int64_t>(), nlevels, lv.nh, N, C, H, W, lv.T, channels_last_levels,
+        PE_LAUNCH((pool_bwd_nchw_kernel<scalar_t, acc_t, true>), L.grid, L.block, L.smem, stream)(
+            gp, ip, op_, plan, N * C, C, H, W, L.splits, channels_last_levels);
+      } else {
+        PE_LAUNCH((pool_bwd_nchw_kernel<scalar_t, acc_t, false>), L.grid, L.block, L.smem, stream)(
+            gp, ip, op_, plan, N * C, C, H, W, L.splits, channels_last_levels);
+      }
+    } else if (L.kind == PoolLaunch::kChannelTiles) {
+      if (is_max) {
+        PE_LAUNCH((pool_bwd_cl_kernel<scalar_t, acc_t, true>), L.grid, L.block, L.smem, stream)(
+            gp, ip, op_, plan, N, C, H, W, L.ctiles, L.splits, channels_last_levels);
+      } else {
+        PE_LAUNCH((pool_bwd_cl_kernel<scalar_t, acc_t, false>), L.grid, L.block, L.smem, stream)(
+            gp, ip, op_, plan, N, C, H, W, L.ctiles, L.splits, channels_last_levels);
+      }
+    } else {
+      const at::Tensor table = direct_table(wp, hb, wb, grad.device());
+      const int64_t nlevels = wp.levels(), nh = wp.h.num_windows();
+      if (is_max) {
+        PE_LAUNCH((pool_bwd_direct_kernel<scalar_t, acc_t, true>), L.grid, L.block, 0, stream)(
+            gp, ip, op_, table.const_data_ptr<int64_t>(), nlevels, nh, N, C, H, W, wp.total, channels_last_levels,
             !nchw);
       } else {
-        PE_LAUNCH((pool_bwd_direct_kernel<scalar_t, acc_t, false>), grid, kThreads, 0, stream)(
-            gp, ip, op_, table.const_data_ptr<int64_t>(), nlevels, lv.nh, N, C, H, W, lv.T, channels_last_levels,
+        PE_LAUNCH((pool_bwd_direct_kernel<scalar_t, acc_t, false>), L.grid, L.block, 0, stream)(
+            gp, ip, op_, table.const_data_ptr<int64_t>(), nlevels, nh, N, C, H, W, wp.total, channels_last_levels,
             !nchw);
       }
-      PE_KERNEL_LAUNCH_CHECK();
     }
+    PE_KERNEL_LAUNCH_CHECK();
   });
   return gx;
 }

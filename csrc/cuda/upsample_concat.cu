@@ -26,6 +26,7 @@
 
 #include "cuda/common.cuh"
 #include "pyramid_index.h"
+#include "upsample_concat_checks.h"
 
 namespace pyramid_ext {
 namespace cuda {
@@ -270,55 +271,10 @@ __global__ void upsample_bwd_cl_kernel(const scalar_t* __restrict__ g, scalar_t*
 // Host side
 // ---------------------------------------------------------------------------
 
-bool is_float(at::ScalarType st) {
-  return st == at::kDouble || st == at::kFloat || st == at::kHalf || st == at::kBFloat16;
-}
-
 // Channels fastest in memory (channels_last, or a channel slice of it).
 bool channels_fastest(const at::Tensor& t) { return t.size(1) > 1 && t.stride(1) == 1; }
 
-// Validates the inputs against `out` and returns them in concatenation order.
-std::vector<at::Tensor> check_parts(const std::optional<at::Tensor>& x, at::TensorList branches, bool x_first,
-                                    const at::Tensor& out, const char* op) {
-  TORCH_CHECK(out.defined() && on_device(out), op, ": out must be a CUDA tensor");
-  TORCH_CHECK(out.dim() == 4, op, ": out must be 4-D (N, C, H, W), got ", out.dim(), "-D");
-  TORCH_CHECK(is_float(out.scalar_type()), op, ": out must be float64, float32, float16 or bfloat16, got ",
-              out.scalar_type());
-  const bool has_x = x.has_value() && x->defined();
-  TORCH_CHECK(has_x || !branches.empty(), op, ": needs x or at least one branch");
-  std::vector<at::Tensor> parts;
-  if (has_x && x_first) parts.push_back(*x);
-  parts.insert(parts.end(), branches.begin(), branches.end());
-  if (has_x && !x_first) parts.push_back(*x);
-  int64_t channels = 0;
-  for (size_t k = 0; k < parts.size(); ++k) {
-    const at::Tensor& t = parts[k];
-    const bool is_x = has_x && (x_first ? k == 0 : k + 1 == parts.size());
-    const std::string name = is_x ? std::string("x") : "branches[" + std::to_string(has_x && x_first ? k - 1 : k) + "]";
-    TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
-    TORCH_CHECK(t.dim() == 4, op, ": ", name, " must be 4-D (N, C, H, W), got ", t.dim(), "-D");
-    TORCH_CHECK(t.device() == out.device(), op, ": ", name, " is on ", t.device(), " but out is on ", out.device());
-    TORCH_CHECK(t.scalar_type() == out.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
-                " but out has ", out.scalar_type(), " (all tensors must share one dtype)");
-    TORCH_CHECK(t.size(0) == out.size(0), op, ": ", name, " has batch size ", t.size(0), " but out has ",
-                out.size(0));
-    if (is_x) {
-      TORCH_CHECK(t.size(2) == out.size(2) && t.size(3) == out.size(3), op, ": x has spatial size (", t.size(2),
-                  ", ", t.size(3), ") but the output has (", out.size(2), ", ", out.size(3), ")");
-    } else {
-      TORCH_CHECK(t.size(2) > 0 && t.size(3) > 0, op, ": ", name, " must have non-zero height and width, got ",
-                  t.sizes());
-    }
-    channels += t.size(1);
-    if (out.numel() > 0 && t.numel() > 0) at::assert_no_partial_overlap(out, t);
-  }
-  TORCH_CHECK(channels == out.size(1), op, ": the inputs have ", channels, " channels in all but out has ",
-              out.size(1));
-  if (out.numel() > 0) at::assert_no_internal_overlap(out);
-  return parts;
-}
-
-void upsample_concat_impl(const std::vector<at::Tensor>& parts, bool align_corners, const at::Tensor& out) {
+void upsample_concat_impl(const std::vector<ConcatPart>& parts, bool align_corners, const at::Tensor& out) {
   if (out.numel() == 0) return;
   DeviceGuard guard(out.device());
   auto stream = current_stream();
@@ -334,7 +290,7 @@ void upsample_concat_impl(const std::vector<at::Tensor>& parts, bool align_corne
       P.nparts = 0;
       int64_t chunk_c = 0;
       for (; k < parts.size() && P.nparts < kMaxParts; ++k) {
-        const at::Tensor& t = parts[k];
+        const at::Tensor& t = parts[k].t;
         if (t.size(1) == 0) continue;
         UpPart& pt = P.part[P.nparts++];
         pt.data = t.const_data_ptr<scalar_t>();
@@ -380,24 +336,13 @@ void upsample_concat_impl(const std::vector<at::Tensor>& parts, bool align_corne
 at::Tensor upsample_concat_cuda(const std::optional<at::Tensor>& x, at::TensorList branches,
                                 c10::SymIntArrayRef size_s, bool align_corners, bool x_first, bool channels_last) {
   const char* op = "pyramid_ext::upsample_concat";
-  const at::IntArrayRef size = C10_AS_INTARRAYREF_SLOW(size_s);
-  TORCH_CHECK(size.size() == 2 && size[0] > 0 && size[1] > 0, op, ": size must be two positive ints, got ", size);
-  const bool has_x = x.has_value() && x->defined();
-  TORCH_CHECK(has_x || !branches.empty(), op, ": needs x or at least one branch");
-  const at::Tensor& ref = has_x ? *x : branches[0];
-  TORCH_CHECK(ref.defined() && on_device(ref), op, ": inputs must be CUDA tensors");
-  TORCH_CHECK(ref.dim() == 4, op, ": inputs must be 4-D (N, C, H, W), got ", ref.dim(), "-D");
-  TORCH_CHECK(is_float(ref.scalar_type()), op, ": inputs must be float64, float32, float16 or bfloat16, got ",
-              ref.scalar_type());
-  int64_t channels = has_x ? x->size(1) : 0;
-  for (const at::Tensor& b : branches) {
-    TORCH_CHECK(b.defined() && b.dim() == 4, op, ": branches must be 4-D (N, C, h, w) tensors");
-    channels += b.size(1);
-  }
-  DeviceGuard guard(ref.device());
+  std::vector<ConcatPart> parts = concat_parts(x, branches, x_first);
+  const ConcatOut like = upsample_concat_out_like(op, parts, C10_AS_INTARRAYREF_SLOW(size_s));
   const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  at::Tensor out = at::empty({ref.size(0), channels, size[0], size[1]}, ref.options().memory_format(fmt));
-  const std::vector<at::Tensor> parts = check_parts(x, branches, x_first, out, op);
+  at::Tensor out = at::empty(like.sizes, like.options.memory_format(fmt));
+  TORCH_CHECK(on_device(out), op, ": inputs must be CUDA tensors, got ", out.device());
+  DeviceGuard guard(out.device());
+  check_upsample_concat_parts(op, parts, out);
   upsample_concat_impl(parts, align_corners, out);
   return out;
 }
@@ -405,7 +350,9 @@ at::Tensor upsample_concat_cuda(const std::optional<at::Tensor>& x, at::TensorLi
 void upsample_concat_out_cuda(const std::optional<at::Tensor>& x, at::TensorList branches, bool align_corners,
                               bool x_first, const at::Tensor& out) {
   const char* op = "pyramid_ext::upsample_concat_out";
-  const std::vector<at::Tensor> parts = check_parts(x, branches, x_first, out, op);
+  TORCH_CHECK(out.defined() && on_device(out), op, ": out must be a CUDA tensor");
+  std::vector<ConcatPart> parts = concat_parts(x, branches, x_first);
+  check_upsample_concat_parts(op, parts, out);
   upsample_concat_impl(parts, align_corners, out);
 }
 
@@ -415,7 +362,7 @@ std::vector<at::Tensor> upsample_concat_backward_cuda(const at::Tensor& grad_out
   const char* op = "pyramid_ext::upsample_concat_backward";
   TORCH_CHECK(on_device(grad_out), op, ": grad_out must be a CUDA tensor, got ", grad_out.device());
   TORCH_CHECK(grad_out.dim() == 4, op, ": grad_out must be 4-D (N, C, H, W), got ", grad_out.dim(), "-D");
-  TORCH_CHECK(is_float(grad_out.scalar_type()), op,
+  TORCH_CHECK(is_pyramid_float(grad_out.scalar_type()), op,
               ": grad_out must be float64, float32, float16 or bfloat16, got ", grad_out.scalar_type());
   const at::IntArrayRef shapes = C10_AS_INTARRAYREF_SLOW(shapes_s);
   const int64_t channel_offset = channel_offset_s.guard_int(__FILE__, __LINE__);
