@@ -1,0 +1,46 @@
+// Float max-pooling kernels of multi_pool2d on CPU (max_pool_nchw.cpp, the
+// AVX2 block kernel for NCHW planes). multi_pool2d.cpp dispatches to them and
+// keeps the portable loops for other dtypes and CPUs.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "pyramid_index.h"
+
+namespace pyramid_ext {
+namespace max_pool {
+
+// What the max kernels read of one call's window plan (multi_pool2d.cpp's
+// PoolPlan): the segment tables and, per level, its bins, its first window
+// along each axis and its offset in a sample of the packed output.
+struct Levels {
+  const AxisSegments& h;
+  const AxisSegments& w;
+  const std::vector<int64_t>& bh;
+  const std::vector<int64_t>& bw;
+  const std::vector<int64_t>& win_h0;
+  const std::vector<int64_t>& win_w0;
+  const std::vector<int64_t>& offset;
+  int64_t channels;
+  int64_t total;  // bins per channel, all levels
+  bool channels_last_levels;
+};
+
+// Whether forward_nchw_blocks serves (N, C, H, W) float input here: an AVX2
+// CPU, the block kernels not switched off by a test (test_overrides:
+// no_block_kernel, simd_isa=baseline), and flat indices h * W + w that fit
+// in int32.
+bool nchw_blocks_available(int64_t H, int64_t W);
+
+// Max pooling of NCHW float planes, values and int64 flat indices in the
+// packed layout. Groups of 32 planes, each reduced as four blocks of 8: per
+// plane the column maxima of each H-segment and their rows (ATen's scan
+// rule), then 8 columns of the 8 planes transposed so that each column is a
+// vector over planes and combined into its W-segment cell, then cells into
+// bins, 32 planes at a time. Only call when nchw_blocks_available(H, W).
+void forward_nchw_blocks(const float* x, float* out, int64_t* out_idx, const Levels& lv, int64_t N,
+                         int64_t H, int64_t W);
+
+}  // namespace max_pool
+}  // namespace pyramid_ext
