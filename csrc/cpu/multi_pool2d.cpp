@@ -22,6 +22,7 @@
 
 #include "cpu/block_cells.h"
 #include "cpu/huge_pages.h"
+#include "cpu/max_pool.h"
 #include "cpu/simd_loops.h"
 #include "cpu/test_overrides.h"
 #include "pyramid_index.h"
@@ -328,6 +329,11 @@ template <typename scalar_t>
 void max_forward_nchw(const scalar_t* x, scalar_t* out, int64_t* out_idx,
                       const PoolPlan& p, int64_t N, int64_t C, int64_t H,
                       int64_t W) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (max_pool::nchw_blocks_available(H, W))
+      return max_pool::forward_nchw_blocks(x, out, out_idx, max_pool::Levels{p.h, p.w, p.bh, p.bw, p.win_h0, p.win_w0,
+                                           p.offset, p.channels, p.total, p.channels_last_levels}, N, H, W);
+  }
   const int64_t SH = p.h.num_segments(), SW = p.w.num_segments();
   const int64_t planes = N * C, B = kPlaneBlock;
   const int64_t blocks = (planes + B - 1) / B;
