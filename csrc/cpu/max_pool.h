@@ -1,6 +1,7 @@
-// Float max-pooling kernels of multi_pool2d on CPU (max_pool_nchw.cpp, the
-// AVX2 block kernel for NCHW planes). multi_pool2d.cpp dispatches to them and
-// keeps the portable loops for other dtypes and CPUs.
+// Float max-pooling kernels of multi_pool2d on CPU: max_pool_nchw.cpp (the
+// AVX2 block kernel for NCHW planes), max_pool.cpp (channels_last forward;
+// vector loops from simd_loops). multi_pool2d.cpp dispatches
+// to them and keeps the portable loops for other dtypes.
 #pragma once
 
 #include <cstdint>
@@ -41,6 +42,20 @@ bool nchw_blocks_available(int64_t H, int64_t W);
 // bins, 32 planes at a time. Only call when nchw_blocks_available(H, W).
 void forward_nchw_blocks(const float* x, float* out, int64_t* out_idx, const Levels& lv, int64_t N,
                          int64_t H, int64_t W);
+
+// Flat indices h * W + w are kept as int32 in the kernels below.
+bool fits_int32_index(int64_t H, int64_t W);
+
+// Max pooling of channels_last float input (only where fits_int32_index).
+// Phase 1 scans one H-segment's rows of a sample into its row of cells
+// ([cell][channel] maxima and flat indices; ATen's rule, pixels of a cell in
+// row-major order, whole pixels read contiguously); phase 2 combines each
+// bin's cells, vector over channels. One task per sample runs both when the
+// samples share evenly among the threads (or there are at least four per
+// thread), else phase 1 is split over (sample, H-segment) and phase 2 over
+// (sample, channel chunk); test_overrides: channels_last_max_tasks.
+void forward_channels_last(const float* x, float* out, int64_t* out_idx, const Levels& lv, int64_t N, int64_t H,
+                           int64_t W);
 
 }  // namespace max_pool
 }  // namespace pyramid_ext
