@@ -1,8 +1,10 @@
-// Float max pooling on CPU: channels_last forward (see max_pool.h). The vector loops are simd::max_pixels / simd::max_rect
+// Float max pooling on CPU: channels_last forward and both backwards (see
+// max_pool.h). The vector loops are simd::max_pixels / simd::max_rect
 // (simd_loops_body.inc, one copy per ISA).
 #include "cpu/max_pool.h"
 
 #include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <cstring>
@@ -40,6 +42,17 @@ std::vector<Rect> bin_rects(const Levels& lv) {
 template <typename T>
 std::unique_ptr<T[]> scratch(int64_t n) {
   return std::unique_ptr<T[]>(new T[static_cast<size_t>(n)]);
+}
+
+// channels_last: one task per sample (both phases, or zeroing and adding,
+// while the sample is in cache) when the samples share evenly among the
+// threads or there are at least four per thread; else the work is split
+// finer. test_overrides: channels_last_max_tasks (1 per sample, 2 split).
+bool channels_last_per_sample(int64_t N) {
+  const int64_t forced = test_overrides::get(test_overrides::kChannelsLastMaxTasks);
+  if (forced) return forced == 1;
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  return N % threads == 0 || N >= 4 * threads;
 }
 
 }  // namespace
@@ -83,9 +96,7 @@ void forward_channels_last(const float* x, float* out, int64_t* out_idx, const L
                      cn);
     }
   };
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t forced = test_overrides::get(test_overrides::kChannelsLastMaxTasks);
-  if (forced == 1 || (forced == 0 && (N % threads == 0 || N >= 4 * threads))) {
+  if (channels_last_per_sample(N)) {
     // One task per sample: its cells stay in cache between the phases.
     at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
       auto cell_v = scratch<float>(cells_per_sample);
@@ -112,6 +123,69 @@ void forward_channels_last(const float* x, float* out, int64_t* out_idx, const L
       const int64_t n = task / chunks, c0 = (task % chunks) * chunk;
       cells_to_bins(n, c0, std::min(chunk, C - c0), cell_v.get() + n * cells_per_sample,
                     cell_i.get() + n * cells_per_sample);
+    }
+  });
+}
+
+void backward(const float* grad, const int64_t* indices, float* gx, const Levels& lv, int64_t N, int64_t H,
+              int64_t W, bool channels_last) {
+  const int64_t C = lv.channels, HW = H * W;
+  const std::vector<Rect> rects = bin_rects(lv);
+  auto checked = [HW](int64_t k) {
+    TORCH_CHECK(0 <= k && k < HW, "multi_pool2d_backward: index out of range");
+    return k;
+  };
+  if (!channels_last) {
+    // One plane per step: zeroed, then every bin's gradient added in order.
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, HW));
+    at::parallel_for(0, N * C, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t plane = begin; plane < end; ++plane) {
+        const int64_t n = plane / C, c = plane % C;
+        const float* g = grad + n * C * lv.total;
+        const int64_t* ix = indices + n * C * lv.total;
+        float* dst = gx + plane * HW;
+        std::memset(dst, 0, static_cast<size_t>(HW) * sizeof(float));
+        for (const Rect& r : rects) {
+          const int64_t o = r.out_offset + c * r.c_stride;
+          dst[checked(ix[o])] += g[o];
+        }
+      }
+    });
+    return;
+  }
+  // channels_last: each bin's gradient added to a zeroed sample, channel by
+  // channel (the elements of one bin are distinct, so channels can be split).
+  auto scatter = [&](int64_t n, int64_t c0, int64_t cn) {
+    const float* g = grad + n * C * lv.total;
+    const int64_t* ix = indices + n * C * lv.total;
+    float* dst = gx + n * HW * C;
+    for (const Rect& r : rects)
+      for (int64_t c = c0; c < c0 + cn; ++c) {
+        const int64_t o = r.out_offset + c * r.c_stride;
+        dst[checked(ix[o]) * C + c] += g[o];
+      }
+  };
+  if (channels_last_per_sample(N)) {
+    // One task per sample: zeroed contiguously, then added to while in cache.
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        std::memset(gx + n * HW * C, 0, static_cast<size_t>(HW * C) * sizeof(float));
+        scatter(n, 0, C);
+      }
+    });
+    return;
+  }
+  // Fewer samples than threads can share: zeroed in blocks of rows, then
+  // added to in chunks of channels (a chunk's own zeroing would be strided
+  // pieces of every pixel, several times slower).
+  at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
+    std::memset(gx + begin * W * C, 0, static_cast<size_t>((end - begin) * W * C) * sizeof(float));
+  });
+  const int64_t chunk = std::min<int64_t>(C, 256), chunks = (C + chunk - 1) / chunk;
+  at::parallel_for(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / chunks, c0 = (task % chunks) * chunk;
+      scatter(n, c0, std::min(chunk, C - c0));
     }
   });
 }

@@ -1,6 +1,6 @@
 // Float max-pooling kernels of multi_pool2d on CPU: max_pool_nchw.cpp (the
-// AVX2 block kernel for NCHW planes), max_pool.cpp (channels_last forward;
-// vector loops from simd_loops). multi_pool2d.cpp dispatches
+// AVX2 block kernel for NCHW planes), max_pool.cpp (channels_last forward,
+// both backwards; vector loops from simd_loops). multi_pool2d.cpp dispatches
 // to them and keeps the portable loops for other dtypes.
 #pragma once
 
@@ -53,9 +53,20 @@ bool fits_int32_index(int64_t H, int64_t W);
 // bin's cells, vector over channels. One task per sample runs both when the
 // samples share evenly among the threads (or there are at least four per
 // thread), else phase 1 is split over (sample, H-segment) and phase 2 over
-// (sample, channel chunk); test_overrides: channels_last_max_tasks.
+// (sample, channel chunk); test_overrides: channels_last_max_tasks (which
+// also picks the backward's split).
 void forward_channels_last(const float* x, float* out, int64_t* out_idx, const Levels& lv, int64_t N, int64_t H,
                            int64_t W);
+
+// Gradient of max pooling, float, NCHW or channels_last grad_x: each bin's
+// gradient added to the element its index names, per element in level-then-
+// bin order (the order of the portable loop). NCHW: one plane per step,
+// zeroed and added to. channels_last: one sample per task, zeroed and added
+// to, or (the split of channels_last_max_tasks) zeroed in blocks of rows and
+// added to in chunks of channels. No two tasks write one element, so the
+// result does not depend on the thread count.
+void backward(const float* grad, const int64_t* indices, float* gx, const Levels& lv, int64_t N, int64_t H,
+              int64_t W, bool channels_last);
 
 }  // namespace max_pool
 }  // namespace pyramid_ext

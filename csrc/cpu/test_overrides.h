@@ -20,15 +20,17 @@ enum Switch : int {
   // Average pooling, channels_last: 0 chosen from N and the thread count,
   // 1 one task per sample, 2 phases split over H-segments and channels.
   kChannelsLastAvgTasks,
-  // Max pooling, channels_last float: the same choice (max_pool.cpp).
+  // Max pooling, channels_last float, forward and backward: the same choice
+  // (max_pool.cpp; 2 splits the backward into zeroing by rows and adding by
+  // channel chunks).
   kChannelsLastMaxTasks,
   kNumSwitches
 };
 
 int64_t get(Switch s);
 // Sets a switch by its name ("simd_isa", "no_block_kernel",
-// "channels_last_avg_tasks", "channels_last_max_tasks"); throws std::invalid_argument for an unknown
-// name or a value this CPU cannot run.
+// "channels_last_avg_tasks", "channels_last_max_tasks"); throws
+// std::invalid_argument for an unknown name or a value this CPU cannot run.
 void set(const std::string& name, int64_t value);
 // "name=value" for every switch, comma separated.
 std::string describe();
