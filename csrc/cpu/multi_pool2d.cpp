@@ -720,6 +720,9 @@ template <typename scalar_t>
 void max_backward(const scalar_t* grad, const int64_t* indices, scalar_t* gx,
                   const PoolPlan& p, int64_t N, int64_t C, int64_t H,
                   int64_t W, bool channels_last) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return max_pool::backward(grad, indices, gx, max_levels(p), N, H, W, channels_last);
+  }
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t HW = H * W;
   at::parallel_for(0, N * C, plane_grain(H, W), [&](int64_t begin, int64_t end) {
