@@ -18,26 +18,6 @@ namespace pyramid_ext {
 namespace max_pool {
 namespace {
 
-// One bin as a rectangle of cells, and where channel 0 of it goes in a
-// sample of the packed output (and the step per channel).
-struct Rect {
-  int64_t a0, a1, b0, b1, out_offset, c_stride;
-};
-
-std::vector<Rect> bin_rects(const Levels& lv) {
-  std::vector<Rect> rects;
-  const int64_t C = lv.channels;
-  for (size_t l = 0; l < lv.bh.size(); ++l)
-    for (int64_t i = 0; i < lv.bh[l]; ++i)
-      for (int64_t j = 0; j < lv.bw[l]; ++j) {
-        const int64_t o0 = packed_index(lv.offset[l], C, lv.bh[l], lv.bw[l], 0, i, j, lv.channels_last_levels);
-        const int64_t o1 = packed_index(lv.offset[l], C, lv.bh[l], lv.bw[l], 1, i, j, lv.channels_last_levels);
-        rects.push_back({lv.h.seg_begin[lv.win_h0[l] + i], lv.h.seg_end[lv.win_h0[l] + i],
-                         lv.w.seg_begin[lv.win_w0[l] + j], lv.w.seg_end[lv.win_w0[l] + j], o0, o1 - o0});
-      }
-  return rects;
-}
-
 // Scratch left uninitialized: its users write every entry they read.
 template <typename T>
 std::unique_ptr<T[]> scratch(int64_t n) {
@@ -57,6 +37,20 @@ bool channels_last_per_sample(int64_t N) {
 
 }  // namespace
 
+std::vector<BinRect> bin_rects(const Levels& lv) {
+  std::vector<BinRect> rects;
+  const int64_t C = lv.channels;
+  for (size_t l = 0; l < lv.bh.size(); ++l)
+    for (int64_t i = 0; i < lv.bh[l]; ++i)
+      for (int64_t j = 0; j < lv.bw[l]; ++j) {
+        const int64_t o0 = packed_index(lv.offset[l], C, lv.bh[l], lv.bw[l], 0, i, j, lv.channels_last_levels);
+        const int64_t o1 = packed_index(lv.offset[l], C, lv.bh[l], lv.bw[l], 1, i, j, lv.channels_last_levels);
+        rects.push_back({lv.h.seg_begin[lv.win_h0[l] + i], lv.h.seg_end[lv.win_h0[l] + i],
+                         lv.w.seg_begin[lv.win_w0[l] + j], lv.w.seg_end[lv.win_w0[l] + j], o0, o1 - o0});
+      }
+  return rects;
+}
+
 bool fits_int32_index(int64_t H, int64_t W) { return H * W <= std::numeric_limits<int32_t>::max(); }
 
 void forward_channels_last(const float* x, float* out, int64_t* out_idx, const Levels& lv, int64_t N, int64_t H,
@@ -64,7 +58,7 @@ void forward_channels_last(const float* x, float* out, int64_t* out_idx, const L
   const int64_t C = lv.channels;
   const int64_t SH = lv.h.num_segments(), SW = lv.w.num_segments();
   const int64_t cells_per_sample = SH * SW * C;
-  const std::vector<Rect> rects = bin_rects(lv);
+  const std::vector<BinRect> rects = bin_rects(lv);
   // Phase 1 for H-segment a of sample n: cells start at (-inf, the cell's
   // first element), ATen's start for a window; then the segment's rows in
   // order, each W-segment's pixels in order.
@@ -90,7 +84,7 @@ void forward_channels_last(const float* x, float* out, int64_t* out_idx, const L
   };
   auto cells_to_bins = [&](int64_t n, int64_t c0, int64_t cn, const float* cell_v, const int32_t* cell_i) {
     const int64_t base = n * C * lv.total;
-    for (const Rect& r : rects) {
+    for (const BinRect& r : rects) {
       const int64_t o = base + r.out_offset + c0 * r.c_stride;
       simd::max_rect(out + o, out_idx + o, r.c_stride, cell_v + c0, cell_i + c0, SW * C, C, r.a0, r.a1, r.b0, r.b1,
                      cn);
@@ -130,7 +124,7 @@ void forward_channels_last(const float* x, float* out, int64_t* out_idx, const L
 void backward(const float* grad, const int64_t* indices, float* gx, const Levels& lv, int64_t N, int64_t H,
               int64_t W, bool channels_last) {
   const int64_t C = lv.channels, HW = H * W;
-  const std::vector<Rect> rects = bin_rects(lv);
+  const std::vector<BinRect> rects = bin_rects(lv);
   auto checked = [HW](int64_t k) {
     TORCH_CHECK(0 <= k && k < HW, "multi_pool2d_backward: index out of range");
     return k;
@@ -145,7 +139,7 @@ void backward(const float* grad, const int64_t* indices, float* gx, const Levels
         const int64_t* ix = indices + n * C * lv.total;
         float* dst = gx + plane * HW;
         std::memset(dst, 0, static_cast<size_t>(HW) * sizeof(float));
-        for (const Rect& r : rects) {
+        for (const BinRect& r : rects) {
           const int64_t o = r.out_offset + c * r.c_stride;
           dst[checked(ix[o])] += g[o];
         }
@@ -159,7 +153,7 @@ void backward(const float* grad, const int64_t* indices, float* gx, const Levels
     const float* g = grad + n * C * lv.total;
     const int64_t* ix = indices + n * C * lv.total;
     float* dst = gx + n * HW * C;
-    for (const Rect& r : rects)
+    for (const BinRect& r : rects)
       for (int64_t c = c0; c < c0 + cn; ++c) {
         const int64_t o = r.out_offset + c * r.c_stride;
         dst[checked(ix[o]) * C + c] += g[o];

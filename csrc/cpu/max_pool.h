@@ -28,6 +28,14 @@ struct Levels {
   bool channels_last_levels;
 };
 
+// One bin as a rectangle of cells (H-segments [a0, a1), W-segments [b0,
+// b1)), and where its channel 0 goes in a sample of the packed output, with
+// the step per channel. bin_rects: every bin, in packed order.
+struct BinRect {
+  int64_t a0, a1, b0, b1, out_offset, c_stride;
+};
+std::vector<BinRect> bin_rects(const Levels& lv);
+
 // Whether forward_nchw_blocks serves (N, C, H, W) float input here: an AVX2
 // CPU, the block kernels not switched off by a test (test_overrides:
 // no_block_kernel, simd_isa=baseline), and flat indices h * W + w that fit

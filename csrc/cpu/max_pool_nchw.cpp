@@ -251,7 +251,7 @@ bool nchw_blocks_available(int64_t H, int64_t W) {
 
 void forward_nchw_blocks(const float* x, float* out, int64_t* out_idx, const Levels& lv, int64_t N, int64_t H,
                          int64_t W) {
-  const int64_t C = lv.channels, levels = static_cast<int64_t>(lv.bh.size());
+  const int64_t C = lv.channels;
   const int64_t SH = lv.h.num_segments(), SW = lv.w.num_segments();
   const int64_t planes = N * C, groups = (planes + kG - 1) / kG;
   std::vector<char> h_used(static_cast<size_t>(SH)), col_last(static_cast<size_t>(W));
@@ -260,19 +260,16 @@ void forward_nchw_blocks(const float* x, float* out, int64_t* out_idx, const Lev
   // The next block's planes are prefetched while this one is reduced.
   const simd::CellBlock cb{W, SH, SW, lv.h.cuts.data(), h_used.data(), lv.w.seg_of.data(), col_last.data(),
                            kB * H * W};
-  std::vector<simd::CellRect> rects;  // every bin, in packed order
-  for (int64_t l = 0; l < levels; ++l)
-    for (int64_t i = 0; i < lv.bh[l]; ++i)
-      for (int64_t j = 0; j < lv.bw[l]; ++j)
-        rects.push_back({lv.h.seg_begin[lv.win_h0[l] + i], lv.h.seg_end[lv.win_h0[l] + i],
-                         lv.w.seg_begin[lv.win_w0[l] + j], lv.w.seg_end[lv.win_w0[l] + j], 0.f});
+  const std::vector<BinRect> bins = bin_rects(lv);
+  std::vector<simd::CellRect> rects;
+  for (const BinRect& r : bins) rects.push_back({r.a0, r.a1, r.b0, r.b1, 0.f});
   const int64_t num_rects = static_cast<int64_t>(rects.size());
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, H * W * kG));
   at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
     const size_t scratch = static_cast<size_t>(simd::cell_sums_scratch(cb));
     std::vector<float> rows_v(scratch);
     std::vector<int32_t> rows_i(scratch);
-    // Zeroed once: blocks past the last plane keep finite stale values.
+    // Lanes of blocks past the last plane are combined but never written out.
     std::vector<float> cell_v(static_cast<size_t>(SH * SW * kG)), bin_v(static_cast<size_t>(num_rects * kG));
     std::vector<int32_t> cell_i(cell_v.size()), bin_i(bin_v.size());
     for (int64_t grp = begin; grp < end; ++grp) {
@@ -284,19 +281,12 @@ void forward_nchw_blocks(const float* x, float* out, int64_t* out_idx, const Lev
                          rows_i.data());
       }
       bin_max_32planes(cell_v.data(), cell_i.data(), SW, rects.data(), num_rects, bin_v.data(), bin_i.data());
-      // Each plane's bins of a level are one run of the output (strided by
-      // C for channels_last levels).
-      const int64_t step = lv.channels_last_levels ? C : 1;
       for (int64_t k = 0; k < pn; ++k) {
         const int64_t plane = p0 + k, n = plane / C, c = plane % C;
-        for (int64_t l = 0, r0 = 0; l < levels; r0 += lv.bh[l] * lv.bw[l], ++l) {
-          const int64_t bins = lv.bh[l] * lv.bw[l];
-          const int64_t o = n * C * lv.total + packed_index(lv.offset[l], C, lv.bh[l], lv.bw[l], c, 0, 0,
-                                                            lv.channels_last_levels);
-          for (int64_t i = 0; i < bins; ++i) {
-            out[o + i * step] = bin_v[(r0 + i) * kG + k];
-            out_idx[o + i * step] = bin_i[(r0 + i) * kG + k];
-          }
+        for (int64_t r = 0; r < num_rects; ++r) {
+          const int64_t o = n * C * lv.total + bins[r].out_offset + c * bins[r].c_stride;
+          out[o] = bin_v[r * kG + k];
+          out_idx[o] = bin_i[r * kG + k];
         }
       }
     }
