@@ -21,14 +21,8 @@
 #include <algorithm>
 #include <limits>
 
+#include "cpu/avx2_tile.h"
 #include "cpu/block_cells.h"
-
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define PE_HAVE_AVX2_PATH 1
-#include <immintrin.h>
-#else
-#define PE_HAVE_AVX2_PATH 0
-#endif
 
 namespace pyramid_ext {
 namespace max_pool {
@@ -37,42 +31,15 @@ namespace max_pool {
 
 namespace {
 
+using simd::avx2::tail_mask;
+using simd::avx2::transpose8;
+
 #define PE_AVX2 __attribute__((target("avx2")))
 #define PE_AVX2_INLINE __attribute__((target("avx2"), always_inline)) inline
 
 constexpr int64_t kB = simd::kCellBlock;     // planes per transposed block
 constexpr int64_t kG = simd::kGroupPlanes;   // planes per group (bin step)
 constexpr int kMaxVecs = 4;                  // column vectors per register pass
-
-// Mask of the first n (< 8) lanes, for the tail of a row.
-PE_AVX2_INLINE __m256i tail_mask(int64_t n) {
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), lane);
-}
-
-// c[j] lane k = r[k] lane j (any 32-bit lanes: indices travel as floats' bits).
-PE_AVX2_INLINE void transpose8(const __m256 r[8], __m256 c[8]) {
-  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
-  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
-  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
-  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
-  const __m256 u0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
-  const __m256 u1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
-  const __m256 u2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
-  const __m256 u3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
-  const __m256 u4 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0));
-  const __m256 u5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2));
-  const __m256 u6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0));
-  const __m256 u7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
-  c[0] = _mm256_permute2f128_ps(u0, u4, 0x20);
-  c[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
-  c[2] = _mm256_permute2f128_ps(u2, u6, 0x20);
-  c[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
-  c[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
-  c[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
-  c[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
-  c[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
-}
 
 // A running (maximum, flat index) per lane that every piece replaces: below
 // every value, -inf included (its index is above every index).
