@@ -3,10 +3,11 @@ and processes.
 
 The CPU kernels choose a path from the machine and the thread count: the
 float loops run the AVX-512, AVX2 or baseline copy (csrc/cpu/simd_loops.cpp),
-NCHW float average pooling uses the AVX2 block kernel (block_cells.cpp) or
-the portable simd::sum_rows loops, channels_last average pooling runs one
-task per sample or splits its phases (multi_pool2d.cpp, from N and the
-thread count). A CI machine runs one of each; the test-only switch
+NCHW float average and max pooling use the AVX2 block kernels
+(block_cells.cpp, max_pool_nchw.cpp) or the portable simd::sum_rows /
+simd::max_rows loops, channels_last average and max pooling (forward, and
+the max backward) run one task per sample or split the work (multi_pool2d.cpp,
+max_pool.cpp, from N and the thread count). A CI machine runs one of each; the test-only switch
 pyramid_ext._C._set_test_override forces the others, so each is checked
 against PyTorch eager and, bit for bit, against the automatic choice (every
 path sums in the same order).
@@ -20,14 +21,16 @@ import textwrap
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import pyramid_ext as pe
 
-from ._helpers import TOL, eager_pool, eager_upsample_concat, layout, rand
+from ._helpers import TOL, as_pair, eager_pool, eager_upsample_concat, layout, rand
 from .conftest import need_backend
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ISA_NAMES = {1: "baseline", 2: "avx2", 3: "avx512"}
+SWITCHES = ("simd_isa", "no_block_kernel", "channels_last_avg_tasks", "channels_last_max_tasks")
 
 
 @pytest.fixture(autouse=True)
@@ -36,7 +39,7 @@ def _c():
     from pyramid_ext import _C
 
     yield _C
-    for name in ("simd_isa", "no_block_kernel", "channels_last_avg_tasks"):
+    for name in SWITCHES:
         _C._set_test_override(name, 0)
 
 
@@ -85,7 +88,8 @@ def _check_against_eager(got, want):
 
 
 def _configs(_C):
-    """(simd_isa, no_block_kernel, channels_last_avg_tasks) for every path this CPU can run."""
+    """(simd_isa, no_block_kernel, channels_last tasks) for every path this CPU can run; the tasks value
+    is set for both channels_last_avg_tasks and channels_last_max_tasks."""
     out = []
     for isa in _available_isas(_C):
         blocks = (0, 1) if isa >= 2 else (1,)
@@ -101,6 +105,8 @@ def test_switches_reject_unknown_names_and_unsupported_values(_c):
         _c._set_test_override("simd_isa", 9)
     with pytest.raises(ValueError, match="channels_last_avg_tasks=3 is not valid"):
         _c._set_test_override("channels_last_avg_tasks", 3)
+    with pytest.raises(ValueError, match="channels_last_max_tasks=3 is not valid"):
+        _c._set_test_override("channels_last_max_tasks", 3)
 
 
 @pytest.mark.parametrize("isa", [1, 2, 3], ids=lambda i: ISA_NAMES[i])
@@ -121,11 +127,85 @@ def test_every_forced_path_matches_eager_and_the_automatic_path_bitwise(_c):
         _c._set_test_override("simd_isa", isa)
         _c._set_test_override("no_block_kernel", nb)
         _c._set_test_override("channels_last_avg_tasks", tasks)
+        _c._set_test_override("channels_last_max_tasks", tasks)
         got, _ = _workload()
         _check_against_eager(got, want)
         for k, (a, b) in enumerate(zip(got, auto)):
             assert torch.equal(a, b), (f"simd_isa={ISA_NAMES[isa]} no_block_kernel={nb} "
                                        f"channels_last_avg_tasks={tasks}: result {k} differs from the automatic path")
+
+
+def _max_workload():
+    """Max pooling on float32 planes of few distinct values (ties everywhere), NaNs (single ones and a
+    run of them) and -inf (whole planes and windows), NCHW and channels_last, 70 planes (groups of 32,
+    a partial block of 8) and N=3: values, indices and gradients, with the eager expectations."""
+    got, want = [], []
+    bins = (1, 2, 3, 6, (2, 5), (4, 13))
+    g = torch.Generator().manual_seed(7)
+    base = torch.randint(0, 3, (3, 70, 29, 37), generator=g).float()
+    u = torch.rand(base.shape, generator=g)
+    base[u < 0.01] = float("nan")
+    base[u > 0.98] = float("-inf")
+    base[0, 1] = float("-inf")
+    base[1, 2, 3:9, 4:20] = float("nan")
+    base[2, 5, :, :18] = float("-inf")
+    for kind in ("nchw", "channels_last"):
+        x = layout(base, kind).requires_grad_()
+        vals, idxs = pe.multi_adaptive_max_pool2d(x, bins, return_indices=True, backend="cpp")
+        ws = [rand(v.shape, torch.float32, seed=20 + k) for k, v in enumerate(vals)]
+        (gx,) = torch.autograd.grad(vals, x, ws)
+        xe = layout(base, kind).requires_grad_()
+        refs = [F.adaptive_max_pool2d(xe, as_pair(b), return_indices=True) for b in bins]
+        (gxe,) = torch.autograd.grad([v for v, _ in refs], xe, ws)
+        got += [("value", v.detach()) for v in vals] + [("index", i) for i in idxs] + [("grad", gx)]
+        want += [v.detach() for v, _ in refs] + [i for _, i in refs] + [gxe]
+    return got, want
+
+
+def _check_max_against_eager(got, want):
+    for k, ((what, a), b) in enumerate(zip(got, want)):
+        if what == "index":
+            assert torch.equal(a, b), f"result {k}: indices differ from PyTorch's"
+        else:  # values exact, NaN where PyTorch has NaN; gradients summed over the levels in another order
+            tol = 1e-5 if what == "grad" else 0
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol, equal_nan=True, msg=lambda m: f"result {k} ({what}): {m}")
+
+
+def _bits(t):
+    """Integer view, so NaNs compare equal bit for bit."""
+    return t.view(torch.int32) if t.is_floating_point() else t
+
+
+def test_every_forced_max_path_keeps_atens_ties_and_nans(_c):
+    """ATen's rule on every max path (first maximum in row-major order, the last NaN), values and
+    indices exactly as PyTorch's, and every forced path bit for bit as the automatic one."""
+    auto, want = _max_workload()
+    _check_max_against_eager(auto, want)
+    for isa, nb, tasks in _configs(_c):
+        _c._set_test_override("simd_isa", isa)
+        _c._set_test_override("no_block_kernel", nb)
+        _c._set_test_override("channels_last_max_tasks", tasks)
+        got, _ = _max_workload()
+        for k, ((what, a), (_, b)) in enumerate(zip(got, auto)):
+            assert torch.equal(_bits(a), _bits(b)), (
+                f"simd_isa={ISA_NAMES[isa]} no_block_kernel={nb} channels_last_max_tasks={tasks}: "
+                f"result {k} ({what}) differs from the automatic path")
+
+
+@pytest.mark.parametrize("kind", ["nchw", "channels_last"])
+@pytest.mark.parametrize("tasks", [1, 2])
+def test_max_backward_rejects_an_index_out_of_range(_c, kind, tasks):
+    _c._set_test_override("channels_last_max_tasks", tasks)
+    x = layout(rand((3, 4, 6, 5), torch.float32), kind)
+    h, w, lb = [0, 6], [0, 5], [1, 1]
+    _, idx = torch.ops.pyramid_ext.multi_pool2d(x, h, w, lb, 1, False)
+    grad = torch.ones(3, 4)
+    for bad in (-1, 30):
+        idx_bad = idx.clone()
+        idx_bad[1, 2] = bad
+        with pytest.raises(RuntimeError, match="index out of range"):
+            torch.ops.pyramid_ext.multi_pool2d_backward(grad, idx_bad, [3, 4, 6, 5], h, w, lb, 1, False,
+                                                        kind == "channels_last")
 
 
 def _digest(tensors):

@@ -81,11 +81,12 @@ def test_sppnet_windows_many_planes(any_backend, mode):
     torch.testing.assert_close(got, want, **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])  # float32: the vector kernels
 @pytest.mark.parametrize("kind", ["nchw", "channels_last"])
-def test_max_ties_nan_and_inf_follow_pytorch(backend, kind):
+def test_max_ties_nan_and_inf_follow_pytorch(backend, kind, dtype):
     # Few distinct values: many ties. NaNs and all -inf windows included.
     g = torch.Generator().manual_seed(3)
-    x = torch.randint(0, 3, (2, 4, 13, 11), generator=g).double()
+    x = torch.randint(0, 3, (2, 4, 13, 11), generator=g).to(dtype)
     x[0, 0, 2, 3] = float("nan")
     x[0, 0, 5, 7] = float("nan")
     x[1, 2, :, :6] = float("-inf")

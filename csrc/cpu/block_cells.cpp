@@ -9,15 +9,9 @@
 // to right, the same as the portable loops in multi_pool2d.cpp.
 #include "cpu/block_cells.h"
 
+#include "cpu/avx2_tile.h"
 #include "cpu/simd_loops.h"
 #include "cpu/test_overrides.h"
-
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define PE_HAVE_AVX2_PATH 1
-#include <immintrin.h>
-#else
-#define PE_HAVE_AVX2_PATH 0
-#endif
 
 namespace pyramid_ext {
 namespace simd {
@@ -26,13 +20,10 @@ namespace simd {
 
 namespace {
 
-#define PE_AVX2 __attribute__((target("avx2")))
+using avx2::tail_mask;
+using avx2::transpose8;
 
-// Mask of the first n (< 8) lanes, for the tail of a row.
-PE_AVX2 inline __m256i tail_mask(int64_t n) {
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), lane);
-}
+#define PE_AVX2 __attribute__((target("avx2")))
 
 // NV vectors of 8 columns summed over `rows` rows of stride W, the partial
 // sums in registers; with kTail the last vector holds the row's last
@@ -85,30 +76,6 @@ PE_AVX2 void sum_rows(float* dst, const float* src, int64_t rows, int64_t W, int
   } else if (v < full) {
     sum_cols_n<false>(static_cast<int>(full - v), dst + 8 * v, src + 8 * v, rows, W, m, ahead);
   }
-}
-
-// c[j] lane k = r[k] lane j.
-PE_AVX2 inline void transpose8(const __m256 r[8], __m256 c[8]) {
-  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
-  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
-  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
-  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
-  const __m256 u0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
-  const __m256 u1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
-  const __m256 u2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
-  const __m256 u3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
-  const __m256 u4 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0));
-  const __m256 u5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2));
-  const __m256 u6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0));
-  const __m256 u7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
-  c[0] = _mm256_permute2f128_ps(u0, u4, 0x20);
-  c[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
-  c[2] = _mm256_permute2f128_ps(u2, u6, 0x20);
-  c[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
-  c[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
-  c[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
-  c[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
-  c[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
 }
 
 PE_AVX2 void cell_sums_avx2(const CellBlock& blk, const float* const planes[kCellBlock], float* cells,

@@ -23,6 +23,7 @@
 
 #include "cpu/block_cells.h"
 #include "cpu/huge_pages.h"
+#include "cpu/max_pool.h"
 #include "cpu/simd_loops.h"
 #include "cpu/test_overrides.h"
 #include "pool_plan.h"
@@ -279,6 +280,11 @@ void avg_forward_nchw(const scalar_t* x, scalar_t* out, const PoolPlan& p,
   });
 }
 
+// The plan as the float max kernels (max_pool.h) read it.
+max_pool::Levels max_levels(const PoolPlan& p) {
+  return {p.h, p.w, p.bh, p.bw, p.win_h0, p.win_w0, p.offset, p.channels, p.total, p.channels_last_levels};
+}
+
 // Max, NCHW: each column's running maximum over the rows of an H-segment
 // (ATen's scan rule), then cells and bins by max_pool_combine on flat
 // indices, which reproduces a row-major scan over each window.
@@ -286,6 +292,9 @@ template <typename scalar_t>
 void max_forward_nchw(const scalar_t* x, scalar_t* out, int64_t* out_idx,
                       const PoolPlan& p, int64_t N, int64_t C, int64_t H,
                       int64_t W) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (max_pool::nchw_blocks_available(H, W)) return max_pool::forward_nchw_blocks(x, out, out_idx, max_levels(p), N, H, W);
+  }
   const int64_t SH = p.h.num_segments(), SW = p.w.num_segments();
   const int64_t planes = N * C, B = kPlaneBlock;
   const int64_t blocks = (planes + B - 1) / B;
@@ -446,6 +455,9 @@ template <typename scalar_t>
 void max_forward_channels_last(const scalar_t* x, scalar_t* out,
                                int64_t* out_idx, const PoolPlan& p, int64_t N,
                                int64_t C, int64_t H, int64_t W) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (max_pool::fits_int32_index(H, W)) return max_pool::forward_channels_last(x, out, out_idx, max_levels(p), N, H, W);
+  }
   const int64_t SH = p.h.num_segments(), SW = p.w.num_segments();
   const ChannelsLastTiling t =
       channels_last_tiling(p, N, C, sizeof(scalar_t) + sizeof(int64_t));
@@ -657,6 +669,9 @@ template <typename scalar_t>
 void max_backward(const scalar_t* grad, const int64_t* indices, scalar_t* gx,
                   const PoolPlan& p, int64_t N, int64_t C, int64_t H,
                   int64_t W, bool channels_last) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return max_pool::backward(grad, indices, gx, max_levels(p), N, H, W, channels_last);
+  }
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t HW = H * W;
   at::parallel_for(0, N * C, plane_grain(H, W), [&](int64_t begin, int64_t end) {

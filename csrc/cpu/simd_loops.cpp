@@ -9,6 +9,7 @@
 #include <cstring>
 
 #include "cpu/test_overrides.h"
+#include "pyramid_index.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
 #define PE_X86_MULTIVERSION 1
@@ -51,10 +52,13 @@ struct Loops {
   decltype(&isa_baseline::blend) blend;
   decltype(&isa_baseline::axpy) axpy;
   decltype(&isa_baseline::bilinear) bilinear;
+  decltype(&isa_baseline::max_pixels) max_pixels;
+  decltype(&isa_baseline::max_rect) max_rect;
 };
 
 #define PE_LOOPS(ns) \
-  Loops { ns::sum_rows, ns::add_rows, ns::add, ns::rect_means, ns::max_rows, ns::blend, ns::axpy, ns::bilinear }
+  Loops { ns::sum_rows, ns::add_rows, ns::add, ns::rect_means, ns::max_rows, ns::blend, ns::axpy, ns::bilinear, \
+        ns::max_pixels, ns::max_rect }
 constexpr Loops kBaseline = PE_LOOPS(isa_baseline);
 #if PE_X86_MULTIVERSION
 constexpr Loops kAvx2 = PE_LOOPS(isa_avx2);
@@ -129,6 +133,14 @@ void axpy(float* acc, const float* src, float a, int64_t n) { loops().axpy(acc, 
 void bilinear(float* d, const float* p00, const float* p01, const float* p10, const float* p11, float wy0,
               float wy1, float wx0, float wx1, int64_t n) {
   loops().bilinear(d, p00, p01, p10, p11, wy0, wy1, wx0, wx1, n);
+}
+
+void max_pixels(float* m, int32_t* r, const float* src, int64_t pixels, int64_t stride, int64_t n, int32_t idx0) {
+  loops().max_pixels(m, r, src, pixels, stride, n, idx0);
+}
+void max_rect(float* dst, int64_t* dst_idx, int64_t dst_stride, const float* cells_v, const int32_t* cells_i,
+              int64_t row_stride, int64_t cell_stride, int64_t a0, int64_t a1, int64_t b0, int64_t b1, int64_t n) {
+  loops().max_rect(dst, dst_idx, dst_stride, cells_v, cells_i, row_stride, cell_stride, a0, a1, b0, b1, n);
 }
 
 }  // namespace simd

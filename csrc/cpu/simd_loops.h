@@ -41,6 +41,16 @@ void axpy(float* acc, const float* src, float a, int64_t n);
 // d[i] = wy0 * (wx0 * p00[i] + wx1 * p01[i]) + wy1 * (wx0 * p10[i] + wx1 * p11[i])
 void bilinear(float* d, const float* p00, const float* p01, const float* p10, const float* p11, float wy0,
               float wy1, float wx0, float wx1, int64_t n);
+// Max pooling over a vector of n channels, continuing a scan: pixel p < pixels
+// (at src + p * stride) updates m[k] and its flat index r[k] = idx0 + p by
+// ATen's rule (larger, or NaN), pixels in order.
+void max_pixels(float* m, int32_t* r, const float* src, int64_t pixels, int64_t stride, int64_t n, int32_t idx0);
+// One bin's maxima over a vector of n channels: the cells a0 <= a < a1,
+// b0 <= b < b1 (values cells_v, flat indices cells_i at a * row_stride + b *
+// cell_stride + k) combined by max_pool_combine's rule; dst[k * dst_stride]
+// and dst_idx[k * dst_stride] receive value and index.
+void max_rect(float* dst, int64_t* dst_idx, int64_t dst_stride, const float* cells_v, const int32_t* cells_i,
+              int64_t row_stride, int64_t cell_stride, int64_t a0, int64_t a1, int64_t b0, int64_t b1, int64_t n);
 
 }  // namespace simd
 }  // namespace pyramid_ext

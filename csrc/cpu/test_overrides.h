@@ -13,19 +13,24 @@ namespace test_overrides {
 enum Switch : int {
   // simd_loops: 0 the best ISA the CPU has; else a simd::Isa value.
   kSimdIsa = 0,
-  // 1: the AVX2 block kernel (block_cells.cpp) is not used, so float NCHW
-  // average pooling runs the portable simd::sum_rows loops.
+  // 1: the AVX2 block kernels (block_cells.cpp, max_pool_nchw.cpp) are not
+  // used, so float NCHW average pooling runs the portable simd::sum_rows
+  // loops and max pooling simd::max_rows.
   kNoBlockKernel,
   // Average pooling, channels_last: 0 chosen from N and the thread count,
   // 1 one task per sample, 2 phases split over H-segments and channels.
   kChannelsLastAvgTasks,
+  // Max pooling, channels_last float, forward and backward: the same choice
+  // (max_pool.cpp; 2 splits the backward into zeroing by rows and adding by
+  // channel chunks).
+  kChannelsLastMaxTasks,
   kNumSwitches
 };
 
 int64_t get(Switch s);
 // Sets a switch by its name ("simd_isa", "no_block_kernel",
-// "channels_last_avg_tasks"); throws std::invalid_argument for an unknown
-// name or a value this CPU cannot run.
+// "channels_last_avg_tasks", "channels_last_max_tasks"); throws
+// std::invalid_argument for an unknown name or a value this CPU cannot run.
 void set(const std::string& name, int64_t value);
 // "name=value" for every switch, comma separated.
 std::string describe();

@@ -1,0 +1,188 @@
+// Float max pooling on CPU: channels_last forward and both backwards (see
+// max_pool.h). The vector loops are simd::max_pixels / simd::max_rect
+// (simd_loops_body.inc, one copy per ISA).
+#include "cpu/max_pool.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <memory>
+
+#include "cpu/simd_loops.h"
+#include "cpu/test_overrides.h"
+
+namespace pyramid_ext {
+namespace max_pool {
+namespace {
+
+// Scratch left uninitialized: its users write every entry they read.
+template <typename T>
+std::unique_ptr<T[]> scratch(int64_t n) {
+  return std::unique_ptr<T[]>(new T[static_cast<size_t>(n)]);
+}
+
+// channels_last: one task per sample (both phases, or zeroing and adding,
+// while the sample is in cache) when the samples share evenly among the
+// threads or there are at least four per thread; else the work is split
+// finer. test_overrides: channels_last_max_tasks (1 per sample, 2 split).
+bool channels_last_per_sample(int64_t N) {
+  const int64_t forced = test_overrides::get(test_overrides::kChannelsLastMaxTasks);
+  if (forced) return forced == 1;
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  return N % threads == 0 || N >= 4 * threads;
+}
+
+}  // namespace
+
+std::vector<BinRect> bin_rects(const Levels& lv) {
+  std::vector<BinRect> rects;
+  const int64_t C = lv.channels;
+  for (size_t l = 0; l < lv.bh.size(); ++l)
+    for (int64_t i = 0; i < lv.bh[l]; ++i)
+      for (int64_t j = 0; j < lv.bw[l]; ++j) {
+        const int64_t o0 = packed_index(lv.offset[l], C, lv.bh[l], lv.bw[l], 0, i, j, lv.channels_last_levels);
+        const int64_t o1 = packed_index(lv.offset[l], C, lv.bh[l], lv.bw[l], 1, i, j, lv.channels_last_levels);
+        rects.push_back({lv.h.seg_begin[lv.win_h0[l] + i], lv.h.seg_end[lv.win_h0[l] + i],
+                         lv.w.seg_begin[lv.win_w0[l] + j], lv.w.seg_end[lv.win_w0[l] + j], o0, o1 - o0});
+      }
+  return rects;
+}
+
+bool fits_int32_index(int64_t H, int64_t W) { return H * W <= std::numeric_limits<int32_t>::max(); }
+
+void forward_channels_last(const float* x, float* out, int64_t* out_idx, const Levels& lv, int64_t N, int64_t H,
+                           int64_t W) {
+  const int64_t C = lv.channels;
+  const int64_t SH = lv.h.num_segments(), SW = lv.w.num_segments();
+  const int64_t cells_per_sample = SH * SW * C;
+  const std::vector<BinRect> rects = bin_rects(lv);
+  // Phase 1 for H-segment a of sample n: cells start at (-inf, the cell's
+  // first element), ATen's start for a window; then the segment's rows in
+  // order, each W-segment's pixels in order.
+  auto scan_rows = [&](int64_t n, int64_t a, float* cell_v, int32_t* cell_i) {
+    const int64_t h0 = lv.h.cuts[a], h1 = lv.h.cuts[a + 1];
+    if (lv.h.seg_of[h0] < 0) return;  // no window reads these rows
+    float* row_v = cell_v + a * SW * C;
+    int32_t* row_i = cell_i + a * SW * C;
+    for (int64_t b = 0; b < SW; ++b) {
+      const int64_t w0 = lv.w.cuts[b];
+      if (lv.w.seg_of[w0] < 0) continue;
+      std::fill(row_v + b * C, row_v + (b + 1) * C, -std::numeric_limits<float>::infinity());
+      std::fill(row_i + b * C, row_i + (b + 1) * C, static_cast<int32_t>(h0 * W + w0));
+    }
+    for (int64_t h = h0; h < h1; ++h) {
+      const float* row = x + ((n * H + h) * W) * C;
+      for (int64_t b = 0; b < SW; ++b) {
+        const int64_t w0 = lv.w.cuts[b], w1 = lv.w.cuts[b + 1];
+        if (lv.w.seg_of[w0] < 0) continue;
+        simd::max_pixels(row_v + b * C, row_i + b * C, row + w0 * C, w1 - w0, C, C, static_cast<int32_t>(h * W + w0));
+      }
+    }
+  };
+  auto cells_to_bins = [&](int64_t n, int64_t c0, int64_t cn, const float* cell_v, const int32_t* cell_i) {
+    const int64_t base = n * C * lv.total;
+    for (const BinRect& r : rects) {
+      const int64_t o = base + r.out_offset + c0 * r.c_stride;
+      simd::max_rect(out + o, out_idx + o, r.c_stride, cell_v + c0, cell_i + c0, SW * C, C, r.a0, r.a1, r.b0, r.b1,
+                     cn);
+    }
+  };
+  if (channels_last_per_sample(N)) {
+    // One task per sample: its cells stay in cache between the phases.
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      auto cell_v = scratch<float>(cells_per_sample);
+      auto cell_i = scratch<int32_t>(cells_per_sample);
+      for (int64_t n = begin; n < end; ++n) {
+        for (int64_t a = 0; a < SH; ++a) scan_rows(n, a, cell_v.get(), cell_i.get());
+        cells_to_bins(n, 0, C, cell_v.get(), cell_i.get());
+      }
+    });
+    return;
+  }
+  auto cell_v = scratch<float>(N * cells_per_sample);
+  auto cell_i = scratch<int32_t>(N * cells_per_sample);
+  at::parallel_for(0, N * SH, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / SH;
+      scan_rows(n, task % SH, cell_v.get() + n * cells_per_sample, cell_i.get() + n * cells_per_sample);
+    }
+  });
+  const int64_t chunk = std::min<int64_t>(C, 256);
+  const int64_t chunks = (C + chunk - 1) / chunk;
+  at::parallel_for(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / chunks, c0 = (task % chunks) * chunk;
+      cells_to_bins(n, c0, std::min(chunk, C - c0), cell_v.get() + n * cells_per_sample,
+                    cell_i.get() + n * cells_per_sample);
+    }
+  });
+}
+
+void backward(const float* grad, const int64_t* indices, float* gx, const Levels& lv, int64_t N, int64_t H,
+              int64_t W, bool channels_last) {
+  const int64_t C = lv.channels, HW = H * W;
+  const std::vector<BinRect> rects = bin_rects(lv);
+  auto checked = [HW](int64_t k) {
+    TORCH_CHECK(0 <= k && k < HW, "multi_pool2d_backward: index out of range");
+    return k;
+  };
+  if (!channels_last) {
+    // One plane per step: zeroed, then every bin's gradient added in order.
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, HW));
+    at::parallel_for(0, N * C, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t plane = begin; plane < end; ++plane) {
+        const int64_t n = plane / C, c = plane % C;
+        const float* g = grad + n * C * lv.total;
+        const int64_t* ix = indices + n * C * lv.total;
+        float* dst = gx + plane * HW;
+        std::memset(dst, 0, static_cast<size_t>(HW) * sizeof(float));
+        for (const BinRect& r : rects) {
+          const int64_t o = r.out_offset + c * r.c_stride;
+          dst[checked(ix[o])] += g[o];
+        }
+      }
+    });
+    return;
+  }
+  // channels_last: each bin's gradient added to a zeroed sample, channel by
+  // channel (the elements of one bin are distinct, so channels can be split).
+  auto scatter = [&](int64_t n, int64_t c0, int64_t cn) {
+    const float* g = grad + n * C * lv.total;
+    const int64_t* ix = indices + n * C * lv.total;
+    float* dst = gx + n * HW * C;
+    for (const BinRect& r : rects)
+      for (int64_t c = c0; c < c0 + cn; ++c) {
+        const int64_t o = r.out_offset + c * r.c_stride;
+        dst[checked(ix[o]) * C + c] += g[o];
+      }
+  };
+  if (channels_last_per_sample(N)) {
+    // One task per sample: zeroed contiguously, then added to while in cache.
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        std::memset(gx + n * HW * C, 0, static_cast<size_t>(HW * C) * sizeof(float));
+        scatter(n, 0, C);
+      }
+    });
+    return;
+  }
+  // Fewer samples than threads can share: zeroed in blocks of rows, then
+  // added to in chunks of channels (a chunk's own zeroing would be strided
+  // pieces of every pixel, several times slower).
+  at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
+    std::memset(gx + begin * W * C, 0, static_cast<size_t>((end - begin) * W * C) * sizeof(float));
+  });
+  const int64_t chunk = std::min<int64_t>(C, 256), chunks = (C + chunk - 1) / chunk;
+  at::parallel_for(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / chunks, c0 = (task % chunks) * chunk;
+      scatter(n, c0, std::min(chunk, C - c0));
+    }
+  });
+}
+
+}  // namespace max_pool
+}  // namespace pyramid_ext
