@@ -17,71 +17,20 @@ skip, saying so.
 """
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 import pyramid_ext as pe
 
-from ._helpers import TOL
+from ._helpers import TOL, adaptive_windows, bilinear_taps, fp64_resize_grad, fp64_window_means, pairs
 from .conftest import need_backend
 
 REL = 1e-6  # the bound of the accumulation, relative to the mean of |x|
 
 
-def _adaptive(size: int, n: int):
-    """PyTorch's adaptive windows: [floor(i*a/n), ceil((i+1)*a/n))."""
-    return [(i * size // n, -(-(i + 1) * size // n)) for i in range(n)]
-
-
-def _pairs(bins):
-    return [(b, b) if isinstance(b, int) else tuple(b) for b in bins]
-
-
-def fp64_window_means(x: torch.Tensor, bins, nonnegative: bool = False, chunk_elems: int = 1 << 24):
-    """Per level, the (N, C, bh, bw) fp64 means of x and of |x| over
-    PyTorch's adaptive windows: one pass over x, H-segment by H-segment (the
-    rows between consecutive window bounds), each segment's column sums
-    accumulated in fp64 (numpy's float64 reduction) from chunks of rows;
-    16-bit chunks are widened to float32 first (exactly). `nonnegative`
-    (the caller's data): mean|x| is the mean, no second pass."""
-    N, C, H, W = x.shape
-    pairs = _pairs(bins)
-    cuts = sorted({v for bh, _ in pairs for win in _adaptive(H, bh) for v in win})
-    rows_per_chunk = max(1, chunk_elems // max(1, N * C * W))
-    seg_sum, seg_abs = {}, {}
-    for h0, h1 in zip(cuts[:-1], cuts[1:]):
-        s = np.zeros((N, C, W))
-        a = s if nonnegative else np.zeros((N, C, W))
-        for r in range(h0, h1, rows_per_chunk):
-            chunk = x[:, :, r:min(h1, r + rows_per_chunk)]
-            if chunk.dtype not in (torch.float32, torch.float64):
-                chunk = chunk.float()
-            chunk = chunk.numpy()
-            s += chunk.sum(axis=2, dtype=np.float64)
-            if not nonnegative:
-                a += np.abs(chunk).sum(axis=2, dtype=np.float64)
-        seg_sum[h0], seg_abs[h0] = torch.from_numpy(s), torch.from_numpy(a)
-    means, abs_means = [], []
-    for bh, bw in pairs:
-        m = torch.empty(N, C, bh, bw, dtype=torch.float64)
-        am = torch.empty_like(m)
-        for i, (h0, h1) in enumerate(_adaptive(H, bh)):
-            starts = [c for c in cuts if h0 <= c < h1]
-            rows_sum = sum(seg_sum[c] for c in starts)
-            rows_abs = sum(seg_abs[c] for c in starts)
-            for j, (w0, w1) in enumerate(_adaptive(W, bw)):
-                area = (h1 - h0) * (w1 - w0)
-                m[:, :, i, j] = rows_sum[..., w0:w1].sum(-1) / area
-                am[:, :, i, j] = rows_abs[..., w0:w1].sum(-1) / area
-        means.append(m)
-        abs_means.append(am)
-    return means, abs_means
-
-
 def assert_means_within(got, bins, want, abs_want, rel=REL, what=""):
-    for b, g, m, am in zip(_pairs(bins), got, want, abs_want):
+    for b, g, m, am in zip(pairs(bins), got, want, abs_want):
         err = (g.double() - m).abs() / am
         worst = err.max().item()
         assert worst <= rel, f"{what} bins {b}: error {worst:.3g} x mean|x| > {rel:g} (got {g.flatten()[:4].tolist()}, want {m.flatten()[:4].tolist()})"
@@ -90,7 +39,7 @@ def assert_means_within(got, bins, want, abs_want, rel=REL, what=""):
 def assert_rounded_mean(got, bins, want, dtype, what=""):
     """16-bit outputs: each mean is the fp64 mean rounded to the dtype, except
     where the fp64 mean lies within 1e-6 (relative) of a rounding tie."""
-    for b, g, m in zip(_pairs(bins), got, want):
+    for b, g, m in zip(pairs(bins), got, want):
         r = m.to(dtype)
         lo = torch.minimum(r.double(), torch.nextafter(r, torch.full_like(r, -math.inf)).double())
         hi = torch.maximum(r.double(), torch.nextafter(r, torch.full_like(r, math.inf)).double())
@@ -147,52 +96,6 @@ def test_avg_pool_16bit_is_the_rounded_fp64_mean(_c, dtype):
     bins = (16, 32, 64)
     got = pe.multi_adaptive_avg_pool2d(x, bins, backend="cpp")
     assert_rounded_mean(got, bins, fp64_window_means(x, bins)[0], dtype)
-
-
-def bilinear_taps(in_size: int, out_size: int, align_corners: bool) -> torch.Tensor:
-    """(out_size, in_size) fp64 matrix of ATen's bilinear tap weights along one
-    axis, computed in float32 with ATen's formulas, one rounding per
-    operation: tests/_helpers.bilinear_weights vectorized over the output
-    coordinates (that one loops in Python, too slow for 26755 of them)."""
-    f32 = torch.float32
-    dst = torch.arange(out_size, dtype=f32)
-    if in_size == out_size:
-        i0 = torch.arange(out_size)
-        lam1 = torch.zeros(out_size, dtype=f32)
-    else:
-        if align_corners:
-            scale = torch.tensor((in_size - 1) / (out_size - 1) if out_size > 1 else 0.0, dtype=f32)
-            src = scale * dst
-        else:
-            scale = torch.tensor(in_size, dtype=f32) / torch.tensor(out_size, dtype=f32)
-            src = scale * (dst + 0.5) - 0.5
-        src = torch.clamp_min(src, 0.0)
-        i0 = torch.floor(src).long().clamp_max(in_size - 1)
-        lam1 = torch.clamp(src - i0.to(f32), 0.0, 1.0)
-    lam0 = 1.0 - lam1
-    i1 = i0 + (i0 < in_size - 1).long()
-    w = torch.zeros(out_size, in_size, dtype=torch.float64)
-    rows = torch.arange(out_size)
-    w.index_put_((rows, i0), lam0.double(), accumulate=True)
-    w.index_put_((rows, i1), lam1.double(), accumulate=True)
-    return w
-
-
-def fp64_resize_grad(g: torch.Tensor, channel: int, in_hw, align_corners: bool, nonnegative: bool = False,
-                     rows_per_chunk: int = 2048):
-    """Wy^T G Wx of one channel of g (N = 1) in fp64, and the same with |.|
-    (the bound's scale; for non-negative G the same), from chunks of rows."""
-    H, W = g.shape[-2:]
-    wy = bilinear_taps(in_hw[0], H, align_corners)
-    wx = bilinear_taps(in_hw[1], W, align_corners)
-    rows = torch.zeros(in_hw[0], W, dtype=torch.float64)
-    rows_abs = rows if nonnegative else torch.zeros_like(rows)
-    for r in range(0, H, rows_per_chunk):
-        chunk = g[0, channel, r:r + rows_per_chunk].double()
-        rows += wy[r:r + rows_per_chunk].T @ chunk
-        if not nonnegative:
-            rows_abs += wy[r:r + rows_per_chunk].abs().T @ chunk.abs_()
-    return rows @ wx, rows_abs @ wx.abs()
 
 
 def test_bilinear_taps_match_the_helper():
@@ -321,17 +224,17 @@ def test_large_max_pool_values_and_indices(_c, big_buffer):
     index are the largest spike it contains, found here from the spike list."""
     x = _big_map(big_buffer, lambda t: t.fill_(1.0))
     spikes = []  # (value, h, w)
-    for i, (h0, h1) in enumerate(_adaptive(BIG, 6)):
-        for j, (w0, w1) in enumerate(_adaptive(BIG, 6)):
+    for i, (h0, h1) in enumerate(adaptive_windows(BIG, 6)):
+        for j, (w0, w1) in enumerate(adaptive_windows(BIG, 6)):
             v, h, w = 2.0 + i * 6 + j, h1 - 1, w1 - 2
             x[0, 0, h, w] = v
             spikes.append((v, h, w))
     assert max(h * BIG + w for _, h, w in spikes) > 2 ** 31
     got, idx = pe.multi_adaptive_max_pool2d(x, LARGE_BINS, return_indices=True, backend="cpp")
-    for (bh, bw), g, ix in zip(_pairs(LARGE_BINS), got, idx):
+    for (bh, bw), g, ix in zip(pairs(LARGE_BINS), got, idx):
         assert ix.dtype == torch.int64
-        for i, (h0, h1) in enumerate(_adaptive(BIG, bh)):
-            for j, (w0, w1) in enumerate(_adaptive(BIG, bw)):
+        for i, (h0, h1) in enumerate(adaptive_windows(BIG, bh)):
+            for j, (w0, w1) in enumerate(adaptive_windows(BIG, bw)):
                 v, h, w = max((v, h, w) for v, h, w in spikes if h0 <= h < h1 and w0 <= w < w1)
                 assert g[0, 0, i, j].item() == v, (bh, bw, i, j)
                 assert ix[0, 0, i, j].item() == h * BIG + w, (bh, bw, i, j)
