@@ -47,12 +47,13 @@ def _available_isas(_C):
 def _workload():
     """Every float op on the CPU paths the switches choose between: pooling
     (NCHW with partial blocks of 8 and groups of 32 planes, channels_last
-    with N=3 so both task splits apply; segments taller and wider than
-    simd.kRunLength, so average pooling sums several float runs per cell),
+    with N=3 so both task splits apply; segments taller and wider than a
+    float run, and tall but narrow ones, so average pooling sums several
+    runs per cell on every path),
     forward and backward, and upsample_concat forward and backward in both
     layouts. Returns the results and the eager expectations."""
     got, want = [], []
-    cases = [((3, 37, 29, 70), (1, 2, 3, 6, (2, 5))), ((2, 11, 61, 50), (1, (2, 3)))]
+    cases = [((3, 37, 29, 70), (1, 2, 3, 6, (2, 5))), ((2, 11, 61, 50), (1, (2, 3))), ((2, 19, 50, 40), (1, (2, 5)))]
     for (shape, bins), kind, mode in itertools.product(cases, ("nchw", "channels_last"), ("avg", "max")):
         base = rand(shape, torch.float32, seed=1)
         x = layout(base, kind).requires_grad_()

@@ -76,13 +76,16 @@ def test_avg_pool_long_windows_nchw(_c, path):
 
 
 @pytest.mark.parametrize("tasks", [1, 2])
-def test_avg_pool_long_windows_channels_last(_c, tasks):
-    """channels_last, both task splits: float accumulation drifted 4e-5."""
+@pytest.mark.parametrize("shape,bins", [((2, 8, 512, 512), BINS), ((1, 19, 2048, 40), (1, 2, (3, 4)))],
+                         ids=["wide_cells", "narrow_cells"])
+def test_avg_pool_long_windows_channels_last(_c, tasks, shape, bins):
+    """channels_last, both task splits, cells wider than a float run and
+    narrow ones (runs of several rows): float accumulation drifted 4e-5."""
     _c._set_test_override("channels_last_avg_tasks", tasks)
-    x = torch.full((2, 8, 512, 512), 0.1).contiguous(memory_format=torch.channels_last)
-    x[1, 3, 300, 17] = 1e4
-    got = pe.multi_adaptive_avg_pool2d(x, BINS, backend="cpp")
-    assert_means_within(got, BINS, *fp64_window_means(x, BINS), what=f"tasks={tasks}")
+    x = torch.full(shape, 0.1).contiguous(memory_format=torch.channels_last)
+    x[-1, 3, 300, 17] = 1e4
+    got = pe.multi_adaptive_avg_pool2d(x, bins, backend="cpp")
+    assert_means_within(got, bins, *fp64_window_means(x, bins), what=f"tasks={tasks}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

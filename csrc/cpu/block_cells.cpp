@@ -132,11 +132,16 @@ PE_AVX2 void cell_sums_avx2(const CellBlock& blk, const float* const planes[kCel
         sum_rows(rows + (k * P + r - r0) * Wp, planes[k] + blk.run_h0[r] * W, blk.run_rows[r], W,
                  blk.prefetch_ahead);
     // 2. Eight columns of the 8 planes at a time, transposed so that each
-    //    column is a vector over planes; a run's columns summed in double
-    //    into their W-segment's cell.
+    //    column is a vector over planes; a run's columns summed into their
+    //    W-segment's cell: in float, `chunk` columns at a time (so that an
+    //    element's float additions, rows then columns, stay under
+    //    kRunLength), each chunk added in double.
     for (int64_t r = r0; r < r1; ++r) {
       double* cell_row = cells + blk.run_seg[r] * SW * cell_stride;
       const bool first = blk.run_first[r];
+      const int64_t chunk = kRunLength + 1 - blk.run_rows[r];
+      __m256 f = _mm256_setzero_ps();
+      int64_t in_chunk = 0;
       __m256d s[2] = {_mm256_setzero_pd(), _mm256_setzero_pd()};
       for (int64_t w0 = 0; w0 < W; w0 += 8) {
         __m256 v[8], c[8];
@@ -148,8 +153,14 @@ PE_AVX2 void cell_sums_avx2(const CellBlock& blk, const float* const planes[kCel
           if (j >= n) break;
           const int64_t b = blk.col_seg[w0 + j];
           if (b < 0) continue;  // no window reads this column
-          add_f64(s, c[j]);
-          if (blk.col_last[w0 + j]) {
+          f = _mm256_add_ps(f, c[j]);
+          const bool last = blk.col_last[w0 + j];
+          if (++in_chunk == chunk || last) {
+            add_f64(s, f);
+            f = _mm256_setzero_ps();
+            in_chunk = 0;
+          }
+          if (last) {
             double* cell = cell_row + b * cell_stride;
             if (!first) {
               s[0] = _mm256_add_pd(_mm256_loadu_pd(cell), s[0]);

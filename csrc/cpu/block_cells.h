@@ -44,8 +44,9 @@ bool cell_sums_8planes_available();
 // cells[(a * SW + b) * cell_stride + k] = sum of plane k over H-segment a
 // and W-segment b (double), for k < 8 and every segment pair some window
 // reads (others are left as they are). Per run, each column's rows are
-// summed in float, then the run's columns of the W-segment are summed in
-// double left to right (from 0) and added to the cell (the first run of a
+// summed in float, then the run's columns of the W-segment left to right in
+// float, kRunLength + 1 - (run rows) columns at a time, those chunks in
+// double (from 0), and the result is added to the cell (the first run of a
 // segment sets it). planes[k] points at plane k (H x W, row stride W);
 // rows is scratch of cell_sums_scratch(blk) floats. Only call when
 // cell_sums_8planes_available().

@@ -159,8 +159,8 @@ void block_planes(int64_t p0, int64_t pn, int64_t C, int64_t total,
 // Sums cells into every bin in double, vector over k < kn, a-major as
 // simd::rect_means and the block kernel's bin step; put(rect, means) with
 // means[k] for k < kn.
-template <typename Put>
-void avg_cells_to_bins(const PoolPlan& p, const double* cells, int64_t stride,
+template <typename cell_t, typename Put>
+void avg_cells_to_bins(const PoolPlan& p, const cell_t* cells, int64_t stride,
                        int64_t kn, double* sum, Put put) {
   const int64_t SW = p.w.num_segments();
   for (const BinRect& r : p.rects) {
@@ -170,8 +170,8 @@ void avg_cells_to_bins(const PoolPlan& p, const double* cells, int64_t stride,
       double s[kPlaneBlock] = {};
       for (int64_t a = r.a0; a < r.a1; ++a)
         for (int64_t b = r.b0; b < r.b1; ++b) {
-          const double* cell = cells + (a * SW + b) * stride;
-          for (int64_t k = 0; k < kPlaneBlock; ++k) s[k] += cell[k];
+          const cell_t* cell = cells + (a * SW + b) * stride;
+          for (int64_t k = 0; k < kPlaneBlock; ++k) s[k] += static_cast<double>(cell[k]);
         }
       for (int64_t k = 0; k < kPlaneBlock; ++k) s[k] /= area;
       put(r, s);
@@ -180,9 +180,9 @@ void avg_cells_to_bins(const PoolPlan& p, const double* cells, int64_t stride,
     std::fill(sum, sum + kn, 0.0);
     for (int64_t a = r.a0; a < r.a1; ++a)
       for (int64_t b = r.b0; b < r.b1; ++b) {
-        const double* cell = cells + (a * SW + b) * stride;
+        const cell_t* cell = cells + (a * SW + b) * stride;
 #pragma omp simd
-        for (int64_t k = 0; k < kn; ++k) sum[k] += cell[k];
+        for (int64_t k = 0; k < kn; ++k) sum[k] += static_cast<double>(cell[k]);
       }
 #pragma omp simd
     for (int64_t k = 0; k < kn; ++k) sum[k] = sum[k] / area;
@@ -287,8 +287,9 @@ void avg_forward_nchw_groups(const float* x, float* out, const PoolPlan& p, int6
 }
 
 // NCHW: a block of planes; each run of rows (RowRuns) of each plane is
-// summed (vector over W) in acc_t, then its columns are summed into the
-// W-segments' cells in double, in the block kernel's order.
+// summed (vector over W) in acc_t, then its columns into the W-segments'
+// cells (chunks of columns in acc_t, the chunks in double), in the block
+// kernel's order.
 template <typename scalar_t>
 void avg_forward_nchw(const scalar_t* x, scalar_t* out, const PoolPlan& p,
                       int64_t N, int64_t C, int64_t H, int64_t W) {
@@ -327,12 +328,24 @@ void avg_forward_nchw(const scalar_t* x, scalar_t* out, const PoolPlan& p,
             }
           }
         }
+        // Columns in acc_t, `chunk` at a time (an element's additions, rows
+        // then columns, stay under kRunLength), the chunks in double.
+        const int64_t chunk = simd::kRunLength + 1 - nrows;
         for (int64_t b = 0; b < SW; ++b) {
           if (p.w.seg_of[p.w.cuts[b]] < 0) continue;  // no window reads these columns
           double s[kPlaneBlock] = {};
+          acc_t f[kPlaneBlock] = {};
+          int64_t in_chunk = 0;
           for (int64_t w = p.w.cuts[b]; w < p.w.cuts[b + 1]; ++w) {
             const acc_t* col = rows.data() + w * B;
-            for (int64_t k = 0; k < kPlaneBlock; ++k) s[k] += static_cast<double>(col[k]);
+            for (int64_t k = 0; k < kPlaneBlock; ++k) f[k] += col[k];
+            if (++in_chunk == chunk || w + 1 == p.w.cuts[b + 1]) {
+              for (int64_t k = 0; k < kPlaneBlock; ++k) {
+                s[k] += static_cast<double>(f[k]);
+                f[k] = acc_t(0);
+              }
+              in_chunk = 0;
+            }
           }
           double* cell = cells.data() + (a * SW + b) * B;
           if (runs.first[run]) {
@@ -451,39 +464,96 @@ void avg_forward_channels_last(const scalar_t* x, scalar_t* out,
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t SH = p.h.num_segments(), SW = p.w.num_segments();
   const int64_t cells_per_sample = SH * SW * C;
-  // Cells in double: each row's pixels of a W-segment are summed in runs of
-  // at most simd::kRunLength pixels in acc_t (in order), each run then added
-  // to the cell in double (the bound in simd_loops.h). `run` is scratch of C.
-  auto reduce_rows = [&](int64_t n, int64_t a, double* cells, acc_t* run) {
+  // A W-segment of w <= simd::kRunLength pixels keeps a float run of its
+  // cell (in `run`, SW x C): each row's w pixels summed in groups of four
+  // (simd::add_row_sum's order), the row sums of up to kRunLength - 1 -
+  // row_sum_depth(w) rows added; the run ends with the row that fills it or
+  // with the H-segment, added in double to the segment's cell sums
+  // (`seg_sums`, SW x C; the first run sets them). A wider segment sums each
+  // row in runs of kRunLength - 1 pixels, each added in double. At the end of
+  // the H-segment the double sums are rounded once to the acc_t cells: an
+  // element passes at most kRunLength - 1 float roundings (the bound in
+  // simd_loops.h). A cell that is one run (a small map) is summed straight
+  // into its acc_t cell, as a run. `run` is zero on entry and on return.
+  auto reduce_rows = [&](int64_t n, int64_t a, acc_t* cells, acc_t* run, double* seg_sums) {
     const int64_t h0 = p.h.cuts[a], h1 = p.h.cuts[a + 1];
     if (p.h.seg_of[h0] < 0) return;  // no window reads these rows
-    double* row_cells = cells + a * SW * C;
-    std::fill(row_cells, row_cells + SW * C, 0.0);
+    constexpr int64_t kWide = simd::kRunLength - 1;
+    acc_t* row_cells = cells + a * SW * C;
+    std::vector<int64_t> rows_in_run(static_cast<size_t>(SW), 0);
+    std::vector<char> started(static_cast<size_t>(SW), 0);  // the cell's sums hold a run
+    std::vector<char> one_run(static_cast<size_t>(SW), 0);  // the whole cell is one run
+    for (int64_t b = 0; b < SW; ++b) {
+      const int64_t w = p.w.cuts[b + 1] - p.w.cuts[b];
+      one_run[b] = w <= kWide && h1 - h0 <= kWide - simd::row_sum_depth(w);
+      if (one_run[b]) std::fill(row_cells + b * C, row_cells + (b + 1) * C, acc_t(0));
+    }
     for (int64_t h = h0; h < h1; ++h) {
       const scalar_t* row = x + ((n * H + h) * W) * C;
       for (int64_t b = 0; b < SW; ++b) {
         const int64_t w0 = p.w.cuts[b], w1 = p.w.cuts[b + 1];
         if (p.w.seg_of[w0] < 0) continue;
-        double* acc = row_cells + b * C;
-        for (int64_t w = w0; w < w1; w += simd::kRunLength) {
-          const int64_t pixels = std::min(simd::kRunLength, w1 - w);
-          if constexpr (std::is_same_v<scalar_t, float>) {
-            simd::add_run_f64(acc, row + w * C, pixels, C, C);  // pixels in order
-          } else {
-            std::fill(run, run + C, acc_t(0));
-            for (int64_t q = w; q < w + pixels; ++q) {
-              const scalar_t* px = row + q * C;
-#pragma omp simd
-              for (int64_t c = 0; c < C; ++c) run[c] += static_cast<acc_t>(px[c]);
+        double* acc = seg_sums + b * C;
+        acc_t* q = one_run[b] ? row_cells + b * C : run + b * C;
+        if (w1 - w0 > kWide) {
+          if (h == h0) std::fill(acc, acc + C, 0.0);
+          for (int64_t w = w0; w < w1; w += kWide) {
+            const int64_t pixels = std::min(kWide, w1 - w);
+            if constexpr (std::is_same_v<scalar_t, float>) {
+              simd::add_run_f64(acc, row + w * C, pixels, C, C);  // pixels in order
+            } else {
+              for (int64_t c = 0; c < C; ++c) {
+                acc_t v = static_cast<acc_t>(row[w * C + c]);
+                for (int64_t k = w + 1; k < w + pixels; ++k) v += static_cast<acc_t>(row[k * C + c]);
+                acc[c] += static_cast<double>(v);
+              }
             }
-#pragma omp simd
-            for (int64_t c = 0; c < C; ++c) acc[c] += static_cast<double>(run[c]);
           }
+          continue;
+        }
+        const bool ends =
+            !one_run[b] && (++rows_in_run[b] == kWide - simd::row_sum_depth(w1 - w0) || h + 1 == h1);
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          if (ends) {
+            simd::add_row_sum_f64(acc, q, row + w0 * C, w1 - w0, C, C, !started[b]);
+          } else {
+            simd::add_row_sum(q, row + w0 * C, w1 - w0, C, C);  // pixels in order
+          }
+        } else {
+          for (int64_t c = 0; c < C; ++c) {
+            // simd::add_row_sum's order: groups of four, (p0 + p1) + (p2 + p3)
+            auto px = [&](int64_t w) { return static_cast<acc_t>(row[w * C + c]); };
+            acc_t v = acc_t(0);
+            for (int64_t w = w0; w < w1; w += 4) {
+              const int64_t k = std::min<int64_t>(4, w1 - w);
+              const acc_t g = k == 4   ? (px(w) + px(w + 1)) + (px(w + 2) + px(w + 3))
+                              : k == 3 ? (px(w) + px(w + 1)) + px(w + 2)
+                              : k == 2 ? px(w) + px(w + 1)
+                                       : px(w);
+              v = w == w0 ? g : v + g;
+            }
+            q[c] += v;
+            if (ends) {
+              acc[c] = started[b] ? acc[c] + static_cast<double>(q[c]) : static_cast<double>(q[c]);
+              q[c] = acc_t(0);
+            }
+          }
+        }
+        if (ends) {
+          rows_in_run[b] = 0;
+          started[b] = 1;
         }
       }
     }
+    for (int64_t b = 0; b < SW; ++b) {
+      if (p.w.seg_of[p.w.cuts[b]] < 0 || one_run[b]) continue;
+      const double* acc = seg_sums + b * C;
+      acc_t* cell = row_cells + b * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) cell[c] = static_cast<acc_t>(acc[c]);
+    }
   };
-  auto cells_to_bins = [&](int64_t n, int64_t c0, int64_t cn, const double* cells, double* sum) {
+  auto cells_to_bins = [&](int64_t n, int64_t c0, int64_t cn, const acc_t* cells, double* sum) {
     scalar_t* dst = out + n * C * p.total;
     if constexpr (std::is_same_v<scalar_t, float>) {
       for (const BinRect& r : p.rects)
@@ -500,20 +570,23 @@ void avg_forward_channels_last(const scalar_t* x, scalar_t* out,
   const int64_t forced = test_overrides::get(test_overrides::kChannelsLastAvgTasks);
   if (forced == 1 || (forced == 0 && (N % threads == 0 || N >= 4 * threads))) {
     at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-      std::vector<double> cells(static_cast<size_t>(cells_per_sample)), sum(static_cast<size_t>(C));
-      std::vector<acc_t> run(static_cast<size_t>(C));
+      std::vector<acc_t> cells(static_cast<size_t>(cells_per_sample)), run(static_cast<size_t>(SW * C));
+      std::vector<double> sum(static_cast<size_t>(C)), seg_sums(static_cast<size_t>(SW * C));
       for (int64_t n = begin; n < end; ++n) {
-        for (int64_t a = 0; a < SH; ++a) reduce_rows(n, a, cells.data(), run.data());
+        for (int64_t a = 0; a < SH; ++a) reduce_rows(n, a, cells.data(), run.data(), seg_sums.data());
         cells_to_bins(n, 0, C, cells.data(), sum.data());
       }
     });
     return;
   }
-  auto cells = scratch_buffer<double>(N * cells_per_sample);
+  auto cells = scratch_buffer<acc_t>(N * cells_per_sample);
   at::parallel_for(0, N * SH, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> run(static_cast<size_t>(C));
-    for (int64_t task = begin; task < end; ++task)
-      reduce_rows(task / SH, task % SH, cells.get() + (task / SH) * cells_per_sample, run.data());
+    std::vector<acc_t> run(static_cast<size_t>(SW * C));
+    std::vector<double> seg_sums(static_cast<size_t>(SW * C));
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / SH;
+      reduce_rows(n, task % SH, cells.get() + n * cells_per_sample, run.data(), seg_sums.data());
+    }
   });
   const int64_t chunk = std::min<int64_t>(C, 256);
   const int64_t chunks = (C + chunk - 1) / chunk;

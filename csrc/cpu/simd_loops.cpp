@@ -44,6 +44,8 @@ namespace {
 
 struct Loops {
   decltype(&isa_baseline::sum_rows) sum_rows;
+  decltype(&isa_baseline::add_row_sum) add_row_sum;
+  decltype(&isa_baseline::add_row_sum_f64) add_row_sum_f64;
   decltype(&isa_baseline::add_run_f64) add_run_f64;
   decltype(&isa_baseline::rect_means) rect_means;
   decltype(&isa_baseline::max_rows) max_rows;
@@ -52,8 +54,11 @@ struct Loops {
   decltype(&isa_baseline::bilinear) bilinear;
 };
 
-#define PE_LOOPS(ns) \
-  Loops { ns::sum_rows, ns::add_run_f64, ns::rect_means, ns::max_rows, ns::blend, ns::axpy, ns::bilinear }
+#define PE_LOOPS(ns)                                                                                   \
+  Loops {                                                                                              \
+    ns::sum_rows, ns::add_row_sum, ns::add_row_sum_f64, ns::add_run_f64, ns::rect_means, ns::max_rows,     \
+        ns::blend, ns::axpy, ns::bilinear                                                              \
+  }
 constexpr Loops kBaseline = PE_LOOPS(isa_baseline);
 #if PE_X86_MULTIVERSION
 constexpr Loops kAvx2 = PE_LOOPS(isa_avx2);
@@ -110,10 +115,17 @@ Isa active_isa() {
 void sum_rows(float* acc, int64_t acc_stride, const float* src, int64_t rows, int64_t stride, int64_t n) {
   loops().sum_rows(acc, acc_stride, src, rows, stride, n);
 }
+void add_row_sum(float* acc, const float* src, int64_t rows, int64_t stride, int64_t n) {
+  loops().add_row_sum(acc, src, rows, stride, n);
+}
+void add_row_sum_f64(double* acc, float* run, const float* src, int64_t rows, int64_t stride, int64_t n,
+                     bool first) {
+  loops().add_row_sum_f64(acc, run, src, rows, stride, n, first);
+}
 void add_run_f64(double* acc, const float* src, int64_t rows, int64_t stride, int64_t n) {
   loops().add_run_f64(acc, src, rows, stride, n);
 }
-void rect_means(float* dst, int64_t dst_stride, const double* cells, int64_t row_stride, int64_t cell_stride,
+void rect_means(float* dst, int64_t dst_stride, const float* cells, int64_t row_stride, int64_t cell_stride,
                 int64_t a0, int64_t a1, int64_t b0, int64_t b1, double area, int64_t n) {
   loops().rect_means(dst, dst_stride, cells, row_stride, cell_stride, a0, a1, b0, b1, area, n);
 }
