@@ -59,6 +59,38 @@ def active() -> bool:
     return torch.onnx.is_in_onnx_export()
 
 
+def _symbolic(v) -> bool:
+    return isinstance(v, torch.SymInt) and not isinstance(v.node.maybe_as_int(), int)
+
+
+def pool_needs_standard_ops(x, window: str, backend: Optional[str]) -> bool:
+    """True where a pooling call must take this module's standard-op path.
+
+    Always during ONNX export. Under ``torch.export`` only for ``keras_same``
+    with a symbolic height or width: its window count, ``ceil(a / round(a /
+    n))``, is a function of the size, and the fused op's window list (an int
+    list whose length is that count) cannot be symbolic, so torch.export would
+    pin H and W. The standard-op path computes the windows in the graph, with
+    the count as an unbacked size (see ``axis_windows``). A backend the caller
+    named is never replaced: that raises.
+    """
+    if active():
+        return True
+    if window != "keras_same" or not torch.compiler.is_exporting():
+        return False
+    if not isinstance(x, torch.Tensor) or not any(_symbolic(v) for v in x.shape[-2:]):
+        return False
+    from .backends import requested_backend
+
+    named = requested_backend(backend)
+    if named not in ("auto", "torch"):
+        raise ExportUnsupportedError(
+            f"window='keras_same' with a dynamic height or width cannot run on backend={named!r} under "
+            "torch.export (its window count depends on the size, which the fused op's window list cannot "
+            "express); leave backend unset (or 'torch') to export it as standard ops, or export with static sizes")
+    return True
+
+
 # --------------------------------------------------------------------------
 # Integer arithmetic on sizes that may be ints, SymInts or 0-d tensors
 # --------------------------------------------------------------------------
@@ -127,6 +159,8 @@ def axis_windows(size, n: int, window: str, device=None):
         half = twice_r // n - above
         pool = q + above + half * (q % 2)
         valid = _tensor(pool, device) > 0
+        if _symbolic(size) and not active():
+            return _keras_same_unbacked(size, pool, valid, device)
         pool = _max(pool, 1)
         count = _ceil_div(size, pool)
         pad_before = _max(count * pool - size, 0) // 2
@@ -136,6 +170,28 @@ def axis_windows(size, n: int, window: str, device=None):
         end = torch.minimum(raw + pool, _tensor(size, device))
         return start, end, valid, pool
     raise ValueError(f"window must be one of {WINDOW_POLICIES}, got {window!r}")
+
+
+def _keras_same_unbacked(size, pool, valid, device):
+    """keras_same's windows under torch.export with a symbolic size.
+
+    Used as SymInts, ``max(pool, 1)`` and the count are expressions the
+    symbolic-shape solver cannot prove positive (they appear in strides as
+    ``Max(1, count)``), so its guards would pin the size. As unbacked sizes
+    read from tensors, with runtime asserts that they are >= 1 (true at every
+    size), they stay symbolic; the exported program computes them per call.
+    """
+    pool_t = torch.clamp(_tensor(pool, device), min=1)
+    count_t = _ceil_div(_tensor(size, device), pool_t)
+    pool_u = pool_t.item()
+    torch._check(pool_u >= 1)
+    count_u = count_t.item()
+    torch._check(count_u >= 1)
+    pad_before = torch.clamp(count_t * pool_t - size, min=0) // 2
+    raw = torch.arange(count_u, dtype=torch.int64, device=device) * pool_t - pad_before
+    start = torch.clamp(raw, min=0)
+    end = torch.minimum(raw + pool_t, _tensor(size, device))
+    return start, end, valid, pool_u
 
 
 # --------------------------------------------------------------------------
@@ -205,7 +261,7 @@ def multi_pool2d(x: torch.Tensor, bins: Sequence[Tuple[int, int]], mode: str, wi
     x4 = x.unsqueeze(0) if unbatched else x
     height, width = x4.shape[-2], x4.shape[-1]
     device = x4.device
-    if window != "adaptive" and active():
+    if window != "adaptive":
         # the example input must be one the policy accepts, as in eager mode (the
         # graph cannot raise: at other sizes where it is undefined it gives NaN)
         example = (_example_size(height), _example_size(width))

@@ -97,7 +97,7 @@ def multi_adaptive_avg_pool2d(x: torch.Tensor, bins=(1, 2, 3, 6), *, window: str
     one packed buffer (see ``spatial_pyramid_pool``). ``window`` selects the
     window policy (pyramid_ext.windows); the default is PyTorch's.
     """
-    if export.active():  # ONNX export: standard ops, windows from the runtime size
+    if export.pool_needs_standard_ops(x, window, backend):  # ONNX export: windows from the runtime size
         return export.multi_pool2d(x, _pool_args(x, bins, "multi_adaptive_avg_pool2d"), "avg", window)[0]
     values, _, level_bins, unbatched, cl = _pool_packed(x, bins, POOL_AVG, None, window, backend,
                                                          "multi_adaptive_avg_pool2d")
@@ -112,7 +112,7 @@ def multi_adaptive_max_pool2d(x: torch.Tensor, bins=(1, 2, 3, 6), *, return_indi
     ``return_indices=True`` also returns the list of int64 flat indices
     (``h * W + w``), identical to PyTorch's on CPU, NaN propagated.
     """
-    if export.active():
+    if export.pool_needs_standard_ops(x, window, backend):
         vals, idx = export.multi_pool2d(x, _pool_args(x, bins, "multi_adaptive_max_pool2d"), "max", window,
                                         return_indices)
         return (vals, idx) if return_indices else vals
@@ -132,7 +132,7 @@ def spatial_pyramid_pool(x: torch.Tensor, bins=(4, 2, 1), *, mode: str = "max", 
     """
     if mode not in ("max", "avg"):
         raise ValueError(f"spatial_pyramid_pool(): mode must be 'max' or 'avg', got {mode!r}")
-    if export.active():
+    if export.pool_needs_standard_ops(x, window, backend):
         return export.spatial_pyramid_pool(x, _pool_args(x, bins, "spatial_pyramid_pool"), mode, window)
     values, _, _, unbatched, _ = _pool_packed(x, bins, POOL_MAX if mode == "max" else POOL_AVG, False, window,
                                               backend, "spatial_pyramid_pool")

@@ -477,11 +477,12 @@ def _fused_targets(ep):
 
 
 # keras_same's window count depends on the size, so the fused op's window list
-# cannot be symbolic: torch.export pins H and W (the ONNX path computes it in the graph)
-TORCH_EXPORT_MODULES = [n for n in MODULES if "keras_same" not in n]
+# cannot be symbolic: with dynamic H and W those modules export as standard ops
+# (windows computed in the graph, the count an unbacked size); the others keep the fused ops
+STANDARD_OPS_UNDER_DYNAMIC_EXPORT = [n for n in MODULES if "keras_same" in n]
 
 
-@pytest.mark.parametrize("name", TORCH_EXPORT_MODULES + list(CONVERTED))
+@pytest.mark.parametrize("name", list(MODULES) + list(CONVERTED))
 def test_torch_export_round_trip_dynamic_hw(name):
     model = make(name) if name in MODULES else CONVERTED[name]()
     channels = 3 if name in CONVERTED else C
@@ -498,12 +499,36 @@ def test_torch_export_round_trip_dynamic_hw(name):
         sizes = [(2, h, w) for h, w in [(65, 47), (33, 97), (97, 129), (3, 5), (1, 1), (8, 8), (32, 32)]
                  if min(h, w) >= low]
     ep = torch.export.export(model, (x,), dynamic_shapes=(dims,))
-    assert _fused_targets(ep), "the exported program lost the fused ops"
+    if name in STANDARD_OPS_UNDER_DYNAMIC_EXPORT:
+        assert not _fused_targets(ep)
+        # sizes where keras_same is defined for every level (round(a / n) >= 1)
+        sizes = [(n, h, w) for n, h, w in sizes if min(h, w) >= 4] + [(2, 4, 7), (2, 5, 6)]
+    else:
+        assert _fused_targets(ep), "the exported program lost the fused ops"
     for n, h, w in sizes:
         xx = torch.randn(n, channels, h, w)
         with torch.no_grad():
             for k, (g, r) in enumerate(zip(as_list(ep.module()(xx)), as_list(model(xx)))):
                 assert_close(g, r, f"{name}: output {k} at {h}x{w}")
+
+
+def test_torch_export_keras_same_static_keeps_fused_ops():
+    model = make("SPP_max_keras_same")
+    x = torch.randn(2, C, 40, 36)
+    ep = torch.export.export(model, (x,))
+    assert _fused_targets(ep)
+    assert_close(ep.module()(x), model(x), "static keras_same export")
+
+
+def test_torch_export_keras_same_dynamic_named_backend_raises():
+    class Named(torch.nn.Module):
+        def forward(self, x):
+            return pe.spatial_pyramid_pool(x, (2, 1), mode="avg", window="keras_same", backend="cpp")
+
+    dims = {2: torch.export.Dim("H", min=4, max=512), 3: torch.export.Dim("W", min=4, max=512)}
+    with pytest.raises(Exception, match=r"window='keras_same' with a dynamic height or width cannot run on "
+                                        r"backend='cpp' under torch.export"):
+        torch.export.export(Named(), (torch.randn(1, C, 40, 36),), dynamic_shapes=(dims,))
 
 
 @pytest.mark.skipif(os.environ.get("CI") == "true" and not REQUIRE,
