@@ -10,10 +10,11 @@ drifts by up to n * 2^-24 over n elements; the normal-size tests here use
 data where that drift (measured on the earlier kernels: 1e-5 on a
 4096x4096 map of 0.1) is far above the bound.
 
-Expectations are fp64 sums computed here with torch, in chunks (never an
-fp64 copy of a large map). The `large` tests need about 9 GB of free memory
-each and run under `make test-large` (PYRAMID_EXT_LARGE=1); elsewhere they
-skip, saying so.
+Expectations are fp64 sums computed in chunks (tests/_helpers.py:
+fp64_window_means, fp64_resize_grad; never an fp64 copy of a large map).
+The `large` tests share one 8.6 GB buffer (12.4 GB peak, about 75 s) and
+run under `make test-large` (PYRAMID_EXT_LARGE=1; they skip below 13 GiB of
+free memory); elsewhere they skip, saying so.
 """
 import math
 
