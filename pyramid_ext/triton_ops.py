@@ -178,12 +178,13 @@ def _pool_cells_kernel(
     x_ptr, cell_tab_ptr, cell_val_ptr, cell_idx_ptr,
     C, W, num_cells, num_needed, num_cblocks, num_sblocks,
     sxn, sxc, sxh, sxw,
-    MODE: tl.constexpr, ACC: tl.constexpr,
+    MODE: tl.constexpr, ACC: tl.constexpr, RUN: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     """Reduces BLOCK_S segment cells (rows [h0, h1) x cols [w0, w1) each) of
-    one sample for a block of channels, each exactly once: the sum (avg) or
-    the max and its flat index h * W + w (max). Tile: channel x cell x element."""
+    one sample for a block of channels, each exactly once: the sum (avg, into
+    fp64 cells) or the max and its flat index h * W + w (max). Tile: channel
+    x cell x element."""
     pid = tl.program_id(0).to(tl.int64)
     sb = pid % num_sblocks
     rest = pid // num_sblocks
@@ -210,15 +211,21 @@ def _pool_cells_kernel(
     out_mask = cmask[:, None] & kmask[None, :]
 
     if MODE == 0:
-        acc = tl.zeros([BLOCK_C, BLOCK_S, BLOCK_E], dtype=ACC)
-        for e0 in range(0, max_area, BLOCK_E):
-            e = e0 + e_range[None, :]
-            h = h0[:, None] + e // cw[:, None]
-            w = w0[:, None] + e % cw[:, None]
-            m = cmask[:, None, None] & (e < area[:, None])[None, :, :]
-            v = tl.load(base + (h * sxh + w * sxw)[None, :, :], mask=m, other=0.0)
-            acc += v.to(ACC)
-        tl.store(cell_val_ptr + out_off, tl.sum(acc, axis=2), mask=out_mask)
+        # Each lane sums runs of RUN elements in ACC, adds them in fp64; the
+        # lanes, cells and bins are combined in fp64 (the error bound in
+        # csrc/cpu/simd_loops.h: at most RUN - 1 float additions per element).
+        total = tl.zeros([BLOCK_C, BLOCK_S, BLOCK_E], dtype=tl.float64)
+        for e1 in range(0, max_area, BLOCK_E * RUN):
+            acc = tl.zeros([BLOCK_C, BLOCK_S, BLOCK_E], dtype=ACC)
+            for e0 in range(e1, tl.minimum(e1 + BLOCK_E * RUN, max_area), BLOCK_E):
+                e = e0 + e_range[None, :]
+                h = h0[:, None] + e // cw[:, None]
+                w = w0[:, None] + e % cw[:, None]
+                m = cmask[:, None, None] & (e < area[:, None])[None, :, :]
+                v = tl.load(base + (h * sxh + w * sxw)[None, :, :], mask=m, other=0.0)
+                acc += v.to(ACC)
+            total += acc.to(tl.float64)
+        tl.store(cell_val_ptr + out_off, tl.sum(total, axis=2), mask=out_mask)
     else:
         run_v = tl.full([BLOCK_C, BLOCK_S], float("-inf"), ACC)
         run_i = tl.full([BLOCK_C, BLOCK_S], _BIG_INDEX, tl.int64)
@@ -280,14 +287,14 @@ def _pool_bins_kernel(
     out_off = _bin_out_offset(n, c[:, None], C, T, prior[None, :], pos[None, :], bhbw[None, :], CL_LEVELS)
     out_mask = cmask[:, None] & tmask[None, :]
 
-    if MODE == 0:
-        acc = tl.zeros([BLOCK_C, BLOCK_T, BLOCK_K], dtype=ACC)
+    if MODE == 0:  # fp64 cells, fp64 sums, the mean rounded to ACC, then to the output dtype
+        acc = tl.zeros([BLOCK_C, BLOCK_T, BLOCK_K], dtype=tl.float64)
         for k0 in range(0, max_ncell, BLOCK_K):
             k = k0 + k_range[None, :]
             cid = (hsb[:, None] + k // nb[:, None]) * SW + wsb[:, None] + k % nb[:, None]
             m = cmask[:, None, None] & (k < ncell[:, None])[None, :, :]
             acc += tl.load(cell_val_ptr + cell_base + cid[None, :, :] * C, mask=m, other=0.0)
-        res = _div(tl.sum(acc, axis=2), area[None, :].to(ACC), ACC_FP64)
+        res = _div(tl.sum(acc, axis=2), area[None, :].to(tl.float64), True).to(ACC)
         tl.store(val_ptr + out_off, _cast_out(res, val_ptr.dtype.element_ty), mask=out_mask)
     else:
         run_v = tl.full([BLOCK_C, BLOCK_T], float("-inf"), ACC)
@@ -449,7 +456,7 @@ def _resize_backward_kernel(
     g_ptr, gb_ptr,
     C, IH, IW, OH, OW, c_offset, num_cblocks, num_xblocks,
     sgn, sgc, sgh, sgw, sbn, sbc, sbh, sbw,
-    ALIGN: tl.constexpr, ACC: tl.constexpr, ACC_FP64: tl.constexpr,
+    ALIGN: tl.constexpr, ACC: tl.constexpr, ACC_FP64: tl.constexpr, RUN: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr,
 ):
     """Gradient of one branch row y, columns [xb * BLOCK_X, ...), for a block
@@ -498,19 +505,26 @@ def _resize_backward_kernel(
     cmask = c < C
     g_base = g_ptr + n * sgn + (c_offset + c)[:, None, None] * sgc
     r_range = tl.arange(0, BLOCK_R).to(tl.int64)
-    acc = tl.zeros([BLOCK_C, BLOCK_X, BLOCK_R], dtype=ACC)
-    for oh in range(fh, lh + 1):
-        h0, h1, wh0, wh1 = _bilinear_tap(oh, IH64, OH64, scale_h, ALIGN, ACC)
-        wh = tl.where(h0 == y, wh0, 0.0) + tl.where(h1 == y, wh1, 0.0)
+    # A small branch's element reads a whole plane: each lane sums runs of
+    # RUN output rows in ACC (a term is rounded at most twice, wh * ww * g),
+    # the runs and the tree over the reader columns in fp64 (bound in
+    # csrc/cuda/upsample_concat.cu).
+    total = tl.zeros([BLOCK_C, BLOCK_X], dtype=tl.float64)
+    for oh0 in range(fh, lh + 1, RUN):
         for r0 in range(0, span, BLOCK_R):
             ow = fw[:, None] + r0 + r_range[None, :]
             rmask = xmask[:, None] & (ow <= lw[:, None])
             x0, x1, ww0, ww1 = _bilinear_tap(ow, IW64, OW64, scale_w, ALIGN, ACC)
             ww = tl.where(x0 == x[:, None], ww0, 0.0) + tl.where(x1 == x[:, None], ww1, 0.0)
             m = cmask[:, None, None] & rmask[None, :, :]
-            g = tl.load(g_base + oh * sgh + (ow * sgw)[None, :, :], mask=m, other=0.0).to(ACC)
-            acc += g * (wh * ww)[None, :, :]
-    total = tl.sum(acc, axis=2)
+            acc = tl.zeros([BLOCK_C, BLOCK_X, BLOCK_R], dtype=ACC)
+            for oh in range(oh0, tl.minimum(oh0 + RUN, lh + 1)):
+                h0, h1, wh0, wh1 = _bilinear_tap(oh, IH64, OH64, scale_h, ALIGN, ACC)
+                wh = tl.where(h0 == y, wh0, 0.0) + tl.where(h1 == y, wh1, 0.0)
+                g = tl.load(g_base + oh * sgh + (ow * sgw)[None, :, :], mask=m, other=0.0).to(ACC)
+                acc += g * (wh * ww)[None, :, :]
+            total += tl.sum(acc.to(tl.float64), axis=2)
+    total = total.to(ACC)
     dst = gb_ptr + n * sbn + c[:, None] * sbc + y * sbh + x[None, :] * sbw
     tl.store(dst, _cast_out(total, gb_ptr.dtype.element_ty), mask=cmask[:, None] & xmask[None, :])
 
@@ -678,6 +692,10 @@ def _prev_pow2(v: int) -> int:
 
 
 _TILE = 4096  # elements per program tile
+# Long sums (average pooling, the resize backward) add float terms in runs of
+# at most _RUN per lane, the runs in fp64: within 1e-6 of fp64 for up to 2^31
+# elements (the run length and bound of csrc/cpu/simd_loops.h).
+_RUN = 12
 
 # No mul+add -> fma contraction on GPUs: the taps, weights and sums round
 # operation by operation, as ATen's CPU kernels and the interpreter do.
@@ -703,14 +721,15 @@ def _pool_impl(x, h_bounds, w_bounds, level_bins, mode, channels_last_levels):
     block_e = _tile(budget, block_c, want=min(plan.max_cell_area, 64))
     block_s = _tile(budget, block_c, block_e, want=nneed)
     nsb = triton.cdiv(nneed, block_s)
-    cell_val = torch.empty((n, plan.num_cells, c), dtype=acc_dtype, device=x.device)
+    cell_val = torch.empty((n, plan.num_cells, c), dtype=acc_dtype if mode == POOL_MAX else torch.float64,
+                           device=x.device)
     cell_idx = torch.empty((n, plan.num_cells, c), dtype=torch.int64, device=x.device) if mode == POOL_MAX \
         else cell_val
     _pool_cells_kernel[(n * ncb * nsb,)](
         x, tabs["cell_tab"], cell_val, cell_idx,
         c, width, plan.num_cells, nneed, ncb, nsb,
         x.stride(0), x.stride(1), x.stride(2), x.stride(3),
-        MODE=mode, ACC=acc, BLOCK_C=block_c, BLOCK_S=block_s, BLOCK_E=block_e, **_LAUNCH,
+        MODE=mode, ACC=acc, RUN=_RUN, BLOCK_C=block_c, BLOCK_S=block_s, BLOCK_E=block_e, **_LAUNCH,
     )
     block_k = _tile(budget, block_c, want=min(plan.max_bin_cells, 64))
     block_t = _tile(budget, block_c, block_k, want=plan.T)
@@ -840,7 +859,7 @@ def _upsample_concat_backward_impl(grad_out, branch_shapes, channel_offset, alig
                 c, ih, iw, oh, ow, offset, ncb, nxb,
                 grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), grad_out.stride(3),
                 gb.stride(0), gb.stride(1), gb.stride(2), gb.stride(3),
-                ALIGN=bool(align_corners), ACC=acc, ACC_FP64=acc64,
+                ALIGN=bool(align_corners), ACC=acc, ACC_FP64=acc64, RUN=_RUN,
                 BLOCK_C=block_c, BLOCK_X=block_x, BLOCK_R=block_r, BLOCK_O=block_o, **_LAUNCH,
             )
         offset += c
