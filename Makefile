@@ -22,7 +22,7 @@ TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 MAX_JOBS ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: test test-long fuzz bench build venv cuda-check cuda-venv test-cuda-env test-cuda-emu gpu-check clean
+.PHONY: test test-long test-large fuzz bench build venv cuda-check cuda-venv test-cuda-env test-cuda-emu gpu-check clean
 
 $(VENV)/.ready:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -49,6 +49,14 @@ test: build
 # op, resident memory and Python object counts flat.
 test-long: build
 	PYRAMID_EXT_LONG=1 PYRAMID_EXT_REQUIRE_CPP=1 $(PY) -m pytest tests/test_long_run.py -q $(PYTEST_ARGS)
+
+# The large tests (tests/test_precision.py, marked `large`): maps and outputs
+# of more than 2^31 elements (average pooling within 1e-6 of fp64, max
+# pooling indices past 2^31, upsample_concat); 12.4 GB of memory at peak,
+# about 75 s on 2 cores. THP: the first touch of 8.6 GB of fresh memory is
+# much faster with it.
+test-large: build
+	THP_MEM_ALLOC_ENABLE=1 PYRAMID_EXT_LARGE=1 PYRAMID_EXT_REQUIRE_CPP=1 $(PY) -m pytest tests/test_precision.py -q -m large $(PYTEST_ARGS)
 
 # The property-based tests with many more random examples (a new seed each
 # run; a failure prints the --hypothesis-seed=N that reproduces it).

@@ -12,6 +12,7 @@ import math
 import re
 from typing import Iterable, List, Optional, Sequence, Tuple
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -349,3 +350,99 @@ def ties_nan_inf_input(dtype):
 # Row 0, rows 9-11, row 19 and column 16 are read by no window.
 OVERLAPPING_WINDOWS = dict(h_bounds=[1, 5, 3, 9, 12, 19, 2, 8], w_bounds=[1, 4, 6, 16, 0, 8, 8, 9],
                            level_bins=[2, 1, 2, 3], size=(20, 17))
+
+
+# ---------------------------------------------------------------- long sums in fp64
+# For tests/test_precision.py and the precision tests of the CUDA emulator and
+# Triton: fp64 sums of large maps in chunks (never an fp64 copy of the map).
+
+def adaptive_windows(size: int, n: int):
+    """PyTorch's adaptive windows: [floor(i*a/n), ceil((i+1)*a/n))."""
+    return [(i * size // n, -(-(i + 1) * size // n)) for i in range(n)]
+
+
+def fp64_window_means(x: torch.Tensor, bins, nonnegative: bool = False, chunk_elems: int = 1 << 24):
+    """Per level, the (N, C, bh, bw) fp64 means of x and of |x| over
+    PyTorch's adaptive windows: one pass over x, H-segment by H-segment (the
+    rows between consecutive window bounds), each segment's column sums
+    accumulated in fp64 (numpy's float64 reduction) from chunks of rows;
+    16-bit chunks are widened to float32 first (exactly). `nonnegative`
+    (the caller's data): mean|x| is the mean, no second pass."""
+    N, C, H, W = x.shape
+    bins = pairs(bins)
+    cuts = sorted({v for bh, _ in bins for win in adaptive_windows(H, bh) for v in win})
+    rows_per_chunk = max(1, chunk_elems // max(1, N * C * W))
+    seg_sum, seg_abs = {}, {}
+    for h0, h1 in zip(cuts[:-1], cuts[1:]):
+        s = np.zeros((N, C, W))
+        a = s if nonnegative else np.zeros((N, C, W))
+        for r in range(h0, h1, rows_per_chunk):
+            chunk = x[:, :, r:min(h1, r + rows_per_chunk)].detach().cpu()
+            if chunk.dtype not in (torch.float32, torch.float64):
+                chunk = chunk.float()
+            chunk = chunk.numpy()
+            s += chunk.sum(axis=2, dtype=np.float64)
+            if not nonnegative:
+                a += np.abs(chunk).sum(axis=2, dtype=np.float64)
+        seg_sum[h0], seg_abs[h0] = torch.from_numpy(s), torch.from_numpy(a)
+    means, abs_means = [], []
+    for bh, bw in bins:
+        m = torch.empty(N, C, bh, bw, dtype=torch.float64)
+        am = torch.empty_like(m)
+        for i, (h0, h1) in enumerate(adaptive_windows(H, bh)):
+            starts = [c for c in cuts if h0 <= c < h1]
+            rows_sum = sum(seg_sum[c] for c in starts)
+            rows_abs = sum(seg_abs[c] for c in starts)
+            for j, (w0, w1) in enumerate(adaptive_windows(W, bw)):
+                area = (h1 - h0) * (w1 - w0)
+                m[:, :, i, j] = rows_sum[..., w0:w1].sum(-1) / area
+                am[:, :, i, j] = rows_abs[..., w0:w1].sum(-1) / area
+        means.append(m)
+        abs_means.append(am)
+    return means, abs_means
+
+
+def bilinear_taps(in_size: int, out_size: int, align_corners: bool) -> torch.Tensor:
+    """(out_size, in_size) fp64 matrix of ATen's bilinear tap weights along one
+    axis, computed in float32 with ATen's formulas, one rounding per
+    operation: bilinear_weights (above) vectorized over the output
+    coordinates (that one loops in Python, too slow for 26755 of them)."""
+    f32 = torch.float32
+    dst = torch.arange(out_size, dtype=f32)
+    if in_size == out_size:
+        i0 = torch.arange(out_size)
+        lam1 = torch.zeros(out_size, dtype=f32)
+    else:
+        if align_corners:
+            scale = torch.tensor((in_size - 1) / (out_size - 1) if out_size > 1 else 0.0, dtype=f32)
+            src = scale * dst
+        else:
+            scale = torch.tensor(in_size, dtype=f32) / torch.tensor(out_size, dtype=f32)
+            src = scale * (dst + 0.5) - 0.5
+        src = torch.clamp_min(src, 0.0)
+        i0 = torch.floor(src).long().clamp_max(in_size - 1)
+        lam1 = torch.clamp(src - i0.to(f32), 0.0, 1.0)
+    lam0 = 1.0 - lam1
+    i1 = i0 + (i0 < in_size - 1).long()
+    w = torch.zeros(out_size, in_size, dtype=torch.float64)
+    rows = torch.arange(out_size)
+    w.index_put_((rows, i0), lam0.double(), accumulate=True)
+    w.index_put_((rows, i1), lam1.double(), accumulate=True)
+    return w
+
+
+def fp64_resize_grad(g: torch.Tensor, channel: int, in_hw, align_corners: bool, nonnegative: bool = False,
+                     rows_per_chunk: int = 2048):
+    """Wy^T G Wx of one channel of g (N = 1) in fp64, and the same with |.|
+    (the bound's scale; for non-negative G the same), from chunks of rows."""
+    H, W = g.shape[-2:]
+    wy = bilinear_taps(in_hw[0], H, align_corners)
+    wx = bilinear_taps(in_hw[1], W, align_corners)
+    rows = torch.zeros(in_hw[0], W, dtype=torch.float64)
+    rows_abs = rows if nonnegative else torch.zeros_like(rows)
+    for r in range(0, H, rows_per_chunk):
+        chunk = g[0, channel, r:r + rows_per_chunk].detach().cpu().double()
+        rows += wy[r:r + rows_per_chunk].T @ chunk
+        if not nonnegative:
+            rows_abs += wy[r:r + rows_per_chunk].abs().T @ chunk.abs_()
+    return rows @ wx, rows_abs @ wx.abs()

@@ -57,10 +57,17 @@ def any_backend(request):
 
 def pytest_collection_modifyitems(config, items):
     # The `long` tests (tests/test_long_run.py, about a minute) run under
-    # `make test-long` (PYRAMID_EXT_LONG=1); elsewhere they skip, saying how to run them.
-    if os.environ.get("PYRAMID_EXT_LONG") == "1":
-        return
-    skip = pytest.mark.skip(reason="long run: set PYRAMID_EXT_LONG=1 (make test-long)")
-    for item in items:
-        if "long" in item.keywords:
-            item.add_marker(skip)
+    # `make test-long` (PYRAMID_EXT_LONG=1), the `large` ones (tests/test_precision.py,
+    # maps past 2^31 elements, about 10 GB of memory) under `make test-large`
+    # (PYRAMID_EXT_LARGE=1); elsewhere they skip, saying how to run them.
+    gated = {
+        "long": ("PYRAMID_EXT_LONG", "long run: set PYRAMID_EXT_LONG=1 (make test-long)"),
+        "large": ("PYRAMID_EXT_LARGE", "large map (about 10 GB): set PYRAMID_EXT_LARGE=1 (make test-large)"),
+    }
+    for marker, (env, reason) in gated.items():
+        if os.environ.get(env) == "1":
+            continue
+        skip = pytest.mark.skip(reason=reason)
+        for item in items:
+            if marker in item.keywords:
+                item.add_marker(skip)

@@ -50,13 +50,15 @@ def _available_isas(_C):
 def _workload():
     """Every float op on the CPU paths the switches choose between: pooling
     (NCHW with partial blocks of 8 and groups of 32 planes, channels_last
-    with N=3 so both task splits apply), forward and backward, and
-    upsample_concat forward and backward in both layouts. Returns the
-    results and the eager expectations."""
+    with N=3 so both task splits apply; segments taller and wider than a
+    float run, and tall but narrow ones, so average pooling sums several
+    runs per cell on every path),
+    forward and backward, and upsample_concat forward and backward in both
+    layouts. Returns the results and the eager expectations."""
     got, want = [], []
-    bins = (1, 2, 3, 6, (2, 5))
-    for kind, mode in itertools.product(("nchw", "channels_last"), ("avg", "max")):
-        base = rand((3, 37, 29, 70), torch.float32, seed=1)
+    cases = [((3, 37, 29, 70), (1, 2, 3, 6, (2, 5))), ((2, 11, 61, 50), (1, (2, 3))), ((2, 19, 50, 40), (1, (2, 5)))]
+    for (shape, bins), kind, mode in itertools.product(cases, ("nchw", "channels_last"), ("avg", "max")):
+        base = rand(shape, torch.float32, seed=1)
         x = layout(base, kind).requires_grad_()
         xe = layout(base, kind).requires_grad_()
         fn = pe.multi_adaptive_avg_pool2d if mode == "avg" else pe.multi_adaptive_max_pool2d

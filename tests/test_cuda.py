@@ -27,7 +27,8 @@ from ._helpers import TOL_VS_FP64 as TOL
 from ._helpers import as_pair as _pair
 from ._helpers import is_channels_last as _is_cl
 from ._helpers import OVERLAPPING_WINDOWS, SUM_ATOL_VS_FP64 as SUM_ATOL
-from ._helpers import check_out_overlap_rule, keras_same_avg, naive_multi_pool, rand as _rand, sppnet_pool
+from ._helpers import (check_out_overlap_rule, fp64_resize_grad, fp64_window_means, keras_same_avg, naive_multi_pool,
+                       rand as _rand, sppnet_pool)
 from ._helpers import ties_nan_inf_input
 
 pytestmark = pytest.mark.cuda
@@ -665,3 +666,34 @@ def test_upsample_concat_gradcheck(kind, align_corners):
         return pe.upsample_concat(x, [b1, b2, b3], align_corners=align_corners, backend=CPP)
 
     assert torch.autograd.gradcheck(f, (x, b1, b2, b3), eps=1e-6, atol=1e-6)
+
+
+# --------------------------------------------------------------------------
+# Long sums: within 1e-6 of fp64 (float runs per thread, double after them)
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", LAYOUTS)
+@pytest.mark.parametrize("bins", [(1, 2, (2, 3)), (1, (1, 65))], ids=["planned", "direct"])
+def test_avg_pool_long_sums_within_1e6_of_fp64(kind, bins):
+    x = torch.full((1, 2, 4096, 4096), 0.1)
+    x[0, 1, 300, 17] = 1e4
+    got = pe.multi_adaptive_avg_pool2d(_cuda(x, kind), bins, backend=CPP)
+    want, abs_want = fp64_window_means(x, bins, nonnegative=True)
+    for b, g, m, am in zip(bins, got, want, abs_want):
+        err = ((g.cpu().double() - m).abs() / am).max().item()
+        assert err <= 1e-6, f"bins {b}: error {err:.3g} x mean|x|"
+
+
+@pytest.mark.parametrize("kind", LAYOUTS)
+def test_upsample_backward_1x1_branch_within_1e6_of_fp64(kind):
+    """A 1x1 branch's gradient sums a whole plane (its tap weights sum to 1,
+    so nvcc's FMA in the source coordinate does not move it)."""
+    C = 1 if kind == "nchw" else 3
+    g = torch.full((1, C, 4096, 4096), 0.1)
+    g[0, :, 300, 17] = 1e3
+    (grad,) = OPS.upsample_concat_backward(_cuda(g, kind), [C, 1, 1], 0, False, kind == "channels_last")
+    for c in range(C):
+        want, terms = fp64_resize_grad(g, c, (1, 1), False, nonnegative=True)
+        err = ((grad[0, c].cpu().double() - want).abs() / terms).max().item()
+        assert err <= 1e-6, f"channel {c}: error {err:.3g} x sum|terms|"

@@ -32,7 +32,8 @@ from pyramid_ext import reference
 from pyramid_ext.windows import normalize_bins, pyramid_windows
 from tests import cuda_emu_build
 from tests._helpers import DTYPES, OVERLAPPING_WINDOWS, SUM_ATOL_VS_FP64 as SUM_ATOL, TOL_VS_FP64 as TOL
-from tests._helpers import check_out_overlap_rule, naive_multi_pool, ties_nan_inf_input
+from tests._helpers import (check_out_overlap_rule, fp64_resize_grad, fp64_window_means, naive_multi_pool,
+                           ties_nan_inf_input)
 
 PLANTED_BUG = int(os.environ.get("PYRAMID_EXT_EMU_PLANT_BUG", "0"))
 EMU = cuda_emu_build.load(os.environ.get("PYRAMID_EXT_EMU_BUILD_DIR"), PLANTED_BUG)
@@ -491,6 +492,51 @@ def test_upsample_concat_empty_and_misuse():
 
 def test_upsample_concat_out_may_share_storage_only_without_overlap():
     check_out_overlap_rule(OPS.upsample_concat_out)
+
+
+# --------------------------------------------------------------------------
+# Long sums: float runs per thread, double after them (common.cuh's RunSum),
+# within 1e-6 of fp64 as on the CPU (tests/test_precision.py)
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["nchw", "channels_last"])
+@pytest.mark.parametrize("bins", [(1, 2, (2, 3)), (1, (1, 65))], ids=["planned", "direct"])
+def test_avg_pool_long_sums_within_1e6_of_fp64(kind, bins):
+    """1024 x 1024 of 0.1 with a spike: float accumulation per thread drifted
+    by 3e-5 (NCHW) and 1e-4 (channels_last) of the mean here, 1e-2 in the
+    direct kernel (one thread per window); the bound is 1e-6 of mean|x|."""
+    configure("h100", seed=12)
+    x = torch.full((1, 2, 1024, 1024), 0.1)
+    x[0, 1, 300, 17] = 1e4
+    hb, wb, lb = _windows(x, bins)
+    out = {}
+    ran = _kernels_run(lambda: out.update(v=OPS.multi_pool2d(_fmt(x, kind), hb, wb, lb, 0, False)[0]))
+    planned = "pool_fwd_nchw_kernel" if kind == "nchw" else "pool_fwd_cl_kernel"
+    assert ran == {planned if bins[-1] != (1, 65) else "pool_fwd_direct_kernel"}
+    want, abs_want = fp64_window_means(x, bins, nonnegative=True)
+    for b, got, m, am in zip(bins, _levels(out["v"], normalize_bins(bins), 2), want, abs_want):
+        err = ((got.double() - m).abs() / am).max().item()
+        assert err <= 1e-6, f"bins {b}: error {err:.3g} x mean|x|"
+
+
+@pytest.mark.parametrize("kind", ["nchw", "channels_last"])
+def test_upsample_backward_long_sums_within_1e6_of_fp64(kind):
+    """The gradient of a 1x1 (and a 2x3) branch resized to 1024 x 1024 sums a
+    whole plane of 0.1: float accumulation drifted by 4e-5 (NCHW) and 1e-3
+    (channels_last); within 1e-6 of the fp64 sum of |terms| now."""
+    configure("h100", seed=13)
+    C = 1 if kind == "nchw" else 3
+    hws = [(1, 1), (2, 3)]
+    g = torch.full((1, 2 * C, 1024, 1024), 0.1)
+    g[0, :, 300, 17] = 1e3
+    grads = OPS.upsample_concat_backward(_fmt(g, kind), [v for hw in hws for v in (C,) + hw], 0, False,
+                                         kind == "channels_last")
+    for k, (hw, gb) in enumerate(zip(hws, grads)):
+        for c in range(C):
+            want, terms = fp64_resize_grad(g, k * C + c, hw, False, nonnegative=True)
+            err = ((gb[0, c].double() - want).abs() / terms).max().item()
+            assert err <= 1e-6, f"branch {hw} channel {c}: error {err:.3g} x sum|terms|"
 
 
 # --------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from pyramid_ext.windows import pyramid_windows, normalize_bins  # noqa: E402
 
 from ._helpers import TOL_TRITON, eager_spp, keras_same_avg, keras_same_max, pairs, rand, sppnet_pool  # noqa: E402
 from ._helpers import eager_upsample_concat as _helpers_eager_upsample_concat  # noqa: E402
-from ._helpers import bilinear_backward_fp64, grad_close, naive_multi_pool  # noqa: E402
+from ._helpers import bilinear_backward_fp64, fp64_resize_grad, fp64_window_means, grad_close, naive_multi_pool  # noqa: E402
 
 if _INTERPRET and not pe_triton.INTERPRETED:
     pytest.skip("pyramid_ext.triton was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
@@ -807,3 +807,37 @@ def test_kernels_compile_for_gpu():
     res = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
                          timeout=600)
     assert "COMPILED" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
+
+
+# --------------------------------------------------------------------------
+# Long sums: float runs per lane, fp64 after them (tests/test_precision.py)
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_avg_pool_long_sums_within_1e6_of_fp64(layout):
+    """512 x 512 of 0.1 with a spike: float accumulation per lane drifted
+    by 4e-6 of the mean here (3e-5 at 1024 x 1024); the bound is 1e-6."""
+    x = torch.full((1, 2, 512, 512), 0.1)
+    x[0, 1, 170, 102] = 1e3
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    bins = (1, 2, (2, 3))
+    got = pe.multi_adaptive_avg_pool2d(x.to(DEVICE), bins, backend=T)
+    want, abs_want = fp64_window_means(x, bins, nonnegative=True)
+    for b, g, m, am in zip(bins, got, want, abs_want):
+        err = ((g.cpu().double() - m).abs() / am).max().item()
+        assert err <= 1e-6, f"bins {b}: error {err:.3g} x mean|x|"
+
+
+def test_upsample_concat_backward_long_sums_within_1e6_of_fp64():
+    """A 1x1 (and a 2x3) branch's gradient sums a 256 x 256 plane of 0.1:
+    float accumulation drifted 1e-5; within 1e-6 of the fp64 sum of |terms|."""
+    g = torch.full((1, 2, 256, 256), 0.1)
+    g[0, :, 85, 51] = 1e3
+    hws = [(1, 1), (2, 3)]
+    grads = OPS.upsample_concat_backward_triton(g.to(DEVICE), [v for hw in hws for v in (1,) + hw], 0, False, False)
+    for k, (hw, gb) in enumerate(zip(hws, grads)):
+        want, terms = fp64_resize_grad(g, k, hw, False, nonnegative=True)
+        err = ((gb[0, 0].cpu().double() - want).abs() / terms).max().item()
+        assert err <= 1e-6, f"branch {hw}: error {err:.3g} x sum|terms|"

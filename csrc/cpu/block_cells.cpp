@@ -9,6 +9,8 @@
 // to right, the same as the portable loops in multi_pool2d.cpp.
 #include "cpu/block_cells.h"
 
+#include <algorithm>
+
 #include "cpu/avx2_tile.h"
 #include "cpu/simd_loops.h"
 #include "cpu/test_overrides.h"
@@ -78,65 +80,89 @@ PE_AVX2 void sum_rows(float* dst, const float* src, int64_t rows, int64_t W, int
   }
 }
 
-PE_AVX2 void cell_sums_avx2(const CellBlock& blk, const float* const planes[kCellBlock], float* cells,
+// s += the 8 lanes of c, widened to double (lanes 0-3 in s[0], 4-7 in s[1]).
+PE_AVX2 inline void add_f64(__m256d s[2], __m256 c) {
+  s[0] = _mm256_add_pd(s[0], _mm256_cvtps_pd(_mm256_castps256_ps128(c)));
+  s[1] = _mm256_add_pd(s[1], _mm256_cvtps_pd(_mm256_extractf128_ps(c, 1)));
+}
+
+PE_AVX2 void cell_sums_avx2(const CellBlock& blk, const float* const planes[kCellBlock], double* cells,
                             int64_t cell_stride, float* rows) {
-  const int64_t W = blk.W, SH = blk.SH, SW = blk.SW;
+  const int64_t W = blk.W, SW = blk.SW, P = blk.runs_per_pass;
   const int64_t Wp = (W + 7) / 8 * 8;
-  // 1. Row sums of every H-segment some window reads: rows[k][a][w].
-  for (int64_t k = 0; k < kCellBlock; ++k)
-    for (int64_t a = 0; a < SH; ++a) {
-      if (!blk.h_used[a]) continue;
-      const int64_t h0 = blk.h_cuts[a];
-      sum_rows(rows + (k * SH + a) * Wp, planes[k] + h0 * W, blk.h_cuts[a + 1] - h0, W, blk.prefetch_ahead);
-    }
-  // 2. Eight columns of the 8 planes at a time, transposed so that each
-  //    column is a vector over planes; columns summed into their W-segment.
-  for (int64_t a = 0; a < SH; ++a) {
-    if (!blk.h_used[a]) continue;
-    float* cell_row = cells + a * SW * cell_stride;
-    __m256 s = _mm256_setzero_ps();
-    for (int64_t w0 = 0; w0 < W; w0 += 8) {
-      __m256 r[8], c[8];
-      for (int64_t k = 0; k < 8; ++k) r[k] = _mm256_loadu_ps(rows + (k * SH + a) * Wp + w0);
-      transpose8(r, c);
-      const int64_t n = W - w0 < 8 ? W - w0 : 8;
+  for (int64_t r0 = 0; r0 < blk.num_runs; r0 += P) {
+    const int64_t r1 = std::min(blk.num_runs, r0 + P);
+    // 1. Float row sums of the pass's runs, each plane read front to back:
+    //    rows[k][run][w].
+    for (int64_t k = 0; k < kCellBlock; ++k)
+      for (int64_t r = r0; r < r1; ++r)
+        sum_rows(rows + (k * P + r - r0) * Wp, planes[k] + blk.run_h0[r] * W, blk.run_rows[r], W,
+                 blk.prefetch_ahead);
+    // 2. Eight columns of the 8 planes at a time, transposed so that each
+    //    column is a vector over planes; a run's columns summed into their
+    //    W-segment's cell: in float, `chunk` columns at a time (so that an
+    //    element's float additions, rows then columns, stay under
+    //    kRunLength), each chunk added in double.
+    for (int64_t r = r0; r < r1; ++r) {
+      double* cell_row = cells + blk.run_seg[r] * SW * cell_stride;
+      const bool first = blk.run_first[r];
+      const int64_t chunk = kRunLength + 1 - blk.run_rows[r];
+      __m256 f = _mm256_setzero_ps();
+      int64_t in_chunk = 0;
+      __m256d s[2] = {_mm256_setzero_pd(), _mm256_setzero_pd()};
+      for (int64_t w0 = 0; w0 < W; w0 += 8) {
+        __m256 v[8], c[8];
+        for (int64_t k = 0; k < 8; ++k) v[k] = _mm256_loadu_ps(rows + (k * P + r - r0) * Wp + w0);
+        transpose8(v, c);
+        const int64_t n = W - w0 < 8 ? W - w0 : 8;
 #pragma GCC unroll 8
-      for (int64_t j = 0; j < 8; ++j) {
-        if (j >= n) break;
-        const int64_t b = blk.col_seg[w0 + j];
-        if (b < 0) continue;  // no window reads this column
-        s = _mm256_add_ps(s, c[j]);
-        if (blk.col_last[w0 + j]) {
-          _mm256_storeu_ps(cell_row + b * cell_stride, s);
-          s = _mm256_setzero_ps();
+        for (int64_t j = 0; j < 8; ++j) {
+          if (j >= n) break;
+          const int64_t b = blk.col_seg[w0 + j];
+          if (b < 0) continue;  // no window reads this column
+          f = _mm256_add_ps(f, c[j]);
+          const bool last = blk.col_last[w0 + j];
+          if (++in_chunk == chunk || last) {
+            add_f64(s, f);
+            f = _mm256_setzero_ps();
+            in_chunk = 0;
+          }
+          if (last) {
+            double* cell = cell_row + b * cell_stride;
+            if (!first) {
+              s[0] = _mm256_add_pd(_mm256_loadu_pd(cell), s[0]);
+              s[1] = _mm256_add_pd(_mm256_loadu_pd(cell + 4), s[1]);
+            }
+            _mm256_storeu_pd(cell, s[0]);
+            _mm256_storeu_pd(cell + 4, s[1]);
+            s[0] = s[1] = _mm256_setzero_pd();
+          }
         }
       }
     }
   }
 }
 
-PE_AVX2 void bin_means_avx2(const float* cells, int64_t SW, const CellRect* rects, int64_t num_rects,
+PE_AVX2 void bin_means_avx2(const double* cells, int64_t SW, const CellRect* rects, int64_t num_rects,
                             float* means) {
-  // Four blocks of 8 planes: four independent add chains per bin, and the
+  // Eight vectors of 4 planes: eight independent add chains per bin, and the
   // loop over a bin's cells paid once per 32 planes.
   for (int64_t r = 0; r < num_rects; ++r) {
     const CellRect& rc = rects[r];
-    __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+    __m256d s[8];
+#pragma GCC unroll 8
+    for (int v = 0; v < 8; ++v) s[v] = _mm256_setzero_pd();
     for (int64_t a = rc.a0; a < rc.a1; ++a) {
-      const float* cell = cells + (a * SW + rc.b0) * kGroupPlanes;
+      const double* cell = cells + (a * SW + rc.b0) * kGroupPlanes;
       for (int64_t b = rc.b0; b < rc.b1; ++b, cell += kGroupPlanes) {
-        s0 = _mm256_add_ps(s0, _mm256_loadu_ps(cell));
-        s1 = _mm256_add_ps(s1, _mm256_loadu_ps(cell + 8));
-        s2 = _mm256_add_ps(s2, _mm256_loadu_ps(cell + 16));
-        s3 = _mm256_add_ps(s3, _mm256_loadu_ps(cell + 24));
+#pragma GCC unroll 8
+        for (int v = 0; v < 8; ++v) s[v] = _mm256_add_pd(s[v], _mm256_loadu_pd(cell + 4 * v));
       }
     }
-    const __m256 area = _mm256_set1_ps(rc.area);
+    const __m256d area = _mm256_set1_pd(rc.area);
     float* m = means + r * kGroupPlanes;
-    _mm256_storeu_ps(m, _mm256_div_ps(s0, area));
-    _mm256_storeu_ps(m + 8, _mm256_div_ps(s1, area));
-    _mm256_storeu_ps(m + 16, _mm256_div_ps(s2, area));
-    _mm256_storeu_ps(m + 24, _mm256_div_ps(s3, area));
+#pragma GCC unroll 8
+    for (int v = 0; v < 8; ++v) _mm_storeu_ps(m + 4 * v, _mm256_cvtpd_ps(_mm256_div_pd(s[v], area)));
   }
 }
 
@@ -151,13 +177,13 @@ bool cell_sums_8planes_available() {
          test_overrides::get(test_overrides::kSimdIsa) != static_cast<int64_t>(Isa::kBaseline);
 }
 
-void cell_sums_8planes(const CellBlock& blk, const float* const planes[kCellBlock], float* cells,
+void cell_sums_8planes(const CellBlock& blk, const float* const planes[kCellBlock], double* cells,
                        int64_t cell_stride, float* rows) {
   cell_sums_avx2(blk, planes, cells, cell_stride, rows);
 }
 
-void bin_means_32planes(const float* cells, int64_t SW, const CellRect* rects, int64_t num_rects,
-                       float* means) {
+void bin_means_32planes(const double* cells, int64_t SW, const CellRect* rects, int64_t num_rects,
+                        float* means) {
   bin_means_avx2(cells, SW, rects, num_rects, means);
 }
 
@@ -165,9 +191,9 @@ void bin_means_32planes(const float* cells, int64_t SW, const CellRect* rects, i
 
 bool cell_sums_8planes_available() { return false; }
 
-void cell_sums_8planes(const CellBlock&, const float* const*, float*, int64_t, float*) {}
+void cell_sums_8planes(const CellBlock&, const float* const*, double*, int64_t, float*) {}
 
-void bin_means_32planes(const float*, int64_t, const CellRect*, int64_t, float*) {}
+void bin_means_32planes(const double*, int64_t, const CellRect*, int64_t, float*) {}
 
 #endif
 

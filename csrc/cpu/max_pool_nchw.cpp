@@ -41,6 +41,24 @@ constexpr int64_t kB = simd::kCellBlock;     // planes per transposed block
 constexpr int64_t kG = simd::kGroupPlanes;   // planes per group (bin step)
 constexpr int kMaxVecs = 4;                  // column vectors per register pass
 
+// The segment tables of one call as the max block kernel reads them (the
+// average kernel's simd::CellBlock walks rows in bounded runs instead).
+struct MaxCellBlock {
+  int64_t W;
+  int64_t SH;              // H-segments
+  int64_t SW;              // W-segments
+  const int64_t* h_cuts;   // SH + 1 row boundaries
+  const char* h_used;      // SH flags: does some window read the segment
+  const int64_t* col_seg;  // W: W-segment of each column, -1 if no window reads it
+  const char* col_last;    // W: is the column the last of its W-segment
+  int64_t prefetch_ahead;  // floats from a plane to the one to prefetch (0: none)
+};
+
+// Scratch elements cell_max_8planes needs for its row maxima (and as many indices).
+inline int64_t max_rows_scratch(const MaxCellBlock& blk) {
+  return kB * blk.SH * ((blk.W + 7) / 8 * 8);
+}
+
 // A running (maximum, flat index) per lane that every piece replaces: below
 // every value, -inf included (its index is above every index).
 struct Running {
@@ -145,8 +163,8 @@ PE_AVX2 void max_rows(float* dv, int32_t* di, const float* src, int64_t rows, in
 
 // cells[(a * SW + b) * cell_stride + k] (value and index) = the maximum of
 // plane k over H-segment a and W-segment b, for every pair some window reads.
-// rows: scratch of simd::cell_sums_scratch(blk) floats and as many indices.
-PE_AVX2 void cell_max_8planes(const simd::CellBlock& blk, const float* const planes[kB], float* cell_v,
+// rows: scratch of max_rows_scratch(blk) floats and as many indices.
+PE_AVX2 void cell_max_8planes(const MaxCellBlock& blk, const float* const planes[kB], float* cell_v,
                               int32_t* cell_i, int64_t cell_stride, float* rows_v, int32_t* rows_i) {
   const int64_t W = blk.W, SH = blk.SH, SW = blk.SW;
   const int64_t Wp = (W + 7) / 8 * 8;
@@ -225,15 +243,15 @@ void forward_nchw_blocks(const float* x, float* out, int64_t* out_idx, const Lev
   for (int64_t a = 0; a < SH; ++a) h_used[a] = lv.h.seg_of[lv.h.cuts[a]] >= 0;
   for (int64_t w = 0; w < W; ++w) col_last[w] = w + 1 == W || lv.w.seg_of[w + 1] != lv.w.seg_of[w];
   // The next block's planes are prefetched while this one is reduced.
-  const simd::CellBlock cb{W, SH, SW, lv.h.cuts.data(), h_used.data(), lv.w.seg_of.data(), col_last.data(),
+  const MaxCellBlock cb{W, SH, SW, lv.h.cuts.data(), h_used.data(), lv.w.seg_of.data(), col_last.data(),
                            kB * H * W};
   const std::vector<BinRect> bins = bin_rects(lv);
   std::vector<simd::CellRect> rects;
-  for (const BinRect& r : bins) rects.push_back({r.a0, r.a1, r.b0, r.b1, 0.f});
+  for (const BinRect& r : bins) rects.push_back({r.a0, r.a1, r.b0, r.b1, 0.0});
   const int64_t num_rects = static_cast<int64_t>(rects.size());
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, H * W * kG));
   at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
-    const size_t scratch = static_cast<size_t>(simd::cell_sums_scratch(cb));
+    const size_t scratch = static_cast<size_t>(max_rows_scratch(cb));
     std::vector<float> rows_v(scratch);
     std::vector<int32_t> rows_i(scratch);
     // Lanes of blocks past the last plane are combined but never written out.

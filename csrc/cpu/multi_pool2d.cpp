@@ -5,7 +5,10 @@
 // H-segment are summed (or maxed) into a row accumulator with contiguous
 // vector operations, the accumulator is reduced into segment cells, and the
 // cells are combined into the windows of every level. channels_last: the same
-// with a vector of channels in place of each element.
+// with a vector of channels in place of each element. Average pooling sums
+// float elements in runs of at most simd::kRunLength rows (pixels) in float
+// and everything after the runs (cells, bins) in double: the error bound of
+// a mean over up to 2^31 elements is in simd_loops.h.
 // Backward: avg gradients are constant over a segment cell, so each cell's
 // value is computed once and then written; max gradients are summed per plane
 // in a fixed order (level, then bin), the order a gather would use.
@@ -112,41 +115,62 @@ void block_planes(int64_t p0, int64_t pn, int64_t C, int64_t total,
   }
 }
 
-// Sums cells into every bin, vector over k < kn; put(rect, means) with
+// Sums cells into every bin in double, vector over k < kn, a-major as
+// simd::rect_means and the block kernel's bin step; put(rect, means) with
 // means[k] for k < kn.
-template <typename acc_t, typename Put>
-void avg_cells_to_bins(const PoolPlan& p, const acc_t* cells, int64_t stride,
-                       int64_t kn, acc_t* sum, Put put) {
+template <typename cell_t, typename Put>
+void avg_cells_to_bins(const PoolPlan& p, const cell_t* cells, int64_t stride,
+                       int64_t kn, double* sum, Put put) {
   const int64_t SW = p.w.num_segments();
   for (const BinRect& r : p.rects) {
-    const acc_t area = static_cast<acc_t>(r.area);
+    const double area = static_cast<double>(r.area);
     if (kn == kPlaneBlock) {
       // A block of planes: the partial sums stay in registers.
-      acc_t s[kPlaneBlock] = {};
+      double s[kPlaneBlock] = {};
       for (int64_t a = r.a0; a < r.a1; ++a)
         for (int64_t b = r.b0; b < r.b1; ++b) {
-          const acc_t* cell = cells + (a * SW + b) * stride;
-          for (int64_t k = 0; k < kPlaneBlock; ++k) s[k] += cell[k];
+          const cell_t* cell = cells + (a * SW + b) * stride;
+          for (int64_t k = 0; k < kPlaneBlock; ++k) s[k] += static_cast<double>(cell[k]);
         }
       for (int64_t k = 0; k < kPlaneBlock; ++k) s[k] /= area;
       put(r, s);
       continue;
     }
-    std::fill(sum, sum + kn, acc_t(0));
+    std::fill(sum, sum + kn, 0.0);
     for (int64_t a = r.a0; a < r.a1; ++a)
       for (int64_t b = r.b0; b < r.b1; ++b) {
-        const acc_t* cell = cells + (a * SW + b) * stride;
-        if (std::is_same_v<acc_t, float> && kn >= 64) {  // a call pays off on long vectors
-          simd::add(reinterpret_cast<float*>(sum), reinterpret_cast<const float*>(cell), kn);
-        } else {
+        const cell_t* cell = cells + (a * SW + b) * stride;
 #pragma omp simd
-          for (int64_t k = 0; k < kn; ++k) sum[k] += cell[k];
-        }
+        for (int64_t k = 0; k < kn; ++k) sum[k] += static_cast<double>(cell[k]);
       }
 #pragma omp simd
     for (int64_t k = 0; k < kn; ++k) sum[k] = sum[k] / area;
     put(r, sum);
   }
+}
+
+// The rows of every H-segment some window reads, cut into runs of at most
+// simd::kRunLength rows (top to bottom): rows are summed in float within a
+// run, runs are added in double (the error bound in simd_loops.h).
+struct RowRuns {
+  std::vector<int64_t> h0, rows, seg;
+  std::vector<char> first;  // the first run of its segment
+  int64_t size() const { return static_cast<int64_t>(h0.size()); }
+};
+
+RowRuns row_runs(const PoolPlan& p) {
+  RowRuns runs;
+  for (int64_t a = 0; a < p.h.num_segments(); ++a) {
+    const int64_t h0 = p.h.cuts[a], h1 = p.h.cuts[a + 1];
+    if (p.h.seg_of[h0] < 0) continue;  // no window reads these rows
+    for (int64_t h = h0; h < h1; h += simd::kRunLength) {
+      runs.h0.push_back(h);
+      runs.rows.push_back(std::min(simd::kRunLength, h1 - h));
+      runs.seg.push_back(a);
+      runs.first.push_back(h == h0);
+    }
+  }
+  return runs;
 }
 
 // Max over cells into every bin; put(rect, k, value, index).
@@ -178,20 +202,25 @@ void avg_forward_nchw_groups(const float* x, float* out, const PoolPlan& p, int6
   constexpr int64_t G = simd::kGroupPlanes, B = simd::kCellBlock;
   const int64_t SH = p.h.num_segments(), SW = p.w.num_segments();
   const int64_t planes = N * C, groups = (planes + G - 1) / G;
-  std::vector<char> h_used(static_cast<size_t>(SH)), col_last(static_cast<size_t>(W));
-  for (int64_t a = 0; a < SH; ++a) h_used[a] = p.h.seg_of[p.h.cuts[a]] >= 0;
+  std::vector<char> col_last(static_cast<size_t>(W));
   for (int64_t w = 0; w < W; ++w) col_last[w] = w + 1 == W || p.w.seg_of[w + 1] != p.w.seg_of[w];
+  const RowRuns runs = row_runs(p);
+  // The float row sums of as many runs as fit 256 KB are kept at once, so a
+  // small plane is still read front to back in one go.
+  const int64_t Wp = (W + 7) / 8 * 8;
+  const int64_t per_pass = std::max<int64_t>(1, std::min<int64_t>(runs.size(), (int64_t{1} << 16) / (B * Wp)));
   // The next block's planes are prefetched while this one is reduced.
-  const simd::CellBlock cb{W, SH, SW, p.h.cuts.data(), h_used.data(), p.w.seg_of.data(), col_last.data(),
-                           B * H * W};
+  const simd::CellBlock cb{W, SW, runs.size(), runs.h0.data(), runs.rows.data(), runs.seg.data(),
+                           runs.first.data(), per_pass, p.w.seg_of.data(), col_last.data(), B * H * W};
   std::vector<simd::CellRect> rects;
-  for (const BinRect& r : p.rects) rects.push_back({r.a0, r.a1, r.b0, r.b1, static_cast<float>(r.area)});
+  for (const BinRect& r : p.rects) rects.push_back({r.a0, r.a1, r.b0, r.b1, static_cast<double>(r.area)});
   const int64_t num_rects = static_cast<int64_t>(rects.size());
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, H * W * G));
   at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> rows(static_cast<size_t>(simd::cell_sums_scratch(cb)));
     // Zeroed once: blocks past the last plane keep finite stale values.
-    std::vector<float> cells(static_cast<size_t>(SH * SW * G)), means(static_cast<size_t>(num_rects * G));
+    std::vector<double> cells(static_cast<size_t>(SH * SW * G));
+    std::vector<float> means(static_cast<size_t>(num_rects * G));
     for (int64_t grp = begin; grp < end; ++grp) {
       const int64_t p0 = grp * G, pn = std::min(G, planes - p0);
       for (int64_t q = 0; q * B < pn; ++q) {
@@ -216,8 +245,10 @@ void avg_forward_nchw_groups(const float* x, float* out, const PoolPlan& p, int6
   });
 }
 
-// NCHW: a block of planes; each plane's rows of one H-segment are summed
-// (vector over W), then reduced into that segment's cells.
+// NCHW: a block of planes; each run of rows (RowRuns) of each plane is
+// summed (vector over W) in acc_t, then its columns into the W-segments'
+// cells (chunks of columns in acc_t, the chunks in double), in the block
+// kernel's order.
 template <typename scalar_t>
 void avg_forward_nchw(const scalar_t* x, scalar_t* out, const PoolPlan& p,
                       int64_t N, int64_t C, int64_t H, int64_t W) {
@@ -229,53 +260,66 @@ void avg_forward_nchw(const scalar_t* x, scalar_t* out, const PoolPlan& p,
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (simd::cell_sums_8planes_available()) return avg_forward_nchw_groups(x, out, p, N, C, H, W);
   }
+  const RowRuns runs = row_runs(p);
   at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
-    // Row sums of each H-segment, [segment][w][plane]: W-segments then
-    // reduce vector over the block's planes.
-    std::vector<acc_t> rows(static_cast<size_t>(SH * W * B));
-    std::vector<acc_t> cells(static_cast<size_t>(SH * SW * B));
-    std::vector<acc_t> sum(static_cast<size_t>(B));
+    // One run's row sums, [w][plane]: W-segments then reduce vector over
+    // the block's planes.
+    std::vector<acc_t> rows(static_cast<size_t>(W * B));
+    std::vector<double> cells(static_cast<size_t>(SH * SW * B));
+    std::vector<double> sum(static_cast<size_t>(B));
     int64_t sample_base[kPlaneBlock], channel[kPlaneBlock];
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t p0 = blk * B, pn = std::min(B, planes - p0);
       block_planes(p0, pn, C, p.total, sample_base, channel);
       if (pn < B) std::fill(rows.begin(), rows.end(), acc_t(0));
-      // Each plane read front to back (one stream).
-      for (int64_t k = 0; k < pn; ++k) {
-        for (int64_t a = 0; a < SH; ++a) {
-          const int64_t h0 = p.h.cuts[a], h1 = p.h.cuts[a + 1];
-          if (p.h.seg_of[h0] < 0) continue;  // no window reads these rows
+      for (int64_t run = 0; run < runs.size(); ++run) {
+        const int64_t h0 = runs.h0[run], nrows = runs.rows[run], a = runs.seg[run];
+        for (int64_t k = 0; k < pn; ++k) {
           const scalar_t* src = x + (p0 + k) * H * W + h0 * W;
-          acc_t* acc = rows.data() + a * W * B + k;
+          acc_t* acc = rows.data() + k;
           if constexpr (std::is_same_v<scalar_t, float>) {
-            simd::sum_rows(acc, B, src, h1 - h0, W, W);
+            simd::sum_rows(acc, B, src, nrows, W, W);
           } else {
             for (int64_t w = 0; w < W; ++w) {
               acc_t v = 0;
-              for (int64_t h = 0; h < h1 - h0; ++h) v += static_cast<acc_t>(src[h * W + w]);
+              for (int64_t h = 0; h < nrows; ++h) v += static_cast<acc_t>(src[h * W + w]);
               acc[w * B] = v;
             }
           }
         }
-      }
-      for (int64_t a = 0; a < SH; ++a) {
-        if (p.h.seg_of[p.h.cuts[a]] < 0) continue;
+        // Columns in acc_t, `chunk` at a time (an element's additions, rows
+        // then columns, stay under kRunLength), the chunks in double.
+        const int64_t chunk = simd::kRunLength + 1 - nrows;
         for (int64_t b = 0; b < SW; ++b) {
-          acc_t s[kPlaneBlock] = {};
+          if (p.w.seg_of[p.w.cuts[b]] < 0) continue;  // no window reads these columns
+          double s[kPlaneBlock] = {};
+          acc_t f[kPlaneBlock] = {};
+          int64_t in_chunk = 0;
           for (int64_t w = p.w.cuts[b]; w < p.w.cuts[b + 1]; ++w) {
-            const acc_t* col = rows.data() + (a * W + w) * B;
-            for (int64_t k = 0; k < kPlaneBlock; ++k) s[k] += col[k];
+            const acc_t* col = rows.data() + w * B;
+            for (int64_t k = 0; k < kPlaneBlock; ++k) f[k] += col[k];
+            if (++in_chunk == chunk || w + 1 == p.w.cuts[b + 1]) {
+              for (int64_t k = 0; k < kPlaneBlock; ++k) {
+                s[k] += static_cast<double>(f[k]);
+                f[k] = acc_t(0);
+              }
+              in_chunk = 0;
+            }
           }
-          acc_t* cell = cells.data() + (a * SW + b) * B;
-          for (int64_t k = 0; k < kPlaneBlock; ++k) cell[k] = s[k];
+          double* cell = cells.data() + (a * SW + b) * B;
+          if (runs.first[run]) {
+            for (int64_t k = 0; k < kPlaneBlock; ++k) cell[k] = s[k];
+          } else {
+            for (int64_t k = 0; k < kPlaneBlock; ++k) cell[k] += s[k];
+          }
         }
       }
-      avg_cells_to_bins<acc_t>(p, cells.data(), B, pn, sum.data(),
-                               [&](const BinRect& r, const acc_t* means) {
-                                 for (int64_t k = 0; k < pn; ++k)
-                                   out[sample_base[k] + r.out_offset + channel[k] * r.c_stride] =
-                                       static_cast<scalar_t>(means[k]);
-                               });
+      avg_cells_to_bins(p, cells.data(), B, pn, sum.data(),
+                        [&](const BinRect& r, const double* means) {
+                          for (int64_t k = 0; k < pn; ++k)
+                            out[sample_base[k] + r.out_offset + channel[k] * r.c_stride] =
+                                static_cast<scalar_t>(means[k]);
+                        });
     }
   });
 }
@@ -387,37 +431,103 @@ void avg_forward_channels_last(const scalar_t* x, scalar_t* out,
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t SH = p.h.num_segments(), SW = p.w.num_segments();
   const int64_t cells_per_sample = SH * SW * C;
-  auto reduce_rows = [&](int64_t n, int64_t a, acc_t* cells) {
+  // A W-segment of w <= simd::kRunLength pixels keeps a float run of its
+  // cell (in `run`, SW x C): each row's w pixels summed in groups of four
+  // (simd::add_row_sum's order), the row sums of up to kRunLength - 1 -
+  // row_sum_depth(w) rows added; the run ends with the row that fills it or
+  // with the H-segment, added in double to the segment's cell sums
+  // (`seg_sums`, SW x C; the first run sets them). A wider segment sums each
+  // row in runs of kRunLength - 1 pixels, each added in double. At the end of
+  // the H-segment the double sums are rounded once to the acc_t cells: an
+  // element passes at most kRunLength - 1 float roundings (the bound in
+  // simd_loops.h). A cell that is one run (a small map) is summed straight
+  // into its acc_t cell, as a run. `run` is zero on entry and on return.
+  auto reduce_rows = [&](int64_t n, int64_t a, acc_t* cells, acc_t* run, double* seg_sums) {
     const int64_t h0 = p.h.cuts[a], h1 = p.h.cuts[a + 1];
     if (p.h.seg_of[h0] < 0) return;  // no window reads these rows
+    constexpr int64_t kWide = simd::kRunLength - 1;
     acc_t* row_cells = cells + a * SW * C;
-    std::fill(row_cells, row_cells + SW * C, acc_t(0));
+    std::vector<int64_t> rows_in_run(static_cast<size_t>(SW), 0);
+    std::vector<char> started(static_cast<size_t>(SW), 0);  // the cell's sums hold a run
+    std::vector<char> one_run(static_cast<size_t>(SW), 0);  // the whole cell is one run
+    for (int64_t b = 0; b < SW; ++b) {
+      const int64_t w = p.w.cuts[b + 1] - p.w.cuts[b];
+      one_run[b] = w <= kWide && h1 - h0 <= kWide - simd::row_sum_depth(w);
+      if (one_run[b]) std::fill(row_cells + b * C, row_cells + (b + 1) * C, acc_t(0));
+    }
     for (int64_t h = h0; h < h1; ++h) {
       const scalar_t* row = x + ((n * H + h) * W) * C;
       for (int64_t b = 0; b < SW; ++b) {
         const int64_t w0 = p.w.cuts[b], w1 = p.w.cuts[b + 1];
         if (p.w.seg_of[w0] < 0) continue;
-        acc_t* acc = row_cells + b * C;
-        if constexpr (std::is_same_v<scalar_t, float>) {
-          simd::add_rows(acc, row + w0 * C, w1 - w0, C, C);  // pixels in order
-        } else {
-          for (int64_t w = w0; w < w1; ++w) {
-            const scalar_t* px = row + w * C;
-#pragma omp simd
-            for (int64_t c = 0; c < C; ++c) acc[c] += static_cast<acc_t>(px[c]);
+        double* acc = seg_sums + b * C;
+        acc_t* q = one_run[b] ? row_cells + b * C : run + b * C;
+        if (w1 - w0 > kWide) {
+          if (h == h0) std::fill(acc, acc + C, 0.0);
+          for (int64_t w = w0; w < w1; w += kWide) {
+            const int64_t pixels = std::min(kWide, w1 - w);
+            if constexpr (std::is_same_v<scalar_t, float>) {
+              simd::add_run_f64(acc, row + w * C, pixels, C, C);  // pixels in order
+            } else {
+              for (int64_t c = 0; c < C; ++c) {
+                acc_t v = static_cast<acc_t>(row[w * C + c]);
+                for (int64_t k = w + 1; k < w + pixels; ++k) v += static_cast<acc_t>(row[k * C + c]);
+                acc[c] += static_cast<double>(v);
+              }
+            }
           }
+          continue;
+        }
+        const bool ends =
+            !one_run[b] && (++rows_in_run[b] == kWide - simd::row_sum_depth(w1 - w0) || h + 1 == h1);
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          if (ends) {
+            simd::add_row_sum_f64(acc, q, row + w0 * C, w1 - w0, C, C, !started[b]);
+          } else {
+            simd::add_row_sum(q, row + w0 * C, w1 - w0, C, C);  // pixels in order
+          }
+        } else {
+          for (int64_t c = 0; c < C; ++c) {
+            // simd::add_row_sum's order: groups of four, (p0 + p1) + (p2 + p3)
+            auto px = [&](int64_t w) { return static_cast<acc_t>(row[w * C + c]); };
+            acc_t v = acc_t(0);
+            for (int64_t w = w0; w < w1; w += 4) {
+              const int64_t k = std::min<int64_t>(4, w1 - w);
+              const acc_t g = k == 4   ? (px(w) + px(w + 1)) + (px(w + 2) + px(w + 3))
+                              : k == 3 ? (px(w) + px(w + 1)) + px(w + 2)
+                              : k == 2 ? px(w) + px(w + 1)
+                                       : px(w);
+              v = w == w0 ? g : v + g;
+            }
+            q[c] += v;
+            if (ends) {
+              acc[c] = started[b] ? acc[c] + static_cast<double>(q[c]) : static_cast<double>(q[c]);
+              q[c] = acc_t(0);
+            }
+          }
+        }
+        if (ends) {
+          rows_in_run[b] = 0;
+          started[b] = 1;
         }
       }
     }
+    for (int64_t b = 0; b < SW; ++b) {
+      if (p.w.seg_of[p.w.cuts[b]] < 0 || one_run[b]) continue;
+      const double* acc = seg_sums + b * C;
+      acc_t* cell = row_cells + b * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) cell[c] = static_cast<acc_t>(acc[c]);
+    }
   };
-  auto cells_to_bins = [&](int64_t n, int64_t c0, int64_t cn, const acc_t* cells, acc_t* sum) {
+  auto cells_to_bins = [&](int64_t n, int64_t c0, int64_t cn, const acc_t* cells, double* sum) {
     scalar_t* dst = out + n * C * p.total;
     if constexpr (std::is_same_v<scalar_t, float>) {
       for (const BinRect& r : p.rects)
         simd::rect_means(dst + r.out_offset + c0 * r.c_stride, r.c_stride, cells + c0, SW * C, C,
-                         r.a0, r.a1, r.b0, r.b1, static_cast<float>(r.area), cn);
+                         r.a0, r.a1, r.b0, r.b1, static_cast<double>(r.area), cn);
     } else {
-      avg_cells_to_bins<acc_t>(p, cells + c0, C, cn, sum, [&](const BinRect& r, const acc_t* means) {
+      avg_cells_to_bins(p, cells + c0, C, cn, sum, [&](const BinRect& r, const double* means) {
         scalar_t* d = dst + r.out_offset + c0 * r.c_stride;
         for (int64_t k = 0; k < cn; ++k) d[k * r.c_stride] = static_cast<scalar_t>(means[k]);
       });
@@ -427,9 +537,10 @@ void avg_forward_channels_last(const scalar_t* x, scalar_t* out,
   const int64_t forced = test_overrides::get(test_overrides::kChannelsLastAvgTasks);
   if (forced == 1 || (forced == 0 && (N % threads == 0 || N >= 4 * threads))) {
     at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> cells(static_cast<size_t>(cells_per_sample)), sum(static_cast<size_t>(C));
+      std::vector<acc_t> cells(static_cast<size_t>(cells_per_sample)), run(static_cast<size_t>(SW * C));
+      std::vector<double> sum(static_cast<size_t>(C)), seg_sums(static_cast<size_t>(SW * C));
       for (int64_t n = begin; n < end; ++n) {
-        for (int64_t a = 0; a < SH; ++a) reduce_rows(n, a, cells.data());
+        for (int64_t a = 0; a < SH; ++a) reduce_rows(n, a, cells.data(), run.data(), seg_sums.data());
         cells_to_bins(n, 0, C, cells.data(), sum.data());
       }
     });
@@ -437,13 +548,17 @@ void avg_forward_channels_last(const scalar_t* x, scalar_t* out,
   }
   auto cells = scratch_buffer<acc_t>(N * cells_per_sample);
   at::parallel_for(0, N * SH, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task)
-      reduce_rows(task / SH, task % SH, cells.get() + (task / SH) * cells_per_sample);
+    std::vector<acc_t> run(static_cast<size_t>(SW * C));
+    std::vector<double> seg_sums(static_cast<size_t>(SW * C));
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / SH;
+      reduce_rows(n, task % SH, cells.get() + n * cells_per_sample, run.data(), seg_sums.data());
+    }
   });
   const int64_t chunk = std::min<int64_t>(C, 256);
   const int64_t chunks = (C + chunk - 1) / chunk;
   at::parallel_for(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> sum(static_cast<size_t>(chunk));
+    std::vector<double> sum(static_cast<size_t>(chunk));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / chunks, c0 = (task % chunks) * chunk;
       cells_to_bins(n, c0, std::min(chunk, C - c0), cells.get() + n * cells_per_sample, sum.data());

@@ -45,8 +45,9 @@ namespace {
 
 struct Loops {
   decltype(&isa_baseline::sum_rows) sum_rows;
-  decltype(&isa_baseline::add_rows) add_rows;
-  decltype(&isa_baseline::add) add;
+  decltype(&isa_baseline::add_row_sum) add_row_sum;
+  decltype(&isa_baseline::add_row_sum_f64) add_row_sum_f64;
+  decltype(&isa_baseline::add_run_f64) add_run_f64;
   decltype(&isa_baseline::rect_means) rect_means;
   decltype(&isa_baseline::max_rows) max_rows;
   decltype(&isa_baseline::blend) blend;
@@ -56,9 +57,11 @@ struct Loops {
   decltype(&isa_baseline::max_rect) max_rect;
 };
 
-#define PE_LOOPS(ns) \
-  Loops { ns::sum_rows, ns::add_rows, ns::add, ns::rect_means, ns::max_rows, ns::blend, ns::axpy, ns::bilinear, \
-        ns::max_pixels, ns::max_rect }
+#define PE_LOOPS(ns)                                                                                   \
+  Loops {                                                                                              \
+    ns::sum_rows, ns::add_row_sum, ns::add_row_sum_f64, ns::add_run_f64, ns::rect_means, ns::max_rows,     \
+        ns::blend, ns::axpy, ns::bilinear, ns::max_pixels, ns::max_rect                                \
+  }
 constexpr Loops kBaseline = PE_LOOPS(isa_baseline);
 #if PE_X86_MULTIVERSION
 constexpr Loops kAvx2 = PE_LOOPS(isa_avx2);
@@ -115,12 +118,18 @@ Isa active_isa() {
 void sum_rows(float* acc, int64_t acc_stride, const float* src, int64_t rows, int64_t stride, int64_t n) {
   loops().sum_rows(acc, acc_stride, src, rows, stride, n);
 }
-void add_rows(float* acc, const float* src, int64_t rows, int64_t stride, int64_t n) {
-  loops().add_rows(acc, src, rows, stride, n);
+void add_row_sum(float* acc, const float* src, int64_t rows, int64_t stride, int64_t n) {
+  loops().add_row_sum(acc, src, rows, stride, n);
 }
-void add(float* acc, const float* src, int64_t n) { loops().add(acc, src, n); }
+void add_row_sum_f64(double* acc, float* run, const float* src, int64_t rows, int64_t stride, int64_t n,
+                     bool first) {
+  loops().add_row_sum_f64(acc, run, src, rows, stride, n, first);
+}
+void add_run_f64(double* acc, const float* src, int64_t rows, int64_t stride, int64_t n) {
+  loops().add_run_f64(acc, src, rows, stride, n);
+}
 void rect_means(float* dst, int64_t dst_stride, const float* cells, int64_t row_stride, int64_t cell_stride,
-                int64_t a0, int64_t a1, int64_t b0, int64_t b1, float area, int64_t n) {
+                int64_t a0, int64_t a1, int64_t b0, int64_t b1, double area, int64_t n) {
   loops().rect_means(dst, dst_stride, cells, row_stride, cell_stride, a0, a1, b0, b1, area, n);
 }
 void max_rows(float* m, int32_t* r, const float* src, int64_t rows, int64_t stride, int64_t n, int32_t h0) {

@@ -17,19 +17,52 @@ bool isa_available(Isa isa);
 // The ISA the loops run now (the best available, unless a test forced one).
 Isa active_isa();
 
+// Average pooling sums float elements in short runs in float (the fast
+// vector loops) and adds the runs' sums in double (cells, bins); the error
+// bound rests on one rule: an element passes through at most kRunLength - 1
+// float roundings. NCHW: a run is r <= kRunLength rows summed per column,
+// then c of those column sums, (r - 1) + (c - 1) <= kRunLength - 1.
+// channels_last: k rows of w <= kRunLength - 1 pixels, each row summed in
+// groups of four as (p0 + p1) + (p2 + p3), the groups left to right
+// (row_sum_depth(w) <= 4 additions), then the k row sums, with
+// row_sum_depth(w) + k - 1 <= kRunLength - 2, or kRunLength - 1 pixels of a
+// wider row; its cells are rounded once to float (one more rounding), or
+// are a single run. A run starts from its first element or from an exact
+// 0 + x. Error bound of a mean of n <= 2^31 elements (u32 = 2^-24,
+// u64 = 2^-53): with the runs' sums converted exactly, an element then
+// passes at most n - 1 double additions (every summation tree of m <= n
+// terms), one double division by the exact area and one rounding to float:
+//   |mean - exact| <= ((kRunLength - 1) u32 + n u64 + u32) mean(|x|)
+//                  <= (11 * 2^-24 + 2^-22 + 2^-24) mean(|x|) < 9.6e-7 mean(|x|)
+// (second-order terms below 1e-12): 1e-6 relative to the mean for
+// non-negative data, to the mean of |x| for mixed signs. Plain float
+// accumulation over a long window drifts by up to n u32 instead.
+constexpr int64_t kRunLength = 12;
+
+// Float additions an element of a w-pixel row sum (add_row_sum) passes.
+constexpr int64_t row_sum_depth(int64_t w) {
+  return (w >= 3 ? 2 : w - 1) + (w + 3) / 4 - 1;
+}
+
 // acc[w * acc_stride] = sum over r < rows of src[r * stride + w], for w < n.
 void sum_rows(float* acc, int64_t acc_stride, const float* src, int64_t rows, int64_t stride, int64_t n);
-// acc[i] = (((acc[i] + src[i]) + src[stride + i]) + ...) over `rows` rows,
-// for i < n: rows added in order, four at a time (one pass over acc per four
-// rows, each row read front to back).
-void add_rows(float* acc, const float* src, int64_t rows, int64_t stride, int64_t n);
-// acc[i] += src[i]
-void add(float* acc, const float* src, int64_t n);
+// run[i] += (src[i] + src[stride + i] + ...) for i < n: the `rows` rows
+// summed in float in groups of four, (p0 + p1) + (p2 + p3), the groups left
+// to right, then added to the float run.
+void add_row_sum(float* run, const float* src, int64_t rows, int64_t stride, int64_t n);
+// The same, then the run ends: acc[i] += (double)run[i] (acc[i] = when
+// `first`) and run[i] = 0.
+void add_row_sum_f64(double* acc, float* run, const float* src, int64_t rows, int64_t stride, int64_t n,
+                     bool first);
+// acc[i] += (double)(src[i] + src[stride + i] + ...) for i < n: the `rows`
+// (<= kRunLength) rows summed in float, in order, then added in double.
+void add_run_f64(double* acc, const float* src, int64_t rows, int64_t stride, int64_t n);
 // One bin's means over a vector of n channels: dst[k * dst_stride] = (sum
 // over a0 <= a < a1, b0 <= b < b1 of cells[a * row_stride + b * cell_stride
-// + k]) / area, summed a-major in registers.
+// + k]) / area, the float cells summed in double (a-major, in registers),
+// the mean rounded to float.
 void rect_means(float* dst, int64_t dst_stride, const float* cells, int64_t row_stride, int64_t cell_stride,
-                int64_t a0, int64_t a1, int64_t b0, int64_t b1, float area, int64_t n);
+                int64_t a0, int64_t a1, int64_t b0, int64_t b1, double area, int64_t n);
 // Column-wise running max over rows, ATen's rule (larger, or NaN): m/r hold
 // the current maximum and its row; rows h0 + 1 .. h0 + rows - 1 are scanned
 // after m is seeded with row h0.

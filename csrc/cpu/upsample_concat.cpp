@@ -286,6 +286,57 @@ struct BackwardTables {
   }
 };
 
+// The backward's long sums: grad_branch = Wy^T G Wx, where a 1x1 branch sums
+// a whole plane of G. Pass 1, rows[i] = sum_h Wy[h, i] G[h, :]: each row's
+// terms (weight x row of G, one rounding each) are summed in float runs of
+// at most simd::kRunLength terms (at most two per output row h), and the
+// runs are added to rows in double. Pass 2, grad[i][j] = sum over the columns
+// w that read j of rows[i][w] Wx[w, j], in double. A term passes at most one
+// product rounding and kRunLength - 1 float additions (a full run needs
+// H >= 6, so W <= 2^31 / 6 for a plane of up to 2^31 elements), then fewer
+// than 2H / kRunLength + W + 2 < 2^31 / 6 + 3 double operations, and the
+// result one rounding to the dtype:
+//   |err| <= (13 * 2^-24 + 2^31 / 6 * 2^-53) sum |Wy G Wx| < 8.2e-7 sum |Wy G Wx|
+// (for non-negative G, 8.2e-7 relative to the gradient). Float accumulation
+// over the H rows drifted by up to H * 2^-24.
+//
+// One plane's (or channel chunk's) row sums: `rows` (double) and the float
+// runs (`run`, zero outside a run), `width` values per row.
+template <typename acc_t>
+struct RowRunSums {
+  int64_t width = 0;
+  std::vector<double> rows;
+  std::vector<acc_t> run;
+  std::vector<int64_t> terms;  // terms in each row's current run
+
+  void reset(int64_t num_rows, int64_t w) {
+    width = w;
+    rows.assign(static_cast<size_t>(num_rows * w), 0.0);
+    run.assign(static_cast<size_t>(num_rows * w), acc_t(0));
+    terms.assign(static_cast<size_t>(num_rows), 0);
+  }
+  void flush(int64_t i) {
+    double* r = rows.data() + i * width;
+    acc_t* q = run.data() + i * width;
+#pragma omp simd
+    for (int64_t k = 0; k < width; ++k) {
+      r[k] += static_cast<double>(q[k]);
+      q[k] = acc_t(0);
+    }
+    terms[i] = 0;
+  }
+  // The float run of row i, ready for one more term.
+  acc_t* next_term(int64_t i) {
+    if (terms[i] == simd::kRunLength) flush(i);
+    ++terms[i];
+    return run.data() + i * width;
+  }
+  void flush_all() {
+    for (int64_t i = 0; i < static_cast<int64_t>(terms.size()); ++i)
+      if (terms[i] > 0) flush(i);
+  }
+};
+
 // grad_branch[n, c] = Wy^T G Wx for each plane; G read through its strides.
 template <typename scalar_t>
 void backward_planes(const at::Tensor& g, std::vector<at::Tensor>& grads,
@@ -304,7 +355,8 @@ void backward_planes(const at::Tensor& g, std::vector<at::Tensor>& grads,
   const int64_t tasks = first_task.back();
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, H * W));
   at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> rows, acc;
+    RowRunSums<acc_t> sums;
+    std::vector<double> acc;
     for (int64_t task = begin; task < end; ++task) {
       size_t k = 0;
       while (task >= first_task[k + 1]) ++k;
@@ -316,45 +368,35 @@ void backward_planes(const at::Tensor& g, std::vector<at::Tensor>& grads,
       const auto& ty = th[k];
       const auto& tx = tw[k];
       // rows[i][w] = sum_h Wy[h, i] * G[h, w]
-      rows.assign(static_cast<size_t>(hb * W), acc_t(0));
-      for (int64_t h = 0; h < H; ++h) {
-        const scalar_t* s = src + h * gsH;
-        acc_t* r0 = rows.data() + ty[h].i0 * W;
-        const acc_t w0 = ty[h].w0;
-        const acc_t w1 = ty[h].w1;
+      sums.reset(hb, W);
+      auto add_row = [&](int64_t i, acc_t wt, const scalar_t* s) {
+        acc_t* r = sums.next_term(i);
         if constexpr (std::is_same_v<scalar_t, float>) {
-          if (gsW == 1) {
-            simd::axpy(r0, s, w0, W);
-            if (w1 != acc_t(0)) simd::axpy(rows.data() + ty[h].i1 * W, s, w1, W);
-            continue;
-          }
+          if (gsW == 1) return simd::axpy(r, s, wt, W);
         }
         if (gsW == 1) {
 #pragma omp simd
-          for (int64_t w = 0; w < W; ++w) r0[w] += w0 * static_cast<acc_t>(s[w]);
+          for (int64_t w = 0; w < W; ++w) r[w] += wt * static_cast<acc_t>(s[w]);
         } else {
-          for (int64_t w = 0; w < W; ++w) r0[w] += w0 * static_cast<acc_t>(s[w * gsW]);
+          for (int64_t w = 0; w < W; ++w) r[w] += wt * static_cast<acc_t>(s[w * gsW]);
         }
-        if (w1 != acc_t(0)) {
-          acc_t* r1 = rows.data() + ty[h].i1 * W;
-          if (gsW == 1) {
-#pragma omp simd
-            for (int64_t w = 0; w < W; ++w) r1[w] += w1 * static_cast<acc_t>(s[w]);
-          } else {
-            for (int64_t w = 0; w < W; ++w) r1[w] += w1 * static_cast<acc_t>(s[w * gsW]);
-          }
-        }
+      };
+      for (int64_t h = 0; h < H; ++h) {
+        const scalar_t* s = src + h * gsH;
+        add_row(ty[h].i0, ty[h].w0, s);
+        if (ty[h].w1 != acc_t(0)) add_row(ty[h].i1, ty[h].w1, s);
       }
+      sums.flush_all();
       // grad[i][j] = sum over the columns w that read j of rows[i][w] * Wx[w, j]
-      acc.assign(static_cast<size_t>(hb * wb), acc_t(0));
+      acc.assign(static_cast<size_t>(hb * wb), 0.0);
       const auto& rw = readers[k];
       for (int64_t i = 0; i < hb; ++i) {
-        const acc_t* r = rows.data() + i * W;
-        acc_t* a = acc.data() + i * wb;
+        const double* r = sums.rows.data() + i * W;
+        double* a = acc.data() + i * wb;
         for (int64_t j = 0; j < wb; ++j) {
-          acc_t sum = 0;
+          double sum = 0;
           for (int64_t w = rw[j].first; w <= rw[j].last; ++w)
-            sum += bilinear_tap_weight(tx[w], j) * r[w];
+            sum += static_cast<double>(bilinear_tap_weight(tx[w], j)) * r[w];
           a[j] = sum;
         }
       }
@@ -383,7 +425,8 @@ void backward_pixels(const at::Tensor& g, std::vector<at::Tensor>& grads,
   const auto& readers = t.readers;
   const int64_t tasks = first_task.back();
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> rows, acc;
+    RowRunSums<acc_t> sums;
+    std::vector<double> acc;
     for (int64_t task = begin; task < end; ++task) {
       size_t k = 0;
       while (task >= first_task[k + 1]) ++k;
@@ -396,29 +439,31 @@ void backward_pixels(const at::Tensor& g, std::vector<at::Tensor>& grads,
       const scalar_t* src = gp + n * gsN + offsets[k] + c0;
       const auto& ty = th[k];
       const auto& tx = tw[k];
-      rows.assign(static_cast<size_t>(hb * W * kChunk), acc_t(0));
-      for (int64_t h = 0; h < H; ++h) {
+      // A row of rows: W pixels of kChunk channels.
+      sums.reset(hb, W * kChunk);
+      auto add_row = [&](int64_t i, acc_t wt, const scalar_t* row) {
+        acc_t* r = sums.next_term(i);
         for (int64_t w = 0; w < W; ++w) {
-          const scalar_t* s = src + h * gsH + w * gsW;
-          acc_t* r0 = rows.data() + (ty[h].i0 * W + w) * kChunk;
-          const acc_t w0 = ty[h].w0, w1 = ty[h].w1;
+          const scalar_t* s = row + w * gsW;
+          acc_t* q = r + w * kChunk;
 #pragma omp simd
-          for (int64_t c = 0; c < cn; ++c) r0[c] += w0 * static_cast<acc_t>(s[c]);
-          if (w1 != acc_t(0)) {
-            acc_t* r1 = rows.data() + (ty[h].i1 * W + w) * kChunk;
-#pragma omp simd
-            for (int64_t c = 0; c < cn; ++c) r1[c] += w1 * static_cast<acc_t>(s[c]);
-          }
+          for (int64_t c = 0; c < cn; ++c) q[c] += wt * static_cast<acc_t>(s[c]);
         }
+      };
+      for (int64_t h = 0; h < H; ++h) {
+        const scalar_t* row = src + h * gsH;
+        add_row(ty[h].i0, ty[h].w0, row);
+        if (ty[h].w1 != acc_t(0)) add_row(ty[h].i1, ty[h].w1, row);
       }
-      acc.assign(static_cast<size_t>(hb * wb * kChunk), acc_t(0));
+      sums.flush_all();
+      acc.assign(static_cast<size_t>(hb * wb * kChunk), 0.0);
       const auto& rw = readers[k];
       for (int64_t i = 0; i < hb; ++i) {
         for (int64_t j = 0; j < wb; ++j) {
-          acc_t* a = acc.data() + (i * wb + j) * kChunk;
+          double* a = acc.data() + (i * wb + j) * kChunk;
           for (int64_t w = rw[j].first; w <= rw[j].last; ++w) {
-            const acc_t* r = rows.data() + (i * W + w) * kChunk;
-            const acc_t wt = bilinear_tap_weight(tx[w], j);
+            const double* r = sums.rows.data() + (i * W + w) * kChunk;
+            const double wt = static_cast<double>(bilinear_tap_weight(tx[w], j));
 #pragma omp simd
             for (int64_t c = 0; c < cn; ++c) a[c] += wt * r[c];
           }

@@ -49,6 +49,34 @@ __device__ __forceinline__ void warp_max(acc_t& v, int64_t& idx) {
   }
 }
 
+// Long sums (average pooling, the upsample_concat backward) add float
+// elements in runs of at most kRunLength per thread, and the runs' sums in
+// double (thread totals, warp and block trees, cells, bins): the float error
+// of an element is then at most kRunLength - 1 additions (plus its product
+// roundings), so a mean over up to 2^31 elements is within 1e-6 of fp64
+// relative to the mean of |x| (the bound in csrc/cpu/simd_loops.h, which
+// uses the same run length). For fp64 inputs the runs are fp64 too.
+constexpr int kRunLength = 12;
+
+// A thread's long sum: `run` (acc_t) takes at most kRunLength terms, then is
+// added to `total` (double).
+template <typename acc_t>
+struct RunSum {
+  acc_t run = acc_t(0);
+  int terms = 0;
+  double total = 0.0;
+
+  __host__ __device__ __forceinline__ void add(acc_t v) {
+    run += v;
+    if (++terms == kRunLength) {
+      total += static_cast<double>(run);
+      run = acc_t(0);
+      terms = 0;
+    }
+  }
+  __host__ __device__ __forceinline__ double sum() const { return total + static_cast<double>(run); }
+};
+
 // The "empty" running maximum: loses to every element, including -inf at any
 // index (max_pool_combine takes an equal value with a smaller index).
 constexpr int64_t kNoIndex = std::numeric_limits<int64_t>::max();

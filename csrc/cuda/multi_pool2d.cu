@@ -155,6 +155,18 @@ __device__ __forceinline__ bool covers(const uint8_t (&ws)[2], int s) {
 // Forward
 // ---------------------------------------------------------------------------
 
+// Average pooling's long sums: each thread sums float runs of at most
+// kRunLength elements (RunSum, common.cuh), its runs, the warp tree, and the
+// combination of cell parts into bins are double, the mean is divided in
+// double. The planned kernels keep each cell part in shared memory rounded
+// once to acc_t (float parts: the shared-memory plan is unchanged); those
+// parts are few (at most 66 x 66 cells x 8 splits), so an element passes at
+// most kRunLength - 1 + 1 float roundings and, for up to 2^31 elements,
+// fewer than 2^31 / 12 + 40000 double additions: with the final rounding
+//   |mean - exact| <= (14 * 2^-24 + 2^-25) mean(|x|) < 8.7e-7 mean(|x|)
+// (the direct kernels skip the part rounding). Float accumulation drifted by
+// up to n * 2^-24 (8e-5 on a 46341^2 map).
+
 // NCHW: one block per (n, c) plane. Warps reduce cell parts (lanes stride the
 // part's elements in row-major order, then a shuffle tree), parts go to shared
 // memory, then threads combine parts into every level's bins.
@@ -191,7 +203,7 @@ __global__ void pool_fwd_nchw_kernel(const scalar_t* __restrict__ x, scalar_t* _
       int64_t col = e % cw;
       const int64_t dq = kWarp / cw;
       const int64_t dr = kWarp % cw;
-      acc_t sum = acc_t(0);
+      RunSum<acc_t> sum;
       acc_t best = neg_inf<acc_t>();
       int64_t best_idx = kNoIndex;
       for (; e < e_end; e += kWarp) {
@@ -200,7 +212,7 @@ __global__ void pool_fwd_nchw_kernel(const scalar_t* __restrict__ x, scalar_t* _
         if constexpr (kMax) {
           max_pool_combine(best, best_idx, v, flat);
         } else {
-          sum += v;
+          sum.add(v);
         }
         col += dr;
         r += dq;
@@ -216,8 +228,8 @@ __global__ void pool_fwd_nchw_kernel(const scalar_t* __restrict__ x, scalar_t* _
           part_idx[item] = best_idx;
         }
       } else {
-        sum = warp_sum(sum);
-        if (lane == 0) part_val[item] = sum;
+        const double total = warp_sum(sum.sum());
+        if (lane == 0) part_val[item] = static_cast<acc_t>(total);
       }
     }
 #if PE_EMU_PLANT_BUG != 1  // test-only (tests/test_cuda_emu.py): the barrier removed
@@ -237,7 +249,7 @@ __global__ void pool_fwd_nchw_kernel(const scalar_t* __restrict__ x, scalar_t* _
         const int he = plan.h.win_seg[plan.hoff[l] + i][1];
         const int ws = plan.w.win_seg[plan.woff[l] + j][0];
         const int we = plan.w.win_seg[plan.woff[l] + j][1];
-        acc_t sum = acc_t(0);
+        double sum = 0.0;
         acc_t best = neg_inf<acc_t>();
         int64_t best_idx = kNoIndex;
         for (int sh = hs; sh < he; ++sh) {
@@ -258,7 +270,7 @@ __global__ void pool_fwd_nchw_kernel(const scalar_t* __restrict__ x, scalar_t* _
           indices[o] = best_idx;
         } else {
           const int64_t area = int64_t{plan.h.cut[he] - plan.h.cut[hs]} * (plan.w.cut[we] - plan.w.cut[ws]);
-          values[o] = static_cast<scalar_t>(sum / static_cast<acc_t>(area));
+          values[o] = static_cast<scalar_t>(static_cast<acc_t>(sum / static_cast<double>(area)));
         }
       }
     }
@@ -303,7 +315,7 @@ __global__ void pool_fwd_cl_kernel(const scalar_t* __restrict__ x, scalar_t* __r
       int64_t e = cells * part / splits;
       int64_t r = e / cw;
       int64_t col = e % cw;
-      acc_t sum = acc_t(0);
+      RunSum<acc_t> sum;
       acc_t best = neg_inf<acc_t>();
       int64_t best_idx = kNoIndex;
       for (; e < e_end; ++e) {
@@ -312,7 +324,7 @@ __global__ void pool_fwd_cl_kernel(const scalar_t* __restrict__ x, scalar_t* __r
         if constexpr (kMax) {
           max_pool_combine(best, best_idx, v, flat);
         } else {
-          sum += v;
+          sum.add(v);
         }
         if (++col == cw) {
           col = 0;
@@ -323,7 +335,7 @@ __global__ void pool_fwd_cl_kernel(const scalar_t* __restrict__ x, scalar_t* __r
         part_val[item * CT + tx] = best;
         part_idx[item * CT + tx] = best_idx;
       } else {
-        part_val[item * CT + tx] = sum;
+        part_val[item * CT + tx] = static_cast<acc_t>(sum.sum());
       }
     }
     __syncthreads();
@@ -341,7 +353,7 @@ __global__ void pool_fwd_cl_kernel(const scalar_t* __restrict__ x, scalar_t* __r
         const int he = plan.h.win_seg[plan.hoff[l] + i][1];
         const int ws = plan.w.win_seg[plan.woff[l] + j][0];
         const int we = plan.w.win_seg[plan.woff[l] + j][1];
-        acc_t sum = acc_t(0);
+        double sum = 0.0;
         acc_t best = neg_inf<acc_t>();
         int64_t best_idx = kNoIndex;
         for (int sh = hs; sh < he; ++sh) {
@@ -363,7 +375,7 @@ __global__ void pool_fwd_cl_kernel(const scalar_t* __restrict__ x, scalar_t* __r
           indices[o] = best_idx;
         } else {
           const int64_t area = int64_t{plan.h.cut[he] - plan.h.cut[hs]} * (plan.w.cut[we] - plan.w.cut[ws]);
-          values[o] = static_cast<scalar_t>(sum / static_cast<acc_t>(area));
+          values[o] = static_cast<scalar_t>(static_cast<acc_t>(sum / static_cast<double>(area)));
         }
       }
     }
@@ -417,11 +429,11 @@ __global__ void pool_fwd_direct_kernel(const scalar_t* __restrict__ x, scalar_t*
       values[o] = static_cast<scalar_t>(best);
       indices[o] = best_idx;
     } else {
-      acc_t sum = acc_t(0);
+      RunSum<acc_t> sum;
       for (int64_t h = hs; h < he; ++h) {
-        for (int64_t w = ws; w < we; ++w) sum += static_cast<acc_t>(xp[h * sH + w * sW]);
+        for (int64_t w = ws; w < we; ++w) sum.add(static_cast<acc_t>(xp[h * sH + w * sW]));
       }
-      values[o] = static_cast<scalar_t>(sum / static_cast<acc_t>((he - hs) * (we - ws)));
+      values[o] = static_cast<scalar_t>(static_cast<acc_t>(sum.sum() / static_cast<double>((he - hs) * (we - ws))));
     }
   }
 }

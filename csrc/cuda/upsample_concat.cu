@@ -136,11 +136,18 @@ __device__ __forceinline__ void decode(const BwdArgs& a, int64_t e, int64_t& n, 
 
 // G threads per branch element (1, one warp, or the whole block); the G
 // threads stride the element's reader rectangle row-major and reduce with a
-// fixed tree.
+// fixed tree. A small branch's element reads a whole plane: each thread sums
+// its terms in float runs (RunSum, common.cuh), the runs and the trees in
+// double. A term is rounded at most twice in float (wh * ww * g) and passes
+// at most kRunLength - 1 float additions; a full run leaves fewer than
+// 2^31 / 6 + 10 double roundings for a plane of up to 2^31 elements (shorter
+// runs leave more, under 2^31, but fewer float ones), so with the final
+// rounding the result is within (14 * 2^-24 + 2^-25) sum |terms|
+// < 8.7e-7 sum |terms| of fp64.
 template <typename scalar_t, typename acc_t, int G>
 __global__ void upsample_bwd_group_kernel(const scalar_t* __restrict__ g, scalar_t* __restrict__ gb,
                                           const BwdArgs a, acc_t scale_h, acc_t scale_w) {
-  PE_SHARED_ARRAY(acc_t, warp_part, [kThreads / kWarp]);
+  PE_SHARED_ARRAY(double, warp_part, [kThreads / kWarp]);
   const int groups = blockDim.x / G;
   const int member = threadIdx.x % G;
   const int64_t total = a.N * a.C * a.h * a.w;
@@ -152,21 +159,22 @@ __global__ void upsample_bwd_group_kernel(const scalar_t* __restrict__ g, scalar
     const int64_t nr = rr.last - rr.first + 1;
     const int64_t nc = rc.last - rc.first + 1;
     const scalar_t* gp = g + n * a.gsn + (a.c_off + c) * a.gsc;
-    acc_t acc = acc_t(0);
+    double acc = 0.0;
     if (nr > 0 && nc > 0) {
       if constexpr (G == 1) {
         for (int64_t oh = rr.first; oh <= rr.last; ++oh) {
           const acc_t wh =
               bilinear_tap_weight(bilinear_tap<acc_t>(oh, a.h, a.OH, scale_h, a.align_corners), i);
-          acc_t row = acc_t(0);
+          RunSum<acc_t> row;
           for (int64_t ow = rc.first; ow <= rc.last; ++ow) {
             const acc_t ww =
                 bilinear_tap_weight(bilinear_tap<acc_t>(ow, a.w, a.OW, scale_w, a.align_corners), j);
-            row += ww * static_cast<acc_t>(gp[oh * a.gsh + ow * a.gsw]);
+            row.add(ww * static_cast<acc_t>(gp[oh * a.gsh + ow * a.gsw]));
           }
-          acc += wh * row;
+          acc += static_cast<double>(wh) * row.sum();
         }
       } else {
+        RunSum<acc_t> part;
         const int64_t region = nr * nc;
         int64_t k = member;
         int64_t r = k / nc;
@@ -180,7 +188,7 @@ __global__ void upsample_bwd_group_kernel(const scalar_t* __restrict__ g, scalar
               bilinear_tap_weight(bilinear_tap<acc_t>(oh, a.h, a.OH, scale_h, a.align_corners), i);
           const acc_t ww =
               bilinear_tap_weight(bilinear_tap<acc_t>(ow, a.w, a.OW, scale_w, a.align_corners), j);
-          acc += wh * ww * static_cast<acc_t>(gp[oh * a.gsh + ow * a.gsw]);
+          part.add(wh * ww * static_cast<acc_t>(gp[oh * a.gsh + ow * a.gsw]));
           col += dr;
           r += dq;
           if (col >= nc) {
@@ -188,6 +196,7 @@ __global__ void upsample_bwd_group_kernel(const scalar_t* __restrict__ g, scalar
             ++r;
           }
         }
+        acc = part.sum();
       }
     }
     if constexpr (G >= kWarp) acc = warp_sum(acc);
@@ -197,24 +206,25 @@ __global__ void upsample_bwd_group_kernel(const scalar_t* __restrict__ g, scalar
       if (lane == 0) warp_part[warp] = acc;
       __syncthreads();
       if (warp == 0) {
-        acc = lane < G / kWarp ? warp_part[lane] : acc_t(0);
+        acc = lane < G / kWarp ? warp_part[lane] : 0.0;
         acc = warp_sum(acc);
       }
       __syncthreads();  // warp_part is reused by the next element
     }
-    if (member == 0) gb[n * a.bsn + c * a.bsc + i * a.bsh + j * a.bsw] = static_cast<scalar_t>(acc);
+    if (member == 0) gb[n * a.bsn + c * a.bsc + i * a.bsh + j * a.bsw] = static_cast<scalar_t>(static_cast<acc_t>(acc));
   }
 }
 
 // channels_last grad_out with many readers per element: one block per
 // (n, i, j, tile of 32 channels); threadIdx.x over channels (coalesced),
-// threadIdx.y strides the reader rectangle; a shared-memory tree over y.
+// threadIdx.y strides the reader rectangle; a shared-memory tree over y
+// (float runs per thread, double after them, as above).
 constexpr int kClRows = 8;
 
 template <typename scalar_t, typename acc_t>
 __global__ void upsample_bwd_cl_kernel(const scalar_t* __restrict__ g, scalar_t* __restrict__ gb,
                                        const BwdArgs a, acc_t scale_h, acc_t scale_w) {
-  PE_SHARED_ARRAY(acc_t, part, [kClRows][kWarp]);
+  PE_SHARED_ARRAY(double, part, [kClRows][kWarp]);
   const int tx = threadIdx.x;
   const int ty = threadIdx.y;
   const int64_t ctiles = (a.C + kWarp - 1) / kWarp;
@@ -232,7 +242,7 @@ __global__ void upsample_bwd_cl_kernel(const scalar_t* __restrict__ g, scalar_t*
     const DstRange rc = bilinear_readers<acc_t>(j, a.w, a.OW, scale_w, a.align_corners);
     const int64_t nr = rr.last - rr.first + 1;
     const int64_t nc = rc.last - rc.first + 1;
-    acc_t acc = acc_t(0);
+    RunSum<acc_t> acc;
     if (valid && nr > 0 && nc > 0) {
       const scalar_t* gp = g + n * a.gsn + (a.c_off + c) * a.gsc;
       const int64_t region = nr * nc;
@@ -246,7 +256,7 @@ __global__ void upsample_bwd_cl_kernel(const scalar_t* __restrict__ g, scalar_t*
         const int64_t ow = rc.first + col;
         const acc_t wh = bilinear_tap_weight(bilinear_tap<acc_t>(oh, a.h, a.OH, scale_h, a.align_corners), i);
         const acc_t ww = bilinear_tap_weight(bilinear_tap<acc_t>(ow, a.w, a.OW, scale_w, a.align_corners), j);
-        acc += wh * ww * static_cast<acc_t>(gp[oh * a.gsh + ow * a.gsw]);
+        acc.add(wh * ww * static_cast<acc_t>(gp[oh * a.gsh + ow * a.gsw]));
         col += dr;
         r += dq;
         if (col >= nc) {
@@ -255,14 +265,15 @@ __global__ void upsample_bwd_cl_kernel(const scalar_t* __restrict__ g, scalar_t*
         }
       }
     }
-    part[ty][tx] = acc;
+    part[ty][tx] = acc.sum();
     __syncthreads();
 #pragma unroll
     for (int s = kClRows / 2; s > 0; s /= 2) {
       if (ty < s) part[ty][tx] += part[ty + s][tx];
       __syncthreads();
     }
-    if (ty == 0 && valid) gb[n * a.bsn + c * a.bsc + i * a.bsh + j * a.bsw] = static_cast<scalar_t>(part[0][tx]);
+    if (ty == 0 && valid)
+      gb[n * a.bsn + c * a.bsc + i * a.bsh + j * a.bsw] = static_cast<scalar_t>(static_cast<acc_t>(part[0][tx]));
     __syncthreads();
   }
 }

@@ -103,6 +103,10 @@ def _prev_pow2(v: int) -> int:
 
 
 _TILE = 4096  # elements per program tile
+# Long sums (average pooling, the resize backward) add float terms in runs of
+# at most _RUN per lane, the runs in fp64: within 1e-6 of fp64 for up to 2^31
+# elements (the run length and bound of csrc/cpu/simd_loops.h).
+_RUN = 12
 
 # No mul+add -> fma contraction on GPUs: the taps, weights and sums round
 # operation by operation, as ATen's CPU kernels and the interpreter do.

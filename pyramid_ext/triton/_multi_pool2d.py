@@ -22,7 +22,7 @@ import triton.language as tl
 from .. import _ops
 from ..plan import POOL_AVG, POOL_MAX, axis_segments, check_pool_args, level_offsets
 from ..windows import level_shapes
-from ._common import _LAUNCH, _TILE, _acc, _cast_out, _channel_block, _check_device, _device_fn, _div, _tile
+from ._common import _LAUNCH, _RUN, _TILE, _acc, _cast_out, _channel_block, _check_device, _device_fn, _div, _tile
 
 _BIG_INDEX = tl.constexpr(1 << 62)
 
@@ -63,12 +63,13 @@ def _pool_cells_kernel(
     x_ptr, cell_tab_ptr, cell_val_ptr, cell_idx_ptr,
     C, W, num_cells, num_needed, num_cblocks, num_sblocks,
     sxn, sxc, sxh, sxw,
-    MODE: tl.constexpr, ACC: tl.constexpr,
+    MODE: tl.constexpr, ACC: tl.constexpr, RUN: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     """Reduces BLOCK_S segment cells (rows [h0, h1) x cols [w0, w1) each) of
-    one sample for a block of channels, each exactly once: the sum (avg) or
-    the max and its flat index h * W + w (max). Tile: channel x cell x element."""
+    one sample for a block of channels, each exactly once: the sum (avg, into
+    fp64 cells) or the max and its flat index h * W + w (max). Tile: channel
+    x cell x element."""
     pid = tl.program_id(0).to(tl.int64)
     sb = pid % num_sblocks
     rest = pid // num_sblocks
@@ -95,15 +96,21 @@ def _pool_cells_kernel(
     out_mask = cmask[:, None] & kmask[None, :]
 
     if MODE == 0:
-        acc = tl.zeros([BLOCK_C, BLOCK_S, BLOCK_E], dtype=ACC)
-        for e0 in range(0, max_area, BLOCK_E):
-            e = e0 + e_range[None, :]
-            h = h0[:, None] + e // cw[:, None]
-            w = w0[:, None] + e % cw[:, None]
-            m = cmask[:, None, None] & (e < area[:, None])[None, :, :]
-            v = tl.load(base + (h * sxh + w * sxw)[None, :, :], mask=m, other=0.0)
-            acc += v.to(ACC)
-        tl.store(cell_val_ptr + out_off, tl.sum(acc, axis=2), mask=out_mask)
+        # Each lane sums runs of RUN elements in ACC, adds them in fp64; the
+        # lanes, cells and bins are combined in fp64 (the error bound in
+        # csrc/cpu/simd_loops.h: at most RUN - 1 float additions per element).
+        total = tl.zeros([BLOCK_C, BLOCK_S, BLOCK_E], dtype=tl.float64)
+        for e1 in range(0, max_area, BLOCK_E * RUN):
+            acc = tl.zeros([BLOCK_C, BLOCK_S, BLOCK_E], dtype=ACC)
+            for e0 in range(e1, tl.minimum(e1 + BLOCK_E * RUN, max_area), BLOCK_E):
+                e = e0 + e_range[None, :]
+                h = h0[:, None] + e // cw[:, None]
+                w = w0[:, None] + e % cw[:, None]
+                m = cmask[:, None, None] & (e < area[:, None])[None, :, :]
+                v = tl.load(base + (h * sxh + w * sxw)[None, :, :], mask=m, other=0.0)
+                acc += v.to(ACC)
+            total += acc.to(tl.float64)
+        tl.store(cell_val_ptr + out_off, tl.sum(total, axis=2), mask=out_mask)
     else:
         run_v = tl.full([BLOCK_C, BLOCK_S], float("-inf"), ACC)
         run_i = tl.full([BLOCK_C, BLOCK_S], _BIG_INDEX, tl.int64)
@@ -165,14 +172,14 @@ def _pool_bins_kernel(
     out_off = _bin_out_offset(n, c[:, None], C, T, prior[None, :], pos[None, :], bhbw[None, :], CL_LEVELS)
     out_mask = cmask[:, None] & tmask[None, :]
 
-    if MODE == 0:
-        acc = tl.zeros([BLOCK_C, BLOCK_T, BLOCK_K], dtype=ACC)
+    if MODE == 0:  # fp64 cells, fp64 sums, the mean rounded to ACC, then to the output dtype
+        acc = tl.zeros([BLOCK_C, BLOCK_T, BLOCK_K], dtype=tl.float64)
         for k0 in range(0, max_ncell, BLOCK_K):
             k = k0 + k_range[None, :]
             cid = (hsb[:, None] + k // nb[:, None]) * SW + wsb[:, None] + k % nb[:, None]
             m = cmask[:, None, None] & (k < ncell[:, None])[None, :, :]
             acc += tl.load(cell_val_ptr + cell_base + cid[None, :, :] * C, mask=m, other=0.0)
-        res = _div(tl.sum(acc, axis=2), area[None, :].to(ACC), ACC_FP64)
+        res = _div(tl.sum(acc, axis=2), area[None, :].to(tl.float64), True).to(ACC)
         tl.store(val_ptr + out_off, _cast_out(res, val_ptr.dtype.element_ty), mask=out_mask)
     else:
         run_v = tl.full([BLOCK_C, BLOCK_T], float("-inf"), ACC)
@@ -395,14 +402,15 @@ def _pool_impl(x, h_bounds, w_bounds, level_bins, mode, channels_last_levels):
     block_e = _tile(budget, block_c, want=min(plan.max_cell_area, 64))
     block_s = _tile(budget, block_c, block_e, want=nneed)
     nsb = triton.cdiv(nneed, block_s)
-    cell_val = torch.empty((n, plan.num_cells, c), dtype=acc_dtype, device=x.device)
+    cell_val = torch.empty((n, plan.num_cells, c), dtype=acc_dtype if mode == POOL_MAX else torch.float64,
+                           device=x.device)
     cell_idx = torch.empty((n, plan.num_cells, c), dtype=torch.int64, device=x.device) if mode == POOL_MAX \
         else cell_val
     _pool_cells_kernel[(n * ncb * nsb,)](
         x, tabs["cell_tab"], cell_val, cell_idx,
         c, width, plan.num_cells, nneed, ncb, nsb,
         x.stride(0), x.stride(1), x.stride(2), x.stride(3),
-        MODE=mode, ACC=acc, BLOCK_C=block_c, BLOCK_S=block_s, BLOCK_E=block_e, **_LAUNCH,
+        MODE=mode, ACC=acc, RUN=_RUN, BLOCK_C=block_c, BLOCK_S=block_s, BLOCK_E=block_e, **_LAUNCH,
     )
     block_k = _tile(budget, block_c, want=min(plan.max_bin_cells, 64))
     block_t = _tile(budget, block_c, block_k, want=plan.T)

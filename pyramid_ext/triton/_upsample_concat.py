@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .. import _ops
-from ._common import _LAUNCH, _TILE, _acc, _cast_out, _channel_block, _check_device, _device_fn, _div, _next_pow2
+from ._common import _LAUNCH, _RUN, _TILE, _acc, _cast_out, _channel_block, _check_device, _device_fn, _div, _next_pow2
 from ._common import _tile
 
 # --------------------------------------------------------------------------
@@ -127,7 +127,7 @@ def _resize_backward_kernel(
     g_ptr, gb_ptr,
     C, IH, IW, OH, OW, c_offset, num_cblocks, num_xblocks,
     sgn, sgc, sgh, sgw, sbn, sbc, sbh, sbw,
-    ALIGN: tl.constexpr, ACC: tl.constexpr, ACC_FP64: tl.constexpr,
+    ALIGN: tl.constexpr, ACC: tl.constexpr, ACC_FP64: tl.constexpr, RUN: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr,
 ):
     """Gradient of one branch row y, columns [xb * BLOCK_X, ...), for a block
@@ -176,19 +176,26 @@ def _resize_backward_kernel(
     cmask = c < C
     g_base = g_ptr + n * sgn + (c_offset + c)[:, None, None] * sgc
     r_range = tl.arange(0, BLOCK_R).to(tl.int64)
-    acc = tl.zeros([BLOCK_C, BLOCK_X, BLOCK_R], dtype=ACC)
-    for oh in range(fh, lh + 1):
-        h0, h1, wh0, wh1 = _bilinear_tap(oh, IH64, OH64, scale_h, ALIGN, ACC)
-        wh = tl.where(h0 == y, wh0, 0.0) + tl.where(h1 == y, wh1, 0.0)
+    # A small branch's element reads a whole plane: each lane sums runs of
+    # RUN output rows in ACC (a term is rounded at most twice, wh * ww * g),
+    # the runs and the tree over the reader columns in fp64 (bound in
+    # csrc/cuda/upsample_concat.cu).
+    total = tl.zeros([BLOCK_C, BLOCK_X], dtype=tl.float64)
+    for oh0 in range(fh, lh + 1, RUN):
         for r0 in range(0, span, BLOCK_R):
             ow = fw[:, None] + r0 + r_range[None, :]
             rmask = xmask[:, None] & (ow <= lw[:, None])
             x0, x1, ww0, ww1 = _bilinear_tap(ow, IW64, OW64, scale_w, ALIGN, ACC)
             ww = tl.where(x0 == x[:, None], ww0, 0.0) + tl.where(x1 == x[:, None], ww1, 0.0)
             m = cmask[:, None, None] & rmask[None, :, :]
-            g = tl.load(g_base + oh * sgh + (ow * sgw)[None, :, :], mask=m, other=0.0).to(ACC)
-            acc += g * (wh * ww)[None, :, :]
-    total = tl.sum(acc, axis=2)
+            acc = tl.zeros([BLOCK_C, BLOCK_X, BLOCK_R], dtype=ACC)
+            for oh in range(oh0, tl.minimum(oh0 + RUN, lh + 1)):
+                h0, h1, wh0, wh1 = _bilinear_tap(oh, IH64, OH64, scale_h, ALIGN, ACC)
+                wh = tl.where(h0 == y, wh0, 0.0) + tl.where(h1 == y, wh1, 0.0)
+                g = tl.load(g_base + oh * sgh + (ow * sgw)[None, :, :], mask=m, other=0.0).to(ACC)
+                acc += g * (wh * ww)[None, :, :]
+            total += tl.sum(acc.to(tl.float64), axis=2)
+    total = total.to(ACC)
     dst = gb_ptr + n * sbn + c[:, None] * sbc + y * sbh + x[None, :] * sbw
     tl.store(dst, _cast_out(total, gb_ptr.dtype.element_ty), mask=cmask[:, None] & xmask[None, :])
 
@@ -268,7 +275,7 @@ def _upsample_concat_backward_impl(grad_out, branch_shapes, channel_offset, alig
                 c, ih, iw, oh, ow, offset, ncb, nxb,
                 grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), grad_out.stride(3),
                 gb.stride(0), gb.stride(1), gb.stride(2), gb.stride(3),
-                ALIGN=bool(align_corners), ACC=acc, ACC_FP64=acc64,
+                ALIGN=bool(align_corners), ACC=acc, ACC_FP64=acc64, RUN=_RUN,
                 BLOCK_C=block_c, BLOCK_X=block_x, BLOCK_R=block_r, BLOCK_O=block_o, **_LAUNCH,
             )
         offset += c
