@@ -42,6 +42,21 @@ inline void define_ops(torch::Library& m) {
       "upsample_concat_backward(Tensor grad_out, SymInt[] branch_shapes, "
       "SymInt channel_offset, bool align_corners, bool channels_last) "
       "-> Tensor[]");
+  // base (N, Cout, H, W) plus, for every tap tensor taps[i]
+  // (N, K*K*Cout, h_i, w_i) and every tap (a, c) of the K x K kernel, its
+  // channels [(a*K + c)*Cout, (a*K + c + 1)*Cout) bilinearly resized to
+  // (H, W) and shifted by (a - K/2, c - K/2) with zero padding. The result
+  // has base's shape, dtype and memory format.
+  m.def(
+      "upsample_shift_add(Tensor base, Tensor[] taps, int kernel_size, "
+      "bool align_corners) -> Tensor");
+  // Gradients of the taps from grad (N, Cout, H, W): tap_shapes is a flat
+  // (h_i, w_i) per tap tensor; result i is channels_last when
+  // channels_last[i]. (base's gradient is grad itself.)
+  m.def(
+      "upsample_shift_add_backward(Tensor grad, SymInt[] tap_shapes, "
+      "int kernel_size, bool align_corners, bool[] channels_last) "
+      "-> Tensor[]");
 }
 
 }  // namespace pyramid_ext

@@ -37,6 +37,10 @@ SCHEMAS = {
         "(Tensor grad_out, SymInt[] branch_shapes, SymInt channel_offset, bool align_corners, bool channels_last) "
         "-> Tensor[]"
     ),
+    "upsample_shift_add": "(Tensor base, Tensor[] taps, int kernel_size, bool align_corners) -> Tensor",
+    "upsample_shift_add_backward": (
+        "(Tensor grad, SymInt[] tap_shapes, int kernel_size, bool align_corners, bool[] channels_last) -> Tensor[]"
+    ),
 }
 
 

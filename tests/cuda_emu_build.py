@@ -14,10 +14,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
 SOURCES = [
     os.path.join(CSRC, "cuda_emu", name)
-    for name in ("module.cpp", "emu.cpp", "selftest.cpp", "multi_pool2d_emu.cpp", "upsample_concat_emu.cpp")
+    for name in ("module.cpp", "emu.cpp", "selftest.cpp", "multi_pool2d_emu.cpp", "upsample_concat_emu.cpp",
+                 "upsample_shift_add_emu.cpp")
 ]
 # The CUDA sources the emulated build compiles (for the list of kernels).
-CUDA_SOURCES = [os.path.join(CSRC, "cuda", n) for n in ("multi_pool2d.cu", "upsample_concat.cu", "common.cuh")]
+CUDA_SOURCES = [os.path.join(CSRC, "cuda", n)
+                for n in ("multi_pool2d.cu", "upsample_concat.cu", "upsample_shift_add.cu", "common.cuh")]
 
 
 def default_build_dir(plant_bug: int = 0) -> str:

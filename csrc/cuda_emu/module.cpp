@@ -1,5 +1,5 @@
 // The emulated build's Python module (test-only, built by tests/cuda_emu_build.py):
-// the five ops in torch.ops.pyramid_ext_emu on CPU tensors, run by the CUDA
+// the ops of op_schemas.h in torch.ops.pyramid_ext_emu on CPU tensors, run by the CUDA
 // kernels of csrc/cuda/ under the emulator; and the emulator's controls.
 #include <torch/extension.h>
 
