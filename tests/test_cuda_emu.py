@@ -3,7 +3,7 @@
 tests/cuda_emu_build.py compiles csrc/cuda/*.cu with the host compiler against
 csrc/cuda_emu/ (every thread a fiber; strict barriers, shuffles and limits;
 shared memory NaN-filled; a seeded shuffled schedule) into a test-only module
-that registers the five ops as torch.ops.pyramid_ext_emu on CPU tensors. The
+that registers the ops as torch.ops.pyramid_ext_emu on CPU tensors. The
 launchers run as on a GPU, reading the emulated device's properties, so the
 tests below also switch devices (SM count, threads per SM, shared memory per
 block) to drive grid sizing and the plan-versus-direct choice.
@@ -13,7 +13,8 @@ CPU operators in float64 (F.adaptive_*_pool2d, F.interpolate + torch.cat,
 autograd) or the pure-PyTorch reference: every op forward and backward, every
 dtype, NCHW and channels_last, max values and indices exactly, determinism
 across scheduler seeds, the direct fallback, plans at their limits, odd and
-empty sizes. The last test prints how often each __global__ kernel ran and
+empty sizes; upsample_shift_add (tests/_shift_add.py's expectations) for K 1,
+3 and 5, taps smaller, equal to and larger than the output. The last test prints how often each __global__ kernel ran and
 fails if one never did. `make test-cuda-emu` runs this file.
 """
 from __future__ import annotations
@@ -34,6 +35,8 @@ from tests import cuda_emu_build
 from tests._helpers import DTYPES, OVERLAPPING_WINDOWS, SUM_ATOL_VS_FP64 as SUM_ATOL, TOL_VS_FP64 as TOL
 from tests._helpers import (check_out_overlap_rule, fp64_resize_grad, fp64_window_means, naive_multi_pool,
                            ties_nan_inf_input)
+from tests._shift_add import (BACKWARD_CHAIN, check_shift_add, eager_shift_add, forward_chain, shift_add_backward_fp64,
+                              shift_add_fp64, tap_shapes, weight_dtype)
 
 PLANTED_BUG = int(os.environ.get("PYRAMID_EXT_EMU_PLANT_BUG", "0"))
 EMU = cuda_emu_build.load(os.environ.get("PYRAMID_EXT_EMU_BUILD_DIR"), PLANTED_BUG)
@@ -495,6 +498,171 @@ def test_upsample_concat_out_may_share_storage_only_without_overlap():
 
 
 # --------------------------------------------------------------------------
+# upsample_shift_add forward and backward
+# --------------------------------------------------------------------------
+
+
+def _taps(n, cout, k, sizes, dtype, seed=50):
+    return [_rand((n, k * k * cout, *_pair(s)), dtype, seed=seed + i) for i, s in enumerate(sizes)]
+
+
+def _shift_add_case(base, taps, k, align_corners, kind, tap_kinds=None, seed=60):
+    """Forward and backward of the emulated ops against fp64: with the
+    kernels' fp32 tap weights within the error bound of the sum (the kernels'
+    arithmetic), and against PyTorch's F.interpolate route and its autograd
+    (the contract) within the dtype's tolerance."""
+    dtype = base.dtype
+    tap_kinds = tap_kinds or [kind] * len(taps)
+    out = OPS.upsample_shift_add(_fmt(base, kind), [_fmt(t, tk) for t, tk in zip(taps, tap_kinds)], k,
+                                 align_corners)
+    assert out.shape == base.shape and out.dtype == dtype
+    assert out.stride() == _fmt(base, kind).stride()  # base's memory format
+    want, terms = shift_add_fp64(base, taps, k, align_corners, weight_dtype(dtype))
+    check_shift_add(out, want, terms, dtype, forward_chain(len(taps), k), "forward")
+    eager = eager_shift_add(base.double(), [t.to(_acc(dtype)) for t in taps], k, align_corners, _acc(dtype))
+    _close(out, eager, dtype, atol=SHIFT_ADD_ATOL[dtype])
+    # backward
+    g = _rand(base.shape, dtype, seed=seed)
+    grads = OPS.upsample_shift_add_backward(_fmt(g, kind), tap_shapes(taps), k, align_corners,
+                                            [tk == "channels_last" for tk in tap_kinds])
+    assert len(grads) == len(taps)
+    expected = shift_add_backward_fp64(g, [t.shape[2:] for t in taps], k, align_corners, weight_dtype(dtype))
+    tr = [t.detach().double().requires_grad_() for t in taps]
+    (eager_shift_add(base.double(), tr, k, align_corners) * g.double()).sum().backward()
+    for i, (got, (want, terms), r, tk) in enumerate(zip(grads, expected, tr, tap_kinds)):
+        assert got.shape == taps[i].shape and got.dtype == dtype
+        assert got.is_contiguous(memory_format=torch.channels_last if tk == "channels_last" else torch.contiguous_format)
+        check_shift_add(got, want, terms, dtype, BACKWARD_CHAIN, f"grad taps[{i}]")
+        _close(got, r.grad, dtype, atol=SUM_ATOL[dtype])
+    return out, grads
+
+
+# Against F.interpolate (in the accumulation type, the samples summed in fp64)
+# a float32 sum of K*K*len(taps) samples also differs by its own roundings and
+# ATen's FMA-contracted source index (one rounding: about 6e-8 * source index
+# per sample, csrc/pyramid_index.h).
+SHIFT_ADD_ATOL = {torch.float64: 1e-12, torch.float32: 3e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+# taps smaller, equal to and larger than the output (and 1x1)
+SHIFT_ADD_TAPS = {(13, 11): [(1, 1), (4, 3), (13, 11), (17, 15)], (1, 1): [(1, 1), (3, 2)], (5, 3): [(2, 7), (5, 3)]}
+
+
+@pytest.mark.parametrize("size", sorted(SHIFT_ADD_TAPS), ids=_id)
+@pytest.mark.parametrize("k", [1, 3, 5])
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("kind", LAYOUTS)
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_upsample_shift_add_forward_backward(size, k, dtype, kind, align_corners):
+    base = _rand((2, 3, *size), dtype, seed=51)
+    _shift_add_case(base, _taps(2, 3, k, SHIFT_ADD_TAPS[size], dtype, seed=52), k, align_corners, kind)
+
+
+@pytest.mark.parametrize("kind", LAYOUTS)
+@pytest.mark.parametrize("device", sorted(DEVICES))
+@pytest.mark.parametrize("seed", [0, 1])
+def test_upsample_shift_add_devices_and_kernels(kind, device, seed):
+    configure(device, seed=seed)
+    # 4 output channels (36 tap channels: two 32-channel tiles), a 1x1 tap
+    # read by the whole 50 x 45 map (a block per element, or the
+    # channels_last kernel), an 8x6 tap (a warp per element), an equal one
+    # (a copy; one thread per element) and a larger one
+    size = (50, 45)
+    base = _rand((1, 4, *size), torch.float32, seed=53 + seed)
+    taps = _taps(1, 4, 3, [(1, 1), (8, 6), (50, 45), (61, 47)], torch.float32, seed=54 + seed)
+    ran = _kernels_run(_shift_add_case, base, taps, 3, seed == 1, kind)
+    bwd = {"upsample_shift_bwd_cl_kernel", "upsample_shift_bwd_group_kernel"} if kind == "channels_last" else {
+        "upsample_shift_bwd_group_kernel"}
+    assert ran == {"upsample_shift_add_kernel"} | bwd
+
+
+def test_upsample_shift_add_mixed_layouts_and_strides():
+    # base and each tap tensor NCHW or channels_last, in both directions, and
+    # tap tensors read through other strides (a channel slice, a transpose)
+    size = (9, 10)
+    for base_kind, tap_kinds in (("nchw", ["channels_last", "nchw", "channels_last"]),
+                                 ("channels_last", ["nchw", "channels_last", "nchw"])):
+        base = _rand((2, 4, *size), torch.float64, seed=55)
+        taps = _taps(2, 4, 3, [(1, 1), (4, 5), (12, 10)], torch.float64, seed=56)
+        _shift_add_case(base, taps, 3, False, base_kind, tap_kinds)
+    base = _rand((1, 2, *size), torch.float64, seed=57)
+    sliced = _rand((1, 40, 3, 4), torch.float64, seed=58)[:, 5:23]
+    transposed = _rand((1, 18, 6, 5), torch.float64, seed=59).transpose(2, 3)
+    got = OPS.upsample_shift_add(base, [sliced, transposed], 3, True)
+    want, terms = shift_add_fp64(base, [sliced, transposed], 3, True, torch.float64)
+    check_shift_add(got, want, terms, torch.float64, forward_chain(2, 3))
+
+
+def test_upsample_shift_add_many_taps():
+    # 19 tap tensors: two launches' ShiftParams (16 by value), the running
+    # sum carried in float32 between them, so a 16-bit result is still
+    # rounded once
+    for dtype, kind in ((torch.float32, "nchw"), (torch.bfloat16, "channels_last"), (torch.float16, "nchw")):
+        base = _rand((1, 2, 7, 6), dtype, seed=61)
+        taps = _taps(1, 2, 3, [(k % 4 + 1, k % 3 + 2) for k in range(19)], dtype, seed=62)
+        _shift_add_case(base, taps, 3, False, kind)
+
+
+def test_upsample_shift_add_empty_taps_and_sizes():
+    base = _rand((2, 3, 5, 4), torch.float32, seed=63)
+    for kind in LAYOUTS:
+        out = OPS.upsample_shift_add(_fmt(base, kind), [], 3, False)
+        assert torch.equal(out, base) and out.stride() == _fmt(base, kind).stride()
+        assert out.data_ptr() != _fmt(base, kind).data_ptr()
+    for shape in [(0, 3, 5, 4), (2, 0, 5, 4)]:
+        b = torch.zeros(shape)
+        out = OPS.upsample_shift_add(b, [torch.zeros(shape[0], 9 * shape[1], 2, 2)], 3, False)
+        assert out.shape == shape
+        grads = OPS.upsample_shift_add_backward(b, [2, 2, 3, 1], 3, False, [False, True])
+        assert [tuple(g.shape) for g in grads] == [(shape[0], 9 * shape[1], 2, 2), (shape[0], 9 * shape[1], 3, 1)]
+    assert OPS.upsample_shift_add_backward(base, [], 3, True, []) == []
+
+
+def test_upsample_shift_add_rejects_misuse():
+    base = torch.randn(2, 3, 5, 4)
+    tap = torch.randn(2, 27, 2, 2)
+    cases = [
+        ((base[0], [tap], 3), "base must be 4-D"),
+        ((base, [tap[0]], 3), r"taps\[0\] must be 4-D"),
+        ((base, [tap, tap[:1]], 3), r"taps\[1\] has batch size 1 but base has 2"),
+        ((base, [tap[:, :26]], 3), r"taps\[0\] must have kernel_size \* kernel_size \* Cout = 3 \* 3 \* 3 = 27"),
+        ((base, [tap], 2), "kernel_size must be odd and positive, got 2"),
+        ((base, [tap], -1), "kernel_size must be odd and positive"),
+        ((base, [tap.double()], 3), r"taps\[0\] has dtype Double but base has Float"),
+        ((base.int(), [tap.int()], 3), "base must be float64, float32, float16 or bfloat16"),
+        ((torch.randn(2, 3, 0, 4), [tap], 3), "base must have non-zero height and width"),
+        ((base, [torch.randn(2, 27, 0, 2)], 3), r"taps\[0\] must have non-zero height and width"),
+    ]
+    for (b, t, k), message in cases:
+        with pytest.raises(RuntimeError, match="upsample_shift_add: " + message):
+            OPS.upsample_shift_add(b, t, k, False)
+    bwd = [(([2, 2], 3, [False, True]), "channels_last must hold one flag per tap tensor"),
+           (([2, 2, 3], 3, [False]), r"tap_shapes must hold \(h, w\) pairs"),
+           (([2, 0], 3, [False]), r"tap_shapes\[0\] must be a positive \(h, w\)"),
+           (([2, 2], 4, [False]), "kernel_size must be odd and positive, got 4")]
+    for (shapes, k, cl), message in bwd:
+        with pytest.raises(RuntimeError, match="upsample_shift_add_backward: " + message):
+            OPS.upsample_shift_add_backward(base, shapes, k, False, cl)
+    with pytest.raises(RuntimeError, match="upsample_shift_add_backward: grad must be 4-D"):
+        OPS.upsample_shift_add_backward(base[0], [2, 2], 3, False, [False])
+
+
+@pytest.mark.parametrize("kind", LAYOUTS)
+def test_upsample_shift_add_backward_long_sums_within_1e6_of_fp64(kind):
+    """The gradient of a 1x1 (and a 2x3) tap tensor with K = 3 sums a whole
+    512 x 512 plane of 0.1, shifted: within 1e-6 of the fp64 sum of |terms|
+    (float accumulation would drift by about 1e-5 here)."""
+    configure("h100", seed=14)
+    cout = 1 if kind == "nchw" else 3
+    g = torch.full((1, cout, 512, 512), 0.1)
+    g[0, :, 300, 17] = 1e3
+    hws = [(1, 1), (2, 3)]
+    grads = OPS.upsample_shift_add_backward(_fmt(g, kind), [v for hw in hws for v in hw], 3, False,
+                                            [kind == "channels_last"] * 2)
+    for hw, got, (want, terms) in zip(hws, grads, shift_add_backward_fp64(g, hws, 3, False)):
+        err = ((got.double() - want).abs() / terms).max().item()
+        assert err <= 1e-6, f"taps {hw}: error {err:.3g} x sum|terms|"
+
+
+# --------------------------------------------------------------------------
 # Long sums: float runs per thread, double after them (common.cuh's RunSum),
 # within 1e-6 of fp64 as on the CPU (tests/test_precision.py)
 # --------------------------------------------------------------------------
@@ -559,7 +727,13 @@ def _run_all(kind):
         grads = OPS.upsample_concat_backward(_fmt(torch.linspace(-1, 1, up.numel()).view_as(up), kind),
                                              [s for t in levels for s in t.shape[1:]], 36, False, cl)
         outs += [v, i, gx, up, *grads]
-    return outs
+    # upsample_shift_add: forward, backward with every backward kernel
+    base = _fmt(_rand((2, 5, 45, 47), torch.float32, seed=41), kind)
+    taps = [_fmt(t, kind) for t in _taps(2, 5, 3, [(1, 1), (6, 7), (45, 47), (50, 31)], torch.float32, seed=42)]
+    out = OPS.upsample_shift_add(base, taps, 3, False)
+    grads = OPS.upsample_shift_add_backward(_fmt(torch.linspace(-1, 1, out.numel()).view_as(out), kind),
+                                            tap_shapes(taps), 3, False, [cl] * 4)
+    return outs + [out, *grads]
 
 
 @pytest.mark.parametrize("kind", LAYOUTS)
