@@ -617,32 +617,38 @@ def test_upsample_shift_add_empty_taps_and_sizes():
 
 
 def test_upsample_shift_add_rejects_misuse():
+    # the words and exception types of the Python backends (_ops.check_shift_add_args)
     base = torch.randn(2, 3, 5, 4)
     tap = torch.randn(2, 27, 2, 2)
     cases = [
-        ((base[0], [tap], 3), "base must be 4-D"),
-        ((base, [tap[0]], 3), r"taps\[0\] must be 4-D"),
-        ((base, [tap, tap[:1]], 3), r"taps\[1\] has batch size 1 but base has 2"),
-        ((base, [tap[:, :26]], 3), r"taps\[0\] must have kernel_size \* kernel_size \* Cout = 3 \* 3 \* 3 = 27"),
-        ((base, [tap], 2), "kernel_size must be odd and positive, got 2"),
-        ((base, [tap], -1), "kernel_size must be odd and positive"),
-        ((base, [tap.double()], 3), r"taps\[0\] has dtype Double but base has Float"),
-        ((base.int(), [tap.int()], 3), "base must be float64, float32, float16 or bfloat16"),
-        ((torch.randn(2, 3, 0, 4), [tap], 3), "base must have non-zero height and width"),
-        ((base, [torch.randn(2, 27, 0, 2)], 3), r"taps\[0\] must have non-zero height and width"),
+        ((base[0], [tap], 3), ValueError, r"base must be a 4-D \(N, Cout, H, W\) tensor, got shape \(3, 5, 4\)"),
+        ((base, [tap[0]], 3), ValueError, r"taps\[0\] must be a 4-D \(N, K\*K\*Cout, h, w\) tensor"),
+        ((base, [tap, tap[:1]], 3), ValueError, r"taps\[1\] has batch size 1 but base has 2"),
+        ((base, [tap[:, :26]], 3), ValueError,
+         r"taps\[0\] has 26 channels, expected kernel_size\^2 \* base channels = 27"),
+        ((base, [tap], 2), ValueError, "kernel_size must be odd and positive, got 2"),
+        ((base, [tap], -1), ValueError, "kernel_size must be odd and positive, got -1"),
+        ((base, [tap.double()], 3), TypeError, r"taps\[0\] has dtype torch.float64 but base has torch.float32"),
+        ((base.int(), [tap.int()], 3), TypeError,
+         "base must be float64, float32, float16 or bfloat16, got torch.int32"),
+        ((torch.randn(2, 3, 0, 4), [tap], 3), ValueError,
+         r"base must have non-zero height and width, got shape \(2, 3, 0, 4\)"),
+        ((base, [torch.randn(2, 27, 0, 2)], 3), ValueError, r"taps\[0\] must have non-zero height and width"),
     ]
-    for (b, t, k), message in cases:
-        with pytest.raises(RuntimeError, match="upsample_shift_add: " + message):
+    for (b, t, k), error, message in cases:
+        with pytest.raises(error, match="upsample_shift_add: " + message):
             OPS.upsample_shift_add(b, t, k, False)
-    bwd = [(([2, 2], 3, [False, True]), "channels_last must hold one flag per tap tensor"),
-           (([2, 2, 3], 3, [False]), r"tap_shapes must hold \(h, w\) pairs"),
-           (([2, 0], 3, [False]), r"tap_shapes\[0\] must be a positive \(h, w\)"),
+    bwd = [(([2, 2], 3, [False, True]), r"channels_last must hold one flag per tap tensor \(1\), got 2"),
+           (([2, 2, 3], 3, [False]), r"tap_shapes must hold \(h, w\) pairs, got 3 values"),
+           (([2, 0], 3, [False]), r"tap_shapes\[0\] must be a positive \(h, w\), got \(2, 0\)"),
            (([2, 2], 4, [False]), "kernel_size must be odd and positive, got 4")]
     for (shapes, k, cl), message in bwd:
-        with pytest.raises(RuntimeError, match="upsample_shift_add_backward: " + message):
+        with pytest.raises(ValueError, match="upsample_shift_add_backward: " + message):
             OPS.upsample_shift_add_backward(base, shapes, k, False, cl)
-    with pytest.raises(RuntimeError, match="upsample_shift_add_backward: grad must be 4-D"):
+    with pytest.raises(ValueError, match="upsample_shift_add_backward: grad must be a 4-D"):
         OPS.upsample_shift_add_backward(base[0], [2, 2], 3, False, [False])
+    with pytest.raises(TypeError, match="upsample_shift_add_backward: grad must be float64"):
+        OPS.upsample_shift_add_backward(base.int(), [2, 2], 3, False, [False])
 
 
 @pytest.mark.parametrize("kind", LAYOUTS)
