@@ -115,6 +115,14 @@ def forward_chain(n_taps: int, kernel_size: int) -> int:
 BACKWARD_CHAIN = 14
 
 
+# Against eager_shift_add (F.interpolate in the accumulation type, the samples
+# summed in fp64; tolerances rtol of the dtype plus this atol): a float32 sum
+# of K*K*len(taps) samples also differs by its own roundings and by ATen's
+# FMA-contracted source index (one rounding: about 6e-8 * source index per
+# sample, csrc/pyramid_index.h); measured up to 1.2e-5 on 61-row taps.
+EAGER_ATOL = {torch.float64: 1e-12, torch.float32: 3e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
 def check_shift_add(got, want, terms, dtype, n_sum: int, what: str = "") -> None:
     """got (dtype, accumulated in its opmath type) against the fp64
     expectation: 2 u_dtype |want| + 2 n_sum u_acc sum|terms| per element

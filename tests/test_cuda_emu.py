@@ -14,8 +14,8 @@ autograd) or the pure-PyTorch reference: every op forward and backward, every
 dtype, NCHW and channels_last, max values and indices exactly, determinism
 across scheduler seeds, the direct fallback, plans at their limits, odd and
 empty sizes; upsample_shift_add (tests/_shift_add.py's expectations) for K 1,
-3 and 5, taps smaller, equal to and larger than the output. The last test prints how often each __global__ kernel ran and
-fails if one never did. `make test-cuda-emu` runs this file.
+3 and 5, taps smaller, equal to and larger than the output. The last test
+prints how often each __global__ kernel ran and fails if one never did. `make test-cuda-emu` runs this file.
 """
 from __future__ import annotations
 
@@ -35,8 +35,8 @@ from tests import cuda_emu_build
 from tests._helpers import DTYPES, OVERLAPPING_WINDOWS, SUM_ATOL_VS_FP64 as SUM_ATOL, TOL_VS_FP64 as TOL
 from tests._helpers import (check_out_overlap_rule, fp64_resize_grad, fp64_window_means, naive_multi_pool,
                            ties_nan_inf_input)
-from tests._shift_add import (BACKWARD_CHAIN, check_shift_add, eager_shift_add, forward_chain, shift_add_backward_fp64,
-                              shift_add_fp64, tap_shapes, weight_dtype)
+from tests._shift_add import (BACKWARD_CHAIN, EAGER_ATOL, check_shift_add, eager_shift_add, forward_chain,
+                              shift_add_backward_fp64, shift_add_fp64, tap_shapes, weight_dtype)
 
 PLANTED_BUG = int(os.environ.get("PYRAMID_EXT_EMU_PLANT_BUG", "0"))
 EMU = cuda_emu_build.load(os.environ.get("PYRAMID_EXT_EMU_BUILD_DIR"), PLANTED_BUG)
@@ -520,7 +520,7 @@ def _shift_add_case(base, taps, k, align_corners, kind, tap_kinds=None, seed=60)
     want, terms = shift_add_fp64(base, taps, k, align_corners, weight_dtype(dtype))
     check_shift_add(out, want, terms, dtype, forward_chain(len(taps), k), "forward")
     eager = eager_shift_add(base.double(), [t.to(_acc(dtype)) for t in taps], k, align_corners, _acc(dtype))
-    _close(out, eager, dtype, atol=SHIFT_ADD_ATOL[dtype])
+    _close(out, eager, dtype, atol=EAGER_ATOL[dtype])
     # backward
     g = _rand(base.shape, dtype, seed=seed)
     grads = OPS.upsample_shift_add_backward(_fmt(g, kind), tap_shapes(taps), k, align_corners,
@@ -531,17 +531,13 @@ def _shift_add_case(base, taps, k, align_corners, kind, tap_kinds=None, seed=60)
     (eager_shift_add(base.double(), tr, k, align_corners) * g.double()).sum().backward()
     for i, (got, (want, terms), r, tk) in enumerate(zip(grads, expected, tr, tap_kinds)):
         assert got.shape == taps[i].shape and got.dtype == dtype
-        assert got.is_contiguous(memory_format=torch.channels_last if tk == "channels_last" else torch.contiguous_format)
+        fmt = torch.channels_last if tk == "channels_last" else torch.contiguous_format
+        assert got.is_contiguous(memory_format=fmt)
         check_shift_add(got, want, terms, dtype, BACKWARD_CHAIN, f"grad taps[{i}]")
         _close(got, r.grad, dtype, atol=SUM_ATOL[dtype])
     return out, grads
 
 
-# Against F.interpolate (in the accumulation type, the samples summed in fp64)
-# a float32 sum of K*K*len(taps) samples also differs by its own roundings and
-# ATen's FMA-contracted source index (one rounding: about 6e-8 * source index
-# per sample, csrc/pyramid_index.h).
-SHIFT_ADD_ATOL = {torch.float64: 1e-12, torch.float32: 3e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 # taps smaller, equal to and larger than the output (and 1x1)
 SHIFT_ADD_TAPS = {(13, 11): [(1, 1), (4, 3), (13, 11), (17, 15)], (1, 1): [(1, 1), (3, 2)], (5, 3): [(2, 7), (5, 3)]}
 

@@ -274,7 +274,9 @@ __global__ void upsample_shift_bwd_group_kernel(const scalar_t* __restrict__ g, 
       }
       __syncthreads();  // warp_part is reused by the next element
     }
-    if (member == 0) gb[n * a.bsn + ch * a.bsc + u * a.bsh + v * a.bsw] = static_cast<scalar_t>(static_cast<acc_t>(acc));
+    if (member == 0) {
+      gb[n * a.bsn + ch * a.bsc + u * a.bsh + v * a.bsw] = static_cast<scalar_t>(static_cast<acc_t>(acc));
+    }
   }
 }
 
@@ -471,7 +473,7 @@ std::vector<at::Tensor> upsample_shift_add_backward_cuda(const at::Tensor& grad,
     // Outputs reading one tap element, about: a stretch of OH / h rows plus
     // the neighbours' taps (as upsample_concat's backward).
     const int64_t readers = std::min(OH, OH / h + 2) * std::min(OW, OW / w + 2);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "upsample_shift_add_backward_cuda", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "upsample_shift_add_bwd_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       const acc_t scale_h = bilinear_scale<acc_t>(h, OH, align_corners);
       const acc_t scale_w = bilinear_scale<acc_t>(w, OW, align_corners);

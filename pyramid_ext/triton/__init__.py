@@ -8,6 +8,7 @@ imported).
 
 Modules: ``_common`` (device helpers, launch settings), ``_multi_pool2d``
 (pooling kernels, plans, op implementations), ``_upsample_concat`` (resize
+kernels, op implementations), ``_upsample_shift_add`` (resize-shift-add
 kernels, op implementations); this module registers the ops and holds the
 entry points pyramid_ext.functional calls.
 
@@ -21,18 +22,12 @@ from .. import _ops
 from ._common import INTERPRETED
 from ._multi_pool2d import _pool_backward_impl, _pool_impl
 from ._upsample_concat import _upsample_concat_backward_impl, _upsample_concat_impl, _upsample_concat_out_impl
+from ._upsample_shift_add import _upsample_shift_add_backward_impl, _upsample_shift_add_impl
 
 
 # --------------------------------------------------------------------------
 # Op registration
 # --------------------------------------------------------------------------
-
-def _not_yet(*args):
-    # Placeholder until the Triton kernels of upsample_shift_add land (issue #10):
-    # the op is declared, so its schema is checked, but a call raises.
-    raise NotImplementedError("pyramid_ext.triton: upsample_shift_add has no Triton kernel yet; "
-                              "use backend='cpp' or 'torch'")
-
 
 # Every op of _ops.SCHEMAS, declared as pyramid_ext::<op>_triton with that schema.
 _IMPLS = {
@@ -41,8 +36,8 @@ _IMPLS = {
     "upsample_concat": (_upsample_concat_impl, _ops.upsample_concat_fake),
     "upsample_concat_out": (_upsample_concat_out_impl, _ops.upsample_concat_out_fake),
     "upsample_concat_backward": (_upsample_concat_backward_impl, _ops.upsample_concat_backward_fake),
-    "upsample_shift_add": (_not_yet, _ops.upsample_shift_add_fake),
-    "upsample_shift_add_backward": (_not_yet, _ops.upsample_shift_add_backward_fake),
+    "upsample_shift_add": (_upsample_shift_add_impl, _ops.upsample_shift_add_fake),
+    "upsample_shift_add_backward": (_upsample_shift_add_backward_impl, _ops.upsample_shift_add_backward_fake),
 }
 if _IMPLS.keys() != _ops.SCHEMAS.keys():
     raise RuntimeError(f"pyramid_ext.triton implements {sorted(_IMPLS)}, _ops.SCHEMAS declares {sorted(_ops.SCHEMAS)}")
@@ -108,4 +103,11 @@ def upsample_shift_add(base, taps, kernel_size, align_corners):
     return torch.ops.pyramid_ext.upsample_shift_add_triton(base, list(taps), int(kernel_size), bool(align_corners))
 
 
-__all__ = ["multi_pool2d", "upsample_concat", "upsample_concat_out", "upsample_shift_add", "INTERPRETED"]
+def upsample_shift_add_backward(grad, tap_shapes, kernel_size, align_corners, channels_last):
+    return torch.ops.pyramid_ext.upsample_shift_add_backward_triton(grad, list(tap_shapes), int(kernel_size),
+                                                                     bool(align_corners),
+                                                                     [bool(c) for c in channels_last])
+
+
+__all__ = ["multi_pool2d", "upsample_concat", "upsample_concat_out", "upsample_shift_add",
+           "upsample_shift_add_backward", "INTERPRETED"]
