@@ -8,7 +8,8 @@ import torch
 
 import pyramid_ext as pe
 
-OPS = ["multi_pool2d", "multi_pool2d_backward", "upsample_concat", "upsample_concat_out", "upsample_concat_backward"]
+OPS = ["multi_pool2d", "multi_pool2d_backward", "upsample_concat", "upsample_concat_out", "upsample_concat_backward",
+       "upsample_shift_add", "upsample_shift_add_backward"]
 
 info = pe.build_info()
 print("torch", torch.__version__, "CUDA", torch.version.cuda, "build", info)

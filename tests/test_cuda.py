@@ -30,11 +30,13 @@ from ._helpers import OVERLAPPING_WINDOWS, SUM_ATOL_VS_FP64 as SUM_ATOL
 from ._helpers import (check_out_overlap_rule, fp64_resize_grad, fp64_window_means, keras_same_avg, naive_multi_pool,
                        rand as _rand, sppnet_pool)
 from ._helpers import ties_nan_inf_input
+from ._shift_add import (BACKWARD_CHAIN, EAGER_ATOL, check_shift_add, eager_shift_add, forward_chain,
+                         shift_add_backward_fp64, shift_add_fp64, tap_shapes, weight_dtype)
 
 pytestmark = pytest.mark.cuda
 
 OP_NAMES = ["multi_pool2d", "multi_pool2d_backward", "upsample_concat", "upsample_concat_out",
-            "upsample_concat_backward"]
+            "upsample_concat_backward", "upsample_shift_add", "upsample_shift_add_backward"]
 
 
 def _missing_kernels_reason():
@@ -529,6 +531,127 @@ def test_upsample_backward_op_memory_format(kind):
 
 
 # --------------------------------------------------------------------------
+# upsample_shift_add (the kernel op of upsample_concat_conv2d)
+# --------------------------------------------------------------------------
+
+
+def _taps(n, cout, k, sizes, dtype, seed=50):
+    return [_rand((n, k * k * cout, *_pair(s)), dtype, seed=seed + i) for i, s in enumerate(sizes)]
+
+
+def _shift_add_case(base, taps, k, align_corners, kind, tap_kinds=None, seed=60):
+    """The CUDA op forward and backward against fp64 on the CPU: with the
+    kernels' float tap weights, within the error bound of the sum; against
+    F.interpolate (in the accumulation type) and autograd of it."""
+    dtype = base.dtype
+    tap_kinds = tap_kinds or [kind] * len(taps)
+    base_dev = _cuda(base, kind)
+    out = OPS.upsample_shift_add(base_dev, [_cuda(t, tk) for t, tk in zip(taps, tap_kinds)], k, align_corners)
+    assert out.device.type == DEV.type and out.shape == base.shape and out.stride() == base_dev.stride()
+    want, terms = shift_add_fp64(base, taps, k, align_corners, weight_dtype(dtype))
+    check_shift_add(out, want, terms, dtype, forward_chain(len(taps), k), "forward")
+    acc = weight_dtype(dtype)
+    _close(out, eager_shift_add(base.double(), [t.to(acc) for t in taps], k, align_corners, acc), dtype,
+           atol=EAGER_ATOL[dtype])
+    g = _rand(base.shape, dtype, seed=seed)
+    grads = OPS.upsample_shift_add_backward(_cuda(g, kind), tap_shapes(taps), k, align_corners,
+                                            [tk == "channels_last" for tk in tap_kinds])
+    expected = shift_add_backward_fp64(g, [t.shape[2:] for t in taps], k, align_corners, weight_dtype(dtype))
+    tr = [t.double().requires_grad_() for t in taps]
+    (eager_shift_add(base.double(), tr, k, align_corners) * g.double()).sum().backward()
+    for i, (got, (want, terms), r, tk) in enumerate(zip(grads, expected, tr, tap_kinds)):
+        assert got.shape == taps[i].shape and got.device.type == DEV.type
+        fmt = torch.channels_last if tk == "channels_last" else torch.contiguous_format
+        assert got.is_contiguous(memory_format=fmt)
+        check_shift_add(got, want, terms, dtype, BACKWARD_CHAIN, f"grad taps[{i}]")
+        _close(got, r.grad, dtype, atol=SUM_ATOL[dtype])
+    return out, grads
+
+
+# per output size: tap tensors smaller than, equal to and larger than it, and 1x1
+SHIFT_ADD_TAPS = {(33, 47): [(1, 1), (6, 6), (33, 47), (40, 61)], (65, 65): [(2, 3), (17, 17), (65, 65)],
+                  (1, 1): [(1, 1), (3, 2)], (3, 5): [(7, 2), (3, 5)]}
+
+
+@pytest.mark.parametrize("size", sorted(SHIFT_ADD_TAPS))
+@pytest.mark.parametrize("k", [1, 3, 5])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", LAYOUTS)
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_upsample_shift_add_matches_fp64(size, k, dtype, kind, align_corners):
+    base = _rand((2, 5, *size), dtype, seed=51)
+    _shift_add_case(base, _taps(2, 5, k, SHIFT_ADD_TAPS[size], dtype, seed=52), k, align_corners, kind)
+
+
+def test_upsample_shift_add_mixed_layouts_many_taps_and_strides():
+    for base_kind, tap_kinds in (("nchw", ["channels_last", "nchw", "channels_last"]),
+                                 ("channels_last", ["nchw", "channels_last", "nchw"])):
+        base = _rand((2, 40, 17, 23), torch.float32, seed=53)
+        _shift_add_case(base, _taps(2, 40, 3, [(1, 1), (6, 7), (30, 20)], torch.float32, seed=54), 3, False,
+                        base_kind, tap_kinds)
+    # 19 tap tensors: two launches, the running sum in float32 between them
+    for dtype in (torch.float32, torch.bfloat16):
+        base = _rand((1, 3, 9, 10), dtype, seed=55)
+        _shift_add_case(base, _taps(1, 3, 3, [(k % 4 + 1, k % 3 + 2) for k in range(19)], dtype, seed=56), 3, True,
+                        "nchw")
+    # tap tensors through other strides: a channel slice, a transpose
+    base = _rand((1, 2, 9, 10), torch.float64, seed=57)
+    taps = [_rand((1, 40, 3, 4), torch.float64, seed=58)[:, 5:23],
+            _rand((1, 18, 6, 5), torch.float64, seed=59).transpose(2, 3)]
+    got = OPS.upsample_shift_add(base.to(DEV), [t.to(DEV) for t in taps], 3, True)
+    want, terms = shift_add_fp64(base, taps, 3, True, torch.float64)
+    check_shift_add(got, want, terms, torch.float64, forward_chain(2, 3))
+
+
+def test_upsample_shift_add_empty_and_misuse():
+    base = _rand((2, 3, 5, 4), torch.float32, seed=60).to(DEV)
+    out = OPS.upsample_shift_add(base, [], 3, False)
+    assert torch.equal(out, base) and out.data_ptr() != base.data_ptr()
+    for shape in [(0, 3, 5, 4), (2, 0, 5, 4)]:
+        b = torch.zeros(shape, device=DEV)
+        assert OPS.upsample_shift_add(b, [torch.zeros(shape[0], 9 * shape[1], 2, 2, device=DEV)], 3,
+                                      False).shape == shape
+        grads = OPS.upsample_shift_add_backward(b, [2, 2, 3, 1], 3, False, [False, True])
+        assert [tuple(g.shape) for g in grads] == [(shape[0], 9 * shape[1], 2, 2), (shape[0], 9 * shape[1], 3, 1)]
+    tap = torch.randn(2, 27, 2, 2, device=DEV)
+    with pytest.raises(ValueError, match=r"taps\[0\] has 26 channels"):
+        OPS.upsample_shift_add(base, [tap[:, :26]], 3, False)
+    with pytest.raises(ValueError, match="kernel_size must be odd and positive"):
+        OPS.upsample_shift_add(base, [tap], 2, False)
+    with pytest.raises(TypeError, match=r"taps\[0\] has dtype"):
+        OPS.upsample_shift_add(base, [tap.double()], 3, False)
+    with pytest.raises(ValueError, match=r"taps\[0\] is on cpu"):
+        OPS.upsample_shift_add(base, [tap.cpu()], 3, False)
+
+
+@pytest.mark.parametrize("kind", LAYOUTS)
+def test_upsample_shift_add_gradcheck(kind):
+    base = _cuda(_rand((1, 2, 6, 7), torch.float64, seed=61), kind).requires_grad_()
+    taps = [_cuda(t, kind).requires_grad_() for t in _taps(1, 2, 3, [(1, 1), (3, 2), (9, 11)], torch.float64, 62)]
+
+    def f(b, *ts):
+        return OPS.upsample_shift_add(b, list(ts), 3, kind == "nchw")
+
+    assert torch.autograd.gradcheck(f, (base, *taps), eps=1e-6, atol=1e-6)
+    assert torch.autograd.gradgradcheck(f, (base, *taps), eps=1e-6, atol=1e-6, fast_mode=True)
+
+
+@pytest.mark.parametrize("kind", LAYOUTS)
+def test_upsample_shift_add_backward_1x1_taps_within_1e6_of_fp64(kind):
+    """The gradient of a 1x1 (and a 2x3) tap tensor with K = 3 sums a shifted
+    4096 x 4096 plane."""
+    cout = 1 if kind == "nchw" else 3
+    g = torch.full((1, cout, 4096, 4096), 0.1)
+    g[0, :, 300, 17] = 1e3
+    hws = [(1, 1), (2, 3)]
+    grads = OPS.upsample_shift_add_backward(_cuda(g, kind), [v for hw in hws for v in hw], 3, False,
+                                            [kind == "channels_last"] * 2)
+    for hw, got, (want, terms) in zip(hws, grads, shift_add_backward_fp64(g, hws, 3, False)):
+        err = ((got.cpu().double() - want).abs() / terms).max().item()
+        assert err <= 1e-6, f"taps {hw}: error {err:.3g} x sum|terms|"
+
+
+# --------------------------------------------------------------------------
 # Determinism, streams, CUDA graphs, gradcheck
 # --------------------------------------------------------------------------
 
@@ -543,6 +666,12 @@ def _run_all(kind):
         w = torch.linspace(-1, 1, ups.numel(), device=DEV).view_as(ups)
         (gx,) = torch.autograd.grad((ups * w).sum(), x)
         outs += [t.detach().clone() for t in levels] + [ups.detach().clone(), gx]
+    # upsample_shift_add, every backward kernel (a block, a warp or a thread per element; channels_last tiles)
+    base = _cuda(_rand((2, 40, 65, 65), torch.float32, seed=39), kind)
+    taps = [_cuda(t, kind) for t in _taps(2, 40, 3, [(1, 1), (6, 6), (65, 65), (70, 40)], torch.float32, seed=38)]
+    out = OPS.upsample_shift_add(base, taps, 3, False)
+    w = torch.linspace(-1, 1, out.numel(), device=DEV).view_as(out)
+    outs += [out] + list(OPS.upsample_shift_add_backward(w, tap_shapes(taps), 3, False, [kind != "nchw"] * 4))
     return outs
 
 
@@ -587,6 +716,8 @@ def test_runs_on_the_current_stream():
         gx = OPS.multi_pool2d_backward(g_old, idx, list(x.shape), hb, wb, lb, 1, False, False)
         up = pe.upsample_concat(x, [x[:, :, :4, :4]], backend=CPP)
         (gb,) = OPS.upsample_concat_backward(gu_old, [4, 5, 5], 16, False, False)
+        shifted = OPS.upsample_shift_add(x[:, :1], [x[:, 1:10, :5, :6]], 3, False)
+        (gs,) = OPS.upsample_shift_add_backward(gu_old[:, :2], [5, 6], 3, False, [False])
     torch.cuda.synchronize()
     want_spp = torch.cat([F.adaptive_avg_pool2d(new.double(), b).flatten(1) for b in (4, 2, 1)], 1)
     _close(spp, want_spp, torch.float32)
@@ -601,6 +732,10 @@ def test_runs_on_the_current_stream():
     br = torch.zeros(4, 4, 5, 5, dtype=torch.float64, requires_grad=True)
     (F.interpolate(br, size=(33, 47), mode="bilinear") * gu_new[:, 16:].cpu().double()).sum().backward()
     _close(gb, br.grad, torch.float32, atol=SUM_ATOL[torch.float32])
+    want, terms = shift_add_fp64(new[:, :1], [new[:, 1:10, :5, :6]], 3, False)
+    check_shift_add(shifted, want, terms, torch.float32, forward_chain(1, 3), "upsample_shift_add")
+    ((want, terms),) = shift_add_backward_fp64(gu_new[:, :2].cpu(), [(5, 6)], 3, False)
+    check_shift_add(gs, want, terms, torch.float32, BACKWARD_CHAIN, "upsample_shift_add_backward")
 
 
 def test_cuda_graph_capture():
@@ -610,7 +745,11 @@ def test_cuda_graph_capture():
 
     def step():
         levels = pe.multi_adaptive_max_pool2d(static_x, (1, 2, 3, 6), backend=CPP)
-        return pe.upsample_concat(static_x, levels, backend=CPP)
+        up = pe.upsample_concat(static_x, levels, backend=CPP)
+        # 20 tap tensors: two launches with the running sum in between, no host copy either
+        taps = [up[:, :9 * 2, :k + 1, :k + 2] for k in range(20)]
+        shifted = OPS.upsample_shift_add(static_x[:, :2], taps, 3, False)
+        return up, shifted, OPS.upsample_shift_add_backward(shifted, tap_shapes(taps), 3, False, [False] * 20)
 
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -626,7 +765,9 @@ def test_cuda_graph_capture():
     graph.replay()
     torch.cuda.synchronize()
     static_x.copy_(new_x)
-    assert torch.equal(static_out, step())
+    up, shifted, grads = step()
+    assert torch.equal(static_out[0], up) and torch.equal(static_out[1], shifted)
+    assert all(torch.equal(a, b) for a, b in zip(static_out[2], grads))
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")

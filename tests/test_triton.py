@@ -36,6 +36,9 @@ from pyramid_ext.windows import pyramid_windows, normalize_bins  # noqa: E402
 from ._helpers import TOL_TRITON, eager_spp, keras_same_avg, keras_same_max, pairs, rand, sppnet_pool  # noqa: E402
 from ._helpers import eager_upsample_concat as _helpers_eager_upsample_concat  # noqa: E402
 from ._helpers import bilinear_backward_fp64, fp64_resize_grad, fp64_window_means, grad_close, naive_multi_pool  # noqa: E402
+from ._helpers import SUM_ATOL_VS_FP64  # noqa: E402
+from ._shift_add import (BACKWARD_CHAIN, EAGER_ATOL, check_shift_add, eager_shift_add, forward_chain,  # noqa: E402
+                         shift_add_backward_fp64, shift_add_fp64, tap_shapes, weight_dtype)
 
 if _INTERPRET and not pe_triton.INTERPRETED:
     pytest.skip("pyramid_ext.triton was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
@@ -555,6 +558,195 @@ def test_upsample_concat_gradcheck(align_corners):
 
 
 # --------------------------------------------------------------------------
+# upsample_shift_add (the kernel op of upsample_concat_conv2d)
+# --------------------------------------------------------------------------
+
+# smaller than, equal to and larger than the (7, 9) output, and 1x1
+SHIFT_TAP_SIZES = [(1, 1), (3, 4), (7, 9), (10, 13)]
+
+
+def _shift_taps(n, cout, k, sizes, dtype=torch.float32, seed=90):
+    return [_rand(n, k * k * cout, h, w, dtype=dtype, seed=seed + i) for i, (h, w) in enumerate(sizes)]
+
+
+def _check_shift_add_forward(out, base, taps, k, align_corners):
+    """Against fp64 with the kernels' tap weights (error bound of the sum)
+    and against F.interpolate in the accumulation type, summed in fp64."""
+    dtype = base.dtype
+    assert out.shape == base.shape and out.dtype == dtype and out.stride() == base.stride()
+    want, terms = shift_add_fp64(base, taps, k, align_corners, weight_dtype(dtype))
+    check_shift_add(out, want, terms, dtype, forward_chain(len(taps), k), "forward")
+    acc = weight_dtype(dtype)
+    eager = eager_shift_add(base.double(), [t.to(acc) for t in taps], k, align_corners, acc)
+    torch.testing.assert_close(out.double().cpu(), eager.cpu(), rtol=_tol(dtype)["rtol"], atol=EAGER_ATOL[dtype])
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_upsample_shift_add_forward(k, dtype, align_corners):
+    # 16-bit: more than one tap tensor, so the float32 running sum between the launches is exercised
+    base = _rand(2, 3, 7, 9, dtype=dtype, seed=91)
+    taps = _shift_taps(2, 3, k, SHIFT_TAP_SIZES, dtype)
+    _check_shift_add_forward(pe_triton.upsample_shift_add(base, taps, k, align_corners), base, taps, k, align_corners)
+
+
+def test_upsample_shift_add_forward_one_by_one_output():
+    for k in (1, 3):
+        base = _rand(2, 2, 1, 1, dtype=torch.float64, seed=92)
+        taps = _shift_taps(2, 2, k, [(1, 1), (3, 2)], torch.float64)
+        _check_shift_add_forward(pe_triton.upsample_shift_add(base, taps, k, True), base, taps, k, True)
+
+
+def test_upsample_shift_add_layouts_and_strides():
+    fmt = lambda t, cl: t.contiguous(memory_format=torch.channels_last) if cl else t.contiguous()  # noqa: E731
+    for base_cl, tap_cl in ((False, [True, False, True]), (True, [False, True, False]), (True, [True] * 3)):
+        base = fmt(_rand(2, 3, 7, 9, dtype=torch.float64, seed=93), base_cl)
+        taps = [fmt(t, cl) for t, cl in zip(_shift_taps(2, 3, 3, [(1, 1), (4, 5), (9, 11)], torch.float64), tap_cl)]
+        out = pe_triton.upsample_shift_add(base, taps, 3, False)
+        assert out.is_contiguous(memory_format=torch.channels_last if base_cl else torch.contiguous_format)
+        _check_shift_add_forward(out, base, taps, 3, False)
+    # tap tensors read through other strides: a channel slice, a transpose
+    base = _rand(1, 2, 7, 9, dtype=torch.float64, seed=94)
+    taps = [_rand(1, 40, 3, 4, dtype=torch.float64, seed=95)[:, 5:23],
+            _rand(1, 18, 6, 5, dtype=torch.float64, seed=96).transpose(2, 3)]
+    _check_shift_add_forward(pe_triton.upsample_shift_add(base, taps, 3, True), base, taps, 3, True)
+
+
+def _check_shift_add_backward(base, taps, k, align_corners, g, channels_last):
+    dtype = g.dtype
+    grads = pe_triton.upsample_shift_add_backward(g, tap_shapes(taps), k, align_corners, channels_last)
+    expected = shift_add_backward_fp64(g, [t.shape[2:] for t in taps], k, align_corners, weight_dtype(dtype))
+    tr = [t.detach().double().requires_grad_() for t in taps]
+    (eager_shift_add(base.double(), tr, k, align_corners) * g.double()).sum().backward()
+    for i, (got, (want, terms), r, cl) in enumerate(zip(grads, expected, tr, channels_last)):
+        assert got.shape == taps[i].shape and got.dtype == dtype
+        assert got.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+        check_shift_add(got, want, terms, dtype, BACKWARD_CHAIN, f"grad taps[{i}]")
+        torch.testing.assert_close(got.double().cpu(), r.grad.cpu(), rtol=_tol(dtype)["rtol"],
+                                   atol=SUM_ATOL_VS_FP64[dtype])
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("align_corners", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_upsample_shift_add_backward(k, align_corners, dtype):
+    base = _rand(1, 2, 7, 9, dtype=dtype, seed=97)
+    taps = _shift_taps(1, 2, k, SHIFT_TAP_SIZES, dtype)
+    g = _rand(1, 2, 7, 9, dtype=dtype, seed=98)
+    if k == 3:
+        g = g.contiguous(memory_format=torch.channels_last)
+    _check_shift_add_backward(base, taps, k, align_corners, g, [False, True, False, True])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_upsample_shift_add_backward_16bit(dtype):
+    base = _rand(1, 2, 7, 9, dtype=dtype, seed=99)
+    taps = _shift_taps(1, 2, 3, [(1, 1), (4, 3), (9, 11)], dtype)
+    _check_shift_add_backward(base, taps, 3, False, _rand(1, 2, 7, 9, dtype=dtype, seed=100), [False, True, False])
+
+
+def test_upsample_shift_add_autograd_gradcheck_and_double_backward():
+    """Autograd of the Triton op (from _ops): base's gradient is grad itself,
+    the taps' the backward op; the backward op's own derivative is the
+    forward again (double backward)."""
+    base = _rand(1, 1, 3, 4, dtype=torch.float64, seed=101).requires_grad_()
+    taps = [t.requires_grad_() for t in _shift_taps(1, 1, 3, [(1, 1), (2, 5)], torch.float64, seed=102)]
+
+    def fn(b, *ts):
+        return OPS.upsample_shift_add_triton(b, list(ts), 3, False)
+
+    assert torch.autograd.gradcheck(fn, (base, *taps), eps=1e-6, atol=1e-7, fast_mode=True)
+    assert torch.autograd.gradgradcheck(fn, (base, *taps), eps=1e-6, atol=1e-7, fast_mode=True)
+    # through autograd, against eager's autograd
+    g = _rand(1, 1, 3, 4, dtype=torch.float64, seed=103)
+    got = torch.autograd.grad(fn(base, *taps), [base, *taps], g)
+    want = torch.autograd.grad(eager_shift_add(base, taps, 3, False), [base, *taps], g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_upsample_shift_add_empty_and_no_taps():
+    base = _rand(2, 3, 5, 4, seed=104)
+    for cl in (False, True):
+        b = base.contiguous(memory_format=torch.channels_last) if cl else base
+        out = pe_triton.upsample_shift_add(b, [], 3, False)
+        assert torch.equal(out, b) and out.stride() == b.stride() and out.data_ptr() != b.data_ptr()
+    for shape in [(0, 3, 5, 4), (2, 0, 5, 4)]:
+        b = torch.zeros(shape, device=DEVICE)
+        assert pe_triton.upsample_shift_add(b, [torch.zeros(shape[0], 9 * shape[1], 2, 2, device=DEVICE)], 3,
+                                            False).shape == shape
+        grads = pe_triton.upsample_shift_add_backward(b, [2, 2, 3, 1], 3, False, [False, True])
+        assert [tuple(t.shape) for t in grads] == [(shape[0], 9 * shape[1], 2, 2), (shape[0], 9 * shape[1], 3, 1)]
+
+
+def test_upsample_shift_add_op_checks():
+    """The Triton ops check their arguments with the words of the compiled
+    ops (csrc/upsample_shift_add_checks.h), naming the argument."""
+    base = _rand(2, 3, 5, 4)
+    tap = _rand(2, 27, 2, 2)
+    cases = [((base[0], [tap], 3), ValueError, r"base must be a 4-D \(N, Cout, H, W\) tensor"),
+             ((base, [tap, tap[:1]], 3), ValueError, r"taps\[1\] has batch size 1 but base has 2"),
+             ((base, [tap[:, :26]], 3), ValueError, r"taps\[0\] has 26 channels, expected kernel_size\^2 \* "
+                                                    r"base channels = 27"),
+             ((base, [tap], 2), ValueError, "kernel_size must be odd and positive, got 2"),
+             ((base, [tap.double()], 3), TypeError, r"taps\[0\] has dtype torch.float64 but base has torch.float32")]
+    for (b, t, k), error, message in cases:
+        with pytest.raises(error, match="upsample_shift_add_triton: " + message):
+            OPS.upsample_shift_add_triton(b, t, k, False)
+    bwd = [(([2, 2], 3, [False, True]), r"channels_last must have one entry per tap tensor \(1\), got 2"),
+           (([2, 2, 3], 3, [False]), r"tap_shapes must hold \(h, w\) pairs, got 3 values"),
+           (([2, 0], 3, [False]), r"tap_shapes must be positive, got \[2, 0\]"),
+           (([2, 2], 4, [False]), "kernel_size must be odd and positive, got 4")]
+    for (shapes, k, cl), message in bwd:
+        with pytest.raises(ValueError, match="upsample_shift_add_backward_triton: " + message):
+            OPS.upsample_shift_add_backward_triton(base, shapes, k, False, cl)
+
+
+def test_opcheck_upsample_shift_add_ops():
+    base = _rand(1, 2, 4, 5, dtype=torch.float64, seed=105)
+    taps = _shift_taps(1, 2, 3, [(1, 1), (3, 2)], torch.float64, seed=106)
+    taps[1] = taps[1].contiguous(memory_format=torch.channels_last)
+    torch.library.opcheck(OPS.upsample_shift_add_triton.default,
+                          (base.clone().requires_grad_(), [t.clone().requires_grad_() for t in taps], 3, True))
+    g = _rand(1, 2, 4, 5, dtype=torch.float64, seed=107).contiguous(memory_format=torch.channels_last)
+    torch.library.opcheck(OPS.upsample_shift_add_backward_triton.default, (g, [1, 1, 3, 2], 3, True, [False, True]))
+
+
+def test_upsample_shift_add_compile_fullgraph_dynamic():
+    from torch._dynamo.testing import CompileCounter
+
+    def fn(base, tap):
+        return pe_triton.upsample_shift_add(base, [tap * 2], 3, False)
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled = torch.compile(fn, backend=counter, fullgraph=True, dynamic=True)
+    for h, w in [(5, 6), (7, 4)]:
+        base = _rand(1, 2, h, w, dtype=torch.float64, seed=h)
+        tap = _rand(1, 18, 2, 3, dtype=torch.float64, seed=w)
+        torch.testing.assert_close(compiled(base, tap), eager_shift_add(base, [tap * 2], 3, False))
+    assert counter.frame_count == 1, f"recompiled {counter.frame_count} times"
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True, dynamic=True)
+    tap = _rand(1, 18, 2, 3, dtype=torch.float64, seed=108).requires_grad_()
+    base = _rand(1, 2, 5, 6, dtype=torch.float64, seed=109)
+    compiled(base, tap).square().sum().backward()
+    tap2 = tap.detach().clone().requires_grad_()
+    eager_shift_add(base, [tap2 * 2], 3, False).square().sum().backward()
+    torch.testing.assert_close(tap.grad, tap2.grad)
+
+
+def test_upsample_shift_add_deterministic():
+    base = _rand(1, 3, 9, 7, seed=110)
+    taps = _shift_taps(1, 3, 3, [(1, 1), (4, 3)], seed=111)
+    g = _rand(1, 3, 9, 7, seed=112)
+    runs = [[pe_triton.upsample_shift_add(base, taps, 3, False)] +
+            pe_triton.upsample_shift_add_backward(g, tap_shapes(taps), 3, False, [False, True]) for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+# --------------------------------------------------------------------------
 # Ops: opcheck, determinism, errors
 # --------------------------------------------------------------------------
 
@@ -727,7 +919,8 @@ def test_plan_cache_under_threads(monkeypatch):
 def test_no_atomics_in_kernels():
     package = os.path.dirname(pe_triton.__file__)
     sources = [f for f in os.listdir(package) if f.endswith(".py")]
-    assert {"__init__.py", "_common.py", "_multi_pool2d.py", "_upsample_concat.py"} <= set(sources)
+    assert {"__init__.py", "_common.py", "_multi_pool2d.py", "_upsample_concat.py",
+            "_upsample_shift_add.py"} <= set(sources)
     for name in sources:
         src = open(os.path.join(package, name)).read()
         assert "tl.atomic" not in src and ".atomic_" not in src, name
@@ -758,7 +951,7 @@ _COMPILE_SCRIPT = textwrap.dedent(
     import triton, triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from pyramid_ext.triton import _multi_pool2d as pool, _upsample_concat as up
+    from pyramid_ext.triton import _multi_pool2d as pool, _upsample_concat as up, _upsample_shift_add as shift
 
     def compile_(fn, ptrs, consts, i32=()):
         sig = {a: "constexpr" if a in consts else ptrs.get(a, "i32" if a in i32 else "i64") for a in fn.arg_names}
@@ -790,6 +983,15 @@ _COMPILE_SCRIPT = textwrap.dedent(
         compile_(up._resize_backward_kernel, {"g_ptr": "*" + dt, "gb_ptr": "*" + dt},
                  dict(ALIGN=a64, ACC=acc, ACC_FP64=a64, BLOCK_C=16, BLOCK_X=8, BLOCK_R=16, BLOCK_O=64),
                  i32=("IH", "IW", "OH", "OW"))
+        for first, last, copy in ((True, False, False), (False, True, True)):
+            compile_(shift._shift_add_kernel, {"base_ptr": "*" + dt, "tap_ptr": "*" + dt, "part_ptr": "*" + accs,
+                                              "out_ptr": "*" + dt},
+                     dict(FIRST=first, LAST=last, COPY=copy, ALIGN=not copy, ACC=acc, ACC_FP64=a64, BLOCK_C=16,
+                          BLOCK_P=128),
+                     i32=("IH", "IW", "OH", "OW", "K"))
+        compile_(shift._shift_add_backward_kernel, {"g_ptr": "*" + dt, "gt_ptr": "*" + dt},
+                 dict(ALIGN=a64, ACC=acc, ACC_FP64=a64, RUN=12, BLOCK_C=16, BLOCK_X=8, BLOCK_R=16, BLOCK_O=64),
+                 i32=("IH", "IW", "OH", "OW", "K"))
     print("COMPILED")
     """
 )
@@ -841,3 +1043,16 @@ def test_upsample_concat_backward_long_sums_within_1e6_of_fp64():
         want, terms = fp64_resize_grad(g, k, hw, False, nonnegative=True)
         err = ((gb[0, 0].cpu().double() - want).abs() / terms).max().item()
         assert err <= 1e-6, f"branch {hw}: error {err:.3g} x sum|terms|"
+
+
+def test_upsample_shift_add_backward_long_sums_within_1e6_of_fp64():
+    """A 1x1 (and a 2x3) tap tensor's gradient with K = 3 sums a shifted
+    256 x 256 plane of 0.1: within 1e-6 of the fp64 sum of |terms|."""
+    g = torch.full((1, 1, 256, 256), 0.1)
+    g[0, :, 85, 51] = 1e3
+    hws = [(1, 1), (2, 3)]
+    grads = pe_triton.upsample_shift_add_backward(g.to(DEVICE), [v for hw in hws for v in hw], 3, False,
+                                                  [False, False])
+    for hw, got, (want, terms) in zip(hws, grads, shift_add_backward_fp64(g, hws, 3, False)):
+        err = ((got.cpu().double() - want).abs() / terms).max().item()
+        assert err <= 1e-6, f"taps {hw}: error {err:.3g} x sum|terms|"

@@ -15,8 +15,9 @@ Backward: the resize backward of _upsample_concat (a gather over the
 contiguous reader ranges, no atomics, bitwise deterministic; runs of _RUN
 rows per lane in the accumulation type, everything after them in fp64) with
 each tap's reader ranges clipped to the positions whose shift lies inside
-grad, and grad read shifted. One program per (sample, tap, block of output
-channels, tap-tensor row, block of columns).
+grad, and grad read shifted. One program per (sample, block of tap-tensor
+channels, row, block of columns); the channels of a block may belong to
+different taps, so the clipped ranges are per channel.
 """
 from __future__ import annotations
 
@@ -109,23 +110,19 @@ def _shift_add_backward_kernel(
     ALIGN: tl.constexpr, ACC: tl.constexpr, ACC_FP64: tl.constexpr, RUN: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr,
 ):
-    """Gradient of tap t = a*K + c, channels t*COUT + [cb*BLOCK_C, ...), of
-    one tap-tensor row y, columns [xb * BLOCK_X, ...): the sum of
-    grad[o, Y - dy, X - dx] * wh * ww over the rows Y / columns X of the
-    resized plane whose taps read (y, x) and whose shift (dy, dx) =
-    (a - p, c - p) back lies inside grad. Tile: channel x column x reader column."""
+    """Gradient of a block of tap-tensor channels ch = t*COUT + o (tap
+    t = a*K + c, shift (dy, dx) = (a - p, c - p) per channel), of one row y,
+    columns [xb * BLOCK_X, ...): the sum of grad[o, Y - dy, X - dx] * wh * ww
+    over the rows Y / columns X of the resized plane whose taps read (y, x)
+    (contiguous ranges, as taps are monotone) and whose shift back lies inside
+    grad. Tile: channel x column x reader column."""
     pid = tl.program_id(0).to(tl.int64)
     xb = pid % num_xblocks
     rest = pid // num_xblocks
     y = rest % IH
     rest = rest // IH
     cb = rest % num_cblocks
-    rest = rest // num_cblocks
-    t = rest % (K * K)
-    n = rest // (K * K)
-    pad = K // 2
-    dy = t // K - pad
-    dx = t % K - pad
+    n = rest // num_cblocks
     IH64 = IH.to(tl.int64)
     IW64 = IW.to(tl.int64)
     OH64 = OH.to(tl.int64)
@@ -133,6 +130,13 @@ def _shift_add_backward_kernel(
     scale_h = _bilinear_scale(IH64, OH64, ALIGN, ACC, ACC_FP64)
     scale_w = _bilinear_scale(IW64, OW64, ALIGN, ACC, ACC_FP64)
 
+    ch = cb * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+    cmask = ch < K * K * COUT
+    t = ch // COUT
+    o = ch % COUT
+    pad = K // 2
+    dy = t // K - pad
+    dx = t % K - pad
     x = xb * BLOCK_X + tl.arange(0, BLOCK_X).to(tl.int64)
     xmask = x < IW64
     o_range = tl.arange(0, BLOCK_O).to(tl.int64)
@@ -144,9 +148,6 @@ def _shift_add_backward_kernel(
         before, upto = _reader_counts(y, d, d < OH64, IH64, OH64, scale_h, ALIGN, ACC)
         fh_acc += before
         lh_acc += upto
-    # clipped to the rows whose shifted position Y - dy is inside grad
-    fh = tl.maximum(tl.sum(fh_acc, axis=0), dy)
-    lh = tl.minimum(tl.sum(lh_acc, axis=0) - 1, OH64 - 1 + dy)
     fw_acc = tl.zeros([BLOCK_X, BLOCK_O], dtype=tl.int64)
     lw_acc = tl.zeros([BLOCK_X, BLOCK_O], dtype=tl.int64)
     for d0 in range(0, OW64, BLOCK_O):
@@ -154,34 +155,43 @@ def _shift_add_backward_kernel(
         before, upto = _reader_counts(x[:, None], d, d < OW64, IW64, OW64, scale_w, ALIGN, ACC)
         fw_acc += before
         lw_acc += upto
-    fw = tl.maximum(tl.sum(fw_acc, axis=1), dx)
-    lw = tl.minimum(tl.sum(lw_acc, axis=1) - 1, OW64 - 1 + dx)
-    span = tl.max(tl.where(xmask, lw - fw + 1, 0), axis=0)
+    # clipped, per channel, to the readers whose shifted position is inside grad
+    fh = tl.maximum(tl.sum(fh_acc, axis=0), dy)  # [C]
+    lh = tl.minimum(tl.sum(lh_acc, axis=0) - 1, OH64 - 1 + dy)
+    fw = tl.maximum(tl.sum(fw_acc, axis=1)[None, :], dx[:, None])  # [C, X]
+    lw = tl.minimum(tl.sum(lw_acc, axis=1)[None, :] - 1, OW64 - 1 + dx[:, None])
+    cx = cmask[:, None] & xmask[None, :]
+    span = tl.max(tl.max(tl.where(cx, lw - fw + 1, 0), axis=1), axis=0)
+    row_first = tl.min(tl.where(cmask, fh, OH64), axis=0)
+    row_last = tl.max(tl.where(cmask, lh, -1), axis=0)
 
-    c = cb * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
-    cmask = c < COUT
-    g_base = g_ptr + n * sgn + c[:, None, None] * sgc
+    g_base = g_ptr + n * sgn + (o * sgc)[:, None, None]
     r_range = tl.arange(0, BLOCK_R).to(tl.int64)
-    # runs of RUN rows per lane in ACC (a term rounded at most twice,
-    # g * (wh * ww)), the runs and the tree over reader columns in fp64
+    # runs of at most RUN rows per lane in ACC (a term rounded at most twice,
+    # g * (wh * ww); rows outside a channel's range add nothing), the runs and
+    # the tree over the reader columns in fp64 (bound in
+    # csrc/cuda/upsample_concat.cu)
     total = tl.zeros([BLOCK_C, BLOCK_X], dtype=tl.float64)
-    for oh0 in range(fh, lh + 1, RUN):
+    for oh0 in range(row_first, row_last + 1, RUN):
         for r0 in range(0, span, BLOCK_R):
-            ow = fw[:, None] + r0 + r_range[None, :]
-            rmask = xmask[:, None] & (ow <= lw[:, None])
+            ow = fw[:, :, None] + r0 + r_range[None, None, :]  # [C, X, R]
+            rmask = cx[:, :, None] & (ow <= lw[:, :, None])
             x0, x1, ww0, ww1 = _bilinear_tap(ow, IW64, OW64, scale_w, ALIGN, ACC)
-            ww = tl.where(x0 == x[:, None], ww0, 0.0) + tl.where(x1 == x[:, None], ww1, 0.0)
-            m = cmask[:, None, None] & rmask[None, :, :]
+            xs = x[None, :, None]
+            ww = tl.where(x0 == xs, ww0, 0.0) + tl.where(x1 == xs, ww1, 0.0)
+            col_at = ((ow - dx[:, None, None]) * sgw)
             acc = tl.zeros([BLOCK_C, BLOCK_X, BLOCK_R], dtype=ACC)
-            for oh in range(oh0, tl.minimum(oh0 + RUN, lh + 1)):
+            for oh in range(oh0, tl.minimum(oh0 + RUN, row_last + 1)):
                 h0, h1, wh0, wh1 = _bilinear_tap(oh, IH64, OH64, scale_h, ALIGN, ACC)
                 wh = tl.where(h0 == y, wh0, 0.0) + tl.where(h1 == y, wh1, 0.0)
-                g = tl.load(g_base + (oh - dy) * sgh + ((ow - dx) * sgw)[None, :, :], mask=m, other=0.0).to(ACC)
-                acc += g * (wh * ww)[None, :, :]
+                rows_in = (oh >= fh) & (oh <= lh)
+                m = rmask & rows_in[:, None, None]
+                g = tl.load(g_base + ((oh - dy) * sgh)[:, None, None] + col_at, mask=m, other=0.0).to(ACC)
+                acc += g * (wh * ww)
             total += tl.sum(acc.to(tl.float64), axis=2)
     total = total.to(ACC)
-    dst = gt_ptr + n * stn + (t * COUT + c)[:, None] * stc + y * sth + x[None, :] * stw
-    tl.store(dst, _cast_out(total, gt_ptr.dtype.element_ty), mask=cmask[:, None] & xmask[None, :])
+    dst = gt_ptr + n * stn + ch[:, None] * stc + y * sth + x[None, :] * stw
+    tl.store(dst, _cast_out(total, gt_ptr.dtype.element_ty), mask=cx)
 
 
 # --------------------------------------------------------------------------
@@ -221,7 +231,7 @@ def _upsample_shift_add_impl(base, taps, kernel_size, align_corners):
 
 
 def _check_backward_args(grad, tap_shapes, kernel_size, channels_last) -> None:
-    """The compiled backward op's checks (csrc/upsample_shift_add_checks.h), same words."""
+    """The compiled backward op's checks (csrc/upsample_shift_add_checks.h), same rules and words."""
     op = _BACKWARD_OP
     if grad.dim() != 4:
         raise ValueError(f"{op}: grad must be a 4-D (N, Cout, H, W) tensor, got shape {tuple(grad.shape)}")
@@ -233,13 +243,11 @@ def _check_backward_args(grad, tap_shapes, kernel_size, channels_last) -> None:
         raise ValueError(f"{op}: kernel_size must be odd and positive, got {kernel_size}")
     if len(tap_shapes) % 2:
         raise ValueError(f"{op}: tap_shapes must hold (h, w) pairs, got {len(tap_shapes)} values")
-    if len(channels_last) != len(tap_shapes) // 2:
-        raise ValueError(f"{op}: channels_last must hold one flag per tap tensor ({len(tap_shapes) // 2}), "
+    if len(channels_last) * 2 != len(tap_shapes):
+        raise ValueError(f"{op}: channels_last must have one entry per tap tensor ({len(tap_shapes) // 2}), "
                          f"got {len(channels_last)}")
-    for i in range(len(tap_shapes) // 2):
-        h, w = tap_shapes[2 * i], tap_shapes[2 * i + 1]
-        if h <= 0 or w <= 0:
-            raise ValueError(f"{op}: tap_shapes[{i}] must be a positive (h, w), got ({h}, {w})")
+    if any(s <= 0 for s in tap_shapes):
+        raise ValueError(f"{op}: tap_shapes must be positive, got {list(tap_shapes)}")
 
 
 def _upsample_shift_add_backward_impl(grad, tap_shapes, kernel_size, align_corners, channels_last):
@@ -253,14 +261,15 @@ def _upsample_shift_add_backward_impl(grad, tap_shapes, kernel_size, align_corne
         if gt.numel() == 0:
             continue
         ih, iw = gt.shape[2], gt.shape[3]
-        block_c = _channel_block(cout, 16)
-        ncb = triton.cdiv(cout, block_c)
+        channels = gt.shape[1]
+        block_c = _channel_block(channels, 16)
+        ncb = triton.cdiv(channels, block_c)
         # the readers of one source column span about 2 * ow / iw + 2 output columns
         block_r = _tile(_TILE, block_c, want=min(2 * triton.cdiv(ow, iw) + 2, 64))
         block_x = _tile(_TILE, block_c, block_r, want=iw)
         block_o = _tile(_TILE, block_x, want=min(max(oh, ow), 256))
         nxb = triton.cdiv(iw, block_x)
-        _shift_add_backward_kernel[(n * kernel_size * kernel_size * ncb * ih * nxb,)](
+        _shift_add_backward_kernel[(n * ncb * ih * nxb,)](
             grad, gt,
             cout, ih, iw, oh, ow, kernel_size, ncb, nxb,
             grad.stride(0), grad.stride(1), grad.stride(2), grad.stride(3),
