@@ -42,6 +42,21 @@ inline void define_ops(torch::Library& m) {
       "upsample_concat_backward(Tensor grad_out, SymInt[] branch_shapes, "
       "SymInt channel_offset, bool align_corners, bool channels_last) "
       "-> Tensor[]");
+  // base + every tap product of `taps` bilinearly resized to base's (H, W),
+  // shifted by its kernel tap and added (zero padding, as a stride-1 conv
+  // pads): result[n, o, y, x] = base[n, o, y, x] + sum_i sum_{a, c}
+  // [in bounds] bilinear(taps[i][n, (a * K + c) * Cout + o], y + a - K / 2,
+  // x + c - K / 2). taps[i]: (N, K * K * Cout, h_i, w_i), any h_i, w_i >= 1.
+  // The result has base's shape, dtype and memory format.
+  m.def(
+      "upsample_shift_add(Tensor base, Tensor[] taps, int kernel_size, "
+      "bool align_corners) -> Tensor");
+  // Gradients of the taps (the gradient of base is grad itself). tap_shapes:
+  // flat (h_i, w_i) per tap tensor; grad_taps[i] is channels_last when
+  // channels_last[i].
+  m.def(
+      "upsample_shift_add_backward(Tensor grad, SymInt[] tap_shapes, "
+      "int kernel_size, bool align_corners, bool[] channels_last) -> Tensor[]");
 }
 
 }  // namespace pyramid_ext

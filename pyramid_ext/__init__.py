@@ -2,7 +2,7 @@
 
 Ops (each one pass over the input, gather-style backward, no atomics):
     multi_adaptive_avg_pool2d, multi_adaptive_max_pool2d, spatial_pyramid_pool,
-    upsample_concat
+    upsample_concat, upsample_concat_conv2d
 Backends: "cpp" (compiled C++/CUDA), "triton", "torch" (pure PyTorch); see
 ``available_backends(device)`` and ``use_backend(name)``.
 """
@@ -13,6 +13,7 @@ from .functional import (
     multi_adaptive_max_pool2d,
     spatial_pyramid_pool,
     upsample_concat,
+    upsample_concat_conv2d,
 )
 from . import nn  # noqa: E402  (drop-in modules)
 from .convert import convert  # noqa: E402  (model conversion)
@@ -38,5 +39,6 @@ __all__ = [
     "nn",
     "spatial_pyramid_pool",
     "upsample_concat",
+    "upsample_concat_conv2d",
     "use_backend",
 ]

@@ -37,6 +37,11 @@ SCHEMAS = {
         "(Tensor grad_out, SymInt[] branch_shapes, SymInt channel_offset, bool align_corners, bool channels_last) "
         "-> Tensor[]"
     ),
+    "upsample_shift_add": "(Tensor base, Tensor[] taps, int kernel_size, bool align_corners) -> Tensor",
+    "upsample_shift_add_backward": (
+        "(Tensor grad, SymInt[] tap_shapes, int kernel_size, bool align_corners, bool[] channels_last) "
+        "-> Tensor[]"
+    ),
 }
 
 
@@ -259,6 +264,108 @@ def make_upsample_concat_backward_autograd(forward_op: Callable):
 
 
 # --------------------------------------------------------------------------
+# upsample_shift_add (the kernel of upsample_concat_conv2d)
+# --------------------------------------------------------------------------
+
+_SHIFT_ADD_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_shift_add_args(op: str, base, taps, kernel_size) -> None:
+    """upsample_shift_add's argument rules, for the backends written in Python
+    (torch, Triton); the C++ kernels check the same with the same words."""
+    if base.dim() != 4:
+        raise ValueError(f"{op}: base must be a 4-D (N, Cout, H, W) tensor, got shape {tuple(base.shape)}")
+    if base.dtype not in _SHIFT_ADD_DTYPES:
+        raise TypeError(f"{op}: base must be float64, float32, float16 or bfloat16, got {base.dtype}")
+    if base.shape[2] == 0 or base.shape[3] == 0:
+        raise ValueError(f"{op}: base must have non-zero height and width, got shape {tuple(base.shape)}")
+    if isinstance(kernel_size, bool) or kernel_size <= 0 or kernel_size % 2 != 1:
+        raise ValueError(f"{op}: kernel_size must be odd and positive, got {kernel_size}")
+    channels = kernel_size * kernel_size * base.shape[1]
+    for i, t in enumerate(taps):
+        name = f"taps[{i}]"
+        if t.dim() != 4:
+            raise ValueError(f"{op}: {name} must be a 4-D (N, K*K*Cout, h, w) tensor, got shape {tuple(t.shape)}")
+        if t.shape[0] != base.shape[0]:
+            raise ValueError(f"{op}: {name} has batch size {t.shape[0]} but base has {base.shape[0]}")
+        if t.shape[1] != channels:
+            raise ValueError(f"{op}: {name} has {t.shape[1]} channels, expected kernel_size^2 * base channels = "
+                             f"{channels}")
+        if t.shape[2] == 0 or t.shape[3] == 0:
+            raise ValueError(f"{op}: {name} must have non-zero height and width, got shape {tuple(t.shape)}")
+        if t.dtype != base.dtype:
+            raise TypeError(f"{op}: {name} has dtype {t.dtype} but base has {base.dtype}")
+        if t.device != base.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but base is on {base.device}")
+
+
+def upsample_shift_add_fake(base, taps, kernel_size, align_corners):
+    return torch.empty_like(base)
+
+
+def upsample_shift_add_backward_fake(grad, tap_shapes, kernel_size, align_corners, channels_last):
+    n, cout = grad.shape[0], grad.shape[1]
+    return [
+        torch.empty((n, kernel_size * kernel_size * cout, tap_shapes[2 * i], tap_shapes[2 * i + 1]),
+                    dtype=grad.dtype, device=grad.device,
+                    memory_format=torch.channels_last if channels_last[i] else torch.contiguous_format)
+        for i in range(len(tap_shapes) // 2)
+    ]
+
+
+def make_upsample_shift_add_autograd(backward_op: Callable):
+    """(backward, setup_context) for an upsample_shift_add-shaped op: the
+    result is linear in base (gradient: grad itself) and in the taps (their
+    gradient: `backward_op`, the gather-form adjoint)."""
+
+    def setup_context(ctx, inputs, output):
+        base, taps, kernel_size, align_corners = inputs
+        shapes = []
+        for t in taps:
+            shapes += [t.shape[2], t.shape[3]]
+        ctx.args = (shapes, kernel_size, align_corners, [_channels_last(t) for t in taps])
+
+    def backward(ctx, grad):
+        shapes, kernel_size, align_corners, channels_last = ctx.args
+        grad_base = grad if ctx.needs_input_grad[0] else None
+        grad_taps = None if shapes else []  # [] when there are no taps: the structure of the input
+        if ctx.needs_input_grad[1] and shapes:
+            grad_taps = list(backward_op(_dense(grad), shapes, kernel_size, align_corners, channels_last))
+        return grad_base, grad_taps, None, None
+
+    return backward, setup_context
+
+
+def make_upsample_shift_add_backward_autograd(forward_op: Callable):
+    """(backward, setup_context) for an upsample_shift_add_backward-shaped op.
+    It is linear in grad and the adjoint of the taps' part of the forward, so
+    its derivative is the forward (`forward_op`, same backend) of the incoming
+    tap gradients onto a zero base."""
+
+    def setup_context(ctx, inputs, output):
+        grad, tap_shapes, kernel_size, align_corners, channels_last = inputs
+        ctx.args = (kernel_size, align_corners, list(grad.shape), list(tap_shapes), _channels_last(grad))
+        ctx.like = dict(dtype=grad.dtype, device=grad.device)
+
+    def backward(ctx, grad_grad_taps):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None
+        kernel_size, align_corners, grad_shape, tap_shapes, grad_channels_last = ctx.args
+        n, cout = grad_shape[0], grad_shape[1]
+        parts = []
+        for i, g in enumerate(grad_grad_taps):
+            if g is None:  # that tap tensor's gradient was not used downstream
+                g = torch.zeros((n, kernel_size * kernel_size * cout, tap_shapes[2 * i], tap_shapes[2 * i + 1]),
+                                **ctx.like)
+            parts.append(_dense(g))
+        fmt = torch.channels_last if grad_channels_last else torch.contiguous_format
+        zero = torch.zeros(grad_shape, memory_format=fmt, **ctx.like)
+        return forward_op(zero, parts, kernel_size, align_corners), None, None, None, None
+
+    return backward, setup_context
+
+
+# --------------------------------------------------------------------------
 # Registration of the compiled ops
 # --------------------------------------------------------------------------
 
@@ -280,6 +387,13 @@ def _register_compiled() -> None:
     torch.library.register_autograd(lib + "multi_pool2d_backward", backward, setup_context=setup)
     backward, setup = make_upsample_concat_backward_autograd(ops.upsample_concat.default)
     torch.library.register_autograd(lib + "upsample_concat_backward", backward, setup_context=setup)
+
+    torch.library.register_fake(lib + "upsample_shift_add")(upsample_shift_add_fake)
+    torch.library.register_fake(lib + "upsample_shift_add_backward")(upsample_shift_add_backward_fake)
+    backward, setup = make_upsample_shift_add_autograd(ops.upsample_shift_add_backward.default)
+    torch.library.register_autograd(lib + "upsample_shift_add", backward, setup_context=setup)
+    backward, setup = make_upsample_shift_add_backward_autograd(ops.upsample_shift_add.default)
+    torch.library.register_autograd(lib + "upsample_shift_add_backward", backward, setup_context=setup)
 
 
 if _extension.LOADED:

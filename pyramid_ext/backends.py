@@ -148,8 +148,9 @@ def _resolve(backend: Optional[str], device_type: str, op: str) -> str:
 #   multi_pool2d(x, h_bounds, w_bounds, level_bins, mode, channels_last_levels) -> (values, indices)
 #   upsample_concat(x, branches, size, align_corners, x_first, channels_last) -> out
 #   upsample_concat_out(x, branches, align_corners, x_first, out) -> out
+#   upsample_shift_add(base, taps, kernel_size, align_corners) -> out
 # (the contracts of docs/DESIGN.md, "Op contracts").
-OPS = ("multi_pool2d", "upsample_concat", "upsample_concat_out")
+OPS = ("multi_pool2d", "upsample_concat", "upsample_concat_out", "upsample_shift_add")
 
 
 class _Compiled:
@@ -167,6 +168,10 @@ class _Compiled:
     def upsample_concat_out(x, branches, align_corners, x_first, out):
         torch.ops.pyramid_ext.upsample_concat_out(x, branches, align_corners, x_first, out)
         return out
+
+    @staticmethod
+    def upsample_shift_add(base, taps, kernel_size, align_corners):
+        return torch.ops.pyramid_ext.upsample_shift_add(base, taps, kernel_size, align_corners)
 
 
 # "triton" (the module pyramid_ext.triton) is added by _load, on the first call

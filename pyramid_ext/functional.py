@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 
 from . import _ops  # also registers the fake kernels and autograd of the compiled ops
 from . import backends, export
@@ -252,3 +253,276 @@ def _check_out(out, x, branches, size, dtype, device, fn: str) -> None:
     if torch._debug_has_internal_overlap(out) == 1:  # MemOverlap::Yes, e.g. expanded (stride 0)
         raise ValueError(f"{fn}: out has elements that share memory (e.g. an expanded tensor, stride "
                          f"{tuple(out.stride())}); it must be writable element by element")
+
+
+# --------------------------------------------------------------------------
+# Upsample + concat + conv, without the concatenation
+# --------------------------------------------------------------------------
+
+# Cost of the kernel op per tap, output element and output channel, in units
+# of one multiply-add of a convolution (it reads four source values and
+# writes once; measured against the ATen convs, docs/DESIGN.md).
+_SHIFT_ADD_COST = 8
+
+# Test only (tests/test_upsample_concat_conv.py, `forced_plan`): None, or a
+# dict forcing the plan: {"mode": "taps" | "resize", "chunks": int or None}.
+_FORCED_PLAN = None
+
+
+class _ConvPlan:
+    """How upsample_concat_conv2d computes each branch's share of the conv.
+
+    ``taps``: branches computed as tap products at their own resolution (one
+    1x1 conv each) and resized, shifted and added by the kernel op;
+    ``concat``: branches concatenated with x (resized first where their size
+    differs) and convolved with x's columns of the weight in one ATen conv;
+    ``chunks``: the output channels are computed in that many chunks (each a
+    conv of the concatenated part, the chunk's tap products and one kernel
+    op call), so the tap products of one chunk only are held at once.
+    """
+
+    def __init__(self, taps, concat, chunks):
+        self.taps, self.concat, self.chunks = list(taps), list(concat), chunks
+
+    def __repr__(self):
+        return f"_ConvPlan(taps={self.taps}, concat={self.concat}, chunks={self.chunks})"
+
+
+def _plan_peak(plan: _ConvPlan, n, cx, channels, areas, cout, k, hw) -> int:
+    """Temporary elements the plan holds at its peak (inputs and the result
+    not counted), as upsample_concat_conv2d below computes it."""
+    concat_members = (1 if cx else 0) + len(plan.concat)
+    # The concatenation of x and the concat branches exists only when it has
+    # more than one member or a member to resize (a lone x or same-size
+    # branch is convolved as it is).
+    held = 0
+    if concat_members > 1 or any(areas[i] != hw for i in plan.concat):
+        held = n * (cx + sum(channels[i] for i in plan.concat)) * hw
+    if not plan.taps:
+        return held
+    tap_area = sum(areas[i] for i in plan.taps)
+    if plan.chunks == 1:
+        # conv(concat) -> base while the concatenation lives; then base + tap products
+        return max(held + n * cout * hw, n * cout * hw + n * k * k * cout * tap_area)
+    chunk = -(-cout // plan.chunks)
+    # the concatenation for all chunks; per chunk its base, result and tap products
+    return held + n * chunk * (2 * hw + k * k * tap_area)
+
+
+def _choose_plan(n, cx, channels, sizes, cout, k, height, width) -> _ConvPlan:
+    """Per branch by cost, then the memory rule: never more temporary memory
+    than the concatenation (n * (cx + sum channels) * H * W elements)."""
+    hw = height * width
+    areas = [h * w for h, w in sizes]
+    budget = n * (cx + sum(channels)) * hw
+    forced = _FORCED_PLAN
+    taps, concat = [], []
+    for i, ((h, w), cb) in enumerate(zip(sizes, channels)):
+        if cb == 0:
+            continue  # contributes nothing
+        if forced is not None:
+            (taps if forced["mode"] == "taps" else concat).append(i)
+            continue
+        if (h, w) == (height, width):
+            concat.append(i)  # a plain conv, no resize
+            continue
+        # tap products at the branch's resolution plus the kernel op, against
+        # the conv at the output's resolution (and the resize, ~4 per element)
+        tap_cost = k * k * cout * (cb * areas[i] + _SHIFT_ADD_COST * hw)
+        resize_cost = k * k * cout * cb * hw + 4 * cb * hw
+        (taps if areas[i] < hw and tap_cost < resize_cost else concat).append(i)
+    if forced is not None and forced.get("chunks"):
+        return _ConvPlan(taps, concat, min(forced["chunks"], cout) if taps else 1)
+    while taps:
+        for chunks in range(1, cout + 1):
+            if chunks > 1 and -(-cout // chunks) == -(-cout // (chunks - 1)):
+                continue  # same chunk size
+            plan = _ConvPlan(taps, concat, chunks)
+            if _plan_peak(plan, n, cx, channels, areas, cout, k, hw) <= budget:
+                return plan
+        # even one output channel at a time does not fit: resize the branch
+        # with the largest tap products first instead
+        largest = max(taps, key=lambda i: areas[i])
+        taps.remove(largest)
+        concat.append(largest)
+    return _ConvPlan([], concat, 1)
+
+
+def upsample_concat_conv2d(x: Optional[torch.Tensor], branches: Sequence[torch.Tensor], weight: torch.Tensor,
+                           bias: Optional[torch.Tensor] = None, *, size: Union[int, Tuple[int, int], None] = None,
+                           align_corners: bool = False, x_first: bool = True,
+                           backend: Optional[str] = None) -> torch.Tensor:
+    """The convolution of an upsample-concatenation, without the concatenation.
+
+    Equal to ``F.conv2d(upsample_concat(x, branches, size=size,
+    align_corners=align_corners, x_first=x_first), weight, bias,
+    padding=weight.shape[-1] // 2)`` (stride 1, dilation 1, groups 1, odd
+    square kernel). The weight is split along its input channels: x's
+    columns convolve x; a branch smaller than the output is convolved at its
+    own resolution with every kernel tap (one 1x1 conv giving K*K*Cout "tap
+    products"), and the kernel op ``upsample_shift_add`` resizes, shifts and
+    adds them into the output in one pass; other branches are resized first
+    (or, at the output's size, taken as they are) and convolved with x. The
+    choice is per branch, by cost, within the memory of the concatenation.
+    ``backend`` names the backend of the kernel op (and of the resize of
+    branches resized first); the convolutions are ATen's.
+    """
+    fn = "upsample_concat_conv2d()"
+    if isinstance(branches, torch.Tensor):
+        raise TypeError(f"{fn}: branches must be a list of tensors, got a single Tensor")
+    try:
+        branches = list(branches)
+    except TypeError:
+        raise TypeError(f"{fn}: branches must be a list of tensors, got {type(branches).__name__}") from None
+    tensors = []
+    if x is not None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{fn}: x must be a torch.Tensor or None, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"{fn}: x must be a 4-D (N, C, H, W) tensor, got shape {tuple(x.shape)}")
+        _check_float(x, f"{fn}: x")
+        if x.shape[-2] == 0 or x.shape[-1] == 0:
+            raise ValueError(f"{fn}: x must have non-zero height and width, got shape {tuple(x.shape)}")
+        tensors.append(("x", x))
+    elif size is None:
+        raise ValueError(f"{fn}: size is required when x is None")
+    if x is None and not branches:
+        raise ValueError(f"{fn}: needs x or at least one branch")
+    for i, b in enumerate(branches):
+        name = f"branches[{i}]"
+        if not isinstance(b, torch.Tensor):
+            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(b).__name__}")
+        if b.dim() != 4:
+            raise ValueError(f"{fn}: {name} must be a 4-D (N, C, h, w) tensor, got shape {tuple(b.shape)}")
+        _check_float(b, f"{fn}: {name}")
+        if b.shape[-2] == 0 or b.shape[-1] == 0:
+            raise ValueError(f"{fn}: {name} must have non-zero height and width, got shape {tuple(b.shape)}")
+        tensors.append((name, b))
+    ref_name, ref = tensors[0]
+    for name, t in tensors[1:]:
+        if t.device != ref.device:
+            raise ValueError(f"{fn}: {name} is on {t.device} but {ref_name} is on {ref.device}")
+        if t.shape[0] != ref.shape[0]:
+            raise ValueError(f"{fn}: {name} has batch size {t.shape[0]} but {ref_name} has {ref.shape[0]}")
+    size = _pair(size if size is not None else x.shape[-2:], f"{fn}: size")
+    if x is not None and not any(map(_traced_size, size)) and (size[0] != x.shape[-2] or size[1] != x.shape[-1]):
+        raise ValueError(f"{fn}: size {tuple(size)} must equal x's height and width {tuple(x.shape[-2:])} "
+                         "(x is not resized; pass size only with x=None, or resize x first)")
+    dtype = ref.dtype
+    for _, t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    cx = x.shape[1] if x is not None else 0
+    channels = [b.shape[1] for b in branches]
+    in_channels = cx + sum(channels)
+    _check_conv_weight(weight, bias, in_channels, dtype, ref.device, fn)
+    k = weight.shape[-1]
+    pad = k // 2
+    if x is not None:
+        x = _dense(x.to(dtype))
+    branches = [_dense(b.to(dtype)) for b in branches]
+    if export.active():  # ONNX: the concatenating way, standard ops only
+        return F.conv2d(export.upsample_concat(x, branches, size, align_corners, x_first, None), weight, bias,
+                        padding=pad)
+
+    # The output's layout: what F.conv2d over the concatenation gives (channels_last
+    # when the concatenation, laid out as x or the first branch, or the weight is).
+    lead = x if x is not None else branches[0]
+    fmt = torch.channels_last if (_channels_last(lead) or _channels_last(weight)) else torch.contiguous_format
+    n, cout = ref.shape[0], weight.shape[0]
+    height, width = size
+    # The weight's columns of x and of each branch, in concatenation order.
+    first = 0 if x_first or x is None else sum(channels)
+    w_x = weight[:, first : first + cx]
+    offsets = []
+    c = cx if x_first and x is not None else 0
+    for cb in channels:
+        offsets.append(c)
+        c += cb
+    plan = _choose_plan(n, cx, channels, [tuple(b.shape[-2:]) for b in branches], cout, k, height, width)
+
+    # x and the concat branches: one tensor to convolve (the concatenation,
+    # resized where needed, or a lone x / same-size branch as it is) and its
+    # weight columns.
+    parts = [(x, w_x)] if x is not None else []
+    parts += [(branches[i], weight[:, offsets[i] : offsets[i] + channels[i]]) for i in plan.concat]
+    concat_in = concat_w = None
+    if len(parts) == 1 and tuple(parts[0][0].shape[-2:]) == (height, width):
+        concat_in, concat_w = parts[0]
+    elif parts:
+        resized = [p for p, _ in parts[1:]] if x is not None else [p for p, _ in parts]
+        impl = backends.implementation(backends.resolve(backend, ref.device, "upsample_concat"))
+        concat_in = impl.upsample_concat(x, resized, [height, width], align_corners, True, fmt == torch.channels_last)
+        concat_w = torch.cat([w for _, w in parts], 1)
+    del parts
+    if not plan.taps:
+        return F.conv2d(concat_in, concat_w, bias, padding=pad).contiguous(memory_format=fmt)
+
+    impl = backends.implementation(backends.resolve(backend, ref.device, "upsample_shift_add"))
+
+    def taps_of(lo, hi):
+        """Tap products of output channels [lo, hi) of every tap branch."""
+        taps = []
+        for i in plan.taps:
+            # (cc, Cb, K, K) -> (K*K*cc, Cb, 1, 1): channel (a * K + c) * cc + o, tap-major
+            w = weight[lo:hi, offsets[i] : offsets[i] + channels[i]].permute(2, 3, 0, 1)
+            taps.append(F.conv2d(branches[i], w.reshape(k * k * (hi - lo), channels[i], 1, 1)))
+        return taps
+
+    def result_of(lo, hi):
+        """Output channels [lo, hi): conv(x and concat branches) + bias as the
+        base, the tap products resized, shifted and added to it."""
+        nonlocal concat_in
+        bias_part = bias[lo:hi] if bias is not None else None
+        if concat_in is not None:
+            base = F.conv2d(concat_in, concat_w[lo:hi], bias_part, padding=pad).contiguous(memory_format=fmt)
+            if hi - lo == cout:
+                concat_in = None  # one chunk: freed before the tap products exist (unless autograd keeps it)
+            return impl.upsample_shift_add(base, taps_of(lo, hi), k, align_corners)
+        taps = taps_of(lo, hi)
+        # the convs' dtype (the inputs', or autocast's)
+        base = torch.empty((n, hi - lo, height, width), dtype=taps[0].dtype, device=ref.device,
+                           memory_format=fmt).zero_()
+        if bias_part is not None:
+            base.add_(bias_part.to(base.dtype).view(1, -1, 1, 1))
+        return impl.upsample_shift_add(base, taps, k, align_corners)
+
+    if plan.chunks == 1:
+        return result_of(0, cout)
+    # One chunk of output channels at a time, each written into the output.
+    step = -(-cout // plan.chunks)
+    out = None
+    for lo in range(0, cout, step):
+        part = result_of(lo, min(cout, lo + step))
+        if out is None:
+            out = torch.empty((n, cout, height, width), dtype=part.dtype, device=ref.device, memory_format=fmt)
+        out[:, lo : lo + part.shape[1]] = part
+    return out
+
+
+def _check_conv_weight(weight, bias, in_channels, dtype, device, fn: str) -> None:
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{fn}: weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() != 4:
+        raise ValueError(f"{fn}: weight must be a 4-D (Cout, Cin, K, K) tensor, got shape {tuple(weight.shape)}")
+    if weight.shape[1] != in_channels:
+        raise ValueError(f"{fn}: weight has {weight.shape[1]} input channels but the concatenation has "
+                         f"{in_channels} (x and branches)")
+    kh, kw = weight.shape[-2], weight.shape[-1]
+    if kh != kw or kh % 2 != 1:
+        raise ValueError(f"{fn}: weight must have an odd square kernel (K, K), got ({kh}, {kw})")
+    if weight.device != device:
+        raise ValueError(f"{fn}: weight is on {weight.device} but the inputs are on {device}")
+    autocast = torch.is_autocast_enabled(device.type)
+    if weight.dtype != dtype and not autocast:
+        raise TypeError(f"{fn}: weight has dtype {weight.dtype} but the inputs have {dtype}")
+    if bias is None:
+        return
+    if not isinstance(bias, torch.Tensor):
+        raise TypeError(f"{fn}: bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    if bias.dim() != 1 or bias.shape[0] != weight.shape[0]:
+        raise ValueError(f"{fn}: bias must have shape ({weight.shape[0]},) (weight's output channels), "
+                         f"got {tuple(bias.shape)}")
+    if bias.device != device:
+        raise ValueError(f"{fn}: bias is on {bias.device} but the inputs are on {device}")
+    if bias.dtype != dtype and not autocast:
+        raise TypeError(f"{fn}: bias has dtype {bias.dtype} but the inputs have {dtype}")

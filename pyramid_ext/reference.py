@@ -158,3 +158,26 @@ def upsample_concat_out(x, branches, align_corners: bool, x_first: bool, out: to
         out[:, c : c + p.shape[1]].copy_(p)
         c += p.shape[1]
     return out
+
+
+def upsample_shift_add(base: torch.Tensor, taps: Sequence[torch.Tensor], kernel_size: int,
+                       align_corners: bool) -> torch.Tensor:
+    """Reference for ``torch.ops.pyramid_ext.upsample_shift_add``: per kernel
+    tap (a, c), the tap's Cout channels resized to base's (H, W), shifted by
+    (a - K // 2, c - K // 2) with zero fill (as a stride-1 conv pads), and
+    added. 16-bit inputs are accumulated in float32 and rounded once."""
+    _ops.check_shift_add_args("upsample_shift_add", base, taps, kernel_size)
+    acc = torch.float32 if base.dtype in (torch.float16, torch.bfloat16) else base.dtype
+    k, pad = kernel_size, kernel_size // 2
+    cout, height, width = base.shape[1], base.shape[2], base.shape[3]
+    out = base.to(acc, copy=True)  # keeps base's memory format
+    for t in taps:
+        t = t.to(acc)
+        for a in range(k):
+            for c in range(k):
+                first = (a * k + c) * cout
+                up = _interpolate(t[:, first : first + cout], (height, width), align_corners)
+                # out[y, x] += up[y + a - pad, x + c - pad] where that is inside the map
+                padded = F.pad(up, (pad, pad, pad, pad))
+                out += padded[:, :, a : a + height, c : c + width]
+    return out.to(base.dtype)

@@ -27,6 +27,13 @@ from ._upsample_concat import _upsample_concat_backward_impl, _upsample_concat_i
 # Op registration
 # --------------------------------------------------------------------------
 
+def _not_yet(*args):
+    # Placeholder until the Triton kernels of upsample_shift_add land (issue #10):
+    # the op is declared, so its schema is checked, but a call raises.
+    raise NotImplementedError("pyramid_ext.triton: upsample_shift_add has no Triton kernel yet; "
+                              "use backend='cpp' or 'torch'")
+
+
 # Every op of _ops.SCHEMAS, declared as pyramid_ext::<op>_triton with that schema.
 _IMPLS = {
     "multi_pool2d": (_pool_impl, _ops.pool_fake),
@@ -34,6 +41,8 @@ _IMPLS = {
     "upsample_concat": (_upsample_concat_impl, _ops.upsample_concat_fake),
     "upsample_concat_out": (_upsample_concat_out_impl, _ops.upsample_concat_out_fake),
     "upsample_concat_backward": (_upsample_concat_backward_impl, _ops.upsample_concat_backward_fake),
+    "upsample_shift_add": (_not_yet, _ops.upsample_shift_add_fake),
+    "upsample_shift_add_backward": (_not_yet, _ops.upsample_shift_add_backward_fake),
 }
 if _IMPLS.keys() != _ops.SCHEMAS.keys():
     raise RuntimeError(f"pyramid_ext.triton implements {sorted(_IMPLS)}, _ops.SCHEMAS declares {sorted(_ops.SCHEMAS)}")
@@ -64,6 +73,11 @@ def _register() -> None:
     backward, setup = _ops.make_upsample_concat_backward_autograd(ops.upsample_concat_triton.default)
     torch.library.register_autograd("pyramid_ext::upsample_concat_backward_triton", backward, setup_context=setup,
                                     lib=_LIB)
+    backward, setup = _ops.make_upsample_shift_add_autograd(ops.upsample_shift_add_backward_triton.default)
+    torch.library.register_autograd("pyramid_ext::upsample_shift_add_triton", backward, setup_context=setup, lib=_LIB)
+    backward, setup = _ops.make_upsample_shift_add_backward_autograd(ops.upsample_shift_add_triton.default)
+    torch.library.register_autograd("pyramid_ext::upsample_shift_add_backward_triton", backward,
+                                    setup_context=setup, lib=_LIB)
 
 
 _LIB = None
@@ -90,4 +104,8 @@ def upsample_concat_out(x, branches, align_corners, x_first, out):
     return out
 
 
-__all__ = ["multi_pool2d", "upsample_concat", "upsample_concat_out", "INTERPRETED"]
+def upsample_shift_add(base, taps, kernel_size, align_corners):
+    return torch.ops.pyramid_ext.upsample_shift_add_triton(base, list(taps), int(kernel_size), bool(align_corners))
+
+
+__all__ = ["multi_pool2d", "upsample_concat", "upsample_concat_out", "upsample_shift_add", "INTERPRETED"]
