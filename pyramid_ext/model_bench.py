@@ -160,9 +160,11 @@ def _train_mode(model: nn.Module, batch: int) -> None:
 def _first_tensor(out):
     if isinstance(out, torch.Tensor):
         return out
+    if hasattr(out, "logits"):  # transformers' output (a dict too)
+        return out.logits
     if isinstance(out, dict):
         return out["out"]
-    return getattr(out, "logits", out[0] if isinstance(out, (tuple, list)) else out)
+    return out[0]
 
 
 def _forward(module, args):

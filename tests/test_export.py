@@ -444,7 +444,7 @@ class OutTensor(nn.Module):
 
     def forward(self, x):
         out = self.model(x)
-        return out["out"] if isinstance(out, dict) else out.logits
+        return out.logits if hasattr(out, "logits") else out["out"]
 
 
 def hf_upernet():
