@@ -157,6 +157,37 @@ PE_HOST_DEVICE DstRange bilinear_readers(int64_t src, int64_t in_size,
 }
 
 // ---------------------------------------------------------------------------
+// upsample_shift_add: a K x K convolution of a resized map, computed as the
+// resized "tap products" P_t (t = a * K + c, each a 1x1 conv at the source
+// resolution) shifted and added: out[y, x] += up(P_t)[y + a - K/2, x + c - K/2]
+// where that coordinate is inside the map (zero padding).
+// ---------------------------------------------------------------------------
+
+// The output coordinates [first, end) whose shifted coordinate dst + shift
+// lies in [0, size); empty (first == end) when |shift| >= size.
+struct ShiftRange {
+  int64_t first;
+  int64_t end;
+};
+
+PE_HOST_DEVICE ShiftRange shift_range(int64_t shift, int64_t size) {
+  ShiftRange r;
+  r.first = shift < 0 ? -shift : 0;
+  r.end = shift > 0 ? size - shift : size;
+  if (r.first > size) r.first = size;
+  if (r.end < r.first) r.end = r.first;
+  return r;
+}
+
+// The channel of kernel tap (a, c), output channel o, in a (N, K*K*Cout, h, w)
+// tensor of tap products: tap-major, as the 1x1 conv with weight
+// W.permute(2, 3, 0, 1).reshape(K*K*Cout, Cin, 1, 1) lays them out.
+PE_HOST_DEVICE int64_t tap_channel(int64_t a, int64_t c, int64_t kernel_size,
+                                   int64_t cout, int64_t o) {
+  return (a * kernel_size + c) * cout + o;
+}
+
+// ---------------------------------------------------------------------------
 // Max pooling: the comparison ATen's CPU adaptive max pooling uses. A value
 // replaces the running maximum when it is larger or NaN, scanning the window
 // row-major; so the result is the first maximum, or the last NaN.

@@ -359,7 +359,7 @@ def make_upsample_shift_add_backward_autograd(forward_op: Callable):
                                 **ctx.like)
             parts.append(_dense(g))
         fmt = torch.channels_last if grad_channels_last else torch.contiguous_format
-        zero = torch.zeros(grad_shape, memory_format=fmt, **ctx.like)
+        zero = torch.empty(grad_shape, memory_format=fmt, **ctx.like).zero_()
         return forward_op(zero, parts, kernel_size, align_corners), None, None, None, None
 
     return backward, setup_context

@@ -368,6 +368,7 @@ def upsample_concat_conv2d(x: Optional[torch.Tensor], branches: Sequence[torch.T
     branches resized first); the convolutions are ATen's.
     """
     fn = "upsample_concat_conv2d()"
+    backends.requested_backend(backend)  # a bad name raises even where no backend op runs
     if isinstance(branches, torch.Tensor):
         raise TypeError(f"{fn}: branches must be a list of tensors, got a single Tensor")
     try:

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "cpu/huge_pages.h"
+#include "cpu/resize_tables.h"
 #include "cpu/simd_loops.h"
 #include "pyramid_index.h"
 #include "upsample_concat_checks.h"
@@ -29,28 +30,6 @@ namespace {
 
 // One source of output channels: x (copied) or a branch (interpolated).
 using Part = ConcatPart;
-
-// For each source column j, the output columns that read it (a gather over
-// those replaces a scatter from every output column).
-template <typename acc_t>
-std::vector<DstRange> axis_readers(int64_t in_size, int64_t out_size,
-                                   bool align_corners) {
-  const acc_t scale = bilinear_scale<acc_t>(in_size, out_size, align_corners);
-  std::vector<DstRange> readers(static_cast<size_t>(in_size));
-  for (int64_t s = 0; s < in_size; ++s)
-    readers[s] = bilinear_readers<acc_t>(s, in_size, out_size, scale, align_corners);
-  return readers;
-}
-
-template <typename acc_t>
-std::vector<LinearTap<acc_t>> axis_taps(int64_t in_size, int64_t out_size,
-                                        bool align_corners) {
-  const acc_t scale = bilinear_scale<acc_t>(in_size, out_size, align_corners);
-  std::vector<LinearTap<acc_t>> taps(static_cast<size_t>(out_size));
-  for (int64_t d = 0; d < out_size; ++d)
-    taps[d] = bilinear_tap<acc_t>(d, in_size, out_size, scale, align_corners);
-  return taps;
-}
 
 // Output planes (any strides; unit W stride is the fast case).
 template <typename scalar_t>
@@ -283,57 +262,6 @@ struct BackwardTables {
       readers.push_back(axis_readers<acc_t>(gb.size(3), W, align_corners));
     }
     first_task.push_back(tasks);
-  }
-};
-
-// The backward's long sums: grad_branch = Wy^T G Wx, where a 1x1 branch sums
-// a whole plane of G. Pass 1, rows[i] = sum_h Wy[h, i] G[h, :]: each row's
-// terms (weight x row of G, one rounding each) are summed in float runs of
-// at most simd::kRunLength terms (at most two per output row h), and the
-// runs are added to rows in double. Pass 2, grad[i][j] = sum over the columns
-// w that read j of rows[i][w] Wx[w, j], in double. A term passes at most one
-// product rounding and kRunLength - 1 float additions (a full run needs
-// H >= 6, so W <= 2^31 / 6 for a plane of up to 2^31 elements), then fewer
-// than 2H / kRunLength + W + 2 < 2^31 / 6 + 3 double operations, and the
-// result one rounding to the dtype:
-//   |err| <= (13 * 2^-24 + 2^31 / 6 * 2^-53) sum |Wy G Wx| < 8.2e-7 sum |Wy G Wx|
-// (for non-negative G, 8.2e-7 relative to the gradient). Float accumulation
-// over the H rows drifted by up to H * 2^-24.
-//
-// One plane's (or channel chunk's) row sums: `rows` (double) and the float
-// runs (`run`, zero outside a run), `width` values per row.
-template <typename acc_t>
-struct RowRunSums {
-  int64_t width = 0;
-  std::vector<double> rows;
-  std::vector<acc_t> run;
-  std::vector<int64_t> terms;  // terms in each row's current run
-
-  void reset(int64_t num_rows, int64_t w) {
-    width = w;
-    rows.assign(static_cast<size_t>(num_rows * w), 0.0);
-    run.assign(static_cast<size_t>(num_rows * w), acc_t(0));
-    terms.assign(static_cast<size_t>(num_rows), 0);
-  }
-  void flush(int64_t i) {
-    double* r = rows.data() + i * width;
-    acc_t* q = run.data() + i * width;
-#pragma omp simd
-    for (int64_t k = 0; k < width; ++k) {
-      r[k] += static_cast<double>(q[k]);
-      q[k] = acc_t(0);
-    }
-    terms[i] = 0;
-  }
-  // The float run of row i, ready for one more term.
-  acc_t* next_term(int64_t i) {
-    if (terms[i] == simd::kRunLength) flush(i);
-    ++terms[i];
-    return run.data() + i * width;
-  }
-  void flush_all() {
-    for (int64_t i = 0; i < static_cast<int64_t>(terms.size()); ++i)
-      if (terms[i] > 0) flush(i);
   }
 };
 
