@@ -13,16 +13,20 @@ CPU_TORCH ?= torch
 VENV_CUDA ?= .venv-cuda
 PY_CUDA := $(VENV_CUDA)/bin/python
 CUDA_TORCH ?= torch==2.14.1
-# Installed beside it for the Triton-interpreter and model-conversion tests.
+# Installed beside it for the Triton-interpreter and model-conversion tests
+# (transformers: MODEL_EXTRAS below, its own stamp).
 CUDA_EXTRAS ?= torchvision==0.29.1 segmentation-models-pytorch==0.6.0
 # And for the export tests (tests/test_export.py: ONNX in onnxruntime and OpenVINO).
 EXPORT_EXTRAS ?= onnx==1.23.2 onnxscript==0.7.2 onnxruntime==1.32.0 openvino==2026.4.1
+# And for converting transformers' UperNet and SegFormer (tests/test_convert.py,
+# tests/test_export.py, `make bench-models`).
+MODEL_EXTRAS ?= transformers==5.24.0
 CUDA_HOME ?= /usr/local/cuda
 TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 MAX_JOBS ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: test test-long test-large fuzz bench build venv cuda-check cuda-venv test-cuda-env test-cuda-emu gpu-check clean
+.PHONY: test test-long test-large fuzz bench bench-models build venv cuda-check cuda-venv test-cuda-env test-cuda-emu gpu-check clean
 
 $(VENV)/.ready:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -69,6 +73,20 @@ bench: build
 	$(PY) benchmarks/compare.py --both-env
 	$(PY) -m pyramid_ext bench
 	$(PY) benchmarks/bench_models.py --both-env
+	$(MAKE) bench-models
+
+# The model table (`python -m pyramid_ext bench --model all`: transformers UperNet
+# and SegFormer, the PSPNet head, smp PSPNet, torchvision DeepLabV3; whole model
+# and decode head, eager vs converted) needs the libraries, which live in the
+# CUDA-build environment: a CPU build of the extension for its torch, in a copy
+# of the tree (build/models-bench; incremental), then the benchmark.
+MODELS_TREE := build/models-bench
+BENCH_MODELS_ARGS ?= --rounds 5
+bench-models: cuda-venv
+	mkdir -p $(MODELS_TREE)
+	tar --exclude=./.venv --exclude=./$(VENV_CUDA) --exclude=./build --exclude='*.so' --exclude=./.git -cf - . | tar -xf - -C $(MODELS_TREE)
+	cd $(MODELS_TREE) && FORCE_CUDA=0 MAX_JOBS=$(MAX_JOBS) $(abspath $(PY_CUDA)) setup.py -q build_ext --inplace
+	cd $(MODELS_TREE) && PYTHONPATH=. $(abspath $(PY_CUDA)) -m pyramid_ext bench --model all $(BENCH_MODELS_ARGS)
 
 $(VENV_CUDA)/.ready:
 	test -x $(PY_CUDA) || $(PYTHON) -m venv $(VENV_CUDA)
@@ -84,7 +102,11 @@ $(VENV_CUDA)/.hypothesis-ready: $(VENV_CUDA)/.ready
 	$(PY_CUDA) -m pip install -q hypothesis
 	touch $@
 
-cuda-venv: $(VENV_CUDA)/.ready $(VENV_CUDA)/.export-ready $(VENV_CUDA)/.hypothesis-ready
+$(VENV_CUDA)/.models-ready: $(VENV_CUDA)/.ready
+	$(PY_CUDA) -m pip install -q $(MODEL_EXTRAS)
+	touch $@
+
+cuda-venv: $(VENV_CUDA)/.ready $(VENV_CUDA)/.export-ready $(VENV_CUDA)/.hypothesis-ready $(VENV_CUDA)/.models-ready
 
 # Compiles the CUDA kernels (no GPU needed: FORCE_CUDA=1), warnings as errors,
 # in a copy of the tree so the CPU build in place is left alone; then checks
@@ -101,7 +123,7 @@ cuda-check: cuda-venv
 	cd $(CUDA_TREE) && PYTHONPATH=. $(abspath $(PY_CUDA)) tests/check_cuda_build.py
 
 # The tests that need the CUDA-build environment: Triton kernels on CPU
-# tensors under the interpreter, conversion of torchvision/smp models, export
+# tensors under the interpreter, conversion of torchvision/smp/transformers models, export
 # (ONNX, torch.export, AOTInductor; PYRAMID_EXT_REQUIRE_EXPORT=1 makes a missing
 # onnx/onnxruntime/openvino fail rather than skip) and the GPU suite (skips
 # without a GPU). Uses the extension cuda-check built.

@@ -77,6 +77,7 @@ setup(
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.9",
     install_requires=["torch>=2.4"],
-    extras_require={"models": ["torchvision"], "triton": ["triton"], "plot": ["matplotlib"]},
+    extras_require={"models": ["torchvision", "segmentation-models-pytorch", "transformers"], "triton": ["triton"],
+                    "plot": ["matplotlib"]},
     zip_safe=False,
 )

@@ -3,7 +3,9 @@
 ``bench`` times the fused :class:`pyramid_ext.nn.PPM` on every available
 backend against the eager reference module (AdaptiveAvgPool2d, F.interpolate,
 torch.cat; same weights) and ``torch.compile`` of it, forward and
-forward+backward. Contenders are interleaved round by round after a warm-up;
+forward+backward. ``bench --model upernet segformer ...`` (or ``all``) times
+whole segmentation models and their decode heads before and after
+``pyramid_ext.convert`` instead (``pyramid_ext/model_bench.py``). Contenders are interleaved round by round after a warm-up;
 medians are reported. ``info`` prints versions and what is built/available.
 """
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import pyramid_ext as pe
+from pyramid_ext.model_bench import MODEL_NAMES
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -237,6 +240,14 @@ def _bench_both_envs(argv: List[str]) -> int:
 def cmd_bench(args) -> int:
     if args.env == "both" and not (args.plot or args.json):
         return _bench_both_envs(args.passthrough)
+    if args.model:
+        from . import model_bench
+
+        if args.plot or args.json:
+            raise SystemExit("error: --plot/--json are for the PPM benchmark, not --model")
+        names = list(model_bench.MODEL_NAMES) if "all" in args.model else list(dict.fromkeys(args.model))
+        return model_bench.main(names, rounds=args.rounds, warmup=args.warmup, threads=args.threads,
+                                train=args.backward)
     if args.env == "both":
         _log(f"[bench] --plot/--json: one environment, this process's ({THP_VAR}={os.environ.get(THP_VAR, 'unset')})")
     plt = _require_matplotlib() if args.plot else None
@@ -316,6 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="both (default): run once in the default environment and once with THP_MEM_ALLOC_ENABLE=1 "
                         "(c10 reads it at start-up); current: this process's environment only (also what "
                         "--plot/--json use)")
+    b.add_argument("--model", nargs="+", choices=("all",) + MODEL_NAMES,
+                   help="time these segmentation models (whole model and decode head, forward and training step) "
+                        "before and after pyramid_ext.convert instead of the PPM (CPU; --rounds, --warmup, --threads, "
+                        "--backward apply)")
     b.add_argument("--plot", metavar="FILE.png", help="bar chart of the medians (needs matplotlib)")
     b.add_argument("--json", metavar="FILE", help="write the results as JSON ('-' for stdout)")
     b.set_defaults(func=cmd_bench)

@@ -5,7 +5,13 @@ keys of the layout it reproduces, so migrating is a change of import. The
 pooling of every bin is one ``multi_adaptive_avg_pool2d`` call, the per-bin
 1x1 conv / norm / activation run on the tiny pooled maps, and the upsampling of
 every branch plus the concatenation with ``x`` is one ``upsample_concat``
-call. The backend is whatever ``pyramid_ext`` selects (``use_backend``,
+call. Where a conv follows the concatenation (``PyramidPooling`` with a
+``bottleneck``, ``PSPModule``'s bottleneck, ``PSPNet``'s ``cls[0]``), the
+concatenation is not written at all: ``pe.upsample_concat_conv2d`` applies
+each branch's share of the conv at the branch's own (bin) size and
+accumulates the resized results (``conv_after_concat``); the module then
+calls that conv's weights directly, so hooks on the conv (or on ``PSPNet.ppm``
+and ``cls``) do not fire. The backend is whatever ``pyramid_ext`` selects (``use_backend``,
 ``PYRAMID_EXT_BACKEND``, or auto); nothing here names one.
 
 Branches are ``nn.Sequential`` s whose index 0 is the original
@@ -38,6 +44,8 @@ __all__ = [
     "FeaturePyramidAttention",
     "PSPNet",
     "fused_pyramid",
+    "pyramid_branches",
+    "conv_after_concat",
 ]
 
 
@@ -86,22 +94,61 @@ def _apply_tail(stage: nn.Sequential, pooled: torch.Tensor, label: str) -> torch
     return pooled
 
 
+def pyramid_branches(x: torch.Tensor, stages: Sequence[nn.Sequential], *, label: str = "pyramid") -> list:
+    """``[stage(x) for stage in stages]`` at the bins' own sizes, with one fused pooling call.
+
+    ``stages``: Sequentials whose index 0 is an ``nn.AdaptiveAvgPool2d``
+    (its bin is read, the module itself is not called) and whose remaining
+    modules are applied to the pooled map.
+    """
+    bins = [_bin_of(s[0]) for s in stages]
+    pooled = pf.multi_adaptive_avg_pool2d(x, bins)
+    return [_apply_tail(s, p, f"{label}[{i}] (bin {b[0]}x{b[1]})")
+            for i, (s, p, b) in enumerate(zip(stages, pooled, bins))]
+
+
 def fused_pyramid(x: torch.Tensor, stages: Sequence[nn.Sequential], *, align_corners: bool, x_first: bool = True,
                   with_x: bool = True, label: str = "pyramid") -> torch.Tensor:
     """``cat([x] + [interpolate(stage(x), x's size)] ...)`` with the fused ops.
 
-    ``stages``: Sequentials whose index 0 is an ``nn.AdaptiveAvgPool2d``
-    (its bin is read, the module itself is not called) and whose remaining
-    modules are applied to the pooled map. One multi-bin pooling call, the
-    stage tails on the pooled maps, one upsample-concat call. ``x_first=False``
+    One multi-bin pooling call, the stage tails on the pooled maps
+    (:func:`pyramid_branches`), one upsample-concat call. ``x_first=False``
     puts x last; ``with_x=False`` returns the upsampled branches only.
     """
-    bins = [_bin_of(s[0]) for s in stages]
-    pooled = pf.multi_adaptive_avg_pool2d(x, bins)
-    branches = [_apply_tail(s, p, f"{label}[{i}] (bin {b[0]}x{b[1]})")
-                for i, (s, p, b) in enumerate(zip(stages, pooled, bins))]
+    branches = pyramid_branches(x, stages, label=label)
     return pf.upsample_concat(x if with_x else None, branches, size=tuple(x.shape[-2:]),
                               align_corners=align_corners, x_first=x_first)
+
+
+def concat_free_conv(conv: nn.Module) -> Optional[str]:
+    """None if ``conv`` can be applied without the concatenation
+    (``pe.upsample_concat_conv2d``: a plain ``nn.Conv2d``, square odd kernel,
+    "same" zero padding, stride 1, dilation 1, groups 1), else why not."""
+    if type(conv) is not nn.Conv2d:
+        return f"is a {type(conv).__name__}, not an nn.Conv2d"
+    k = conv.kernel_size
+    if k[0] != k[1] or k[0] % 2 != 1:
+        return f"has kernel_size {tuple(k)}, not a square odd kernel"
+    if tuple(conv.padding) != (k[0] // 2, k[0] // 2) or conv.padding_mode != "zeros":
+        return f"has padding {conv.padding!r} ({conv.padding_mode}), not {k[0] // 2} with zeros"
+    if tuple(conv.stride) != (1, 1) or tuple(conv.dilation) != (1, 1) or conv.groups != 1:
+        return "has a stride, dilation or groups other than 1"
+    return None
+
+
+def conv_after_concat(conv: nn.Conv2d, x: Optional[torch.Tensor], branches: Sequence[torch.Tensor], *, size=None,
+                      align_corners: bool, x_first: bool = True) -> torch.Tensor:
+    """``conv(upsample_concat(x, branches, ...))`` without writing the concatenation.
+
+    ``pe.upsample_concat_conv2d`` with ``conv``'s weight and bias: each
+    branch's share of the conv applied at the branch's own resolution where
+    that is cheaper, then resized and accumulated. A conv that function
+    cannot take (:func:`concat_free_conv`) runs over the concatenation.
+    """
+    if concat_free_conv(conv) is not None:
+        return conv(pf.upsample_concat(x, branches, size=size, align_corners=align_corners, x_first=x_first))
+    return pf.upsample_concat_conv2d(x, branches, conv.weight, conv.bias, size=size, align_corners=align_corners,
+                                     x_first=x_first)
 
 
 def _module_label(module: nn.Module, attr: str) -> str:
@@ -174,9 +221,9 @@ class PSPModule(nn.Module):
         return nn.Sequential(prior, conv)
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        priors = fused_pyramid(feats, self.stages, align_corners=False, x_first=False,
-                               label=_module_label(self, "stages"))
-        return self.relu(self.bottleneck(priors))
+        # the bottleneck conv without the concatenation: each stage's share at its bin's size
+        branches = pyramid_branches(feats, self.stages, label=_module_label(self, "stages"))
+        return self.relu(conv_after_concat(self.bottleneck, feats, branches, align_corners=False, x_first=False))
 
 
 # --------------------------------------------------------------------------
@@ -328,11 +375,14 @@ class PyramidPooling(nn.Module):
                    out_channels=out_channels, out_kernel_size=3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = fused_pyramid(x, self.branches, align_corners=self.align_corners, x_first=self.x_first,
-                            label=_module_label(self, "branches"))
-        if self.bottleneck is not None:
-            out = self.bottleneck(out)
-        return out
+        label = _module_label(self, "branches")
+        if self.bottleneck is None:
+            return fused_pyramid(x, self.branches, align_corners=self.align_corners, x_first=self.x_first, label=label)
+        # the bottleneck conv without the concatenation: each branch's share at its bin's size
+        branches = pyramid_branches(x, self.branches, label=label)
+        out = conv_after_concat(self.bottleneck[0], x, branches, align_corners=self.align_corners,
+                                x_first=self.x_first)
+        return self.bottleneck[2](self.bottleneck[1](out))
 
     def extra_repr(self) -> str:
         return (f"bins={[b[0] if b[0] == b[1] else b for b in self.bins]}, align_corners={self.align_corners}, "
@@ -525,8 +575,13 @@ class PSPNet(nn.Module):
         x3 = self.layer3(x)
         x = self.layer4(x3)
         if self.use_ppm:
-            x = self.ppm(x)
-        x = self.cls(x)
+            # cls[0] (3x3, 4096 -> 512) without the concatenation the PPM would return
+            branches = pyramid_branches(x, self.ppm.features, label=_module_label(self, "ppm.features"))
+            x = conv_after_concat(self.cls[0], x, branches, align_corners=True, x_first=True)
+            for layer in list(self.cls)[1:]:
+                x = layer(x)
+        else:
+            x = self.cls(x)
         if self.zoom_factor != 1:
             x = pf.upsample_concat(None, [x], size=(h, w), align_corners=True)
         if self.training and y is not None:
