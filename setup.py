@@ -26,7 +26,8 @@ def want_cuda():
 
 def extensions():
     with_cuda = want_cuda()
-    sources = [os.path.join("csrc", "ops.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    sources = [os.path.join("csrc", name) for name in ("ops.cpp", "autograd.cpp", "fast_calls.cpp")]
+    sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     werror = os.environ.get("PYRAMID_EXT_WERROR", "0") == "1"
     # torch's headers as system headers: -Werror applies to our sources only.
     system_includes = []

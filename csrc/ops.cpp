@@ -23,6 +23,8 @@ namespace pyramid_ext {
 
 TORCH_LIBRARY(pyramid_ext, m) { define_ops(m); }
 
+void register_fast_calls(pybind11::module_& m);  // csrc/fast_calls.cpp
+
 }  // namespace pyramid_ext
 
 namespace {
@@ -110,6 +112,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("_simd_isa_available", [](int64_t isa) {
     return pyramid_ext::simd::isa_available(static_cast<pyramid_ext::simd::Isa>(isa));
   }, "Whether this CPU runs the loops compiled for ISA 1 (baseline), 2 (AVX2), 3 (AVX-512).");
+  pyramid_ext::register_fast_calls(m);
 #ifdef PYRAMID_EXT_VERSION
   m.attr("__version__") = PYRAMID_EXT_VERSION;
 #endif

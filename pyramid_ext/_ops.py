@@ -378,11 +378,10 @@ def _register_compiled() -> None:
     torch.library.register_fake(lib + "upsample_concat_out")(upsample_concat_out_fake)
     torch.library.register_fake(lib + "upsample_concat_backward")(upsample_concat_backward_fake)
 
+    # multi_pool2d's and upsample_concat's autograd is csrc/autograd.cpp (the same
+    # formulas as make_pool_autograd / make_upsample_concat_autograd, without the
+    # Python per-call cost); the backward ops' (double backward) is here.
     ops = torch.ops.pyramid_ext
-    backward, setup = make_pool_autograd(ops.multi_pool2d_backward.default)
-    torch.library.register_autograd(lib + "multi_pool2d", backward, setup_context=setup)
-    backward, setup = make_upsample_concat_autograd(ops.upsample_concat_backward.default)
-    torch.library.register_autograd(lib + "upsample_concat", backward, setup_context=setup)
     backward, setup = make_pool_backward_autograd(ops.multi_pool2d.default)
     torch.library.register_autograd(lib + "multi_pool2d_backward", backward, setup_context=setup)
     backward, setup = make_upsample_concat_backward_autograd(ops.upsample_concat.default)

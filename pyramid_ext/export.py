@@ -54,9 +54,30 @@ class ExportUnsupportedError(RuntimeError):
     """A call the ONNX export path cannot express (raised during export only)."""
 
 
+_onnx_state = None  # (flags module, TorchScript exporter globals), imported on the first call
+
+
 def active() -> bool:
-    """True while a model is being exported to ONNX (either exporter)."""
-    return torch.onnx.is_in_onnx_export()
+    """True while a model is being exported to ONNX (either exporter).
+
+    ``torch.onnx.is_in_onnx_export()``, reading its two flags directly: it
+    imports both modules on every call, a cost every public call would pay."""
+    global _onnx_state
+    if torch.compiler.is_compiling():  # dynamo knows this function, not the flags' getters
+        return torch.onnx.is_in_onnx_export()
+    if _onnx_state is None:
+        try:
+            from torch.onnx._internal.exporter import _flags
+            from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
+
+            _onnx_state = (_flags, GLOBALS)
+            _flags._is_onnx_exporting, GLOBALS.in_onnx_export  # noqa: B018 (both exist)
+        except (ImportError, AttributeError):
+            _onnx_state = ()
+    if not _onnx_state:
+        return torch.onnx.is_in_onnx_export()
+    flags, torchscript_globals = _onnx_state
+    return bool(torchscript_globals.in_onnx_export or flags._is_onnx_exporting)
 
 
 def _symbolic(v) -> bool:

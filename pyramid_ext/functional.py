@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _ops  # also registers the fake kernels and autograd of the compiled ops
-from . import backends, export
+from . import _extension, backends, export
 from .plan import POOL_AVG, POOL_MAX, level_offsets
 from .windows import level_shapes, normalize_bins, pyramid_windows
 
@@ -45,6 +45,82 @@ def _pool_args(x, bins, fn: str):
     if x.shape[-2] == 0 or x.shape[-1] == 0:
         raise ValueError(f"{fn}(): x must have non-zero height and width, got shape {tuple(x.shape)}")
     return normalize_bins(bins, f"{fn}(): bins")
+
+
+# The eager fast path. A call on a plain tensor, outside torch.compile and
+# export, served by the compiled ops, depends on x only through (shape, dtype,
+# device, layout): its windows, level_bins and the level views are computed
+# (and checked, by the general path's own functions) once per such key and
+# kept in a `_C._PoolCall` (csrc/fast_calls.cpp), which calls the op through
+# the dispatcher without converting the window lists from Python again. On
+# small inputs that per-call Python work cost more than the kernel (issue 12).
+_FAST_POOL: dict = {}
+_FAST_POOL_MAX = 1024  # entries; cleared when full (a model sees few shapes)
+
+
+def _fast_pool_key(x, bins, mode: int, channels_last_levels, window: str, backend: Optional[str]):
+    """The cache key of an eager call the fast path may serve, else None."""
+    if type(x) is not torch.Tensor or torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled():
+        return None
+    if type(bins) is int:
+        bins_key = bins
+    elif type(bins) is tuple or type(bins) is list:
+        for b in bins:  # exact ints only: True == 1 must not hit an entry of 1
+            if type(b) is not int and not (type(b) is tuple and len(b) == 2 and type(b[0]) is int
+                                           and type(b[1]) is int):
+                return None
+        bins_key = tuple(bins)
+    else:
+        return None
+    if x.is_contiguous():
+        cl = False
+    elif x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        cl = True
+    else:
+        return None  # needs a copy: the general path
+    device = x.device
+    if not backends.served_by_cpp(backend, device.type, "multi_pool2d"):
+        return None
+    return (x.shape, x.dtype, device, cl, bins_key, window, mode, channels_last_levels)
+
+
+def _fast_pool_entry(x, bins, mode: int, channels_last_levels, window: str, fn: str):
+    """The _C._PoolCall of calls like this one (the general path's checks run here)."""
+    pairs = _pool_args(x, bins, fn)
+    unbatched = x.dim() == 3
+    n, channels, height, width = (1,) + tuple(x.shape) if unbatched else tuple(x.shape)
+    h_bounds, w_bounds, level_bins = pyramid_windows(height, width, pairs, window)
+    if channels_last_levels is None:
+        channels_last_levels = x.dim() == 4 and not x.is_contiguous()
+    # Each level as one as_strided view of the packed (n, channels * total)
+    # buffer: what _unpack's slice + view (+ permute) give, in one operation.
+    offsets = level_offsets(level_bins, channels)
+    row = offsets[-1]
+    views = []
+    for level, (bh, bw) in enumerate(level_shapes(level_bins)):
+        if channels_last_levels:
+            size, stride = [n, channels, bh, bw], [row, 1, bw * channels, channels]
+        else:
+            size, stride = [n, channels, bh, bw], [row, bh * bw, bw, 1]
+        if unbatched:
+            size, stride = size[1:], stride[1:]
+        views.append((size, stride, offsets[level]))
+    return _extension._C._PoolCall(list(h_bounds), list(w_bounds), list(level_bins), mode, channels_last_levels,
+                                   unbatched, views)
+
+
+def _fast_pool(x, bins, mode: int, channels_last_levels, window: str, backend: Optional[str], fn: str):
+    """The _C._PoolCall serving this eager call, or None where the general path must run."""
+    key = _fast_pool_key(x, bins, mode, channels_last_levels, window, backend)
+    if key is None:
+        return None
+    call = _FAST_POOL.get(key)
+    if call is None:
+        call = _fast_pool_entry(x, bins, mode, channels_last_levels, window, fn)
+        if len(_FAST_POOL) >= _FAST_POOL_MAX:
+            _FAST_POOL.clear()
+        _FAST_POOL[key] = call
+    return call
 
 
 def _pool_packed(x, bins, mode: int, channels_last_levels, window: str, backend: Optional[str], fn: str):
@@ -87,6 +163,9 @@ def multi_adaptive_avg_pool2d(x: torch.Tensor, bins=(1, 2, 3, 6), *, window: str
     """
     if export.pool_needs_standard_ops(x, window, backend):  # ONNX export: windows from the runtime size
         return export.multi_pool2d(x, _pool_args(x, bins, "multi_adaptive_avg_pool2d"), "avg", window)[0]
+    fast = _fast_pool(x, bins, POOL_AVG, None, window, backend, "multi_adaptive_avg_pool2d")
+    if fast is not None:
+        return fast.levels(x)
     values, _, level_bins, unbatched, cl = _pool_packed(x, bins, POOL_AVG, None, window, backend,
                                                          "multi_adaptive_avg_pool2d")
     return _unpack(values, level_bins, x.shape[-3], cl, unbatched)
@@ -104,6 +183,9 @@ def multi_adaptive_max_pool2d(x: torch.Tensor, bins=(1, 2, 3, 6), *, return_indi
         vals, idx = export.multi_pool2d(x, _pool_args(x, bins, "multi_adaptive_max_pool2d"), "max", window,
                                         return_indices)
         return (vals, idx) if return_indices else vals
+    fast = _fast_pool(x, bins, POOL_MAX, None, window, backend, "multi_adaptive_max_pool2d")
+    if fast is not None:
+        return fast.levels_with_indices(x) if return_indices else fast.levels(x)
     values, indices, level_bins, unbatched, cl = _pool_packed(x, bins, POOL_MAX, None, window, backend,
                                                                "multi_adaptive_max_pool2d")
     vals = _unpack(values, level_bins, x.shape[-3], cl, unbatched)
@@ -122,6 +204,10 @@ def spatial_pyramid_pool(x: torch.Tensor, bins=(4, 2, 1), *, mode: str = "max", 
         raise ValueError(f"spatial_pyramid_pool(): mode must be 'max' or 'avg', got {mode!r}")
     if export.pool_needs_standard_ops(x, window, backend):
         return export.spatial_pyramid_pool(x, _pool_args(x, bins, "spatial_pyramid_pool"), mode, window)
+    fast = _fast_pool(x, bins, POOL_MAX if mode == "max" else POOL_AVG, False, window, backend,
+                      "spatial_pyramid_pool")
+    if fast is not None:
+        return fast.spp(x)
     values, _, _, unbatched, _ = _pool_packed(x, bins, POOL_MAX if mode == "max" else POOL_AVG, False, window,
                                               backend, "spatial_pyramid_pool")
     return values[0] if unbatched else values
@@ -171,6 +257,10 @@ def upsample_concat(x: Optional[torch.Tensor], branches: Sequence[torch.Tensor],
     buffer, for a batch of one) is read in place. Channel slices of a batch of
     several samples interleave in memory and count as overlapping.
     """
+    if out is None:
+        fast = _fast_upsample_concat(x, branches, size, align_corners, x_first, backend)
+        if fast is not None:
+            return fast
     fn = "upsample_concat()"
     if isinstance(branches, torch.Tensor):
         raise TypeError(f"{fn}: branches must be a list of tensors, got a single Tensor")
@@ -236,6 +326,44 @@ def upsample_concat(x: Optional[torch.Tensor], branches: Sequence[torch.Tensor],
         impl.upsample_concat_out(x, branches, align_corners, x_first, out)
         return out
     return impl.upsample_concat(x, branches, list(size), align_corners, x_first, channels_last)
+
+
+def _fast_upsample_concat(x, branches, size, align_corners, x_first, backend):
+    """The eager fast path (see _fast_pool_key): the common call, checked with
+    as few operations as possible, straight to the compiled op; None wherever
+    anything differs (promotion, a copy, out=, export, compile, a subclass, an
+    error), and the general path runs, raising its errors."""
+    if (type(branches) is not list and type(branches) is not tuple) or not branches \
+            or torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled():
+        return None
+    ref = x if x is not None else branches[0]
+    if type(ref) is not torch.Tensor or ref.dim() != 4:
+        return None
+    n, _, height, width = ref.shape
+    dtype, device = ref.dtype, ref.device
+    if x is not None:
+        if size is not None and (not isinstance(size, tuple) or len(size) != 2 or type(size[0]) is not int
+                                 or type(size[1]) is not int or size != (height, width)):
+            return None
+    elif type(size) is not tuple or len(size) != 2 or type(size[0]) is not int or type(size[1]) is not int \
+            or size[0] <= 0 or size[1] <= 0:
+        return None
+    else:
+        height, width = size
+    if dtype not in _FLOAT_DTYPES or height == 0 or width == 0:
+        return None
+    for b in branches:
+        if type(b) is not torch.Tensor or b.dim() != 4 or b.dtype != dtype or b.device != device:
+            return None
+        bn, _, bh, bw = b.shape
+        if bn != n or bh == 0 or bw == 0 or not (b.is_contiguous() or b.is_contiguous(memory_format=torch.channels_last)):
+            return None
+    if x is not None and not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        return None
+    if export.active() or not backends.served_by_cpp(backend, device.type, "upsample_concat"):
+        return None
+    return _extension._C._upsample_concat(x, list(branches), height, width, align_corners, x_first,
+                                          _channels_last(ref))
 
 
 def _check_out(out, x, branches, size, dtype, device, fn: str) -> None:

@@ -1,0 +1,137 @@
+"""The eager fast path (pyramid_ext/functional.py `_fast_pool`, csrc/fast_calls.cpp).
+
+Timing is measured in benchmarks/tiny_overhead.py (a ratio asserted here would be
+flaky on a shared machine); these tests pin what makes it fast, by counting what
+runs per call, and that it returns what the general path and PyTorch return.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import pyramid_ext as pe
+from pyramid_ext import _extension, functional
+
+from ._helpers import eager_pool, eager_upsample_concat, layout, rand
+
+pytestmark = pytest.mark.skipif(not _extension.LOADED, reason="the compiled extension is not built")
+
+BINS = (1, 2, 3, 6)
+
+
+class CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket.__name__) if hasattr(func, "overloadpacket") else str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _ops_of(fn):
+    with CountOps() as mode:
+        fn()
+    return mode.ops
+
+
+@pytest.mark.parametrize("kind", ["nchw", "channels_last"])
+def test_pool_is_one_op_and_one_view_per_level(kind):
+    x = layout(rand((2, 3, 9, 7)), kind)
+    pe.multi_adaptive_avg_pool2d(x, BINS)  # fills the cache
+    assert _ops_of(lambda: pe.multi_adaptive_avg_pool2d(x, BINS)) == ["multi_pool2d"] + ["as_strided"] * 4
+    assert _ops_of(lambda: pe.spatial_pyramid_pool(x, (4, 2, 1))) == ["multi_pool2d"]
+    ops = _ops_of(lambda: pe.multi_adaptive_max_pool2d(x, BINS, return_indices=True))
+    assert ops == ["multi_pool2d"] + ["as_strided"] * 8
+
+
+def test_upsample_concat_is_one_op():
+    x = rand((1, 4, 8, 8))
+    branches = [rand((1, 2, b, b), seed=b) for b in BINS]
+    assert _ops_of(lambda: pe.upsample_concat(x, branches)) == ["upsample_concat"]
+
+
+def test_windows_are_computed_once_per_key(monkeypatch):
+    calls = []
+    entry = functional._fast_pool_entry
+    monkeypatch.setattr(functional, "_fast_pool_entry", lambda *a: calls.append(1) or entry(*a))
+    monkeypatch.setattr(functional, "_FAST_POOL", {})
+    x = rand((1, 3, 11, 5))
+    for _ in range(3):
+        pe.multi_adaptive_avg_pool2d(x, BINS)
+    pe.multi_adaptive_avg_pool2d(x, [1, 2, 3, 6])  # the same key
+    assert len(calls) == 1
+    pe.multi_adaptive_avg_pool2d(rand((1, 3, 11, 6)), BINS)  # another shape
+    pe.multi_adaptive_max_pool2d(x, BINS)  # another mode
+    assert len(calls) == 3
+
+
+@pytest.mark.parametrize("kind", ["nchw", "channels_last"])
+@pytest.mark.parametrize("mode", ["avg", "max"])
+def test_fast_path_equals_pytorch(kind, mode):
+    for shape in [(1, 8, 8, 8), (2, 3, 13, 7), (3, 5, 1, 1)]:
+        x = layout(rand(shape, dtype=torch.float64), kind).requires_grad_()
+        fn = pe.multi_adaptive_avg_pool2d if mode == "avg" else pe.multi_adaptive_max_pool2d
+        got = fn(x, BINS)
+        want = eager_pool(x, BINS, mode)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=0, atol=1e-12)
+        weights = [rand(w.shape, dtype=torch.float64, seed=k) for k, w in enumerate(want)]
+        grad_got = torch.autograd.grad(sum((g * wt).sum() for g, wt in zip(got, weights)), x)[0]
+        grad_want = torch.autograd.grad(sum((w * wt).sum() for w, wt in zip(want, weights)), x)[0]
+        torch.testing.assert_close(grad_got, grad_want, rtol=0, atol=1e-12)
+        if mode == "max":
+            _, idx = pe.multi_adaptive_max_pool2d(x, BINS, return_indices=True)
+            for i, b in zip(idx, BINS):
+                assert torch.equal(i, F.adaptive_max_pool2d(x, b, return_indices=True)[1])
+
+
+def test_unbatched_and_levels_share_one_buffer():
+    x = rand((3, 10, 9))
+    got = pe.multi_adaptive_avg_pool2d(x, BINS)
+    for g, b in zip(got, BINS):
+        torch.testing.assert_close(g, F.adaptive_avg_pool2d(x, b))
+    assert len({g.untyped_storage().data_ptr() for g in got}) == 1
+    spp = pe.spatial_pyramid_pool(x, (2, 1), mode="avg")
+    torch.testing.assert_close(spp, torch.cat([F.adaptive_avg_pool2d(x, b).flatten() for b in (2, 1)]))
+
+
+def test_levels_can_be_modified_in_place_under_autograd():
+    x = rand((1, 2, 6, 6), dtype=torch.float64).requires_grad_()
+    levels = pe.multi_adaptive_avg_pool2d(x, (1, 2))
+    levels[1].mul_(3)  # a single-output view: in place is allowed, as for the eager outputs
+    (levels[0].sum() + levels[1].sum()).backward()
+    want = torch.full_like(x, 1 / 36) + 3 * torch.full_like(x, 1 / 9)
+    torch.testing.assert_close(x.grad, want)
+
+
+def test_bool_bins_still_rejected_after_int_bins_are_cached():
+    x = rand((1, 2, 4, 4))
+    pe.multi_adaptive_avg_pool2d(x, (1,))
+    with pytest.raises(TypeError, match="bins"):
+        pe.multi_adaptive_avg_pool2d(x, (True,))
+
+
+def test_a_named_backend_is_not_served_by_the_fast_path():
+    x = rand((1, 2, 6, 6))
+    pe.multi_adaptive_avg_pool2d(x, BINS)
+    ops = _ops_of(lambda: pe.multi_adaptive_avg_pool2d(x, BINS, backend="torch"))
+    assert "multi_pool2d" not in ops
+    with pe.use_backend("torch"):
+        assert "multi_pool2d" not in _ops_of(lambda: pe.multi_adaptive_avg_pool2d(x, BINS))
+    branches = [rand((1, 2, 3, 3))]
+    assert "upsample_concat" not in _ops_of(lambda: pe.upsample_concat(x, branches, backend="torch"))
+
+
+@pytest.mark.parametrize("x_first", [True, False])
+def test_upsample_concat_fast_path_equals_pytorch(x_first):
+    x = rand((2, 3, 7, 5), dtype=torch.float64).requires_grad_()
+    branches = [rand((2, 2, b, b), dtype=torch.float64, seed=b).requires_grad_() for b in (1, 3)]
+    got = pe.upsample_concat(x, branches, x_first=x_first, align_corners=True)
+    want = eager_upsample_concat(x, branches, (7, 5), True, x_first)
+    torch.testing.assert_close(got, want)
+    g = rand(want.shape, dtype=torch.float64, seed=9)
+    torch.testing.assert_close(torch.autograd.grad(got, [x] + branches, g),
+                               torch.autograd.grad(want, [x] + branches, g))
+    alone = pe.upsample_concat(None, branches, size=(4, 6))
+    torch.testing.assert_close(alone, eager_upsample_concat(None, branches, (4, 6), False))
