@@ -28,6 +28,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import export
 from . import functional as pf
+from ._pool_through import avg_pool_handing_on_x
 from .windows import WINDOW_POLICIES, normalize_bins
 
 __all__ = [
@@ -97,10 +98,15 @@ def fused_pyramid(x: torch.Tensor, stages: Sequence[nn.Sequential], *, align_cor
     puts x last; ``with_x=False`` returns the upsampled branches only.
     """
     bins = [_bin_of(s[0]) for s in stages]
-    pooled = pf.multi_adaptive_avg_pool2d(x, bins)
+    if with_x:
+        # x reaches the concatenation through the pooling node, so its two
+        # gradients are summed in one backward call (see _pool_through).
+        pooled, x_cat = avg_pool_handing_on_x(x, bins)
+    else:
+        pooled, x_cat = pf.multi_adaptive_avg_pool2d(x, bins), None
     branches = [_apply_tail(s, p, f"{label}[{i}] (bin {b[0]}x{b[1]})")
                 for i, (s, p, b) in enumerate(zip(stages, pooled, bins))]
-    return pf.upsample_concat(x if with_x else None, branches, size=tuple(x.shape[-2:]),
+    return pf.upsample_concat(x_cat, branches, size=tuple(x.shape[-2:]),
                               align_corners=align_corners, x_first=x_first)
 
 
