@@ -26,7 +26,8 @@ SCHEMAS = {
     ),
     "multi_pool2d_backward": (
         "(Tensor grad, Tensor? indices, SymInt[] input_shape, SymInt[] h_bounds, SymInt[] w_bounds, "
-        "int[] level_bins, int mode, bool channels_last_levels, bool channels_last_input, Tensor? addend=None) -> Tensor"
+        "int[] level_bins, int mode, bool channels_last_levels, bool channels_last_input, Tensor? addend=None) "
+        "-> Tensor"
     ),
     "upsample_concat": (
         "(Tensor? x, Tensor[] branches, SymInt[] size, bool align_corners, bool x_first, bool channels_last) "

@@ -264,11 +264,13 @@ def test_ppm_second_order_equals_eager():
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10)
 
 
-def test_ppm_compile_fullgraph_dynamic():
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_ppm_compile_fullgraph_dynamic(compile_backend):
     need_backend("cpp")
+    torch._dynamo.reset()
     ppm, eager = _ppm_pair(4, 2, (1, 2, 3, 6), torch.float32, "nchw")
     params = list(ppm.parameters())
-    compiled = torch.compile(ppm, fullgraph=True, dynamic=True, backend="aot_eager")
+    compiled = torch.compile(ppm, fullgraph=True, dynamic=True, backend=compile_backend)
     for shape in ((2, 4, 9, 8), (3, 4, 12, 7)):
         x = torch.randn(shape, requires_grad=True)
         grad = torch.randn(shape[0], 4 + 8, shape[2], shape[3])
