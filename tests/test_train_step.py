@@ -28,6 +28,8 @@ def _need(name):
     if name == "triton" and not (backends.triton_installed() and backends.triton_interpret()):
         pytest.skip("Triton runs here only under TRITON_INTERPRET=1 (the CUDA-environment CI step runs this file)")
     need_backend(name)
+    if name == "triton":
+        import pyramid_ext.triton  # noqa: F401  (registers the *_triton ops)
     return name
 
 
