@@ -183,6 +183,7 @@ def make_pool_backward_autograd(forward_op: Callable):
             else:
                 grad_grad, _ = forward_op(_dense(grad_grad_x), h_bounds, w_bounds, level_bins, POOL_AVG, cl_levels)
         # The result is addend + (linear in grad): the addend's derivative is the identity.
+        # (A call that leaves addend at its default passes 9 inputs, so needs_input_grad has 9.)
         grad_addend = grad_grad_x if len(ctx.needs_input_grad) > 9 and ctx.needs_input_grad[9] else None
         return grad_grad, None, None, None, None, None, None, None, None, grad_addend
 
