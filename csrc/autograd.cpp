@@ -29,7 +29,8 @@ using torch::autograd::variable_list;
 using PoolSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, c10::SymIntArrayRef, c10::SymIntArrayRef,
                                                    at::IntArrayRef, int64_t, bool);
 using PoolBackwardSig = at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&, c10::SymIntArrayRef,
-                                   c10::SymIntArrayRef, c10::SymIntArrayRef, at::IntArrayRef, int64_t, bool, bool);
+                                   c10::SymIntArrayRef, c10::SymIntArrayRef, at::IntArrayRef, int64_t, bool, bool,
+                                   const std::optional<at::Tensor>&);
 using UpsampleSig = at::Tensor(const std::optional<at::Tensor>&, at::TensorList, c10::SymIntArrayRef, bool, bool,
                                bool);
 using UpsampleBackwardSig = std::vector<at::Tensor>(const at::Tensor&, c10::SymIntArrayRef, c10::SymInt, bool, bool);
@@ -76,7 +77,8 @@ struct PoolFunction : public torch::autograd::Function<PoolFunction> {
     at::Tensor grad_x = op.call(grads[0].contiguous(), indices, saved.at("input_shape").toSymIntVector(),
                                 saved.at("h_bounds").toSymIntVector(), saved.at("w_bounds").toSymIntVector(),
                                 saved.at("level_bins").toIntVector(), mode,
-                                saved.at("channels_last_levels").toBool(), saved.at("channels_last_input").toBool());
+                                saved.at("channels_last_levels").toBool(), saved.at("channels_last_input").toBool(),
+                                /*addend=*/std::nullopt);
     return {grad_x, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };

@@ -20,11 +20,13 @@ inline void define_ops(torch::Library& m) {
       "-> (Tensor, Tensor)");
   // Gradient of multi_pool2d with respect to x: (N, C, H, W), channels_last
   // when channels_last_input. `indices` is required for max, ignored for avg.
+  // `addend` (x's shape, any strides, e.g. a channel slice of a bigger
+  // gradient): the result is addend + that gradient, written in one pass.
   m.def(
       "multi_pool2d_backward(Tensor grad, Tensor? indices, SymInt[] "
       "input_shape, SymInt[] h_bounds, SymInt[] w_bounds, int[] level_bins, "
-      "int mode, bool channels_last_levels, bool channels_last_input) "
-      "-> Tensor");
+      "int mode, bool channels_last_levels, bool channels_last_input, "
+      "Tensor? addend=None) -> Tensor");
   // Bilinearly resizes each branch to `size` and writes it, with x, into one
   // concatenated (N, C_x + sum C_k, H, W) output: x first (or last when not
   // x_first), branches in order. All tensors share one dtype and device.

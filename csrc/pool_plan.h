@@ -152,4 +152,18 @@ inline PoolCall check_multi_pool2d_backward(const char* op, const at::Tensor& gr
   return call;
 }
 
+// multi_pool2d_backward's addend: x's shape, grad's dtype and device, any
+// strides (read through them; e.g. a channel slice of a bigger gradient).
+// Messages as pyramid_ext/_ops.py's check_pool_addend.
+inline void check_pool_addend(const char* op, const std::optional<at::Tensor>& addend, const at::Tensor& grad,
+                              c10::IntArrayRef input_shape) {
+  if (!addend.has_value() || !addend->defined()) return;
+  TORCH_CHECK(addend->sizes() == input_shape, op, ": addend must have input_shape ", input_shape, ", got ",
+              addend->sizes());
+  TORCH_CHECK(addend->scalar_type() == grad.scalar_type(), op, ": addend has dtype ", addend->scalar_type(),
+              " but grad has ", grad.scalar_type());
+  TORCH_CHECK(addend->device() == grad.device(), op, ": addend is on ", addend->device(), " but grad is on ",
+              grad.device());
+}
+
 }  // namespace pyramid_ext

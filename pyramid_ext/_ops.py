@@ -26,7 +26,8 @@ SCHEMAS = {
     ),
     "multi_pool2d_backward": (
         "(Tensor grad, Tensor? indices, SymInt[] input_shape, SymInt[] h_bounds, SymInt[] w_bounds, "
-        "int[] level_bins, int mode, bool channels_last_levels, bool channels_last_input) -> Tensor"
+        "int[] level_bins, int mode, bool channels_last_levels, bool channels_last_input, Tensor? addend=None) "
+        "-> Tensor"
     ),
     "upsample_concat": (
         "(Tensor? x, Tensor[] branches, SymInt[] size, bool align_corners, bool x_first, bool channels_last) "
@@ -78,6 +79,19 @@ def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a_begin < b_end and b_begin < a_end
 
 
+def check_pool_addend(op: str, addend, grad: torch.Tensor, input_shape) -> None:
+    """multi_pool2d_backward's addend (every backend, same messages as
+    csrc/pool_plan.h): x's shape, grad's dtype and device; any strides."""
+    if addend is None:
+        return
+    if tuple(addend.shape) != tuple(input_shape):
+        raise RuntimeError(f"{op}: addend must have input_shape {list(input_shape)}, got {list(addend.shape)}")
+    if addend.dtype != grad.dtype:
+        raise RuntimeError(f"{op}: addend has dtype {addend.dtype} but grad has {grad.dtype}")
+    if addend.device != grad.device:
+        raise RuntimeError(f"{op}: addend is on {addend.device} but grad is on {grad.device}")
+
+
 def check_out_disjoint(op: str, x, branches, out: torch.Tensor) -> None:
     """The upsample_concat_out ops' rule (every backend): no input may overlap
     out, since out is written while the inputs are read. (The public function
@@ -104,7 +118,7 @@ def pool_fake(x, h_bounds, w_bounds, level_bins, mode, channels_last_levels):
 
 
 def pool_backward_fake(grad, indices, input_shape, h_bounds, w_bounds, level_bins, mode, channels_last_levels,
-                       channels_last_input):
+                       channels_last_input, addend=None):
     fmt = torch.channels_last if channels_last_input else torch.contiguous_format
     return torch.empty(input_shape, dtype=grad.dtype, device=grad.device, memory_format=fmt)
 
@@ -160,7 +174,7 @@ def make_pool_backward_autograd(forward_op: Callable):
     """
 
     def setup_context(ctx, inputs, output):
-        grad, indices, input_shape, h_bounds, w_bounds, level_bins, mode, channels_last_levels, _ = inputs
+        grad, indices, input_shape, h_bounds, w_bounds, level_bins, mode, channels_last_levels, _ = inputs[:9]
         ctx.args = (list(h_bounds), list(w_bounds), list(level_bins), mode, channels_last_levels)
         ctx.save_for_backward(indices if mode == POOL_MAX else None)
 
@@ -173,7 +187,10 @@ def make_pool_backward_autograd(forward_op: Callable):
                 grad_grad = gather_packed(grad_grad_x, indices, level_bins, cl_levels)
             else:
                 grad_grad, _ = forward_op(_dense(grad_grad_x), h_bounds, w_bounds, level_bins, POOL_AVG, cl_levels)
-        return grad_grad, None, None, None, None, None, None, None, None
+        # The result is addend + (linear in grad): the addend's derivative is the identity.
+        # (A call that leaves addend at its default passes 9 inputs, so needs_input_grad has 9.)
+        grad_addend = grad_grad_x if len(ctx.needs_input_grad) > 9 and ctx.needs_input_grad[9] else None
+        return grad_grad, None, None, None, None, None, None, None, None, grad_addend
 
     return backward, setup_context
 

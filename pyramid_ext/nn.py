@@ -34,6 +34,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import export
 from . import functional as pf
+from ._pool_through import avg_pool_handing_on_x
 from .windows import WINDOW_POLICIES, normalize_bins
 
 __all__ = [
@@ -94,17 +95,25 @@ def _apply_tail(stage: nn.Sequential, pooled: torch.Tensor, label: str) -> torch
     return pooled
 
 
-def pyramid_branches(x: torch.Tensor, stages: Sequence[nn.Sequential], *, label: str = "pyramid") -> list:
+def pyramid_branches(x: torch.Tensor, stages: Sequence[nn.Sequential], *, label: str = "pyramid",
+                     hand_on_x: bool = False):
     """``[stage(x) for stage in stages]`` at the bins' own sizes, with one fused pooling call.
 
     ``stages``: Sequentials whose index 0 is an ``nn.AdaptiveAvgPool2d``
     (its bin is read, the module itself is not called) and whose remaining
-    modules are applied to the pooled map.
+    modules are applied to the pooled map. ``hand_on_x=True`` also returns the
+    x to concatenate, routed through the pooling node: ``(branches, x)``.
     """
     bins = [_bin_of(s[0]) for s in stages]
-    pooled = pf.multi_adaptive_avg_pool2d(x, bins)
-    return [_apply_tail(s, p, f"{label}[{i}] (bin {b[0]}x{b[1]})")
-            for i, (s, p, b) in enumerate(zip(stages, pooled, bins))]
+    if hand_on_x:
+        # x reaches the concatenation through the pooling node, so its two
+        # gradients are summed in one backward call (see _pool_through).
+        pooled, x_through = avg_pool_handing_on_x(x, bins)
+    else:
+        pooled = pf.multi_adaptive_avg_pool2d(x, bins)
+    branches = [_apply_tail(s, p, f"{label}[{i}] (bin {b[0]}x{b[1]})")
+                for i, (s, p, b) in enumerate(zip(stages, pooled, bins))]
+    return (branches, x_through) if hand_on_x else branches
 
 
 def fused_pyramid(x: torch.Tensor, stages: Sequence[nn.Sequential], *, align_corners: bool, x_first: bool = True,
@@ -115,8 +124,11 @@ def fused_pyramid(x: torch.Tensor, stages: Sequence[nn.Sequential], *, align_cor
     (:func:`pyramid_branches`), one upsample-concat call. ``x_first=False``
     puts x last; ``with_x=False`` returns the upsampled branches only.
     """
-    branches = pyramid_branches(x, stages, label=label)
-    return pf.upsample_concat(x if with_x else None, branches, size=tuple(x.shape[-2:]),
+    if with_x:
+        branches, x_cat = pyramid_branches(x, stages, label=label, hand_on_x=True)
+    else:
+        branches, x_cat = pyramid_branches(x, stages, label=label), None
+    return pf.upsample_concat(x_cat, branches, size=tuple(x.shape[-2:]),
                               align_corners=align_corners, x_first=x_first)
 
 

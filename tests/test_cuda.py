@@ -322,6 +322,27 @@ def test_backward_op_memory_format_and_values(kind, mode, cl_levels):
     _close(gx, xr.grad, torch.float64)
 
 
+@pytest.mark.parametrize("kind", LAYOUTS)
+@pytest.mark.parametrize("mode", [0, 1])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16], ids=str)
+def test_backward_op_addend(kind, mode, dtype):
+    """addend (any strides) + the gradient, equal to `addend + backward(...)` bit for bit."""
+    x = _rand((2, 6, 33, 47), dtype, seed=13)
+    hb, wb, lb = pyramid_windows(33, 47, normalize_bins((1, 2, 3, 6)))
+    v, i = OPS.multi_pool2d(_cuda(x, kind), hb, wb, lb, mode, False)
+    g = _rand(v.shape, dtype, seed=14).to(DEV)
+    cl = kind == "channels_last"
+    args = (g, i if mode == 1 else None, list(x.shape), hb, wb, lb, mode, False, cl)
+    plain = OPS.multi_pool2d_backward(*args)
+    big = _rand((2, 9, 33, 47), dtype, seed=15).to(DEV)
+    addends = (big[:, 2:8], big.contiguous(memory_format=torch.channels_last)[:, 1:7],
+               big[:1, :6].expand(2, 6, 33, 47))
+    for addend in addends:
+        got = OPS.multi_pool2d_backward(*args, addend)
+        assert got.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+        torch.testing.assert_close(got, addend + plain, rtol=0, atol=0)
+
+
 # --------------------------------------------------------------------------
 # upsample_concat
 # --------------------------------------------------------------------------

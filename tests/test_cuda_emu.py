@@ -279,6 +279,34 @@ def test_direct_fallback(bins, kind, mode):
     assert ran == {"pool_fwd_direct_kernel", "pool_bwd_direct_kernel"}
 
 
+@pytest.mark.parametrize("bins", [(1, 2, 3, 6), (70,)], ids=["planned", "direct"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16], ids=_id)
+@pytest.mark.parametrize("kind", LAYOUTS)
+@pytest.mark.parametrize("mode", [0, 1])
+def test_pool_backward_addend(bins, dtype, kind, mode):
+    """multi_pool2d_backward(..., addend): addend (read through its strides)
+    plus the gradient, equal to `addend + backward(...)` bit for bit, in every kernel."""
+    size = (71, 9) if bins == (70,) else (13, 11)
+    x = _rand((2, 5, *size), dtype, seed=8)
+    hb, wb, lb = _windows(x, bins)
+    cl = kind == "channels_last"
+    values, indices = OPS.multi_pool2d(_fmt(x, kind), hb, wb, lb, mode, False)
+    g = _rand(values.shape, dtype, seed=9)
+    args = (g, indices if mode == 1 else None, list(x.shape), hb, wb, lb, mode, False, cl)
+    plain = OPS.multi_pool2d_backward(*args)
+    big = _rand((2, 9, *size), dtype, seed=11)
+    addends = [big[:, 2:7], _fmt(big, "channels_last")[:, 1:6], _fmt(x, kind), big[:1, :5].expand(2, 5, *size)]
+    want_kernels = ({"pool_bwd_direct_kernel"} if bins == (70,) else
+                    {"pool_bwd_cl_kernel"} if cl else {"pool_bwd_nchw_kernel"})
+    for addend in addends:
+        got = []
+        assert _kernels_run(lambda: got.append(OPS.multi_pool2d_backward(*args, addend))) == want_kernels
+        assert got[0].is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+        torch.testing.assert_close(got[0], addend + plain, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="addend must have input_shape"):
+        OPS.multi_pool2d_backward(*args, big)
+
+
 @pytest.mark.parametrize("kind", LAYOUTS)
 @pytest.mark.parametrize("mode", [0, 1])
 def test_plan_at_its_limits(kind, mode):

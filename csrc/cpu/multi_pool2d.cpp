@@ -661,6 +661,27 @@ std::tuple<at::Tensor, at::Tensor> multi_pool2d_cpu(
 
 // ------------------------------- backward ----------------------------------
 
+// multi_pool2d_backward's optional addend, read through its strides; the
+// result is addend + the pooling gradient (rounded to scalar_t first, so it
+// equals `addend + multi_pool2d_backward(...)` bit for bit).
+template <typename scalar_t>
+struct Addend {
+  const scalar_t* data = nullptr;  // null: no addend
+  int64_t sn = 0, sc = 0, sh = 0, sw = 0;
+};
+
+template <typename scalar_t>
+Addend<scalar_t> addend_view(const std::optional<at::Tensor>& addend) {
+  Addend<scalar_t> a;
+  if (!addend.has_value() || !addend->defined()) return a;
+  a.data = addend->const_data_ptr<scalar_t>();
+  a.sn = addend->stride(0);
+  a.sc = addend->stride(1);
+  a.sh = addend->stride(2);
+  a.sw = addend->stride(3);
+  return a;
+}
+
 // Per-cell gradient of avg pooling: sum over every level's windows covering
 // the cell of grad / area. `g(l, i, j)` reads one bin's gradient (acc_t).
 template <typename acc_t, typename GradAt>
@@ -678,7 +699,7 @@ void avg_cell_grads(const PoolPlan& p, GradAt g, acc_t* cells, int64_t stride) {
 
 template <typename scalar_t>
 void avg_backward_nchw(const scalar_t* grad, scalar_t* gx, const PoolPlan& p,
-                       int64_t N, int64_t C, int64_t H, int64_t W) {
+                       int64_t N, int64_t C, int64_t H, int64_t W, const Addend<scalar_t>& add) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t SH = p.h.num_segments(), SW = p.w.num_segments();
   // Blocks of planes, as in the forward: the cell gradients of the block
@@ -716,6 +737,24 @@ void avg_backward_nchw(const scalar_t* grad, scalar_t* gx, const PoolPlan& p,
           }
         }
         scalar_t* dst = gx + (p0 + k) * H * W;
+        if (add.data) {
+          // The addend's plane, added while the rows are written (one pass).
+          const int64_t plane = p0 + k;
+          const scalar_t* src = add.data + (plane / C) * add.sn + (plane % C) * add.sc;
+          for (int64_t h = 0; h < H; ++h) {
+            const int64_t a = p.h.seg_of[h] < 0 ? SH : p.h.seg_of[h];
+            const scalar_t* r = rows.data() + a * W;
+            const scalar_t* s = src + h * add.sh;
+            scalar_t* d = dst + h * W;
+            if (add.sw == 1) {
+#pragma omp simd
+              for (int64_t w = 0; w < W; ++w) d[w] = s[w] + r[w];
+            } else {
+              for (int64_t w = 0; w < W; ++w) d[w] = s[w * add.sw] + r[w];
+            }
+          }
+          continue;
+        }
         for (int64_t h = 0; h < H; ++h) {
           const int64_t a = p.h.seg_of[h] < 0 ? SH : p.h.seg_of[h];
           const scalar_t* r = rows.data() + a * W;
@@ -731,7 +770,7 @@ void avg_backward_nchw(const scalar_t* grad, scalar_t* gx, const PoolPlan& p,
 template <typename scalar_t>
 void avg_backward_channels_last(const scalar_t* grad, scalar_t* gx,
                                 const PoolPlan& p, int64_t N, int64_t C,
-                                int64_t H, int64_t W) {
+                                int64_t H, int64_t W, const Addend<scalar_t>& add) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t SH = p.h.num_segments(), SW = p.w.num_segments();
   // Phase 1: each cell's gradient, [n][cell][c] (small: cells x C per sample).
@@ -767,7 +806,21 @@ void avg_backward_channels_last(const scalar_t* grad, scalar_t* gx,
       for (int64_t w = 0; w < W; ++w) {
         const int64_t b = p.w.seg_of[w];
         scalar_t* px = row + w * C;
-        if (a < 0 || b < 0) {
+        if (add.data) {
+          // The addend's pixel, added while the pixel is written (one pass).
+          const scalar_t* s = add.data + n * add.sn + h * add.sh + w * add.sw;
+          if (a < 0 || b < 0) {
+            for (int64_t c = 0; c < C; ++c) px[c] = s[c * add.sc] + scalar_t(0);
+          } else {
+            const scalar_t* v = vals.get() + (n * SH * SW + a * SW + b) * C;
+            if (add.sc == 1) {
+#pragma omp simd
+              for (int64_t c = 0; c < C; ++c) px[c] = s[c] + v[c];
+            } else {
+              for (int64_t c = 0; c < C; ++c) px[c] = s[c * add.sc] + v[c];
+            }
+          }
+        } else if (a < 0 || b < 0) {
           std::fill(px, px + C, scalar_t(0));
         } else {
           const scalar_t* v = vals.get() + (n * SH * SW + a * SW + b) * C;
@@ -820,10 +873,13 @@ at::Tensor multi_pool2d_backward_cpu(
     const at::Tensor& grad_in, const std::optional<at::Tensor>& indices_in,
     c10::IntArrayRef input_shape, c10::IntArrayRef h_bounds,
     c10::IntArrayRef w_bounds, c10::IntArrayRef level_bins, int64_t mode,
-    bool channels_last_levels, bool channels_last_input) {
+    bool channels_last_levels, bool channels_last_input,
+    const std::optional<at::Tensor>& addend) {
   PoolCall call = check_multi_pool2d_backward("pyramid_ext::multi_pool2d_backward", grad_in, indices_in,
                                               input_shape, h_bounds, w_bounds, level_bins, mode,
                                               channels_last_input);
+  check_pool_addend("pyramid_ext::multi_pool2d_backward", addend, grad_in, input_shape);
+  const bool has_addend = addend.has_value() && addend->defined();
   const int64_t N = call.N, C = call.C, H = call.H, W = call.W;
   const PoolPlan p = make_plan(std::move(call.plan), channels_last_levels);
   const at::Tensor grad = grad_in.contiguous();
@@ -839,13 +895,17 @@ at::Tensor multi_pool2d_backward_cpu(
         const scalar_t* gp = grad.const_data_ptr<scalar_t>();
         scalar_t* op = gx.mutable_data_ptr<scalar_t>();
         if (mode == kPoolAvg) {
-          if (channels_last_input) avg_backward_channels_last(gp, op, p, N, C, H, W);
-          else avg_backward_nchw(gp, op, p, N, C, H, W);
+          const Addend<scalar_t> add = addend_view<scalar_t>(addend);
+          if (channels_last_input) avg_backward_channels_last(gp, op, p, N, C, H, W, add);
+          else avg_backward_nchw(gp, op, p, N, C, H, W, add);
         } else {
           max_backward(gp, indices.const_data_ptr<int64_t>(), op, p, N, C, H, W,
                        channels_last_input);
         }
       });
+  // Max: the addend in a second pass over grad_x (same values: each element
+  // is addend + the rounded pooling gradient).
+  if (has_addend && mode != kPoolAvg) gx.add_(*addend);
   return gx;
 }
 

@@ -490,13 +490,28 @@ __device__ acc_t max_elem_grad(const PoolPlan& plan, const scalar_t* __restrict_
   return acc;
 }
 
+// multi_pool2d_backward's optional addend, read through its strides: each
+// element written is addend + the pooling gradient rounded to scalar_t (so
+// it equals `addend + multi_pool2d_backward(...)` bit for bit).
+template <typename scalar_t>
+struct Addend {
+  const scalar_t* data;  // null: no addend
+  int64_t sn, sc, sh, sw;
+};
+
+template <typename scalar_t>
+__device__ __forceinline__ scalar_t with_addend(const Addend<scalar_t>& a, scalar_t v, int64_t n, int64_t c,
+                                                int64_t h, int64_t w) {
+  return a.data ? static_cast<scalar_t>(a.data[n * a.sn + c * a.sc + h * a.sh + w * a.sw] + v) : v;
+}
+
 // NCHW grad_x: one block per (n, c) plane; warps write cell parts (lanes over
 // the part's elements), uncovered cells get zeros.
 template <typename scalar_t, typename acc_t, bool kMax>
 __global__ void pool_bwd_nchw_kernel(const scalar_t* __restrict__ grad, const int64_t* __restrict__ indices,
                                      scalar_t* __restrict__ gx, const __grid_constant__ PoolPlan plan,
                                      int64_t planes, int64_t C, int64_t H, int64_t W, int splits,
-                                     bool cl_levels) {
+                                     bool cl_levels, const Addend<scalar_t> add) {
   PE_DYNAMIC_SHARED(smem);
   acc_t* cell_val = reinterpret_cast<acc_t*>(smem);
   const int nsw = plan.w.nseg;
@@ -547,9 +562,9 @@ __global__ void pool_bwd_nchw_kernel(const scalar_t* __restrict__ grad, const in
         if constexpr (kMax) {
           const acc_t v = covered ? max_elem_grad<scalar_t, acc_t>(plan, g, idx, C, c, sh, sw, flat, cl_levels)
                                   : acc_t(0);
-          out[flat] = static_cast<scalar_t>(v);
+          out[flat] = with_addend(add, static_cast<scalar_t>(v), n, c, h0 + r, w0 + col);
         } else {
-          out[flat] = cell_out;
+          out[flat] = with_addend(add, cell_out, n, c, h0 + r, w0 + col);
         }
         col += dr;
         r += dq;
@@ -567,7 +582,8 @@ __global__ void pool_bwd_nchw_kernel(const scalar_t* __restrict__ grad, const in
 template <typename scalar_t, typename acc_t, bool kMax>
 __global__ void pool_bwd_cl_kernel(const scalar_t* __restrict__ grad, const int64_t* __restrict__ indices,
                                    scalar_t* __restrict__ gx, const __grid_constant__ PoolPlan plan, int64_t N,
-                                   int64_t C, int64_t H, int64_t W, int64_t ctiles, int splits, bool cl_levels) {
+                                   int64_t C, int64_t H, int64_t W, int64_t ctiles, int splits, bool cl_levels,
+                                   const Addend<scalar_t> add) {
   PE_DYNAMIC_SHARED(smem);
   acc_t* cell_val = reinterpret_cast<acc_t*>(smem);
   const int CT = blockDim.x;
@@ -620,9 +636,9 @@ __global__ void pool_bwd_cl_kernel(const scalar_t* __restrict__ grad, const int6
         if constexpr (kMax) {
           const acc_t v = covered ? max_elem_grad<scalar_t, acc_t>(plan, g, idx, C, c, sh, sw, flat, cl_levels)
                                   : acc_t(0);
-          out[flat * C] = static_cast<scalar_t>(v);
+          out[flat * C] = with_addend(add, static_cast<scalar_t>(v), n, c, h0 + r, w0 + col);
         } else {
-          out[flat * C] = cell_out;
+          out[flat * C] = with_addend(add, cell_out, n, c, h0 + r, w0 + col);
         }
         if (++col == cw) {
           col = 0;
@@ -640,7 +656,7 @@ template <typename scalar_t, typename acc_t, bool kMax>
 __global__ void pool_bwd_direct_kernel(const scalar_t* __restrict__ grad, const int64_t* __restrict__ indices,
                                        scalar_t* __restrict__ gx, const int64_t* __restrict__ table,
                                        int64_t nlevels, int64_t nh, int64_t N, int64_t C, int64_t H, int64_t W,
-                                       int64_t T, bool cl_levels, bool cl_input) {
+                                       int64_t T, bool cl_levels, bool cl_input, const Addend<scalar_t> add) {
   const int64_t* hb = table + 5 * nlevels;
   const int64_t* wb = hb + 2 * nh;
   const int64_t total = N * C * H * W;
@@ -684,7 +700,7 @@ __global__ void pool_bwd_direct_kernel(const scalar_t* __restrict__ grad, const 
         }
       }
     }
-    gx[o] = static_cast<scalar_t>(acc);
+    gx[o] = with_addend(add, static_cast<scalar_t>(acc), n, c, h, w);
   }
 }
 
@@ -822,13 +838,15 @@ std::tuple<at::Tensor, at::Tensor> multi_pool2d_cuda(const at::Tensor& x, c10::S
 at::Tensor multi_pool2d_backward_cuda(const at::Tensor& grad_in, const std::optional<at::Tensor>& indices_opt,
                                       c10::SymIntArrayRef input_shape_s, c10::SymIntArrayRef h_bounds,
                                       c10::SymIntArrayRef w_bounds, at::IntArrayRef level_bins, int64_t mode,
-                                      bool channels_last_levels, bool channels_last_input) {
+                                      bool channels_last_levels, bool channels_last_input,
+                                      const std::optional<at::Tensor>& addend) {
   const char* op = "pyramid_ext::multi_pool2d_backward";
   TORCH_CHECK(on_device(grad_in), op, ": grad must be a CUDA tensor, got ", grad_in.device());
   const at::IntArrayRef hb = C10_AS_INTARRAYREF_SLOW(h_bounds);
   const at::IntArrayRef wb = C10_AS_INTARRAYREF_SLOW(w_bounds);
   const PoolCall call = check_multi_pool2d_backward(op, grad_in, indices_opt, C10_AS_INTARRAYREF_SLOW(input_shape_s),
                                                     hb, wb, level_bins, mode, channels_last_input);
+  check_pool_addend(op, addend, grad_in, C10_AS_INTARRAYREF_SLOW(input_shape_s));
   const WindowPlan& wp = call.plan;
   const int64_t N = call.N, C = call.C, H = call.H, W = call.W;
   const bool is_max = mode == kPoolMax;
@@ -853,6 +871,11 @@ at::Tensor multi_pool2d_backward_cuda(const at::Tensor& grad_in, const std::opti
     const scalar_t* gp = grad.const_data_ptr<scalar_t>();
     const int64_t* ip = is_max ? indices.const_data_ptr<int64_t>() : nullptr;
     scalar_t* op_ = gx.mutable_data_ptr<scalar_t>();
+    Addend<scalar_t> add{nullptr, 0, 0, 0, 0};
+    if (addend.has_value() && addend->defined()) {
+      add = Addend<scalar_t>{addend->const_data_ptr<scalar_t>(), addend->stride(0), addend->stride(1),
+                             addend->stride(2), addend->stride(3)};
+    }
     // avg: the gradient of every cell, per channel of the block; max needs none.
     auto smem_bytes = [&](int /*splits*/, int tile) -> int64_t {
       return is_max ? 0 : ncells * tile * static_cast<int64_t>(sizeof(acc_t));
@@ -861,18 +884,18 @@ at::Tensor multi_pool2d_backward_cuda(const at::Tensor& grad_in, const std::opti
     if (L.kind == PoolLaunch::kPlanes) {
       if (is_max) {
         PE_LAUNCH((pool_bwd_nchw_kernel<scalar_t, acc_t, true>), L.grid, L.block, L.smem, stream)(
-            gp, ip, op_, plan, N * C, C, H, W, L.splits, channels_last_levels);
+            gp, ip, op_, plan, N * C, C, H, W, L.splits, channels_last_levels, add);
       } else {
         PE_LAUNCH((pool_bwd_nchw_kernel<scalar_t, acc_t, false>), L.grid, L.block, L.smem, stream)(
-            gp, ip, op_, plan, N * C, C, H, W, L.splits, channels_last_levels);
+            gp, ip, op_, plan, N * C, C, H, W, L.splits, channels_last_levels, add);
       }
     } else if (L.kind == PoolLaunch::kChannelTiles) {
       if (is_max) {
         PE_LAUNCH((pool_bwd_cl_kernel<scalar_t, acc_t, true>), L.grid, L.block, L.smem, stream)(
-            gp, ip, op_, plan, N, C, H, W, L.ctiles, L.splits, channels_last_levels);
+            gp, ip, op_, plan, N, C, H, W, L.ctiles, L.splits, channels_last_levels, add);
       } else {
         PE_LAUNCH((pool_bwd_cl_kernel<scalar_t, acc_t, false>), L.grid, L.block, L.smem, stream)(
-            gp, ip, op_, plan, N, C, H, W, L.ctiles, L.splits, channels_last_levels);
+            gp, ip, op_, plan, N, C, H, W, L.ctiles, L.splits, channels_last_levels, add);
       }
     } else {
       const at::Tensor table = direct_table(wp, hb, wb, grad.device());
@@ -880,11 +903,11 @@ at::Tensor multi_pool2d_backward_cuda(const at::Tensor& grad_in, const std::opti
       if (is_max) {
         PE_LAUNCH((pool_bwd_direct_kernel<scalar_t, acc_t, true>), L.grid, L.block, 0, stream)(
             gp, ip, op_, table.const_data_ptr<int64_t>(), nlevels, nh, N, C, H, W, wp.total, channels_last_levels,
-            !nchw);
+            !nchw, add);
       } else {
         PE_LAUNCH((pool_bwd_direct_kernel<scalar_t, acc_t, false>), L.grid, L.block, 0, stream)(
             gp, ip, op_, table.const_data_ptr<int64_t>(), nlevels, nh, N, C, H, W, wp.total, channels_last_levels,
-            !nchw);
+            !nchw, add);
       }
     }
     PE_KERNEL_LAUNCH_CHECK();

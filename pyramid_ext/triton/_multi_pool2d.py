@@ -426,9 +426,10 @@ def _pool_impl(x, h_bounds, w_bounds, level_bins, mode, channels_last_levels):
 
 
 def _pool_backward_impl(grad, indices, input_shape, h_bounds, w_bounds, level_bins, mode, channels_last_levels,
-                        channels_last_input):
+                        channels_last_input, addend=None):
     _check_device(grad, indices)
     check_pool_args(input_shape, h_bounds, w_bounds, level_bins, mode, "multi_pool2d_backward_triton")
+    _ops.check_pool_addend("multi_pool2d_backward_triton", addend, grad, [int(v) for v in input_shape])
     if mode == POOL_MAX and indices is None:
         raise ValueError("multi_pool2d_backward_triton: indices are required for max pooling")
     grad_x = _ops.pool_backward_fake(grad, indices, input_shape, h_bounds, w_bounds, level_bins, mode,
@@ -467,5 +468,9 @@ def _pool_backward_impl(grad, indices, input_shape, h_bounds, w_bounds, level_bi
         grad_x.stride(0), grad_x.stride(1), grad_x.stride(2), grad_x.stride(3),
         MODE=mode, CL_LEVELS=cl, ACC=acc, BLOCK_C=block_c, BLOCK_P=block_p, **_LAUNCH,
     )
+    if addend is not None:
+        # A correct composition, not one pass: the same values as the compiled
+        # ops' (addend + the gradient rounded to the dtype).
+        grad_x.add_(addend)
     return grad_x
 
