@@ -459,8 +459,8 @@ def _choose_plan(n, cx, channels, sizes, cout, k, height, width) -> _ConvPlan:
         tap_cost = k * k * cout * (cb * areas[i] + _SHIFT_ADD_COST * hw)
         resize_cost = k * k * cout * cb * hw + 4 * cb * hw
         (taps if areas[i] < hw and tap_cost < resize_cost else concat).append(i)
-    if forced is not None and forced.get("chunks"):
-        return _ConvPlan(taps, concat, min(forced["chunks"], cout) if taps else 1)
+    if forced is not None:  # test only: the strategy as forced, whatever the memory
+        return _ConvPlan(taps, concat, min(forced.get("chunks") or 1, cout) if taps else 1)
     while taps:
         for chunks in range(1, cout + 1):
             if chunks > 1 and -(-cout // chunks) == -(-cout // (chunks - 1)):

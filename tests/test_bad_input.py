@@ -133,6 +133,45 @@ UP_CASES = [
 ]
 
 
+CONV = pe.upsample_concat_conv2d
+CW = torch.randn(4, 5, 3, 3)  # weight for X (3 channels) and BR (2 channels)
+CONV_CASES = [
+    ("branches-tensor", lambda: CONV(X, BR[0], CW), TypeError, r"branches must be a list of tensors, got a single"),
+    ("branches-none", lambda: CONV(X, None, CW), TypeError, r"branches must be a list of tensors, got NoneType"),
+    ("branches-entry-none", lambda: CONV(X, [None], CW), TypeError, r"branches\[0\] must be a torch.Tensor"),
+    ("x-list", lambda: CONV([1.0], BR, CW), TypeError, r"x must be a torch.Tensor or None"),
+    ("x-3d", lambda: CONV(X[0], BR, CW), ValueError, r"x must be a 4-D"),
+    ("branch-3d", lambda: CONV(X, [BR[0][0]], CW), ValueError, r"branches\[0\] must be a 4-D"),
+    ("x-zero-h", lambda: CONV(torch.randn(2, 3, 0, 8), BR, CW), ValueError, r"x must have non-zero height"),
+    ("branch-zero-w", lambda: CONV(X, [torch.randn(2, 2, 2, 0)], CW), ValueError, r"branches\[0\] must have non-zero"),
+    ("batch-mismatch", lambda: CONV(X, [torch.randn(3, 2, 2, 2)], CW), ValueError,
+     r"branches\[0\] has batch size 3 but x has 2"),
+    ("no-x-no-size", lambda: CONV(None, BR, CW[:, :2]), ValueError, r"size is required when x is None"),
+    ("no-x-no-branches", lambda: CONV(None, [], CW, size=4), ValueError, r"needs x or at least one branch"),
+    ("size-differs-from-x", lambda: CONV(X, BR, CW, size=(4, 4)), ValueError, r"size \(4, 4\) must equal x's"),
+    ("size-zero", lambda: CONV(None, BR, CW[:, :2], size=0), ValueError, r"size must be positive"),
+    ("x-int", lambda: CONV(X.long(), BR, CW), TypeError, r"x must be a floating-point tensor.*int64"),
+    ("branch-bool", lambda: CONV(X, [BR[0] > 0], CW), TypeError, r"branches\[0\] must be a floating-point.*bool"),
+    ("branch-on-meta", lambda: CONV(X, [BR[0].to("meta")], CW), ValueError, r"branches\[0\] is on meta but x is on cpu"),
+    ("weight-none", lambda: CONV(X, BR, None), TypeError, r"weight must be a torch.Tensor, got NoneType"),
+    ("weight-3d", lambda: CONV(X, BR, CW[0]), ValueError, r"weight must be a 4-D \(Cout, Cin, K, K\)"),
+    ("weight-channels", lambda: CONV(X, BR, CW[:, :4]), ValueError,
+     r"weight has 4 input channels but the concatenation has 5"),
+    ("weight-even-kernel", lambda: CONV(X, BR, torch.randn(4, 5, 2, 2)), ValueError,
+     r"weight must have an odd square kernel \(K, K\), got \(2, 2\)"),
+    ("weight-not-square", lambda: CONV(X, BR, torch.randn(4, 5, 3, 1)), ValueError,
+     r"weight must have an odd square kernel"),
+    ("weight-dtype", lambda: CONV(X, BR, CW.double()), TypeError,
+     r"weight has dtype torch.float64 but the inputs have torch.float32"),
+    ("weight-on-meta", lambda: CONV(X, BR, CW.to("meta")), ValueError, r"weight is on meta but the inputs are on cpu"),
+    ("bias-list", lambda: CONV(X, BR, CW, [0.0] * 4), TypeError, r"bias must be a torch.Tensor or None, got list"),
+    ("bias-shape", lambda: CONV(X, BR, CW, torch.zeros(5)), ValueError, r"bias must have shape \(4,\)"),
+    ("bias-2d", lambda: CONV(X, BR, CW, torch.zeros(1, 4)), ValueError, r"bias must have shape \(4,\)"),
+    ("bias-dtype", lambda: CONV(X, BR, CW, torch.zeros(4, dtype=torch.float64)), TypeError,
+     r"bias has dtype torch.float64 but the inputs have torch.float32"),
+    ("backend-unknown", lambda: CONV(X, BR, CW, backend="nope"), ValueError, r"backend must be one of"),
+]
+
 def _check(fn, exc, match, backend):
     with pytest.raises(exc, match=match) as info:
         with pe.use_backend(backend):
@@ -148,6 +187,12 @@ def test_pooling_bad_input(any_backend, case):
 
 @pytest.mark.parametrize("case", UP_CASES, ids=lambda c: c[0])
 def test_upsample_concat_bad_input(any_backend, case):
+    _, fn, exc, match = case
+    _check(fn, exc, match, any_backend)
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: c[0])
+def test_upsample_concat_conv2d_bad_input(any_backend, case):
     _, fn, exc, match = case
     _check(fn, exc, match, any_backend)
 
