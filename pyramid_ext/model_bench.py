@@ -303,6 +303,8 @@ def main(models: List[str], rounds: int, warmup: int, threads: int, train: bool 
     for name in models:
         try:
             results.append(run_model(name, rounds, warmup, train))
+            if len(models) > 1:  # each model's rows as soon as they exist (the full table follows)
+                print(format_tables(results[-1:], threads, rounds), flush=True)
         except ImportError as e:
             print(f"\n[bench] {name}: skipped, {e} (the model benchmarks need transformers, torchvision, "
                   "segmentation_models_pytorch: pip install pyramid_ext[models])", file=sys.stderr, flush=True)
