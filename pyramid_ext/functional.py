@@ -444,6 +444,12 @@ def _choose_plan(n, cx, channels, sizes, cout, k, height, width) -> _ConvPlan:
     areas = [h * w for h, w in sizes]
     budget = n * (cx + sum(channels)) * hw
     forced = _FORCED_PLAN
+    if forced is None and torch.compiler.is_exporting() and any(
+            isinstance(v, torch.SymInt) for v in (n, height, width, *(d for hw_ in sizes for d in hw_))):
+        # torch.export with dynamic sizes: the cost and memory comparisons below
+        # would guard on the symbolic sizes (the program would hold for one plan's
+        # sizes only); the concatenating way is exact at every size.
+        return _ConvPlan([], [i for i, cb in enumerate(channels) if cb != 0], 1)
     taps, concat = [], []
     for i, ((h, w), cb) in enumerate(zip(sizes, channels)):
         if cb == 0:

@@ -541,12 +541,7 @@ def _fused_targets(ep):
 STANDARD_OPS_UNDER_DYNAMIC_EXPORT = [n for n in MODULES if "keras_same" in n]
 
 
-# The converted models whose heads call upsample_concat_conv2d: its per-branch plan
-# (cost and memory comparisons of the sizes) guards on the symbolic H and W, so the
-# program exported at one size fails at others. Strict: remove once the plan is guard-free.
-_PLAN_GUARDS = pytest.mark.xfail(strict=True, reason="upsample_concat_conv2d's plan guards on symbolic sizes "
-                                                     "under torch.export (dynamic H, W)")
-ROUND_TRIP = list(MODULES) + [pytest.param(n, marks=_PLAN_GUARDS) if n != "tv_deeplabv3" else n for n in CONVERTED]
+ROUND_TRIP = list(MODULES) + list(CONVERTED)
 
 
 @pytest.mark.parametrize("name", ROUND_TRIP)
