@@ -541,7 +541,14 @@ def _fused_targets(ep):
 STANDARD_OPS_UNDER_DYNAMIC_EXPORT = [n for n in MODULES if "keras_same" in n]
 
 
-ROUND_TRIP = list(MODULES) + list(CONVERTED)
+# The converted models whose heads guard on the symbolic H and W under torch.export
+# (the converters' and the encoders' size comparisons around upsample_concat_conv2d;
+# smp PSPNet and DeepLabV3 export). Strict: remove a name once its export is guard-free.
+_DYNAMIC_EXPORT_GUARDS = {"smp_upernet", "smp_segformer", "hf_upernet", "hf_segformer"}
+_GUARDS = pytest.mark.xfail(strict=True, reason="the converted head guards on symbolic sizes under torch.export "
+                                                "(dynamic H, W)")
+ROUND_TRIP = list(MODULES) + [pytest.param(n, marks=_GUARDS) if n in _DYNAMIC_EXPORT_GUARDS else n
+                              for n in CONVERTED]
 
 
 @pytest.mark.parametrize("name", ROUND_TRIP)
