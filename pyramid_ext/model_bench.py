@@ -19,8 +19,10 @@ Models (fp32, batch 1):
 - ``pspnet``: the PSPNet head alone, ``pe.nn.PyramidPooling.csail`` (PPM with four
   512-channel branches + 3x3 conv 4096 -> 512 + BN + ReLU) on (1, 2048, 64, 64),
   against the same layers run the concatenating way (AdaptiveAvgPool2d,
-  F.interpolate, torch.cat, conv). Its training step keeps the 1x1 bin's
-  BatchNorm in eval mode (one value per channel at batch size 1).
+  F.interpolate, torch.cat, conv).
+
+Training steps keep the 1x1 pyramid bin's block in eval mode (its BatchNorm sees
+one value per channel at batch size 1 and cannot train there).
 - ``smp-pspnet``: segmentation_models_pytorch ``PSPNet`` with a ResNet-50 encoder, 512x512.
 - ``deeplabv3``: torchvision ``deeplabv3_resnet50``, 512x512.
 """
@@ -151,9 +153,10 @@ def _head_inputs(model, head_name, x):
 def _train_mode(model: nn.Module, batch: int) -> None:
     model.train()
     if batch == 1:  # BatchNorm on a 1x1 map sees one value per channel: it cannot train there
+        # (the 1x1 pyramid bin's block: torchvision's ASPPPooling and smp's PSPBlock are nn.Sequential,
+        # transformers' UperNetPyramidPoolingBlock a Module holding the pool as child "0")
         for m in model.modules():
-            if isinstance(m, nn.Sequential) and len(m) and isinstance(m[0], nn.AdaptiveAvgPool2d) \
-                    and m[0].output_size in (1, (1, 1)):
+            if any(isinstance(c, nn.AdaptiveAvgPool2d) and c.output_size in (1, (1, 1)) for c in m.children()):
                 m.eval()
 
 

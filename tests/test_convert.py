@@ -439,3 +439,19 @@ def test_aspp_accumulated_project_equals_the_concatenation():
         close(a, b, rel=1e-12)
     assert _accumulate_1x1(nn.Conv2d(18, 5, 3, padding=1).double(), full, pooled) is None  # 1x1 only
     assert _accumulate_1x1(conv, [t.contiguous(memory_format=torch.channels_last) for t in full], pooled) is None
+
+
+@pytest.mark.parametrize("name", MODEL_PARAMS)
+def test_model_bench_training_step_at_batch_one(name):
+    """`python -m pyramid_ext bench --model` trains at batch 1: its train mode leaves the 1x1 bin's block in
+    eval (BatchNorm cannot train on one value per channel), for the original and the converted model alike."""
+    from pyramid_ext.model_bench import _train_mode
+
+    shape = (1,) + MODELS[name][3][1:]
+    converted = build(name)
+    convert(converted, example_input=torch.randn(shape))
+    for model in (build(name), converted):
+        _train_mode(model, batch=1)  # (without it transformers' UperNet and torchvision's ASPP raise here)
+        out = model(torch.randn(shape))
+        out = out.logits if hasattr(out, "logits") else out["out"] if isinstance(out, dict) else out
+        out.sum().backward()
