@@ -26,6 +26,7 @@ import torch.nn.functional as F
 import pyramid_ext as pe
 
 from ._helpers import TOL, as_pair, eager_pool, eager_upsample_concat, layout, rand
+from ._shift_add import eager_shift_add
 from .conftest import need_backend
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,8 +54,8 @@ def _workload():
     with N=3 so both task splits apply; segments taller and wider than a
     float run, and tall but narrow ones, so average pooling sums several
     runs per cell on every path),
-    forward and backward, and upsample_concat forward and backward in both
-    layouts. Returns the results and the eager expectations."""
+    forward and backward, upsample_concat forward and backward and
+    upsample_shift_add in both layouts. Returns the results and the eager expectations."""
     got, want = [], []
     cases = [((3, 37, 29, 70), (1, 2, 3, 6, (2, 5))), ((2, 11, 61, 50), (1, (2, 3))), ((2, 19, 50, 40), (1, (2, 5)))]
     for (shape, bins), kind, mode in itertools.product(cases, ("nchw", "channels_last"), ("avg", "max")):
@@ -80,6 +81,15 @@ def _workload():
         ref.backward(g)
         got += [out.detach()] + [b.grad for b in brs]
         want += [ref.detach()] + [b.grad for b in bre]
+    # upsample_shift_add (K = 3): tap maps of eight or more columns upsampled (simd::resize_row's vector
+    # blocks, one clamped at the row's end), downsampled (gathered one by one) and narrow (all scalar)
+    for kind in ("nchw", "channels_last"):
+        base = layout(rand((2, 4, 33, 47), torch.float32, seed=5), kind)
+        taps = [layout(rand((2, 36, h, w), torch.float32, seed=6 + w), kind)
+                for h, w in ((9, 13), (17, 24), (40, 61), (3, 5))]
+        for align_corners in (False, True):
+            got.append(torch.ops.pyramid_ext.upsample_shift_add(base, taps, 3, align_corners))
+            want.append(eager_shift_add(base, taps, 3, align_corners))
     return got, want
 
 

@@ -34,6 +34,26 @@ std::vector<LinearTap<acc_t>> axis_taps(int64_t in_size, int64_t out_size,
   return taps;
 }
 
+// One axis's taps as the arrays of a simd::ResizeTable (the float kernels'
+// vector resize of rows, simd::resize_row).
+struct ResizeTableArrays {
+  std::vector<int32_t> i0, i1;
+  std::vector<float> w0, w1;
+
+  explicit ResizeTableArrays(const std::vector<LinearTap<float>>& taps) {
+    for (const auto& t : taps) {
+      i0.push_back(static_cast<int32_t>(t.i0));
+      i1.push_back(static_cast<int32_t>(t.i1));
+      w0.push_back(t.w0);
+      w1.push_back(t.w1);
+    }
+  }
+  // The table from output coordinate `first` on.
+  simd::ResizeTable from(int64_t first) const {
+    return {i0.data() + first, i1.data() + first, w0.data() + first, w1.data() + first};
+  }
+};
+
 // The backward's long sums: grad_branch = Wy^T G Wx, where a 1x1 branch sums
 // a whole plane of G. Pass 1, rows[i] = sum_h Wy[h, i] G[h, :]: each row's
 // terms (weight x row of G, one rounding each) are summed in float runs of

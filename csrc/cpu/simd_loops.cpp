@@ -52,6 +52,7 @@ struct Loops {
   decltype(&isa_baseline::max_rows) max_rows;
   decltype(&isa_baseline::blend) blend;
   decltype(&isa_baseline::axpy) axpy;
+  decltype(&isa_baseline::resize_row) resize_row;
   decltype(&isa_baseline::bilinear) bilinear;
   decltype(&isa_baseline::max_pixels) max_pixels;
   decltype(&isa_baseline::max_rect) max_rect;
@@ -60,7 +61,7 @@ struct Loops {
 #define PE_LOOPS(ns)                                                                                   \
   Loops {                                                                                              \
     ns::sum_rows, ns::add_row_sum, ns::add_row_sum_f64, ns::add_run_f64, ns::rect_means, ns::max_rows,     \
-        ns::blend, ns::axpy, ns::bilinear, ns::max_pixels, ns::max_rect                                \
+        ns::blend, ns::axpy, ns::resize_row, ns::bilinear, ns::max_pixels, ns::max_rect               \
   }
 constexpr Loops kBaseline = PE_LOOPS(isa_baseline);
 #if PE_X86_MULTIVERSION
@@ -139,6 +140,9 @@ void blend(float* d, const float* r0, const float* r1, float w0, float w1, int64
   loops().blend(d, r0, r1, w0, w1, n);
 }
 void axpy(float* acc, const float* src, float a, int64_t n) { loops().axpy(acc, src, a, n); }
+void resize_row(float* d, const float* s, int64_t len, ResizeTable t, int64_t n, bool accumulate) {
+  loops().resize_row(d, s, len, t, n, accumulate);
+}
 void bilinear(float* d, const float* p00, const float* p01, const float* p10, const float* p11, float wy0,
               float wy1, float wx0, float wx1, int64_t n) {
   loops().bilinear(d, p00, p01, p10, p11, wy0, wy1, wx0, wx1, n);

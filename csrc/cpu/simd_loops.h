@@ -71,6 +71,19 @@ void max_rows(float* m, int32_t* r, const float* src, int64_t rows, int64_t stri
 void blend(float* d, const float* r0, const float* r1, float w0, float w1, int64_t n);
 // acc[i] += a * src[i]
 void axpy(float* acc, const float* src, float a, int64_t n);
+// A row resized along its length: t = w0[k] * s[i0[k]] + w1[k] * s[i1[k]],
+// d[k] = d[k] + t (accumulate) or t, for k < n; s holds `len` floats and the
+// tables are nondecreasing (bilinear taps). Eight outputs whose sources lie
+// within eight consecutive floats (upsampling) take one load and two
+// in-register permutes; the others are gathered one by one. The same
+// roundings, in the same order, on every path.
+struct ResizeTable {
+  const int32_t* i0;
+  const int32_t* i1;
+  const float* w0;
+  const float* w1;
+};
+void resize_row(float* d, const float* s, int64_t len, ResizeTable t, int64_t n, bool accumulate);
 // d[i] = wy0 * (wx0 * p00[i] + wx1 * p01[i]) + wy1 * (wx0 * p10[i] + wx1 * p11[i])
 void bilinear(float* d, const float* p00, const float* p01, const float* p10, const float* p11, float wy0,
               float wy1, float wx0, float wx1, int64_t n);

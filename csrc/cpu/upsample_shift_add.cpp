@@ -7,7 +7,8 @@
 // axis at its own resolution and along the other at the output's:
 // - planar base (NCHW), one task per (n, o) plane: G_a[r][x] = sum_c
 //   horizontally interpolated row r of tap (a, c), shifted by c - p (K*h rows
-//   of W per tap tensor, in L1/L2), then every output row is
+//   of W per tap tensor, in L1/L2; float rows through simd::resize_row's
+//   vector permutes), then every output row is
 //   base + sum_i sum_a (wy0 * G_a[i0(Y)] + wy1 * G_a[i1(Y)]), Y = y + a - p:
 //   2K vector multiply-adds per output element and tap tensor.
 // - channels_last base, one task per (n, y) output row, channels in chunks of
@@ -73,10 +74,14 @@ struct TapGeometry {
   int64_t h, w, sN, sC, sH, sW;
   std::vector<LinearTap<acc_t>> ty, tx;  // per output row / column
   std::vector<DstRange> ry, rx;          // output rows / columns reading each source row / column
+  std::vector<ResizeTableArrays> tx_arrays;  // tx for simd::resize_row (float, when asked for)
 
   TapGeometry(const at::Tensor& t, int64_t H, int64_t W, bool align_corners, bool readers)
       : h(t.size(2)), w(t.size(3)), sN(t.stride(0)), sC(t.stride(1)), sH(t.stride(2)), sW(t.stride(3)),
         ty(axis_taps<acc_t>(h, H, align_corners)), tx(axis_taps<acc_t>(w, W, align_corners)) {
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (!readers && t.scalar_type() == at::kFloat && sW == 1) tx_arrays.emplace_back(tx);
+    }
     if (readers) {
       ry = axis_readers<acc_t>(h, H, align_corners);
       rx = axis_readers<acc_t>(w, W, align_corners);
@@ -127,6 +132,13 @@ void forward_planes(const at::Tensor& base, const std::vector<at::Tensor>& taps,
             for (int64_t r = 0; r < g.h; ++r) {
               const scalar_t* s = plane + r * g.sH;
               acc_t* d = g_of + (a * g.h + r) * W;
+              if constexpr (std::is_same_v<scalar_t, float>) {
+                if (!g.tx_arrays.empty()) {
+                  simd::resize_row(d + xs.first, s, g.w, g.tx_arrays[0].from(xs.first + c - p), xs.end - xs.first,
+                                   /*accumulate=*/true);
+                  continue;
+                }
+              }
               for (int64_t x = xs.first; x < xs.end; ++x) {
                 const LinearTap<acc_t>& t = g.tx[x + c - p];
                 d[x] += t.w0 * static_cast<acc_t>(s[t.i0 * g.sW]) + t.w1 * static_cast<acc_t>(s[t.i1 * g.sW]);
