@@ -23,6 +23,9 @@ tables.
     python benchmarks/compare.py --ops 'uc.*' --shapes 4x512x60x60 --rounds 50
     python benchmarks/compare.py --both-env --json bench.json
     PYRAMID_EXT_BENCH_SMALL=1 python benchmarks/compare.py --rounds 3   # smoke
+    # issue 12 item 3: every op's forward on the small shapes, CPU time of one thread (loaded machine)
+    python benchmarks/compare.py --shapes stages --contenders fused-cpp,eager --threads 1 --clock thread \
+        --ops 'avg.fwd.*,max.fwd.*,maxidx.fwd.*,spp.fwd.*,sppavg.fwd.*,uc.fresh.*,ucconv.fwd.*,ppm.fwd.*'
 """
 from __future__ import annotations
 
