@@ -4,6 +4,13 @@ A *case* is one (op, mode, layout, shape):
     op      "avg"  multi_adaptive_avg_pool2d, bins (1, 2, 3, 6)
             "max"  multi_adaptive_max_pool2d, bins (1, 2, 3, 6)
             "spp"  spatial_pyramid_pool(mode="max"), bins (4, 2, 1)
+            forward only (mode "fwd"):
+            "maxidx"  multi_adaptive_max_pool2d(return_indices=True), bins (1, 2, 3, 6)
+            "sppavg"  spatial_pyramid_pool(mode="avg"), bins (4, 2, 1)
+            "ucconv"  upsample_concat_conv2d: the "uc" inputs and a 1x1 conv (2C -> C/4, bias), as
+                      PSPModule's bottleneck; eager: F.conv2d over the upsample-concatenation
+            "ppm"     pyramid_ext.nn.PPM(C, C/4, (1, 2, 3, 6)) in eval mode against the eager PPM
+                      (hszhao/semseg, benchmarks/bench_models.EagerPPM) with the same weights
             "uc"   upsample_concat: x (N, C, H, W) + four branches (N, C/4, b, b), b in 1, 2, 3, 6,
                    bilinear, align_corners=False
     mode    pooling: "fwd", "fwdbwd";  upsample_concat: "fresh" (new output each call),
@@ -53,12 +60,16 @@ FULL_SHAPES: List[Tuple[int, int, int, int]] = [(1, 2048, 64, 64), (4, 512, 60, 
 # Same batch sizes and the odd/even H, W of the full shapes (60 -> 15 keeps the
 # non-divisible adaptive windows), far fewer bytes.
 SMALL_SHAPES: List[Tuple[int, int, int, int]] = [(1, 128, 16, 16), (4, 32, 15, 15), (8, 32, 8, 8)]
+# Issue 12 item 3's small inputs: a large-batch 32x32 map and a lightweight
+# backbone's last stage (compare.py --shapes stages).
+STAGE_SHAPES: List[Tuple[int, int, int, int]] = [(8, 512, 32, 32), (16, 256, 16, 16)]
 
 POOL_BINS = (1, 2, 3, 6)
 SPP_BINS = (4, 2, 1)
 UC_BINS = (1, 2, 3, 6)
 
 POOL_OPS = ("avg", "max", "spp")
+FWD_ONLY_OPS = ("maxidx", "sppavg", "ucconv", "ppm")  # mode "fwd" only
 POOL_MODES = ("fwd", "fwdbwd")
 UC_MODES = ("fresh", "out", "fwdbwd")
 LAYOUTS = ("nchw", "cl")
@@ -156,15 +167,15 @@ class Case:
     shape: Tuple[int, int, int, int]
 
     def __post_init__(self):
-        if self.op not in POOL_OPS + ("uc",):
+        if self.op not in POOL_OPS + ("uc",) + FWD_ONLY_OPS:
             raise ValueError(f"unknown op {self.op!r}")
-        modes = UC_MODES if self.op == "uc" else POOL_MODES
+        modes = UC_MODES if self.op == "uc" else ("fwd",) if self.op in FWD_ONLY_OPS else POOL_MODES
         if self.mode not in modes:
             raise ValueError(f"op {self.op!r}: mode must be one of {modes}, got {self.mode!r}")
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
-        if self.op == "uc" and self.shape[1] % 4:
-            raise ValueError(f"upsample_concat cases need C divisible by 4, got shape {self.shape}")
+        if self.op in ("uc", "ucconv", "ppm") and self.shape[1] % 4:
+            raise ValueError(f"{self.op} cases need C divisible by 4, got shape {self.shape}")
 
     @property
     def name(self) -> str:
@@ -186,7 +197,7 @@ class Case:
     @property
     def pe_op(self) -> str:
         """The op name pyramid_ext.available_backends() takes."""
-        return "upsample_concat" if self.op == "uc" else "multi_pool2d"
+        return "upsample_concat" if self.op in ("uc", "ucconv", "ppm") else "multi_pool2d"
 
     def contenders(self) -> Tuple[str, ...]:
         """The contenders that make sense for this case (before availability)."""
@@ -199,6 +210,7 @@ class Case:
 def case_names() -> List[str]:
     names = [f"{op}.{mode}.{layout}" for op in POOL_OPS for mode in POOL_MODES for layout in LAYOUTS]
     names += [f"uc.{mode}.{layout}" for mode in UC_MODES for layout in LAYOUTS]
+    names += [f"{op}.fwd.{layout}" for op in FWD_ONLY_OPS for layout in LAYOUTS]
     return names
 
 
@@ -217,6 +229,8 @@ class Inputs:
     device: torch.device
     x: torch.Tensor
     branches: List[torch.Tensor]
+    weight: Optional[torch.Tensor]  # ucconv: the conv's weight and bias
+    bias: Optional[torch.Tensor]
     out: Optional[torch.Tensor]  # uc fresh/out: preallocated output (out= and copy-x)
     grads: List[torch.Tensor]  # fwdbwd: the gradient of each output (random, fixed)
 
@@ -233,6 +247,11 @@ def make_inputs(case: Case, device: torch.device) -> Inputs:
     branches: List[torch.Tensor] = []
     out = None
     grads: List[torch.Tensor] = []
+    weight = bias = None
+    if case.op == "ucconv":
+        branches = [_randn((n, c // 4, b, b), gen, device, fmt) for b in UC_BINS]
+        weight = (torch.randn((c // 4, 2 * c, 1, 1), generator=gen) / (2 * c) ** 0.5).to(device)
+        bias = torch.randn((c // 4,), generator=gen).to(device)
     if case.op == "uc":
         branches = [_randn((n, c // 4, b, b), gen, device, fmt) for b in UC_BINS]
         out_shape = (n, c + len(UC_BINS) * (c // 4), h, w)
@@ -249,7 +268,7 @@ def make_inputs(case: Case, device: torch.device) -> Inputs:
         x.requires_grad_(True)
         for b in branches:
             b.requires_grad_(True)
-    return Inputs(device, x, branches, out, grads)
+    return Inputs(device, x, branches, weight, bias, out, grads)
 
 
 # --------------------------------------------------------------------------
@@ -309,6 +328,59 @@ def fused_pool_fn(op: str, backend: str) -> Callable:
     if op == "spp":
         return lambda x: pe.spatial_pyramid_pool(x, SPP_BINS, mode="max", backend=backend)
     raise ValueError(op)
+
+
+def _ppm_pair(c: int, device: torch.device):
+    """The eager PPM and pe.nn.PPM with the same (seeded) weights, eval mode."""
+    from bench_models import EagerPPM  # noqa: E402  (benchmarks/ is on sys.path)
+
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(SEED)
+    eager = EagerPPM(c, c // 4, POOL_BINS).eval().to(device)
+    torch.random.set_rng_state(gen_state)
+    gen = torch.Generator().manual_seed(SEED + 1)
+    for bn in (m for m in eager.modules() if isinstance(m, nn.BatchNorm2d)):
+        with torch.no_grad():  # non-trivial statistics, so the check means something
+            bn.running_mean.copy_(torch.rand(bn.num_features, generator=gen) - 0.5)
+            bn.running_var.copy_(torch.rand(bn.num_features, generator=gen) + 0.5)
+    fused = pe.nn.PPM(c, c // 4, POOL_BINS).eval().to(device)
+    fused.load_state_dict(eager.state_dict())
+    return eager, fused
+
+
+def eager_fwd_only_fn(case: "Case", inputs: "Inputs") -> Callable:
+    x, branches = inputs.x, inputs.branches
+    if case.op == "maxidx":
+        return lambda: [F.adaptive_max_pool2d(x, b, return_indices=True) for b in POOL_BINS]
+    if case.op == "sppavg":
+        return lambda: torch.cat([F.adaptive_avg_pool2d(x, b).flatten(1) for b in SPP_BINS], 1)
+    if case.op == "ucconv":
+        weight, bias = inputs.weight, inputs.bias
+        return lambda: F.conv2d(eager_upsample_concat(x, branches), weight, bias)
+    if case.op == "ppm":
+        eager, _ = _ppm_pair(case.shape[1], inputs.device)
+        return lambda: eager(x)
+    raise ValueError(case.op)
+
+
+def fused_fwd_only_fn(case: "Case", backend: str, inputs: "Inputs") -> Callable:
+    x, branches = inputs.x, inputs.branches
+    if case.op == "maxidx":
+        return lambda: list(zip(*pe.multi_adaptive_max_pool2d(x, POOL_BINS, return_indices=True, backend=backend)))
+    if case.op == "sppavg":
+        return lambda: pe.spatial_pyramid_pool(x, SPP_BINS, mode="avg", backend=backend)
+    if case.op == "ucconv":
+        weight, bias = inputs.weight, inputs.bias
+        return lambda: pe.upsample_concat_conv2d(x, branches, weight, bias, backend=backend)
+    if case.op == "ppm":
+        _, fused = _ppm_pair(case.shape[1], inputs.device)
+
+        def ppm():
+            with pe.use_backend(backend):
+                return fused(x)
+
+        return ppm
+    raise ValueError(case.op)
 
 
 def compile_fn(fn: Callable) -> Callable:
@@ -409,7 +481,20 @@ def build(case: Case, name: str, inputs: Inputs, *, check: bool = True) -> Conte
     warmup = 2
     note = ""
 
-    if case.op in POOL_OPS:
+    if case.op in FWD_ONLY_OPS:
+        if name.startswith("fused-"):
+            fn = fused_fwd_only_fn(case, name[len("fused-"):], inputs)
+        elif name in ("eager", "compile"):
+            fn = eager_fwd_only_fn(case, inputs)
+            if name == "compile":
+                fn = compile_fn(fn)
+        else:
+            raise AssertionError(name)
+
+        def run():
+            return fn()
+
+    elif case.op in POOL_OPS:
         if name.startswith("fused-"):
             fn = fused_pool_fn(case.op, name[len("fused-"):])
         elif name == "eager":
@@ -528,5 +613,6 @@ def check_against(case: Case, result, reference) -> None:
 def reference_result(case: Case, inputs: Inputs):
     """The eager result (for check_against); out= cases write into a scratch output."""
     if case.mode == "out":
-        inputs = Inputs(inputs.device, inputs.x, inputs.branches, torch.empty_like(inputs.out), inputs.grads)
+        inputs = Inputs(inputs.device, inputs.x, inputs.branches, inputs.weight, inputs.bias,
+                        torch.empty_like(inputs.out), inputs.grads)
     return build(case, "eager", inputs, check=False).run()

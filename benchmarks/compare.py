@@ -23,6 +23,9 @@ tables.
     python benchmarks/compare.py --ops 'uc.*' --shapes 4x512x60x60 --rounds 50
     python benchmarks/compare.py --both-env --json bench.json
     PYRAMID_EXT_BENCH_SMALL=1 python benchmarks/compare.py --rounds 3   # smoke
+    # issue 12 item 3: every op's forward on the small shapes, CPU time of one thread (loaded machine)
+    python benchmarks/compare.py --shapes stages --contenders fused-cpp,eager --threads 1 --clock thread \
+        --ops 'avg.fwd.*,max.fwd.*,maxidx.fwd.*,spp.fwd.*,sppavg.fwd.*,uc.fresh.*,ucconv.fwd.*,ppm.fwd.*'
 """
 from __future__ import annotations
 
@@ -90,6 +93,8 @@ def select_shapes(spec: Optional[str]):
         return list(bc.FULL_SHAPES)
     if spec == "small":
         return list(bc.SMALL_SHAPES)
+    if spec == "stages":
+        return list(bc.STAGE_SHAPES)
     return [bc.parse_shape(s) for s in spec.split(",") if s.strip()]
 
 
@@ -148,8 +153,17 @@ def summarize(samples: List[float]) -> dict:
     }
 
 
+CLOCKS = {
+    "wall": time.perf_counter_ns,
+    # CPU time of the calling thread: on a shared, loaded machine it leaves out
+    # the time other processes hold the core. Meaningful with --threads 1 only
+    # (at::parallel_for then runs inline on this thread).
+    "thread": time.thread_time_ns,
+}
+
+
 def time_case(case: bc.Case, names: List[str], device: torch.device, rounds: int, warmup: int,
-              check: bool) -> dict:
+              check: bool, clock_name: str = "wall") -> dict:
     inputs = bc.make_inputs(case, device)
     conts: Dict[str, bc.Contender] = {}
     skipped: Dict[str, str] = {}
@@ -182,7 +196,7 @@ def time_case(case: bc.Case, names: List[str], device: torch.device, rounds: int
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        clock = time.perf_counter_ns
+        clock = CLOCKS[clock_name]
         for r in range(rounds):
             k = r % len(order) if order else 0
             for name in order[k:] + order[:k]:
@@ -249,6 +263,7 @@ def environment(device: torch.device, args) -> dict:
         "compile_backend": bc.compile_backend(),
         "rounds": args.rounds,
         "warmup": args.warmup,
+        "clock": args.clock,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
     }
 
@@ -268,7 +283,8 @@ def render(env: dict, rows: List[dict]) -> str:
     lines.append(f"- {where}; torch {env['torch']}, python {env['python']}, pyramid_ext {env['pyramid_ext']}, "
                  f"backends {env['backends']['multi_pool2d']}, torch.compile backend {env['compile_backend']}; "
                  f"{env['date']}")
-    lines.append(f"- {env['rounds']} interleaved rounds (rotating order) after warm-up; median ms per call; "
+    clock = "this thread's CPU time" if env.get("clock") == "thread" else "wall time"
+    lines.append(f"- {env['rounds']} interleaved rounds (rotating order) after warm-up; median ms ({clock}) per call; "
                  "eager/F and compile/F > 1: fused op F faster; F/copy-x: distance to the copy floor (1 = floor)")
     if not any(r["contenders"].get(c) for r in rows for c in ("fused-cpp", "fused-triton")):
         lines.append("- **no compiled fused kernel ran**: the fused column is the pure-PyTorch fallback "
@@ -316,7 +332,8 @@ def parse_args(argv=None):
                    help="comma list of cases op.mode.layout (globs allowed, e.g. 'uc.*,avg.fwd.*'), "
                         "'default' or 'all'; --list shows them")
     p.add_argument("--shapes", default=None,
-                   help="comma list of NxCxHxW, or 'full' / 'small' (default: full, small under "
+                   help="comma list of NxCxHxW, or 'full' / 'small' / 'stages' (issue 12's (8,512,32,32), "
+                        "(16,256,16,16)) (default: full, small under "
                         f"{bc.SMALL_ENV}=1)")
     p.add_argument("--contenders", default="auto",
                    help="comma list from " + ", ".join(bc.CONTENDERS) + "; 'auto' (default): fused-cpp, "
@@ -324,6 +341,9 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=30, help="timed interleaved rounds (default 30)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls per contender first (default 3)")
     p.add_argument("--threads", type=int, default=2, help="torch threads on CPU (default 2)")
+    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                   help="wall (default) or thread: the calling thread's CPU time, for a loaded machine "
+                        "(needs --threads 1: other threads' work would not be counted)")
     p.add_argument("--device", default=None, help=f"cpu, cuda, cuda:N (default: ${bc.DEVICE_ENV} or cpu)")
     p.add_argument("--compile-backend", default=None,
                    help=f"torch.compile backend of 'compile' (default: ${bc.COMPILE_BACKEND_ENV} or inductor)")
@@ -406,6 +426,8 @@ def main(argv=None) -> int:
         os.environ[bc.COMPILE_BACKEND_ENV] = args.compile_backend
     if args.rounds < 1:
         raise SystemExit("--rounds must be >= 1")
+    if args.clock == "thread" and args.threads != 1:
+        raise SystemExit("--clock thread counts the calling thread only: use it with --threads 1")
     ops = select_ops(args.ops)
     shapes = select_shapes(args.shapes)
     explicit = select_contenders(args.contenders)
@@ -421,7 +443,7 @@ def main(argv=None) -> int:
             case = bc.parse_case_name(op, shape)
             names = contenders_for(case, explicit, device)
             t0 = time.perf_counter()
-            row = time_case(case, names, device, args.rounds, args.warmup, args.check)
+            row = time_case(case, names, device, args.rounds, args.warmup, args.check, args.clock)
             log(f"[compare] {case.group}: " + ", ".join(
                 f"{n} {s['median_ms']:.3f} ms" for n, s in row["contenders"].items())
                 + f"  ({time.perf_counter() - t0:.1f}s, warm-up {row['warmup_s']:.1f}s)")

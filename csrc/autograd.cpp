@@ -14,6 +14,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <initializer_list>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -83,9 +84,25 @@ struct PoolFunction : public torch::autograd::Function<PoolFunction> {
   }
 };
 
+// Whether a call records a node: grad mode on and an input requiring grad.
+// Otherwise the op is called below autograd directly: Function::apply would
+// still build a node and fill its saved data (IValue lists of the windows),
+// which on a small input cost as much as the kernel.
+bool records(std::initializer_list<const at::Tensor*> inputs) {
+  if (!at::GradMode::is_enabled()) return false;
+  for (const at::Tensor* t : inputs)
+    if (t->defined() && t->requires_grad()) return true;
+  return false;
+}
+
 std::tuple<at::Tensor, at::Tensor> multi_pool2d_autograd(const at::Tensor& x, c10::SymIntArrayRef h_bounds,
                                                          c10::SymIntArrayRef w_bounds, at::IntArrayRef level_bins,
                                                          int64_t mode, bool channels_last_levels) {
+  if (!records({&x})) {
+    static const auto op = op_handle<PoolSig>("pyramid_ext::multi_pool2d");
+    at::AutoDispatchBelowADInplaceOrView below;
+    return op.call(x, h_bounds, w_bounds, level_bins, mode, channels_last_levels);
+  }
   auto out = PoolFunction::apply(x, h_bounds, w_bounds, level_bins, mode, channels_last_levels);
   return {out[0], out[1]};
 }
@@ -152,6 +169,13 @@ struct UpsampleConcatFunction : public torch::autograd::Function<UpsampleConcatF
 at::Tensor upsample_concat_autograd(const std::optional<at::Tensor>& x, at::TensorList branches,
                                     c10::SymIntArrayRef size, bool align_corners, bool x_first,
                                     bool channels_last_out) {
+  bool needs_grad = x.has_value() && records({&*x});
+  for (const at::Tensor& b : branches) needs_grad = needs_grad || records({&b});
+  if (!needs_grad) {
+    static const auto op = op_handle<UpsampleSig>("pyramid_ext::upsample_concat");
+    at::AutoDispatchBelowADInplaceOrView below;
+    return op.call(x, branches, size, align_corners, x_first, channels_last_out);
+  }
   return UpsampleConcatFunction::apply(x, branches, size, align_corners, x_first, channels_last_out)[0];
 }
 

@@ -135,3 +135,42 @@ def test_upsample_concat_fast_path_equals_pytorch(x_first):
                                torch.autograd.grad(want, [x] + branches, g))
     alone = pe.upsample_concat(None, branches, size=(4, 6))
     torch.testing.assert_close(alone, eager_upsample_concat(None, branches, (4, 6), False))
+
+
+# csrc/autograd.cpp calls the op below autograd, without a node, when grad mode
+# is off or no input requires grad; any input requiring grad (a branch alone
+# included) still records the node and its backward.
+@pytest.mark.parametrize("mode", ["avg", "max"])
+def test_pool_without_grad_records_nothing_and_with_grad_one_node(mode):
+    x = rand((2, 3, 9, 7), dtype=torch.float64)
+    fused = pe.multi_adaptive_avg_pool2d if mode == "avg" else pe.multi_adaptive_max_pool2d
+    plain = fused(x, BINS)
+    assert all(v.grad_fn is None and not v.requires_grad for v in plain)
+    torch.testing.assert_close(plain, eager_pool(x, BINS, mode))
+    x.requires_grad_()
+    with torch.no_grad():
+        off = fused(x, BINS)
+    assert all(v.grad_fn is None and not v.requires_grad for v in off)
+    torch.testing.assert_close(off, eager_pool(x.detach(), BINS, mode))
+    on = fused(x, BINS)
+    assert all(v.requires_grad for v in on)
+    g = [rand(v.shape, dtype=torch.float64, seed=i) for i, v in enumerate(on)]
+    torch.testing.assert_close(torch.autograd.grad(on, x, g), torch.autograd.grad(eager_pool(x, BINS, mode), x, g))
+
+
+def test_upsample_concat_records_when_only_a_branch_requires_grad():
+    x = rand((2, 3, 7, 5), dtype=torch.float64)
+    branches = [rand((2, 2, b, b), dtype=torch.float64, seed=b) for b in (1, 3)]
+    plain = pe.upsample_concat(x, branches)
+    assert plain.grad_fn is None and not plain.requires_grad
+    torch.testing.assert_close(plain, eager_upsample_concat(x, branches, (7, 5), False))
+    branches[1].requires_grad_()
+    with torch.no_grad():
+        assert not pe.upsample_concat(x, branches).requires_grad
+    got = pe.upsample_concat(x, branches)
+    assert got.requires_grad
+    want = eager_upsample_concat(x, branches, (7, 5), False)
+    g = rand(want.shape, dtype=torch.float64, seed=9)
+    torch.testing.assert_close(torch.autograd.grad(got, branches[1], g), torch.autograd.grad(want, branches[1], g))
+    alone = pe.upsample_concat(None, branches, size=(4, 6))
+    assert alone.requires_grad
