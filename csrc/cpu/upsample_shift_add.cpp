@@ -37,6 +37,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -74,13 +75,13 @@ struct TapGeometry {
   int64_t h, w, sN, sC, sH, sW;
   std::vector<LinearTap<acc_t>> ty, tx;  // per output row / column
   std::vector<DstRange> ry, rx;          // output rows / columns reading each source row / column
-  std::vector<ResizeTableArrays> tx_arrays;  // tx for simd::resize_row (float, when asked for)
+  std::optional<ResizeTableArrays> tx_arrays;  // tx for simd::resize_row (float rows of unit stride)
 
   TapGeometry(const at::Tensor& t, int64_t H, int64_t W, bool align_corners, bool readers)
       : h(t.size(2)), w(t.size(3)), sN(t.stride(0)), sC(t.stride(1)), sH(t.stride(2)), sW(t.stride(3)),
         ty(axis_taps<acc_t>(h, H, align_corners)), tx(axis_taps<acc_t>(w, W, align_corners)) {
     if constexpr (std::is_same_v<acc_t, float>) {
-      if (!readers && t.scalar_type() == at::kFloat && sW == 1) tx_arrays.emplace_back(tx);
+      if (!readers && t.scalar_type() == at::kFloat && sW == 1) tx_arrays.emplace(tx);
     }
     if (readers) {
       ry = axis_readers<acc_t>(h, H, align_corners);
@@ -133,8 +134,8 @@ void forward_planes(const at::Tensor& base, const std::vector<at::Tensor>& taps,
               const scalar_t* s = plane + r * g.sH;
               acc_t* d = g_of + (a * g.h + r) * W;
               if constexpr (std::is_same_v<scalar_t, float>) {
-                if (!g.tx_arrays.empty()) {
-                  simd::resize_row(d + xs.first, s, g.w, g.tx_arrays[0].from(xs.first + c - p), xs.end - xs.first,
+                if (g.tx_arrays) {
+                  simd::resize_row(d + xs.first, s, g.w, g.tx_arrays->from(xs.first + c - p), xs.end - xs.first,
                                    /*accumulate=*/true);
                   continue;
                 }
