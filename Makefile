@@ -156,7 +156,7 @@ test-cuda-env: cuda-check
 	  tests/test_triton.py tests/test_double_backward.py tests/test_convert.py tests/test_nn.py tests/test_export.py \
 	  tests/test_cuda.py tests/test_bad_input.py tests/test_distributed.py tests/test_long_run.py \
 	  tests/test_library.py tests/test_plan.py tests/test_train_step.py
-	cd $(CUDA_TREE) && PYTHONPATH=. TRITON_INTERPRET=1 PYRAMID_EXT_REQUIRE_CPP=1 $(abspath $(PY_CUDA)) -m pytest -q $(PYTEST_ARGS) \
+	cd $(CUDA_TREE) && PYTHONPATH=. TRITON_INTERPRET=1 PYRAMID_EXT_REQUIRE_CPP=1 $(abspath $(PY_CUDA)) -m pytest -q $(XDIST_ARGS) $(PYTEST_ARGS) \
 	  tests/test_properties.py -k triton
 
 # The CUDA kernels of csrc/cuda/ compiled by the host compiler against the CUDA
