@@ -25,8 +25,14 @@ CUDA_HOME ?= /usr/local/cuda
 TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 MAX_JOBS ?= 2
 PYTEST_ARGS ?=
+# PYTEST_WORKERS=N runs the test stages that allow it (the CPU suite and the
+# CUDA-environment tests) in N processes with pytest-xdist, which `make`
+# then installs into the venvs (a stamp each). Unset: one process, nothing
+# installed. CI sets 2.
+PYTEST_WORKERS ?=
+XDIST_ARGS := $(if $(PYTEST_WORKERS),-n $(PYTEST_WORKERS))
 
-.PHONY: test test-long test-large fuzz bench bench-models build venv cuda-check cuda-venv test-cuda-env test-cuda-emu gpu-check clean
+.PHONY: no-extension-yet test test-long test-large fuzz bench bench-models build venv cuda-check cuda-venv test-cuda-env test-cuda-emu gpu-check clean
 
 $(VENV)/.ready:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,15 +45,27 @@ $(VENV)/.hypothesis-ready: $(VENV)/.ready
 	$(PY) -m pip install -q hypothesis
 	touch $@
 
-venv: $(VENV)/.ready $(VENV)/.hypothesis-ready
+$(VENV)/.xdist-ready: $(VENV)/.ready
+	$(PY) -m pip install -q pytest-xdist
+	touch $@
 
-# Builds the extension in place against .venv's torch (editable install).
-build: venv
+venv: $(VENV)/.ready $(VENV)/.hypothesis-ready $(if $(PYTEST_WORKERS),$(VENV)/.xdist-ready)
+
+# Builds the extension in place against .venv's torch (editable install),
+# only when a source or the venv is newer than the last build: pip rebuilds
+# every object from scratch (about 90 s on 2 cores), and CI calls `build`
+# once per stage. The stamp lives in build/, so `make clean` forces a rebuild.
+EXT_SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
+BUILD_STAMP := build/.built-$(subst /,_,$(VENV))
+$(BUILD_STAMP): $(VENV)/.ready $(VENV)/.hypothesis-ready $(EXT_SOURCES) $(if $(wildcard pyramid_ext/_C*.so),,no-extension-yet)
 	MAX_JOBS=$(MAX_JOBS) $(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	mkdir -p $(@D) && touch $@
+
+build: venv $(BUILD_STAMP)
 	$(PY) -c "import pyramid_ext as pe; print('pyramid_ext', pe.build_info())"
 
 test: build
-	PYRAMID_EXT_REQUIRE_CPP=1 $(PY) -m pytest tests -q --ignore=tests/test_cuda_emu.py $(PYTEST_ARGS)
+	PYRAMID_EXT_REQUIRE_CPP=1 $(PY) -m pytest tests -q --ignore=tests/test_cuda_emu.py $(XDIST_ARGS) $(PYTEST_ARGS)
 
 # The long runs (tests/test_long_run.py, marked `long`): 20,000 calls of each
 # op, resident memory and Python object counts flat.
@@ -106,7 +124,12 @@ $(VENV_CUDA)/.models-ready: $(VENV_CUDA)/.ready
 	$(PY_CUDA) -m pip install -q $(MODEL_EXTRAS)
 	touch $@
 
-cuda-venv: $(VENV_CUDA)/.ready $(VENV_CUDA)/.export-ready $(VENV_CUDA)/.hypothesis-ready $(VENV_CUDA)/.models-ready
+$(VENV_CUDA)/.xdist-ready: $(VENV_CUDA)/.ready
+	$(PY_CUDA) -m pip install -q pytest-xdist
+	touch $@
+
+cuda-venv: $(VENV_CUDA)/.ready $(VENV_CUDA)/.export-ready $(VENV_CUDA)/.hypothesis-ready $(VENV_CUDA)/.models-ready \
+  $(if $(PYTEST_WORKERS),$(VENV_CUDA)/.xdist-ready)
 
 # Compiles the CUDA kernels (no GPU needed: FORCE_CUDA=1), warnings as errors,
 # in a copy of the tree so the CPU build in place is left alone; then checks
@@ -129,11 +152,11 @@ cuda-check: cuda-venv
 # without a GPU). Uses the extension cuda-check built.
 test-cuda-env: cuda-check
 	cd $(CUDA_TREE) && PYTHONPATH=. TRITON_INTERPRET=1 PYRAMID_EXT_REQUIRE_CPP=1 PYRAMID_EXT_REQUIRE_EXPORT=1 \
-	  $(abspath $(PY_CUDA)) -m pytest -q $(PYTEST_ARGS) \
+	  $(abspath $(PY_CUDA)) -m pytest -q $(XDIST_ARGS) $(PYTEST_ARGS) \
 	  tests/test_triton.py tests/test_double_backward.py tests/test_convert.py tests/test_nn.py tests/test_export.py \
 	  tests/test_cuda.py tests/test_bad_input.py tests/test_distributed.py tests/test_long_run.py \
 	  tests/test_library.py tests/test_plan.py tests/test_train_step.py
-	cd $(CUDA_TREE) && PYTHONPATH=. TRITON_INTERPRET=1 PYRAMID_EXT_REQUIRE_CPP=1 $(abspath $(PY_CUDA)) -m pytest -q $(PYTEST_ARGS) \
+	cd $(CUDA_TREE) && PYTHONPATH=. TRITON_INTERPRET=1 PYRAMID_EXT_REQUIRE_CPP=1 $(abspath $(PY_CUDA)) -m pytest -q $(XDIST_ARGS) $(PYTEST_ARGS) \
 	  tests/test_properties.py -k triton
 
 # The CUDA kernels of csrc/cuda/ compiled by the host compiler against the CUDA
