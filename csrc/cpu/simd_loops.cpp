@@ -152,8 +152,9 @@ void max_pixels(float* m, int32_t* r, const float* src, int64_t pixels, int64_t 
   loops().max_pixels(m, r, src, pixels, stride, n, idx0);
 }
 void max_rect(float* dst, int64_t* dst_idx, int64_t dst_stride, const float* cells_v, const int32_t* cells_i,
-              int64_t row_stride, int64_t cell_stride, int64_t a0, int64_t a1, int64_t b0, int64_t b1, int64_t n) {
-  loops().max_rect(dst, dst_idx, dst_stride, cells_v, cells_i, row_stride, cell_stride, a0, a1, b0, b1, n);
+              int64_t row_stride, int64_t cell_stride, int64_t a0, int64_t a1, int64_t b0, int64_t b1, int64_t n,
+              bool may_nan) {
+  loops().max_rect(dst, dst_idx, dst_stride, cells_v, cells_i, row_stride, cell_stride, a0, a1, b0, b1, n, may_nan);
 }
 
 }  // namespace simd

@@ -94,9 +94,11 @@ void max_pixels(float* m, int32_t* r, const float* src, int64_t pixels, int64_t 
 // One bin's maxima over a vector of n channels: the cells a0 <= a < a1,
 // b0 <= b < b1 (values cells_v, flat indices cells_i at a * row_stride + b *
 // cell_stride + k) combined by max_pool_combine's rule; dst[k * dst_stride]
-// and dst_idx[k * dst_stride] receive value and index.
+// and dst_idx[k * dst_stride] receive value and index. may_nan false: the
+// caller knows no cell is NaN (a combine of half the instructions).
 void max_rect(float* dst, int64_t* dst_idx, int64_t dst_stride, const float* cells_v, const int32_t* cells_i,
-              int64_t row_stride, int64_t cell_stride, int64_t a0, int64_t a1, int64_t b0, int64_t b1, int64_t n);
+              int64_t row_stride, int64_t cell_stride, int64_t a0, int64_t a1, int64_t b0, int64_t b1, int64_t n,
+              bool may_nan);
 
 }  // namespace simd
 }  // namespace pyramid_ext
