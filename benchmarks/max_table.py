@@ -8,6 +8,10 @@ so the ratios of a row share the machine's load; medians in ms.
     python benchmarks/max_table.py --ops max,spp --modes fwd,fwdidx,fwdbwd --layouts nchw,cl
     # before/after two source trees, alternating processes:
     python benchmarks/max_table.py --trees before=/tmp/before,after=. --cycles 2
+    # both environments (without and with THP_MEM_ALLOC_ENABLE=1), each a table:
+    python benchmarks/max_table.py --both-env --trees before=/tmp/before,after=. --cycles 2
+    # on a loaded machine: this thread's CPU time (other processes' load inflates it less)
+    python benchmarks/max_table.py --clock thread --threads 1 --trees before=/tmp/before,after=. --cycles 2
 """
 import argparse
 import json
@@ -18,6 +22,10 @@ import sys
 import time
 
 SHAPES = [(1, 2048, 64, 64), (4, 512, 60, 60), (8, 512, 32, 32)]
+# wall: elapsed time; thread: CPU time of the timing thread (only meaningful
+# with --threads 1: the kernels' other threads are not counted).
+THP = "THP_MEM_ALLOC_ENABLE"
+CLOCKS = {"wall": time.perf_counter_ns, "thread": time.thread_time_ns}
 BINS = {"max": (1, 2, 3, 6), "spp": (4, 2, 1)}
 
 
@@ -95,6 +103,7 @@ def make_fns(op, mode, layout, shape):
 def child(args):
     import torch
     torch.set_num_threads(args.threads)
+    clock = CLOCKS[args.clock]
     rows = []
     shapes = SHAPES if not args.shapes else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     for op in args.ops.split(","):
@@ -112,9 +121,9 @@ def child(args):
                     for r in range(args.rounds):
                         order = names[r % len(names):] + names[:r % len(names)]
                         for n in order:
-                            t0 = time.perf_counter_ns()
+                            t0 = clock()
                             runs[n]()
-                            samples[n].append((time.perf_counter_ns() - t0) / 1e6)
+                            samples[n].append((clock() - t0) / 1e6)
                     med = {n: statistics.median(s) for n, s in samples.items()}
                     rows.append({"op": op, "mode": mode, "layout": layout, "shape": "x".join(map(str, shape)),
                                  "ms": med, "samples": samples})
@@ -123,7 +132,7 @@ def child(args):
                           f"{med['eager'] / med['fused']:.2f} compile/F {med['compile'] / med['fused']:.2f}",
                           file=sys.stderr, flush=True)
     with open(args.json, "w") as f:
-        json.dump({"thp": os.environ.get("THP_MEM_ALLOC_ENABLE", ""), "rows": rows}, f)
+        json.dump({"thp": os.environ.get(THP, ""), "load": os.getloadavg()[0], "rows": rows}, f)
 
 
 def table(results):
@@ -161,33 +170,51 @@ def main():
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                   help="wall (default) or thread: this thread's CPU time, for a loaded machine (needs --threads 1)")
     p.add_argument("--json", default="")
     p.add_argument("--trees", default="", help="name=path,... : run each tree in its own process, alternating")
     p.add_argument("--cycles", type=int, default=1)
+    p.add_argument("--both-env", action="store_true", help=f"run without {THP} and with {THP}=1")
     p.add_argument("--child", action="store_true")
     args = p.parse_args()
+    if args.clock == "thread" and args.threads != 1:
+        p.error("--clock thread times the calling thread only: use it with --threads 1")
     if args.child:
         return child(args)
     trees = [t.split("=", 1) for t in args.trees.split(",")] if args.trees else [("this", os.getcwd())]
-    results = {name: [] for name, _ in trees}
-    for cyc in range(args.cycles):
-        for name, path in (trees if cyc % 2 == 0 else trees[::-1]):
-            out = f"/tmp/max_table-{os.getpid()}-{name}-{cyc}.json"
-            env = dict(os.environ, PYTHONPATH=os.path.abspath(path))
-            cmd = [sys.executable, os.path.abspath(__file__), "--child", "--json", out]
-            for opt in ("ops", "modes", "layouts", "shapes", "rounds", "warmup", "threads"):
-                cmd += [f"--{opt}", str(getattr(args, opt))]
-            print(f"[cycle {cyc}] {name}", file=sys.stderr, flush=True)
-            subprocess.run(cmd, env=env, check=True)
-            with open(out) as f:
-                results[name].extend(json.load(f)["rows"])
-    print(f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}, {args.threads} threads, "
-          f"{args.rounds} rounds x {args.cycles} cycles, medians")
-    print(table(results))
+    # THP_MEM_ALLOC_ENABLE is read once when c10 starts: each environment is its own processes.
+    envs = [None, "1"] if args.both_env else [os.environ.get(THP)]
+    all_results = {}
+    for thp in envs:
+        results = {name: [] for name, _ in trees}
+        loads = [os.getloadavg()[0]]
+        for cyc in range(args.cycles):
+            for name, path in (trees if cyc % 2 == 0 else trees[::-1]):
+                out = f"/tmp/max_table-{os.getpid()}-{name}-{cyc}-{thp}.json"
+                env = dict(os.environ, PYTHONPATH=os.path.abspath(path))
+                env.pop(THP, None)
+                if thp is not None:
+                    env[THP] = thp
+                cmd = [sys.executable, os.path.abspath(__file__), "--child", "--json", out]
+                for opt in ("ops", "modes", "layouts", "shapes", "rounds", "warmup", "threads", "clock"):
+                    cmd += [f"--{opt}", str(getattr(args, opt))]
+                print(f"[{THP}={thp or 'unset'}, cycle {cyc}] {name}", file=sys.stderr, flush=True)
+                subprocess.run(cmd, env=env, check=True)
+                with open(out) as f:
+                    got = json.load(f)
+                os.remove(out)
+                results[name].extend(got["rows"])
+                loads.append(got["load"])
+        loads.append(os.getloadavg()[0])
+        print(f"{THP}={thp or 'unset'}, {args.threads} threads, {args.rounds} rounds x {args.cycles} cycles, "
+              f"medians, {args.clock} clock; 1-minute load average {min(loads):.2f}-{max(loads):.2f} "
+              f"({os.cpu_count()} CPUs)")
+        print(table(results), flush=True)
+        all_results[thp or "unset"] = results
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(results, f)
-
+            json.dump(all_results, f)
 
 if __name__ == "__main__":
     main()
