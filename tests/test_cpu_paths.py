@@ -246,6 +246,52 @@ def test_max_without_nan_rule_on_nan_free_blocks_keeps_atens_ties(_c, kind):
                 assert torch.equal(_bits(v), _bits(wv)), f"{where}: values differ from PyTorch's"
 
 
+def _signed_ties_max_input():
+    """Few distinct values of both signs, so ties everywhere: -0.0 beside +0.0 (equal for ATen: the first
+    wins, and its sign is the output's), negative values, subnormals, +-inf and the largest floats. NaN-free
+    channels_last samples combine their cells as ordered integer keys (simd::max_keys in max_pool.cpp), which
+    must order these exactly as ATen compares them. 3 samples x 75 channels (vectors of 64 and 8 channels
+    and a tail of 3); sample 1 holds a NaN (the value rule instead)."""
+    g = torch.Generator().manual_seed(13)
+    values = torch.tensor([-0.0, 0.0, -1.5, -1e-45, 1e-45, 2.0, -3e38, 3e38, float("-inf"), float("inf")])
+    base = values[torch.randint(0, len(values), (3, 75, 19, 26), generator=g)]
+    zeros = torch.tensor([-0.0, 0.0])
+    base[:, 0] = zeros[torch.randint(0, 2, (3, 19, 26), generator=g)]  # maxima only zeros: the first's sign
+    base[:, 1] = -values[torch.randint(2, 4, (3, 19, 26), generator=g)].abs()  # only negative values
+    base[:, 2] = float("-inf")
+    base[:, 2, 7, 3] = -3e38
+    base[:, 70] = zeros[torch.randint(0, 2, (3, 19, 26), generator=g)]  # in the tail of 3 channels
+    base[:, 66] = -1e-45
+    base[1, 40, 2, 9] = float("nan")
+    return base
+
+
+def test_max_channels_last_keys_keep_atens_order_of_signed_values(_c):
+    """channels_last max pooling of NaN-free samples (integer keys) gives PyTorch's values bit for bit
+    (the sign of a zero included) and its indices, levels packed channels_last (multi_adaptive_max_pool2d)
+    or planar (spatial_pyramid_pool), on every forced path and thread count."""
+    x = layout(_signed_ties_max_input(), "channels_last")
+    bins = (1, 2, 3, 6, (4, 5))
+    want = [F.adaptive_max_pool2d(x, as_pair(b), return_indices=True) for b in bins]
+    want_spp = torch.cat([v.flatten(1) for v, _ in want], 1)
+    for isa, nb, tasks in _configs(_c):
+        _c._set_test_override("simd_isa", isa)
+        _c._set_test_override("channels_last_max_tasks", tasks)
+        for threads in (1, 2):
+            prev = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                vals, idxs = pe.multi_adaptive_max_pool2d(x, bins, return_indices=True, backend="cpp")
+                spp = pe.spatial_pyramid_pool(x, bins, mode="max", backend="cpp")
+            finally:
+                torch.set_num_threads(prev)
+            where = f"simd_isa={ISA_NAMES[isa]} tasks={tasks} threads={threads}"
+            for k, (v, i, (wv, wi)) in enumerate(zip(vals, idxs, want)):
+                assert torch.equal(i, wi), f"{where} level {k}: indices differ from PyTorch's"
+                assert torch.equal(_bits(v), _bits(wv)), f"{where} level {k}: values differ from PyTorch's"
+            assert torch.equal(_bits(spp), _bits(want_spp)), f"{where}: SPP values differ from PyTorch's"
+
+
 @pytest.mark.parametrize("kind", ["nchw", "channels_last"])
 def test_tiny_max_inputs_match_eager(_c, kind):
     """Inputs under the size at which the kernels stop splitting work across threads."""

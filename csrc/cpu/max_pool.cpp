@@ -70,10 +70,12 @@ void forward_channels_last(const float* x, float* out, int64_t* out_idx, const L
   const std::vector<BinRect> rects = bin_rects(lv);
   // Phase 1 for H-segment a of sample n: cells start at (-inf, the cell's
   // first element), ATen's start for a window; then the segment's rows in
-  // order, each W-segment's pixels in order. Returns whether a cell is NaN
-  // (a NaN, once taken, is only replaced by a later NaN: whether the cells'
-  // pixels hold one), so phase 2 can combine without the NaN rule.
-  auto scan_rows = [&](int64_t n, int64_t a, float* cell_v, int32_t* cell_i) -> bool {
+  // order, each W-segment's pixels in order. Then each cell's channels as
+  // keys (simd::max_keys), for phase 2 to combine with an integer maximum.
+  // Returns whether a cell is NaN (a NaN, once taken, is only replaced by a
+  // later NaN: whether the cells' pixels hold one); then phase 2 combines
+  // the values by the NaN rule instead.
+  auto scan_rows = [&](int64_t n, int64_t a, float* cell_v, int32_t* cell_i, int64_t* cell_k) -> bool {
     const int64_t h0 = lv.h.cuts[a], h1 = lv.h.cuts[a + 1];
     if (lv.h.seg_of[h0] < 0) return false;  // no window reads these rows
     float* row_v = cell_v + a * SW * C;
@@ -95,20 +97,21 @@ void forward_channels_last(const float* x, float* out, int64_t* out_idx, const L
     bool nan = false;
     for (int64_t b = 0; b < SW; ++b) {
       if (lv.w.seg_of[lv.w.cuts[b]] < 0) continue;
-      const float* v = row_v + b * C;
-      bool any = false;
-      for (int64_t c = 0; c < C; ++c) any |= v[c] != v[c];
-      nan |= any;
+      nan |= simd::max_keys(cell_k + (a * SW + b) * C, row_v + b * C, row_i + b * C, C);
     }
     return nan;
   };
   auto cells_to_bins = [&](int64_t n, int64_t c0, int64_t cn, const float* cell_v, const int32_t* cell_i,
-                           bool nan) {
+                           const int64_t* cell_k, bool nan) {
     const int64_t base = n * C * lv.total;
     for (const BinRect& r : rects) {
       const int64_t o = base + r.out_offset + c0 * r.c_stride;
-      simd::max_rect(out + o, out_idx + o, r.c_stride, cell_v + c0, cell_i + c0, SW * C, C, r.a0, r.a1, r.b0, r.b1,
-                     cn, nan);
+      if (!nan) {
+        simd::max_rect_keys(out + o, out_idx + o, r.c_stride, cell_k + c0, SW * C, C, r.a0, r.a1, r.b0, r.b1, cn);
+      } else {
+        simd::max_rect(out + o, out_idx + o, r.c_stride, cell_v + c0, cell_i + c0, SW * C, C, r.a0, r.a1, r.b0,
+                       r.b1, cn, nan);
+      }
     }
   };
   if (channels_last_per_sample(N, N * H * W * C)) {
@@ -116,21 +119,24 @@ void forward_channels_last(const float* x, float* out, int64_t* out_idx, const L
     at::parallel_for(0, N, sample_grain(H * W * C), [&](int64_t begin, int64_t end) {
       auto cell_v = scratch<float>(cells_per_sample);
       auto cell_i = scratch<int32_t>(cells_per_sample);
+      auto cell_k = scratch<int64_t>(cells_per_sample);
       for (int64_t n = begin; n < end; ++n) {
         bool nan = false;
-        for (int64_t a = 0; a < SH; ++a) nan |= scan_rows(n, a, cell_v.get(), cell_i.get());
-        cells_to_bins(n, 0, C, cell_v.get(), cell_i.get(), nan);
+        for (int64_t a = 0; a < SH; ++a) nan |= scan_rows(n, a, cell_v.get(), cell_i.get(), cell_k.get());
+        cells_to_bins(n, 0, C, cell_v.get(), cell_i.get(), cell_k.get(), nan);
       }
     });
     return;
   }
   auto cell_v = scratch<float>(N * cells_per_sample);
   auto cell_i = scratch<int32_t>(N * cells_per_sample);
+  auto cell_k = scratch<int64_t>(N * cells_per_sample);
   std::vector<char> seg_nan(static_cast<size_t>(N * SH));
   at::parallel_for(0, N * SH, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / SH;
-      seg_nan[task] = scan_rows(n, task % SH, cell_v.get() + n * cells_per_sample, cell_i.get() + n * cells_per_sample);
+      seg_nan[task] = scan_rows(n, task % SH, cell_v.get() + n * cells_per_sample, cell_i.get() + n * cells_per_sample,
+                                cell_k.get() + n * cells_per_sample);
     }
   });
   const int64_t chunk = std::min<int64_t>(C, 256);
@@ -140,7 +146,7 @@ void forward_channels_last(const float* x, float* out, int64_t* out_idx, const L
       const int64_t n = task / chunks, c0 = (task % chunks) * chunk;
       const bool nan = std::any_of(seg_nan.begin() + n * SH, seg_nan.begin() + (n + 1) * SH, [](char f) { return f; });
       cells_to_bins(n, c0, std::min(chunk, C - c0), cell_v.get() + n * cells_per_sample,
-                    cell_i.get() + n * cells_per_sample, nan);
+                    cell_i.get() + n * cells_per_sample, cell_k.get() + n * cells_per_sample, nan);
     }
   });
 }
