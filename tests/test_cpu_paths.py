@@ -204,6 +204,107 @@ def test_every_forced_max_path_keeps_atens_ties_and_nans(_c):
                 f"result {k} ({what}) differs from the automatic path")
 
 
+def _sparse_nan_max_input():
+    """Ties everywhere (values 0..2 and -inf), NaN in a few planes and samples only: the max kernels combine
+    NaN-free blocks of 8 planes, groups of 32 and channels_last samples without the NaN rule (max_pool.cpp,
+    max_pool_nchw.cpp), so blocks with and without NaN sit side by side here. 4 samples x 75 planes: plane
+    3 (block 0, group 0) and plane 70 (the partial group) of sample 1 hold NaNs, sample 2 none; one whole
+    row of -inf and a -inf plane in NaN-free blocks; rows of ties across whole windows."""
+    g = torch.Generator().manual_seed(11)
+    base = torch.randint(0, 3, (4, 75, 23, 31), generator=g).float()
+    base[:, :, 5] = 2.0  # a whole row of equal maxima: the first in row-major order must win
+    base[0, 40] = float("-inf")
+    base[3, 9, :, 7] = float("-inf")
+    base[1, 3, 4, 6] = float("nan")
+    base[1, 3, 17, 2] = float("nan")
+    base[1, 70, 0, 30] = float("nan")
+    base[3, 74, 11:13, 20:22] = float("nan")
+    return base
+
+
+@pytest.mark.parametrize("kind", ["nchw", "channels_last"])
+def test_max_without_nan_rule_on_nan_free_blocks_keeps_atens_ties(_c, kind):
+    """Values and indices exactly as PyTorch's on every forced path, NaN-free and NaN-holding blocks mixed."""
+    base = _sparse_nan_max_input()
+    bins = (1, 2, 3, 6, (4, 5), (7, 13))
+    want = [F.adaptive_max_pool2d(layout(base, kind), as_pair(b), return_indices=True) for b in bins]
+    for isa, nb, tasks in _configs(_c):
+        _c._set_test_override("simd_isa", isa)
+        _c._set_test_override("no_block_kernel", nb)
+        _c._set_test_override("channels_last_max_tasks", tasks)
+        for threads in (1, 2):
+            prev = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                vals, idxs = pe.multi_adaptive_max_pool2d(layout(base, kind), bins, return_indices=True,
+                                                          backend="cpp")
+            finally:
+                torch.set_num_threads(prev)
+            for k, (v, i, (wv, wi)) in enumerate(zip(vals, idxs, want)):
+                where = f"simd_isa={ISA_NAMES[isa]} no_block_kernel={nb} tasks={tasks} threads={threads} level {k}"
+                assert torch.equal(i, wi), f"{where}: indices differ from PyTorch's"
+                assert torch.equal(_bits(v), _bits(wv)), f"{where}: values differ from PyTorch's"
+
+
+def _signed_ties_max_input():
+    """Few distinct values of both signs, so ties everywhere: -0.0 beside +0.0 (equal for ATen: the first
+    wins, and its sign is the output's), negative values, subnormals, +-inf and the largest floats. NaN-free
+    channels_last samples combine their cells as ordered integer keys (simd::max_keys in max_pool.cpp), which
+    must order these exactly as ATen compares them. 3 samples x 75 channels (vectors of 64 and 8 channels
+    and a tail of 3); sample 1 holds a NaN (the value rule instead)."""
+    g = torch.Generator().manual_seed(13)
+    values = torch.tensor([-0.0, 0.0, -1.5, -1e-45, 1e-45, 2.0, -3e38, 3e38, float("-inf"), float("inf")])
+    base = values[torch.randint(0, len(values), (3, 75, 19, 26), generator=g)]
+    zeros = torch.tensor([-0.0, 0.0])
+    base[:, 0] = zeros[torch.randint(0, 2, (3, 19, 26), generator=g)]  # maxima only zeros: the first's sign
+    base[:, 1] = -values[torch.randint(2, 4, (3, 19, 26), generator=g)].abs()  # only negative values
+    base[:, 2] = float("-inf")
+    base[:, 2, 7, 3] = -3e38
+    base[:, 70] = zeros[torch.randint(0, 2, (3, 19, 26), generator=g)]  # in the tail of 3 channels
+    base[:, 66] = -1e-45
+    base[1, 40, 2, 9] = float("nan")
+    return base
+
+
+def test_max_channels_last_keys_keep_atens_order_of_signed_values(_c):
+    """channels_last max pooling of NaN-free samples (integer keys) gives PyTorch's values bit for bit
+    (the sign of a zero included) and its indices, levels packed channels_last (multi_adaptive_max_pool2d)
+    or planar (spatial_pyramid_pool), on every forced path and thread count."""
+    x = layout(_signed_ties_max_input(), "channels_last")
+    bins = (1, 2, 3, 6, (4, 5))
+    want = [F.adaptive_max_pool2d(x, as_pair(b), return_indices=True) for b in bins]
+    want_spp = torch.cat([v.flatten(1) for v, _ in want], 1)
+    for isa, nb, tasks in _configs(_c):
+        _c._set_test_override("simd_isa", isa)
+        _c._set_test_override("channels_last_max_tasks", tasks)
+        for threads in (1, 2):
+            prev = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                vals, idxs = pe.multi_adaptive_max_pool2d(x, bins, return_indices=True, backend="cpp")
+                spp = pe.spatial_pyramid_pool(x, bins, mode="max", backend="cpp")
+            finally:
+                torch.set_num_threads(prev)
+            where = f"simd_isa={ISA_NAMES[isa]} tasks={tasks} threads={threads}"
+            for k, (v, i, (wv, wi)) in enumerate(zip(vals, idxs, want)):
+                assert torch.equal(i, wi), f"{where} level {k}: indices differ from PyTorch's"
+                assert torch.equal(_bits(v), _bits(wv)), f"{where} level {k}: values differ from PyTorch's"
+            assert torch.equal(_bits(spp), _bits(want_spp)), f"{where}: SPP values differ from PyTorch's"
+
+
+@pytest.mark.parametrize("kind", ["nchw", "channels_last"])
+def test_tiny_max_inputs_match_eager(_c, kind):
+    """Inputs under the size at which the kernels stop splitting work across threads."""
+    for shape in [(1, 8, 8, 8), (2, 3, 5, 7), (3, 16, 9, 4)]:
+        base = torch.randint(0, 3, shape, generator=torch.Generator().manual_seed(5)).float()
+        base.view(-1)[7] = float("nan")
+        x = layout(base, kind)
+        vals, idxs = pe.multi_adaptive_max_pool2d(x, (1, 2, 3), return_indices=True, backend="cpp")
+        for b, v, i in zip((1, 2, 3), vals, idxs):
+            wv, wi = F.adaptive_max_pool2d(x, b, return_indices=True)
+            assert torch.equal(i, wi) and torch.equal(_bits(v), _bits(wv)), (shape, b)
+
+
 @pytest.mark.parametrize("kind", ["nchw", "channels_last"])
 @pytest.mark.parametrize("tasks", [1, 2])
 def test_max_backward_rejects_an_index_out_of_range(_c, kind, tasks):

@@ -28,11 +28,20 @@ std::unique_ptr<T[]> scratch(int64_t n) {
 // while the sample is in cache) when the samples share evenly among the
 // threads or there are at least four per thread; else the work is split
 // finer. test_overrides: channels_last_max_tasks (1 per sample, 2 split).
-bool channels_last_per_sample(int64_t N) {
+// Tiny inputs (under kTinyElements) run per sample: the split's extra
+// tasks would cost more in thread dispatch than they save.
+constexpr int64_t kTinyElements = 1 << 16;
+
+bool channels_last_per_sample(int64_t N, int64_t elements) {
   const int64_t forced = test_overrides::get(test_overrides::kChannelsLastMaxTasks);
   if (forced) return forced == 1;
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  return N % threads == 0 || N >= 4 * threads;
+  return N % threads == 0 || N >= 4 * threads || elements < kTinyElements;
+}
+
+// Samples per task: enough that a task reads at least kTinyElements / 2.
+int64_t sample_grain(int64_t per_sample) {
+  return std::max<int64_t>(1, kTinyElements / 2 / std::max<int64_t>(1, per_sample));
 }
 
 }  // namespace
@@ -61,10 +70,14 @@ void forward_channels_last(const float* x, float* out, int64_t* out_idx, const L
   const std::vector<BinRect> rects = bin_rects(lv);
   // Phase 1 for H-segment a of sample n: cells start at (-inf, the cell's
   // first element), ATen's start for a window; then the segment's rows in
-  // order, each W-segment's pixels in order.
-  auto scan_rows = [&](int64_t n, int64_t a, float* cell_v, int32_t* cell_i) {
+  // order, each W-segment's pixels in order. Then each cell's channels as
+  // keys (simd::max_keys), for phase 2 to combine with an integer maximum.
+  // Returns whether a cell is NaN (a NaN, once taken, is only replaced by a
+  // later NaN: whether the cells' pixels hold one); then phase 2 combines
+  // the values by the NaN rule instead.
+  auto scan_rows = [&](int64_t n, int64_t a, float* cell_v, int32_t* cell_i, int64_t* cell_k) -> bool {
     const int64_t h0 = lv.h.cuts[a], h1 = lv.h.cuts[a + 1];
-    if (lv.h.seg_of[h0] < 0) return;  // no window reads these rows
+    if (lv.h.seg_of[h0] < 0) return false;  // no window reads these rows
     float* row_v = cell_v + a * SW * C;
     int32_t* row_i = cell_i + a * SW * C;
     for (int64_t b = 0; b < SW; ++b) {
@@ -81,33 +94,49 @@ void forward_channels_last(const float* x, float* out, int64_t* out_idx, const L
         simd::max_pixels(row_v + b * C, row_i + b * C, row + w0 * C, w1 - w0, C, C, static_cast<int32_t>(h * W + w0));
       }
     }
+    bool nan = false;
+    for (int64_t b = 0; b < SW; ++b) {
+      if (lv.w.seg_of[lv.w.cuts[b]] < 0) continue;
+      nan |= simd::max_keys(cell_k + (a * SW + b) * C, row_v + b * C, row_i + b * C, C);
+    }
+    return nan;
   };
-  auto cells_to_bins = [&](int64_t n, int64_t c0, int64_t cn, const float* cell_v, const int32_t* cell_i) {
+  auto cells_to_bins = [&](int64_t n, int64_t c0, int64_t cn, const float* cell_v, const int32_t* cell_i,
+                           const int64_t* cell_k, bool nan) {
     const int64_t base = n * C * lv.total;
     for (const BinRect& r : rects) {
       const int64_t o = base + r.out_offset + c0 * r.c_stride;
-      simd::max_rect(out + o, out_idx + o, r.c_stride, cell_v + c0, cell_i + c0, SW * C, C, r.a0, r.a1, r.b0, r.b1,
-                     cn);
+      if (!nan) {
+        simd::max_rect_keys(out + o, out_idx + o, r.c_stride, cell_k + c0, SW * C, C, r.a0, r.a1, r.b0, r.b1, cn);
+      } else {
+        simd::max_rect(out + o, out_idx + o, r.c_stride, cell_v + c0, cell_i + c0, SW * C, C, r.a0, r.a1, r.b0,
+                       r.b1, cn, nan);
+      }
     }
   };
-  if (channels_last_per_sample(N)) {
+  if (channels_last_per_sample(N, N * H * W * C)) {
     // One task per sample: its cells stay in cache between the phases.
-    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, N, sample_grain(H * W * C), [&](int64_t begin, int64_t end) {
       auto cell_v = scratch<float>(cells_per_sample);
       auto cell_i = scratch<int32_t>(cells_per_sample);
+      auto cell_k = scratch<int64_t>(cells_per_sample);
       for (int64_t n = begin; n < end; ++n) {
-        for (int64_t a = 0; a < SH; ++a) scan_rows(n, a, cell_v.get(), cell_i.get());
-        cells_to_bins(n, 0, C, cell_v.get(), cell_i.get());
+        bool nan = false;
+        for (int64_t a = 0; a < SH; ++a) nan |= scan_rows(n, a, cell_v.get(), cell_i.get(), cell_k.get());
+        cells_to_bins(n, 0, C, cell_v.get(), cell_i.get(), cell_k.get(), nan);
       }
     });
     return;
   }
   auto cell_v = scratch<float>(N * cells_per_sample);
   auto cell_i = scratch<int32_t>(N * cells_per_sample);
+  auto cell_k = scratch<int64_t>(N * cells_per_sample);
+  std::vector<char> seg_nan(static_cast<size_t>(N * SH));
   at::parallel_for(0, N * SH, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / SH;
-      scan_rows(n, task % SH, cell_v.get() + n * cells_per_sample, cell_i.get() + n * cells_per_sample);
+      seg_nan[task] = scan_rows(n, task % SH, cell_v.get() + n * cells_per_sample, cell_i.get() + n * cells_per_sample,
+                                cell_k.get() + n * cells_per_sample);
     }
   });
   const int64_t chunk = std::min<int64_t>(C, 256);
@@ -115,8 +144,9 @@ void forward_channels_last(const float* x, float* out, int64_t* out_idx, const L
   at::parallel_for(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / chunks, c0 = (task % chunks) * chunk;
+      const bool nan = std::any_of(seg_nan.begin() + n * SH, seg_nan.begin() + (n + 1) * SH, [](char f) { return f; });
       cells_to_bins(n, c0, std::min(chunk, C - c0), cell_v.get() + n * cells_per_sample,
-                    cell_i.get() + n * cells_per_sample);
+                    cell_i.get() + n * cells_per_sample, cell_k.get() + n * cells_per_sample, nan);
     }
   });
 }
@@ -159,9 +189,9 @@ void backward(const float* grad, const int64_t* indices, float* gx, const Levels
         dst[checked(ix[o]) * C + c] += g[o];
       }
   };
-  if (channels_last_per_sample(N)) {
+  if (channels_last_per_sample(N, N * HW * C)) {
     // One task per sample: zeroed contiguously, then added to while in cache.
-    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, N, sample_grain(HW * C), [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
         std::memset(gx + n * HW * C, 0, static_cast<size_t>(HW * C) * sizeof(float));
         scatter(n, 0, C);

@@ -13,7 +13,9 @@
 // later NaN among NaNs; otherwise the larger value, the earlier index among
 // equal ones): a maximum under a total order of (value, index), so any
 // grouping of the pieces gives the row-major scan's result, the same as the
-// portable loops in multi_pool2d.cpp.
+// portable loops in multi_pool2d.cpp. Without NaN among the pieces only the
+// last clause can hold, so blocks and groups without NaN (step 1 reports
+// them) combine with half the instructions.
 #include "cpu/max_pool.h"
 
 #include <ATen/Parallel.h>
@@ -72,8 +74,20 @@ PE_AVX2_INLINE Running empty_running() {
 }
 
 // max_pool_combine per lane: NaN wins, the later NaN among NaNs; otherwise
-// the larger value, the earlier index among equal values.
+// the larger value, the earlier index among equal values. kNaN false: the
+// caller knows no NaN is among the pieces (then only the last clause), half
+// the instructions.
+template <bool kNaN>
 PE_AVX2_INLINE void combine(Running& run, __m256 o, __m256i oi) {
+  if (!kNaN) {
+    const __m256 larger = _mm256_cmp_ps(o, run.v, _CMP_GT_OQ);
+    const __m256 equal = _mm256_cmp_ps(o, run.v, _CMP_EQ_OQ);
+    const __m256 earlier = _mm256_castsi256_ps(_mm256_cmpgt_epi32(run.i, oi));
+    const __m256 take = _mm256_or_ps(larger, _mm256_and_ps(equal, earlier));
+    run.v = _mm256_blendv_ps(run.v, o, take);
+    run.i = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(run.i), _mm256_castsi256_ps(oi), take));
+    return;
+  }
   const __m256 nan_run = _mm256_cmp_ps(run.v, run.v, _CMP_UNORD_Q);
   const __m256 nan_o = _mm256_cmp_ps(o, o, _CMP_UNORD_Q);
   const __m256 larger = _mm256_cmp_ps(o, run.v, _CMP_GT_OQ);
@@ -92,9 +106,10 @@ PE_AVX2_INLINE void combine(Running& run, __m256 o, __m256i oi) {
 // stored index is row offset + column (col0 + lane). With kTail the last
 // vector holds the row's last columns (mask m); its padding lanes are never
 // read. Each row read is also prefetched `ahead` floats further on (the next
-// block's planes).
+// block's planes). Returns whether a column's maximum is NaN (a NaN, once
+// taken, is only replaced by a later NaN, so: whether the columns hold one).
 template <int NV, bool kTail>
-PE_AVX2_INLINE void max_cols(float* dv, int32_t* di, const float* src, int64_t rows, int64_t W, __m256i m,
+PE_AVX2_INLINE bool max_cols(float* dv, int32_t* di, const float* src, int64_t rows, int64_t W, __m256i m,
                              int64_t ahead, int32_t row0, int32_t col0) {
   __m256 mv[NV], mr[NV];
   const __m256 first_row = _mm256_castsi256_ps(_mm256_set1_epi32(row0));
@@ -121,17 +136,20 @@ PE_AVX2_INLINE void max_cols(float* dv, int32_t* di, const float* src, int64_t r
     }
   }
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  __m256 nan = _mm256_setzero_ps();
 #pragma GCC unroll 8
   for (int v = 0; v < NV; ++v) {
+    nan = _mm256_or_ps(nan, _mm256_cmp_ps(mv[v], mv[v], _CMP_UNORD_Q));
     _mm256_storeu_ps(dv + 8 * v, mv[v]);
     const __m256i col = _mm256_add_epi32(lane, _mm256_set1_epi32(col0 + 8 * v));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(di + 8 * v),
                         _mm256_add_epi32(_mm256_castps_si256(mr[v]), col));
   }
+  return _mm256_movemask_ps(nan) != 0;
 }
 
 template <bool kTail>
-PE_AVX2 void max_cols_n(int nv, float* dv, int32_t* di, const float* src, int64_t rows, int64_t W, __m256i m,
+PE_AVX2 bool max_cols_n(int nv, float* dv, int32_t* di, const float* src, int64_t rows, int64_t W, __m256i m,
                         int64_t ahead, int32_t row0, int32_t col0) {
   switch (nv) {
     case 1: return max_cols<1, kTail>(dv, di, src, rows, W, m, ahead, row0, col0);
@@ -142,38 +160,38 @@ PE_AVX2 void max_cols_n(int nv, float* dv, int32_t* di, const float* src, int64_
 }
 
 // dv[w], di[w] = maximum over rows h0 .. h0 + rows - 1 of column w and its
-// flat index, for w < W (dv, di padded to a multiple of 8).
-PE_AVX2 void max_rows(float* dv, int32_t* di, const float* src, int64_t rows, int64_t W, int64_t ahead,
+// flat index, for w < W (dv, di padded to a multiple of 8). Returns whether
+// some maximum is NaN.
+PE_AVX2 bool max_rows(float* dv, int32_t* di, const float* src, int64_t rows, int64_t W, int64_t ahead,
                       int64_t h0) {
   const int64_t full = W / 8, tail = W % 8;
   const __m256i m = tail_mask(tail);
   const int32_t row0 = static_cast<int32_t>(h0 * W);
   int64_t v = 0;
+  bool nan = false;
   for (; v + kMaxVecs <= full; v += kMaxVecs)
-    max_cols<kMaxVecs, false>(dv + 8 * v, di + 8 * v, src + 8 * v, rows, W, m, ahead, row0,
+    nan |= max_cols<kMaxVecs, false>(dv + 8 * v, di + 8 * v, src + 8 * v, rows, W, m, ahead, row0,
                               static_cast<int32_t>(8 * v));
   if (tail) {
-    max_cols_n<true>(static_cast<int>(full - v + 1), dv + 8 * v, di + 8 * v, src + 8 * v, rows, W, m, ahead,
+    nan |= max_cols_n<true>(static_cast<int>(full - v + 1), dv + 8 * v, di + 8 * v, src + 8 * v, rows, W, m, ahead,
                      row0, static_cast<int32_t>(8 * v));
   } else if (v < full) {
-    max_cols_n<false>(static_cast<int>(full - v), dv + 8 * v, di + 8 * v, src + 8 * v, rows, W, m, ahead, row0,
-                      static_cast<int32_t>(8 * v));
+    nan |= max_cols_n<false>(static_cast<int>(full - v), dv + 8 * v, di + 8 * v, src + 8 * v, rows, W, m, ahead,
+                             row0, static_cast<int32_t>(8 * v));
   }
+  return nan;
 }
 
 // cells[(a * SW + b) * cell_stride + k] (value and index) = the maximum of
 // plane k over H-segment a and W-segment b, for every pair some window reads.
-// rows: scratch of max_rows_scratch(blk) floats and as many indices.
-PE_AVX2 void cell_max_8planes(const MaxCellBlock& blk, const float* const planes[kB], float* cell_v,
-                              int32_t* cell_i, int64_t cell_stride, float* rows_v, int32_t* rows_i) {
+// Step 2: the rows' column maxima of the 8 planes (max_rows' output)
+// transposed and combined into W-segment cells. kNaN: whether some maximum
+// is NaN (else the cheaper combine).
+template <bool kNaN>
+PE_AVX2 void cells_from_rows(const MaxCellBlock& blk, float* cell_v, int32_t* cell_i, int64_t cell_stride,
+                             const float* rows_v, const int32_t* rows_i) {
   const int64_t W = blk.W, SH = blk.SH, SW = blk.SW;
   const int64_t Wp = (W + 7) / 8 * 8;
-  for (int64_t k = 0; k < kB; ++k)
-    for (int64_t a = 0; a < SH; ++a) {
-      if (!blk.h_used[a]) continue;
-      const int64_t h0 = blk.h_cuts[a], at = (k * SH + a) * Wp;
-      max_rows(rows_v + at, rows_i + at, planes[k] + h0 * W, blk.h_cuts[a + 1] - h0, W, blk.prefetch_ahead, h0);
-    }
   for (int64_t a = 0; a < SH; ++a) {
     if (!blk.h_used[a]) continue;
     Running run = empty_running();
@@ -191,7 +209,7 @@ PE_AVX2 void cell_max_8planes(const MaxCellBlock& blk, const float* const planes
         if (j >= n) break;
         const int64_t b = blk.col_seg[w0 + j];
         if (b < 0) continue;  // no window reads this column
-        combine(run, cv[j], _mm256_castps_si256(ci[j]));
+        combine<kNaN>(run, cv[j], _mm256_castps_si256(ci[j]));
         if (blk.col_last[w0 + j]) {
           _mm256_storeu_ps(cell_v + (a * SW + b) * cell_stride, run.v);
           _mm256_storeu_si256(reinterpret_cast<__m256i*>(cell_i + (a * SW + b) * cell_stride), run.i);
@@ -202,8 +220,34 @@ PE_AVX2 void cell_max_8planes(const MaxCellBlock& blk, const float* const planes
   }
 }
 
+// cells[(a * SW + b) * cell_stride + k] (value and index) = the maximum of
+// plane k over H-segment a and W-segment b, for every pair some window reads.
+// rows: scratch of max_rows_scratch(blk) floats and as many indices. Returns
+// whether some cell is NaN.
+PE_AVX2 bool cell_max_8planes(const MaxCellBlock& blk, const float* const planes[kB], float* cell_v,
+                              int32_t* cell_i, int64_t cell_stride, float* rows_v, int32_t* rows_i) {
+  const int64_t W = blk.W, SH = blk.SH;
+  const int64_t Wp = (W + 7) / 8 * 8;
+  bool nan = false;
+  for (int64_t k = 0; k < kB; ++k)
+    for (int64_t a = 0; a < SH; ++a) {
+      if (!blk.h_used[a]) continue;
+      const int64_t h0 = blk.h_cuts[a], at = (k * SH + a) * Wp;
+      nan |= max_rows(rows_v + at, rows_i + at, planes[k] + h0 * W, blk.h_cuts[a + 1] - h0, W, blk.prefetch_ahead,
+                      h0);
+    }
+  if (nan) {
+    cells_from_rows<true>(blk, cell_v, cell_i, cell_stride, rows_v, rows_i);
+  } else {
+    cells_from_rows<false>(blk, cell_v, cell_i, cell_stride, rows_v, rows_i);
+  }
+  return nan;
+}
+
 // vals/idx[r * 32 + k] = the maximum over the cells of rects[r] of plane k,
-// for the 32 planes of a group (cell stride 32).
+// for the 32 planes of a group (cell stride 32). kNaN: whether some cell is
+// NaN.
+template <bool kNaN>
 PE_AVX2 void bin_max_32planes(const float* cell_v, const int32_t* cell_i, int64_t SW, const simd::CellRect* rects,
                               int64_t num_rects, float* vals, int32_t* idx) {
   for (int64_t r = 0; r < num_rects; ++r) {
@@ -214,7 +258,7 @@ PE_AVX2 void bin_max_32planes(const float* cell_v, const int32_t* cell_i, int64_
         const int64_t at = (a * SW + b) * kG;
 #pragma GCC unroll 4
         for (int q = 0; q < 4; ++q)
-          combine(run[q], _mm256_loadu_ps(cell_v + at + 8 * q),
+          combine<kNaN>(run[q], _mm256_loadu_ps(cell_v + at + 8 * q),
                   _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cell_i + at + 8 * q)));
       }
 #pragma GCC unroll 4
@@ -259,13 +303,21 @@ void forward_nchw_blocks(const float* x, float* out, int64_t* out_idx, const Lev
     std::vector<int32_t> cell_i(cell_v.size()), bin_i(bin_v.size());
     for (int64_t grp = begin; grp < end; ++grp) {
       const int64_t p0 = grp * kG, pn = std::min(kG, planes - p0);
+      bool nan = false;
       for (int64_t q = 0; q * kB < pn; ++q) {
         const float* plane_ptrs[kB];
         for (int64_t k = 0; k < kB; ++k) plane_ptrs[k] = x + (p0 + std::min(q * kB + k, pn - 1)) * H * W;
-        cell_max_8planes(cb, plane_ptrs, cell_v.data() + q * kB, cell_i.data() + q * kB, kG, rows_v.data(),
-                         rows_i.data());
+        nan |= cell_max_8planes(cb, plane_ptrs, cell_v.data() + q * kB, cell_i.data() + q * kB, kG, rows_v.data(),
+                                rows_i.data());
       }
-      bin_max_32planes(cell_v.data(), cell_i.data(), SW, rects.data(), num_rects, bin_v.data(), bin_i.data());
+      // Lanes of blocks a partial group does not reach hold stale cells: with
+      // the cheaper combine too, they only reach lanes that are not written out.
+      if (nan) {
+        bin_max_32planes<true>(cell_v.data(), cell_i.data(), SW, rects.data(), num_rects, bin_v.data(), bin_i.data());
+      } else {
+        bin_max_32planes<false>(cell_v.data(), cell_i.data(), SW, rects.data(), num_rects, bin_v.data(),
+                                bin_i.data());
+      }
       for (int64_t k = 0; k < pn; ++k) {
         const int64_t plane = p0 + k, n = plane / C, c = plane % C;
         for (int64_t r = 0; r < num_rects; ++r) {

@@ -56,12 +56,15 @@ struct Loops {
   decltype(&isa_baseline::bilinear) bilinear;
   decltype(&isa_baseline::max_pixels) max_pixels;
   decltype(&isa_baseline::max_rect) max_rect;
+  decltype(&isa_baseline::max_keys) max_keys;
+  decltype(&isa_baseline::max_rect_keys) max_rect_keys;
 };
 
 #define PE_LOOPS(ns)                                                                                   \
   Loops {                                                                                              \
     ns::sum_rows, ns::add_row_sum, ns::add_row_sum_f64, ns::add_run_f64, ns::rect_means, ns::max_rows,     \
-        ns::blend, ns::axpy, ns::resize_row, ns::bilinear, ns::max_pixels, ns::max_rect               \
+        ns::blend, ns::axpy, ns::resize_row, ns::bilinear, ns::max_pixels, ns::max_rect,              \
+        ns::max_keys, ns::max_rect_keys                                                                \
   }
 constexpr Loops kBaseline = PE_LOOPS(isa_baseline);
 #if PE_X86_MULTIVERSION
@@ -152,8 +155,14 @@ void max_pixels(float* m, int32_t* r, const float* src, int64_t pixels, int64_t 
   loops().max_pixels(m, r, src, pixels, stride, n, idx0);
 }
 void max_rect(float* dst, int64_t* dst_idx, int64_t dst_stride, const float* cells_v, const int32_t* cells_i,
-              int64_t row_stride, int64_t cell_stride, int64_t a0, int64_t a1, int64_t b0, int64_t b1, int64_t n) {
-  loops().max_rect(dst, dst_idx, dst_stride, cells_v, cells_i, row_stride, cell_stride, a0, a1, b0, b1, n);
+              int64_t row_stride, int64_t cell_stride, int64_t a0, int64_t a1, int64_t b0, int64_t b1, int64_t n,
+              bool may_nan) {
+  loops().max_rect(dst, dst_idx, dst_stride, cells_v, cells_i, row_stride, cell_stride, a0, a1, b0, b1, n, may_nan);
+}
+bool max_keys(int64_t* keys, const float* v, const int32_t* r, int64_t n) { return loops().max_keys(keys, v, r, n); }
+void max_rect_keys(float* dst, int64_t* dst_idx, int64_t dst_stride, const int64_t* cells, int64_t row_stride,
+                   int64_t cell_stride, int64_t a0, int64_t a1, int64_t b0, int64_t b1, int64_t n) {
+  loops().max_rect_keys(dst, dst_idx, dst_stride, cells, row_stride, cell_stride, a0, a1, b0, b1, n);
 }
 
 }  // namespace simd

@@ -94,9 +94,22 @@ void max_pixels(float* m, int32_t* r, const float* src, int64_t pixels, int64_t 
 // One bin's maxima over a vector of n channels: the cells a0 <= a < a1,
 // b0 <= b < b1 (values cells_v, flat indices cells_i at a * row_stride + b *
 // cell_stride + k) combined by max_pool_combine's rule; dst[k * dst_stride]
-// and dst_idx[k * dst_stride] receive value and index.
+// and dst_idx[k * dst_stride] receive value and index. may_nan false: the
+// caller knows no cell is NaN (a combine of half the instructions).
 void max_rect(float* dst, int64_t* dst_idx, int64_t dst_stride, const float* cells_v, const int32_t* cells_i,
-              int64_t row_stride, int64_t cell_stride, int64_t a0, int64_t a1, int64_t b0, int64_t b1, int64_t n);
+              int64_t row_stride, int64_t cell_stride, int64_t a0, int64_t a1, int64_t b0, int64_t b1, int64_t n,
+              bool may_nan);
+// NaN-free cells as int64 keys whose integer order is max_pool_combine's
+// (larger value, then earlier index; -0.0 equal to +0.0 but kept): keys[k]
+// for value v[k] and flat index r[k] (0 <= r[k] < 2^31), k < n. Returns
+// whether some v[k] is NaN (then the keys are not to be used).
+bool max_keys(int64_t* keys, const float* v, const int32_t* r, int64_t n);
+// max_rect over such keys (a bin is their integer maximum per lane):
+// dst[k * dst_stride], dst_idx[k * dst_stride] = the value and index of the
+// largest key of channel k over the cells a0 <= a < a1, b0 <= b < b1 (at
+// cells[a * row_stride + b * cell_stride + k]), k < n.
+void max_rect_keys(float* dst, int64_t* dst_idx, int64_t dst_stride, const int64_t* cells, int64_t row_stride,
+                   int64_t cell_stride, int64_t a0, int64_t a1, int64_t b0, int64_t b1, int64_t n);
 
 }  // namespace simd
 }  // namespace pyramid_ext
