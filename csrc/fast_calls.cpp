@@ -11,11 +11,22 @@
 // profiling), so the op is the same op; only the Python-side argument
 // conversion is skipped. Never used under torch.compile or export (the
 // Python layer takes the op's ordinary path there).
+//
+// `levels_handing_on_x` is the same call for the pyramid modules' training
+// step (pyramid_ext/_pool_through.py): one autograd node that pools x and
+// also returns x itself, whose backward is one multi_pool2d_backward call
+// with x's other gradient as the addend. In C++ for the same reason as the
+// rest of this file: the Python autograd.Function, the window lists converted
+// per call and the level views built in Python cost more than a small
+// input's pooling (issue 12: PPM with grad at 0.67x eager on (1, 8, 8, 8)).
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/extension.h>
 
 #include <tuple>
 #include <utility>
 #include <vector>
+
+#include "pyramid_index.h"
 
 namespace pyramid_ext {
 namespace {
@@ -25,9 +36,80 @@ using PoolSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, c10::SymIn
 using UpsampleSig = at::Tensor(const std::optional<at::Tensor>&, at::TensorList, c10::SymIntArrayRef, bool, bool,
                                bool);
 
+using PoolBackwardSig = at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&, c10::SymIntArrayRef,
+                                   c10::SymIntArrayRef, c10::SymIntArrayRef, at::IntArrayRef, int64_t, bool, bool,
+                                   const std::optional<at::Tensor>&);
+
 struct LevelView {
   std::vector<int64_t> size, stride;
   int64_t offset;
+};
+
+// One call's window constants. A CustomClassHolder so that an autograd node
+// can hold them (an IValue capsule in its saved data) after the PoolCall that
+// built it is dropped from the Python cache.
+struct PoolConstants : torch::CustomClassHolder {
+  std::vector<int64_t> h_bounds, w_bounds, level_bins;
+  int64_t mode = kPoolAvg;
+  bool channels_last_levels = false;
+};
+
+const c10::TypedOperatorHandle<PoolSig>& pool_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("pyramid_ext::multi_pool2d", "").typed<PoolSig>();
+  return op;
+}
+
+std::tuple<at::Tensor, at::Tensor> call_pool(const at::Tensor& x, const PoolConstants& k) {
+  return pool_op().call(x, c10::fromIntArrayRefSlow(k.h_bounds), c10::fromIntArrayRefSlow(k.w_bounds), k.level_bins,
+                        k.mode, k.channels_last_levels);
+}
+
+// _ops._channels_last: channels_last memory and not also NCHW-contiguous.
+bool channels_last(const at::Tensor& t) {
+  return t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+// (values, x) = (multi_pool2d(x, avg), x); the backward of both in one
+// multi_pool2d_backward(grad_values, ..., addend=grad_x) call. The formulas of
+// _pool_through._AvgPoolHandingOnX (the path of the other backends).
+struct PoolHandingOnX : public torch::autograd::Function<PoolHandingOnX> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                                                const c10::intrusive_ptr<PoolConstants>& k) {
+    at::Tensor values;
+    {
+      at::AutoDispatchBelowADInplaceOrView below;
+      values = std::get<0>(call_pool(x, *k));
+    }
+    ctx->set_materialize_grads(false);  // an unused output's gradient stays undefined (no zeros written)
+    auto& saved = ctx->saved_data;
+    saved["constants"] = c10::IValue::make_capsule(k);
+    saved["input_shape"] = x.sizes();
+    saved["channels_last_input"] = channels_last(x);
+    // x itself: Function::apply returns an input as a view of it whose
+    // gradient comes to this node.
+    return {values, x};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const at::Tensor& grad_values = grads[0];
+    const at::Tensor& grad_x_through = grads[1];
+    if (!grad_values.defined()) return {grad_x_through, at::Tensor()};
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("pyramid_ext::multi_pool2d_backward", "")
+                               .typed<PoolBackwardSig>();
+    const auto& saved = ctx->saved_data;
+    const auto k = c10::static_intrusive_pointer_cast<PoolConstants>(saved.at("constants").toCapsule());
+    std::optional<at::Tensor> addend;
+    if (grad_x_through.defined()) addend = grad_x_through;
+    const std::vector<int64_t> shape = saved.at("input_shape").toIntVector();
+    at::Tensor grad_x = op.call(grad_values.contiguous(), std::nullopt, c10::fromIntArrayRefSlow(shape),
+                                c10::fromIntArrayRefSlow(k->h_bounds), c10::fromIntArrayRefSlow(k->w_bounds),
+                                k->level_bins, k->mode, k->channels_last_levels,
+                                saved.at("channels_last_input").toBool(), addend);
+    return {grad_x, at::Tensor()};
+  }
 };
 
 class PoolCall {
@@ -35,22 +117,29 @@ class PoolCall {
   PoolCall(std::vector<int64_t> h_bounds, std::vector<int64_t> w_bounds, std::vector<int64_t> level_bins,
            int64_t mode, bool channels_last_levels, bool unbatched,
            std::vector<std::tuple<std::vector<int64_t>, std::vector<int64_t>, int64_t>> views)
-      : h_bounds_(std::move(h_bounds)),
-        w_bounds_(std::move(w_bounds)),
-        level_bins_(std::move(level_bins)),
-        mode_(mode),
-        channels_last_levels_(channels_last_levels),
-        unbatched_(unbatched) {
+      : k_(c10::make_intrusive<PoolConstants>()), unbatched_(unbatched) {
+    k_->h_bounds = std::move(h_bounds);
+    k_->w_bounds = std::move(w_bounds);
+    k_->level_bins = std::move(level_bins);
+    k_->mode = mode;
+    k_->channels_last_levels = channels_last_levels;
     for (auto& [size, stride, offset] : views) views_.push_back({std::move(size), std::move(stride), offset});
   }
 
   // (values, indices) as the op returns them; values[0] for an unbatched x.
   std::tuple<at::Tensor, at::Tensor> packed(const at::Tensor& x) const {
-    static const auto op =
-        c10::Dispatcher::singleton().findSchemaOrThrow("pyramid_ext::multi_pool2d", "").typed<PoolSig>();
     pybind11::gil_scoped_release no_gil;
-    return op.call(unbatched_ ? x.unsqueeze(0) : x, c10::fromIntArrayRefSlow(h_bounds_),
-                   c10::fromIntArrayRefSlow(w_bounds_), level_bins_, mode_, channels_last_levels_);
+    return call_pool(unbatched_ ? x.unsqueeze(0) : x, *k_);
+  }
+
+  // (levels, x_through) for a 4-D x that requires grad, in grad mode, average
+  // pooling (the Python layer checks): x_through equals x and carries both
+  // of x's gradients to the pooling node.
+  std::pair<std::vector<at::Tensor>, at::Tensor> levels_handing_on_x(const at::Tensor& x) const {
+    TORCH_CHECK(!unbatched_ && k_->mode == kPoolAvg, "_PoolCall.levels_handing_on_x: a batched average pooling call");
+    pybind11::gil_scoped_release no_gil;
+    torch::autograd::variable_list out = PoolHandingOnX::apply(x, k_);
+    return {views(out[0]), out[1]};
   }
 
   at::Tensor spp(const at::Tensor& x) const {
@@ -73,9 +162,8 @@ class PoolCall {
     return out;
   }
 
-  std::vector<int64_t> h_bounds_, w_bounds_, level_bins_;
-  int64_t mode_;
-  bool channels_last_levels_, unbatched_;
+  c10::intrusive_ptr<PoolConstants> k_;
+  bool unbatched_;
   std::vector<LevelView> views_;
 };
 
@@ -98,7 +186,8 @@ void register_fast_calls(pybind11::module_& m) {
       .def("packed", &PoolCall::packed)
       .def("spp", &PoolCall::spp)
       .def("levels", &PoolCall::levels)
-      .def("levels_with_indices", &PoolCall::levels_with_indices);
+      .def("levels_with_indices", &PoolCall::levels_with_indices)
+      .def("levels_handing_on_x", &PoolCall::levels_handing_on_x);
   m.def("_upsample_concat", &upsample_concat,
         "The eager fast path's upsample_concat call (arguments checked by pyramid_ext.functional).");
 }

@@ -8,6 +8,8 @@ everything here works under ``torch.compile(fullgraph=True)``.
 """
 from __future__ import annotations
 
+import collections
+import threading
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -54,8 +56,14 @@ def _pool_args(x, bins, fn: str):
 # kept in a `_C._PoolCall` (csrc/fast_calls.cpp), which calls the op through
 # the dispatcher without converting the window lists from Python again. On
 # small inputs that per-call Python work cost more than the kernel (issue 12).
-_FAST_POOL: dict = {}
-_FAST_POOL_MAX = 1024  # entries; cleared when full (a model sees few shapes)
+# A bounded LRU (_FAST_POOL_MAX entries). The key holds no tensor (x's shape,
+# dtype, device, layout and the call's plain arguments), so the cache keeps
+# no memory alive. Thread-safe: a hit is one get and one move_to_end, each
+# atomic; inserts and evictions hold _FAST_POOL_LOCK. Two threads missing the
+# same key at once both build an entry (equal ones); one of them is kept.
+_FAST_POOL: "collections.OrderedDict" = collections.OrderedDict()
+_FAST_POOL_MAX = 1024  # entries (a model sees few shapes)
+_FAST_POOL_LOCK = threading.Lock()
 
 
 def _fast_pool_key(x, bins, mode: int, channels_last_levels, window: str, backend: Optional[str]):
@@ -115,11 +123,17 @@ def _fast_pool(x, bins, mode: int, channels_last_levels, window: str, backend: O
     if key is None:
         return None
     call = _FAST_POOL.get(key)
-    if call is None:
-        call = _fast_pool_entry(x, bins, mode, channels_last_levels, window, fn)
-        if len(_FAST_POOL) >= _FAST_POOL_MAX:
-            _FAST_POOL.clear()
+    if call is not None:
+        try:
+            _FAST_POOL.move_to_end(key)  # most recently used
+        except KeyError:
+            pass  # evicted by another thread since the get
+        return call
+    call = _fast_pool_entry(x, bins, mode, channels_last_levels, window, fn)  # raises the general path's errors
+    with _FAST_POOL_LOCK:
         _FAST_POOL[key] = call
+        while len(_FAST_POOL) > _FAST_POOL_MAX:
+            _FAST_POOL.popitem(last=False)  # least recently used
     return call
 
 

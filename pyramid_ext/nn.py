@@ -104,7 +104,7 @@ def pyramid_branches(x: torch.Tensor, stages: Sequence[nn.Sequential], *, label:
     modules are applied to the pooled map. ``hand_on_x=True`` also returns the
     x to concatenate, routed through the pooling node: ``(branches, x)``.
     """
-    bins = [_bin_of(s[0]) for s in stages]
+    bins = [_bin_of(next(iter(s))) for s in stages]  # iter: Sequential indexing walks its modules per call
     if hand_on_x:
         # x reaches the concatenation through the pooling node, so its two
         # gradients are summed in one backward call (see _pool_through).
@@ -164,8 +164,10 @@ def conv_after_concat(conv: nn.Conv2d, x: Optional[torch.Tensor], branches: Sequ
 
 
 def _module_label(module: nn.Module, attr: str) -> str:
-    # convert() sets _pe_name to the qualified name of the replaced module.
-    return f"{getattr(module, '_pe_name', None) or type(module).__name__}.{attr}"
+    # convert() sets _pe_name (a plain attribute, so in __dict__) to the qualified
+    # name of the replaced module. Read from __dict__: getattr with a default goes
+    # through nn.Module.__getattr__, which raises and catches per call.
+    return f"{module.__dict__.get('_pe_name') or type(module).__name__}.{attr}"
 
 
 # --------------------------------------------------------------------------

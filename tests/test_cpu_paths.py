@@ -57,7 +57,8 @@ def _workload():
     forward and backward, upsample_concat forward and backward and
     upsample_shift_add in both layouts. Returns the results and the eager expectations."""
     got, want = [], []
-    cases = [((3, 37, 29, 70), (1, 2, 3, 6, (2, 5))), ((2, 11, 61, 50), (1, (2, 3))), ((2, 19, 50, 40), (1, (2, 5)))]
+    cases = [((3, 37, 29, 70), (1, 2, 3, 6, (2, 5))), ((2, 11, 61, 50), (1, (2, 3))), ((2, 19, 50, 40), (1, (2, 5))),
+             ((2, 40, 16, 16), (1, 2, 3, 6))]  # channels_last avg: simd::bin_means (few cells, a 32-channel chunk)
     for (shape, bins), kind, mode in itertools.product(cases, ("nchw", "channels_last"), ("avg", "max")):
         base = rand(shape, torch.float32, seed=1)
         x = layout(base, kind).requires_grad_()

@@ -4,6 +4,8 @@ Timing is measured in benchmarks/tiny_overhead.py (a ratio asserted here would b
 flaky on a shared machine); these tests pin what makes it fast, by counting what
 runs per call, and that it returns what the general path and PyTorch return.
 """
+import collections
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -55,7 +57,7 @@ def test_windows_are_computed_once_per_key(monkeypatch):
     calls = []
     entry = functional._fast_pool_entry
     monkeypatch.setattr(functional, "_fast_pool_entry", lambda *a: calls.append(1) or entry(*a))
-    monkeypatch.setattr(functional, "_FAST_POOL", {})
+    monkeypatch.setattr(functional, "_FAST_POOL", collections.OrderedDict())
     x = rand((1, 3, 11, 5))
     for _ in range(3):
         pe.multi_adaptive_avg_pool2d(x, BINS)
@@ -174,3 +176,70 @@ def test_upsample_concat_records_when_only_a_branch_requires_grad():
     torch.testing.assert_close(torch.autograd.grad(got, branches[1], g), torch.autograd.grad(want, branches[1], g))
     alone = pe.upsample_concat(None, branches, size=(4, 6))
     assert alone.requires_grad
+
+
+def test_cache_is_a_bounded_lru(monkeypatch):
+    monkeypatch.setattr(functional, "_FAST_POOL", collections.OrderedDict())
+    monkeypatch.setattr(functional, "_FAST_POOL_MAX", 2)
+    calls = []
+    entry = functional._fast_pool_entry
+    monkeypatch.setattr(functional, "_fast_pool_entry", lambda *a: calls.append(a[1]) or entry(*a))
+    x = rand((1, 2, 7, 7))
+    for bins in [(1,), (2,), (1,), (3,)]:  # (1,) used again before (3,) evicts the least recent, (2,)
+        pe.multi_adaptive_avg_pool2d(x, bins)
+    assert calls == [(1,), (2,), (3,)] and len(functional._FAST_POOL) == 2
+    pe.multi_adaptive_avg_pool2d(x, (1,))  # still cached
+    pe.multi_adaptive_avg_pool2d(x, (2,))  # evicted: built again
+    assert calls == [(1,), (2,), (3,), (2,)] and len(functional._FAST_POOL) == 2
+    for key in functional._FAST_POOL:  # plain values only: the cache holds no tensor alive
+        assert not any(isinstance(v, torch.Tensor) for v in key)
+
+
+# The pyramid modules' pooling node that hands x on (pyramid_ext/_pool_through.py):
+# served by _C._PoolCall.levels_handing_on_x (a C++ autograd node, cached windows)
+# for a dense x on the compiled backend, by the Python autograd.Function otherwise.
+_PYRAMID = [(1, 1), (2, 2), (3, 3), (6, 6)]
+
+
+def _handing_on_x_case(kind, dense=True):
+    from pyramid_ext._pool_through import avg_pool_handing_on_x
+
+    base = layout(rand((2, 5, 9, 7), dtype=torch.float64), kind)
+    x = (base if dense else base[:, 1:4]).detach().requires_grad_()
+    levels, x_through = avg_pool_handing_on_x(x, _PYRAMID)
+    return x, levels, x_through
+
+
+@pytest.mark.parametrize("kind", ["nchw", "channels_last"])
+def test_pool_handing_on_x_is_one_cpp_node(kind):
+    from pyramid_ext._pool_through import avg_pool_handing_on_x
+
+    x, levels, x_through = _handing_on_x_case(kind)
+    assert "CppNode<pyramid_ext::" in x_through.grad_fn.name(), x_through.grad_fn.name()  # the C++ node
+    assert torch.equal(x_through, x) and x_through.data_ptr() == x.data_ptr()
+    ops = _ops_of(lambda: avg_pool_handing_on_x(x, _PYRAMID))
+    assert ops.count("multi_pool2d") == 1 and ops.count("as_strided") == 4 and len(ops) <= 6, ops
+    # Not dense: the Python autograd.Function (after a copy of x).
+    _, _, through = _handing_on_x_case(kind, dense=False)
+    assert through.grad_fn.name() == "_AvgPoolHandingOnXBackward"
+
+
+@pytest.mark.parametrize("dense", [True, False])
+@pytest.mark.parametrize("kind", ["nchw", "channels_last"])
+def test_pool_handing_on_x_equals_pytorch(kind, dense):
+    """Values and both gradients (each output's alone and together) against
+    F.adaptive_avg_pool2d and x itself, on both paths."""
+    x, levels, x_through = _handing_on_x_case(kind, dense)
+    want = eager_pool(x, [b for b, _ in _PYRAMID], "avg")
+    for g, w in zip(levels, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-12)
+    torch.testing.assert_close(x_through, x, rtol=0, atol=0)
+    weights = [rand(w.shape, dtype=torch.float64, seed=k) for k, w in enumerate(want)]
+    g_through = rand(x.shape, dtype=torch.float64, seed=7)
+    pooled_got = sum((g * wt).sum() for g, wt in zip(levels, weights))
+    pooled_want = sum((w * wt).sum() for w, wt in zip(want, weights))
+    for got, expect in [(pooled_got + (x_through * g_through).sum(), pooled_want + (x * g_through).sum()),
+                        (pooled_got, pooled_want), ((x_through * g_through).sum(), (x * g_through).sum())]:
+        (grad_got,) = torch.autograd.grad(got, x, retain_graph=True)
+        (grad_want,) = torch.autograd.grad(expect, x, retain_graph=True)
+        torch.testing.assert_close(grad_got, grad_want, rtol=0, atol=1e-12)

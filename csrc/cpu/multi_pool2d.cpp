@@ -97,6 +97,9 @@ int64_t plane_grain(int64_t H, int64_t W) {
 
 constexpr int64_t kPlaneBlock = simd::kCellBlock;  // NCHW planes reduced together
 constexpr size_t kCellBudget = 16 << 20;   // bytes of channels_last cells
+// Segment cells up to which channels_last average bins are summed by
+// simd::bin_means (its 32-channel scratch: 256 bytes a cell, 32 KB here).
+constexpr int64_t kBinMeansMaxCells = 128;
 
 // Blocks of kPlaneBlock NCHW planes, about 32K elements per task.
 int64_t block_grain(int64_t H, int64_t W) {
@@ -520,9 +523,22 @@ void avg_forward_channels_last(const scalar_t* x, scalar_t* out,
       for (int64_t c = 0; c < C; ++c) cell[c] = static_cast<acc_t>(acc[c]);
     }
   };
+  // float: the bins as simd::bin_means reads them, when a 32-channel chunk of
+  // the cells (its `scratch`) stays small; else one simd::rect_means per bin.
+  std::vector<simd::BinOut> bin_outs;
+  if (std::is_same_v<scalar_t, float> && SH * SW <= kBinMeansMaxCells) {
+    for (const BinRect& r : p.rects)
+      bin_outs.push_back({r.a0, r.a1, r.b0, r.b1, static_cast<double>(r.area), r.out_offset, r.c_stride});
+  }
+  const int64_t scratch_size = bin_outs.empty() ? 0 : SH * SW * 32;
+  // `sum`: C (or a chunk's) doubles for other dtypes, bin_means' scratch for float.
   auto cells_to_bins = [&](int64_t n, int64_t c0, int64_t cn, const acc_t* cells, double* sum) {
     scalar_t* dst = out + n * C * p.total;
     if constexpr (std::is_same_v<scalar_t, float>) {
+      if (!bin_outs.empty()) {
+        simd::bin_means(dst, bin_outs.data(), static_cast<int64_t>(bin_outs.size()), cells, SH, SW, C, c0, cn, sum);
+        return;
+      }
       for (const BinRect& r : p.rects)
         simd::rect_means(dst + r.out_offset + c0 * r.c_stride, r.c_stride, cells + c0, SW * C, C,
                          r.a0, r.a1, r.b0, r.b1, static_cast<double>(r.area), cn);
@@ -538,7 +554,7 @@ void avg_forward_channels_last(const scalar_t* x, scalar_t* out,
   if (forced == 1 || (forced == 0 && (N % threads == 0 || N >= 4 * threads))) {
     at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> cells(static_cast<size_t>(cells_per_sample)), run(static_cast<size_t>(SW * C));
-      std::vector<double> sum(static_cast<size_t>(C)), seg_sums(static_cast<size_t>(SW * C));
+      std::vector<double> sum(static_cast<size_t>(std::max(C, scratch_size))), seg_sums(static_cast<size_t>(SW * C));
       for (int64_t n = begin; n < end; ++n) {
         for (int64_t a = 0; a < SH; ++a) reduce_rows(n, a, cells.data(), run.data(), seg_sums.data());
         cells_to_bins(n, 0, C, cells.data(), sum.data());
@@ -558,7 +574,7 @@ void avg_forward_channels_last(const scalar_t* x, scalar_t* out,
   const int64_t chunk = std::min<int64_t>(C, 256);
   const int64_t chunks = (C + chunk - 1) / chunk;
   at::parallel_for(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<double> sum(static_cast<size_t>(chunk));
+    std::vector<double> sum(static_cast<size_t>(std::max(chunk, scratch_size)));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / chunks, c0 = (task % chunks) * chunk;
       cells_to_bins(n, c0, std::min(chunk, C - c0), cells.get() + n * cells_per_sample, sum.data());

@@ -49,11 +49,14 @@ struct Loops {
   decltype(&isa_baseline::add_row_sum_f64) add_row_sum_f64;
   decltype(&isa_baseline::add_run_f64) add_run_f64;
   decltype(&isa_baseline::rect_means) rect_means;
+  decltype(&isa_baseline::bin_means) bin_means;
   decltype(&isa_baseline::max_rows) max_rows;
   decltype(&isa_baseline::blend) blend;
   decltype(&isa_baseline::axpy) axpy;
   decltype(&isa_baseline::resize_row) resize_row;
   decltype(&isa_baseline::bilinear) bilinear;
+  decltype(&isa_baseline::blend_plane) blend_plane;
+  decltype(&isa_baseline::bilinear_row) bilinear_row;
   decltype(&isa_baseline::max_pixels) max_pixels;
   decltype(&isa_baseline::max_rect) max_rect;
   decltype(&isa_baseline::max_keys) max_keys;
@@ -62,9 +65,10 @@ struct Loops {
 
 #define PE_LOOPS(ns)                                                                                   \
   Loops {                                                                                              \
-    ns::sum_rows, ns::add_row_sum, ns::add_row_sum_f64, ns::add_run_f64, ns::rect_means, ns::max_rows,     \
-        ns::blend, ns::axpy, ns::resize_row, ns::bilinear, ns::max_pixels, ns::max_rect,              \
-        ns::max_keys, ns::max_rect_keys                                                                \
+    ns::sum_rows, ns::add_row_sum, ns::add_row_sum_f64, ns::add_run_f64, ns::rect_means, ns::bin_means,  \
+        ns::max_rows,                                                                             \
+        ns::blend, ns::axpy, ns::resize_row, ns::bilinear, ns::blend_plane, ns::bilinear_row,         \
+        ns::max_pixels, ns::max_rect, ns::max_keys, ns::max_rect_keys                               \
   }
 constexpr Loops kBaseline = PE_LOOPS(isa_baseline);
 #if PE_X86_MULTIVERSION
@@ -136,6 +140,10 @@ void rect_means(float* dst, int64_t dst_stride, const float* cells, int64_t row_
                 int64_t a0, int64_t a1, int64_t b0, int64_t b1, double area, int64_t n) {
   loops().rect_means(dst, dst_stride, cells, row_stride, cell_stride, a0, a1, b0, b1, area, n);
 }
+void bin_means(float* dst, const BinOut* bins, int64_t num_bins, const float* cells, int64_t SH, int64_t SW,
+               int64_t C, int64_t c0, int64_t n, double* scratch) {
+  loops().bin_means(dst, bins, num_bins, cells, SH, SW, C, c0, n, scratch);
+}
 void max_rows(float* m, int32_t* r, const float* src, int64_t rows, int64_t stride, int64_t n, int32_t h0) {
   loops().max_rows(m, r, src, rows, stride, n, h0);
 }
@@ -149,6 +157,14 @@ void resize_row(float* d, const float* s, int64_t len, ResizeTable t, int64_t n,
 void bilinear(float* d, const float* p00, const float* p01, const float* p10, const float* p11, float wy0,
               float wy1, float wx0, float wx1, int64_t n) {
   loops().bilinear(d, p00, p01, p10, p11, wy0, wy1, wx0, wx1, n);
+}
+
+void blend_plane(float* d, int64_t d_stride, const float* rows, int64_t w, ResizeTable t, int64_t h) {
+  loops().blend_plane(d, d_stride, rows, w, t, h);
+}
+void bilinear_row(float* d, int64_t d_stride, const float* s0, const float* s1, int64_t s_stride, float wy0,
+                  float wy1, ResizeTable t, int64_t w, int64_t n) {
+  loops().bilinear_row(d, d_stride, s0, s1, s_stride, wy0, wy1, t, w, n);
 }
 
 void max_pixels(float* m, int32_t* r, const float* src, int64_t pixels, int64_t stride, int64_t n, int32_t idx0) {

@@ -63,6 +63,24 @@ void add_run_f64(double* acc, const float* src, int64_t rows, int64_t stride, in
 // the mean rounded to float.
 void rect_means(float* dst, int64_t dst_stride, const float* cells, int64_t row_stride, int64_t cell_stride,
                 int64_t a0, int64_t a1, int64_t b0, int64_t b1, double area, int64_t n);
+// One bin of a channels_last average pooling for bin_means: its rectangle of
+// cells (H-segments [a0, a1), W-segments [b0, b1)), its area, and where its
+// mean of channel c goes (dst + offset + c * stride).
+struct BinOut {
+  int64_t a0, a1, b0, b1;
+  double area;
+  int64_t offset, stride;
+};
+// Every bin's means over channels [c0, c0 + n) of one sample's float cells
+// (channel c of cell (a, b) at cells[(a * SW + b) * C + c], SH x SW cells):
+// for each bin and channel rect_means' arithmetic in rect_means' order, so
+// the same bits. 32 channels at a time: the chunk's cells are widened to
+// double once into `scratch` (SH * SW * 32 doubles, in L1 for the few
+// segments of a pyramid) and every bin is summed from there, where
+// rect_means per bin widens each cell again and reads all channels of its
+// cells (from L2 when C is large) per bin.
+void bin_means(float* dst, const BinOut* bins, int64_t num_bins, const float* cells, int64_t SH, int64_t SW,
+               int64_t C, int64_t c0, int64_t n, double* scratch);
 // Column-wise running max over rows, ATen's rule (larger, or NaN): m/r hold
 // the current maximum and its row; rows h0 + 1 .. h0 + rows - 1 are scanned
 // after m is seeded with row h0.
@@ -87,6 +105,17 @@ void resize_row(float* d, const float* s, int64_t len, ResizeTable t, int64_t n,
 // d[i] = wy0 * (wx0 * p00[i] + wx1 * p01[i]) + wy1 * (wx0 * p10[i] + wx1 * p11[i])
 void bilinear(float* d, const float* p00, const float* p01, const float* p10, const float* p11, float wy0,
               float wy1, float wx0, float wx1, int64_t n);
+// A plane of h output rows blended from rows of a buffer (blend's arithmetic,
+// one call per plane instead of one per row, which on small planes cost as
+// much as the row): d[y * d_stride + i] = t.w0[y] * rows[t.i0[y] * w + i] +
+// t.w1[y] * rows[t.i1[y] * w + i] for y < h, i < w.
+void blend_plane(float* d, int64_t d_stride, const float* rows, int64_t w, ResizeTable t, int64_t h);
+// One output row of w bilinear pixels, vector over n channels (bilinear's
+// arithmetic, one call per row): pixel x reads source pixels t.i0[x] and
+// t.i1[x] (at s_stride floats apart) of the source rows s0 and s1 and
+// writes d + x * d_stride.
+void bilinear_row(float* d, int64_t d_stride, const float* s0, const float* s1, int64_t s_stride, float wy0,
+                  float wy1, ResizeTable t, int64_t w, int64_t n);
 // Max pooling over a vector of n channels, continuing a scan: pixel p < pixels
 // (at src + p * stride) updates m[k] and its flat index r[k] = idx0 + p by
 // ATen's rule (larger, or NaN), pixels in order.

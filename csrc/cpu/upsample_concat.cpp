@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -48,6 +49,17 @@ void forward_planes(const std::vector<Part>& parts, const at::Tensor& out,
     if (parts[k].interpolate) {
       th[k] = axis_taps<acc_t>(parts[k].t.size(2), H, align_corners);
       tw[k] = axis_taps<acc_t>(parts[k].t.size(3), W, align_corners);
+    }
+  }
+  // float: each branch's taps as the tables of simd::resize_row (along W)
+  // and simd::blend_plane (along H), so a plane is a few calls (a call per
+  // short row cost as much as the row).
+  std::vector<std::optional<ResizeTableArrays>> rows_h(parts.size()), rows_w(parts.size());
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    for (size_t k = 0; k < parts.size(); ++k) {
+      if (!parts[k].interpolate) continue;
+      rows_h[k].emplace(th[k]);
+      rows_w[k].emplace(tw[k]);
     }
   }
   scalar_t* o = out.mutable_data_ptr<scalar_t>();
@@ -84,6 +96,14 @@ void forward_planes(const std::vector<Part>& parts, const at::Tensor& out,
       const auto& tx = tw[k];
       // Each source row interpolated along W once.
       hrows.resize(static_cast<size_t>(hb * W));
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (sW == 1 && osW == 1) {
+          for (int64_t i = 0; i < hb; ++i)
+            simd::resize_row(hrows.data() + i * W, src + i * sH, t.size(3), rows_w[k]->from(0), W, false);
+          simd::blend_plane(dst, osH, hrows.data(), W, rows_h[k]->from(0), H);
+          continue;
+        }
+      }
       for (int64_t i = 0; i < hb; ++i) {
         const scalar_t* s = src + i * sH;
         acc_t* r = hrows.data() + i * W;
@@ -130,6 +150,14 @@ void forward_pixels(const std::vector<Part>& parts, const at::Tensor& out,
       tw[k] = axis_taps<acc_t>(parts[k].t.size(3), W, align_corners);
     }
   }
+  // float: each branch's W taps as the table of simd::bilinear_row (one call
+  // per output row and branch; a call per pixel of a few channels cost as
+  // much as the pixel).
+  std::vector<std::optional<ResizeTableArrays>> rows_w(parts.size());
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    for (size_t k = 0; k < parts.size(); ++k)
+      if (parts[k].interpolate) rows_w[k].emplace(tw[k]);
+  }
   scalar_t* o = out.mutable_data_ptr<scalar_t>();
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, W * out.size(1)));
   at::parallel_for(0, N * H, grain, [&](int64_t begin, int64_t end) {
@@ -157,6 +185,12 @@ void forward_pixels(const std::vector<Part>& parts, const at::Tensor& out,
         const LinearTap<acc_t> ty = th[k][h];
         const scalar_t* s0 = src + ty.i0 * sH;
         const scalar_t* s1 = src + ty.i1 * sH;
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          if (sC == 1) {
+            simd::bilinear_row(row, osW, s0, s1, sW, ty.w0, ty.w1, rows_w[k]->from(0), W, Ck);
+            continue;
+          }
+        }
         for (int64_t w = 0; w < W; ++w) {
           const LinearTap<acc_t> tx = tw[k][w];
           const scalar_t* p00 = s0 + tx.i0 * sW;
@@ -164,12 +198,6 @@ void forward_pixels(const std::vector<Part>& parts, const at::Tensor& out,
           const scalar_t* p10 = s1 + tx.i0 * sW;
           const scalar_t* p11 = s1 + tx.i1 * sW;
           scalar_t* d = row + w * osW;
-          if constexpr (std::is_same_v<scalar_t, float>) {
-            if (sC == 1) {
-              simd::bilinear(d, p00, p01, p10, p11, ty.w0, ty.w1, tx.w0, tx.w1, Ck);
-              continue;
-            }
-          }
           if (sC == 1) {
 #pragma omp simd
             for (int64_t c = 0; c < Ck; ++c) {
