@@ -26,7 +26,7 @@ import torch
 from . import backends, export
 from . import functional as pf
 from .plan import POOL_AVG
-from .windows import pyramid_windows
+from .windows import level_shapes, pyramid_windows
 
 
 def _backward_op(backend: str):
@@ -38,7 +38,7 @@ def _backward_op(backend: str):
 
 
 class _AvgPoolHandingOnX(torch.autograd.Function):
-    """(values, x_through) = (multi_pool2d(x, avg), x); one backward for both."""
+    """(*levels, x_through) = (*multi_pool2d(x, avg) per level, x); one backward for all."""
 
     @staticmethod
     def forward(ctx, x, backend: str, h_bounds, w_bounds, level_bins, channels_last_levels: bool):
@@ -48,18 +48,41 @@ class _AvgPoolHandingOnX(torch.autograd.Function):
         ctx.backend = backend
         ctx.args = (list(x.shape), list(h_bounds), list(w_bounds), list(level_bins), channels_last_levels,
                     pf._channels_last(x))
+        # Each level is an output of this node, an alias of the packed buffer
+        # (detach: not a view for autograd, so a tail may modify it in place).
+        # Levels sliced outside the node would each send back a packed-sized
+        # zero-filled gradient (slice_backward) for autograd to add up; here
+        # the backward packs the level gradients with one cat.
+        levels = pf._unpack(values, level_bins, x.shape[1], channels_last_levels, False)
         # x itself: autograd returns it as a view whose gradient comes to this node.
-        return values, x
+        return (*[level.detach() for level in levels], x)
 
     @staticmethod
-    def backward(ctx, grad_values, grad_x_through):
+    def backward(ctx, *grads):
         shape, h_bounds, w_bounds, level_bins, cl_levels, cl_input = ctx.args
-        if grad_values is None:
-            grad_x = grad_x_through
-        else:
-            grad_x = _backward_op(ctx.backend)(grad_values.contiguous(), None, shape, h_bounds, w_bounds, level_bins,
-                                               POOL_AVG, cl_levels, cl_input, grad_x_through)
+        grad_levels, grad_x_through = grads[:-1], grads[-1]
+        if all(g is None for g in grad_levels):
+            return grad_x_through, None, None, None, None, None
+        grad_values = _pack_levels(grad_levels, level_bins, shape, cl_levels)
+        grad_x = _backward_op(ctx.backend)(grad_values, None, shape, h_bounds, w_bounds, level_bins,
+                                           POOL_AVG, cl_levels, cl_input, grad_x_through)
         return grad_x, None, None, None, None, None
+
+
+def _pack_levels(grad_levels, level_bins, shape, channels_last_levels: bool) -> torch.Tensor:
+    """The packed (N, C * total) gradient of the levels, in the layout
+    ``functional._unpack`` reads (a level without a gradient: zeros), written once."""
+    n, c = shape[0], shape[1]
+    some = next(g for g in grad_levels if g is not None)
+    pieces = []
+    for g, (bh, bw) in zip(grad_levels, level_shapes(level_bins)):
+        if g is None:
+            pieces.append(some.new_zeros(n, c * bh * bw))
+        elif channels_last_levels:  # the block is (n, bh, bw, c)
+            pieces.append(g.permute(0, 2, 3, 1).reshape(n, c * bh * bw))
+        else:  # the block is (n, c, bh, bw)
+            pieces.append(g.reshape(n, c * bh * bw))
+    return torch.cat(pieces, 1)
 
 
 def avg_pool_handing_on_x(x: torch.Tensor, bins) -> Tuple[List[torch.Tensor], torch.Tensor]:
@@ -86,5 +109,5 @@ def avg_pool_handing_on_x(x: torch.Tensor, bins) -> Tuple[List[torch.Tensor], to
     x4 = pf._dense(x)
     h_bounds, w_bounds, level_bins = pyramid_windows(x4.shape[-2], x4.shape[-1], pairs, "adaptive")
     channels_last_levels = pf._channels_last(x4)
-    values, x_through = _AvgPoolHandingOnX.apply(x4, backend, h_bounds, w_bounds, level_bins, channels_last_levels)
-    return pf._unpack(values, level_bins, x4.shape[1], channels_last_levels, False), x_through
+    *levels, x_through = _AvgPoolHandingOnX.apply(x4, backend, h_bounds, w_bounds, level_bins, channels_last_levels)
+    return levels, x_through

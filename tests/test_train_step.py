@@ -224,6 +224,72 @@ def test_ppm_x_gradient_is_one_kernel_call(kind):
     assert gx.untyped_storage().data_ptr() != grad.untyped_storage().data_ptr()
 
 
+@pytest.mark.parametrize("kind", ["nchw", "channels_last"])
+def test_ppm_level_gradients_packed_once(kind):
+    """The levels are outputs of the pooling node, whose backward packs their
+    gradients with one cat: no packed-sized zero fill, slice_backward or add
+    (levels sliced outside the node sent back one zero-filled packed gradient
+    each, summed by autograd)."""
+    need_backend("cpp")
+    ppm, _ = _ppm_pair(8, 2, (1, 2, 3, 6), torch.float32, kind)
+    x = layout(torch.randn(2, 8, 12, 10), kind).requires_grad_()
+    out = ppm(x)
+    grad = torch.randn_like(out)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        torch.autograd.grad(out, [x], grad)
+    packed = [2, 8 * (1 + 4 + 9 + 36)]
+    events = prof.events()
+    extra = [e.name for e in events if packed in e.input_shapes
+             and e.name in ("aten::fill_", "aten::zero_", "aten::add", "aten::add_", "aten::slice_backward")]
+    cats = [e for e in events if e.name == "aten::cat"]
+    assert extra == []
+    assert len(cats) == 1
+
+
+@pytest.mark.parametrize("kind", ["nchw", "channels_last"])
+def test_pool_handing_on_x_some_levels_unused(kind):
+    """A level whose output is not used gets no gradient (None): its block of
+    the packed gradient is zeros, the others are where functional._unpack reads them."""
+    need_backend("cpp")
+    from pyramid_ext._pool_through import avg_pool_handing_on_x
+
+    bins = [(1, 1), (2, 2), (3, 3), (2, 3)]
+    x = layout(torch.randn(2, 5, 9, 7, dtype=torch.float64), kind).requires_grad_()
+    weights = [torch.randn(2, 5, bh, bw, dtype=torch.float64) for bh, bw in bins]
+
+    def loss(levels, x_cat):
+        return (levels[1] * weights[1]).sum() + (levels[3] * weights[3]).sum() + x_cat.pow(2).sum()
+
+    levels, x_through = avg_pool_handing_on_x(x, bins)
+    assert x_through.grad_fn is not None
+    (got,) = torch.autograd.grad(loss(levels, x_through), x)
+    want_levels = [F.adaptive_avg_pool2d(x, b) for b in bins]
+    (want,) = torch.autograd.grad(loss(want_levels, x), x)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for level, w in zip(levels, want_levels):
+        torch.testing.assert_close(level, w, rtol=1e-12, atol=1e-12)
+
+
+def test_pool_handing_on_x_level_modified_in_place():
+    """The levels are not autograd views of one buffer: a tail may modify one in place."""
+    need_backend("cpp")
+    from pyramid_ext._pool_through import avg_pool_handing_on_x
+
+    bins = [(1, 1), (2, 2), (3, 3)]
+    x = torch.randn(2, 4, 8, 6, dtype=torch.float64, requires_grad=True)
+    # (The levels share one version counter, as views of one buffer do: one
+    # level modified in place, after the others' uses are recorded.)
+    levels, x_through = avg_pool_handing_on_x(x, bins)
+    levels[1].mul_(2).relu_()
+    loss = sum((level * (i + 1)).sum() for i, level in enumerate(levels)) + x_through.sum()
+    (got,) = torch.autograd.grad(loss, x)
+    want_levels = [F.adaptive_avg_pool2d(x, b) for b in bins]
+    want_levels[1] = (want_levels[1] * 2).relu()
+    want_loss = sum((level * (i + 1)).sum() for i, level in enumerate(want_levels)) + x.sum()
+    (want,) = torch.autograd.grad(want_loss, x)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
 def test_ppm_without_x_grad_or_branch_grads():
     """Only one of the node's two outputs carries a gradient: still right."""
     need_backend("cpp")
