@@ -52,6 +52,7 @@ struct PoolConstants : torch::CustomClassHolder {
   std::vector<int64_t> h_bounds, w_bounds, level_bins;
   int64_t mode = kPoolAvg;
   bool channels_last_levels = false;
+  std::vector<LevelView> views;  // each level's (N, C, bh, bw) view of the packed buffer
 };
 
 const c10::TypedOperatorHandle<PoolSig>& pool_op() {
@@ -70,9 +71,12 @@ bool channels_last(const at::Tensor& t) {
   return t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
 
-// (values, x) = (multi_pool2d(x, avg), x); the backward of both in one
-// multi_pool2d_backward(grad_values, ..., addend=grad_x) call. The formulas of
-// _pool_through._AvgPoolHandingOnX (the path of the other backends).
+// (*levels, x) = (multi_pool2d(x, avg) per level, x); the backward of all in
+// one multi_pool2d_backward(grad_values, ..., addend=grad_x) call. The formulas
+// of _pool_through._AvgPoolHandingOnX (the path of the other backends): the
+// levels are outputs of this node (detached aliases of the packed buffer, not
+// autograd views, whose backward would each write a packed-sized zero-filled
+// gradient for autograd to add up); their gradients are packed with one cat.
 struct PoolHandingOnX : public torch::autograd::Function<PoolHandingOnX> {
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
                                                 const c10::intrusive_ptr<PoolConstants>& k) {
@@ -81,6 +85,9 @@ struct PoolHandingOnX : public torch::autograd::Function<PoolHandingOnX> {
       at::AutoDispatchBelowADInplaceOrView below;
       values = std::get<0>(call_pool(x, *k));
     }
+    torch::autograd::variable_list out;
+    out.reserve(k->views.size() + 1);
+    for (const LevelView& v : k->views) out.push_back(values.as_strided(v.size, v.stride, v.offset).detach());
     ctx->set_materialize_grads(false);  // an unused output's gradient stays undefined (no zeros written)
     auto& saved = ctx->saved_data;
     saved["constants"] = c10::IValue::make_capsule(k);
@@ -88,14 +95,17 @@ struct PoolHandingOnX : public torch::autograd::Function<PoolHandingOnX> {
     saved["channels_last_input"] = channels_last(x);
     // x itself: Function::apply returns an input as a view of it whose
     // gradient comes to this node.
-    return {values, x};
+    out.push_back(x);
+    return out;
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
-    const at::Tensor& grad_values = grads[0];
-    const at::Tensor& grad_x_through = grads[1];
-    if (!grad_values.defined()) return {grad_x_through, at::Tensor()};
+    const at::Tensor grad_x_through = grads.back();
+    const at::Tensor* some = nullptr;  // a defined level gradient
+    for (size_t i = 0; i + 1 < grads.size() && !some; ++i)
+      if (grads[i].defined()) some = &grads[i];
+    if (!some) return {grad_x_through, at::Tensor()};
     static const auto op = c10::Dispatcher::singleton()
                                .findSchemaOrThrow("pyramid_ext::multi_pool2d_backward", "")
                                .typed<PoolBackwardSig>();
@@ -104,7 +114,23 @@ struct PoolHandingOnX : public torch::autograd::Function<PoolHandingOnX> {
     std::optional<at::Tensor> addend;
     if (grad_x_through.defined()) addend = grad_x_through;
     const std::vector<int64_t> shape = saved.at("input_shape").toIntVector();
-    at::Tensor grad_x = op.call(grad_values.contiguous(), std::nullopt, c10::fromIntArrayRefSlow(shape),
+    // The packed (N, C * total) gradient in the layout the levels view:
+    // (N, bh, bw, C) blocks for channels_last levels, else (N, C, bh, bw).
+    const int64_t n = shape[0], c = shape[1];
+    std::vector<at::Tensor> pieces;
+    pieces.reserve(grads.size() - 1);
+    for (size_t i = 0; i + 1 < grads.size(); ++i) {
+      const int64_t cells = c * k->level_bins[2 * i] * k->level_bins[2 * i + 1];
+      const at::Tensor& g = grads[i];
+      if (!g.defined())
+        pieces.push_back(at::zeros({n, cells}, some->options()));
+      else if (k->channels_last_levels)
+        pieces.push_back(g.permute({0, 2, 3, 1}).reshape({n, cells}));
+      else
+        pieces.push_back(g.reshape({n, cells}));
+    }
+    const at::Tensor grad_values = at::cat(pieces, 1);
+    at::Tensor grad_x = op.call(grad_values, std::nullopt, c10::fromIntArrayRefSlow(shape),
                                 c10::fromIntArrayRefSlow(k->h_bounds), c10::fromIntArrayRefSlow(k->w_bounds),
                                 k->level_bins, k->mode, k->channels_last_levels,
                                 saved.at("channels_last_input").toBool(), addend);
@@ -123,7 +149,7 @@ class PoolCall {
     k_->level_bins = std::move(level_bins);
     k_->mode = mode;
     k_->channels_last_levels = channels_last_levels;
-    for (auto& [size, stride, offset] : views) views_.push_back({std::move(size), std::move(stride), offset});
+    for (auto& [size, stride, offset] : views) k_->views.push_back({std::move(size), std::move(stride), offset});
   }
 
   // (values, indices) as the op returns them; values[0] for an unbatched x.
@@ -139,7 +165,9 @@ class PoolCall {
     TORCH_CHECK(!unbatched_ && k_->mode == kPoolAvg, "_PoolCall.levels_handing_on_x: a batched average pooling call");
     pybind11::gil_scoped_release no_gil;
     torch::autograd::variable_list out = PoolHandingOnX::apply(x, k_);
-    return {views(out[0]), out[1]};
+    at::Tensor x_through = out.back();
+    out.pop_back();
+    return {std::move(out), std::move(x_through)};
   }
 
   at::Tensor spp(const at::Tensor& x) const {
@@ -157,14 +185,13 @@ class PoolCall {
  private:
   std::vector<at::Tensor> views(const at::Tensor& packed) const {
     std::vector<at::Tensor> out;
-    out.reserve(views_.size());
-    for (const LevelView& v : views_) out.push_back(packed.as_strided(v.size, v.stride, v.offset));
+    out.reserve(k_->views.size());
+    for (const LevelView& v : k_->views) out.push_back(packed.as_strided(v.size, v.stride, v.offset));
     return out;
   }
 
   c10::intrusive_ptr<PoolConstants> k_;
   bool unbatched_;
-  std::vector<LevelView> views_;
 };
 
 at::Tensor upsample_concat(const std::optional<at::Tensor>& x, const std::vector<at::Tensor>& branches,
