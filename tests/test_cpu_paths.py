@@ -12,6 +12,7 @@ pyramid_ext._C._set_test_override forces the others, so each is checked
 against PyTorch eager and, bit for bit, against the automatic choice (every
 path sums in the same order).
 """
+import contextlib
 import hashlib
 import itertools
 import os
@@ -98,6 +99,17 @@ def _check_against_eager(got, want):
     for k, (a, b) in enumerate(zip(got, want)):
         # gradients of 1x1 bins / branches sum whole planes: fp32 summation-order noise
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=lambda m: f"result {k}: {m}")
+
+
+@contextlib.contextmanager
+def _threads(threads):
+    """torch's intra-op thread count set to ``threads`` inside the block, restored after."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
 
 
 def _configs(_C):
@@ -234,13 +246,9 @@ def test_max_without_nan_rule_on_nan_free_blocks_keeps_atens_ties(_c, kind):
         _c._set_test_override("no_block_kernel", nb)
         _c._set_test_override("channels_last_max_tasks", tasks)
         for threads in (1, 2):
-            prev = torch.get_num_threads()
-            torch.set_num_threads(threads)
-            try:
+            with _threads(threads):
                 vals, idxs = pe.multi_adaptive_max_pool2d(layout(base, kind), bins, return_indices=True,
                                                           backend="cpp")
-            finally:
-                torch.set_num_threads(prev)
             for k, (v, i, (wv, wi)) in enumerate(zip(vals, idxs, want)):
                 where = f"simd_isa={ISA_NAMES[isa]} no_block_kernel={nb} tasks={tasks} threads={threads} level {k}"
                 assert torch.equal(i, wi), f"{where}: indices differ from PyTorch's"
@@ -279,13 +287,9 @@ def test_max_channels_last_keys_keep_atens_order_of_signed_values(_c):
         _c._set_test_override("simd_isa", isa)
         _c._set_test_override("channels_last_max_tasks", tasks)
         for threads in (1, 2):
-            prev = torch.get_num_threads()
-            torch.set_num_threads(threads)
-            try:
+            with _threads(threads):
                 vals, idxs = pe.multi_adaptive_max_pool2d(x, bins, return_indices=True, backend="cpp")
                 spp = pe.spatial_pyramid_pool(x, bins, mode="max", backend="cpp")
-            finally:
-                torch.set_num_threads(prev)
             where = f"simd_isa={ISA_NAMES[isa]} tasks={tasks} threads={threads}"
             for k, (v, i, (wv, wi)) in enumerate(zip(vals, idxs, want)):
                 assert torch.equal(i, wi), f"{where} level {k}: indices differ from PyTorch's"

@@ -200,11 +200,9 @@ def test_ppm_gradients_equal_eager(op_backend, dtype, kind):
                                 else torch.contiguous_format)
 
 
-@pytest.mark.parametrize("kind", ["nchw", "channels_last"])
-def test_ppm_x_gradient_is_one_kernel_call(kind):
-    """x's gradient comes from one multi_pool2d_backward call: no aten::add of
-    two x-sized gradients in the backward and no copy of grad_out's x slice.
-    (The two-node path ran an aten::add of the slice and the pooling gradient.)"""
+def _profiled_ppm_backward(kind):
+    """(profiler events of the backward, x's gradient, grad_out) of a small
+    compiled-backend PPM, x of (2, 8, 12, 10)."""
     need_backend("cpp")
     ppm, _ = _ppm_pair(8, 2, (1, 2, 3, 6), torch.float32, kind)
     x = layout(torch.randn(2, 8, 12, 10), kind).requires_grad_()
@@ -212,8 +210,16 @@ def test_ppm_x_gradient_is_one_kernel_call(kind):
     grad = torch.randn_like(out)
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         (gx,) = torch.autograd.grad(out, [x], grad)
+    return prof.events(), gx, grad
+
+
+@pytest.mark.parametrize("kind", ["nchw", "channels_last"])
+def test_ppm_x_gradient_is_one_kernel_call(kind):
+    """x's gradient comes from one multi_pool2d_backward call: no aten::add of
+    two x-sized gradients in the backward and no copy of grad_out's x slice.
+    (The two-node path ran an aten::add of the slice and the pooling gradient.)"""
+    events, gx, grad = _profiled_ppm_backward(kind)
     x_shape = [2, 8, 12, 10]
-    events = prof.events()
     adds = [e.name for e in events if e.name in ("aten::add", "aten::add_") and x_shape in e.input_shapes]
     copies = [e.name for e in events if e.name in ("aten::copy_", "aten::clone", "aten::contiguous")
               and x_shape in e.input_shapes]
@@ -230,15 +236,8 @@ def test_ppm_level_gradients_packed_once(kind):
     gradients with one cat: no packed-sized zero fill, slice_backward or add
     (levels sliced outside the node sent back one zero-filled packed gradient
     each, summed by autograd)."""
-    need_backend("cpp")
-    ppm, _ = _ppm_pair(8, 2, (1, 2, 3, 6), torch.float32, kind)
-    x = layout(torch.randn(2, 8, 12, 10), kind).requires_grad_()
-    out = ppm(x)
-    grad = torch.randn_like(out)
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-        torch.autograd.grad(out, [x], grad)
+    events, _, _ = _profiled_ppm_backward(kind)
     packed = [2, 8 * (1 + 4 + 9 + 36)]
-    events = prof.events()
     extra = [e.name for e in events if packed in e.input_shapes
              and e.name in ("aten::fill_", "aten::zero_", "aten::add", "aten::add_", "aten::slice_backward")]
     cats = [e for e in events if e.name == "aten::cat"]
