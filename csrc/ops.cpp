@@ -16,6 +16,7 @@
 #include "op_schemas.h"
 #include "pool_plan.h"
 
+#include "cpu/output_buffers.h"
 #include "cpu/simd_loops.h"
 #include "cpu/test_overrides.h"
 
@@ -112,6 +113,20 @@ PYBIND11_MODULE(_C, m) {
   m.def("_simd_isa_available", [](int64_t isa) {
     return pyramid_ext::simd::isa_available(static_cast<pyramid_ext::simd::Isa>(isa));
   }, "Whether this CPU runs the loops compiled for ISA 1 (baseline), 2 (AVX2), 3 (AVX-512).");
+  m.def("_cpu_cache_stats", [] {
+    const auto s = pyramid_ext::output_buffers::stats();
+    pybind11::dict d;
+    d["limit_bytes"] = s.limit_bytes;
+    d["cached_bytes"] = s.cached_bytes;
+    d["cached_buffers"] = s.cached_buffers;
+    d["hits"] = s.hits;
+    d["misses"] = s.misses;
+    return d;
+  }, "The CPU output-buffer cache's counters (csrc/cpu/output_buffers.h).");
+  m.def("_set_cpu_cache_limit", &pyramid_ext::output_buffers::set_limit, pybind11::arg("limit_bytes"),
+        "Sets the most bytes of freed CPU output buffers kept for reuse; returns the previous limit.");
+  m.def("_empty_cpu_cache", &pyramid_ext::output_buffers::release_cached,
+        "Frees the cached CPU output buffers; returns the bytes freed.");
   pyramid_ext::register_fast_calls(m);
 #ifdef PYRAMID_EXT_VERSION
   m.attr("__version__") = PYRAMID_EXT_VERSION;

@@ -15,6 +15,7 @@ from .functional import (
     upsample_concat,
     upsample_concat_conv2d,
 )
+from .memory import cpu_cache_stats, empty_cache, set_cpu_cache_limit
 from . import nn  # noqa: E402  (drop-in modules)
 from .convert import convert  # noqa: E402  (model conversion)
 
@@ -34,9 +35,12 @@ __all__ = [
     "available_backends",
     "build_info",
     "convert",
+    "cpu_cache_stats",
+    "empty_cache",
     "multi_adaptive_avg_pool2d",
     "multi_adaptive_max_pool2d",
     "nn",
+    "set_cpu_cache_limit",
     "spatial_pyramid_pool",
     "upsample_concat",
     "upsample_concat_conv2d",

@@ -25,8 +25,8 @@
 #include <vector>
 
 #include "cpu/block_cells.h"
-#include "cpu/huge_pages.h"
 #include "cpu/max_pool.h"
+#include "cpu/output_buffers.h"
 #include "cpu/simd_loops.h"
 #include "cpu/test_overrides.h"
 #include "pool_plan.h"
@@ -901,9 +901,8 @@ at::Tensor multi_pool2d_backward_cpu(
   const at::Tensor grad = grad_in.contiguous();
   const auto fmt = channels_last_input ? at::MemoryFormat::ChannelsLast
                                        : at::MemoryFormat::Contiguous;
-  at::Tensor gx = at::empty({N, C, H, W}, grad.options().memory_format(fmt));
+  at::Tensor gx = output_buffers::empty({N, C, H, W}, grad.options(), fmt);
   if (gx.numel() == 0) return gx;
-  advise_huge_pages(gx);
   const at::Tensor indices = mode == kPoolMax ? indices_in->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, grad.scalar_type(), "multi_pool2d_backward_cpu",

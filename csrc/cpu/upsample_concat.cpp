@@ -20,7 +20,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "cpu/huge_pages.h"
+#include "cpu/output_buffers.h"
 #include "cpu/resize_tables.h"
 #include "cpu/simd_loops.h"
 #include "pyramid_index.h"
@@ -262,8 +262,7 @@ at::Tensor upsample_concat_cpu(const std::optional<at::Tensor>& x,
   const ConcatOut like = upsample_concat_out_like(fn, concat_parts(x, branches, x_first), size);
   const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast
                                  : at::MemoryFormat::Contiguous;
-  at::Tensor out = at::empty(like.sizes, like.options.memory_format(fmt));
-  advise_huge_pages(out);
+  at::Tensor out = output_buffers::empty(like.sizes, like.options, fmt);
   upsample_concat_out_impl(x, branches, align_corners, x_first, out, fn);
   return out;
 }

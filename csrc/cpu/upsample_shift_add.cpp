@@ -41,7 +41,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "cpu/huge_pages.h"
+#include "cpu/output_buffers.h"
 #include "cpu/resize_tables.h"
 #include "cpu/simd_loops.h"
 #include "pyramid_index.h"
@@ -263,10 +263,9 @@ at::Tensor upsample_shift_add_cpu(const at::Tensor& base_in, at::TensorList taps
   const at::Tensor base = dense(base_in);
   std::vector<at::Tensor> taps;
   for (const auto& t : taps_in) taps.push_back(dense(t));
-  at::Tensor out = at::empty_like(base);
+  at::Tensor out = output_buffers::empty_like_dense(base);
   if (out.numel() == 0) return out;
   if (taps.empty()) return out.copy_(base);
-  advise_huge_pages(out);
   const bool pixels = pixels_layout(base);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, base.scalar_type(), "upsample_shift_add_cpu", [&] {
     if (pixels) forward_pixels<scalar_t>(base, taps, kernel_size, align_corners, out);
