@@ -29,7 +29,7 @@ CLOCKS = {"wall": time.perf_counter_ns, "thread": time.thread_time_ns}
 BINS = {"max": (1, 2, 3, 6), "spp": (4, 2, 1)}
 
 
-def make_fns(op, mode, layout, shape):
+def make_fns(op, mode, layout, shape, contenders=("fused", "eager", "compile")):
     import torch
     import torch.nn.functional as F
     import pyramid_ext as pe
@@ -54,7 +54,7 @@ def make_fns(op, mode, layout, shape):
             return torch.cat([F.adaptive_max_pool2d(x, b).flatten(1) for b in bins], 1)
 
     torch._dynamo.reset()
-    compiled = torch.compile(eager, dynamic=False, fullgraph=True)
+    compiled = torch.compile(eager, dynamic=False, fullgraph=True) if "compile" in contenders else None
 
     def flat(r):
         if isinstance(r, torch.Tensor):
@@ -81,9 +81,10 @@ def make_fns(op, mode, layout, shape):
             return run
 
     runs = {"fused": wrap(fused), "eager": wrap(eager), "compile": wrap(compiled)}
+    runs = {name: runs[name] for name in ("fused", "eager", "compile") if name in contenders}
     # Check once (max values and indices exactly).
     ref = [t.detach() for t in flat(runs["eager"]())]
-    for name in ("fused", "compile"):
+    for name in [n for n in ("fused", "compile") if n in runs]:
         got = [t.detach() for t in flat(runs[name]())]
         if op == "max" and mode != "fwdbwd":
             if want_idx and name == "fused":  # (values..., indices...) -> (v0, i0, v1, i1, ...)
@@ -112,7 +113,7 @@ def child(args):
                 continue
             for layout in args.layouts.split(","):
                 for shape in shapes:
-                    runs = make_fns(op, mode, layout, shape)
+                    runs = make_fns(op, mode, layout, shape, args.contenders.split(","))
                     names = list(runs)
                     for name in names:
                         for _ in range(args.warmup):
@@ -127,10 +128,9 @@ def child(args):
                     med = {n: statistics.median(s) for n, s in samples.items()}
                     rows.append({"op": op, "mode": mode, "layout": layout, "shape": "x".join(map(str, shape)),
                                  "ms": med, "samples": samples})
-                    print(f"{op}.{mode}.{layout} {rows[-1]['shape']}: fused {med['fused']:.3f} eager "
-                          f"{med['eager']:.3f} compile {med['compile']:.3f} eager/F "
-                          f"{med['eager'] / med['fused']:.2f} compile/F {med['compile'] / med['fused']:.2f}",
-                          file=sys.stderr, flush=True)
+                    print(f"{op}.{mode}.{layout} {rows[-1]['shape']}: " + " ".join(
+                        f"{n} {med[n]:.3f}" for n in names) + f" eager/F {med['eager'] / med['fused']:.2f}",
+                        file=sys.stderr, flush=True)
     with open(args.json, "w") as f:
         json.dump({"thp": os.environ.get(THP, ""), "load": os.getloadavg()[0], "rows": rows}, f)
 
@@ -143,20 +143,21 @@ def table(results):
         k = (r["op"], r["mode"], r["layout"], r["shape"])
         if k not in keys:
             keys.append(k)
-    head = "| case | shape | " + " | ".join(
-        f"{t} fused ms | {t} eager ms | {t} compile ms | {t} eager/F | {t} compile/F" for t in trees) + " |"
-    lines = [head, "|---|---|" + "---:|" * (5 * len(trees))]
+    names = [n for n in ("fused", "eager", "compile") if n in results[trees[0]][0]["samples"]]
+    cols = [f"{n} ms" for n in names] + [f"{n}/F" for n in names if n != "fused"]
+    head = "| case | shape | " + " | ".join(f"{t} {c}" for t in trees for c in cols) + " |"
+    lines = [head, "|---|---|" + "---:|" * (len(cols) * len(trees))]
     for k in keys:
         cells = []
         for t in trees:
-            s = {"fused": [], "eager": [], "compile": []}
+            s = {n: [] for n in names}
             for r in results[t]:
                 if (r["op"], r["mode"], r["layout"], r["shape"]) == k:
                     for n in s:
                         s[n].extend(r["samples"][n])
             m = {n: statistics.median(v) for n, v in s.items()}
-            cells.append(f"{m['fused']:.3f} | {m['eager']:.3f} | {m['compile']:.3f} | "
-                         f"{m['eager'] / m['fused']:.2f} | {m['compile'] / m['fused']:.2f}")
+            cells.append(" | ".join([f"{m[n]:.3f}" for n in names] +
+                                    [f"{m[n] / m['fused']:.2f}" for n in names if n != "fused"]))
         lines.append(f"| {k[0]}.{k[1]}.{k[2]} | {k[3]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -167,6 +168,9 @@ def main():
     p.add_argument("--modes", default="fwd,fwdidx,fwdbwd")
     p.add_argument("--layouts", default="nchw,cl")
     p.add_argument("--shapes", default="")
+    p.add_argument("--contenders", default="fused,eager,compile",
+                   help="which of fused,eager,compile to time (fused and eager always; compile costs a compilation "
+                        "per row)")
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
@@ -197,7 +201,7 @@ def main():
                 if thp is not None:
                     env[THP] = thp
                 cmd = [sys.executable, os.path.abspath(__file__), "--child", "--json", out]
-                for opt in ("ops", "modes", "layouts", "shapes", "rounds", "warmup", "threads", "clock"):
+                for opt in ("ops", "modes", "layouts", "shapes", "contenders", "rounds", "warmup", "threads", "clock"):
                     cmd += [f"--{opt}", str(getattr(args, opt))]
                 print(f"[{THP}={thp or 'unset'}, cycle {cyc}] {name}", file=sys.stderr, flush=True)
                 subprocess.run(cmd, env=env, check=True)

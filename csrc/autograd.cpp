@@ -103,6 +103,8 @@ std::tuple<at::Tensor, at::Tensor> multi_pool2d_autograd(const at::Tensor& x, c1
     at::AutoDispatchBelowADInplaceOrView below;
     return op.call(x, h_bounds, w_bounds, level_bins, mode, channels_last_levels);
   }
+  TORCH_CHECK(mode != kPoolMaxValues, "pyramid_ext::multi_pool2d: mode 2 (max, values only) has no gradient, ",
+              "and x requires grad: use mode 1");
   auto out = PoolFunction::apply(x, h_bounds, w_bounds, level_bins, mode, channels_last_levels);
   return {out[0], out[1]};
 }

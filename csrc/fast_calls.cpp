@@ -61,9 +61,12 @@ const c10::TypedOperatorHandle<PoolSig>& pool_op() {
   return op;
 }
 
-std::tuple<at::Tensor, at::Tensor> call_pool(const at::Tensor& x, const PoolConstants& k) {
+std::tuple<at::Tensor, at::Tensor> call_pool(const at::Tensor& x, const PoolConstants& k, int64_t mode) {
   return pool_op().call(x, c10::fromIntArrayRefSlow(k.h_bounds), c10::fromIntArrayRefSlow(k.w_bounds), k.level_bins,
-                        k.mode, k.channels_last_levels);
+                        mode, k.channels_last_levels);
+}
+std::tuple<at::Tensor, at::Tensor> call_pool(const at::Tensor& x, const PoolConstants& k) {
+  return call_pool(x, k, k.mode);
 }
 
 // _ops._channels_last: channels_last memory and not also NCHW-contiguous.
@@ -152,10 +155,15 @@ class PoolCall {
     for (auto& [size, stride, offset] : views) k_->views.push_back({std::move(size), std::move(stride), offset});
   }
 
-  // (values, indices) as the op returns them; values[0] for an unbatched x.
-  std::tuple<at::Tensor, at::Tensor> packed(const at::Tensor& x) const {
+  // (values, indices) as the op returns them. A max call whose indices are
+  // not wanted and that records no autograd node (which would need them)
+  // runs mode kPoolMaxValues: the same values, no indices tracked.
+  std::tuple<at::Tensor, at::Tensor> packed(const at::Tensor& x, bool want_indices) const {
     pybind11::gil_scoped_release no_gil;
-    return call_pool(unbatched_ ? x.unsqueeze(0) : x, *k_);
+    const at::Tensor x4 = unbatched_ ? x.unsqueeze(0) : x;
+    if (!want_indices && k_->mode == kPoolMax && !(at::GradMode::is_enabled() && x.requires_grad()))
+      return call_pool(x4, *k_, kPoolMaxValues);
+    return call_pool(x4, *k_);
   }
 
   // (levels, x_through) for a 4-D x that requires grad, in grad mode, average
@@ -171,14 +179,14 @@ class PoolCall {
   }
 
   at::Tensor spp(const at::Tensor& x) const {
-    at::Tensor values = std::get<0>(packed(x));
+    at::Tensor values = std::get<0>(packed(x, false));
     return unbatched_ ? values.select(0, 0) : values;
   }
 
-  std::vector<at::Tensor> levels(const at::Tensor& x) const { return views(std::get<0>(packed(x))); }
+  std::vector<at::Tensor> levels(const at::Tensor& x) const { return views(std::get<0>(packed(x, false))); }
 
   std::pair<std::vector<at::Tensor>, std::vector<at::Tensor>> levels_with_indices(const at::Tensor& x) const {
-    auto [values, indices] = packed(x);
+    auto [values, indices] = packed(x, true);
     return {views(values), views(indices)};
   }
 
@@ -210,7 +218,7 @@ void register_fast_calls(pybind11::module_& m) {
                              "The eager fast path's multi_pool2d call with its constants (pyramid_ext.functional).")
       .def(pybind11::init<std::vector<int64_t>, std::vector<int64_t>, std::vector<int64_t>, int64_t, bool, bool,
                           std::vector<std::tuple<std::vector<int64_t>, std::vector<int64_t>, int64_t>>>())
-      .def("packed", &PoolCall::packed)
+      .def("packed", &PoolCall::packed, pybind11::arg("x"), pybind11::arg("want_indices") = true)
       .def("spp", &PoolCall::spp)
       .def("levels", &PoolCall::levels)
       .def("levels_with_indices", &PoolCall::levels_with_indices)

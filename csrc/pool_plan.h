@@ -79,7 +79,15 @@ inline WindowPlan make_window_plan(const char* op, c10::IntArrayRef h_bounds, c1
 }
 
 inline void check_pool_mode(const char* op, int64_t mode) {
-  TORCH_CHECK(mode == kPoolAvg || mode == kPoolMax, op, ": mode must be 0 (avg) or 1 (max), got ", mode);
+  TORCH_CHECK(mode == kPoolAvg || mode == kPoolMax || mode == kPoolMaxValues, op,
+              ": mode must be 0 (avg), 1 (max) or 2 (max, values only), got ", mode);
+}
+
+// The backward's modes: a values-only max pooling has no indices to route
+// its gradient through.
+inline void check_pool_backward_mode(const char* op, int64_t mode) {
+  TORCH_CHECK(mode == kPoolAvg || mode == kPoolMax, op, ": mode must be 0 (avg) or 1 (max), got ", mode,
+              " (mode 2, max values only, has no backward: use 1)");
 }
 
 inline void check_pool_dtype(const char* op, const char* name, const at::Tensor& t) {
@@ -127,7 +135,7 @@ inline PoolCall check_multi_pool2d_backward(const char* op, const at::Tensor& gr
                                             c10::IntArrayRef h_bounds, c10::IntArrayRef w_bounds,
                                             c10::IntArrayRef level_bins, int64_t mode, bool channels_last_input) {
   check_pool_dtype(op, "grad", grad);
-  check_pool_mode(op, mode);
+  check_pool_backward_mode(op, mode);
   TORCH_CHECK(input_shape.size() == 4, op, ": input_shape must be (N, C, H, W), got ", input_shape);
   PoolCall call;
   call.N = input_shape[0];

@@ -41,6 +41,9 @@ namespace pyramid_ext {
 // Pooling modes, as passed in the op schemas' `mode` argument.
 constexpr int64_t kPoolAvg = 0;
 constexpr int64_t kPoolMax = 1;
+// Max pooling, values only: the values of kPoolMax (bit for bit) and an
+// empty indices tensor, as for avg; no backward (a gradient needs indices).
+constexpr int64_t kPoolMaxValues = 2;
 
 // ---------------------------------------------------------------------------
 // Bilinear interpolation, exactly as ATen's upsample_bilinear2d computes it

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _extension
-from .plan import POOL_AVG, POOL_MAX
+from .plan import POOL_AVG, POOL_MAX, POOL_MAX_VALUES
 from .windows import level_shapes, packed_size
 
 
@@ -129,6 +129,9 @@ def make_pool_autograd(backward_op: Callable):
 
     def setup_context(ctx, inputs, output):
         x, h_bounds, w_bounds, level_bins, mode, channels_last_levels = inputs
+        if mode == POOL_MAX_VALUES:  # the message of csrc/autograd.cpp
+            raise RuntimeError("multi_pool2d: mode 2 (max, values only) has no gradient, and x requires grad: "
+                               "use mode 1")
         _, indices = output
         ctx.args = (list(x.shape), list(h_bounds), list(w_bounds), list(level_bins), mode, channels_last_levels,
                     _channels_last(x))

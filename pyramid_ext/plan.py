@@ -18,6 +18,9 @@ from typing import List, Sequence, Tuple
 # Pooling modes of the multi_pool2d ops (csrc/pyramid_index.h: kPoolAvg, kPoolMax).
 POOL_AVG = 0
 POOL_MAX = 1
+# Max pooling, values only: kPoolMax's values and an empty indices tensor; no
+# backward (the eager fast path's calls that return no indices, below autograd).
+POOL_MAX_VALUES = 2
 
 
 def axis_segments(bounds: Sequence[int], size: int) -> Tuple[List[int], List[int], List[int], List[int]]:
@@ -106,14 +109,19 @@ def check_windows(h_bounds: Sequence[int], w_bounds: Sequence[int], level_bins: 
 
 
 def check_pool_args(x_shape: Sequence[int], h_bounds: Sequence[int], w_bounds: Sequence[int],
-                    level_bins: Sequence[int], mode: int, op: str = "multi_pool2d") -> None:
-    """The op-level checks of multi_pool2d (and its backward, with the input
-    shape): x 4-D with non-zero H and W, mode 0 (avg) or 1 (max), and
+                    level_bins: Sequence[int], mode: int, op: str = "multi_pool2d", backward: bool = False) -> None:
+    """The op-level checks of multi_pool2d (and, ``backward``, of its
+    backward, with the input shape): x 4-D with non-zero H and W, mode 0
+    (avg), 1 (max) or, forward only, 2 (max, values only), and
     ``check_windows``. Errors name the argument."""
     if len(x_shape) != 4:
         raise ValueError(f"{op}: x must be 4-D (N, C, H, W), got shape {tuple(x_shape)}")
-    if mode not in (POOL_AVG, POOL_MAX):
-        raise ValueError(f"{op}: mode must be {POOL_AVG} (avg) or {POOL_MAX} (max), got {mode}")
+    if backward and mode not in (POOL_AVG, POOL_MAX):
+        raise ValueError(f"{op}: mode must be {POOL_AVG} (avg) or {POOL_MAX} (max), got {mode} "
+                         f"(mode {POOL_MAX_VALUES}, max values only, has no backward: use {POOL_MAX})")
+    if mode not in (POOL_AVG, POOL_MAX, POOL_MAX_VALUES):
+        raise ValueError(f"{op}: mode must be {POOL_AVG} (avg), {POOL_MAX} (max) or {POOL_MAX_VALUES} "
+                         f"(max, values only), got {mode}")
     height, width = x_shape[2], x_shape[3]
     if _is_int(height) and _is_int(width) and not (height > 0 and width > 0):
         raise ValueError(f"{op}: x must have non-zero H and W, got shape {tuple(x_shape)}")
@@ -135,6 +143,7 @@ def pool_plan(h_bounds: Sequence[int], w_bounds: Sequence[int], level_bins: Sequ
 __all__ = [
     "POOL_AVG",
     "POOL_MAX",
+    "POOL_MAX_VALUES",
     "axis_segments",
     "check_pool_args",
     "check_windows",

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _ops
-from .plan import POOL_AVG, POOL_MAX, check_pool_args
+from .plan import POOL_AVG, POOL_MAX, POOL_MAX_VALUES, check_pool_args
 from .windows import adaptive_windows, level_shapes
 
 
@@ -94,6 +94,12 @@ def multi_pool2d(
     windows are PyTorch's adaptive ones is one ``F.adaptive_*_pool2d`` call
     (exactly PyTorch's numbers); other windows are pooled explicitly."""
     check_pool_args(x.shape, h_bounds, w_bounds, level_bins, mode)
+    if mode == POOL_MAX_VALUES:  # max pooling's values, no indices; no gradient (as the compiled op)
+        if torch.is_grad_enabled() and x.requires_grad:
+            raise RuntimeError("multi_pool2d: mode 2 (max, values only) has no gradient, and x requires grad: "
+                               "use mode 1")
+        values, _ = multi_pool2d(x, h_bounds, w_bounds, level_bins, POOL_MAX, channels_last_levels)
+        return values, x.new_empty((0,), dtype=torch.int64)
     if x.numel() == 0:
         # ATen's pooling rejects C == 0; the result is empty either way.
         total = sum(bh * bw for bh, bw in level_shapes(level_bins))

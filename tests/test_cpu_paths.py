@@ -237,7 +237,9 @@ def _sparse_nan_max_input():
 
 @pytest.mark.parametrize("kind", ["nchw", "channels_last"])
 def test_max_without_nan_rule_on_nan_free_blocks_keeps_atens_ties(_c, kind):
-    """Values and indices exactly as PyTorch's on every forced path, NaN-free and NaN-holding blocks mixed."""
+    """Values and indices exactly as PyTorch's on every forced path, NaN-free and NaN-holding blocks mixed;
+    the values alone (mode 2, no indices tracked: channels_last samples with a NaN are computed again with
+    indices) too."""
     base = _sparse_nan_max_input()
     bins = (1, 2, 3, 6, (4, 5), (7, 13))
     want = [F.adaptive_max_pool2d(layout(base, kind), as_pair(b), return_indices=True) for b in bins]
@@ -249,10 +251,12 @@ def test_max_without_nan_rule_on_nan_free_blocks_keeps_atens_ties(_c, kind):
             with _threads(threads):
                 vals, idxs = pe.multi_adaptive_max_pool2d(layout(base, kind), bins, return_indices=True,
                                                           backend="cpp")
-            for k, (v, i, (wv, wi)) in enumerate(zip(vals, idxs, want)):
+                vals_only = pe.multi_adaptive_max_pool2d(layout(base, kind), bins, backend="cpp")
+            for k, (v, i, vo, (wv, wi)) in enumerate(zip(vals, idxs, vals_only, want)):
                 where = f"simd_isa={ISA_NAMES[isa]} no_block_kernel={nb} tasks={tasks} threads={threads} level {k}"
                 assert torch.equal(i, wi), f"{where}: indices differ from PyTorch's"
                 assert torch.equal(_bits(v), _bits(wv)), f"{where}: values differ from PyTorch's"
+                assert torch.equal(_bits(vo), _bits(wv)), f"{where}: values without indices differ from PyTorch's"
 
 
 def _signed_ties_max_input():
@@ -278,7 +282,9 @@ def _signed_ties_max_input():
 def test_max_channels_last_keys_keep_atens_order_of_signed_values(_c):
     """channels_last max pooling of NaN-free samples (integer keys) gives PyTorch's values bit for bit
     (the sign of a zero included) and its indices, levels packed channels_last (multi_adaptive_max_pool2d)
-    or planar (spatial_pyramid_pool), on every forced path and thread count."""
+    or planar (spatial_pyramid_pool), on every forced path and thread count; so do the values-only calls
+    (mode 2: spatial_pyramid_pool, multi_adaptive_max_pool2d without indices), whose bins with a zero
+    maximum beside a -0.0 cell take the indexed combine."""
     x = layout(_signed_ties_max_input(), "channels_last")
     bins = (1, 2, 3, 6, (4, 5))
     want = [F.adaptive_max_pool2d(x, as_pair(b), return_indices=True) for b in bins]
@@ -289,10 +295,44 @@ def test_max_channels_last_keys_keep_atens_order_of_signed_values(_c):
         for threads in (1, 2):
             with _threads(threads):
                 vals, idxs = pe.multi_adaptive_max_pool2d(x, bins, return_indices=True, backend="cpp")
+                vals_only = pe.multi_adaptive_max_pool2d(x, bins, backend="cpp")
                 spp = pe.spatial_pyramid_pool(x, bins, mode="max", backend="cpp")
             where = f"simd_isa={ISA_NAMES[isa]} tasks={tasks} threads={threads}"
-            for k, (v, i, (wv, wi)) in enumerate(zip(vals, idxs, want)):
+            for k, (v, i, vo, (wv, wi)) in enumerate(zip(vals, idxs, vals_only, want)):
                 assert torch.equal(i, wi), f"{where} level {k}: indices differ from PyTorch's"
+                assert torch.equal(_bits(v), _bits(wv)), f"{where} level {k}: values differ from PyTorch's"
+                assert torch.equal(_bits(vo), _bits(wv)), f"{where} level {k}: values-only differ from PyTorch's"
+            assert torch.equal(_bits(spp), _bits(want_spp)), f"{where}: SPP values differ from PyTorch's"
+
+
+def test_max_values_only_takes_the_first_zero_and_the_last_nan_in_row_major_order(_c):
+    """Values-only max (mode 2) keeps each cell's maximum alone, and combining cells in cell order differs
+    from ATen's row-major scan where it matters: the sign of a zero maximum (the first zero in row-major
+    order: here -0.0 at row 0 of a later cell, +0.0 at row 1 of an earlier one) and which NaN (the last:
+    here a NaN with another sign bit at row 0 of a later cell). Both must come out as PyTorch's, bit for
+    bit, on every forced path and thread count; sample 1 holds neither (the values path alone)."""
+    bins = (1, 2, 3)  # on 12 x 12: cells cut at 0, 4, 6, 8, 12
+    base = torch.full((2, 20, 12, 12), -1.0)
+    base[:, :, 7, 7] = -0.5
+    base[0, 3, 1, 0] = 0.0
+    base[0, 3, 0, 5] = -0.0
+    base[0, 17, 1, 0] = float("nan")
+    base[0, 17, 0, 9] = -float("nan")
+    x = layout(base, "channels_last")
+    assert _bits(x[0, 17, 1, 0]) != _bits(x[0, 17, 0, 9])
+    want = [F.adaptive_max_pool2d(x, b) for b in bins]
+    assert _bits(want[0][0, 3, 0, 0]) == _bits(torch.tensor(-0.0))
+    assert _bits(want[0][0, 17, 0, 0]) == _bits(x[0, 17, 1, 0])
+    want_spp = torch.cat([v.flatten(1) for v in want], 1)
+    for isa, _, tasks in _configs(_c):
+        _c._set_test_override("simd_isa", isa)
+        _c._set_test_override("channels_last_max_tasks", tasks)
+        for threads in (1, 2):
+            with _threads(threads):
+                vals = pe.multi_adaptive_max_pool2d(x, bins, backend="cpp")
+                spp = pe.spatial_pyramid_pool(x, bins, mode="max", backend="cpp")
+            where = f"simd_isa={ISA_NAMES[isa]} tasks={tasks} threads={threads}"
+            for k, (v, wv) in enumerate(zip(vals, want)):
                 assert torch.equal(_bits(v), _bits(wv)), f"{where} level {k}: values differ from PyTorch's"
             assert torch.equal(_bits(spp), _bits(want_spp)), f"{where}: SPP values differ from PyTorch's"
 

@@ -261,8 +261,8 @@ def test_pool_rejects_misuse():
     x = torch.randn(1, 2, 8, 8, device=DEV)
     with pytest.raises(RuntimeError, match=r"window \[0, 9\) along H is empty or outside \[0, 8\)"):
         OPS.multi_pool2d(x, [0, 9], [0, 8], [1, 1], 0, False)
-    with pytest.raises(RuntimeError, match=r"mode must be 0 \(avg\) or 1 \(max\), got 2"):
-        OPS.multi_pool2d(x, [0, 8], [0, 8], [1, 1], 2, False)
+    with pytest.raises(RuntimeError, match=r"mode must be 0 \(avg\), 1 \(max\) or 2 \(max, values only\), got 3"):
+        OPS.multi_pool2d(x, [0, 8], [0, 8], [1, 1], 3, False)
     with pytest.raises(RuntimeError, match="x must be contiguous in NCHW or channels_last memory format"):
         OPS.multi_pool2d(x[:, :, ::2], [0, 4], [0, 8], [1, 1], 0, False)
     with pytest.raises(RuntimeError, match="x must be float64, float32, float16 or bfloat16, got Int"):

@@ -374,8 +374,15 @@ def test_pool_rejects_misuse():
     x = torch.randn(1, 2, 8, 8)
     with pytest.raises(RuntimeError, match="outside"):
         OPS.multi_pool2d(x, [0, 9], [0, 8], [1, 1], 0, False)
-    with pytest.raises(RuntimeError, match="mode"):
-        OPS.multi_pool2d(x, [0, 8], [0, 8], [1, 1], 2, False)
+    with pytest.raises(RuntimeError, match=r"mode must be 0 \(avg\), 1 \(max\) or 2 \(max, values only\), got 3"):
+        OPS.multi_pool2d(x, [0, 8], [0, 8], [1, 1], 3, False)
+    # mode 2: max pooling's values, indices empty; no backward
+    values, indices = OPS.multi_pool2d(x, [0, 8, 0, 4, 4, 8], [0, 8, 0, 4, 4, 8], [1, 1, 2, 2], 2, False)
+    want, want_idx = OPS.multi_pool2d(x, [0, 8, 0, 4, 4, 8], [0, 8, 0, 4, 4, 8], [1, 1, 2, 2], 1, False)
+    assert indices.shape == (0,) and torch.equal(values, want)
+    with pytest.raises(RuntimeError, match=r"mode must be 0 \(avg\) or 1 \(max\), got 2"):
+        OPS.multi_pool2d_backward(torch.ones_like(want), want_idx, [1, 2, 8, 8], [0, 8, 0, 4, 4, 8],
+                                  [0, 8, 0, 4, 4, 8], [1, 1, 2, 2], 2, False, False)
     with pytest.raises(RuntimeError, match="contiguous"):
         OPS.multi_pool2d(x[:, :, ::2], [0, 4], [0, 8], [1, 1], 0, False)
     with pytest.raises(RuntimeError, match="float"):

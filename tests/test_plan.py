@@ -144,7 +144,7 @@ def test_packed_index_locates_pytorch_pooling(any_backend, channels_last_levels)
 
 BAD_ARGS = [
     # (x_shape, h_bounds, w_bounds, level_bins, mode, message)
-    ((1, 2, 5, 5), [0, 5], [0, 5], [1, 1], 2, r"mode must be 0 \(avg\) or 1 \(max\), got 2"),
+    ((1, 2, 5, 5), [0, 5], [0, 5], [1, 1], 3, r"mode must be 0 \(avg\), 1 \(max\) or 2 \(max, values only\), got 3"),
     ((2, 5, 5), [0, 5], [0, 5], [1, 1], 0, r"x must be 4-D"),
     ((1, 2, 0, 5), [0, 5], [0, 5], [1, 1], 0, r"x must have non-zero H and W"),
     ((1, 2, 5, 5), [0, 5], [0, 5], [], 0, r"level_bins must hold \(bh, bw\) pairs, got 0 values"),

@@ -48,6 +48,86 @@ def test_max_matches_eager_with_indices(backend, shape, bins, dtype, kind):
         assert torch.equal(i, want_i)
 
 
+@pytest.mark.parametrize("shape", SHAPES + [(3, 70, 13, 11)])
+@pytest.mark.parametrize("bins", BIN_SETS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", LAYOUTS)
+def test_max_matches_eager_without_indices(backend, shape, bins, dtype, kind):
+    """Without indices (and without grad) the eager fast path runs the op's values-only mode (2)."""
+    x = layout(_rand(shape, dtype, seed=1), kind)
+    vals = pe.multi_adaptive_max_pool2d(x, bins, backend=backend)
+    spp = pe.spatial_pyramid_pool(x, bins, mode="max", backend=backend)
+    for v, b in zip(vals, bins):
+        want_v = F.adaptive_max_pool2d(x, _as_pair(b))
+        assert v.shape == want_v.shape and v.dtype == dtype
+        torch.testing.assert_close(v, want_v, rtol=0, atol=0)
+    torch.testing.assert_close(spp, torch.cat([F.adaptive_max_pool2d(x, _as_pair(b)).flatten(1) for b in bins], 1),
+                               rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["nchw", "channels_last"])
+def test_max_values_mode_is_max_without_indices(any_backend, kind):
+    """multi_pool2d's mode 2: mode 1's values bit for bit and an empty indices tensor, on every backend;
+    no backward (the backward op rejects mode 2, and so does the forward when x requires grad)."""
+    from pyramid_ext import backends
+
+    impl = backends.implementation(any_backend)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 3, (2, 19, 13, 11), generator=g).float()
+    x[0, 0, 2, 3] = float("nan")
+    x[1, 2, :, :6] = float("-inf")
+    x[1, 5, 3, 3] = -0.0
+    x = layout(x, kind)
+    hb, wb, lb = [0, 13, 0, 7, 6, 13], [0, 11, 0, 6, 5, 11], [1, 1, 2, 2]
+    for cl_levels in (False, True):
+        v1, i1 = impl.multi_pool2d(x, hb, wb, lb, 1, cl_levels)
+        v2, i2 = impl.multi_pool2d(x, hb, wb, lb, 2, cl_levels)
+        assert i2.shape == (0,) and i2.dtype == torch.int64 and i1.shape == v1.shape
+        assert torch.equal(v2.view(torch.int32), v1.view(torch.int32))
+    with pytest.raises(RuntimeError, match=r"mode 2 \(max, values only\) has no gradient, and x requires grad"):
+        impl.multi_pool2d(x.clone().requires_grad_(), hb, wb, lb, 2, False)
+    if any_backend == "cpp":
+        with pytest.raises(RuntimeError, match=r"mode must be 0 \(avg\) or 1 \(max\), got 2 \(mode 2"):
+            torch.ops.pyramid_ext.multi_pool2d_backward(torch.ones_like(v1), i1, list(x.shape), hb, wb, lb, 2,
+                                                        False, kind == "channels_last")
+
+
+def test_max_fast_path_tracks_indices_only_where_needed(backend):
+    """The eager fast path asks for mode 2 (no indices) exactly when nothing needs the indices: no
+    return_indices, and no autograd node (x not requiring grad, or grad mode off)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Modes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.modes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.pyramid_ext.multi_pool2d.default:
+                self.modes.append(args[4])
+            return func(*args, **(kwargs or {}))
+
+    x = layout(_rand((2, 5, 9, 9), torch.float32), "channels_last")
+    xg = x.clone().requires_grad_()
+    calls = [(lambda: pe.multi_adaptive_max_pool2d(x, (1, 3), backend=backend), 2),
+             (lambda: pe.spatial_pyramid_pool(x, (1, 3), backend=backend), 2),
+             (lambda: pe.multi_adaptive_max_pool2d(x, (1, 3), return_indices=True, backend=backend), 1),
+             (lambda: pe.multi_adaptive_max_pool2d(xg, (1, 3), backend=backend), 1),
+             (lambda: pe.spatial_pyramid_pool(xg, (1, 3), backend=backend), 1)]
+    for k, (call, want) in enumerate(calls):
+        with Modes() as m:
+            call()
+        assert m.modes == [want], (k, m.modes)
+    with torch.no_grad(), Modes() as m:
+        pe.spatial_pyramid_pool(xg, (1, 3), backend=backend)
+    assert m.modes == [2]
+    out = pe.spatial_pyramid_pool(xg, (1, 3), backend=backend)
+    (gx,) = torch.autograd.grad(out.sum(), xg)
+    xe = x.clone().requires_grad_()
+    (gxe,) = torch.autograd.grad(torch.cat([F.adaptive_max_pool2d(xe, b).flatten(1) for b in (1, 3)], 1).sum(), xe)
+    torch.testing.assert_close(gx, gxe)
+
+
 # Many planes: the CPU float kernels work on blocks of 8 and groups of 32
 # planes (NCHW) or on per-sample tasks (channels_last); 3 x 23 planes leaves
 # partial blocks and groups, and widths 70 / 129 take the 64-column chunks

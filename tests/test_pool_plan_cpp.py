@@ -128,8 +128,9 @@ def test_ops_check_their_arguments_with_the_plan_messages():
     x = torch.randn(1, 2, 8, 8)
     with pytest.raises(RuntimeError, match=re.escape("pyramid_ext::multi_pool2d: window [0, 9) along H")):
         ops.multi_pool2d(x, [0, 9], [0, 8], [1, 1], 0, False)
-    with pytest.raises(RuntimeError, match=re.escape("multi_pool2d: mode must be 0 (avg) or 1 (max), got 2")):
-        ops.multi_pool2d(x, [0, 8], [0, 8], [1, 1], 2, False)
+    with pytest.raises(RuntimeError,
+                       match=re.escape("multi_pool2d: mode must be 0 (avg), 1 (max) or 2 (max, values only), got 3")):
+        ops.multi_pool2d(x, [0, 8], [0, 8], [1, 1], 3, False)
     with pytest.raises(RuntimeError, match="x must be contiguous in NCHW or channels_last memory format"):
         ops.multi_pool2d(x[:, :, ::2], [0, 4], [0, 8], [1, 1], 0, False)
     with pytest.raises(RuntimeError, match="x must be float64, float32, float16 or bfloat16, got Int"):

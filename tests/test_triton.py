@@ -823,10 +823,12 @@ def test_op_checks_pool_args():
     cases = [(([0, 6], [0, 5], [1, 1], 0), r"h_bounds window 0, \[0, 6\), is empty or outside \[0, 5\)"),
              (([0, 5], [0, 5, 1, 2], [1, 1], 0), r"w_bounds has 4 values, level_bins needs 2"),
              (([0, 5], [0, 5], [1, 0], 0), r"level_bins must be positive"),
-             (([0, 5], [0, 5], [1, 1], 2), r"mode must be 0 \(avg\) or 1 \(max\), got 2")]
+             (([0, 5], [0, 5], [1, 1], 3), r"mode must be 0 \(avg\), 1 \(max\) or 2 \(max, values only\), got 3")]
     for (hb, wb, lb, mode), message in cases:
         with pytest.raises(ValueError, match="multi_pool2d_triton: " + message):
             OPS.multi_pool2d_triton(x, hb, wb, lb, mode, False)
+        if mode == 3:  # the backward's message: modes 0 and 1 only
+            message = r"mode must be 0 \(avg\) or 1 \(max\), got 3"
         with pytest.raises(ValueError, match="multi_pool2d_backward_triton: " + message):
             OPS.multi_pool2d_backward_triton(torch.zeros(1, 2, device=DEVICE), None, [1, 2, 5, 5], hb, wb, lb, mode,
                                              False, False)

@@ -62,12 +62,17 @@ std::vector<BinRect> bin_rects(const Levels& lv) {
 
 bool fits_int32_index(int64_t H, int64_t W) { return H * W <= std::numeric_limits<int32_t>::max(); }
 
-void forward_channels_last(const float* x, float* out, int64_t* out_idx, const Levels& lv, int64_t N, int64_t H,
-                           int64_t W) {
-  const int64_t C = lv.channels;
-  const int64_t SH = lv.h.num_segments(), SW = lv.w.num_segments();
-  const int64_t cells_per_sample = SH * SW * C;
-  const std::vector<BinRect> rects = bin_rects(lv);
+namespace {
+
+// The indexed forward's two phases for one sample (forward_channels_last):
+// phase 1 scans H-segment a's rows into its row of cells, phase 2 combines
+// the cells into bins. Scratch for one sample's cells is the caller's.
+struct IndexedPhases {
+  const float* x;
+  const Levels& lv;
+  const std::vector<BinRect>& rects;
+  int64_t H, W, C, SW;
+
   // Phase 1 for H-segment a of sample n: cells start at (-inf, the cell's
   // first element), ATen's start for a window; then the segment's rows in
   // order, each W-segment's pixels in order. Then each cell's channels as
@@ -75,7 +80,7 @@ void forward_channels_last(const float* x, float* out, int64_t* out_idx, const L
   // Returns whether a cell is NaN (a NaN, once taken, is only replaced by a
   // later NaN: whether the cells' pixels hold one); then phase 2 combines
   // the values by the NaN rule instead.
-  auto scan_rows = [&](int64_t n, int64_t a, float* cell_v, int32_t* cell_i, int64_t* cell_k) -> bool {
+  bool scan_rows(int64_t n, int64_t a, float* cell_v, int32_t* cell_i, int64_t* cell_k) const {
     const int64_t h0 = lv.h.cuts[a], h1 = lv.h.cuts[a + 1];
     if (lv.h.seg_of[h0] < 0) return false;  // no window reads these rows
     float* row_v = cell_v + a * SW * C;
@@ -100,31 +105,125 @@ void forward_channels_last(const float* x, float* out, int64_t* out_idx, const L
       nan |= simd::max_keys(cell_k + (a * SW + b) * C, row_v + b * C, row_i + b * C, C);
     }
     return nan;
-  };
-  auto cells_to_bins = [&](int64_t n, int64_t c0, int64_t cn, const float* cell_v, const int32_t* cell_i,
-                           const int64_t* cell_k, bool nan) {
-    const int64_t base = n * C * lv.total;
+  }
+
+  // Phase 2 for channels [c0, c0 + cn) of one sample, whose packed output
+  // starts at out_n and out_idx_n.
+  void cells_to_bins(float* out_n, int64_t* out_idx_n, int64_t c0, int64_t cn, const float* cell_v,
+                     const int32_t* cell_i, const int64_t* cell_k, bool nan) const {
     for (const BinRect& r : rects) {
-      const int64_t o = base + r.out_offset + c0 * r.c_stride;
+      const int64_t o = r.out_offset + c0 * r.c_stride;
       if (!nan) {
-        simd::max_rect_keys(out + o, out_idx + o, r.c_stride, cell_k + c0, SW * C, C, r.a0, r.a1, r.b0, r.b1, cn);
+        simd::max_rect_keys(out_n + o, out_idx_n + o, r.c_stride, cell_k + c0, SW * C, C, r.a0, r.a1, r.b0, r.b1,
+                            cn);
       } else {
-        simd::max_rect(out + o, out_idx + o, r.c_stride, cell_v + c0, cell_i + c0, SW * C, C, r.a0, r.a1, r.b0,
+        simd::max_rect(out_n + o, out_idx_n + o, r.c_stride, cell_v + c0, cell_i + c0, SW * C, C, r.a0, r.a1, r.b0,
                        r.b1, cn, nan);
       }
     }
+  }
+
+  // Both phases for sample n, all channels, with one sample's scratch.
+  void sample(int64_t n, float* out_n, int64_t* out_idx_n, float* cell_v, int32_t* cell_i, int64_t* cell_k) const {
+    bool nan = false;
+    for (int64_t a = 0; a < lv.h.num_segments(); ++a) nan |= scan_rows(n, a, cell_v, cell_i, cell_k);
+    cells_to_bins(out_n, out_idx_n, 0, C, cell_v, cell_i, cell_k, nan);
+  }
+};
+
+// Values only (out_idx null): phase 1 keeps each cell's maximum alone
+// (simd::max_pixels_values), phase 2 combines them (simd::max_rect_values).
+// A sample where some bin's lane is NaN or a zero beside a -0.0 cell (which
+// NaN, or which zero, ATen returns depends on positions) is computed again
+// by the indexed phases, its indices into scratch: the result is then the
+// indexed forward's, bit for bit, for every input.
+void forward_channels_last_values(const float* x, float* out, const Levels& lv, int64_t N, int64_t H, int64_t W,
+                                  const std::vector<BinRect>& rects) {
+  const int64_t C = lv.channels;
+  const int64_t SH = lv.h.num_segments(), SW = lv.w.num_segments();
+  const int64_t cells_per_sample = SH * SW * C;
+  const IndexedPhases indexed{x, lv, rects, H, W, C, SW};
+  auto scan_rows = [&](int64_t n, int64_t a, float* cell_v) {
+    const int64_t h0 = lv.h.cuts[a], h1 = lv.h.cuts[a + 1];
+    if (lv.h.seg_of[h0] < 0) return;  // no window reads these rows
+    float* row_v = cell_v + a * SW * C;
+    for (int64_t b = 0; b < SW; ++b)
+      if (lv.w.seg_of[lv.w.cuts[b]] >= 0)
+        std::fill(row_v + b * C, row_v + (b + 1) * C, -std::numeric_limits<float>::infinity());
+    for (int64_t h = h0; h < h1; ++h) {
+      const float* row = x + ((n * H + h) * W) * C;
+      for (int64_t b = 0; b < SW; ++b) {
+        const int64_t w0 = lv.w.cuts[b], w1 = lv.w.cuts[b + 1];
+        if (lv.w.seg_of[w0] < 0) continue;
+        simd::max_pixels_values(row_v + b * C, row + w0 * C, w1 - w0, C, C);
+      }
+    }
   };
+  // Phase 2 for channels [c0, c0 + cn) of sample n; whether to redo it.
+  auto cells_to_bins = [&](int64_t n, int64_t c0, int64_t cn, const float* cell_v) {
+    float* out_n = out + n * C * lv.total;
+    bool redo = false;
+    for (const BinRect& r : rects)
+      redo |= simd::max_rect_values(out_n + r.out_offset + c0 * r.c_stride, r.c_stride, cell_v + c0, SW * C, C, r.a0,
+                                    r.a1, r.b0, r.b1, cn);
+    return redo;
+  };
+  auto redo_indexed = [&](int64_t n) {
+    auto cell_v = scratch<float>(cells_per_sample);
+    auto cell_i = scratch<int32_t>(cells_per_sample);
+    auto cell_k = scratch<int64_t>(cells_per_sample);
+    auto idx = scratch<int64_t>(C * lv.total);
+    indexed.sample(n, out + n * C * lv.total, idx.get(), cell_v.get(), cell_i.get(), cell_k.get());
+  };
+  if (channels_last_per_sample(N, N * H * W * C)) {
+    at::parallel_for(0, N, sample_grain(H * W * C), [&](int64_t begin, int64_t end) {
+      auto cell_v = scratch<float>(cells_per_sample);
+      for (int64_t n = begin; n < end; ++n) {
+        for (int64_t a = 0; a < SH; ++a) scan_rows(n, a, cell_v.get());
+        if (cells_to_bins(n, 0, C, cell_v.get())) redo_indexed(n);
+      }
+    });
+    return;
+  }
+  auto cell_v = scratch<float>(N * cells_per_sample);
+  at::parallel_for(0, N * SH, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task)
+      scan_rows(task / SH, task % SH, cell_v.get() + (task / SH) * cells_per_sample);
+  });
+  const int64_t chunk = std::min<int64_t>(C, 256);
+  const int64_t chunks = (C + chunk - 1) / chunk;
+  std::vector<char> chunk_redo(static_cast<size_t>(N * chunks));
+  at::parallel_for(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / chunks, c0 = (task % chunks) * chunk;
+      chunk_redo[task] = cells_to_bins(n, c0, std::min(chunk, C - c0), cell_v.get() + n * cells_per_sample);
+    }
+  });
+  // Rare (a NaN, or a zero maximum beside a -0.0): one sample at a time.
+  for (int64_t n = 0; n < N; ++n)
+    if (std::any_of(chunk_redo.begin() + n * chunks, chunk_redo.begin() + (n + 1) * chunks, [](char f) { return f; }))
+      redo_indexed(n);
+}
+
+}  // namespace
+
+void forward_channels_last(const float* x, float* out, int64_t* out_idx, const Levels& lv, int64_t N, int64_t H,
+                           int64_t W) {
+  const int64_t C = lv.channels;
+  const int64_t SH = lv.h.num_segments(), SW = lv.w.num_segments();
+  const int64_t cells_per_sample = SH * SW * C;
+  const std::vector<BinRect> rects = bin_rects(lv);
+  if (!out_idx) return forward_channels_last_values(x, out, lv, N, H, W, rects);
+  const IndexedPhases indexed{x, lv, rects, H, W, C, SW};
   if (channels_last_per_sample(N, N * H * W * C)) {
     // One task per sample: its cells stay in cache between the phases.
     at::parallel_for(0, N, sample_grain(H * W * C), [&](int64_t begin, int64_t end) {
       auto cell_v = scratch<float>(cells_per_sample);
       auto cell_i = scratch<int32_t>(cells_per_sample);
       auto cell_k = scratch<int64_t>(cells_per_sample);
-      for (int64_t n = begin; n < end; ++n) {
-        bool nan = false;
-        for (int64_t a = 0; a < SH; ++a) nan |= scan_rows(n, a, cell_v.get(), cell_i.get(), cell_k.get());
-        cells_to_bins(n, 0, C, cell_v.get(), cell_i.get(), cell_k.get(), nan);
-      }
+      for (int64_t n = begin; n < end; ++n)
+        indexed.sample(n, out + n * C * lv.total, out_idx + n * C * lv.total, cell_v.get(), cell_i.get(),
+                       cell_k.get());
     });
     return;
   }
@@ -135,8 +234,8 @@ void forward_channels_last(const float* x, float* out, int64_t* out_idx, const L
   at::parallel_for(0, N * SH, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / SH;
-      seg_nan[task] = scan_rows(n, task % SH, cell_v.get() + n * cells_per_sample, cell_i.get() + n * cells_per_sample,
-                                cell_k.get() + n * cells_per_sample);
+      seg_nan[task] = indexed.scan_rows(n, task % SH, cell_v.get() + n * cells_per_sample,
+                                        cell_i.get() + n * cells_per_sample, cell_k.get() + n * cells_per_sample);
     }
   });
   const int64_t chunk = std::min<int64_t>(C, 256);
@@ -145,8 +244,9 @@ void forward_channels_last(const float* x, float* out, int64_t* out_idx, const L
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / chunks, c0 = (task % chunks) * chunk;
       const bool nan = std::any_of(seg_nan.begin() + n * SH, seg_nan.begin() + (n + 1) * SH, [](char f) { return f; });
-      cells_to_bins(n, c0, std::min(chunk, C - c0), cell_v.get() + n * cells_per_sample,
-                    cell_i.get() + n * cells_per_sample, cell_k.get() + n * cells_per_sample, nan);
+      indexed.cells_to_bins(out + n * C * lv.total, out_idx + n * C * lv.total, c0, std::min(chunk, C - c0),
+                            cell_v.get() + n * cells_per_sample, cell_i.get() + n * cells_per_sample,
+                            cell_k.get() + n * cells_per_sample, nan);
     }
   });
 }

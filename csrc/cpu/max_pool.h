@@ -62,7 +62,10 @@ bool fits_int32_index(int64_t H, int64_t W);
 // samples share evenly among the threads (or there are at least four per
 // thread), else phase 1 is split over (sample, H-segment) and phase 2 over
 // (sample, channel chunk); test_overrides: channels_last_max_tasks (which
-// also picks the backward's split).
+// also picks the backward's split). out_idx null: values only (mode
+// kPoolMaxValues): the cells hold maxima alone, and a sample where a bin's
+// value depends on positions (NaN, or zero beside a -0.0) is computed again
+// with indices, so the values are the indexed forward's bit for bit.
 void forward_channels_last(const float* x, float* out, int64_t* out_idx, const Levels& lv, int64_t N, int64_t H,
                            int64_t W);
 

@@ -646,6 +646,14 @@ void max_forward_channels_last(const scalar_t* x, scalar_t* out,
   }
 }
 
+// Max values only (kPoolMaxValues), channels_last float: the kernel without
+// indices (max_pool.h). Only called for float.
+template <typename scalar_t>
+void max_values_forward_channels_last(const scalar_t* x, scalar_t* out, const PoolPlan& p, int64_t N, int64_t H,
+                                      int64_t W) {
+  if constexpr (std::is_same_v<scalar_t, float>) max_pool::forward_channels_last(x, out, nullptr, max_levels(p), N, H, W);
+}
+
 std::tuple<at::Tensor, at::Tensor> multi_pool2d_cpu(
     const at::Tensor& x, c10::IntArrayRef h_bounds,
     c10::IntArrayRef w_bounds, c10::IntArrayRef level_bins, int64_t mode,
@@ -659,6 +667,12 @@ std::tuple<at::Tensor, at::Tensor> multi_pool2d_cpu(
                        ? at::empty({N, C * p.total}, x.options().dtype(at::kLong))
                        : at::empty({0}, x.options().dtype(at::kLong));
   if (out.numel() == 0) return {out, idx};
+  // Values-only max: float channels_last has its own kernel; the other paths
+  // compute indices into scratch and drop them.
+  const bool values_kernel = mode == kPoolMaxValues && cl && x.scalar_type() == at::kFloat &&
+                             max_pool::fits_int32_index(H, W);
+  at::Tensor idx_scratch;
+  if (mode == kPoolMaxValues && !values_kernel) idx_scratch = at::empty({N, C * p.total}, idx.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "multi_pool2d_cpu", [&] {
         const scalar_t* xp = x.const_data_ptr<scalar_t>();
@@ -666,8 +680,10 @@ std::tuple<at::Tensor, at::Tensor> multi_pool2d_cpu(
         if (mode == kPoolAvg) {
           if (cl) avg_forward_channels_last(xp, op, p, N, C, H, W);
           else avg_forward_nchw(xp, op, p, N, C, H, W);
+        } else if (values_kernel) {
+          max_values_forward_channels_last(xp, op, p, N, H, W);
         } else {
-          int64_t* ip = idx.mutable_data_ptr<int64_t>();
+          int64_t* ip = (mode == kPoolMax ? idx : idx_scratch).mutable_data_ptr<int64_t>();
           if (cl) max_forward_channels_last(xp, op, ip, p, N, C, H, W);
           else max_forward_nchw(xp, op, ip, p, N, C, H, W);
         }

@@ -61,6 +61,8 @@ struct Loops {
   decltype(&isa_baseline::max_rect) max_rect;
   decltype(&isa_baseline::max_keys) max_keys;
   decltype(&isa_baseline::max_rect_keys) max_rect_keys;
+  decltype(&isa_baseline::max_pixels_values) max_pixels_values;
+  decltype(&isa_baseline::max_rect_values) max_rect_values;
 };
 
 #define PE_LOOPS(ns)                                                                                   \
@@ -68,7 +70,8 @@ struct Loops {
     ns::sum_rows, ns::add_row_sum, ns::add_row_sum_f64, ns::add_run_f64, ns::rect_means, ns::bin_means,  \
         ns::max_rows,                                                                             \
         ns::blend, ns::axpy, ns::resize_row, ns::bilinear, ns::blend_plane, ns::bilinear_row,         \
-        ns::max_pixels, ns::max_rect, ns::max_keys, ns::max_rect_keys                               \
+        ns::max_pixels, ns::max_rect, ns::max_keys, ns::max_rect_keys, ns::max_pixels_values,      \
+        ns::max_rect_values                                                                       \
   }
 constexpr Loops kBaseline = PE_LOOPS(isa_baseline);
 #if PE_X86_MULTIVERSION
@@ -179,6 +182,14 @@ bool max_keys(int64_t* keys, const float* v, const int32_t* r, int64_t n) { retu
 void max_rect_keys(float* dst, int64_t* dst_idx, int64_t dst_stride, const int64_t* cells, int64_t row_stride,
                    int64_t cell_stride, int64_t a0, int64_t a1, int64_t b0, int64_t b1, int64_t n) {
   loops().max_rect_keys(dst, dst_idx, dst_stride, cells, row_stride, cell_stride, a0, a1, b0, b1, n);
+}
+
+void max_pixels_values(float* m, const float* src, int64_t pixels, int64_t stride, int64_t n) {
+  loops().max_pixels_values(m, src, pixels, stride, n);
+}
+bool max_rect_values(float* dst, int64_t dst_stride, const float* cells, int64_t row_stride, int64_t cell_stride,
+                     int64_t a0, int64_t a1, int64_t b0, int64_t b1, int64_t n) {
+  return loops().max_rect_values(dst, dst_stride, cells, row_stride, cell_stride, a0, a1, b0, b1, n);
 }
 
 }  // namespace simd

@@ -140,5 +140,17 @@ bool max_keys(int64_t* keys, const float* v, const int32_t* r, int64_t n);
 void max_rect_keys(float* dst, int64_t* dst_idx, int64_t dst_stride, const int64_t* cells, int64_t row_stride,
                    int64_t cell_stride, int64_t a0, int64_t a1, int64_t b0, int64_t b1, int64_t n);
 
+// Values-only max pooling (multi_pool2d's mode kPoolMaxValues): max_pixels
+// without the indices, m[k] taking src[k] by ATen's rule (larger, or NaN).
+void max_pixels_values(float* m, const float* src, int64_t pixels, int64_t stride, int64_t n);
+// One bin's values over n channels from such cells (a0 <= a < a1, b0 <= b <
+// b1 at cells[a * row_stride + b * cell_stride + k]) into dst[k *
+// dst_stride]: the maximum, exact for every lane whose maximum is neither
+// NaN nor a zero with a -0.0 among the cells. Returns whether some lane is
+// such a one: then the caller computes the bin with indices (which NaN, and
+// which zero's sign, ATen returns depends on the elements' positions).
+bool max_rect_values(float* dst, int64_t dst_stride, const float* cells, int64_t row_stride, int64_t cell_stride,
+                     int64_t a0, int64_t a1, int64_t b0, int64_t b1, int64_t n);
+
 }  // namespace simd
 }  // namespace pyramid_ext

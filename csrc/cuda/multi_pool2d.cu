@@ -772,13 +772,14 @@ std::tuple<at::Tensor, at::Tensor> multi_pool2d_cuda(const at::Tensor& x, c10::S
   const WindowPlan& wp = call.plan;
   const bool nchw = !call.channels_last;
   const int64_t N = call.N, C = call.C, H = call.H, W = call.W;
-  const bool is_max = mode == kPoolMax;
+  // Values-only max (kPoolMaxValues) runs the max kernels and drops the indices.
+  const bool is_max = mode != kPoolAvg;
 
   DeviceGuard guard(x.device());
   at::Tensor values = at::empty({N, C * wp.total}, x.options());
   at::Tensor indices = is_max ? at::empty({N, C * wp.total}, x.options().dtype(at::kLong))
                               : at::empty({0}, x.options().dtype(at::kLong));
-  if (values.numel() == 0) return {values, indices};
+  if (values.numel() == 0) return {values, mode == kPoolMax ? indices : at::empty({0}, indices.options())};
 
   auto stream = current_stream();
   PoolPlan plan;
@@ -832,6 +833,7 @@ std::tuple<at::Tensor, at::Tensor> multi_pool2d_cuda(const at::Tensor& x, c10::S
     }
     PE_KERNEL_LAUNCH_CHECK();
   });
+  if (mode == kPoolMaxValues) indices = at::empty({0}, indices.options());
   return {values, indices};
 }
 

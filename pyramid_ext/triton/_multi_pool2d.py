@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .. import _ops
-from ..plan import POOL_AVG, POOL_MAX, axis_segments, check_pool_args, level_offsets
+from ..plan import POOL_AVG, POOL_MAX, POOL_MAX_VALUES, axis_segments, check_pool_args, level_offsets
 from ..windows import level_shapes
 from ._common import _LAUNCH, _RUN, _TILE, _acc, _cast_out, _channel_block, _check_device, _device_fn, _div, _tile
 
@@ -387,6 +387,9 @@ def _plan_for(h_bounds, w_bounds, level_bins, height, width) -> _PoolPlan:
 def _pool_impl(x, h_bounds, w_bounds, level_bins, mode, channels_last_levels):
     _check_device(x)
     check_pool_args(x.shape, h_bounds, w_bounds, level_bins, mode, "multi_pool2d_triton")
+    if mode == POOL_MAX_VALUES:  # the max kernels, indices dropped
+        values, _ = _pool_impl(x, h_bounds, w_bounds, level_bins, POOL_MAX, channels_last_levels)
+        return values, x.new_empty((0,), dtype=torch.int64)
     values, indices = _ops.pool_fake(x, h_bounds, w_bounds, level_bins, mode, channels_last_levels)
     n, c, height, width = x.shape
     if values.numel() == 0:
@@ -428,7 +431,7 @@ def _pool_impl(x, h_bounds, w_bounds, level_bins, mode, channels_last_levels):
 def _pool_backward_impl(grad, indices, input_shape, h_bounds, w_bounds, level_bins, mode, channels_last_levels,
                         channels_last_input, addend=None):
     _check_device(grad, indices)
-    check_pool_args(input_shape, h_bounds, w_bounds, level_bins, mode, "multi_pool2d_backward_triton")
+    check_pool_args(input_shape, h_bounds, w_bounds, level_bins, mode, "multi_pool2d_backward_triton", backward=True)
     _ops.check_pool_addend("multi_pool2d_backward_triton", addend, grad, [int(v) for v in input_shape])
     if mode == POOL_MAX and indices is None:
         raise ValueError("multi_pool2d_backward_triton: indices are required for max pooling")
