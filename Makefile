@@ -32,7 +32,8 @@ PYTEST_ARGS ?=
 PYTEST_WORKERS ?=
 XDIST_ARGS := $(if $(PYTEST_WORKERS),-n $(PYTEST_WORKERS))
 
-.PHONY: no-extension-yet test test-long test-large fuzz bench bench-models build venv cuda-check cuda-venv test-cuda-env test-cuda-emu gpu-check clean
+.PHONY: no-extension-yet test test-long test-large fuzz bench bench-models build venv cuda-check cuda-venv test-cuda-env test-cuda-emu gpu-check clean \
+  cuda-env-tests cuda-env-export-tests cuda-env-properties
 
 $(VENV)/.ready:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -145,19 +146,29 @@ cuda-check: cuda-venv
 	  $(abspath $(PY_CUDA)) setup.py -q build_ext --inplace
 	cd $(CUDA_TREE) && PYTHONPATH=. $(abspath $(PY_CUDA)) tests/check_cuda_build.py
 
+CUDA_ENV_TESTS := tests/test_triton.py tests/test_double_backward.py tests/test_convert.py tests/test_nn.py \
+  tests/test_cuda.py tests/test_bad_input.py tests/test_distributed.py tests/test_long_run.py \
+  tests/test_library.py tests/test_plan.py tests/test_train_step.py
+CUDA_ENV_EXPORT_TESTS := tests/test_export.py
+CUDA_ENV_PYTEST = PYTHONPATH=. TRITON_INTERPRET=1 PYRAMID_EXT_REQUIRE_CPP=1 \
+  $(abspath $(PY_CUDA)) -m pytest -q $(XDIST_ARGS) $(PYTEST_ARGS)
 # The tests that need the CUDA-build environment: Triton kernels on CPU
 # tensors under the interpreter, conversion of torchvision/smp/transformers models, export
 # (ONNX, torch.export, AOTInductor; PYRAMID_EXT_REQUIRE_EXPORT=1 makes a missing
 # onnx/onnxruntime/openvino fail rather than skip) and the GPU suite (skips
 # without a GPU). Uses the extension cuda-check built.
 test-cuda-env: cuda-check
-	cd $(CUDA_TREE) && PYTHONPATH=. TRITON_INTERPRET=1 PYRAMID_EXT_REQUIRE_CPP=1 PYRAMID_EXT_REQUIRE_EXPORT=1 \
-	  $(abspath $(PY_CUDA)) -m pytest -q $(XDIST_ARGS) $(PYTEST_ARGS) \
-	  tests/test_triton.py tests/test_double_backward.py tests/test_convert.py tests/test_nn.py tests/test_export.py \
-	  tests/test_cuda.py tests/test_bad_input.py tests/test_distributed.py tests/test_long_run.py \
-	  tests/test_library.py tests/test_plan.py tests/test_train_step.py
-	cd $(CUDA_TREE) && PYTHONPATH=. TRITON_INTERPRET=1 PYRAMID_EXT_REQUIRE_CPP=1 $(abspath $(PY_CUDA)) -m pytest -q $(XDIST_ARGS) $(PYTEST_ARGS) \
-	  tests/test_properties.py -k triton
+	cd $(CUDA_TREE) && PYRAMID_EXT_REQUIRE_EXPORT=1 $(CUDA_ENV_PYTEST) $(CUDA_ENV_TESTS) $(CUDA_ENV_EXPORT_TESTS)
+	cd $(CUDA_TREE) && $(CUDA_ENV_PYTEST) tests/test_properties.py -k triton
+
+# The same tests in three parts, on the tree and build `make cuda-check` left
+# (no rebuild): CI runs them side by side (.ci/run).
+cuda-env-tests:
+	cd $(CUDA_TREE) && PYRAMID_EXT_REQUIRE_EXPORT=1 $(CUDA_ENV_PYTEST) $(CUDA_ENV_TESTS)
+cuda-env-export-tests:
+	cd $(CUDA_TREE) && PYRAMID_EXT_REQUIRE_EXPORT=1 $(CUDA_ENV_PYTEST) $(CUDA_ENV_EXPORT_TESTS)
+cuda-env-properties:
+	cd $(CUDA_TREE) && $(CUDA_ENV_PYTEST) tests/test_properties.py -k triton
 
 # The CUDA kernels of csrc/cuda/ compiled by the host compiler against the CUDA
 # emulator (csrc/cuda_emu/) and run on CPU tensors: tests/test_cuda_emu.py

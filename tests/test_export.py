@@ -9,6 +9,7 @@ the converted models): CI runs them in the CUDA-build environment
 (``make test-cuda-env``), which sets PYRAMID_EXT_REQUIRE_EXPORT=1 so a missing
 package fails instead of skipping. The window and op tests run everywhere.
 """
+import functools
 import importlib
 import importlib.util
 import os
@@ -277,17 +278,41 @@ def check_graph(path: str):
     return model
 
 
-def run_onnxruntime(path: str, x: torch.Tensor):
+def _file_key(path: str):
+    """A file's identity for the runtime caches below: a file written again at
+    the same path (new size or modification time) gets a new session."""
+    st = os.stat(path)
+    return str(path), st.st_mtime_ns, st.st_size
+
+
+# One runtime session per exported file, shared by every size a test runs it at
+# (and by the tests sharing the `exported` fixture's files): each run reads only
+# its own input, so a session serves every size as a fresh one would. Loading and
+# optimizing a file cost more than running it at a small size. A few files only,
+# so the larger converted models do not stay in memory.
+@functools.lru_cache(maxsize=4)
+def _onnxruntime_session(key):
     ort = need("onnxruntime")
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 2
-    sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(key[0], opts, providers=["CPUExecutionProvider"])
+
+
+@functools.lru_cache(maxsize=4)
+def _openvino_model(key):
+    ov = need("openvino")
+    return ov.Core().compile_model(key[0], "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+
+
+def run_onnxruntime(path: str, x: torch.Tensor):
+    need("onnxruntime")
+    sess = _onnxruntime_session(_file_key(path))
     return [torch.from_numpy(o) for o in sess.run(None, {sess.get_inputs()[0].name: x.numpy()})]
 
 
 def run_openvino(path: str, x: torch.Tensor):
-    ov = need("openvino")
-    compiled = ov.Core().compile_model(path, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    need("openvino")
+    compiled = _openvino_model(_file_key(path))
     result = compiled(x.numpy())
     return [torch.from_numpy(result[out].copy()) for out in compiled.outputs]
 
