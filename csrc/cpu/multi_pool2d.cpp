@@ -421,71 +421,6 @@ ChannelsLastTiling channels_last_tiling(const PoolPlan& p, int64_t N, int64_t C,
   return t;
 }
 
-// The windows of level m along one axis (segment ranges [begin[i], end[i]),
-// i < count) that tile [a0, a1) exactly, consecutive and without overlap:
-// their first index and count, or count 0 when they do not.
-std::pair<int64_t, int64_t> tiling_windows(const std::vector<int64_t>& begin, const std::vector<int64_t>& end,
-                                           int64_t first, int64_t count, int64_t a0, int64_t a1) {
-  int64_t i = first;
-  while (i < first + count && begin[i] < a0) ++i;
-  if (i == first + count || begin[i] != a0) return {0, 0};
-  const int64_t start = i;
-  int64_t at = a0;
-  while (i < first + count && begin[i] == at && end[i] <= a1) at = end[i++];
-  if (at != a1) return {0, 0};
-  return {start - first, i - start};
-}
-
-// simd::bin_means' bins (float channels_last average pooling): every bin of
-// p.rects, ordered by its number of cells, so that a bin whose rectangle the
-// bins of another level tile exactly (bins 1 over bins 2 on an even map) can
-// add their sums instead of its cells, when that takes fewer additions. The
-// tiles' indices in the returned order go to `tiles`. Sums of double sums:
-// the error bound of simd_loops.h holds for any order of the double additions.
-std::vector<simd::BinOut> tiled_bins(const PoolPlan& p, std::vector<int64_t>& tiles) {
-  const int64_t num = static_cast<int64_t>(p.rects.size());
-  auto cells_of = [](const BinRect& r) { return (r.a1 - r.a0) * (r.b1 - r.b0); };
-  std::vector<int64_t> order(static_cast<size_t>(num));
-  for (int64_t r = 0; r < num; ++r) order[r] = r;
-  std::stable_sort(order.begin(), order.end(),
-                   [&](int64_t a, int64_t b) { return cells_of(p.rects[a]) < cells_of(p.rects[b]); });
-  std::vector<int64_t> position(static_cast<size_t>(num));
-  for (int64_t k = 0; k < num; ++k) position[order[k]] = k;
-  std::vector<simd::BinOut> bins;
-  tiles.clear();
-  for (int64_t k = 0; k < num; ++k) {
-    const BinRect& r = p.rects[order[k]];
-    simd::BinOut bin{r.a0, r.a1, r.b0, r.b1, static_cast<double>(r.area), r.out_offset, r.c_stride};
-    int64_t best_level = -1, best = cells_of(r);
-    std::pair<int64_t, int64_t> best_h, best_w;
-    for (int64_t m = 0; m < p.levels(); ++m) {
-      if (m == r.l) continue;
-      const auto th = tiling_windows(p.h.seg_begin, p.h.seg_end, p.win_h0[m], p.bh[m], r.a0, r.a1);
-      const auto tw = tiling_windows(p.w.seg_begin, p.w.seg_end, p.win_w0[m], p.bw[m], r.b0, r.b1);
-      const int64_t count = th.second * tw.second;
-      if (count == 0 || count >= best) continue;
-      bool earlier = true;  // every tile is summed before this bin (an identical rectangle may not be)
-      for (int64_t i = th.first; i < th.first + th.second; ++i)
-        for (int64_t j = tw.first; j < tw.first + tw.second; ++j)
-          earlier = earlier && position[p.first_bin[m] + i * p.bw[m] + j] < k;
-      if (!earlier) continue;
-      best_level = m;
-      best = count;
-      best_h = th;
-      best_w = tw;
-    }
-    if (best_level >= 0) {
-      bin.first_tile = static_cast<int64_t>(tiles.size());
-      bin.num_tiles = best;
-      for (int64_t i = best_h.first; i < best_h.first + best_h.second; ++i)
-        for (int64_t j = best_w.first; j < best_w.first + best_w.second; ++j)
-          tiles.push_back(position[p.first_bin[best_level] + i * p.bw[best_level] + j]);
-    }
-    bins.push_back(bin);
-  }
-  return bins;
-}
-
 // Average, channels_last. Phase 1 reduces one H-segment's rows of a sample
 // into its row of cells ([cell][channel], pixels added in order, whole
 // pixels read contiguously); phase 2 combines a sample's cells into every
@@ -591,16 +526,17 @@ void avg_forward_channels_last(const scalar_t* x, scalar_t* out,
   // float: the bins as simd::bin_means reads them, when a 32-channel chunk of
   // the cells (its `scratch`) stays small; else one simd::rect_means per bin.
   std::vector<simd::BinOut> bin_outs;
-  std::vector<int64_t> bin_tiles;
-  if (std::is_same_v<scalar_t, float> && SH * SW <= kBinMeansMaxCells) bin_outs = tiled_bins(p, bin_tiles);
-  const int64_t scratch_size = bin_outs.empty() ? 0 : (SH * SW + static_cast<int64_t>(bin_outs.size())) * 32;
+  if (std::is_same_v<scalar_t, float> && SH * SW <= kBinMeansMaxCells) {
+    for (const BinRect& r : p.rects)
+      bin_outs.push_back({r.a0, r.a1, r.b0, r.b1, static_cast<double>(r.area), r.out_offset, r.c_stride});
+  }
+  const int64_t scratch_size = bin_outs.empty() ? 0 : SH * SW * 32;
   // `sum`: C (or a chunk's) doubles for other dtypes, bin_means' scratch for float.
   auto cells_to_bins = [&](int64_t n, int64_t c0, int64_t cn, const acc_t* cells, double* sum) {
     scalar_t* dst = out + n * C * p.total;
     if constexpr (std::is_same_v<scalar_t, float>) {
       if (!bin_outs.empty()) {
-        simd::bin_means(dst, bin_outs.data(), static_cast<int64_t>(bin_outs.size()), bin_tiles.data(), cells, SH, SW,
-                        C, c0, cn, sum);
+        simd::bin_means(dst, bin_outs.data(), static_cast<int64_t>(bin_outs.size()), cells, SH, SW, C, c0, cn, sum);
         return;
       }
       for (const BinRect& r : p.rects)

@@ -65,28 +65,22 @@ void rect_means(float* dst, int64_t dst_stride, const float* cells, int64_t row_
                 int64_t a0, int64_t a1, int64_t b0, int64_t b1, double area, int64_t n);
 // One bin of a channels_last average pooling for bin_means: its rectangle of
 // cells (H-segments [a0, a1), W-segments [b0, b1)), its area, and where its
-// mean of channel c goes (dst + offset + c * stride). num_tiles > 0: the
-// rectangle is tiled exactly by the bins tiles[first_tile ..
-// first_tile + num_tiles) (indices of earlier bins of the list, a-major), and
-// its sum is theirs added in that order.
+// mean of channel c goes (dst + offset + c * stride).
 struct BinOut {
   int64_t a0, a1, b0, b1;
   double area;
   int64_t offset, stride;
-  int64_t first_tile = 0, num_tiles = 0;
 };
 // Every bin's means over channels [c0, c0 + n) of one sample's float cells
-// (channel c of cell (a, b) at cells[(a * SW + b) * C + c], SH x SW cells),
-// bins in list order: a bin without tiles sums its cells in double, a-major
-// (rect_means' arithmetic and order); a tiled bin adds its tiles' double
-// sums (a coarse level over a finer one that tiles it, e.g. bins 1 over 2:
-// 3 additions instead of one per cell). The mean is rounded to float. 32
-// channels at a time (the last chunk padded with zeros): the chunk's cells
-// are widened to double once into `scratch` (SH * SW * 32 doubles, in L1 for
-// the few segments of a pyramid), followed by each bin's 32 sums
-// (num_bins * 32 doubles).
-void bin_means(float* dst, const BinOut* bins, int64_t num_bins, const int64_t* tiles, const float* cells,
-               int64_t SH, int64_t SW, int64_t C, int64_t c0, int64_t n, double* scratch);
+// (channel c of cell (a, b) at cells[(a * SW + b) * C + c], SH x SW cells):
+// for each bin and channel rect_means' arithmetic in rect_means' order, so
+// the same bits. 32 channels at a time: the chunk's cells are widened to
+// double once into `scratch` (SH * SW * 32 doubles, in L1 for the few
+// segments of a pyramid) and every bin is summed from there, where
+// rect_means per bin widens each cell again and reads all channels of its
+// cells (from L2 when C is large) per bin.
+void bin_means(float* dst, const BinOut* bins, int64_t num_bins, const float* cells, int64_t SH, int64_t SW,
+               int64_t C, int64_t c0, int64_t n, double* scratch);
 // Column-wise running max over rows, ATen's rule (larger, or NaN): m/r hold
 // the current maximum and its row; rows h0 + 1 .. h0 + rows - 1 are scanned
 // after m is seeded with row h0.
