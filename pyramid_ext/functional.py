@@ -496,6 +496,28 @@ def _choose_plan(n, cx, channels, sizes, cout, k, height, width) -> _ConvPlan:
     return _ConvPlan([], concat, 1)
 
 
+def _conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], pad: int) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, padding=pad)``; for a 1x1 float32/float64 weight over an
+    NCHW x on CPU, one batched matrix product per sample instead (weight @ x[n] as
+    (Cout, Cin) @ (Cin, H*W), the bias added by baddbmm), an NCHW result: ATen's
+    convolution reorders an NCHW input and its output to its blocked layout on every call
+    (on (16, 256, 16, 16) to 64 channels, one thread's CPU time under load: 3.2 against 2.6 ms
+    for the product). A channels_last x keeps the convolution (an addmm over its pixels was
+    slower there: 3.4 against 2.1 ms).
+    The product sums in another order than the convolution (same dtype, same bound)."""
+    if (x.device.type != "cpu" or weight.shape[-1] != 1 or weight.shape[-2] != 1 or x.dim() != 4
+            or x.dtype not in (torch.float32, torch.float64) or weight.dtype != x.dtype
+            or (bias is not None and bias.dtype != x.dtype) or not x.is_contiguous()
+            or torch.is_autocast_enabled("cpu")):
+        return F.conv2d(x, weight, bias, padding=pad)
+    n, cin, height, width = x.shape
+    cout = weight.shape[0]
+    w3d = weight.reshape(cout, cin).expand(n, cout, cin)
+    cols = x.view(n, cin, height * width)
+    if bias is None:
+        return torch.bmm(w3d, cols).view(n, cout, height, width)
+    return torch.baddbmm(bias.view(1, cout, 1).expand(n, cout, height * width), w3d, cols).view(n, cout, height, width)
+
 def upsample_concat_conv2d(x: Optional[torch.Tensor], branches: Sequence[torch.Tensor], weight: torch.Tensor,
                            bias: Optional[torch.Tensor] = None, *, size: Union[int, Tuple[int, int], None] = None,
                            align_corners: bool = False, x_first: bool = True,
@@ -604,7 +626,7 @@ def upsample_concat_conv2d(x: Optional[torch.Tensor], branches: Sequence[torch.T
         concat_w = torch.cat([w for _, w in parts], 1)
     del parts
     if not plan.taps:
-        return F.conv2d(concat_in, concat_w, bias, padding=pad).contiguous(memory_format=fmt)
+        return _conv(concat_in, concat_w, bias, pad).contiguous(memory_format=fmt)
 
     impl = backends.implementation(backends.resolve(backend, ref.device, "upsample_shift_add"))
 
@@ -614,7 +636,7 @@ def upsample_concat_conv2d(x: Optional[torch.Tensor], branches: Sequence[torch.T
         for i in plan.taps:
             # (cc, Cb, K, K) -> (K*K*cc, Cb, 1, 1): channel (a * K + c) * cc + o, tap-major
             w = weight[lo:hi, offsets[i] : offsets[i] + channels[i]].permute(2, 3, 0, 1)
-            taps.append(F.conv2d(branches[i], w.reshape(k * k * (hi - lo), channels[i], 1, 1)))
+            taps.append(_conv(branches[i], w.reshape(k * k * (hi - lo), channels[i], 1, 1), None, 0))
         return taps
 
     def result_of(lo, hi):
@@ -623,7 +645,7 @@ def upsample_concat_conv2d(x: Optional[torch.Tensor], branches: Sequence[torch.T
         nonlocal concat_in
         bias_part = bias[lo:hi] if bias is not None else None
         if concat_in is not None:
-            base = F.conv2d(concat_in, concat_w[lo:hi], bias_part, padding=pad).contiguous(memory_format=fmt)
+            base = _conv(concat_in, concat_w[lo:hi], bias_part, pad).contiguous(memory_format=fmt)
             if hi - lo == cout:
                 concat_in = None  # one chunk: freed before the tap products exist (unless autograd keeps it)
             return impl.upsample_shift_add(base, taps_of(lo, hi), k, align_corners)

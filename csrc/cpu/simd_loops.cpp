@@ -53,6 +53,7 @@ struct Loops {
   decltype(&isa_baseline::max_rows) max_rows;
   decltype(&isa_baseline::blend) blend;
   decltype(&isa_baseline::axpy) axpy;
+  decltype(&isa_baseline::shift_add_rows) shift_add_rows;
   decltype(&isa_baseline::resize_row) resize_row;
   decltype(&isa_baseline::bilinear) bilinear;
   decltype(&isa_baseline::blend_plane) blend_plane;
@@ -69,9 +70,9 @@ struct Loops {
   Loops {                                                                                              \
     ns::sum_rows, ns::add_row_sum, ns::add_row_sum_f64, ns::add_run_f64, ns::rect_means, ns::bin_means,  \
         ns::max_rows,                                                                             \
-        ns::blend, ns::axpy, ns::resize_row, ns::bilinear, ns::blend_plane, ns::bilinear_row,         \
-        ns::max_pixels, ns::max_rect, ns::max_keys, ns::max_rect_keys, ns::max_pixels_values,      \
-        ns::max_rect_values                                                                       \
+        ns::blend, ns::axpy, ns::shift_add_rows, ns::resize_row, ns::bilinear, ns::blend_plane,       \
+        ns::bilinear_row, ns::max_pixels, ns::max_rect, ns::max_keys, ns::max_rect_keys,            \
+        ns::max_pixels_values, ns::max_rect_values                                                  \
   }
 constexpr Loops kBaseline = PE_LOOPS(isa_baseline);
 #if PE_X86_MULTIVERSION
@@ -154,6 +155,10 @@ void blend(float* d, const float* r0, const float* r1, float w0, float w1, int64
   loops().blend(d, r0, r1, w0, w1, n);
 }
 void axpy(float* acc, const float* src, float a, int64_t n) { loops().axpy(acc, src, a, n); }
+void shift_add_rows(float* d, int64_t d_stride, const float* base, int64_t base_stride, const float* rows,
+                    const int64_t* off, const float* w, const int64_t* first, int64_t h, int64_t width) {
+  loops().shift_add_rows(d, d_stride, base, base_stride, rows, off, w, first, h, width);
+}
 void resize_row(float* d, const float* s, int64_t len, ResizeTable t, int64_t n, bool accumulate) {
   loops().resize_row(d, s, len, t, n, accumulate);
 }

@@ -62,22 +62,45 @@ void forward_planes(const std::vector<Part>& parts, const at::Tensor& out,
       rows_w[k].emplace(tw[k]);
     }
   }
+  // Each part's pointer and strides, read once, not per plane (a plane is a
+  // few hundred elements on small maps: the per-plane work outside the
+  // resize and copy calls was a fifth of the CPU time on (16, 256, 16, 16)).
+  struct PartView {
+    const scalar_t* data;
+    int64_t sN, sC, sH, sW, channels, h, w;
+  };
+  std::vector<PartView> views;
+  for (const Part& part : parts) {
+    const at::Tensor& t = part.t;
+    views.push_back({t.const_data_ptr<scalar_t>(), t.stride(0), t.stride(1), t.stride(2), t.stride(3), t.size(1),
+                     t.size(2), t.size(3)});
+  }
+  const int64_t plane = H * W;
+  const bool out_planes_dense = osW == 1 && osH == W && osC == plane;
   scalar_t* o = out.mutable_data_ptr<scalar_t>();
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, H * W));
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, plane));
   at::parallel_for(0, N * C, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> hrows;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / C, oc = task % C;
       const size_t k = static_cast<size_t>(part_of[oc]);
       const Part& part = parts[k];
-      const at::Tensor& t = part.t;
+      const PartView& v = views[k];
       const int64_t c = oc - part.channel_offset;
-      const scalar_t* src = t.const_data_ptr<scalar_t>() + n * t.stride(0) + c * t.stride(1);
-      const int64_t sH = t.stride(2), sW = t.stride(3);
+      const scalar_t* src = v.data + n * v.sN + c * v.sC;
+      const int64_t sH = v.sH, sW = v.sW;
       scalar_t* dst = o + n * osN + oc * osC;
       if (!part.interpolate) {
+        if (sW == 1 && sH == W && v.sC == plane && out_planes_dense) {
+          // This plane and the part's next ones in this task are contiguous
+          // on both sides (an NCHW x): one copy.
+          const int64_t planes = std::min(end - task, v.channels - c);
+          std::copy(src, src + planes * plane, dst);
+          task += planes - 1;
+          continue;
+        }
         if (sW == 1 && osW == 1 && sH == W && osH == W) {  // whole plane contiguous on both sides
-          std::copy(src, src + H * W, dst);
+          std::copy(src, src + plane, dst);
           continue;
         }
         for (int64_t h = 0; h < H; ++h) {
@@ -91,7 +114,7 @@ void forward_planes(const std::vector<Part>& parts, const at::Tensor& out,
         }
         continue;
       }
-      const int64_t hb = t.size(2);
+      const int64_t hb = v.h;
       const auto& ty = th[k];
       const auto& tx = tw[k];
       // Each source row interpolated along W once.
@@ -99,7 +122,7 @@ void forward_planes(const std::vector<Part>& parts, const at::Tensor& out,
       if constexpr (std::is_same_v<scalar_t, float>) {
         if (sW == 1 && osW == 1) {
           for (int64_t i = 0; i < hb; ++i)
-            simd::resize_row(hrows.data() + i * W, src + i * sH, t.size(3), rows_w[k]->from(0), W, false);
+            simd::resize_row(hrows.data() + i * W, src + i * sH, v.w, rows_w[k]->from(0), W, false);
           simd::blend_plane(dst, osH, hrows.data(), W, rows_h[k]->from(0), H);
           continue;
         }

@@ -115,6 +115,33 @@ void forward_planes(const at::Tensor& base, const std::vector<at::Tensor>& taps,
   int64_t rows_per_plane = 0;  // G rows of all tap tensors
   for (const auto& g : geo) rows_per_plane += K * g.h;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, H * W + rows_per_plane * W));
+  // float, unit W strides: each output row's terms (offset of its G row,
+  // weight), the same for every plane, in the order of the loop below, for
+  // one simd::shift_add_rows call per plane.
+  std::vector<int64_t> term_off, term_first;
+  std::vector<float> term_w;
+  const bool rows_call = std::is_same_v<scalar_t, float> && bsW == 1 && osW == 1;
+  if (rows_call) {
+    for (int64_t y = 0; y < H; ++y) {
+      term_first.push_back(static_cast<int64_t>(term_off.size()));
+      int64_t g_rows = 0;
+      for (const auto& g : geo) {
+        for (int64_t a = 0; a < K; ++a) {
+          const int64_t Y = y + a - p;
+          if (Y < 0 || Y >= H) continue;
+          const LinearTap<acc_t>& t = g.ty[Y];
+          term_off.push_back(g_rows + (a * g.h + t.i0) * W);
+          term_w.push_back(static_cast<float>(t.w0));
+          if (t.w1 != acc_t(0)) {
+            term_off.push_back(g_rows + (a * g.h + t.i1) * W);
+            term_w.push_back(static_cast<float>(t.w1));
+          }
+        }
+        g_rows += K * g.h * W;
+      }
+    }
+    term_first.push_back(static_cast<int64_t>(term_off.size()));
+  }
   at::parallel_for(0, N * C, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> G(static_cast<size_t>(rows_per_plane * W));
     std::vector<acc_t> row(static_cast<size_t>(W));
@@ -151,6 +178,13 @@ void forward_planes(const at::Tensor& base, const std::vector<at::Tensor>& taps,
       }
       const scalar_t* bplane = bp + n * bsN + o * bsC;
       scalar_t* oplane = op + n * osN + o * osC;
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (rows_call) {
+          simd::shift_add_rows(oplane, osH, bplane, bsH, G.data(), term_off.data(), term_w.data(), term_first.data(),
+                               H, W);
+          continue;
+        }
+      }
       for (int64_t y = 0; y < H; ++y) {
         const scalar_t* b = bplane + y * bsH;
         for (int64_t x = 0; x < W; ++x) row[x] = static_cast<acc_t>(b[x * bsW]);
