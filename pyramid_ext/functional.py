@@ -518,6 +518,7 @@ def _conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], p
         return torch.bmm(w3d, cols).view(n, cout, height, width)
     return torch.baddbmm(bias.view(1, cout, 1).expand(n, cout, height * width), w3d, cols).view(n, cout, height, width)
 
+
 def upsample_concat_conv2d(x: Optional[torch.Tensor], branches: Sequence[torch.Tensor], weight: torch.Tensor,
                            bias: Optional[torch.Tensor] = None, *, size: Union[int, Tuple[int, int], None] = None,
                            align_corners: bool = False, x_first: bool = True,
