@@ -714,21 +714,6 @@ Addend<scalar_t> addend_view(const std::optional<at::Tensor>& addend) {
   return a;
 }
 
-// Per-cell gradient of avg pooling: sum over every level's windows covering
-// the cell of grad / area. `g(l, i, j)` reads one bin's gradient (acc_t).
-template <typename acc_t, typename GradAt>
-void avg_cell_grads(const PoolPlan& p, GradAt g, acc_t* cells, int64_t stride) {
-  const int64_t SW = p.w.num_segments();
-  for (int64_t l = 0; l < p.levels(); ++l)
-    for (int64_t i = 0; i < p.bh[l]; ++i)
-      for (int64_t j = 0; j < p.bw[l]; ++j) {
-        const acc_t v = g(l, i, j) / static_cast<acc_t>(p.area(l, i, j));
-        for (int64_t a = p.a0(l, i); a < p.a1(l, i); ++a)
-          for (int64_t b = p.b0(l, j); b < p.b1(l, j); ++b)
-            cells[(a * SW + b) * stride] += v;
-      }
-}
-
 template <typename scalar_t>
 void avg_backward_nchw(const scalar_t* grad, scalar_t* gx, const PoolPlan& p,
                        int64_t N, int64_t C, int64_t H, int64_t W, const Addend<scalar_t>& add) {
@@ -811,19 +796,26 @@ void avg_backward_channels_last(const scalar_t* grad, scalar_t* gx,
   const int64_t chunks = (C + chunk - 1) / chunk;
   at::parallel_for(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> cells(static_cast<size_t>(SH * SW * chunk));
+    std::vector<acc_t> bin_grad(static_cast<size_t>(chunk));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / chunks;
       const int64_t c0 = (task % chunks) * chunk;
       const int64_t cn = std::min(chunk, C - c0);
       const scalar_t* g = grad + n * C * p.total;
       std::fill(cells.begin(), cells.end(), acc_t(0));
-      for (int64_t c = 0; c < cn; ++c)
-        avg_cell_grads<acc_t>(
-            p,
-            [&](int64_t l, int64_t i, int64_t j) {
-              return static_cast<acc_t>(g[p.out_index(l, c0 + c, i, j)]);
-            },
-            cells.data() + c, chunk);
+      // Each cell's gradient: grad / area of every bin covering it, summed
+      // in packed (level-then-bin) order; channels innermost, so vectorized.
+      for (const BinRect& r : p.rects) {
+        const acc_t area = static_cast<acc_t>(r.area);
+        const scalar_t* gb = g + r.out_offset + c0 * r.c_stride;
+        for (int64_t c = 0; c < cn; ++c) bin_grad[c] = static_cast<acc_t>(gb[c * r.c_stride]) / area;
+        for (int64_t a = r.a0; a < r.a1; ++a)
+          for (int64_t b = r.b0; b < r.b1; ++b) {
+            acc_t* cell = cells.data() + (a * SW + b) * chunk;
+#pragma omp simd
+            for (int64_t c = 0; c < cn; ++c) cell[c] += bin_grad[c];
+          }
+      }
       for (int64_t cell = 0; cell < SH * SW; ++cell)
         for (int64_t c = 0; c < cn; ++c)
           vals[(n * SH * SW + cell) * C + c0 + c] = static_cast<scalar_t>(cells[cell * chunk + c]);
