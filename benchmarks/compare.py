@@ -89,13 +89,15 @@ def select_ops(spec: str) -> List[str]:
 def select_shapes(spec: Optional[str]):
     if spec is None:
         return bc.bench_shapes()
-    if spec == "full":
-        return list(bc.FULL_SHAPES)
-    if spec == "small":
-        return list(bc.SMALL_SHAPES)
-    if spec == "stages":
-        return list(bc.STAGE_SHAPES)
-    return [bc.parse_shape(s) for s in spec.split(",") if s.strip()]
+    named = {"full": bc.FULL_SHAPES, "small": bc.SMALL_SHAPES, "stages": bc.STAGE_SHAPES}
+    shapes = []
+    for item in (s.strip() for s in spec.split(",")):
+        if not item:
+            continue
+        for shape in named[item] if item in named else [bc.parse_shape(item)]:
+            if tuple(shape) not in shapes:
+                shapes.append(tuple(shape))
+    return shapes
 
 
 def select_contenders(spec: str) -> Optional[List[str]]:
@@ -332,8 +334,8 @@ def parse_args(argv=None):
                    help="comma list of cases op.mode.layout (globs allowed, e.g. 'uc.*,avg.fwd.*'), "
                         "'default' or 'all'; --list shows them")
     p.add_argument("--shapes", default=None,
-                   help="comma list of NxCxHxW, or 'full' / 'small' / 'stages' (issue 12's (8,512,32,32), "
-                        "(16,256,16,16)) (default: full, small under "
+                   help="comma list of NxCxHxW and the names 'full' / 'small' / 'stages' (issue 12's "
+                        "(8,512,32,32), (16,256,16,16)), e.g. full,stages (default: full, small under "
                         f"{bc.SMALL_ENV}=1)")
     p.add_argument("--contenders", default="auto",
                    help="comma list from " + ", ".join(bc.CONTENDERS) + "; 'auto' (default): fused-cpp, "
