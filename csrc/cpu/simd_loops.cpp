@@ -21,23 +21,33 @@
 namespace pyramid_ext {
 namespace simd {
 
+// PE_MAX_LANES: the float lanes of the copy's native vector, which the max
+// loops compare and select in (simd_loops_body.inc). Set here, per copy:
+// GCC does not define __AVX2__ / __AVX512F__ under `#pragma GCC target` in
+// C++, so testing those macros in the body gave every copy 4 lanes.
+#define PE_MAX_LANES 4
 namespace isa_baseline {
 #include "cpu/simd_loops_body.inc"
 }  // namespace isa_baseline
+#undef PE_MAX_LANES
 
 #if PE_X86_MULTIVERSION
 #pragma GCC push_options
 #pragma GCC target("avx2")
+#define PE_MAX_LANES 8
 namespace isa_avx2 {
 #include "cpu/simd_loops_body.inc"
 }  // namespace isa_avx2
+#undef PE_MAX_LANES
 #pragma GCC pop_options
 
 #pragma GCC push_options
 #pragma GCC target("avx512f")
+#define PE_MAX_LANES 16
 namespace isa_avx512 {
 #include "cpu/simd_loops_body.inc"
 }  // namespace isa_avx512
+#undef PE_MAX_LANES
 #pragma GCC pop_options
 #endif
 
