@@ -185,8 +185,9 @@ void bilinear_row(float* d, int64_t d_stride, const float* s0, const float* s1, 
   loops().bilinear_row(d, d_stride, s0, s1, s_stride, wy0, wy1, t, w, n);
 }
 
-void max_pixels(float* m, int32_t* r, const float* src, int64_t pixels, int64_t stride, int64_t n, int32_t idx0) {
-  loops().max_pixels(m, r, src, pixels, stride, n, idx0);
+void max_pixels(float* m, int32_t* r, const float* src, int64_t pixels, int64_t stride, int64_t n, int32_t idx0,
+                bool start) {
+  loops().max_pixels(m, r, src, pixels, stride, n, idx0, start);
 }
 void max_rect(float* dst, int64_t* dst_idx, int64_t dst_stride, const float* cells_v, const int32_t* cells_i,
               int64_t row_stride, int64_t cell_stride, int64_t a0, int64_t a1, int64_t b0, int64_t b1, int64_t n,
@@ -199,8 +200,8 @@ void max_rect_keys(float* dst, int64_t* dst_idx, int64_t dst_stride, const int64
   loops().max_rect_keys(dst, dst_idx, dst_stride, cells, row_stride, cell_stride, a0, a1, b0, b1, n);
 }
 
-void max_pixels_values(float* m, const float* src, int64_t pixels, int64_t stride, int64_t n) {
-  loops().max_pixels_values(m, src, pixels, stride, n);
+void max_pixels_values(float* m, const float* src, int64_t pixels, int64_t stride, int64_t n, bool start) {
+  loops().max_pixels_values(m, src, pixels, stride, n, start);
 }
 bool max_rect_values(float* dst, int64_t dst_stride, const float* cells, int64_t row_stride, int64_t cell_stride,
                      int64_t a0, int64_t a1, int64_t b0, int64_t b1, int64_t n) {
