@@ -196,8 +196,9 @@ void max_rect(float* dst, int64_t* dst_idx, int64_t dst_stride, const float* cel
 }
 bool max_keys(int64_t* keys, const float* v, const int32_t* r, int64_t n) { return loops().max_keys(keys, v, r, n); }
 void max_rect_keys(float* dst, int64_t* dst_idx, int64_t dst_stride, const int64_t* cells, int64_t row_stride,
-                   int64_t cell_stride, int64_t a0, int64_t a1, int64_t b0, int64_t b1, int64_t n) {
-  loops().max_rect_keys(dst, dst_idx, dst_stride, cells, row_stride, cell_stride, a0, a1, b0, b1, n);
+                   int64_t cell_stride, int64_t a0, int64_t a1, int64_t b0, int64_t b1, int64_t n,
+                   int64_t* keys_out) {
+  loops().max_rect_keys(dst, dst_idx, dst_stride, cells, row_stride, cell_stride, a0, a1, b0, b1, n, keys_out);
 }
 
 void max_pixels_values(float* m, const float* src, int64_t pixels, int64_t stride, int64_t n, bool start) {

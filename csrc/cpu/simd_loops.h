@@ -147,9 +147,11 @@ bool max_keys(int64_t* keys, const float* v, const int32_t* r, int64_t n);
 // max_rect over such keys (a bin is their integer maximum per lane):
 // dst[k * dst_stride], dst_idx[k * dst_stride] = the value and index of the
 // largest key of channel k over the cells a0 <= a < a1, b0 <= b < b1 (at
-// cells[a * row_stride + b * cell_stride + k]), k < n.
+// cells[a * row_stride + b * cell_stride + k]), k < n; and keys_out[k] =
+// that key (for bins combined from bins).
 void max_rect_keys(float* dst, int64_t* dst_idx, int64_t dst_stride, const int64_t* cells, int64_t row_stride,
-                   int64_t cell_stride, int64_t a0, int64_t a1, int64_t b0, int64_t b1, int64_t n);
+                   int64_t cell_stride, int64_t a0, int64_t a1, int64_t b0, int64_t b1, int64_t n,
+                   int64_t* keys_out);
 
 // Values-only max pooling (multi_pool2d's mode kPoolMaxValues): max_pixels
 // without the indices, m[k] taking src[k] by ATen's rule (larger, or NaN).
