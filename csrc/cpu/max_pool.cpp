@@ -64,6 +64,82 @@ bool fits_int32_index(int64_t H, int64_t W) { return H * W <= std::numeric_limit
 
 namespace {
 
+// Phase 2 as steps: a bin is the maximum of its cells or, where bins of a
+// finer level (more bins) tile it exactly (with overlap: a maximum does not
+// care), of those bins, computed before it. The indexed forward keeps every
+// bin's keys for that (their maximum is the keys' maximum: max_pool_combine
+// is a maximum under a total order); the values-only forward reads the bins
+// back from the packed output (levels packed channels_last only: a bin's
+// channels are contiguous there, so a rectangle of a level's bins reads
+// like cells). On bins (1, 2, 3, 6) of 16 x 16 every level above 6 comes
+// from level 6's bins (1 from 2's): 272 reads of a vector of channels per
+// sample instead of 540. Values only: exact wherever the cells' combine is
+// (a bin whose maximum is NaN, or zero beside a -0.0, is flagged by the
+// finer bin that holds that element, and the sample is computed again with
+// indices).
+struct BinStep {
+  const BinRect* rect;
+  int64_t bin;  // its number in packed order
+  bool from_bins;
+  // from_bins: the source level's bin (0, 0) (offset in a sample of the
+  // packed output, and number in packed order) and its bins per row.
+  int64_t src_offset, src_bin, src_bw;
+  int64_t a0, a1, b0, b1;  // cells, or the source level's bins
+};
+
+// The windows of one level along one axis (segment ranges, ascending) that
+// lie inside [lo, hi) and cover it; false if they do not cover it.
+bool covering_windows(const AxisSegments& axis, int64_t first, int64_t count, int64_t lo, int64_t hi, int64_t* i0,
+                      int64_t* i1) {
+  int64_t begin = -1, end = -1, reach = lo;
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t s = axis.seg_begin[first + i], e = axis.seg_end[first + i];
+    if (s < lo || e > hi) continue;
+    if (begin < 0) begin = i;
+    if (s > reach) return false;  // a gap
+    reach = std::max(reach, e);
+    end = i + 1;
+  }
+  *i0 = begin;
+  *i1 = end;
+  return begin >= 0 && reach == hi && axis.seg_begin[first + begin] == lo;
+}
+
+// allow_bins false: every bin from its cells, in packed order.
+std::vector<BinStep> bin_steps(const Levels& lv, const std::vector<BinRect>& rects, bool allow_bins) {
+  const int64_t L = static_cast<int64_t>(lv.bh.size());
+  std::vector<int64_t> first_rect(static_cast<size_t>(L + 1), 0);
+  for (int64_t l = 0; l < L; ++l) first_rect[l + 1] = first_rect[l] + lv.bh[l] * lv.bw[l];
+  // Finer levels first; a bin may read the bins of levels before its own.
+  std::vector<int64_t> order(static_cast<size_t>(L));
+  for (int64_t l = 0; l < L; ++l) order[l] = l;
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return lv.bh[a] * lv.bw[a] > lv.bh[b] * lv.bw[b]; });
+  std::vector<BinStep> steps;
+  for (int64_t k = 0; k < L; ++k) {
+    const int64_t l = order[k];
+    for (int64_t b = first_rect[l]; b < first_rect[l + 1]; ++b) {
+      const BinRect& r = rects[b];
+      BinStep best{&r, b, false, 0, 0, 0, r.a0, r.a1, r.b0, r.b1};
+      int64_t best_reads = (r.a1 - r.a0) * (r.b1 - r.b0);
+      for (int64_t q = 0; allow_bins && q < k; ++q) {
+        const int64_t src = order[q];
+        int64_t i0, i1, j0, j1;
+        if (!covering_windows(lv.h, lv.win_h0[src], lv.bh[src], r.a0, r.a1, &i0, &i1) ||
+            !covering_windows(lv.w, lv.win_w0[src], lv.bw[src], r.b0, r.b1, &j0, &j1))
+          continue;
+        const int64_t reads = (i1 - i0) * (j1 - j0);
+        if (reads < best_reads) {
+          best_reads = reads;
+          best = {&r, b, true, lv.offset[src], first_rect[src], lv.bw[src], i0, i1, j0, j1};
+        }
+      }
+      steps.push_back(best);
+    }
+  }
+  return steps;
+}
+
 // The indexed forward's two phases for one sample (forward_channels_last):
 // phase 1 scans H-segment a's rows into its row of cells, phase 2 combines
 // the cells into bins. Scratch for one sample's cells is the caller's.
@@ -71,11 +147,13 @@ struct IndexedPhases {
   const float* x;
   const Levels& lv;
   const std::vector<BinRect>& rects;
+  const std::vector<BinStep>& steps;  // bin_steps(lv, rects, true)
   int64_t H, W, C, SW;
 
   // Phase 1 for H-segment a of sample n: cells start at (-inf, the cell's
-  // first element), ATen's start for a window; then the segment's rows in
-  // order, each W-segment's pixels in order. Then each cell's channels as
+  // first element), ATen's start for a window (that state after the first
+  // pixel: the pixel and its index, written by max_pixels' start); then the
+  // segment's rows in order, each W-segment's pixels in order. Then each cell's channels as
   // keys (simd::max_keys), for phase 2 to combine with an integer maximum.
   // Returns whether a cell is NaN (a NaN, once taken, is only replaced by a
   // later NaN: whether the cells' pixels hold one); then phase 2 combines
@@ -85,18 +163,13 @@ struct IndexedPhases {
     if (lv.h.seg_of[h0] < 0) return false;  // no window reads these rows
     float* row_v = cell_v + a * SW * C;
     int32_t* row_i = cell_i + a * SW * C;
-    for (int64_t b = 0; b < SW; ++b) {
-      const int64_t w0 = lv.w.cuts[b];
-      if (lv.w.seg_of[w0] < 0) continue;
-      std::fill(row_v + b * C, row_v + (b + 1) * C, -std::numeric_limits<float>::infinity());
-      std::fill(row_i + b * C, row_i + (b + 1) * C, static_cast<int32_t>(h0 * W + w0));
-    }
     for (int64_t h = h0; h < h1; ++h) {
       const float* row = x + ((n * H + h) * W) * C;
       for (int64_t b = 0; b < SW; ++b) {
         const int64_t w0 = lv.w.cuts[b], w1 = lv.w.cuts[b + 1];
         if (lv.w.seg_of[w0] < 0) continue;
-        simd::max_pixels(row_v + b * C, row_i + b * C, row + w0 * C, w1 - w0, C, C, static_cast<int32_t>(h * W + w0));
+        simd::max_pixels(row_v + b * C, row_i + b * C, row + w0 * C, w1 - w0, C, C, static_cast<int32_t>(h * W + w0),
+                         h == h0);
       }
     }
     bool nan = false;
@@ -108,26 +181,38 @@ struct IndexedPhases {
   }
 
   // Phase 2 for channels [c0, c0 + cn) of one sample, whose packed output
-  // starts at out_n and out_idx_n.
+  // starts at out_n and out_idx_n; bin_k: scratch for every bin's keys (cn
+  // per bin). With a NaN among the cells, every bin from its cells by the
+  // NaN rule.
   void cells_to_bins(float* out_n, int64_t* out_idx_n, int64_t c0, int64_t cn, const float* cell_v,
-                     const int32_t* cell_i, const int64_t* cell_k, bool nan) const {
-    for (const BinRect& r : rects) {
-      const int64_t o = r.out_offset + c0 * r.c_stride;
-      if (!nan) {
-        simd::max_rect_keys(out_n + o, out_idx_n + o, r.c_stride, cell_k + c0, SW * C, C, r.a0, r.a1, r.b0, r.b1,
-                            cn);
-      } else {
+                     const int32_t* cell_i, const int64_t* cell_k, bool nan, int64_t* bin_k) const {
+    if (nan) {
+      for (const BinRect& r : rects) {
+        const int64_t o = r.out_offset + c0 * r.c_stride;
         simd::max_rect(out_n + o, out_idx_n + o, r.c_stride, cell_v + c0, cell_i + c0, SW * C, C, r.a0, r.a1, r.b0,
-                       r.b1, cn, nan);
+                       r.b1, cn, true);
+      }
+      return;
+    }
+    for (const BinStep& s : steps) {
+      const BinRect& r = *s.rect;
+      const int64_t o = r.out_offset + c0 * r.c_stride;
+      if (s.from_bins) {
+        simd::max_rect_keys(out_n + o, out_idx_n + o, r.c_stride, bin_k + s.src_bin * cn, s.src_bw * cn, cn, s.a0,
+                            s.a1, s.b0, s.b1, cn, bin_k + s.bin * cn);
+      } else {
+        simd::max_rect_keys(out_n + o, out_idx_n + o, r.c_stride, cell_k + c0, SW * C, C, s.a0, s.a1, s.b0, s.b1, cn,
+                            bin_k + s.bin * cn);
       }
     }
   }
 
   // Both phases for sample n, all channels, with one sample's scratch.
-  void sample(int64_t n, float* out_n, int64_t* out_idx_n, float* cell_v, int32_t* cell_i, int64_t* cell_k) const {
+  void sample(int64_t n, float* out_n, int64_t* out_idx_n, float* cell_v, int32_t* cell_i, int64_t* cell_k,
+              int64_t* bin_k) const {
     bool nan = false;
     for (int64_t a = 0; a < lv.h.num_segments(); ++a) nan |= scan_rows(n, a, cell_v, cell_i, cell_k);
-    cells_to_bins(out_n, out_idx_n, 0, C, cell_v, cell_i, cell_k, nan);
+    cells_to_bins(out_n, out_idx_n, 0, C, cell_v, cell_i, cell_k, nan, bin_k);
   }
 };
 
@@ -142,30 +227,36 @@ void forward_channels_last_values(const float* x, float* out, const Levels& lv, 
   const int64_t C = lv.channels;
   const int64_t SH = lv.h.num_segments(), SW = lv.w.num_segments();
   const int64_t cells_per_sample = SH * SW * C;
-  const IndexedPhases indexed{x, lv, rects, H, W, C, SW};
+  const std::vector<BinStep> indexed_steps = bin_steps(lv, rects, true);
+  const IndexedPhases indexed{x, lv, rects, indexed_steps, H, W, C, SW};
   auto scan_rows = [&](int64_t n, int64_t a, float* cell_v) {
     const int64_t h0 = lv.h.cuts[a], h1 = lv.h.cuts[a + 1];
     if (lv.h.seg_of[h0] < 0) return;  // no window reads these rows
     float* row_v = cell_v + a * SW * C;
-    for (int64_t b = 0; b < SW; ++b)
-      if (lv.w.seg_of[lv.w.cuts[b]] >= 0)
-        std::fill(row_v + b * C, row_v + (b + 1) * C, -std::numeric_limits<float>::infinity());
-    for (int64_t h = h0; h < h1; ++h) {
+    for (int64_t h = h0; h < h1; ++h) {  // the first row starts each cell (max_pixels_values' start)
       const float* row = x + ((n * H + h) * W) * C;
       for (int64_t b = 0; b < SW; ++b) {
         const int64_t w0 = lv.w.cuts[b], w1 = lv.w.cuts[b + 1];
         if (lv.w.seg_of[w0] < 0) continue;
-        simd::max_pixels_values(row_v + b * C, row + w0 * C, w1 - w0, C, C);
+        simd::max_pixels_values(row_v + b * C, row + w0 * C, w1 - w0, C, C, h == h0);
       }
     }
   };
   // Phase 2 for channels [c0, c0 + cn) of sample n; whether to redo it.
+  const std::vector<BinStep> steps = bin_steps(lv, rects, lv.channels_last_levels);
   auto cells_to_bins = [&](int64_t n, int64_t c0, int64_t cn, const float* cell_v) {
     float* out_n = out + n * C * lv.total;
     bool redo = false;
-    for (const BinRect& r : rects)
-      redo |= simd::max_rect_values(out_n + r.out_offset + c0 * r.c_stride, r.c_stride, cell_v + c0, SW * C, C, r.a0,
-                                    r.a1, r.b0, r.b1, cn);
+    for (const BinStep& s : steps) {
+      const BinRect& r = *s.rect;
+      float* dst = out_n + r.out_offset + c0 * r.c_stride;
+      if (s.from_bins) {
+        redo |= simd::max_rect_values(dst, r.c_stride, out_n + s.src_offset + c0, s.src_bw * C, C, s.a0, s.a1, s.b0,
+                                      s.b1, cn);
+      } else {
+        redo |= simd::max_rect_values(dst, r.c_stride, cell_v + c0, SW * C, C, s.a0, s.a1, s.b0, s.b1, cn);
+      }
+    }
     return redo;
   };
   auto redo_indexed = [&](int64_t n) {
@@ -173,7 +264,8 @@ void forward_channels_last_values(const float* x, float* out, const Levels& lv, 
     auto cell_i = scratch<int32_t>(cells_per_sample);
     auto cell_k = scratch<int64_t>(cells_per_sample);
     auto idx = scratch<int64_t>(C * lv.total);
-    indexed.sample(n, out + n * C * lv.total, idx.get(), cell_v.get(), cell_i.get(), cell_k.get());
+    auto bin_k = scratch<int64_t>(C * lv.total);
+    indexed.sample(n, out + n * C * lv.total, idx.get(), cell_v.get(), cell_i.get(), cell_k.get(), bin_k.get());
   };
   if (channels_last_per_sample(N, N * H * W * C)) {
     at::parallel_for(0, N, sample_grain(H * W * C), [&](int64_t begin, int64_t end) {
@@ -214,16 +306,18 @@ void forward_channels_last(const float* x, float* out, int64_t* out_idx, const L
   const int64_t cells_per_sample = SH * SW * C;
   const std::vector<BinRect> rects = bin_rects(lv);
   if (!out_idx) return forward_channels_last_values(x, out, lv, N, H, W, rects);
-  const IndexedPhases indexed{x, lv, rects, H, W, C, SW};
+  const std::vector<BinStep> steps = bin_steps(lv, rects, true);
+  const IndexedPhases indexed{x, lv, rects, steps, H, W, C, SW};
   if (channels_last_per_sample(N, N * H * W * C)) {
     // One task per sample: its cells stay in cache between the phases.
     at::parallel_for(0, N, sample_grain(H * W * C), [&](int64_t begin, int64_t end) {
       auto cell_v = scratch<float>(cells_per_sample);
       auto cell_i = scratch<int32_t>(cells_per_sample);
       auto cell_k = scratch<int64_t>(cells_per_sample);
+      auto bin_k = scratch<int64_t>(C * lv.total);
       for (int64_t n = begin; n < end; ++n)
         indexed.sample(n, out + n * C * lv.total, out_idx + n * C * lv.total, cell_v.get(), cell_i.get(),
-                       cell_k.get());
+                       cell_k.get(), bin_k.get());
     });
     return;
   }
@@ -241,12 +335,13 @@ void forward_channels_last(const float* x, float* out, int64_t* out_idx, const L
   const int64_t chunk = std::min<int64_t>(C, 256);
   const int64_t chunks = (C + chunk - 1) / chunk;
   at::parallel_for(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
+    auto bin_k = scratch<int64_t>(chunk * lv.total);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / chunks, c0 = (task % chunks) * chunk;
       const bool nan = std::any_of(seg_nan.begin() + n * SH, seg_nan.begin() + (n + 1) * SH, [](char f) { return f; });
       indexed.cells_to_bins(out + n * C * lv.total, out_idx + n * C * lv.total, c0, std::min(chunk, C - c0),
                             cell_v.get() + n * cells_per_sample, cell_i.get() + n * cells_per_sample,
-                            cell_k.get() + n * cells_per_sample, nan);
+                            cell_k.get() + n * cells_per_sample, nan, bin_k.get());
     }
   });
 }

@@ -21,23 +21,33 @@
 namespace pyramid_ext {
 namespace simd {
 
+// PE_MAX_LANES: the float lanes of the copy's native vector, which the max
+// loops compare and select in (simd_loops_body.inc). Set here, per copy:
+// GCC does not define __AVX2__ / __AVX512F__ under `#pragma GCC target` in
+// C++, so testing those macros in the body gave every copy 4 lanes.
+#define PE_MAX_LANES 4
 namespace isa_baseline {
 #include "cpu/simd_loops_body.inc"
 }  // namespace isa_baseline
+#undef PE_MAX_LANES
 
 #if PE_X86_MULTIVERSION
 #pragma GCC push_options
 #pragma GCC target("avx2")
+#define PE_MAX_LANES 8
 namespace isa_avx2 {
 #include "cpu/simd_loops_body.inc"
 }  // namespace isa_avx2
+#undef PE_MAX_LANES
 #pragma GCC pop_options
 
 #pragma GCC push_options
 #pragma GCC target("avx512f")
+#define PE_MAX_LANES 16
 namespace isa_avx512 {
 #include "cpu/simd_loops_body.inc"
 }  // namespace isa_avx512
+#undef PE_MAX_LANES
 #pragma GCC pop_options
 #endif
 
@@ -175,8 +185,9 @@ void bilinear_row(float* d, int64_t d_stride, const float* s0, const float* s1, 
   loops().bilinear_row(d, d_stride, s0, s1, s_stride, wy0, wy1, t, w, n);
 }
 
-void max_pixels(float* m, int32_t* r, const float* src, int64_t pixels, int64_t stride, int64_t n, int32_t idx0) {
-  loops().max_pixels(m, r, src, pixels, stride, n, idx0);
+void max_pixels(float* m, int32_t* r, const float* src, int64_t pixels, int64_t stride, int64_t n, int32_t idx0,
+                bool start) {
+  loops().max_pixels(m, r, src, pixels, stride, n, idx0, start);
 }
 void max_rect(float* dst, int64_t* dst_idx, int64_t dst_stride, const float* cells_v, const int32_t* cells_i,
               int64_t row_stride, int64_t cell_stride, int64_t a0, int64_t a1, int64_t b0, int64_t b1, int64_t n,
@@ -185,12 +196,13 @@ void max_rect(float* dst, int64_t* dst_idx, int64_t dst_stride, const float* cel
 }
 bool max_keys(int64_t* keys, const float* v, const int32_t* r, int64_t n) { return loops().max_keys(keys, v, r, n); }
 void max_rect_keys(float* dst, int64_t* dst_idx, int64_t dst_stride, const int64_t* cells, int64_t row_stride,
-                   int64_t cell_stride, int64_t a0, int64_t a1, int64_t b0, int64_t b1, int64_t n) {
-  loops().max_rect_keys(dst, dst_idx, dst_stride, cells, row_stride, cell_stride, a0, a1, b0, b1, n);
+                   int64_t cell_stride, int64_t a0, int64_t a1, int64_t b0, int64_t b1, int64_t n,
+                   int64_t* keys_out) {
+  loops().max_rect_keys(dst, dst_idx, dst_stride, cells, row_stride, cell_stride, a0, a1, b0, b1, n, keys_out);
 }
 
-void max_pixels_values(float* m, const float* src, int64_t pixels, int64_t stride, int64_t n) {
-  loops().max_pixels_values(m, src, pixels, stride, n);
+void max_pixels_values(float* m, const float* src, int64_t pixels, int64_t stride, int64_t n, bool start) {
+  loops().max_pixels_values(m, src, pixels, stride, n, start);
 }
 bool max_rect_values(float* dst, int64_t dst_stride, const float* cells, int64_t row_stride, int64_t cell_stride,
                      int64_t a0, int64_t a1, int64_t b0, int64_t b1, int64_t n) {

@@ -126,8 +126,11 @@ void bilinear_row(float* d, int64_t d_stride, const float* s0, const float* s1, 
                   float wy1, ResizeTable t, int64_t w, int64_t n);
 // Max pooling over a vector of n channels, continuing a scan: pixel p < pixels
 // (at src + p * stride) updates m[k] and its flat index r[k] = idx0 + p by
-// ATen's rule (larger, or NaN), pixels in order.
-void max_pixels(float* m, int32_t* r, const float* src, int64_t pixels, int64_t stride, int64_t n, int32_t idx0);
+// ATen's rule (larger, or NaN), pixels in order. start: the scan starts
+// here, the first pixel is copied (m[k] = src[k], r[k] = idx0): what a
+// state of (-inf, idx0) becomes after it, without writing that state first.
+void max_pixels(float* m, int32_t* r, const float* src, int64_t pixels, int64_t stride, int64_t n, int32_t idx0,
+                bool start);
 // One bin's maxima over a vector of n channels: the cells a0 <= a < a1,
 // b0 <= b < b1 (values cells_v, flat indices cells_i at a * row_stride + b *
 // cell_stride + k) combined by max_pool_combine's rule; dst[k * dst_stride]
@@ -144,13 +147,16 @@ bool max_keys(int64_t* keys, const float* v, const int32_t* r, int64_t n);
 // max_rect over such keys (a bin is their integer maximum per lane):
 // dst[k * dst_stride], dst_idx[k * dst_stride] = the value and index of the
 // largest key of channel k over the cells a0 <= a < a1, b0 <= b < b1 (at
-// cells[a * row_stride + b * cell_stride + k]), k < n.
+// cells[a * row_stride + b * cell_stride + k]), k < n; and keys_out[k] =
+// that key (for bins combined from bins).
 void max_rect_keys(float* dst, int64_t* dst_idx, int64_t dst_stride, const int64_t* cells, int64_t row_stride,
-                   int64_t cell_stride, int64_t a0, int64_t a1, int64_t b0, int64_t b1, int64_t n);
+                   int64_t cell_stride, int64_t a0, int64_t a1, int64_t b0, int64_t b1, int64_t n,
+                   int64_t* keys_out);
 
 // Values-only max pooling (multi_pool2d's mode kPoolMaxValues): max_pixels
 // without the indices, m[k] taking src[k] by ATen's rule (larger, or NaN).
-void max_pixels_values(float* m, const float* src, int64_t pixels, int64_t stride, int64_t n);
+// start: as max_pixels' (the first pixel copied).
+void max_pixels_values(float* m, const float* src, int64_t pixels, int64_t stride, int64_t n, bool start);
 // One bin's values over n channels from such cells (a0 <= a < a1, b0 <= b <
 // b1 at cells[a * row_stride + b * cell_stride + k]) into dst[k *
 // dst_stride]: the maximum, exact for every lane whose maximum is neither
