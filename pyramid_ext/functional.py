@@ -113,8 +113,9 @@ def _fast_pool_entry(x, bins, mode: int, channels_last_levels, window: str, fn: 
         if unbatched:
             size, stride = size[1:], stride[1:]
         views.append((size, stride, offsets[level]))
+    channels_last_input = x.dim() == 4 and not x.is_contiguous()  # the key's layout: NCHW or channels_last
     return _extension._C._PoolCall(list(h_bounds), list(w_bounds), list(level_bins), mode, channels_last_levels,
-                                   unbatched, views)
+                                   unbatched, views, [n, channels, height, width], channels_last_input)
 
 
 def _fast_pool(x, bins, mode: int, channels_last_levels, window: str, backend: Optional[str], fn: str):
