@@ -20,7 +20,11 @@
 // per call and the level views built in Python cost more than a small
 // input's pooling (issue 12: PPM with grad at 0.67x eager on (1, 8, 8, 8)).
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/extension.h>
+
+#include <mutex>
+#include <string>
 
 #include <tuple>
 #include <utility>
@@ -123,44 +127,59 @@ const at::Tensor* first_defined(const torch::autograd::variable_list& grads, siz
 // pooling's outputs). Max saves the packed indices (their views, returned by
 // PoolCall, share their version counter: an index level modified in place
 // makes the backward raise, as before).
-struct PoolLevels : public torch::autograd::Function<PoolLevels> {
-  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
-                                                const c10::intrusive_ptr<PoolConstants>& k,
-                                                at::Tensor* indices_out) {
-    at::Tensor values, indices;
-    torch::autograd::variable_list out;
-    out.reserve(k->views.size());
-    {
-      at::AutoDispatchBelowADInplaceOrView below;
-      std::tie(values, indices) = call_pool(x, *k);
-      for (const LevelView& v : k->views) out.push_back(level_view(values, v));
-    }
-    ctx->set_materialize_grads(false);  // an unused level's gradient stays undefined (no zeros written)
-    ctx->saved_data["constants"] = c10::IValue::make_capsule(k);
-    if (k->mode == kPoolMax) {
-      ctx->save_for_backward({indices});
-      *indices_out = indices;
-    }
-    return out;
+//
+// A plain autograd Node, built as ATen's generated code builds its nodes
+// (collect_next_edges, set_history), rather than a torch::autograd::Function:
+// Function::apply's bookkeeping (input and output infos, the wrapping of each
+// output, the saved-data map) cost about as much as a tiny input's kernel.
+// What Function::apply would also do is checked by the caller: no functorch
+// transform (PoolCall::records) and no forward-mode tangent on x (no jvp
+// here; the op's own autograd kernel raises for one, as before).
+struct PoolLevelsBackward : public torch::autograd::Node {
+  c10::intrusive_ptr<PoolConstants> k;
+  torch::autograd::SavedVariable indices;  // the packed indices (max)
+
+  std::string name() const override { return "pyramid_ext::PoolLevelsBackward"; }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    indices.reset_data();
   }
 
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grads) {
+  torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
     const at::Tensor* some = first_defined(grads, grads.size());
-    if (!some) return {at::Tensor(), at::Tensor(), at::Tensor()};
-    const auto k =
-        c10::static_intrusive_pointer_cast<PoolConstants>(ctx->saved_data.at("constants").toCapsule());
-    std::optional<at::Tensor> indices;
-    if (k->mode == kPoolMax) indices = ctx->get_saved_variables()[0];
-    const int64_t n = k->input_shape[0];
-    const at::Tensor grad_values = pack_level_grads(*k, grads, n, k->row, some->options());
+    if (!some) return {at::Tensor()};
+    std::optional<at::Tensor> saved_indices;
+    if (k->mode == kPoolMax) saved_indices = indices.unpack(getptr());
+    const at::Tensor grad_values = pack_level_grads(*k, grads, k->input_shape[0], k->row, some->options());
     at::Tensor grad_x = pool_backward_op().call(
-        grad_values, indices, c10::fromIntArrayRefSlow(k->input_shape), c10::fromIntArrayRefSlow(k->h_bounds),
+        grad_values, saved_indices, c10::fromIntArrayRefSlow(k->input_shape), c10::fromIntArrayRefSlow(k->h_bounds),
         c10::fromIntArrayRefSlow(k->w_bounds), k->level_bins, k->mode, k->channels_last_levels,
         k->channels_last_input, /*addend=*/std::nullopt);
-    return {grad_x, at::Tensor(), at::Tensor()};
+    return {grad_x};
   }
 };
+
+// The levels of x (which requires grad, in grad mode), each an output of one
+// PoolLevelsBackward node; for max the packed indices in *indices.
+std::vector<at::Tensor> pool_levels_recorded(const at::Tensor& x, const c10::intrusive_ptr<PoolConstants>& k,
+                                             at::Tensor* indices) {
+  at::Tensor values;
+  std::vector<at::Tensor> levels;
+  levels.reserve(k->views.size());
+  {
+    at::AutoDispatchBelowADInplaceOrView below;
+    std::tie(values, *indices) = call_pool(x, *k);
+    for (const LevelView& v : k->views) levels.push_back(level_view(values, v));
+  }
+  auto node = c10::make_intrusive<PoolLevelsBackward>();
+  node->set_next_edges(torch::autograd::collect_next_edges(x));
+  node->k = k;
+  if (k->mode == kPoolMax) node->indices = torch::autograd::SavedVariable(*indices, /*is_output=*/false);
+  for (const at::Tensor& level : levels) torch::autograd::set_history(level, node);
+  return levels;
+}
 
 // (*levels, x) = (multi_pool2d(x, avg) per level, x); the backward of all in
 // one multi_pool2d_backward(grad_values, ..., addend=grad_x) call. The formulas
@@ -272,11 +291,12 @@ class PoolCall {
   }
 
  private:
-  // Whether a call records an autograd node: grad mode on, x requires grad,
-  // and no functorch transform (a C++ autograd Function raises under one:
-  // there the op's own autograd kernel runs, through packed(), as before).
+  // Whether a call records a PoolLevelsBackward node: grad mode on, x
+  // requires grad, no functorch transform and no forward-mode tangent on x
+  // (what the node does not handle; there the op's own autograd kernel runs,
+  // through packed(), and raises or records as before).
   static bool records(const at::Tensor& x) {
-    if (!at::GradMode::is_enabled() || !x.requires_grad()) return false;
+    if (!at::GradMode::is_enabled() || !x.requires_grad() || x._fw_grad(/*level=*/0).defined()) return false;
     const c10::DispatchKeySet tls = c10::impl::tls_local_dispatch_key_set().included_;
     return !tls.has(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) &&
            !tls.has(c10::DispatchKey::FuncTorchDynamicLayerBackMode);
@@ -287,7 +307,7 @@ class PoolCall {
   std::vector<at::Tensor> levels_node(const at::Tensor& x, at::Tensor* indices) const {
     pybind11::gil_scoped_release no_gil;
     at::Tensor unused;
-    return PoolLevels::apply(unbatched_ ? x.unsqueeze(0) : x, k_, indices ? indices : &unused);
+    return pool_levels_recorded(unbatched_ ? x.unsqueeze(0) : x, k_, indices ? indices : &unused);
   }
 
   std::vector<at::Tensor> views(const at::Tensor& packed) const {
