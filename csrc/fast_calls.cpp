@@ -284,7 +284,8 @@ class PoolCall {
       at::Tensor indices;
       std::vector<at::Tensor> levels = levels_node(x, &indices);
       pybind11::gil_scoped_release no_gil;
-      return {std::move(levels), views(indices)};
+      // views of the saved indices (autograd views: they share its version counter)
+      return {std::move(levels), views(indices, /*aliases=*/false)};
     }
     auto [values, indices] = packed(x, true);
     return {views(values), views(indices)};
@@ -297,9 +298,13 @@ class PoolCall {
   // through packed(), and raises or records as before).
   static bool records(const at::Tensor& x) {
     if (!at::GradMode::is_enabled() || !x.requires_grad() || x._fw_grad(/*level=*/0).defined()) return false;
+    return !functorch_active();
+  }
+
+  static bool functorch_active() {
     const c10::DispatchKeySet tls = c10::impl::tls_local_dispatch_key_set().included_;
-    return !tls.has(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) &&
-           !tls.has(c10::DispatchKey::FuncTorchDynamicLayerBackMode);
+    return tls.has(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
+           tls.has(c10::DispatchKey::FuncTorchDynamicLayerBackMode);
   }
 
   // The levels as the outputs of one PoolLevels node; for max the packed
@@ -310,10 +315,22 @@ class PoolCall {
     return pool_levels_recorded(unbatched_ ? x.unsqueeze(0) : x, k_, indices ? indices : &unused);
   }
 
-  std::vector<at::Tensor> views(const at::Tensor& packed) const {
+  // Each level's view of a packed output. One that requires no grad (outside
+  // a functorch transform) gets aliases made below autograd: plain tensors,
+  // as eager pooling returns, without the view bookkeeping of the
+  // ADInplaceOrView kernel (a tenth of a tiny input's call; and a view made in
+  // no_grad mode could not be modified in place under grad mode later, an
+  // eager output can). One that requires grad keeps autograd views (their
+  // gradients flow to the packed output's node).
+  std::vector<at::Tensor> views(const at::Tensor& packed, bool aliases = true) const {
     std::vector<at::Tensor> out;
     out.reserve(k_->views.size());
-    for (const LevelView& v : k_->views) out.push_back(packed.as_strided(v.size, v.stride, v.offset));
+    if (aliases && !packed.requires_grad() && !functorch_active()) {
+      at::AutoDispatchBelowADInplaceOrView below;
+      for (const LevelView& v : k_->views) out.push_back(level_view(packed, v));
+      return out;
+    }
+    for (const LevelView& v : k_->views) out.push_back(level_view(packed, v));
     return out;
   }
 

@@ -107,6 +107,26 @@ def test_levels_can_be_modified_in_place_under_autograd():
     torch.testing.assert_close(x.grad, want)
 
 
+@pytest.mark.parametrize("kind", ["nchw", "channels_last"])
+def test_levels_without_grad_are_plain_tensors_as_eager_outputs(kind):
+    """Without grad the levels are aliases of the packed buffer made below autograd,
+    not autograd views: like F.adaptive_*_pool2d's outputs, one made under no_grad
+    can be modified in place by a tensor requiring grad later (a view made in
+    no_grad mode raises there)."""
+    x = layout(rand((2, 3, 9, 7), dtype=torch.float64), kind)
+    with torch.no_grad():
+        levels = pe.multi_adaptive_avg_pool2d(x.requires_grad_(), BINS)
+    values, indices = pe.multi_adaptive_max_pool2d(x.detach(), BINS, return_indices=True)
+    for t in levels + values + indices:
+        assert not t._is_view() and not t.requires_grad
+    assert len({t.untyped_storage().data_ptr() for t in levels}) == 1
+    w = torch.full((1,), 2.0, dtype=torch.float64, requires_grad=True)
+    levels[1].mul_(w)
+    (levels[1].sum()).backward()
+    want = eager_pool(x.detach(), BINS, "avg")[1]
+    torch.testing.assert_close(w.grad, want.sum().view(1))
+
+
 def test_bool_bins_still_rejected_after_int_bins_are_cached():
     x = rand((1, 2, 4, 4))
     pe.multi_adaptive_avg_pool2d(x, (1,))
