@@ -20,7 +20,11 @@
 // per call and the level views built in Python cost more than a small
 // input's pooling (issue 12: PPM with grad at 0.67x eager on (1, 8, 8, 8)).
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/extension.h>
+
+#include <mutex>
+#include <string>
 
 #include <tuple>
 #include <utility>
@@ -53,6 +57,9 @@ struct PoolConstants : torch::CustomClassHolder {
   int64_t mode = kPoolAvg;
   bool channels_last_levels = false;
   std::vector<LevelView> views;  // each level's (N, C, bh, bw) view of the packed buffer
+  std::vector<int64_t> input_shape;  // (N, C, H, W) as the op sees x (unbatched: N = 1)
+  bool channels_last_input = false;
+  int64_t row = 0;  // C * T, the packed buffer's row
 };
 
 const c10::TypedOperatorHandle<PoolSig>& pool_op() {
@@ -69,9 +76,109 @@ std::tuple<at::Tensor, at::Tensor> call_pool(const at::Tensor& x, const PoolCons
   return call_pool(x, k, k.mode);
 }
 
-// _ops._channels_last: channels_last memory and not also NCHW-contiguous.
-bool channels_last(const at::Tensor& t) {
-  return t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
+// Each level's (N, C, bh, bw) view of a packed (N, C * T) buffer (a
+// (C, bh, bw) view for an unbatched call's levels).
+at::Tensor level_view(const at::Tensor& packed, const LevelView& v) {
+  return packed.as_strided(v.size, v.stride, v.offset);
+}
+
+// The packed (N, C * T) gradient of the levels (`grads[i]`: level i's, any
+// strides, or undefined: an output not used), written once: one empty buffer,
+// each level's gradient copied into its view of it, an unused level's view
+// zeroed. Autograd's own route, a level as an as_strided view of the packed
+// values, wrote a zero-filled packed-sized gradient per level
+// (AsStridedBackward0: new_zeros, copy) and added them up: on (16, 256, 16, 16)
+// about 0.5 ms of a 4 ms step. Differentiable (copy_ into views of a buffer),
+// so double backward records it.
+at::Tensor pack_level_grads(const PoolConstants& k, const torch::autograd::variable_list& grads, int64_t n,
+                            int64_t row, const at::TensorOptions& options) {
+  at::Tensor packed = at::empty({n, row}, options);
+  for (size_t i = 0; i < k.views.size(); ++i) {
+    at::Tensor dst = level_view(packed, k.views[i]);
+    if (grads[i].defined())
+      dst.copy_(grads[i]);
+    else
+      dst.zero_();
+  }
+  return packed;
+}
+
+const c10::TypedOperatorHandle<PoolBackwardSig>& pool_backward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("pyramid_ext::multi_pool2d_backward", "")
+                             .typed<PoolBackwardSig>();
+  return op;
+}
+
+// The first defined gradient among grads[0, count), or nullptr.
+const at::Tensor* first_defined(const torch::autograd::variable_list& grads, size_t count) {
+  for (size_t i = 0; i < count; ++i)
+    if (grads[i].defined()) return &grads[i];
+  return nullptr;
+}
+
+// levels = multi_pool2d(x) per level (avg or max), as one autograd node whose
+// outputs are the levels themselves, its backward one multi_pool2d_backward
+// call on the level gradients packed once (pack_level_grads). The levels are
+// aliases of the packed buffer made below autograd (as_strided under
+// AutoDispatchBelowADInplaceOrView: plain tensors, not autograd views, each
+// with its own version counter; nothing reads the values in the backward, so
+// a level modified in place changes no gradient but its own, as for eager
+// pooling's outputs). Max saves the packed indices (their views, returned by
+// PoolCall, share their version counter: an index level modified in place
+// makes the backward raise, as before).
+//
+// A plain autograd Node, built as ATen's generated code builds its nodes
+// (collect_next_edges, set_history), rather than a torch::autograd::Function:
+// Function::apply's bookkeeping (input and output infos, the wrapping of each
+// output, the saved-data map) cost about as much as a tiny input's kernel.
+// What Function::apply would also do is checked by the caller: no functorch
+// transform (PoolCall::records) and no forward-mode tangent on x (no jvp
+// here; the op's own autograd kernel raises for one, as before).
+struct PoolLevelsBackward : public torch::autograd::Node {
+  c10::intrusive_ptr<PoolConstants> k;
+  torch::autograd::SavedVariable indices;  // the packed indices (max)
+
+  std::string name() const override { return "pyramid_ext::PoolLevelsBackward"; }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    indices.reset_data();
+  }
+
+  torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const at::Tensor* some = first_defined(grads, grads.size());
+    if (!some) return {at::Tensor()};
+    std::optional<at::Tensor> saved_indices;
+    if (k->mode == kPoolMax) saved_indices = indices.unpack(getptr());
+    const at::Tensor grad_values = pack_level_grads(*k, grads, k->input_shape[0], k->row, some->options());
+    at::Tensor grad_x = pool_backward_op().call(
+        grad_values, saved_indices, c10::fromIntArrayRefSlow(k->input_shape), c10::fromIntArrayRefSlow(k->h_bounds),
+        c10::fromIntArrayRefSlow(k->w_bounds), k->level_bins, k->mode, k->channels_last_levels,
+        k->channels_last_input, /*addend=*/std::nullopt);
+    return {grad_x};
+  }
+};
+
+// The levels of x (which requires grad, in grad mode), each an output of one
+// PoolLevelsBackward node; for max the packed indices in *indices.
+std::vector<at::Tensor> pool_levels_recorded(const at::Tensor& x, const c10::intrusive_ptr<PoolConstants>& k,
+                                             at::Tensor* indices) {
+  at::Tensor values;
+  std::vector<at::Tensor> levels;
+  levels.reserve(k->views.size());
+  {
+    at::AutoDispatchBelowADInplaceOrView below;
+    std::tie(values, *indices) = call_pool(x, *k);
+    for (const LevelView& v : k->views) levels.push_back(level_view(values, v));
+  }
+  auto node = c10::make_intrusive<PoolLevelsBackward>();
+  node->set_next_edges(torch::autograd::collect_next_edges(x));
+  node->k = k;
+  if (k->mode == kPoolMax) node->indices = torch::autograd::SavedVariable(*indices, /*is_output=*/false);
+  for (const at::Tensor& level : levels) torch::autograd::set_history(level, node);
+  return levels;
 }
 
 // (*levels, x) = (multi_pool2d(x, avg) per level, x); the backward of all in
@@ -79,7 +186,8 @@ bool channels_last(const at::Tensor& t) {
 // of _pool_through._AvgPoolHandingOnX (the path of the other backends): the
 // levels are outputs of this node (detached aliases of the packed buffer, not
 // autograd views, whose backward would each write a packed-sized zero-filled
-// gradient for autograd to add up); their gradients are packed with one cat.
+// gradient for autograd to add up); their gradients are packed once
+// (pack_level_grads).
 struct PoolHandingOnX : public torch::autograd::Function<PoolHandingOnX> {
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
                                                 const c10::intrusive_ptr<PoolConstants>& k) {
@@ -92,10 +200,7 @@ struct PoolHandingOnX : public torch::autograd::Function<PoolHandingOnX> {
     out.reserve(k->views.size() + 1);
     for (const LevelView& v : k->views) out.push_back(values.as_strided(v.size, v.stride, v.offset).detach());
     ctx->set_materialize_grads(false);  // an unused output's gradient stays undefined (no zeros written)
-    auto& saved = ctx->saved_data;
-    saved["constants"] = c10::IValue::make_capsule(k);
-    saved["input_shape"] = x.sizes();
-    saved["channels_last_input"] = channels_last(x);
+    ctx->saved_data["constants"] = c10::IValue::make_capsule(k);
     // x itself: Function::apply returns an input as a view of it whose
     // gradient comes to this node.
     out.push_back(x);
@@ -105,38 +210,17 @@ struct PoolHandingOnX : public torch::autograd::Function<PoolHandingOnX> {
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const at::Tensor grad_x_through = grads.back();
-    const at::Tensor* some = nullptr;  // a defined level gradient
-    for (size_t i = 0; i + 1 < grads.size() && !some; ++i)
-      if (grads[i].defined()) some = &grads[i];
+    const at::Tensor* some = first_defined(grads, grads.size() - 1);  // a level's gradient
     if (!some) return {grad_x_through, at::Tensor()};
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("pyramid_ext::multi_pool2d_backward", "")
-                               .typed<PoolBackwardSig>();
-    const auto& saved = ctx->saved_data;
-    const auto k = c10::static_intrusive_pointer_cast<PoolConstants>(saved.at("constants").toCapsule());
+    const auto k =
+        c10::static_intrusive_pointer_cast<PoolConstants>(ctx->saved_data.at("constants").toCapsule());
     std::optional<at::Tensor> addend;
     if (grad_x_through.defined()) addend = grad_x_through;
-    const std::vector<int64_t> shape = saved.at("input_shape").toIntVector();
-    // The packed (N, C * total) gradient in the layout the levels view:
-    // (N, bh, bw, C) blocks for channels_last levels, else (N, C, bh, bw).
-    const int64_t n = shape[0], c = shape[1];
-    std::vector<at::Tensor> pieces;
-    pieces.reserve(grads.size() - 1);
-    for (size_t i = 0; i + 1 < grads.size(); ++i) {
-      const int64_t cells = c * k->level_bins[2 * i] * k->level_bins[2 * i + 1];
-      const at::Tensor& g = grads[i];
-      if (!g.defined())
-        pieces.push_back(at::zeros({n, cells}, some->options()));
-      else if (k->channels_last_levels)
-        pieces.push_back(g.permute({0, 2, 3, 1}).reshape({n, cells}));
-      else
-        pieces.push_back(g.reshape({n, cells}));
-    }
-    const at::Tensor grad_values = at::cat(pieces, 1);
-    at::Tensor grad_x = op.call(grad_values, std::nullopt, c10::fromIntArrayRefSlow(shape),
-                                c10::fromIntArrayRefSlow(k->h_bounds), c10::fromIntArrayRefSlow(k->w_bounds),
-                                k->level_bins, k->mode, k->channels_last_levels,
-                                saved.at("channels_last_input").toBool(), addend);
+    const at::Tensor grad_values = pack_level_grads(*k, grads, k->input_shape[0], k->row, some->options());
+    at::Tensor grad_x = pool_backward_op().call(
+        grad_values, std::nullopt, c10::fromIntArrayRefSlow(k->input_shape), c10::fromIntArrayRefSlow(k->h_bounds),
+        c10::fromIntArrayRefSlow(k->w_bounds), k->level_bins, k->mode, k->channels_last_levels,
+        k->channels_last_input, addend);
     return {grad_x, at::Tensor()};
   }
 };
@@ -145,14 +229,21 @@ class PoolCall {
  public:
   PoolCall(std::vector<int64_t> h_bounds, std::vector<int64_t> w_bounds, std::vector<int64_t> level_bins,
            int64_t mode, bool channels_last_levels, bool unbatched,
-           std::vector<std::tuple<std::vector<int64_t>, std::vector<int64_t>, int64_t>> views)
+           std::vector<std::tuple<std::vector<int64_t>, std::vector<int64_t>, int64_t>> views,
+           std::vector<int64_t> input_shape, bool channels_last_input)
       : k_(c10::make_intrusive<PoolConstants>()), unbatched_(unbatched) {
+    TORCH_CHECK(input_shape.size() == 4 && level_bins.size() == 2 * views.size(),
+                "_PoolCall: input_shape (N, C, H, W) and one view per level");
     k_->h_bounds = std::move(h_bounds);
     k_->w_bounds = std::move(w_bounds);
     k_->level_bins = std::move(level_bins);
     k_->mode = mode;
     k_->channels_last_levels = channels_last_levels;
     for (auto& [size, stride, offset] : views) k_->views.push_back({std::move(size), std::move(stride), offset});
+    k_->input_shape = std::move(input_shape);
+    k_->channels_last_input = channels_last_input;
+    for (size_t i = 0; i < k_->views.size(); ++i)
+      k_->row += k_->input_shape[1] * k_->level_bins[2 * i] * k_->level_bins[2 * i + 1];
   }
 
   // (values, indices) as the op returns them. A max call whose indices are
@@ -183,18 +274,63 @@ class PoolCall {
     return unbatched_ ? values.select(0, 0) : values;
   }
 
-  std::vector<at::Tensor> levels(const at::Tensor& x) const { return views(std::get<0>(packed(x, false))); }
+  std::vector<at::Tensor> levels(const at::Tensor& x) const {
+    if (records(x)) return levels_node(x, nullptr);
+    return views(std::get<0>(packed(x, false)));
+  }
 
   std::pair<std::vector<at::Tensor>, std::vector<at::Tensor>> levels_with_indices(const at::Tensor& x) const {
+    if (records(x)) {
+      at::Tensor indices;
+      std::vector<at::Tensor> levels = levels_node(x, &indices);
+      pybind11::gil_scoped_release no_gil;
+      // views of the saved indices (autograd views: they share its version counter)
+      return {std::move(levels), views(indices, /*aliases=*/false)};
+    }
     auto [values, indices] = packed(x, true);
     return {views(values), views(indices)};
   }
 
  private:
-  std::vector<at::Tensor> views(const at::Tensor& packed) const {
+  // Whether a call records a PoolLevelsBackward node: grad mode on, x
+  // requires grad, no functorch transform and no forward-mode tangent on x
+  // (what the node does not handle; there the op's own autograd kernel runs,
+  // through packed(), and raises or records as before).
+  static bool records(const at::Tensor& x) {
+    if (!at::GradMode::is_enabled() || !x.requires_grad() || x._fw_grad(/*level=*/0).defined()) return false;
+    return !functorch_active();
+  }
+
+  static bool functorch_active() {
+    const c10::DispatchKeySet tls = c10::impl::tls_local_dispatch_key_set().included_;
+    return tls.has(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
+           tls.has(c10::DispatchKey::FuncTorchDynamicLayerBackMode);
+  }
+
+  // The levels as the outputs of one PoolLevels node; for max the packed
+  // indices in *indices (which the node saves).
+  std::vector<at::Tensor> levels_node(const at::Tensor& x, at::Tensor* indices) const {
+    pybind11::gil_scoped_release no_gil;
+    at::Tensor unused;
+    return pool_levels_recorded(unbatched_ ? x.unsqueeze(0) : x, k_, indices ? indices : &unused);
+  }
+
+  // Each level's view of a packed output. One that requires no grad (outside
+  // a functorch transform) gets aliases made below autograd: plain tensors,
+  // as eager pooling returns, without the view bookkeeping of the
+  // ADInplaceOrView kernel (a tenth of a tiny input's call; and a view made in
+  // no_grad mode could not be modified in place under grad mode later, an
+  // eager output can). One that requires grad keeps autograd views (their
+  // gradients flow to the packed output's node).
+  std::vector<at::Tensor> views(const at::Tensor& packed, bool aliases = true) const {
     std::vector<at::Tensor> out;
     out.reserve(k_->views.size());
-    for (const LevelView& v : k_->views) out.push_back(packed.as_strided(v.size, v.stride, v.offset));
+    if (aliases && !packed.requires_grad() && !functorch_active()) {
+      at::AutoDispatchBelowADInplaceOrView below;
+      for (const LevelView& v : k_->views) out.push_back(level_view(packed, v));
+      return out;
+    }
+    for (const LevelView& v : k_->views) out.push_back(level_view(packed, v));
     return out;
   }
 
@@ -217,7 +353,8 @@ void register_fast_calls(pybind11::module_& m) {
   pybind11::class_<PoolCall>(m, "_PoolCall",
                              "The eager fast path's multi_pool2d call with its constants (pyramid_ext.functional).")
       .def(pybind11::init<std::vector<int64_t>, std::vector<int64_t>, std::vector<int64_t>, int64_t, bool, bool,
-                          std::vector<std::tuple<std::vector<int64_t>, std::vector<int64_t>, int64_t>>>())
+                          std::vector<std::tuple<std::vector<int64_t>, std::vector<int64_t>, int64_t>>,
+                          std::vector<int64_t>, bool>())
       .def("packed", &PoolCall::packed, pybind11::arg("x"), pybind11::arg("want_indices") = true)
       .def("spp", &PoolCall::spp)
       .def("levels", &PoolCall::levels)

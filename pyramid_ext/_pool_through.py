@@ -71,18 +71,18 @@ class _AvgPoolHandingOnX(torch.autograd.Function):
 
 def _pack_levels(grad_levels, level_bins, shape, channels_last_levels: bool) -> torch.Tensor:
     """The packed (N, C * total) gradient of the levels, in the layout
-    ``functional._unpack`` reads (a level without a gradient: zeros), written once."""
+    ``functional._unpack`` reads, written once: each level's gradient copied
+    into its view of one empty buffer, a level without a gradient's view
+    zeroed (as ``_C._PoolCall``'s ``pack_level_grads``, csrc/fast_calls.cpp)."""
     n, c = shape[0], shape[1]
     some = next(g for g in grad_levels if g is not None)
-    pieces = []
-    for g, (bh, bw) in zip(grad_levels, level_shapes(level_bins)):
+    packed = some.new_empty(n, c * sum(bh * bw for bh, bw in level_shapes(level_bins)))
+    for g, view in zip(grad_levels, pf._unpack(packed, level_bins, c, channels_last_levels, False)):
         if g is None:
-            pieces.append(some.new_zeros(n, c * bh * bw))
-        elif channels_last_levels:  # the block is (n, bh, bw, c)
-            pieces.append(g.permute(0, 2, 3, 1).reshape(n, c * bh * bw))
-        else:  # the block is (n, c, bh, bw)
-            pieces.append(g.reshape(n, c * bh * bw))
-    return torch.cat(pieces, 1)
+            view.zero_()
+        else:
+            view.copy_(g)
+    return packed
 
 
 def avg_pool_handing_on_x(x: torch.Tensor, bins) -> Tuple[List[torch.Tensor], torch.Tensor]:

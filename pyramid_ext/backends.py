@@ -126,9 +126,11 @@ def requested_backend(backend: Optional[str] = None) -> str:
     """The backend name in force: argument, context, environment, or 'auto'."""
     if backend is not None:
         return _check_name(backend, "backend")
-    for name in reversed(_stack()):
-        if name is not None:
-            return name
+    stack = getattr(_local, "stack", None)  # _stack() without creating it: every eager call reads it
+    if stack:
+        for name in reversed(stack):
+            if name is not None:
+                return name
     env = _env_backend()
     if env:
         return _check_name(env, f"environment variable {ENV_VAR}")

@@ -62,9 +62,15 @@ def active() -> bool:
 
     ``torch.onnx.is_in_onnx_export()``, reading its two flags directly: it
     imports both modules on every call, a cost every public call would pay."""
-    global _onnx_state
     if torch.compiler.is_compiling():  # dynamo knows this function, not the flags' getters
         return torch.onnx.is_in_onnx_export()
+    return onnx_flags_set()
+
+
+def onnx_flags_set() -> bool:
+    """``active()`` outside torch.compile: the two exporters' flags (the eager
+    fast path, which has checked that it is not compiling, reads only these)."""
+    global _onnx_state
     if _onnx_state is None:
         try:
             from torch.onnx._internal.exporter import _flags

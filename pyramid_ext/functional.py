@@ -67,8 +67,10 @@ _FAST_POOL_LOCK = threading.Lock()
 
 
 def _fast_pool_key(x, bins, mode: int, channels_last_levels, window: str, backend: Optional[str]):
-    """The cache key of an eager call the fast path may serve, else None."""
-    if type(x) is not torch.Tensor or torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled():
+    """The cache key of an eager call the fast path may serve, else None (also
+    during ONNX export, whose path the caller takes next)."""
+    if (type(x) is not torch.Tensor or torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled()
+            or export.onnx_flags_set()):
         return None
     if type(bins) is int:
         bins_key = bins
@@ -113,8 +115,9 @@ def _fast_pool_entry(x, bins, mode: int, channels_last_levels, window: str, fn: 
         if unbatched:
             size, stride = size[1:], stride[1:]
         views.append((size, stride, offsets[level]))
+    channels_last_input = x.dim() == 4 and not x.is_contiguous()  # the key's layout: NCHW or channels_last
     return _extension._C._PoolCall(list(h_bounds), list(w_bounds), list(level_bins), mode, channels_last_levels,
-                                   unbatched, views)
+                                   unbatched, views, [n, channels, height, width], channels_last_input)
 
 
 def _fast_pool(x, bins, mode: int, channels_last_levels, window: str, backend: Optional[str], fn: str):
@@ -175,11 +178,11 @@ def multi_adaptive_avg_pool2d(x: torch.Tensor, bins=(1, 2, 3, 6), *, window: str
     one packed buffer (see ``spatial_pyramid_pool``). ``window`` selects the
     window policy (pyramid_ext.windows); the default is PyTorch's.
     """
+    fast = _fast_pool(x, bins, POOL_AVG, None, window, backend, "multi_adaptive_avg_pool2d")
+    if fast is not None:  # first: it is None under ONNX export, torch.compile and export
+        return fast.levels(x)
     if export.pool_needs_standard_ops(x, window, backend):  # ONNX export: windows from the runtime size
         return export.multi_pool2d(x, _pool_args(x, bins, "multi_adaptive_avg_pool2d"), "avg", window)[0]
-    fast = _fast_pool(x, bins, POOL_AVG, None, window, backend, "multi_adaptive_avg_pool2d")
-    if fast is not None:
-        return fast.levels(x)
     values, _, level_bins, unbatched, cl = _pool_packed(x, bins, POOL_AVG, None, window, backend,
                                                          "multi_adaptive_avg_pool2d")
     return _unpack(values, level_bins, x.shape[-3], cl, unbatched)
@@ -193,13 +196,13 @@ def multi_adaptive_max_pool2d(x: torch.Tensor, bins=(1, 2, 3, 6), *, return_indi
     ``return_indices=True`` also returns the list of int64 flat indices
     (``h * W + w``), identical to PyTorch's on CPU, NaN propagated.
     """
+    fast = _fast_pool(x, bins, POOL_MAX, None, window, backend, "multi_adaptive_max_pool2d")
+    if fast is not None:
+        return fast.levels_with_indices(x) if return_indices else fast.levels(x)
     if export.pool_needs_standard_ops(x, window, backend):
         vals, idx = export.multi_pool2d(x, _pool_args(x, bins, "multi_adaptive_max_pool2d"), "max", window,
                                         return_indices)
         return (vals, idx) if return_indices else vals
-    fast = _fast_pool(x, bins, POOL_MAX, None, window, backend, "multi_adaptive_max_pool2d")
-    if fast is not None:
-        return fast.levels_with_indices(x) if return_indices else fast.levels(x)
     values, indices, level_bins, unbatched, cl = _pool_packed(x, bins, POOL_MAX, None, window, backend,
                                                                "multi_adaptive_max_pool2d")
     vals = _unpack(values, level_bins, x.shape[-3], cl, unbatched)
@@ -216,12 +219,12 @@ def spatial_pyramid_pool(x: torch.Tensor, bins=(4, 2, 1), *, mode: str = "max", 
     """
     if mode not in ("max", "avg"):
         raise ValueError(f"spatial_pyramid_pool(): mode must be 'max' or 'avg', got {mode!r}")
-    if export.pool_needs_standard_ops(x, window, backend):
-        return export.spatial_pyramid_pool(x, _pool_args(x, bins, "spatial_pyramid_pool"), mode, window)
     fast = _fast_pool(x, bins, POOL_MAX if mode == "max" else POOL_AVG, False, window, backend,
                       "spatial_pyramid_pool")
     if fast is not None:
         return fast.spp(x)
+    if export.pool_needs_standard_ops(x, window, backend):
+        return export.spatial_pyramid_pool(x, _pool_args(x, bins, "spatial_pyramid_pool"), mode, window)
     values, _, _, unbatched, _ = _pool_packed(x, bins, POOL_MAX if mode == "max" else POOL_AVG, False, window,
                                               backend, "spatial_pyramid_pool")
     return values[0] if unbatched else values

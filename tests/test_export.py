@@ -165,6 +165,29 @@ def test_public_ops_outside_export_do_not_take_the_export_path(monkeypatch):
     assert called == []
 
 
+def test_pool_takes_the_export_path_during_onnx_export_even_when_cached(monkeypatch):
+    """The eager fast path runs before the export check (functional._fast_pool_key
+    reads the exporters' flags itself): with an entry cached for the call, a
+    pooling call during ONNX export still takes the standard-op path."""
+    from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
+
+    x = torch.randn(1, 2, 8, 8)
+    calls = [lambda: pe.multi_adaptive_avg_pool2d(x, (1, 2)), lambda: pe.multi_adaptive_max_pool2d(x, (1, 2)),
+             lambda: pe.multi_adaptive_max_pool2d(x, (1, 2), return_indices=True)[1],
+             lambda: pe.spatial_pyramid_pool(x, (2, 1), mode="avg")]
+    want = [fn() for fn in calls]  # also fills the fast path's cache
+    called = []
+    for name in ("multi_pool2d", "spatial_pyramid_pool"):
+        real = getattr(export, name)
+        monkeypatch.setattr(export, name, lambda *a, real=real, name=name, **k: called.append(name) or real(*a, **k))
+    monkeypatch.setattr(GLOBALS, "in_onnx_export", True)
+    assert export.active()
+    got = [fn() for fn in calls]
+    monkeypatch.setattr(GLOBALS, "in_onnx_export", False)
+    assert called[:4] == ["multi_pool2d"] * 3 + ["spatial_pyramid_pool"]  # (which pools through multi_pool2d)
+    torch.testing.assert_close(got, want)
+
+
 def test_out_is_refused_during_export_with_a_clear_error():
     with pytest.raises(ExportUnsupportedError, match=r"upsample_concat\(\): out= .* cannot express"):
         export.upsample_concat(None, [torch.randn(1, 1, 2, 2)], (4, 4), False, True, out=torch.empty(1, 1, 4, 4))

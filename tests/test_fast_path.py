@@ -107,6 +107,26 @@ def test_levels_can_be_modified_in_place_under_autograd():
     torch.testing.assert_close(x.grad, want)
 
 
+@pytest.mark.parametrize("kind", ["nchw", "channels_last"])
+def test_levels_without_grad_are_plain_tensors_as_eager_outputs(kind):
+    """Without grad the levels are aliases of the packed buffer made below autograd,
+    not autograd views: like F.adaptive_*_pool2d's outputs, one made under no_grad
+    can be modified in place by a tensor requiring grad later (a view made in
+    no_grad mode raises there)."""
+    x = layout(rand((2, 3, 9, 7), dtype=torch.float64), kind)
+    with torch.no_grad():
+        levels = pe.multi_adaptive_avg_pool2d(x.requires_grad_(), BINS)
+    values, indices = pe.multi_adaptive_max_pool2d(x.detach(), BINS, return_indices=True)
+    for t in levels + values + indices:
+        assert not t._is_view() and not t.requires_grad
+    assert len({t.untyped_storage().data_ptr() for t in levels}) == 1
+    w = torch.full((1,), 2.0, dtype=torch.float64, requires_grad=True)
+    levels[1].mul_(w)
+    (levels[1].sum()).backward()
+    want = eager_pool(x.detach(), BINS, "avg")[1]
+    torch.testing.assert_close(w.grad, want.sum().view(1))
+
+
 def test_bool_bins_still_rejected_after_int_bins_are_cached():
     x = rand((1, 2, 4, 4))
     pe.multi_adaptive_avg_pool2d(x, (1,))
@@ -195,6 +215,69 @@ def test_cache_is_a_bounded_lru(monkeypatch):
         assert not any(isinstance(v, torch.Tensor) for v in key)
 
 
+# With grad, the levels are the outputs of one C++ node (_PoolCall's PoolLevels,
+# csrc/fast_calls.cpp), not as_strided views of the packed values: the backward
+# of such views wrote a zero-filled packed-sized gradient per level and added
+# them up (new_zeros, fill_, copy_, add per level); the node packs the level
+# gradients into one buffer and calls multi_pool2d_backward once.
+@pytest.mark.parametrize("kind", ["nchw", "channels_last"])
+@pytest.mark.parametrize("mode", ["avg", "max"])
+def test_pool_with_grad_is_one_node_and_packs_level_grads_once(kind, mode):
+    x = layout(rand((2, 3, 9, 7), dtype=torch.float64), kind).requires_grad_()
+    fused = pe.multi_adaptive_avg_pool2d if mode == "avg" else pe.multi_adaptive_max_pool2d
+    fused(x, BINS)  # fills the cache
+    assert _ops_of(lambda: fused(x, BINS)) == ["multi_pool2d"] + ["as_strided"] * 4
+    levels = fused(x, BINS)
+    names = {v.grad_fn.name() for v in levels}
+    assert len(names) == 1 and "PoolLevels" in names.pop(), [v.grad_fn for v in levels]
+    assert not any(v._is_view() for v in levels)
+    want = eager_pool(x, BINS, mode)
+    grads = [layout(rand(w.shape, dtype=torch.float64, seed=k), kind) for k, w in enumerate(want)]
+    for used in [(0, 1, 2, 3), (1, 3), (2,)]:  # every level, some, one: the others' gradients are None
+        outs, gs = [levels[i] for i in used], [grads[i] for i in used]
+        with CountOps() as counted:
+            (got,) = torch.autograd.grad(outs, x, gs, retain_graph=True)
+        (expect,) = torch.autograd.grad([want[i] for i in used], x, gs, retain_graph=True)
+        torch.testing.assert_close(got, expect, rtol=0, atol=1e-12)
+        ops = counted.ops
+        assert ops.count("multi_pool2d_backward") == 1 and ops.count("empty") == 1, ops
+        assert ops.count("copy_") == len(used) and ops.count("zero_") == 4 - len(used), ops
+        assert not {"new_zeros", "zeros", "fill_", "add", "add_", "cat"} & set(ops), ops
+
+
+@pytest.mark.parametrize("kind", ["nchw", "channels_last"])
+def test_pool_level_grads_of_any_layout_and_unbatched(kind):
+    """Level gradients with odd strides (expanded by sum(), a level used twice, a
+    transposed one) and an unbatched x, against F.adaptive_*_pool2d."""
+    for shape in [(2, 5, 13, 11), (5, 13, 11)]:
+        x = rand(shape, dtype=torch.float64)
+        if len(shape) == 4:
+            x = layout(x, kind)
+        x.requires_grad_()
+        for fused, mode in [(pe.multi_adaptive_avg_pool2d, "avg"), (pe.multi_adaptive_max_pool2d, "max")]:
+            got_levels, want_levels = fused(x, BINS), eager_pool(x, BINS, mode)
+
+            def loss(levels):
+                return (levels[0].sum() + (levels[1] * levels[1]).sum() + levels[1].sum()
+                        + (levels[3].transpose(-1, -2) * torch.arange(36.0, dtype=torch.float64).view(6, 6)).sum())
+
+            (got,) = torch.autograd.grad(loss(got_levels), x)
+            (expect,) = torch.autograd.grad(loss(want_levels), x)
+            torch.testing.assert_close(got, expect, rtol=0, atol=1e-12)
+
+
+def test_max_index_level_modified_in_place_fails_the_backward():
+    """The node saves the packed indices; an index level is a view of them, so
+    modifying one in place makes the backward raise instead of using it."""
+    x = rand((1, 2, 6, 6), dtype=torch.float64).requires_grad_()
+    values, indices = pe.multi_adaptive_max_pool2d(x, (1, 2), return_indices=True)
+    for i, b in zip(indices, (1, 2)):
+        assert torch.equal(i, F.adaptive_max_pool2d(x, b, return_indices=True)[1])
+    indices[1].zero_()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        values[1].sum().backward()
+
+
 # The pyramid modules' pooling node that hands x on (pyramid_ext/_pool_through.py):
 # served by _C._PoolCall.levels_handing_on_x (a C++ autograd node, cached windows)
 # for a dense x on the compiled backend, by the Python autograd.Function otherwise.
@@ -225,6 +308,17 @@ def test_pool_handing_on_x_is_one_cpp_node(kind):
     # Not dense: the Python autograd.Function (after a copy of x).
     _, _, through = _handing_on_x_case(kind, dense=False)
     assert through.grad_fn.name() == "_AvgPoolHandingOnXBackward"
+    for dense in [True, False]:
+        # Backward: the level gradients (level 2's unused) packed into one buffer, one backward op.
+        x, levels, x_through = _handing_on_x_case(kind, dense)
+        grads = [rand(v.shape, dtype=torch.float64, seed=k) for k, v in enumerate(levels)]
+        outs = [levels[0], levels[1], levels[3], x_through]
+        with CountOps() as counted:
+            torch.autograd.grad(outs, x, [grads[0], grads[1], grads[3], torch.ones_like(x)])
+        ops = counted.ops
+        assert ops.count("multi_pool2d_backward") == 1 and ops.count("empty") + ops.count("new_empty") == 1, ops
+        assert ops.count("copy_") == 3 and ops.count("zero_") == 1, ops
+        assert not {"new_zeros", "zeros", "fill_", "add", "cat"} & set(ops), ops
 
 
 @pytest.mark.parametrize("dense", [True, False])

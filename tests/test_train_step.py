@@ -233,16 +233,18 @@ def test_ppm_x_gradient_is_one_kernel_call(kind):
 @pytest.mark.parametrize("kind", ["nchw", "channels_last"])
 def test_ppm_level_gradients_packed_once(kind):
     """The levels are outputs of the pooling node, whose backward packs their
-    gradients with one cat: no packed-sized zero fill, slice_backward or add
-    (levels sliced outside the node sent back one zero-filled packed gradient
-    each, summed by autograd)."""
+    gradients once, each copied into its level's view of one buffer: no
+    packed-sized zero fill, slice_backward, add or cat (levels sliced outside
+    the node sent back one zero-filled packed gradient each, summed by autograd)."""
     events, _, _ = _profiled_ppm_backward(kind)
     packed = [2, 8 * (1 + 4 + 9 + 36)]
     extra = [e.name for e in events if packed in e.input_shapes
              and e.name in ("aten::fill_", "aten::zero_", "aten::add", "aten::add_", "aten::slice_backward")]
-    cats = [e for e in events if e.name == "aten::cat"]
     assert extra == []
-    assert len(cats) == 1
+    assert [e for e in events if e.name == "aten::cat"] == []
+    copies = [e.input_shapes[0] for e in events if e.name == "aten::copy_" and e.input_shapes
+              and e.input_shapes[0] in [[2, 8, b, b] for b in (1, 2, 3, 6)]]
+    assert all([2, 8, b, b] in copies for b in (1, 2, 3, 6)), copies  # each level's gradient into its view
 
 
 @pytest.mark.parametrize("kind", ["nchw", "channels_last"])
