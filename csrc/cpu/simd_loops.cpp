@@ -46,6 +46,7 @@ namespace {
 struct Loops {
   decltype(&isa_baseline::sum_rows) sum_rows;
   decltype(&isa_baseline::add_row_sum) add_row_sum;
+  decltype(&isa_baseline::set_row_sum) set_row_sum;
   decltype(&isa_baseline::add_row_sum_f64) add_row_sum_f64;
   decltype(&isa_baseline::add_run_f64) add_run_f64;
   decltype(&isa_baseline::rect_means) rect_means;
@@ -68,7 +69,7 @@ struct Loops {
 
 #define PE_LOOPS(ns)                                                                                   \
   Loops {                                                                                              \
-    ns::sum_rows, ns::add_row_sum, ns::add_row_sum_f64, ns::add_run_f64, ns::rect_means, ns::bin_means,  \
+    ns::sum_rows, ns::add_row_sum, ns::set_row_sum, ns::add_row_sum_f64, ns::add_run_f64, ns::rect_means, ns::bin_means,  \
         ns::max_rows,                                                                             \
         ns::blend, ns::axpy, ns::shift_add_rows, ns::resize_row, ns::bilinear, ns::blend_plane,       \
         ns::bilinear_row, ns::max_pixels, ns::max_rect, ns::max_keys, ns::max_rect_keys,            \
@@ -132,6 +133,9 @@ void sum_rows(float* acc, int64_t acc_stride, const float* src, int64_t rows, in
 }
 void add_row_sum(float* acc, const float* src, int64_t rows, int64_t stride, int64_t n) {
   loops().add_row_sum(acc, src, rows, stride, n);
+}
+void set_row_sum(float* run, const float* src, int64_t rows, int64_t stride, int64_t n) {
+  loops().set_row_sum(run, src, rows, stride, n);
 }
 void add_row_sum_f64(double* acc, float* run, const float* src, int64_t rows, int64_t stride, int64_t n,
                      bool first) {

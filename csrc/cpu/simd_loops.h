@@ -50,6 +50,9 @@ void sum_rows(float* acc, int64_t acc_stride, const float* src, int64_t rows, in
 // summed in float in groups of four, (p0 + p1) + (p2 + p3), the groups left
 // to right, then added to the float run.
 void add_row_sum(float* run, const float* src, int64_t rows, int64_t stride, int64_t n);
+// The same row sum starting a run: run[i] = (src[i] + src[stride + i] + ...)
+// (add_row_sum onto a zero run, but for the sign of a zero sum).
+void set_row_sum(float* run, const float* src, int64_t rows, int64_t stride, int64_t n);
 // The same, then the run ends: acc[i] += (double)run[i] (acc[i] = when
 // `first`) and run[i] = 0.
 void add_row_sum_f64(double* acc, float* run, const float* src, int64_t rows, int64_t stride, int64_t n,
