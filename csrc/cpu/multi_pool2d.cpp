@@ -546,11 +546,14 @@ void avg_forward_channels_last(const scalar_t* x, scalar_t* out,
   }
   const int64_t scratch_size = bin_outs.empty() ? 0 : SH * SW * 32;
   // `sum`: C (or a chunk's) doubles for other dtypes, bin_means' scratch for float.
-  auto cells_to_bins = [&](int64_t n, int64_t c0, int64_t cn, const acc_t* cells, double* sum) {
+  // `next`: the sample to prefetch while the bins are summed, or -1.
+  auto cells_to_bins = [&](int64_t n, int64_t c0, int64_t cn, const acc_t* cells, double* sum, int64_t next) {
     scalar_t* dst = out + n * C * p.total;
     if constexpr (std::is_same_v<scalar_t, float>) {
       if (!bin_outs.empty()) {
-        simd::bin_means(dst, bin_outs.data(), static_cast<int64_t>(bin_outs.size()), cells, SH, SW, C, c0, cn, sum);
+        const scalar_t* ahead = next >= 0 ? x + next * H * W * C : nullptr;
+        simd::bin_means(dst, bin_outs.data(), static_cast<int64_t>(bin_outs.size()), cells, SH, SW, C, c0, cn, sum,
+                        ahead, static_cast<int64_t>(H * W * C * sizeof(scalar_t)));
         return;
       }
       for (const BinRect& r : p.rects)
@@ -575,7 +578,7 @@ void avg_forward_channels_last(const scalar_t* x, scalar_t* out,
       std::vector<acc_t> run(static_cast<size_t>(SW * C));
       for (int64_t n = begin; n < end; ++n) {
         for (int64_t a = 0; a < SH; ++a) reduce_rows(n, a, cells.get(), run.data(), seg_sums.get(), state.get());
-        cells_to_bins(n, 0, C, cells.get(), sum.get());
+        cells_to_bins(n, 0, C, cells.get(), sum.get(), n + 1 < end ? n + 1 : -1);
       }
     });
     return;
@@ -596,7 +599,7 @@ void avg_forward_channels_last(const scalar_t* x, scalar_t* out,
     auto sum = scratch_buffer<double>(std::max(chunk, scratch_size));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / chunks, c0 = (task % chunks) * chunk;
-      cells_to_bins(n, c0, std::min(chunk, C - c0), cells.get() + n * cells_per_sample, sum.get());
+      cells_to_bins(n, c0, std::min(chunk, C - c0), cells.get() + n * cells_per_sample, sum.get(), -1);
     }
   });
 }

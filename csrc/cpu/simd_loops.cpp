@@ -149,8 +149,8 @@ void rect_means(float* dst, int64_t dst_stride, const float* cells, int64_t row_
   loops().rect_means(dst, dst_stride, cells, row_stride, cell_stride, a0, a1, b0, b1, area, n);
 }
 void bin_means(float* dst, const BinOut* bins, int64_t num_bins, const float* cells, int64_t SH, int64_t SW,
-               int64_t C, int64_t c0, int64_t n, double* scratch) {
-  loops().bin_means(dst, bins, num_bins, cells, SH, SW, C, c0, n, scratch);
+               int64_t C, int64_t c0, int64_t n, double* scratch, const void* prefetch, int64_t prefetch_bytes) {
+  loops().bin_means(dst, bins, num_bins, cells, SH, SW, C, c0, n, scratch, prefetch, prefetch_bytes);
 }
 void max_rows(float* m, int32_t* r, const float* src, int64_t rows, int64_t stride, int64_t n, int32_t h0) {
   loops().max_rows(m, r, src, rows, stride, n, h0);
