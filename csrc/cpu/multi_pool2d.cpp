@@ -551,9 +551,12 @@ void avg_forward_channels_last(const scalar_t* x, scalar_t* out,
     scalar_t* dst = out + n * C * p.total;
     if constexpr (std::is_same_v<scalar_t, float>) {
       if (!bin_outs.empty()) {
+        // At most the sample's first 256 KB: more would evict the lines
+        // prefetched first (and this sample's cells) from a 1 MB L2.
         const scalar_t* ahead = next >= 0 ? x + next * H * W * C : nullptr;
+        const int64_t ahead_bytes = std::min<int64_t>(H * W * C * sizeof(scalar_t), int64_t{256} << 10);
         simd::bin_means(dst, bin_outs.data(), static_cast<int64_t>(bin_outs.size()), cells, SH, SW, C, c0, cn, sum,
-                        ahead, static_cast<int64_t>(H * W * C * sizeof(scalar_t)));
+                        ahead, ahead_bytes);
         return;
       }
       for (const BinRect& r : p.rects)
