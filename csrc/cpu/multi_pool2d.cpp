@@ -444,19 +444,31 @@ void avg_forward_channels_last(const scalar_t* x, scalar_t* out,
   // the H-segment the double sums are rounded once to the acc_t cells: an
   // element passes at most kRunLength - 1 float roundings (the bound in
   // simd_loops.h). A cell that is one run (a small map) is summed straight
-  // into its acc_t cell, as a run. `run` is zero on entry and on return.
-  auto reduce_rows = [&](int64_t n, int64_t a, acc_t* cells, acc_t* run, double* seg_sums) {
-    const int64_t h0 = p.h.cuts[a], h1 = p.h.cuts[a + 1];
-    if (p.h.seg_of[h0] < 0) return;  // no window reads these rows
-    constexpr int64_t kWide = simd::kRunLength - 1;
-    acc_t* row_cells = cells + a * SW * C;
-    std::vector<int64_t> rows_in_run(static_cast<size_t>(SW), 0);
-    std::vector<char> started(static_cast<size_t>(SW), 0);  // the cell's sums hold a run
-    std::vector<char> one_run(static_cast<size_t>(SW), 0);  // the whole cell is one run
+  // into its acc_t cell, as a run, which its first row sets (for float; not
+  // zeroed first: 0 + v is v, and a -0.0 cell only enters double bin sums
+  // that start at +0.0). `run` is zero on entry and on return. `state`: 2 *
+  // SW entries of the task's scratch (each cell's rows in its run, whether
+  // its sums hold a run).
+  constexpr int64_t kWide = simd::kRunLength - 1;
+  // Whether cell (a, b) is one run, per call (was three vectors per segment
+  // and sample: a fifth of the time outside the simd loops on small maps).
+  std::vector<char> one_run_cells(static_cast<size_t>(SH * SW));
+  for (int64_t a = 0; a < SH; ++a)
     for (int64_t b = 0; b < SW; ++b) {
       const int64_t w = p.w.cuts[b + 1] - p.w.cuts[b];
-      one_run[b] = w <= kWide && h1 - h0 <= kWide - simd::row_sum_depth(w);
-      if (one_run[b]) std::fill(row_cells + b * C, row_cells + (b + 1) * C, acc_t(0));
+      one_run_cells[a * SW + b] = w <= kWide && p.h.cuts[a + 1] - p.h.cuts[a] <= kWide - simd::row_sum_depth(w);
+    }
+  auto reduce_rows = [&](int64_t n, int64_t a, acc_t* cells, acc_t* run, double* seg_sums, int64_t* state) {
+    const int64_t h0 = p.h.cuts[a], h1 = p.h.cuts[a + 1];
+    if (p.h.seg_of[h0] < 0) return;  // no window reads these rows
+    acc_t* row_cells = cells + a * SW * C;
+    int64_t* rows_in_run = state;
+    int64_t* started = state + SW;  // the cell's sums hold a run
+    const char* one_run = one_run_cells.data() + a * SW;  // the whole cell is one run
+    std::fill(state, state + 2 * SW, int64_t{0});
+    if constexpr (!std::is_same_v<scalar_t, float>) {
+      for (int64_t b = 0; b < SW; ++b)
+        if (one_run[b]) std::fill(row_cells + b * C, row_cells + (b + 1) * C, acc_t(0));
     }
     for (int64_t h = h0; h < h1; ++h) {
       const scalar_t* row = x + ((n * H + h) * W) * C;
@@ -486,6 +498,8 @@ void avg_forward_channels_last(const scalar_t* x, scalar_t* out,
         if constexpr (std::is_same_v<scalar_t, float>) {
           if (ends) {
             simd::add_row_sum_f64(acc, q, row + w0 * C, w1 - w0, C, C, !started[b]);
+          } else if (one_run[b] && h == h0) {
+            simd::set_row_sum(q, row + w0 * C, w1 - w0, C, C);  // pixels in order
           } else {
             simd::add_row_sum(q, row + w0 * C, w1 - w0, C, C);  // pixels in order
           }
@@ -532,11 +546,17 @@ void avg_forward_channels_last(const scalar_t* x, scalar_t* out,
   }
   const int64_t scratch_size = bin_outs.empty() ? 0 : SH * SW * 32;
   // `sum`: C (or a chunk's) doubles for other dtypes, bin_means' scratch for float.
-  auto cells_to_bins = [&](int64_t n, int64_t c0, int64_t cn, const acc_t* cells, double* sum) {
+  // `next`: the sample to prefetch while the bins are summed, or -1.
+  auto cells_to_bins = [&](int64_t n, int64_t c0, int64_t cn, const acc_t* cells, double* sum, int64_t next) {
     scalar_t* dst = out + n * C * p.total;
     if constexpr (std::is_same_v<scalar_t, float>) {
       if (!bin_outs.empty()) {
-        simd::bin_means(dst, bin_outs.data(), static_cast<int64_t>(bin_outs.size()), cells, SH, SW, C, c0, cn, sum);
+        // At most the sample's first 256 KB: more would evict the lines
+        // prefetched first (and this sample's cells) from a 1 MB L2.
+        const scalar_t* ahead = next >= 0 ? x + next * H * W * C : nullptr;
+        const int64_t ahead_bytes = std::min<int64_t>(H * W * C * sizeof(scalar_t), int64_t{256} << 10);
+        simd::bin_means(dst, bin_outs.data(), static_cast<int64_t>(bin_outs.size()), cells, SH, SW, C, c0, cn, sum,
+                        ahead, ahead_bytes);
         return;
       }
       for (const BinRect& r : p.rects)
@@ -553,11 +573,15 @@ void avg_forward_channels_last(const scalar_t* x, scalar_t* out,
   const int64_t forced = test_overrides::get(test_overrides::kChannelsLastAvgTasks);
   if (forced == 1 || (forced == 0 && (N % threads == 0 || N >= 4 * threads))) {
     at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> cells(static_cast<size_t>(cells_per_sample)), run(static_cast<size_t>(SW * C));
-      std::vector<double> sum(static_cast<size_t>(std::max(C, scratch_size))), seg_sums(static_cast<size_t>(SW * C));
+      // Uninitialized but `run` (reduce_rows writes before it reads).
+      auto cells = scratch_buffer<acc_t>(cells_per_sample);
+      auto sum = scratch_buffer<double>(std::max(C, scratch_size));
+      auto seg_sums = scratch_buffer<double>(SW * C);
+      auto state = scratch_buffer<int64_t>(2 * SW);
+      std::vector<acc_t> run(static_cast<size_t>(SW * C));
       for (int64_t n = begin; n < end; ++n) {
-        for (int64_t a = 0; a < SH; ++a) reduce_rows(n, a, cells.data(), run.data(), seg_sums.data());
-        cells_to_bins(n, 0, C, cells.data(), sum.data());
+        for (int64_t a = 0; a < SH; ++a) reduce_rows(n, a, cells.get(), run.data(), seg_sums.get(), state.get());
+        cells_to_bins(n, 0, C, cells.get(), sum.get(), n + 1 < end ? n + 1 : -1);
       }
     });
     return;
@@ -565,19 +589,20 @@ void avg_forward_channels_last(const scalar_t* x, scalar_t* out,
   auto cells = scratch_buffer<acc_t>(N * cells_per_sample);
   at::parallel_for(0, N * SH, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> run(static_cast<size_t>(SW * C));
-    std::vector<double> seg_sums(static_cast<size_t>(SW * C));
+    auto seg_sums = scratch_buffer<double>(SW * C);
+    auto state = scratch_buffer<int64_t>(2 * SW);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / SH;
-      reduce_rows(n, task % SH, cells.get() + n * cells_per_sample, run.data(), seg_sums.data());
+      reduce_rows(n, task % SH, cells.get() + n * cells_per_sample, run.data(), seg_sums.get(), state.get());
     }
   });
   const int64_t chunk = std::min<int64_t>(C, 256);
   const int64_t chunks = (C + chunk - 1) / chunk;
   at::parallel_for(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<double> sum(static_cast<size_t>(std::max(chunk, scratch_size)));
+    auto sum = scratch_buffer<double>(std::max(chunk, scratch_size));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / chunks, c0 = (task % chunks) * chunk;
-      cells_to_bins(n, c0, std::min(chunk, C - c0), cells.get() + n * cells_per_sample, sum.data());
+      cells_to_bins(n, c0, std::min(chunk, C - c0), cells.get() + n * cells_per_sample, sum.get(), -1);
     }
   });
 }

@@ -56,6 +56,7 @@ namespace {
 struct Loops {
   decltype(&isa_baseline::sum_rows) sum_rows;
   decltype(&isa_baseline::add_row_sum) add_row_sum;
+  decltype(&isa_baseline::set_row_sum) set_row_sum;
   decltype(&isa_baseline::add_row_sum_f64) add_row_sum_f64;
   decltype(&isa_baseline::add_run_f64) add_run_f64;
   decltype(&isa_baseline::rect_means) rect_means;
@@ -78,7 +79,7 @@ struct Loops {
 
 #define PE_LOOPS(ns)                                                                                   \
   Loops {                                                                                              \
-    ns::sum_rows, ns::add_row_sum, ns::add_row_sum_f64, ns::add_run_f64, ns::rect_means, ns::bin_means,  \
+    ns::sum_rows, ns::add_row_sum, ns::set_row_sum, ns::add_row_sum_f64, ns::add_run_f64, ns::rect_means, ns::bin_means,  \
         ns::max_rows,                                                                             \
         ns::blend, ns::axpy, ns::shift_add_rows, ns::resize_row, ns::bilinear, ns::blend_plane,       \
         ns::bilinear_row, ns::max_pixels, ns::max_rect, ns::max_keys, ns::max_rect_keys,            \
@@ -143,6 +144,9 @@ void sum_rows(float* acc, int64_t acc_stride, const float* src, int64_t rows, in
 void add_row_sum(float* acc, const float* src, int64_t rows, int64_t stride, int64_t n) {
   loops().add_row_sum(acc, src, rows, stride, n);
 }
+void set_row_sum(float* run, const float* src, int64_t rows, int64_t stride, int64_t n) {
+  loops().set_row_sum(run, src, rows, stride, n);
+}
 void add_row_sum_f64(double* acc, float* run, const float* src, int64_t rows, int64_t stride, int64_t n,
                      bool first) {
   loops().add_row_sum_f64(acc, run, src, rows, stride, n, first);
@@ -155,8 +159,8 @@ void rect_means(float* dst, int64_t dst_stride, const float* cells, int64_t row_
   loops().rect_means(dst, dst_stride, cells, row_stride, cell_stride, a0, a1, b0, b1, area, n);
 }
 void bin_means(float* dst, const BinOut* bins, int64_t num_bins, const float* cells, int64_t SH, int64_t SW,
-               int64_t C, int64_t c0, int64_t n, double* scratch) {
-  loops().bin_means(dst, bins, num_bins, cells, SH, SW, C, c0, n, scratch);
+               int64_t C, int64_t c0, int64_t n, double* scratch, const void* prefetch, int64_t prefetch_bytes) {
+  loops().bin_means(dst, bins, num_bins, cells, SH, SW, C, c0, n, scratch, prefetch, prefetch_bytes);
 }
 void max_rows(float* m, int32_t* r, const float* src, int64_t rows, int64_t stride, int64_t n, int32_t h0) {
   loops().max_rows(m, r, src, rows, stride, n, h0);

@@ -50,6 +50,9 @@ void sum_rows(float* acc, int64_t acc_stride, const float* src, int64_t rows, in
 // summed in float in groups of four, (p0 + p1) + (p2 + p3), the groups left
 // to right, then added to the float run.
 void add_row_sum(float* run, const float* src, int64_t rows, int64_t stride, int64_t n);
+// The same row sum starting a run: run[i] = (src[i] + src[stride + i] + ...)
+// (add_row_sum onto a zero run, but for the sign of a zero sum).
+void set_row_sum(float* run, const float* src, int64_t rows, int64_t stride, int64_t n);
 // The same, then the run ends: acc[i] += (double)run[i] (acc[i] = when
 // `first`) and run[i] = 0.
 void add_row_sum_f64(double* acc, float* run, const float* src, int64_t rows, int64_t stride, int64_t n,
@@ -78,9 +81,13 @@ struct BinOut {
 // double once into `scratch` (SH * SW * 32 doubles, in L1 for the few
 // segments of a pyramid) and every bin is summed from there, where
 // rect_means per bin widens each cell again and reads all channels of its
-// cells (from L2 when C is large) per bin.
+// cells (from L2 when C is large) per bin. The bytes [prefetch, prefetch +
+// prefetch_bytes) (the next sample's input, or none) are prefetched into L2
+// meanwhile, a few lines per bin: the bins are arithmetic on cells in cache,
+// and reading x was half the time of a small map's sample when x came from L3.
 void bin_means(float* dst, const BinOut* bins, int64_t num_bins, const float* cells, int64_t SH, int64_t SW,
-               int64_t C, int64_t c0, int64_t n, double* scratch);
+               int64_t C, int64_t c0, int64_t n, double* scratch, const void* prefetch = nullptr,
+               int64_t prefetch_bytes = 0);
 // Column-wise running max over rows, ATen's rule (larger, or NaN): m/r hold
 // the current maximum and its row; rows h0 + 1 .. h0 + rows - 1 are scanned
 // after m is seeded with row h0.
