@@ -541,6 +541,77 @@ def test_gradcheck(backend, make, shape):
 
 
 # --------------------------------------------------------------------------
+# 1x1 convs on the pooled maps as matrix products (nn._pointwise_conv)
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_pointwise_conv_matches_the_convolution(backend, dtype, bias, channels_last):
+    from pyramid_ext.nn import _pointwise_conv
+    x = torch.randn(3, 7, 9, 8, dtype=dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    conv = nn.Conv2d(7, 5, 1, bias=bias).to(dtype)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    # the pooled levels are strided views of one packed output, both layouts
+    for level in pe.multi_adaptive_avg_pool2d(x, (1, 2, 3, (2, 5))):
+        got = _pointwise_conv(conv, level)
+        assert got is not None
+        want = conv(level)
+        torch.testing.assert_close(got, want, **tol)
+        assert got.is_contiguous() == want.is_contiguous()  # the convolution's layout
+        assert got.is_contiguous(memory_format=torch.channels_last) == want.is_contiguous(
+            memory_format=torch.channels_last)
+
+
+def test_pointwise_conv_declines_what_it_does_not_compute(backend):
+    from pyramid_ext.nn import _pointwise_conv
+    x = torch.randn(2, 4, 3, 3)
+    assert _pointwise_conv(nn.Conv2d(4, 2, 3, padding=1), x) is None
+    assert _pointwise_conv(nn.Conv2d(4, 2, 1, stride=2), x) is None
+    assert _pointwise_conv(nn.Conv2d(4, 2, 1, groups=2), x) is None
+    assert _pointwise_conv(nn.Conv2d(4, 2, 1, padding=1), x) is None
+    assert _pointwise_conv(nn.Conv2d(4, 2, 1).half(), x.half()) is None
+    assert _pointwise_conv(nn.ReLU(), x) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _pointwise_conv(nn.Conv2d(4, 2, 1), x) is None
+    conv = nn.Conv2d(4, 2, 1)
+    assert _pointwise_conv(conv, x) is not None
+    handle = conv.register_forward_hook(lambda *args: None)
+    assert _pointwise_conv(conv, x) is None  # calling the weights directly would skip the hook
+    handle.remove()
+    handle = nn.modules.module.register_module_forward_pre_hook(lambda *args: None)
+    try:
+        assert _pointwise_conv(conv, x) is None
+    finally:
+        handle.remove()
+
+
+def test_stage_convs_run_as_products_unless_hooked(backend, monkeypatch):
+    """A stage's plain 1x1 conv, also inside a nested Sequential, skips the module; a hook
+    on it brings the module call back, and the hook fires."""
+    from pyramid_ext.nn import pyramid_branches
+    calls = []
+    real = nn.Conv2d._conv_forward
+    monkeypatch.setattr(nn.Conv2d, "_conv_forward", lambda self, *a: calls.append(1) or real(self, *a))
+    stages = nn.ModuleList([
+        nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(6, 4, 1), nn.ReLU()),
+        nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Sequential(nn.Conv2d(6, 4, 1, bias=False), nn.BatchNorm2d(4))),
+    ]).eval()
+    x = torch.randn(2, 6, 5, 5)
+    got = pyramid_branches(x, stages)
+    assert calls == []
+    torch.testing.assert_close(got, [stage[1:](F.adaptive_avg_pool2d(x, stage[0].output_size)) for stage in stages])
+    assert len(calls) == 2  # the reference above called both modules
+    fired = []
+    stages[1][1][0].register_forward_hook(lambda *args: fired.append(1))
+    torch.testing.assert_close(pyramid_branches(x, stages), got)
+    assert fired == [1] and len(calls) == 3
+
+
+# --------------------------------------------------------------------------
 # PSPNet
 # --------------------------------------------------------------------------
 
