@@ -96,36 +96,20 @@ def _hooks_free(m: nn.Module) -> bool:
 
 
 def _pointwise_conv(conv: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
-    """``conv(x)`` for a plain 1x1 ``nn.Conv2d`` on a pooled map, as one matrix product, or None.
+    """``conv(x)`` for a plain 1x1 ``nn.Conv2d`` on a pooled map, as one matrix product
+    (``functional._conv1x1_as_product``: CPU float32/64, small maps), or None.
 
-    Why: on the tiny pooled maps (1x1 to 6x6) ATen's convolution spends most of
-    its time reordering (oneDNN's blocked layout) and copying the level views
-    to contiguous ones: on (16, 256) to 64 channels, bins 1, 2, 3, 6, four
-    convolutions took 270-390 us against 140-190 us for the products (2
-    threads), and on (2, 2048) to 512 1.8-3.4 ms against 1.2 ms. Eager CPU
-    float32/float64 only, no autocast; under torch.compile, export or tracing
-    the module is called (the graph keeps its convolution). The product sums
-    in another order than the convolution (same dtype, same bound), as
-    ``functional._conv``. One product over every pixel of the batch (a
-    batched product per sample was slower on these sizes); the result has the
-    convolution's layout."""
-    if (type(conv) is not nn.Conv2d or type(x) is not torch.Tensor or x.device.type != "cpu" or x.dim() != 4
-            or x.dtype not in (torch.float32, torch.float64) or conv.weight.dtype != x.dtype
-            or tuple(conv.kernel_size) != (1, 1) or tuple(conv.stride) != (1, 1) or conv.groups != 1
-            or conv.padding not in ((0, 0), "valid") or conv.padding_mode != "zeros"
-            or x.shape[1] != conv.in_channels or not _hooks_free(conv)
-            or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling() or torch.jit.is_tracing()
+    Why: on the tiny pooled maps (1x1 to 6x6) ATen's convolution is mostly oneDNN's
+    reorders and a contiguous copy of each level view: on (16, 256) to 64 channels, bins
+    1, 2, 3, 6, the four convolutions took 270-390 us against 140-190 us for the products
+    (2 threads). Eager only: under torch.compile, export or tracing, or with a hook on the
+    conv (calling its weights directly would skip it), the module is called."""
+    if (type(conv) is not nn.Conv2d or type(x) is not torch.Tensor or tuple(conv.stride) != (1, 1)
+            or conv.groups != 1 or conv.padding not in ((0, 0), "valid") or conv.padding_mode != "zeros"
+            or not _hooks_free(conv) or torch.compiler.is_compiling() or torch.jit.is_tracing()
             or torch.jit.is_scripting() or torch._C._is_torch_function_mode_enabled() or export.onnx_flags_set()):
         return None
-    n, c, h, w = x.shape
-    cout = conv.out_channels
-    rows = x.permute(0, 2, 3, 1).reshape(n * h * w, c)  # a small copy: the levels are views of the packed output
-    weight = conv.weight.reshape(cout, c).t()
-    out = torch.mm(rows, weight) if conv.bias is None else torch.addmm(conv.bias, rows, weight)
-    out = out.view(n, h, w, cout).permute(0, 3, 1, 2)
-    # The convolution's layout (NCHW levels stay NCHW): upsample_concat reads
-    # a branch in x's layout faster.
-    return out if x.stride(1) == 1 else out.contiguous()
+    return pf._conv1x1_as_product(x, conv.weight, conv.bias)
 
 
 def _run_tail(modules, x: torch.Tensor) -> torch.Tensor:

@@ -82,6 +82,34 @@ def test_matches_eager_fp64(any_backend, strategy, k, align_corners, x_mode):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12 * _scale(want))
 
 
+@pytest.mark.parametrize("small_pixels", [0, fx.SMALL_CONV_PIXELS], ids=["conv-or-bmm", "product"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("cl", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv_1x1_paths(monkeypatch, small_pixels, dtype, cl, bias):
+    """functional._conv's 1x1 paths (one product over a small map's pixels; else a
+    batched product per NCHW sample, or ATen's convolution) against F.conv2d, layout kept."""
+    monkeypatch.setattr(fx, "SMALL_CONV_PIXELS", small_pixels)
+    for shape in [(3, 5, 4, 6), (2, 5, 1, 1), (1, 5, 1, 7)]:
+        x = torch.randn(shape, dtype=dtype).contiguous(memory_format=_fmt(cl))
+        w = torch.randn(4, 5, 1, 1, dtype=dtype)
+        b = torch.randn(4, dtype=dtype) if bias else None
+        got, want = fx._conv(x, w, b, 0), F.conv2d(x, w, b)
+        tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got, want, **tol)
+        assert got.is_contiguous(memory_format=_fmt(cl)) == want.is_contiguous(memory_format=_fmt(cl))
+
+
+@pytest.mark.parametrize("small_pixels", [0, 1 << 30], ids=["conv-or-bmm", "product"])
+def test_matches_eager_every_1x1_path(any_backend, monkeypatch, small_pixels):
+    monkeypatch.setattr(fx, "SMALL_CONV_PIXELS", small_pixels)
+    for cl, k in itertools.product((False, True), (1, 3)):
+        x, br, w, b = _inputs(2, 3, ODD_BRANCHES, 4, k, SIZE, torch.float64, cl=cl)
+        got = pe.upsample_concat_conv2d(x, br, w, b, size=SIZE, backend=any_backend)
+        want = _eager(x, br, w, b, SIZE, False, True)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12 * _scale(want))
+
+
 @pytest.mark.parametrize("out_size", [(1, 1), (1, 5), (6, 1), (2, 3)])
 def test_tiny_outputs(any_backend, out_size):
     # 1x1 output (every shifted tap outside but the centre one), 1-wide maps
