@@ -511,11 +511,12 @@ def _conv1x1_as_product(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
     """``F.conv2d(x, weight, bias)`` for a 1x1 weight as one product over x's pixels, in x's
     layout (channels_last stays channels_last, else NCHW), or None where that is not the
     faster or not the same computation: CPU float32/float64 only, no autocast, at most
-    SMALL_CONV_PIXELS pixels. Sums in another order than the convolution (same dtype, same
+    SMALL_CONV_PIXELS pixels, eager only (compile and export keep the convolution). Sums in another order than the convolution (same dtype, same
     bound)."""
     if (x.device.type != "cpu" or x.dim() != 4 or weight.dim() != 4 or weight.shape[-2:] != (1, 1)
             or x.dtype not in (torch.float32, torch.float64) or weight.dtype != x.dtype
-            or (bias is not None and bias.dtype != x.dtype) or torch.is_autocast_enabled("cpu")):
+            or (bias is not None and bias.dtype != x.dtype) or torch.is_autocast_enabled("cpu")
+            or torch.compiler.is_compiling()):  # the size test would guard on symbolic sizes
         return None
     n, cin, height, width = x.shape
     if n * height * width > SMALL_CONV_PIXELS or weight.shape[1] != cin:
