@@ -64,6 +64,7 @@ struct Loops {
   decltype(&isa_baseline::max_rows) max_rows;
   decltype(&isa_baseline::blend) blend;
   decltype(&isa_baseline::axpy) axpy;
+  decltype(&isa_baseline::blend_pixels_add) blend_pixels_add;
   decltype(&isa_baseline::shift_add_rows) shift_add_rows;
   decltype(&isa_baseline::resize_row) resize_row;
   decltype(&isa_baseline::bilinear) bilinear;
@@ -81,7 +82,7 @@ struct Loops {
   Loops {                                                                                              \
     ns::sum_rows, ns::add_row_sum, ns::set_row_sum, ns::add_row_sum_f64, ns::add_run_f64, ns::rect_means, ns::bin_means,  \
         ns::max_rows,                                                                             \
-        ns::blend, ns::axpy, ns::shift_add_rows, ns::resize_row, ns::bilinear, ns::blend_plane,       \
+        ns::blend, ns::axpy, ns::blend_pixels_add, ns::shift_add_rows, ns::resize_row, ns::bilinear, ns::blend_plane,       \
         ns::bilinear_row, ns::max_pixels, ns::max_rect, ns::max_keys, ns::max_rect_keys,            \
         ns::max_pixels_values, ns::max_rect_values                                                  \
   }
@@ -169,6 +170,10 @@ void blend(float* d, const float* r0, const float* r1, float w0, float w1, int64
   loops().blend(d, r0, r1, w0, w1, n);
 }
 void axpy(float* acc, const float* src, float a, int64_t n) { loops().axpy(acc, src, a, n); }
+void blend_pixels_add(float* acc, int64_t acc_stride, const float* u, int64_t u_stride, ResizeTable t, int64_t count,
+                      int64_t n) {
+  loops().blend_pixels_add(acc, acc_stride, u, u_stride, t, count, n);
+}
 void shift_add_rows(float* d, int64_t d_stride, const float* base, int64_t base_stride, const float* rows,
                     const int64_t* off, const float* w, const int64_t* first, int64_t h, int64_t width) {
   loops().shift_add_rows(d, d_stride, base, base_stride, rows, off, w, first, h, width);

@@ -117,6 +117,13 @@ struct ResizeTable {
   const float* w1;
 };
 void resize_row(float* d, const float* s, int64_t len, ResizeTable t, int64_t n, bool accumulate);
+// Pixel x < count of a channels_last row: acc[x * acc_stride + k] += t.w0[x] *
+// u[t.i0[x] * u_stride + k] then += t.w1[x] * u[t.i1[x] * u_stride + k] (skipped
+// where t.w1[x] is zero), k < n: the horizontal step of upsample_shift_add's
+// channels_last forward, a row in one call (an axpy call per pixel and weight
+// cost more than the arithmetic there).
+void blend_pixels_add(float* acc, int64_t acc_stride, const float* u, int64_t u_stride, ResizeTable t, int64_t count,
+                      int64_t n);
 // d[i] = wy0 * (wx0 * p00[i] + wx1 * p01[i]) + wy1 * (wx0 * p10[i] + wx1 * p11[i])
 void bilinear(float* d, const float* p00, const float* p01, const float* p10, const float* p11, float wy0,
               float wy1, float wx0, float wx1, int64_t n);

@@ -75,13 +75,15 @@ struct TapGeometry {
   int64_t h, w, sN, sC, sH, sW;
   std::vector<LinearTap<acc_t>> ty, tx;  // per output row / column
   std::vector<DstRange> ry, rx;          // output rows / columns reading each source row / column
-  std::optional<ResizeTableArrays> tx_arrays;  // tx for simd::resize_row (float rows of unit stride)
+  // tx for the float forward's vector loops (simd::resize_row over rows of
+  // unit stride, simd::blend_pixels_add over channels_last pixels)
+  std::optional<ResizeTableArrays> tx_arrays;
 
   TapGeometry(const at::Tensor& t, int64_t H, int64_t W, bool align_corners, bool readers)
       : h(t.size(2)), w(t.size(3)), sN(t.stride(0)), sC(t.stride(1)), sH(t.stride(2)), sW(t.stride(3)),
         ty(axis_taps<acc_t>(h, H, align_corners)), tx(axis_taps<acc_t>(w, W, align_corners)) {
     if constexpr (std::is_same_v<acc_t, float>) {
-      if (!readers && t.scalar_type() == at::kFloat && sW == 1) tx_arrays.emplace(tx);
+      if (!readers && t.scalar_type() == at::kFloat) tx_arrays.emplace(tx);
     }
     if (readers) {
       ry = axis_readers<acc_t>(h, H, align_corners);
@@ -161,7 +163,7 @@ void forward_planes(const at::Tensor& base, const std::vector<at::Tensor>& taps,
               const scalar_t* s = plane + r * g.sH;
               acc_t* d = g_of + (a * g.h + r) * W;
               if constexpr (std::is_same_v<scalar_t, float>) {
-                if (g.tx_arrays) {
+                if (g.tx_arrays && g.sW == 1) {
                   simd::resize_row(d + xs.first, s, g.w, g.tx_arrays->from(xs.first + c - p), xs.end - xs.first,
                                    /*accumulate=*/true);
                   continue;
@@ -238,7 +240,12 @@ void forward_pixels(const at::Tensor& base, const std::vector<at::Tensor>& taps,
         for (int64_t x = 0; x < W; ++x) {
           acc_t* d = acc.data() + x * kChunk;
           const scalar_t* s = b + x * bsW;
-          for (int64_t k = 0; k < cn; ++k) d[k] = static_cast<acc_t>(s[k * bsC]);
+          if (bsC == 1) {
+#pragma omp simd
+            for (int64_t k = 0; k < cn; ++k) d[k] = static_cast<acc_t>(s[k]);
+          } else {
+            for (int64_t k = 0; k < cn; ++k) d[k] = static_cast<acc_t>(s[k * bsC]);
+          }
         }
         for (size_t i = 0; i < geo.size(); ++i) {
           const auto& g = geo[i];
@@ -261,6 +268,13 @@ void forward_pixels(const at::Tensor& base, const std::vector<at::Tensor>& taps,
             }
             if (!any) continue;
             const ShiftRange xs = shift_range(c - p, W);
+            if constexpr (std::is_same_v<scalar_t, float>) {
+              if (g.tx_arrays) {  // the same two products and sums per pixel, a row per call
+                simd::blend_pixels_add(acc.data() + xs.first * kChunk, kChunk, U.data(), kChunk,
+                                       g.tx_arrays->from(xs.first + c - p), xs.end - xs.first, cn);
+                continue;
+              }
+            }
             for (int64_t x = xs.first; x < xs.end; ++x) {
               const LinearTap<acc_t>& t = g.tx[x + c - p];
               acc_t* d = acc.data() + x * kChunk;
