@@ -503,15 +503,17 @@ def _choose_plan(n, cx, channels, sizes, cout, k, height, width) -> _ConvPlan:
 # the pixels: on small maps ATen's convolution is mostly oneDNN's reorders (2
 # threads, channels_last, 64 to 64 channels on (16, 64, 6, 6): 51 against 27 us;
 # 512 to 512 on (2, 512, 6, 6): 274 against 136 us); on (16, 256, 16, 16) (4096
-# pixels) the convolution was faster (425 against 479 us).
+# pixels) the convolution was faster (425 against 479 us). One sample: the
+# convolution has a fast path there (7-18 against 12-19 us on 1x1 to 6x6 maps
+# of 16 to 256 channels), and a batch of one is the tiny, overhead-bound case.
 SMALL_CONV_PIXELS = 2048
 
 
 def _conv1x1_as_product(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """``F.conv2d(x, weight, bias)`` for a 1x1 weight as one product over x's pixels, in x's
     layout (channels_last stays channels_last, else NCHW), or None where that is not the
-    faster or not the same computation: CPU float32/float64 only, no autocast, at most
-    SMALL_CONV_PIXELS pixels, eager only (compile and export keep the convolution). Sums in another order than the convolution (same dtype, same
+    faster or not the same computation: CPU float32/float64 only, no autocast, at least two
+    samples and at most SMALL_CONV_PIXELS pixels, eager only (compile and export keep the convolution). Sums in another order than the convolution (same dtype, same
     bound)."""
     if (x.device.type != "cpu" or x.dim() != 4 or weight.dim() != 4 or weight.shape[-2:] != (1, 1)
             or x.dtype not in (torch.float32, torch.float64) or weight.dtype != x.dtype
@@ -519,7 +521,7 @@ def _conv1x1_as_product(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
             or torch.compiler.is_compiling()):  # the size test would guard on symbolic sizes
         return None
     n, cin, height, width = x.shape
-    if n * height * width > SMALL_CONV_PIXELS or weight.shape[1] != cin:
+    if n < 2 or n * height * width > SMALL_CONV_PIXELS or weight.shape[1] != cin:
         return None
     cout = weight.shape[0]
     rows = x.permute(0, 2, 3, 1).reshape(n * height * width, cin)  # a view for channels_last x, else a small copy

@@ -104,7 +104,8 @@ def _pointwise_conv(conv: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
     1, 2, 3, 6, the four convolutions took 270-390 us against 140-190 us for the products
     (2 threads). Eager only: under torch.compile, export or tracing, or with a hook on the
     conv (calling its weights directly would skip it), the module is called."""
-    if (type(conv) is not nn.Conv2d or type(x) is not torch.Tensor or tuple(conv.stride) != (1, 1)
+    if (type(conv) is not nn.Conv2d or type(x) is not torch.Tensor or x.shape[0] < 2  # the product's own rule, first
+            or tuple(conv.stride) != (1, 1)
             or conv.groups != 1 or conv.padding not in ((0, 0), "valid") or conv.padding_mode != "zeros"
             or not _hooks_free(conv) or torch.compiler.is_compiling() or torch.jit.is_tracing()
             or torch.jit.is_scripting() or torch._C._is_torch_function_mode_enabled() or export.onnx_flags_set()):

@@ -575,6 +575,7 @@ def test_pointwise_conv_declines_what_it_does_not_compute(backend):
     assert _pointwise_conv(nn.Conv2d(4, 2, 1, padding=1), x) is None
     assert _pointwise_conv(nn.Conv2d(4, 2, 1).half(), x.half()) is None
     assert _pointwise_conv(nn.ReLU(), x) is None
+    assert _pointwise_conv(nn.Conv2d(4, 2, 1), x[:1]) is None  # one sample: the convolution is faster
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert _pointwise_conv(nn.Conv2d(4, 2, 1), x) is None
     conv = nn.Conv2d(4, 2, 1)
