@@ -67,6 +67,7 @@ struct Loops {
   decltype(&isa_baseline::blend_pixels_add) blend_pixels_add;
   decltype(&isa_baseline::shift_add_rows) shift_add_rows;
   decltype(&isa_baseline::resize_row) resize_row;
+  decltype(&isa_baseline::resize_rows) resize_rows;
   decltype(&isa_baseline::bilinear) bilinear;
   decltype(&isa_baseline::blend_plane) blend_plane;
   decltype(&isa_baseline::bilinear_row) bilinear_row;
@@ -82,7 +83,7 @@ struct Loops {
   Loops {                                                                                              \
     ns::sum_rows, ns::add_row_sum, ns::set_row_sum, ns::add_row_sum_f64, ns::add_run_f64, ns::rect_means, ns::bin_means,  \
         ns::max_rows,                                                                             \
-        ns::blend, ns::axpy, ns::blend_pixels_add, ns::shift_add_rows, ns::resize_row, ns::bilinear, ns::blend_plane,       \
+        ns::blend, ns::axpy, ns::blend_pixels_add, ns::shift_add_rows, ns::resize_row, ns::resize_rows, ns::bilinear, ns::blend_plane,       \
         ns::bilinear_row, ns::max_pixels, ns::max_rect, ns::max_keys, ns::max_rect_keys,            \
         ns::max_pixels_values, ns::max_rect_values                                                  \
   }
@@ -180,6 +181,10 @@ void shift_add_rows(float* d, int64_t d_stride, const float* base, int64_t base_
 }
 void resize_row(float* d, const float* s, int64_t len, ResizeTable t, int64_t n, bool accumulate) {
   loops().resize_row(d, s, len, t, n, accumulate);
+}
+void resize_rows(float* d, int64_t d_stride, const float* s, int64_t s_stride, int64_t rows, int64_t len,
+                 ResizeTable t, int64_t n, bool accumulate) {
+  loops().resize_rows(d, d_stride, s, s_stride, rows, len, t, n, accumulate);
 }
 void bilinear(float* d, const float* p00, const float* p01, const float* p10, const float* p11, float wy0,
               float wy1, float wx0, float wx1, int64_t n) {

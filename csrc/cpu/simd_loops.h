@@ -117,6 +117,10 @@ struct ResizeTable {
   const float* w1;
 };
 void resize_row(float* d, const float* s, int64_t len, ResizeTable t, int64_t n, bool accumulate);
+// resize_row for `rows` rows (d + r * d_stride from s + r * s_stride): a
+// plane's rows in one call.
+void resize_rows(float* d, int64_t d_stride, const float* s, int64_t s_stride, int64_t rows, int64_t len,
+                 ResizeTable t, int64_t n, bool accumulate);
 // Pixel x < count of a channels_last row: acc[x * acc_stride + k] += t.w0[x] *
 // u[t.i0[x] * u_stride + k] then += t.w1[x] * u[t.i1[x] * u_stride + k] (skipped
 // where t.w1[x] is zero), k < n: the horizontal step of upsample_shift_add's

@@ -144,13 +144,17 @@ void forward_planes(const at::Tensor& base, const std::vector<at::Tensor>& taps,
     }
     term_first.push_back(static_cast<int64_t>(term_off.size()));
   }
+  // K = 1 and every tap tensor's rows through simd::resize_rows: each G row
+  // is written whole (the one shift is zero), not added to a zeroed one.
+  const bool write_rows = std::is_same_v<scalar_t, float> && K == 1 &&
+                          std::all_of(geo.begin(), geo.end(), [](const auto& g) { return g.tx_arrays && g.sW == 1; });
   at::parallel_for(0, N * C, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> G(static_cast<size_t>(rows_per_plane * W));
     std::vector<acc_t> row(static_cast<size_t>(W));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / C, o = task % C;
       // G rows: tap tensor after tap tensor, a-major, then source row.
-      std::fill(G.begin(), G.end(), acc_t(0));
+      if (!write_rows) std::fill(G.begin(), G.end(), acc_t(0));
       acc_t* g_of = G.data();
       for (size_t i = 0; i < geo.size(); ++i) {
         const auto& g = geo[i];
@@ -159,16 +163,16 @@ void forward_planes(const at::Tensor& base, const std::vector<at::Tensor>& taps,
           for (int64_t c = 0; c < K; ++c) {
             const ShiftRange xs = shift_range(c - p, W);
             const scalar_t* plane = tp + tap_channel(a, c, K, C, o) * g.sC;
+            if constexpr (std::is_same_v<scalar_t, float>) {
+              if (g.tx_arrays && g.sW == 1) {  // the plane's rows in one call
+                simd::resize_rows(g_of + a * g.h * W + xs.first, W, plane, g.sH, g.h, g.w,
+                                  g.tx_arrays->from(xs.first + c - p), xs.end - xs.first, !write_rows);
+                continue;
+              }
+            }
             for (int64_t r = 0; r < g.h; ++r) {
               const scalar_t* s = plane + r * g.sH;
               acc_t* d = g_of + (a * g.h + r) * W;
-              if constexpr (std::is_same_v<scalar_t, float>) {
-                if (g.tx_arrays && g.sW == 1) {
-                  simd::resize_row(d + xs.first, s, g.w, g.tx_arrays->from(xs.first + c - p), xs.end - xs.first,
-                                   /*accumulate=*/true);
-                  continue;
-                }
-              }
               for (int64_t x = xs.first; x < xs.end; ++x) {
                 const LinearTap<acc_t>& t = g.tx[x + c - p];
                 d[x] += t.w0 * static_cast<acc_t>(s[t.i0 * g.sW]) + t.w1 * static_cast<acc_t>(s[t.i1 * g.sW]);
