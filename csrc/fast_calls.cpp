@@ -284,8 +284,7 @@ class PoolCall {
       at::Tensor indices;
       std::vector<at::Tensor> levels = levels_node(x, &indices);
       pybind11::gil_scoped_release no_gil;
-      // views of the saved indices (autograd views: they share its version counter)
-      return {std::move(levels), views(indices, /*aliases=*/false)};
+      return {std::move(levels), index_aliases(indices)};
     }
     auto [values, indices] = packed(x, true);
     return {views(values), views(indices)};
@@ -315,6 +314,21 @@ class PoolCall {
     return pool_levels_recorded(unbatched_ ? x.unsqueeze(0) : x, k_, indices ? indices : &unused);
   }
 
+  // Each level's alias of the saved packed indices, made below autograd,
+  // sharing their version counter (an index level modified in place makes
+  // the backward raise, as an autograd view would, without a view's
+  // bookkeeping, which tiny inputs pay per level).
+  std::vector<at::Tensor> index_aliases(const at::Tensor& indices) const {
+    std::vector<at::Tensor> out;
+    out.reserve(k_->views.size());
+    at::AutoDispatchBelowADInplaceOrView below;
+    for (const LevelView& v : k_->views) {
+      out.push_back(level_view(indices, v));
+      torch::autograd::impl::set_version_counter(out.back(), torch::autograd::impl::version_counter(indices));
+    }
+    return out;
+  }
+
   // Each level's view of a packed output. One that requires no grad (outside
   // a functorch transform) gets aliases made below autograd: plain tensors,
   // as eager pooling returns, without the view bookkeeping of the
@@ -322,10 +336,10 @@ class PoolCall {
   // no_grad mode could not be modified in place under grad mode later, an
   // eager output can). One that requires grad keeps autograd views (their
   // gradients flow to the packed output's node).
-  std::vector<at::Tensor> views(const at::Tensor& packed, bool aliases = true) const {
+  std::vector<at::Tensor> views(const at::Tensor& packed) const {
     std::vector<at::Tensor> out;
     out.reserve(k_->views.size());
-    if (aliases && !packed.requires_grad() && !functorch_active()) {
+    if (!packed.requires_grad() && !functorch_active()) {
       at::AutoDispatchBelowADInplaceOrView below;
       for (const LevelView& v : k_->views) out.push_back(level_view(packed, v));
       return out;

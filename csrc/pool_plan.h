@@ -107,8 +107,9 @@ struct PoolCall {
 // multi_pool2d(x, h_bounds, w_bounds, level_bins, mode, ...): x 4-D,
 // floating, contiguous in NCHW or channels_last memory format (the Python
 // layer makes it so), with non-zero H and W. The device check is the caller's.
-inline PoolCall check_multi_pool2d(const char* op, const at::Tensor& x, c10::IntArrayRef h_bounds,
-                                   c10::IntArrayRef w_bounds, c10::IntArrayRef level_bins, int64_t mode) {
+// check_pool_input: every check but the windows' (call.plan left empty), for
+// a caller that takes the plan from a cache of checked plans.
+inline PoolCall check_pool_input(const char* op, const at::Tensor& x, int64_t mode) {
   TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got ", x.dim(), "-D");
   check_pool_dtype(op, "x", x);
   check_pool_mode(op, mode);
@@ -122,6 +123,12 @@ inline PoolCall check_multi_pool2d(const char* op, const at::Tensor& x, c10::Int
   call.H = x.size(2);
   call.W = x.size(3);
   TORCH_CHECK(call.H > 0 && call.W > 0, op, ": x must have non-zero height and width, got ", x.sizes());
+  return call;
+}
+
+inline PoolCall check_multi_pool2d(const char* op, const at::Tensor& x, c10::IntArrayRef h_bounds,
+                                   c10::IntArrayRef w_bounds, c10::IntArrayRef level_bins, int64_t mode) {
+  PoolCall call = check_pool_input(op, x, mode);
   call.plan = make_window_plan(op, h_bounds, w_bounds, level_bins, call.H, call.W, call.C);
   return call;
 }
@@ -129,11 +136,12 @@ inline PoolCall check_multi_pool2d(const char* op, const at::Tensor& x, c10::Int
 // multi_pool2d_backward(grad, indices, input_shape, h_bounds, w_bounds,
 // level_bins, mode, channels_last_levels, channels_last_input): grad
 // floating, shaped (N, C * T); for max, indices int64 shaped like grad on
-// grad's device (ignored for avg). The device check is the caller's.
-inline PoolCall check_multi_pool2d_backward(const char* op, const at::Tensor& grad,
-                                            const std::optional<at::Tensor>& indices, c10::IntArrayRef input_shape,
-                                            c10::IntArrayRef h_bounds, c10::IntArrayRef w_bounds,
-                                            c10::IntArrayRef level_bins, int64_t mode, bool channels_last_input) {
+// grad's device (ignored for avg). The device check is the caller's. As for
+// the forward, the checks before the windows' (check_pool_backward_input)
+// and after them (check_pool_backward_grad, T from the plan) are also
+// callable alone.
+inline PoolCall check_pool_backward_input(const char* op, const at::Tensor& grad, c10::IntArrayRef input_shape,
+                                          int64_t mode, bool channels_last_input) {
   check_pool_dtype(op, "grad", grad);
   check_pool_backward_mode(op, mode);
   TORCH_CHECK(input_shape.size() == 4, op, ": input_shape must be (N, C, H, W), got ", input_shape);
@@ -145,8 +153,12 @@ inline PoolCall check_multi_pool2d_backward(const char* op, const at::Tensor& gr
   TORCH_CHECK(call.N >= 0 && call.C >= 0 && call.H >= 0 && call.W >= 0, op, ": invalid input_shape ",
               input_shape);
   call.channels_last = channels_last_input;
-  call.plan = make_window_plan(op, h_bounds, w_bounds, level_bins, call.H, call.W, call.C);
-  const int64_t packed = call.C * call.plan.total;
+  return call;
+}
+
+inline void check_pool_backward_grad(const char* op, const at::Tensor& grad, const std::optional<at::Tensor>& indices,
+                                     int64_t mode, const PoolCall& call, int64_t total) {
+  const int64_t packed = call.C * total;
   TORCH_CHECK(grad.dim() == 2 && grad.size(0) == call.N && grad.size(1) == packed, op, ": grad must have shape (",
               call.N, ", ", packed, ") = (N, C * total), got ", grad.sizes());
   if (mode == kPoolMax) {
@@ -157,6 +169,15 @@ inline PoolCall check_multi_pool2d_backward(const char* op, const at::Tensor& gr
     TORCH_CHECK(indices->sizes() == grad.sizes(), op, ": indices must have grad's shape ", grad.sizes(), ", got ",
                 indices->sizes());
   }
+}
+
+inline PoolCall check_multi_pool2d_backward(const char* op, const at::Tensor& grad,
+                                            const std::optional<at::Tensor>& indices, c10::IntArrayRef input_shape,
+                                            c10::IntArrayRef h_bounds, c10::IntArrayRef w_bounds,
+                                            c10::IntArrayRef level_bins, int64_t mode, bool channels_last_input) {
+  PoolCall call = check_pool_backward_input(op, grad, input_shape, mode, channels_last_input);
+  call.plan = make_window_plan(op, h_bounds, w_bounds, level_bins, call.H, call.W, call.C);
+  check_pool_backward_grad(op, grad, indices, mode, call, call.plan.total);
   return call;
 }
 

@@ -366,6 +366,68 @@ def test_max_backward_rejects_an_index_out_of_range(_c, kind, tasks):
                                                         kind == "channels_last")
 
 
+def test_max_backward_addend_on_every_path_equals_the_sum_bit_for_bit(_c):
+    """The float max backward adds the addend per plane or sample while it is in cache (max_pool.cpp): on
+    every forced path, both level layouts, addends of any strides, the result is addend + the plain
+    backward bit for bit. Ties send several bins' gradients to one element (their sum is rounded before
+    the addend is added), and a -0.0 addend where no bin sends one becomes +0.0, as in addend + grad."""
+    from pyramid_ext.windows import pyramid_windows
+
+    shape = (3, 21, 13, 11)
+    g = torch.Generator().manual_seed(9)
+    base = torch.randint(0, 3, shape, generator=g).float()
+    hb, wb, lb = pyramid_windows(13, 11, [(1, 1), (2, 2), (3, 3), (2, 5)], "adaptive")
+    op = torch.ops.pyramid_ext.multi_pool2d_backward
+    for kind, cl_levels in itertools.product(("nchw", "channels_last"), (False, True)):
+        cl = kind == "channels_last"
+        x = layout(base, kind)
+        _, idx = torch.ops.pyramid_ext.multi_pool2d(x, hb, wb, lb, 1, cl_levels)
+        grad = torch.randn(idx.shape, generator=g)
+        big = torch.randn(3, 26, 13, 11, generator=g)
+        addends = {"dense": layout(torch.randn(shape, generator=g), kind), "slice_nchw": big[:, 2:23],
+                   "slice_channels_last": big.contiguous(memory_format=torch.channels_last)[:, 3:24],
+                   "transposed": torch.randn(3, 21, 11, 13, generator=g).transpose(2, 3)}
+        for a in addends.values():
+            a[:, :, 12, 10] = -0.0  # the last pixel: no bin's first maximum
+        for isa, tasks in itertools.product(_available_isas(_c), (1, 2)):
+            _c._set_test_override("simd_isa", isa)
+            _c._set_test_override("channels_last_max_tasks", tasks)
+            plain = op(grad, idx, list(shape), hb, wb, lb, 1, cl_levels, cl)
+            assert (plain[:, :, 12, 10] == 0).all()
+            for name, a in addends.items():
+                got = op(grad, idx, list(shape), hb, wb, lb, 1, cl_levels, cl, a)
+                assert torch.equal(_bits(got), _bits(a + plain)), (
+                    f"{kind} channels_last_levels={cl_levels} simd_isa={ISA_NAMES[isa]} tasks={tasks} {name}")
+
+
+def test_cached_plans_are_keyed_on_every_argument(_c):
+    """multi_pool2d.cpp keeps the plans of recent calls: the same windows on another channel count or
+    level layout get their own plan (against the torch backend, forward and backward), and windows that a
+    cached plan passed for one map size are still checked against another."""
+    from pyramid_ext import reference
+
+    h, w, lb = [2, 6, 0, 3, 3, 6], [0, 4, 3, 5], [1, 1, 2, 1]
+    for c, cl_levels, kind in [(4, False, "nchw"), (6, False, "nchw"), (6, True, "nchw"), (6, True, "channels_last"),
+                               (4, True, "channels_last"), (4, False, "channels_last")]:
+        x = layout(rand((2, c, 6, 5), torch.float32, seed=c), kind).requires_grad_()
+        vals, idx = torch.ops.pyramid_ext.multi_pool2d(x.detach(), h, w, lb, 1, cl_levels)
+        want, want_idx = reference.multi_pool2d(x, h, w, lb, 1, cl_levels)
+        where = (c, cl_levels, kind)
+        assert torch.equal(vals, want.detach()) and torch.equal(idx, want_idx), where
+        grad = rand(vals.shape, torch.float32, seed=10 + c)
+        gx = torch.ops.pyramid_ext.multi_pool2d_backward(grad, idx, [2, c, 6, 5], h, w, lb, 1, cl_levels,
+                                                         kind == "channels_last")
+        (want_gx,) = torch.autograd.grad(want, x, grad)
+        torch.testing.assert_close(gx, want_gx, rtol=1e-6, atol=1e-6, msg=lambda m: f"{where}: {m}")
+    x = rand((2, 3, 6, 5), torch.float32)
+    torch.ops.pyramid_ext.multi_pool2d(x, h, w, lb, 0, False)
+    message = r"window \[2, 6\) along H is empty or outside \[0, 5\)"
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.pyramid_ext.multi_pool2d(x[:, :, :5].contiguous(), h, w, lb, 0, False)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.pyramid_ext.multi_pool2d_backward(torch.ones(2, 9), None, [2, 3, 5, 5], h, w, lb, 0, False, False)
+
+
 def _digest(tensors):
     h = hashlib.sha256()
     for t in tensors:

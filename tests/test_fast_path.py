@@ -267,12 +267,14 @@ def test_pool_level_grads_of_any_layout_and_unbatched(kind):
 
 
 def test_max_index_level_modified_in_place_fails_the_backward():
-    """The node saves the packed indices; an index level is a view of them, so
-    modifying one in place makes the backward raise instead of using it."""
+    """The node saves the packed indices; an index level is an alias of them
+    sharing their version counter (not an autograd view), so modifying one in
+    place makes the backward raise instead of using it."""
     x = rand((1, 2, 6, 6), dtype=torch.float64).requires_grad_()
     values, indices = pe.multi_adaptive_max_pool2d(x, (1, 2), return_indices=True)
     for i, b in zip(indices, (1, 2)):
         assert torch.equal(i, F.adaptive_max_pool2d(x, b, return_indices=True)[1])
+        assert not i._is_view()
     indices[1].zero_()
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         values[1].sum().backward()

@@ -140,6 +140,24 @@ std::vector<BinStep> bin_steps(const Levels& lv, const std::vector<BinRect>& rec
   return steps;
 }
 
+}  // namespace
+
+struct Bins {
+  std::vector<BinRect> rects;
+  std::vector<BinStep> indexed_steps;  // bin_steps(lv, rects, true)
+  std::vector<BinStep> values_steps;   // bin_steps(lv, rects, lv.channels_last_levels)
+};
+
+std::shared_ptr<const Bins> make_bins(const Levels& lv) {
+  auto bins = std::make_shared<Bins>();  // the steps point into rects: built in place
+  bins->rects = bin_rects(lv);
+  bins->indexed_steps = bin_steps(lv, bins->rects, true);
+  bins->values_steps = bin_steps(lv, bins->rects, lv.channels_last_levels);
+  return bins;
+}
+
+namespace {
+
 // The indexed forward's two phases for one sample (forward_channels_last):
 // phase 1 scans H-segment a's rows into its row of cells, phase 2 combines
 // the cells into bins. Scratch for one sample's cells is the caller's.
@@ -222,13 +240,12 @@ struct IndexedPhases {
 // NaN, or which zero, ATen returns depends on positions) is computed again
 // by the indexed phases, its indices into scratch: the result is then the
 // indexed forward's, bit for bit, for every input.
-void forward_channels_last_values(const float* x, float* out, const Levels& lv, int64_t N, int64_t H, int64_t W,
-                                  const std::vector<BinRect>& rects) {
+void forward_channels_last_values(const float* x, float* out, const Levels& lv, const Bins& bins, int64_t N,
+                                  int64_t H, int64_t W) {
   const int64_t C = lv.channels;
   const int64_t SH = lv.h.num_segments(), SW = lv.w.num_segments();
   const int64_t cells_per_sample = SH * SW * C;
-  const std::vector<BinStep> indexed_steps = bin_steps(lv, rects, true);
-  const IndexedPhases indexed{x, lv, rects, indexed_steps, H, W, C, SW};
+  const IndexedPhases indexed{x, lv, bins.rects, bins.indexed_steps, H, W, C, SW};
   auto scan_rows = [&](int64_t n, int64_t a, float* cell_v) {
     const int64_t h0 = lv.h.cuts[a], h1 = lv.h.cuts[a + 1];
     if (lv.h.seg_of[h0] < 0) return;  // no window reads these rows
@@ -243,7 +260,7 @@ void forward_channels_last_values(const float* x, float* out, const Levels& lv, 
     }
   };
   // Phase 2 for channels [c0, c0 + cn) of sample n; whether to redo it.
-  const std::vector<BinStep> steps = bin_steps(lv, rects, lv.channels_last_levels);
+  const std::vector<BinStep>& steps = bins.values_steps;
   auto cells_to_bins = [&](int64_t n, int64_t c0, int64_t cn, const float* cell_v) {
     float* out_n = out + n * C * lv.total;
     bool redo = false;
@@ -299,15 +316,13 @@ void forward_channels_last_values(const float* x, float* out, const Levels& lv, 
 
 }  // namespace
 
-void forward_channels_last(const float* x, float* out, int64_t* out_idx, const Levels& lv, int64_t N, int64_t H,
-                           int64_t W) {
+void forward_channels_last(const float* x, float* out, int64_t* out_idx, const Levels& lv, const Bins& bins,
+                           int64_t N, int64_t H, int64_t W) {
   const int64_t C = lv.channels;
   const int64_t SH = lv.h.num_segments(), SW = lv.w.num_segments();
   const int64_t cells_per_sample = SH * SW * C;
-  const std::vector<BinRect> rects = bin_rects(lv);
-  if (!out_idx) return forward_channels_last_values(x, out, lv, N, H, W, rects);
-  const std::vector<BinStep> steps = bin_steps(lv, rects, true);
-  const IndexedPhases indexed{x, lv, rects, steps, H, W, C, SW};
+  if (!out_idx) return forward_channels_last_values(x, out, lv, bins, N, H, W);
+  const IndexedPhases indexed{x, lv, bins.rects, bins.indexed_steps, H, W, C, SW};
   if (channels_last_per_sample(N, N * H * W * C)) {
     // One task per sample: its cells stay in cache between the phases.
     at::parallel_for(0, N, sample_grain(H * W * C), [&](int64_t begin, int64_t end) {
@@ -346,16 +361,17 @@ void forward_channels_last(const float* x, float* out, int64_t* out_idx, const L
   });
 }
 
-void backward(const float* grad, const int64_t* indices, float* gx, const Levels& lv, int64_t N, int64_t H,
-              int64_t W, bool channels_last) {
+void backward(const float* grad, const int64_t* indices, float* gx, const Levels& lv, const Bins& bins, int64_t N,
+              int64_t H, int64_t W, bool channels_last, const Addend& add) {
   const int64_t C = lv.channels, HW = H * W;
-  const std::vector<BinRect> rects = bin_rects(lv);
+  const std::vector<BinRect>& rects = bins.rects;
   auto checked = [HW](int64_t k) {
     TORCH_CHECK(0 <= k && k < HW, "multi_pool2d_backward: index out of range");
     return k;
   };
   if (!channels_last) {
-    // One plane per step: zeroed, then every bin's gradient added in order.
+    // One plane per step: zeroed, then every bin's gradient added in order,
+    // then the addend's plane added while the plane is in cache.
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, HW));
     at::parallel_for(0, N * C, grain, [&](int64_t begin, int64_t end) {
       for (int64_t plane = begin; plane < end; ++plane) {
@@ -367,6 +383,18 @@ void backward(const float* grad, const int64_t* indices, float* gx, const Levels
         for (const BinRect& r : rects) {
           const int64_t o = r.out_offset + c * r.c_stride;
           dst[checked(ix[o])] += g[o];
+        }
+        if (!add.data) continue;
+        const float* src = add.data + n * add.sn + c * add.sc;
+        for (int64_t h = 0; h < H; ++h) {
+          const float* s = src + h * add.sh;
+          float* d = dst + h * W;
+          if (add.sw == 1) {
+#pragma omp simd
+            for (int64_t w = 0; w < W; ++w) d[w] = s[w] + d[w];
+          } else {
+            for (int64_t w = 0; w < W; ++w) d[w] = s[w * add.sw] + d[w];
+          }
         }
       }
     });
@@ -384,19 +412,34 @@ void backward(const float* grad, const int64_t* indices, float* gx, const Levels
         dst[checked(ix[o]) * C + c] += g[o];
       }
   };
+  // The addend's pixels of rows [h0, h1) of sample n added (addend + grad).
+  auto add_rows = [&](int64_t n, int64_t h0, int64_t h1) {
+    for (int64_t h = h0; h < h1; ++h)
+      for (int64_t w = 0; w < W; ++w) {
+        const float* s = add.data + n * add.sn + h * add.sh + w * add.sw;
+        float* px = gx + ((n * H + h) * W + w) * C;
+        if (add.sc == 1) {
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) px[c] = s[c] + px[c];
+        } else {
+          for (int64_t c = 0; c < C; ++c) px[c] = s[c * add.sc] + px[c];
+        }
+      }
+  };
   if (channels_last_per_sample(N, N * HW * C)) {
     // One task per sample: zeroed contiguously, then added to while in cache.
     at::parallel_for(0, N, sample_grain(HW * C), [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
         std::memset(gx + n * HW * C, 0, static_cast<size_t>(HW * C) * sizeof(float));
         scatter(n, 0, C);
+        if (add.data) add_rows(n, 0, H);
       }
     });
     return;
   }
   // Fewer samples than threads can share: zeroed in blocks of rows, then
   // added to in chunks of channels (a chunk's own zeroing would be strided
-  // pieces of every pixel, several times slower).
+  // pieces of every pixel, several times slower), then the addend by rows.
   at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
     std::memset(gx + begin * W * C, 0, static_cast<size_t>((end - begin) * W * C) * sizeof(float));
   });
@@ -406,6 +449,10 @@ void backward(const float* grad, const int64_t* indices, float* gx, const Levels
       const int64_t n = task / chunks, c0 = (task % chunks) * chunk;
       scatter(n, c0, std::min(chunk, C - c0));
     }
+  });
+  if (!add.data) return;
+  at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) add_rows(task / H, task % H, task % H + 1);
   });
 }
 

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "pyramid_index.h"
@@ -36,6 +37,13 @@ struct BinRect {
 };
 std::vector<BinRect> bin_rects(const Levels& lv);
 
+// One plan's bins as the channels_last kernels and the backwards read them
+// (bin_rects and phase 2's steps, max_pool.cpp), built once per plan:
+// multi_pool2d.cpp keeps them with its cached plan (rebuilt per call, with
+// the plan, they made a (1, 8, 8, 8) channels_last call 14 instead of 9 us).
+struct Bins;
+std::shared_ptr<const Bins> make_bins(const Levels& lv);
+
 // Whether forward_nchw_blocks serves (N, C, H, W) float input here: an AVX2
 // CPU, the block kernels not switched off by a test (test_overrides:
 // no_block_kernel, simd_isa=baseline), and flat indices h * W + w that fit
@@ -66,18 +74,28 @@ bool fits_int32_index(int64_t H, int64_t W);
 // kPoolMaxValues): the cells hold maxima alone, and a sample where a bin's
 // value depends on positions (NaN, or zero beside a -0.0) is computed again
 // with indices, so the values are the indexed forward's bit for bit.
-void forward_channels_last(const float* x, float* out, int64_t* out_idx, const Levels& lv, int64_t N, int64_t H,
-                           int64_t W);
+void forward_channels_last(const float* x, float* out, int64_t* out_idx, const Levels& lv, const Bins& bins,
+                           int64_t N, int64_t H, int64_t W);
+
+// multi_pool2d_backward's addend for float (null data: none), read through
+// its strides.
+struct Addend {
+  const float* data = nullptr;
+  int64_t sn = 0, sc = 0, sh = 0, sw = 0;
+};
 
 // Gradient of max pooling, float, NCHW or channels_last grad_x: each bin's
 // gradient added to the element its index names, per element in level-then-
-// bin order (the order of the portable loop). NCHW: one plane per step,
-// zeroed and added to. channels_last: one sample per task, zeroed and added
-// to, or (the split of channels_last_max_tasks) zeroed in blocks of rows and
-// added to in chunks of channels. No two tasks write one element, so the
-// result does not depend on the thread count.
-void backward(const float* grad, const int64_t* indices, float* gx, const Levels& lv, int64_t N, int64_t H,
-              int64_t W, bool channels_last);
+// bin order (the order of the portable loop), then the addend, if any, added
+// to it (addend + that rounded sum, as `addend + backward` would give).
+// NCHW: one plane per step, zeroed, added to, the addend's plane added.
+// channels_last: one sample per task, zeroed, added to, the addend's sample
+// added; or
+// (the split of channels_last_max_tasks) zeroed in blocks of rows, added to
+// in chunks of channels, the addend added by rows. No two tasks write one
+// element, so the result does not depend on the thread count.
+void backward(const float* grad, const int64_t* indices, float* gx, const Levels& lv, const Bins& bins, int64_t N,
+              int64_t H, int64_t W, bool channels_last, const Addend& add);
 
 }  // namespace max_pool
 }  // namespace pyramid_ext
