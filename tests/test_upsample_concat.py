@@ -253,6 +253,24 @@ def test_backward_deterministic_across_thread_counts(backend):
         torch.use_deterministic_algorithms(prev)
 
 
+def test_small_planes_in_runs_split_across_threads(backend):
+    """NCHW float on 16x16 planes (the CPU kernel resizes a task's run of a branch's planes in one call): runs
+    that start and end inside a branch, at every thread count, against eager and bitwise equal to one thread."""
+    x = _rand((3, 8, 16, 16), torch.float32)
+    br = _branches(3, PYRAMID, (37, 37, 37, 37), torch.float32)
+    want = _eager(x, br, (16, 16), False, True)
+    prev_threads = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(pe.upsample_concat(x, br, backend=backend))
+            torch.testing.assert_close(results[-1], want, **TOL[torch.float32])
+        assert all(torch.equal(results[0], r) for r in results[1:])
+    finally:
+        torch.set_num_threads(prev_threads)
+
+
 # ------------------------------------------------------------- bad input ---
 
 

@@ -69,7 +69,7 @@ struct Loops {
   decltype(&isa_baseline::resize_row) resize_row;
   decltype(&isa_baseline::resize_rows) resize_rows;
   decltype(&isa_baseline::bilinear) bilinear;
-  decltype(&isa_baseline::blend_plane) blend_plane;
+  decltype(&isa_baseline::resize_planes) resize_planes;
   decltype(&isa_baseline::bilinear_row) bilinear_row;
   decltype(&isa_baseline::max_pixels) max_pixels;
   decltype(&isa_baseline::max_rect) max_rect;
@@ -83,7 +83,8 @@ struct Loops {
   Loops {                                                                                              \
     ns::sum_rows, ns::add_row_sum, ns::set_row_sum, ns::add_row_sum_f64, ns::add_run_f64, ns::rect_means, ns::bin_means,  \
         ns::max_rows,                                                                             \
-        ns::blend, ns::axpy, ns::blend_pixels_add, ns::shift_add_rows, ns::resize_row, ns::resize_rows, ns::bilinear, ns::blend_plane,       \
+        ns::blend, ns::axpy, ns::blend_pixels_add, ns::shift_add_rows, ns::resize_row, ns::resize_rows, ns::bilinear,   \
+        ns::resize_planes,                                                                          \
         ns::bilinear_row, ns::max_pixels, ns::max_rect, ns::max_keys, ns::max_rect_keys,            \
         ns::max_pixels_values, ns::max_rect_values                                                  \
   }
@@ -191,8 +192,9 @@ void bilinear(float* d, const float* p00, const float* p01, const float* p10, co
   loops().bilinear(d, p00, p01, p10, p11, wy0, wy1, wx0, wx1, n);
 }
 
-void blend_plane(float* d, int64_t d_stride, const float* rows, int64_t w, ResizeTable t, int64_t h) {
-  loops().blend_plane(d, d_stride, rows, w, t, h);
+void resize_planes(float* d, int64_t d_plane, int64_t d_row, const float* s, int64_t s_plane, int64_t s_row,
+                   const PlaneResize& r, int64_t planes, float* rows) {
+  loops().resize_planes(d, d_plane, d_row, s, s_plane, s_row, r, planes, rows);
 }
 void bilinear_row(float* d, int64_t d_stride, const float* s0, const float* s1, int64_t s_stride, float wy0,
                   float wy1, ResizeTable t, int64_t w, int64_t n) {

@@ -131,11 +131,20 @@ void blend_pixels_add(float* acc, int64_t acc_stride, const float* u, int64_t u_
 // d[i] = wy0 * (wx0 * p00[i] + wx1 * p01[i]) + wy1 * (wx0 * p10[i] + wx1 * p11[i])
 void bilinear(float* d, const float* p00, const float* p01, const float* p10, const float* p11, float wy0,
               float wy1, float wx0, float wx1, int64_t n);
-// A plane of h output rows blended from rows of a buffer (blend's arithmetic,
-// one call per plane instead of one per row, which on small planes cost as
-// much as the row): d[y * d_stride + i] = t.w0[y] * rows[t.i0[y] * w + i] +
-// t.w1[y] * rows[t.i1[y] * w + i] for y < h, i < w.
-void blend_plane(float* d, int64_t d_stride, const float* rows, int64_t w, ResizeTable t, int64_t h);
+// Planes of a planar source resized, one call for a task's run of planes of
+// one branch (a call per short row, then per plane, cost as much as the row,
+// the plane): plane p < planes of s (s + p * s_plane: r.hb rows of r.len
+// floats, s_row apart) is resized along W into `rows` (r.hb rows of r.w
+// floats; resize_row's arithmetic), then each of its r.h output rows y is
+// blended from two of those (blend's arithmetic): d[p * d_plane + y * d_row
+// + i] = r.th.w0[y] * rows[r.th.i0[y] * r.w + i] + r.th.w1[y] *
+// rows[r.th.i1[y] * r.w + i] for i < r.w.
+struct PlaneResize {
+  ResizeTable tw, th;
+  int64_t len, hb, w, h;
+};
+void resize_planes(float* d, int64_t d_plane, int64_t d_row, const float* s, int64_t s_plane, int64_t s_row,
+                   const PlaneResize& r, int64_t planes, float* rows);
 // One output row of w bilinear pixels, vector over n channels (bilinear's
 // arithmetic, one call per row): pixel x reads source pixels t.i0[x] and
 // t.i1[x] (at s_stride floats apart) of the source rows s0 and s1 and

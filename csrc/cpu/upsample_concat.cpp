@@ -51,15 +51,17 @@ void forward_planes(const std::vector<Part>& parts, const at::Tensor& out,
       tw[k] = axis_taps<acc_t>(parts[k].t.size(3), W, align_corners);
     }
   }
-  // float: each branch's taps as the tables of simd::resize_row (along W)
-  // and simd::blend_plane (along H), so a plane is a few calls (a call per
-  // short row cost as much as the row).
+  // float: each branch's taps as the tables of simd::resize_planes (W then
+  // H), so a task's run of planes of a branch is one call (a call per short
+  // row, then per plane, cost as much as the row, the plane).
   std::vector<std::optional<ResizeTableArrays>> rows_h(parts.size()), rows_w(parts.size());
+  std::vector<simd::PlaneResize> plane_resize(parts.size());
   if constexpr (std::is_same_v<scalar_t, float>) {
     for (size_t k = 0; k < parts.size(); ++k) {
       if (!parts[k].interpolate) continue;
       rows_h[k].emplace(th[k]);
       rows_w[k].emplace(tw[k]);
+      plane_resize[k] = {rows_w[k]->from(0), rows_h[k]->from(0), parts[k].t.size(3), parts[k].t.size(2), W, H};
     }
   }
   // Each part's pointer and strides, read once, not per plane (a plane is a
@@ -121,9 +123,9 @@ void forward_planes(const std::vector<Part>& parts, const at::Tensor& out,
       hrows.resize(static_cast<size_t>(hb * W));
       if constexpr (std::is_same_v<scalar_t, float>) {
         if (sW == 1 && osW == 1) {
-          for (int64_t i = 0; i < hb; ++i)
-            simd::resize_row(hrows.data() + i * W, src + i * sH, v.w, rows_w[k]->from(0), W, false);
-          simd::blend_plane(dst, osH, hrows.data(), W, rows_h[k]->from(0), H);
+          const int64_t planes = std::min(end - task, v.channels - c);
+          simd::resize_planes(dst, osC, osH, src, v.sC, sH, plane_resize[k], planes, hrows.data());
+          task += planes - 1;
           continue;
         }
       }
