@@ -262,7 +262,7 @@ def test_max_without_nan_rule_on_nan_free_blocks_keeps_atens_ties(_c, kind):
 def _signed_ties_max_input():
     """Few distinct values of both signs, so ties everywhere: -0.0 beside +0.0 (equal for ATen: the first
     wins, and its sign is the output's), negative values, subnormals, +-inf and the largest floats. NaN-free
-    channels_last samples combine their cells as ordered integer keys (simd::max_keys in max_pool.cpp), which
+    channels_last samples combine their cells as ordered integer keys (simd::max_cell_keys in max_pool.cpp), which
     must order these exactly as ATen compares them. 3 samples x 75 channels (vectors of 64 and 8 channels
     and a tail of 3); sample 1 holds a NaN (the value rule instead)."""
     g = torch.Generator().manual_seed(13)
@@ -303,6 +303,31 @@ def test_max_channels_last_keys_keep_atens_order_of_signed_values(_c):
                 assert torch.equal(_bits(v), _bits(wv)), f"{where} level {k}: values differ from PyTorch's"
                 assert torch.equal(_bits(vo), _bits(wv)), f"{where} level {k}: values-only differ from PyTorch's"
             assert torch.equal(_bits(spp), _bits(want_spp)), f"{where}: SPP values differ from PyTorch's"
+
+
+def test_max_channels_last_indices_over_every_channel_vector_width(_c):
+    """channels_last max pooling with indices scans each cell with its state in registers, a group of
+    channels at a time (simd::max_cell_keys: 128 channels on AVX-512, then 16, 8 and one by one); 155
+    channels take every group, with ties everywhere (few distinct values: a wrong index or a skipped pixel
+    shows) and a NaN in sample 1 (that sample scanned again for the NaN rule). Indices and values as
+    PyTorch's on every forced path and thread count."""
+    g = torch.Generator().manual_seed(21)
+    values = torch.tensor([-0.0, 0.0, -1.0, 1.0, 2.0])
+    base = values[torch.randint(0, len(values), (2, 155, 13, 11), generator=g)]
+    base[1, 130, 5, 4] = float("nan")
+    x = layout(base, "channels_last")
+    bins = (1, 2, 3, 6, (4, 5))
+    want = [F.adaptive_max_pool2d(x, as_pair(b), return_indices=True) for b in bins]
+    for isa, nb, tasks in _configs(_c):
+        _c._set_test_override("simd_isa", isa)
+        _c._set_test_override("channels_last_max_tasks", tasks)
+        for threads in (1, 2):
+            with _threads(threads):
+                vals, idxs = pe.multi_adaptive_max_pool2d(x, bins, return_indices=True, backend="cpp")
+            where = f"simd_isa={ISA_NAMES[isa]} tasks={tasks} threads={threads}"
+            for k, (v, i, (wv, wi)) in enumerate(zip(vals, idxs, want)):
+                assert torch.equal(i, wi), f"{where} level {k}: indices differ from PyTorch's"
+                assert torch.equal(_bits(v), _bits(wv)), f"{where} level {k}: values differ from PyTorch's"
 
 
 def test_max_values_only_takes_the_first_zero_and_the_last_nan_in_row_major_order(_c):

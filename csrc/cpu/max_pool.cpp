@@ -168,17 +168,38 @@ struct IndexedPhases {
   const std::vector<BinStep>& steps;  // bin_steps(lv, rects, true)
   int64_t H, W, C, SW;
 
-  // Phase 1 for H-segment a of sample n: cells start at (-inf, the cell's
-  // first element), ATen's start for a window (that state after the first
-  // pixel: the pixel and its index, written by max_pixels' start); then the
-  // segment's rows in order, each W-segment's pixels in order. Then each cell's channels as
-  // keys (simd::max_keys), for phase 2 to combine with an integer maximum.
+  // Phase 1 for H-segment a of sample n: each cell of its row of cells as
+  // keys (simd::max_cell_keys: the cell's pixels scanned by ATen's rule from
+  // its first pixel, like ATen's window from (-inf, its first element), the
+  // state in registers), for phase 2 to combine with an integer maximum.
   // Returns whether a cell is NaN (a NaN, once taken, is only replaced by a
-  // later NaN: whether the cells' pixels hold one); then phase 2 combines
-  // the values by the NaN rule instead.
-  bool scan_rows(int64_t n, int64_t a, float* cell_v, int32_t* cell_i, int64_t* cell_k) const {
+  // later NaN: whether the cells' pixels hold one); then the keys are not to
+  // be used and the sample's cells are scanned again with scan_rows.
+  bool scan_cells(int64_t n, int64_t a, int64_t* cell_k) const {
     const int64_t h0 = lv.h.cuts[a], h1 = lv.h.cuts[a + 1];
     if (lv.h.seg_of[h0] < 0) return false;  // no window reads these rows
+    const float* rows = x + ((n * H + h0) * W) * C;
+    const int64_t SH = lv.h.num_segments();
+    bool nan = false;
+    for (int64_t b = 0; b < SW; ++b) {
+      const int64_t w0 = lv.w.cuts[b], w1 = lv.w.cuts[b + 1];
+      if (lv.w.seg_of[w0] < 0) continue;
+      // Prefetched meanwhile: the next cell's pixels (the next W-segment's,
+      // or the next H-segment's first), as far as its shape is this one's.
+      int64_t ahead = (w1 - w0) * C;
+      if (b + 1 == SW) ahead = a + 1 < SH ? ((h1 - h0) * W - w0) * C : 0;
+      nan |= simd::max_cell_keys(cell_k + (a * SW + b) * C, rows + w0 * C, h1 - h0, W * C, w1 - w0, C, C,
+                                 static_cast<int32_t>(h0 * W + w0), static_cast<int32_t>(W), ahead);
+    }
+    return nan;
+  }
+
+  // Phase 1 of a sample holding a NaN: H-segment a's rows into its row of
+  // cells' values and flat indices (max_pixels, the same scan), for the
+  // combine by the NaN rule.
+  void scan_rows(int64_t n, int64_t a, float* cell_v, int32_t* cell_i) const {
+    const int64_t h0 = lv.h.cuts[a], h1 = lv.h.cuts[a + 1];
+    if (lv.h.seg_of[h0] < 0) return;
     float* row_v = cell_v + a * SW * C;
     int32_t* row_i = cell_i + a * SW * C;
     for (int64_t h = h0; h < h1; ++h) {
@@ -190,12 +211,6 @@ struct IndexedPhases {
                          h == h0);
       }
     }
-    bool nan = false;
-    for (int64_t b = 0; b < SW; ++b) {
-      if (lv.w.seg_of[lv.w.cuts[b]] < 0) continue;
-      nan |= simd::max_keys(cell_k + (a * SW + b) * C, row_v + b * C, row_i + b * C, C);
-    }
-    return nan;
   }
 
   // Phase 2 for channels [c0, c0 + cn) of one sample, whose packed output
@@ -228,8 +243,11 @@ struct IndexedPhases {
   // Both phases for sample n, all channels, with one sample's scratch.
   void sample(int64_t n, float* out_n, int64_t* out_idx_n, float* cell_v, int32_t* cell_i, int64_t* cell_k,
               int64_t* bin_k) const {
+    const int64_t SH = lv.h.num_segments();
     bool nan = false;
-    for (int64_t a = 0; a < lv.h.num_segments(); ++a) nan |= scan_rows(n, a, cell_v, cell_i, cell_k);
+    for (int64_t a = 0; a < SH; ++a) nan |= scan_cells(n, a, cell_k);
+    if (nan)
+      for (int64_t a = 0; a < SH; ++a) scan_rows(n, a, cell_v, cell_i);
     cells_to_bins(out_n, out_idx_n, 0, C, cell_v, cell_i, cell_k, nan, bin_k);
   }
 };
@@ -336,27 +354,41 @@ void forward_channels_last(const float* x, float* out, int64_t* out_idx, const L
     });
     return;
   }
-  auto cell_v = scratch<float>(N * cells_per_sample);
-  auto cell_i = scratch<int32_t>(N * cells_per_sample);
   auto cell_k = scratch<int64_t>(N * cells_per_sample);
   std::vector<char> seg_nan(static_cast<size_t>(N * SH));
   at::parallel_for(0, N * SH, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / SH;
-      seg_nan[task] = indexed.scan_rows(n, task % SH, cell_v.get() + n * cells_per_sample,
-                                        cell_i.get() + n * cells_per_sample, cell_k.get() + n * cells_per_sample);
-    }
+    for (int64_t task = begin; task < end; ++task)
+      seg_nan[task] = indexed.scan_cells(task / SH, task % SH, cell_k.get() + (task / SH) * cells_per_sample);
   });
+  std::vector<char> sample_nan(static_cast<size_t>(N));
+  for (int64_t n = 0; n < N; ++n)
+    sample_nan[n] = std::any_of(seg_nan.begin() + n * SH, seg_nan.begin() + (n + 1) * SH, [](char f) { return f; });
+  // Samples holding a NaN (rare): their cells' values and indices, for the
+  // combine by the NaN rule; scratch only when there are some.
+  std::unique_ptr<float[]> cell_v;
+  std::unique_ptr<int32_t[]> cell_i;
+  if (std::any_of(sample_nan.begin(), sample_nan.end(), [](char f) { return f; })) {
+    cell_v = scratch<float>(N * cells_per_sample);
+    cell_i = scratch<int32_t>(N * cells_per_sample);
+    at::parallel_for(0, N * SH, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t n = task / SH;
+        if (sample_nan[n])
+          indexed.scan_rows(n, task % SH, cell_v.get() + n * cells_per_sample, cell_i.get() + n * cells_per_sample);
+      }
+    });
+  }
   const int64_t chunk = std::min<int64_t>(C, 256);
   const int64_t chunks = (C + chunk - 1) / chunk;
   at::parallel_for(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
     auto bin_k = scratch<int64_t>(chunk * lv.total);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / chunks, c0 = (task % chunks) * chunk;
-      const bool nan = std::any_of(seg_nan.begin() + n * SH, seg_nan.begin() + (n + 1) * SH, [](char f) { return f; });
+      const bool nan = sample_nan[n];
       indexed.cells_to_bins(out + n * C * lv.total, out_idx + n * C * lv.total, c0, std::min(chunk, C - c0),
-                            cell_v.get() + n * cells_per_sample, cell_i.get() + n * cells_per_sample,
-                            cell_k.get() + n * cells_per_sample, nan, bin_k.get());
+                            nan ? cell_v.get() + n * cells_per_sample : nullptr,
+                            nan ? cell_i.get() + n * cells_per_sample : nullptr, cell_k.get() + n * cells_per_sample,
+                            nan, bin_k.get());
     }
   });
 }

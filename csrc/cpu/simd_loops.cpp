@@ -73,7 +73,7 @@ struct Loops {
   decltype(&isa_baseline::bilinear_row) bilinear_row;
   decltype(&isa_baseline::max_pixels) max_pixels;
   decltype(&isa_baseline::max_rect) max_rect;
-  decltype(&isa_baseline::max_keys) max_keys;
+  decltype(&isa_baseline::max_cell_keys) max_cell_keys;
   decltype(&isa_baseline::max_rect_keys) max_rect_keys;
   decltype(&isa_baseline::max_pixels_values) max_pixels_values;
   decltype(&isa_baseline::max_rect_values) max_rect_values;
@@ -85,7 +85,7 @@ struct Loops {
         ns::max_rows,                                                                             \
         ns::blend, ns::axpy, ns::blend_pixels_add, ns::shift_add_rows, ns::resize_row, ns::resize_rows, ns::bilinear,   \
         ns::resize_planes,                                                                          \
-        ns::bilinear_row, ns::max_pixels, ns::max_rect, ns::max_keys, ns::max_rect_keys,            \
+        ns::bilinear_row, ns::max_pixels, ns::max_rect, ns::max_cell_keys, ns::max_rect_keys,       \
         ns::max_pixels_values, ns::max_rect_values                                                  \
   }
 constexpr Loops kBaseline = PE_LOOPS(isa_baseline);
@@ -210,7 +210,10 @@ void max_rect(float* dst, int64_t* dst_idx, int64_t dst_stride, const float* cel
               bool may_nan) {
   loops().max_rect(dst, dst_idx, dst_stride, cells_v, cells_i, row_stride, cell_stride, a0, a1, b0, b1, n, may_nan);
 }
-bool max_keys(int64_t* keys, const float* v, const int32_t* r, int64_t n) { return loops().max_keys(keys, v, r, n); }
+bool max_cell_keys(int64_t* keys, const float* src, int64_t rows, int64_t row_stride, int64_t pixels, int64_t stride,
+                   int64_t n, int32_t idx0, int32_t W, int64_t ahead) {
+  return loops().max_cell_keys(keys, src, rows, row_stride, pixels, stride, n, idx0, W, ahead);
+}
 void max_rect_keys(float* dst, int64_t* dst_idx, int64_t dst_stride, const int64_t* cells, int64_t row_stride,
                    int64_t cell_stride, int64_t a0, int64_t a1, int64_t b0, int64_t b1, int64_t n,
                    int64_t* keys_out) {

@@ -166,11 +166,18 @@ void max_pixels(float* m, int32_t* r, const float* src, int64_t pixels, int64_t 
 void max_rect(float* dst, int64_t* dst_idx, int64_t dst_stride, const float* cells_v, const int32_t* cells_i,
               int64_t row_stride, int64_t cell_stride, int64_t a0, int64_t a1, int64_t b0, int64_t b1, int64_t n,
               bool may_nan);
-// NaN-free cells as int64 keys whose integer order is max_pool_combine's
-// (larger value, then earlier index; -0.0 equal to +0.0 but kept): keys[k]
-// for value v[k] and flat index r[k] (0 <= r[k] < 2^31), k < n. Returns
-// whether some v[k] is NaN (then the keys are not to be used).
-bool max_keys(int64_t* keys, const float* v, const int32_t* r, int64_t n);
+// One cell of a channels_last max pooling, channels k < n: its pixels p <
+// pixels of rows i < rows (at src + i * row_stride + p * stride, flat index
+// idx0 + i * W + p) scanned row-major by ATen's rule from the first pixel,
+// the state in registers across the pixels (a few vectors of channels at a
+// time; a state load and store per pixel had been the scan's cost), written
+// as int64 keys whose integer order is max_pool_combine's for NaN-free
+// pieces (larger value, then earlier index; -0.0 equal to +0.0 but kept):
+// keys[k]. Each load also prefetches `ahead` floats further (the next
+// cell's pixels). Returns whether some channel's maximum is NaN (then the
+// keys are not to be used).
+bool max_cell_keys(int64_t* keys, const float* src, int64_t rows, int64_t row_stride, int64_t pixels, int64_t stride,
+                   int64_t n, int32_t idx0, int32_t W, int64_t ahead);
 // max_rect over such keys (a bin is their integer maximum per lane):
 // dst[k * dst_stride], dst_idx[k * dst_stride] = the value and index of the
 // largest key of channel k over the cells a0 <= a < a1, b0 <= b < b1 (at
