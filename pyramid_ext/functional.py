@@ -509,16 +509,21 @@ def _choose_plan(n, cx, channels, sizes, cout, k, height, width) -> _ConvPlan:
 SMALL_CONV_PIXELS = 2048
 
 
+def _cpu_float_1x1(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
+    """A 1x1 convolution that ``_conv`` may compute as a matrix product: CPU float32/float64,
+    weight and bias of x's dtype, no autocast (it would pick another dtype)."""
+    return (x.device.type == "cpu" and x.dim() == 4 and weight.dim() == 4 and weight.shape[-2:] == (1, 1)
+            and x.dtype in (torch.float32, torch.float64) and weight.dtype == x.dtype
+            and (bias is None or bias.dtype == x.dtype) and not torch.is_autocast_enabled("cpu"))
+
+
 def _conv1x1_as_product(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """``F.conv2d(x, weight, bias)`` for a 1x1 weight as one product over x's pixels, in x's
     layout (channels_last stays channels_last, else NCHW), or None where that is not the
     faster or not the same computation: CPU float32/float64 only, no autocast, at least two
-    samples and at most SMALL_CONV_PIXELS pixels, eager only (compile and export keep the convolution). Sums in another order than the convolution (same dtype, same
-    bound)."""
-    if (x.device.type != "cpu" or x.dim() != 4 or weight.dim() != 4 or weight.shape[-2:] != (1, 1)
-            or x.dtype not in (torch.float32, torch.float64) or weight.dtype != x.dtype
-            or (bias is not None and bias.dtype != x.dtype) or torch.is_autocast_enabled("cpu")
-            or torch.compiler.is_compiling()):  # the size test would guard on symbolic sizes
+    samples and at most SMALL_CONV_PIXELS pixels, eager only (compile and export keep the
+    convolution). Sums in another order than the convolution (same dtype, same bound)."""
+    if not _cpu_float_1x1(x, weight, bias) or torch.compiler.is_compiling():  # the size test would guard on symbolic sizes
         return None
     n, cin, height, width = x.shape
     if n < 2 or n * height * width > SMALL_CONV_PIXELS or weight.shape[1] != cin:
@@ -545,10 +550,7 @@ def _conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], p
         out = _conv1x1_as_product(x, weight, bias)
         if out is not None:
             return out
-    if (x.device.type != "cpu" or weight.shape[-1] != 1 or weight.shape[-2] != 1 or x.dim() != 4
-            or x.dtype not in (torch.float32, torch.float64) or weight.dtype != x.dtype
-            or (bias is not None and bias.dtype != x.dtype) or not x.is_contiguous()
-            or torch.is_autocast_enabled("cpu")):
+    if not _cpu_float_1x1(x, weight, bias) or not x.is_contiguous():
         return F.conv2d(x, weight, bias, padding=pad)
     n, cin, height, width = x.shape
     cout = weight.shape[0]

@@ -394,7 +394,7 @@ void forward_channels_last(const float* x, float* out, int64_t* out_idx, const L
 }
 
 void backward(const float* grad, const int64_t* indices, float* gx, const Levels& lv, const Bins& bins, int64_t N,
-              int64_t H, int64_t W, bool channels_last, const Addend& add) {
+              int64_t H, int64_t W, bool channels_last, const Addend<float>& add) {
   const int64_t C = lv.channels, HW = H * W;
   const std::vector<BinRect>& rects = bins.rects;
   auto checked = [HW](int64_t k) {
@@ -417,17 +417,7 @@ void backward(const float* grad, const int64_t* indices, float* gx, const Levels
           dst[checked(ix[o])] += g[o];
         }
         if (!add.data) continue;
-        const float* src = add.data + n * add.sn + c * add.sc;
-        for (int64_t h = 0; h < H; ++h) {
-          const float* s = src + h * add.sh;
-          float* d = dst + h * W;
-          if (add.sw == 1) {
-#pragma omp simd
-            for (int64_t w = 0; w < W; ++w) d[w] = s[w] + d[w];
-          } else {
-            for (int64_t w = 0; w < W; ++w) d[w] = s[w * add.sw] + d[w];
-          }
-        }
+        for (int64_t h = 0; h < H; ++h) add.add_row(dst + h * W, dst + h * W, n, c, h, W);
       }
     });
     return;
@@ -448,14 +438,8 @@ void backward(const float* grad, const int64_t* indices, float* gx, const Levels
   auto add_rows = [&](int64_t n, int64_t h0, int64_t h1) {
     for (int64_t h = h0; h < h1; ++h)
       for (int64_t w = 0; w < W; ++w) {
-        const float* s = add.data + n * add.sn + h * add.sh + w * add.sw;
         float* px = gx + ((n * H + h) * W + w) * C;
-        if (add.sc == 1) {
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) px[c] = s[c] + px[c];
-        } else {
-          for (int64_t c = 0; c < C; ++c) px[c] = s[c * add.sc] + px[c];
-        }
+        add.add_pixel(px, px, n, h, w, C);
       }
   };
   if (channels_last_per_sample(N, N * HW * C)) {

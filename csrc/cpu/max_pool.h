@@ -11,6 +11,40 @@
 #include "pyramid_index.h"
 
 namespace pyramid_ext {
+
+// multi_pool2d_backward's optional addend, read through its strides; the
+// result is addend + the pooling gradient (rounded to scalar_t first, so it
+// equals `addend + multi_pool2d_backward(...)` bit for bit). Used by
+// multi_pool2d.cpp's kernels and the float max kernels alike.
+template <typename scalar_t>
+struct Addend {
+  const scalar_t* data = nullptr;  // null: no addend
+  int64_t sn = 0, sc = 0, sh = 0, sw = 0;
+
+  // d[w] = addend[n, c, h, w] + g[w] for w < W (g may be d): a row of an
+  // NCHW result, written once.
+  void add_row(scalar_t* d, const scalar_t* g, int64_t n, int64_t c, int64_t h, int64_t W) const {
+    const scalar_t* s = data + n * sn + c * sc + h * sh;
+    if (sw == 1) {
+#pragma omp simd
+      for (int64_t w = 0; w < W; ++w) d[w] = s[w] + g[w];
+    } else {
+      for (int64_t w = 0; w < W; ++w) d[w] = s[w * sw] + g[w];
+    }
+  }
+  // d[c] = addend[n, c, h, w] + g[c] for c < C (g may be d): a pixel of a
+  // channels_last result.
+  void add_pixel(scalar_t* d, const scalar_t* g, int64_t n, int64_t h, int64_t w, int64_t C) const {
+    const scalar_t* s = data + n * sn + h * sh + w * sw;
+    if (sc == 1) {
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) d[c] = s[c] + g[c];
+    } else {
+      for (int64_t c = 0; c < C; ++c) d[c] = s[c * sc] + g[c];
+    }
+  }
+};
+
 namespace max_pool {
 
 // What the max kernels read of one call's window plan (multi_pool2d.cpp's
@@ -77,13 +111,6 @@ bool fits_int32_index(int64_t H, int64_t W);
 void forward_channels_last(const float* x, float* out, int64_t* out_idx, const Levels& lv, const Bins& bins,
                            int64_t N, int64_t H, int64_t W);
 
-// multi_pool2d_backward's addend for float (null data: none), read through
-// its strides.
-struct Addend {
-  const float* data = nullptr;
-  int64_t sn = 0, sc = 0, sh = 0, sw = 0;
-};
-
 // Gradient of max pooling, float, NCHW or channels_last grad_x: each bin's
 // gradient added to the element its index names, per element in level-then-
 // bin order (the order of the portable loop), then the addend, if any, added
@@ -95,7 +122,7 @@ struct Addend {
 // in chunks of channels, the addend added by rows. No two tasks write one
 // element, so the result does not depend on the thread count.
 void backward(const float* grad, const int64_t* indices, float* gx, const Levels& lv, const Bins& bins, int64_t N,
-              int64_t H, int64_t W, bool channels_last, const Addend& add);
+              int64_t H, int64_t W, bool channels_last, const Addend<float>& add);
 
 }  // namespace max_pool
 }  // namespace pyramid_ext

@@ -767,15 +767,7 @@ std::tuple<at::Tensor, at::Tensor> multi_pool2d_cpu(
 
 // ------------------------------- backward ----------------------------------
 
-// multi_pool2d_backward's optional addend, read through its strides; the
-// result is addend + the pooling gradient (rounded to scalar_t first, so it
-// equals `addend + multi_pool2d_backward(...)` bit for bit).
-template <typename scalar_t>
-struct Addend {
-  const scalar_t* data = nullptr;  // null: no addend
-  int64_t sn = 0, sc = 0, sh = 0, sw = 0;
-};
-
+// The optional addend: Addend (max_pool.h), read through its strides.
 template <typename scalar_t>
 Addend<scalar_t> addend_view(const std::optional<at::Tensor>& addend) {
   Addend<scalar_t> a;
@@ -831,18 +823,9 @@ void avg_backward_nchw(const scalar_t* grad, scalar_t* gx, const PoolPlan& p,
         if (add.data) {
           // The addend's plane, added while the rows are written (one pass).
           const int64_t plane = p0 + k;
-          const scalar_t* src = add.data + (plane / C) * add.sn + (plane % C) * add.sc;
           for (int64_t h = 0; h < H; ++h) {
             const int64_t a = p.h.seg_of[h] < 0 ? SH : p.h.seg_of[h];
-            const scalar_t* r = rows.data() + a * W;
-            const scalar_t* s = src + h * add.sh;
-            scalar_t* d = dst + h * W;
-            if (add.sw == 1) {
-#pragma omp simd
-              for (int64_t w = 0; w < W; ++w) d[w] = s[w] + r[w];
-            } else {
-              for (int64_t w = 0; w < W; ++w) d[w] = s[w * add.sw] + r[w];
-            }
+            add.add_row(dst + h * W, rows.data() + a * W, plane / C, plane % C, h, W);
           }
           continue;
         }
@@ -906,17 +889,11 @@ void avg_backward_channels_last(const scalar_t* grad, scalar_t* gx,
         scalar_t* px = row + w * C;
         if (add.data) {
           // The addend's pixel, added while the pixel is written (one pass).
-          const scalar_t* s = add.data + n * add.sn + h * add.sh + w * add.sw;
           if (a < 0 || b < 0) {
+            const scalar_t* s = add.data + n * add.sn + h * add.sh + w * add.sw;
             for (int64_t c = 0; c < C; ++c) px[c] = s[c * add.sc] + scalar_t(0);
           } else {
-            const scalar_t* v = vals.get() + (n * SH * SW + a * SW + b) * C;
-            if (add.sc == 1) {
-#pragma omp simd
-              for (int64_t c = 0; c < C; ++c) px[c] = s[c] + v[c];
-            } else {
-              for (int64_t c = 0; c < C; ++c) px[c] = s[c * add.sc] + v[c];
-            }
+            add.add_pixel(px, vals.get() + (n * SH * SW + a * SW + b) * C, n, h, w, C);
           }
         } else if (a < 0 || b < 0) {
           std::fill(px, px + C, scalar_t(0));
@@ -937,8 +914,7 @@ void max_backward(const scalar_t* grad, const int64_t* indices, scalar_t* gx,
                   const PoolPlan& p, int64_t N, int64_t C, int64_t H,
                   int64_t W, bool channels_last, const Addend<scalar_t>& add) {
   if constexpr (std::is_same_v<scalar_t, float>) {
-    return max_pool::backward(grad, indices, gx, max_levels(p), p.max_bins(), N, H, W, channels_last,
-                              {add.data, add.sn, add.sc, add.sh, add.sw});
+    return max_pool::backward(grad, indices, gx, max_levels(p), p.max_bins(), N, H, W, channels_last, add);
   }
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t HW = H * W;
