@@ -24,23 +24,21 @@ struct Addend {
   // d[w] = addend[n, c, h, w] + g[w] for w < W (g may be d): a row of an
   // NCHW result, written once.
   void add_row(scalar_t* d, const scalar_t* g, int64_t n, int64_t c, int64_t h, int64_t W) const {
-    const scalar_t* s = data + n * sn + c * sc + h * sh;
-    if (sw == 1) {
-#pragma omp simd
-      for (int64_t w = 0; w < W; ++w) d[w] = s[w] + g[w];
-    } else {
-      for (int64_t w = 0; w < W; ++w) d[w] = s[w * sw] + g[w];
-    }
+    add_run(d, g, data + n * sn + c * sc + h * sh, sw, W);
   }
   // d[c] = addend[n, c, h, w] + g[c] for c < C (g may be d): a pixel of a
   // channels_last result.
   void add_pixel(scalar_t* d, const scalar_t* g, int64_t n, int64_t h, int64_t w, int64_t C) const {
-    const scalar_t* s = data + n * sn + h * sh + w * sw;
-    if (sc == 1) {
+    add_run(d, g, data + n * sn + h * sh + w * sw, sc, C);
+  }
+
+ private:
+  static void add_run(scalar_t* d, const scalar_t* g, const scalar_t* s, int64_t stride, int64_t len) {
+    if (stride == 1) {
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) d[c] = s[c] + g[c];
+      for (int64_t k = 0; k < len; ++k) d[k] = s[k] + g[k];
     } else {
-      for (int64_t c = 0; c < C; ++c) d[c] = s[c * sc] + g[c];
+      for (int64_t k = 0; k < len; ++k) d[k] = s[k * stride] + g[k];
     }
   }
 };
