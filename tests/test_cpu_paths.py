@@ -32,7 +32,8 @@ from .conftest import need_backend
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ISA_NAMES = {1: "baseline", 2: "avx2", 3: "avx512"}
-SWITCHES = ("simd_isa", "no_block_kernel", "channels_last_avg_tasks", "channels_last_max_tasks")
+SWITCHES = ("simd_isa", "no_block_kernel", "channels_last_avg_tasks", "channels_last_max_tasks",
+            "channels_last_max_direct")
 
 
 @pytest.fixture(autouse=True)
@@ -123,6 +124,20 @@ def _configs(_C):
     return out
 
 
+def _max_configs(_C):
+    """_configs with channels_last_max_direct: per-sample tasks (1) both with bins combined from cells (1)
+    and with bins scanned from their windows' pixels (2); the split (tasks 2) has no such choice (0)."""
+    return [(isa, nb, tasks, direct) for isa, nb, tasks in _configs(_C)
+            for direct in ((1, 2) if tasks == 1 else (0,))]
+
+
+def _set_max_path(_C, isa, nb, tasks, direct):
+    _C._set_test_override("simd_isa", isa)
+    _C._set_test_override("no_block_kernel", nb)
+    _C._set_test_override("channels_last_max_tasks", tasks)
+    _C._set_test_override("channels_last_max_direct", direct)
+
+
 def test_switches_reject_unknown_names_and_unsupported_values(_c):
     with pytest.raises(ValueError, match="unknown test override: fast_path"):
         _c._set_test_override("fast_path", 1)
@@ -132,6 +147,8 @@ def test_switches_reject_unknown_names_and_unsupported_values(_c):
         _c._set_test_override("channels_last_avg_tasks", 3)
     with pytest.raises(ValueError, match="channels_last_max_tasks=3 is not valid"):
         _c._set_test_override("channels_last_max_tasks", 3)
+    with pytest.raises(ValueError, match="channels_last_max_direct=3 is not valid"):
+        _c._set_test_override("channels_last_max_direct", 3)
 
 
 @pytest.mark.parametrize("isa", [1, 2, 3], ids=lambda i: ISA_NAMES[i])
@@ -206,15 +223,13 @@ def test_every_forced_max_path_keeps_atens_ties_and_nans(_c):
     indices exactly as PyTorch's, and every forced path bit for bit as the automatic one."""
     auto, want = _max_workload()
     _check_max_against_eager(auto, want)
-    for isa, nb, tasks in _configs(_c):
-        _c._set_test_override("simd_isa", isa)
-        _c._set_test_override("no_block_kernel", nb)
-        _c._set_test_override("channels_last_max_tasks", tasks)
+    for isa, nb, tasks, direct in _max_configs(_c):
+        _set_max_path(_c, isa, nb, tasks, direct)
         got, _ = _max_workload()
         for k, ((what, a), (_, b)) in enumerate(zip(got, auto)):
             assert torch.equal(_bits(a), _bits(b)), (
-                f"simd_isa={ISA_NAMES[isa]} no_block_kernel={nb} channels_last_max_tasks={tasks}: "
-                f"result {k} ({what}) differs from the automatic path")
+                f"simd_isa={ISA_NAMES[isa]} no_block_kernel={nb} channels_last_max_tasks={tasks} "
+                f"direct={direct}: result {k} ({what}) differs from the automatic path")
 
 
 def _sparse_nan_max_input():
@@ -243,17 +258,16 @@ def test_max_without_nan_rule_on_nan_free_blocks_keeps_atens_ties(_c, kind):
     base = _sparse_nan_max_input()
     bins = (1, 2, 3, 6, (4, 5), (7, 13))
     want = [F.adaptive_max_pool2d(layout(base, kind), as_pair(b), return_indices=True) for b in bins]
-    for isa, nb, tasks in _configs(_c):
-        _c._set_test_override("simd_isa", isa)
-        _c._set_test_override("no_block_kernel", nb)
-        _c._set_test_override("channels_last_max_tasks", tasks)
+    for isa, nb, tasks, direct in _max_configs(_c):
+        _set_max_path(_c, isa, nb, tasks, direct)
         for threads in (1, 2):
             with _threads(threads):
                 vals, idxs = pe.multi_adaptive_max_pool2d(layout(base, kind), bins, return_indices=True,
                                                           backend="cpp")
                 vals_only = pe.multi_adaptive_max_pool2d(layout(base, kind), bins, backend="cpp")
             for k, (v, i, vo, (wv, wi)) in enumerate(zip(vals, idxs, vals_only, want)):
-                where = f"simd_isa={ISA_NAMES[isa]} no_block_kernel={nb} tasks={tasks} threads={threads} level {k}"
+                where = (f"simd_isa={ISA_NAMES[isa]} no_block_kernel={nb} tasks={tasks} direct={direct} "
+                         f"threads={threads} level {k}")
                 assert torch.equal(i, wi), f"{where}: indices differ from PyTorch's"
                 assert torch.equal(_bits(v), _bits(wv)), f"{where}: values differ from PyTorch's"
                 assert torch.equal(_bits(vo), _bits(wv)), f"{where}: values without indices differ from PyTorch's"
@@ -289,15 +303,14 @@ def test_max_channels_last_keys_keep_atens_order_of_signed_values(_c):
     bins = (1, 2, 3, 6, (4, 5))
     want = [F.adaptive_max_pool2d(x, as_pair(b), return_indices=True) for b in bins]
     want_spp = torch.cat([v.flatten(1) for v, _ in want], 1)
-    for isa, nb, tasks in _configs(_c):
-        _c._set_test_override("simd_isa", isa)
-        _c._set_test_override("channels_last_max_tasks", tasks)
+    for isa, nb, tasks, direct in _max_configs(_c):
+        _set_max_path(_c, isa, nb, tasks, direct)
         for threads in (1, 2):
             with _threads(threads):
                 vals, idxs = pe.multi_adaptive_max_pool2d(x, bins, return_indices=True, backend="cpp")
                 vals_only = pe.multi_adaptive_max_pool2d(x, bins, backend="cpp")
                 spp = pe.spatial_pyramid_pool(x, bins, mode="max", backend="cpp")
-            where = f"simd_isa={ISA_NAMES[isa]} tasks={tasks} threads={threads}"
+            where = f"simd_isa={ISA_NAMES[isa]} tasks={tasks} direct={direct} threads={threads}"
             for k, (v, i, vo, (wv, wi)) in enumerate(zip(vals, idxs, vals_only, want)):
                 assert torch.equal(i, wi), f"{where} level {k}: indices differ from PyTorch's"
                 assert torch.equal(_bits(v), _bits(wv)), f"{where} level {k}: values differ from PyTorch's"
@@ -318,13 +331,12 @@ def test_max_channels_last_indices_over_every_channel_vector_width(_c):
     x = layout(base, "channels_last")
     bins = (1, 2, 3, 6, (4, 5))
     want = [F.adaptive_max_pool2d(x, as_pair(b), return_indices=True) for b in bins]
-    for isa, nb, tasks in _configs(_c):
-        _c._set_test_override("simd_isa", isa)
-        _c._set_test_override("channels_last_max_tasks", tasks)
+    for isa, nb, tasks, direct in _max_configs(_c):
+        _set_max_path(_c, isa, nb, tasks, direct)
         for threads in (1, 2):
             with _threads(threads):
                 vals, idxs = pe.multi_adaptive_max_pool2d(x, bins, return_indices=True, backend="cpp")
-            where = f"simd_isa={ISA_NAMES[isa]} tasks={tasks} threads={threads}"
+            where = f"simd_isa={ISA_NAMES[isa]} tasks={tasks} direct={direct} threads={threads}"
             for k, (v, i, (wv, wi)) in enumerate(zip(vals, idxs, want)):
                 assert torch.equal(i, wi), f"{where} level {k}: indices differ from PyTorch's"
                 assert torch.equal(_bits(v), _bits(wv)), f"{where} level {k}: values differ from PyTorch's"
@@ -349,14 +361,13 @@ def test_max_values_only_takes_the_first_zero_and_the_last_nan_in_row_major_orde
     assert _bits(want[0][0, 3, 0, 0]) == _bits(torch.tensor(-0.0))
     assert _bits(want[0][0, 17, 0, 0]) == _bits(x[0, 17, 1, 0])
     want_spp = torch.cat([v.flatten(1) for v in want], 1)
-    for isa, _, tasks in _configs(_c):
-        _c._set_test_override("simd_isa", isa)
-        _c._set_test_override("channels_last_max_tasks", tasks)
+    for isa, nb, tasks, direct in _max_configs(_c):
+        _set_max_path(_c, isa, nb, tasks, direct)
         for threads in (1, 2):
             with _threads(threads):
                 vals = pe.multi_adaptive_max_pool2d(x, bins, backend="cpp")
                 spp = pe.spatial_pyramid_pool(x, bins, mode="max", backend="cpp")
-            where = f"simd_isa={ISA_NAMES[isa]} tasks={tasks} threads={threads}"
+            where = f"simd_isa={ISA_NAMES[isa]} tasks={tasks} direct={direct} threads={threads}"
             for k, (v, wv) in enumerate(zip(vals, want)):
                 assert torch.equal(_bits(v), _bits(wv)), f"{where} level {k}: values differ from PyTorch's"
             assert torch.equal(_bits(spp), _bits(want_spp)), f"{where}: SPP values differ from PyTorch's"

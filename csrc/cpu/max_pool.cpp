@@ -129,7 +129,7 @@ std::vector<BinStep> bin_steps(const Levels& lv, const std::vector<BinRect>& rec
             !covering_windows(lv.w, lv.win_w0[src], lv.bw[src], r.b0, r.b1, &j0, &j1))
           continue;
         const int64_t reads = (i1 - i0) * (j1 - j0);
-        if (reads < best_reads) {
+        if (reads <= best_reads) {  // on a tie, bins: fewer keys than cells to keep in cache
           best_reads = reads;
           best = {&r, b, true, lv.offset[src], first_rect[src], lv.bw[src], i0, i1, j0, j1};
         }
@@ -146,17 +146,46 @@ struct Bins {
   std::vector<BinRect> rects;
   std::vector<BinStep> indexed_steps;  // bin_steps(lv, rects, true)
   std::vector<BinStep> values_steps;   // bin_steps(lv, rects, lv.channels_last_levels)
+  // Whether the indexed forward's per-sample tasks scan the bins built from
+  // cells straight from their windows' pixels (IndexedPhases::sample_direct).
+  bool direct = false;
 };
+
+// Scanning bins from their pixels reads pixels again where windows overlap
+// or several levels are scanned. That costs less than writing cells and
+// combining them while the pixels read again come from cache: up to 1.6
+// times the cells' pixels (overlapping windows of one level read neighbours
+// again), or 3 times where a sample fits in L2 (one thread, Intel AVX-512:
+// bins 1, 2, 3, 6 on (16, 256, 16, 16) reading 1.56 times, 1.4x faster; 4, 5
+// there, 2.6 times, 1.4x; 2, 3 on (8, 512, 32, 32), 2.1 times, 0.7x).
+constexpr int64_t kDirectReadsPercent = 160;
+constexpr int64_t kCachedSampleBytes = 512 << 10;
+constexpr int64_t kCachedReadsPercent = 300;
 
 std::shared_ptr<const Bins> make_bins(const Levels& lv) {
   auto bins = std::make_shared<Bins>();  // the steps point into rects: built in place
   bins->rects = bin_rects(lv);
   bins->indexed_steps = bin_steps(lv, bins->rects, true);
   bins->values_steps = bin_steps(lv, bins->rects, lv.channels_last_levels);
+  int64_t direct_reads = 0;
+  for (const BinStep& s : bins->indexed_steps)
+    if (!s.from_bins) direct_reads += (lv.h.cuts[s.a1] - lv.h.cuts[s.a0]) * (lv.w.cuts[s.b1] - lv.w.cuts[s.b0]);
+  const int64_t cell_reads =
+      (lv.h.cuts.back() - lv.h.cuts.front()) * (lv.w.cuts.back() - lv.w.cuts.front());
+  const int64_t sample_bytes = static_cast<int64_t>(lv.h.seg_of.size() * lv.w.seg_of.size()) * lv.channels * 4;
+  const int64_t percent = sample_bytes <= kCachedSampleBytes ? kCachedReadsPercent : kDirectReadsPercent;
+  bins->direct = direct_reads * 100 <= percent * cell_reads;
   return bins;
 }
 
 namespace {
+
+// Bins::direct, unless test_overrides::kChannelsLastMaxDirect forces it (1
+// never, 2 always).
+bool use_direct(const Bins& bins) {
+  const int64_t forced = test_overrides::get(test_overrides::kChannelsLastMaxDirect);
+  return forced ? forced == 2 : bins.direct;
+}
 
 // The indexed forward's two phases for one sample (forward_channels_last):
 // phase 1 scans H-segment a's rows into its row of cells, phase 2 combines
@@ -166,6 +195,7 @@ struct IndexedPhases {
   const Levels& lv;
   const std::vector<BinRect>& rects;
   const std::vector<BinStep>& steps;  // bin_steps(lv, rects, true)
+  bool direct;                        // Bins::direct
   int64_t H, W, C, SW;
 
   // Phase 1 for H-segment a of sample n: each cell of its row of cells as
@@ -188,8 +218,8 @@ struct IndexedPhases {
       // or the next H-segment's first), as far as its shape is this one's.
       int64_t ahead = (w1 - w0) * C;
       if (b + 1 == SW) ahead = a + 1 < SH ? ((h1 - h0) * W - w0) * C : 0;
-      nan |= simd::max_cell_keys(cell_k + (a * SW + b) * C, rows + w0 * C, h1 - h0, W * C, w1 - w0, C, C,
-                                 static_cast<int32_t>(h0 * W + w0), static_cast<int32_t>(W), ahead);
+      nan |= simd::max_cell_keys(cell_k + (a * SW + b) * C, nullptr, nullptr, 0, rows + w0 * C, h1 - h0, W * C,
+                                 w1 - w0, C, C, static_cast<int32_t>(h0 * W + w0), static_cast<int32_t>(W), ahead);
     }
     return nan;
   }
@@ -211,6 +241,33 @@ struct IndexedPhases {
                          h == h0);
       }
     }
+  }
+
+  // Sample n without cells (Bins::direct): each bin that phase 2 would
+  // build from cells is scanned from its window's pixels (max_cell_keys, the
+  // same scan as a cell's: ATen's window scan), written to the output and as
+  // keys to bin_k; the other bins from those keys, as in cells_to_bins.
+  // Returns false when a bin is NaN: the sample then takes the cells and the
+  // NaN rule, which write every bin again.
+  bool sample_direct(int64_t n, float* out_n, int64_t* out_idx_n, int64_t* bin_k) const {
+    for (const BinStep& s : steps) {
+      const BinRect& r = *s.rect;
+      int64_t* keys = bin_k + s.bin * C;
+      if (s.from_bins) {
+        simd::max_rect_keys(out_n + r.out_offset, out_idx_n + r.out_offset, r.c_stride, bin_k + s.src_bin * C,
+                            s.src_bw * C, C, s.a0, s.a1, s.b0, s.b1, C, keys);
+        continue;
+      }
+      const int64_t h0 = lv.h.cuts[s.a0], h1 = lv.h.cuts[s.a1], w0 = lv.w.cuts[s.b0], w1 = lv.w.cuts[s.b1];
+      // No prefetch (ahead 0): fetching the next window's pixels while
+      // scanning a window 128 channels at a time evicted what was still to
+      // be read (on (1, 2048, 64, 64) 1.4x slower than without).
+      if (simd::max_cell_keys(keys, out_n + r.out_offset, out_idx_n + r.out_offset, r.c_stride,
+                              x + ((n * H + h0) * W + w0) * C, h1 - h0, W * C, w1 - w0, C, C,
+                              static_cast<int32_t>(h0 * W + w0), static_cast<int32_t>(W), 0))
+        return false;
+    }
+    return true;
   }
 
   // Phase 2 for channels [c0, c0 + cn) of one sample, whose packed output
@@ -243,6 +300,7 @@ struct IndexedPhases {
   // Both phases for sample n, all channels, with one sample's scratch.
   void sample(int64_t n, float* out_n, int64_t* out_idx_n, float* cell_v, int32_t* cell_i, int64_t* cell_k,
               int64_t* bin_k) const {
+    if (direct && sample_direct(n, out_n, out_idx_n, bin_k)) return;
     const int64_t SH = lv.h.num_segments();
     bool nan = false;
     for (int64_t a = 0; a < SH; ++a) nan |= scan_cells(n, a, cell_k);
@@ -263,7 +321,7 @@ void forward_channels_last_values(const float* x, float* out, const Levels& lv, 
   const int64_t C = lv.channels;
   const int64_t SH = lv.h.num_segments(), SW = lv.w.num_segments();
   const int64_t cells_per_sample = SH * SW * C;
-  const IndexedPhases indexed{x, lv, bins.rects, bins.indexed_steps, H, W, C, SW};
+  const IndexedPhases indexed{x, lv, bins.rects, bins.indexed_steps, use_direct(bins), H, W, C, SW};
   auto scan_rows = [&](int64_t n, int64_t a, float* cell_v) {
     const int64_t h0 = lv.h.cuts[a], h1 = lv.h.cuts[a + 1];
     if (lv.h.seg_of[h0] < 0) return;  // no window reads these rows
@@ -340,7 +398,7 @@ void forward_channels_last(const float* x, float* out, int64_t* out_idx, const L
   const int64_t SH = lv.h.num_segments(), SW = lv.w.num_segments();
   const int64_t cells_per_sample = SH * SW * C;
   if (!out_idx) return forward_channels_last_values(x, out, lv, bins, N, H, W);
-  const IndexedPhases indexed{x, lv, bins.rects, bins.indexed_steps, H, W, C, SW};
+  const IndexedPhases indexed{x, lv, bins.rects, bins.indexed_steps, use_direct(bins), H, W, C, SW};
   if (channels_last_per_sample(N, N * H * W * C)) {
     // One task per sample: its cells stay in cache between the phases.
     at::parallel_for(0, N, sample_grain(H * W * C), [&](int64_t begin, int64_t end) {

@@ -210,9 +210,11 @@ void max_rect(float* dst, int64_t* dst_idx, int64_t dst_stride, const float* cel
               bool may_nan) {
   loops().max_rect(dst, dst_idx, dst_stride, cells_v, cells_i, row_stride, cell_stride, a0, a1, b0, b1, n, may_nan);
 }
-bool max_cell_keys(int64_t* keys, const float* src, int64_t rows, int64_t row_stride, int64_t pixels, int64_t stride,
-                   int64_t n, int32_t idx0, int32_t W, int64_t ahead) {
-  return loops().max_cell_keys(keys, src, rows, row_stride, pixels, stride, n, idx0, W, ahead);
+bool max_cell_keys(int64_t* keys, float* dst, int64_t* dst_idx, int64_t dst_stride, const float* src, int64_t rows,
+                   int64_t row_stride, int64_t pixels, int64_t stride, int64_t n, int32_t idx0, int32_t W,
+                   int64_t ahead) {
+  return loops().max_cell_keys(keys, dst, dst_idx, dst_stride, src, rows, row_stride, pixels, stride, n, idx0, W,
+                               ahead);
 }
 void max_rect_keys(float* dst, int64_t* dst_idx, int64_t dst_stride, const int64_t* cells, int64_t row_stride,
                    int64_t cell_stride, int64_t a0, int64_t a1, int64_t b0, int64_t b1, int64_t n,

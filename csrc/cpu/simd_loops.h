@@ -173,11 +173,14 @@ void max_rect(float* dst, int64_t* dst_idx, int64_t dst_stride, const float* cel
 // time; a state load and store per pixel had been the scan's cost), written
 // as int64 keys whose integer order is max_pool_combine's for NaN-free
 // pieces (larger value, then earlier index; -0.0 equal to +0.0 but kept):
-// keys[k]. Each load also prefetches `ahead` floats further (the next
-// cell's pixels). Returns whether some channel's maximum is NaN (then the
-// keys are not to be used).
-bool max_cell_keys(int64_t* keys, const float* src, int64_t rows, int64_t row_stride, int64_t pixels, int64_t stride,
-                   int64_t n, int32_t idx0, int32_t W, int64_t ahead);
+// keys[k]; dst not null: also as value dst[k * dst_stride] and int64 index
+// dst_idx[k * dst_stride] (a bin scanned whole from its pixels). Each load
+// also prefetches `ahead` floats further (the next cell's pixels). Returns
+// whether some channel's maximum is NaN (then the keys, and the values and
+// indices, are not to be used).
+bool max_cell_keys(int64_t* keys, float* dst, int64_t* dst_idx, int64_t dst_stride, const float* src, int64_t rows,
+                   int64_t row_stride, int64_t pixels, int64_t stride, int64_t n, int32_t idx0, int32_t W,
+                   int64_t ahead);
 // max_rect over such keys (a bin is their integer maximum per lane):
 // dst[k * dst_stride], dst_idx[k * dst_stride] = the value and index of the
 // largest key of channel k over the cells a0 <= a < a1, b0 <= b < b1 (at

@@ -24,12 +24,18 @@ enum Switch : int {
   // (max_pool.cpp; 2 splits the backward into zeroing by rows and adding by
   // channel chunks).
   kChannelsLastMaxTasks,
+  // Max pooling with indices, channels_last float, one task per sample: 0
+  // chosen from the plan (max_pool.cpp, Bins::direct), 1 bins always
+  // combined from cells, 2 bins built from cells always scanned from their
+  // windows' pixels instead.
+  kChannelsLastMaxDirect,
   kNumSwitches
 };
 
 int64_t get(Switch s);
 // Sets a switch by its name ("simd_isa", "no_block_kernel",
-// "channels_last_avg_tasks", "channels_last_max_tasks"); throws
+// "channels_last_avg_tasks", "channels_last_max_tasks",
+// "channels_last_max_direct"); throws
 // std::invalid_argument for an unknown name or a value this CPU cannot run.
 void set(const std::string& name, int64_t value);
 // "name=value" for every switch, comma separated.
