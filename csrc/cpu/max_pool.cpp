@@ -129,7 +129,7 @@ std::vector<BinStep> bin_steps(const Levels& lv, const std::vector<BinRect>& rec
             !covering_windows(lv.w, lv.win_w0[src], lv.bw[src], r.b0, r.b1, &j0, &j1))
           continue;
         const int64_t reads = (i1 - i0) * (j1 - j0);
-        if (reads <= best_reads) {  // on a tie, bins: fewer keys than cells to keep in cache
+        if (reads < best_reads) {
           best_reads = reads;
           best = {&r, b, true, lv.offset[src], first_rect[src], lv.bw[src], i0, i1, j0, j1};
         }
@@ -170,8 +170,7 @@ std::shared_ptr<const Bins> make_bins(const Levels& lv) {
   int64_t direct_reads = 0;
   for (const BinStep& s : bins->indexed_steps)
     if (!s.from_bins) direct_reads += (lv.h.cuts[s.a1] - lv.h.cuts[s.a0]) * (lv.w.cuts[s.b1] - lv.w.cuts[s.b0]);
-  const int64_t cell_reads =
-      (lv.h.cuts.back() - lv.h.cuts.front()) * (lv.w.cuts.back() - lv.w.cuts.front());
+  const int64_t cell_reads = (lv.h.cuts.back() - lv.h.cuts.front()) * (lv.w.cuts.back() - lv.w.cuts.front());
   const int64_t sample_bytes = static_cast<int64_t>(lv.h.seg_of.size() * lv.w.seg_of.size()) * lv.channels * 4;
   const int64_t percent = sample_bytes <= kCachedSampleBytes ? kCachedReadsPercent : kDirectReadsPercent;
   bins->direct = direct_reads * 100 <= percent * cell_reads;
@@ -195,7 +194,7 @@ struct IndexedPhases {
   const Levels& lv;
   const std::vector<BinRect>& rects;
   const std::vector<BinStep>& steps;  // bin_steps(lv, rects, true)
-  bool direct;                        // Bins::direct
+  bool direct;                        // use_direct(bins): sample_direct first
   int64_t H, W, C, SW;
 
   // Phase 1 for H-segment a of sample n: each cell of its row of cells as

@@ -102,10 +102,14 @@ bool fits_int32_index(int64_t H, int64_t W);
 // samples share evenly among the threads (or there are at least four per
 // thread), else phase 1 is split over (sample, H-segment) and phase 2 over
 // (sample, channel chunk); test_overrides: channels_last_max_tasks (which
-// also picks the backward's split). out_idx null: values only (mode
-// kPoolMaxValues): the cells hold maxima alone, and a sample where a bin's
-// value depends on positions (NaN, or zero beside a -0.0) is computed again
-// with indices, so the values are the indexed forward's bit for bit.
+// also picks the backward's split). With indices, per-sample tasks scan
+// the bins phase 2 would build from cells straight from their windows'
+// pixels instead where that reads few pixels again (max_pool.cpp,
+// Bins::direct; test_overrides: channels_last_max_direct). out_idx null:
+// values only (mode kPoolMaxValues): the cells hold maxima alone, and a
+// sample where a bin's value depends on positions (NaN, or zero beside a
+// -0.0) is computed again with indices, so the values are the indexed
+// forward's bit for bit.
 void forward_channels_last(const float* x, float* out, int64_t* out_idx, const Levels& lv, const Bins& bins,
                            int64_t N, int64_t H, int64_t W);
 
