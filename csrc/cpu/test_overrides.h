@@ -24,9 +24,10 @@ enum Switch : int {
   // (max_pool.cpp; 2 splits the backward into zeroing by rows and adding by
   // channel chunks).
   kChannelsLastMaxTasks,
-  // Max pooling backward, channels_last float, one task per sample: 0 the
-  // block size from the channel count, else that many pixels a block (a
-  // power of two), so that small tests cross block boundaries.
+  // Max pooling backward, channels_last float, one task per sample: 0
+  // samples of 2 MiB and up by blocks sized from the channel count, else
+  // every sample by blocks of that many pixels (a power of two), so that
+  // small tests take that path and cross block boundaries.
   kMaxBackwardBlockPixels,
   kNumSwitches
 };
