@@ -32,8 +32,7 @@ from .conftest import need_backend
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ISA_NAMES = {1: "baseline", 2: "avx2", 3: "avx512"}
-SWITCHES = ("simd_isa", "no_block_kernel", "channels_last_avg_tasks", "channels_last_max_tasks",
-            "max_backward_block_pixels")
+SWITCHES = ("simd_isa", "no_block_kernel", "channels_last_avg_tasks", "channels_last_max_tasks")
 
 
 @pytest.fixture(autouse=True)
@@ -133,8 +132,6 @@ def test_switches_reject_unknown_names_and_unsupported_values(_c):
         _c._set_test_override("channels_last_avg_tasks", 3)
     with pytest.raises(ValueError, match="channels_last_max_tasks=3 is not valid"):
         _c._set_test_override("channels_last_max_tasks", 3)
-    with pytest.raises(ValueError, match="max_backward_block_pixels=3 is not valid"):
-        _c._set_test_override("max_backward_block_pixels", 3)
 
 
 @pytest.mark.parametrize("isa", [1, 2, 3], ids=lambda i: ISA_NAMES[i])
@@ -379,10 +376,9 @@ def test_tiny_max_inputs_match_eager(_c, kind):
 
 
 @pytest.mark.parametrize("kind", ["nchw", "channels_last"])
-@pytest.mark.parametrize("tasks,block", [(1, 0), (2, 0), (1, 2)])
-def test_max_backward_rejects_an_index_out_of_range(_c, kind, tasks, block):
+@pytest.mark.parametrize("tasks", [1, 2])
+def test_max_backward_rejects_an_index_out_of_range(_c, kind, tasks):
     _c._set_test_override("channels_last_max_tasks", tasks)
-    _c._set_test_override("max_backward_block_pixels", block)
     x = layout(rand((3, 4, 6, 5), torch.float32), kind)
     h, w, lb = [0, 6], [0, 5], [1, 1]
     _, idx = torch.ops.pyramid_ext.multi_pool2d(x, h, w, lb, 1, False)
@@ -427,42 +423,6 @@ def test_max_backward_addend_on_every_path_equals_the_sum_bit_for_bit(_c):
                 got = op(grad, idx, list(shape), hb, wb, lb, 1, cl_levels, cl, a)
                 assert torch.equal(_bits(got), _bits(a + plain)), (
                     f"{kind} channels_last_levels={cl_levels} simd_isa={ISA_NAMES[isa]} tasks={tasks} {name}")
-
-
-def test_max_backward_by_blocks_equals_the_plain_scatter_bit_for_bit(_c):
-    """The per-sample channels_last max backward writes large samples block by block (max_pool.cpp,
-    sample_by_blocks: the bins' gradients appended to their block's list, then each block zeroed and
-    added to). Forced here onto small samples with blocks of 1 to 64 pixels (block boundaries inside
-    every bin), it must equal the plain scatter (the automatic path at this size) bit for bit: every
-    element receives its bins' gradients in the same order. Ties send many bins of every level to one
-    pixel, and gradients of mixed magnitudes make a sum's bits depend on its order, so an entry applied
-    in another block or out of order changes the result."""
-    from pyramid_ext.windows import pyramid_windows
-
-    shape = (3, 70, 13, 11)  # 70 channels: 64 entries a chunk, so a block's list spans several chunks
-    g = torch.Generator().manual_seed(11)
-    base = torch.randint(0, 2, shape, generator=g).float()
-    base[:, :20] = 1.0  # constant channels: every bin takes its window's first pixel
-    bins = [(1, 1), (2, 2), (3, 3), (6, 6), (2, 5), (13, 11)]
-    hb, wb, lb = pyramid_windows(13, 11, bins, "adaptive")
-    op = torch.ops.pyramid_ext.multi_pool2d_backward
-    x = layout(base, "channels_last")
-    addend = layout(torch.randn(shape, generator=g), "channels_last")
-    _c._set_test_override("channels_last_max_tasks", 1)
-    for cl_levels in (False, True):
-        _, idx = torch.ops.pyramid_ext.multi_pool2d(x, hb, wb, lb, 1, cl_levels)
-        grad = torch.randn(idx.shape, generator=g) * 10.0 ** torch.randint(-6, 7, idx.shape, generator=g)
-        _c._set_test_override("max_backward_block_pixels", 0)
-        want = [op(grad, idx, list(shape), hb, wb, lb, 1, cl_levels, True, a) for a in (None, addend)]
-        # the orders matter: summed in reverse, some element's bits differ
-        assert not torch.equal(_bits(want[0]), _bits(op(grad.flip(1), idx.flip(1), list(shape), hb, wb, lb, 1,
-                                                         cl_levels, True)))
-        for block in (1, 2, 4, 8, 64, 256):
-            _c._set_test_override("max_backward_block_pixels", block)
-            for a, w in zip((None, addend), want):
-                got = op(grad, idx, list(shape), hb, wb, lb, 1, cl_levels, True, a)
-                assert torch.equal(_bits(got), _bits(w)), (
-                    f"channels_last_levels={cl_levels} block={block} addend={a is not None}")
 
 
 def test_cached_plans_are_keyed_on_every_argument(_c):

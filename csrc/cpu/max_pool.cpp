@@ -39,119 +39,6 @@ bool channels_last_per_sample(int64_t N, int64_t elements) {
   return N % threads == 0 || N >= 4 * threads || elements < kTinyElements;
 }
 
-// The per-sample channels_last backward writes samples of at least
-// kBlockedSampleBytes block by block (sample_by_blocks); a smaller sample
-// stays in L2 between its zeroing and its scatter, and the plain scatter
-// cost no more than listing the entries (one thread, bins 1, 2, 3, 6, plain
-// vs blocks: (8, 512, 16, 16) 0.53 vs 0.64 ms, (8, 256, 32, 32) 0.53 vs
-// 0.56 ms, (8, 384, 32, 32) 0.81 vs 0.79 ms; (8, 512, 32, 32), 2 MiB a
-// sample, 1.14 vs 1.06 ms). Blocks:
-// a power of two of pixels, at most kBlockBytes of gradient (in L1 while
-// its entries are added; 8-64 KB timed alike), at least one pixel.
-// test_overrides: max_backward_block_pixels forces blocks of that many
-// pixels on any sample.
-constexpr int64_t kBlockedSampleBytes = int64_t{2} << 20;
-constexpr int64_t kBlockBytes = 16384;
-
-// log2 of the block's pixels, or -1: no blocks.
-int block_shift(int64_t HW, int64_t C) {
-  const int64_t forced = test_overrides::get(test_overrides::kMaxBackwardBlockPixels);
-  const int64_t pixel_bytes = C * static_cast<int64_t>(sizeof(float));
-  if (!forced && HW * pixel_bytes < kBlockedSampleBytes) return -1;
-  int shift = 0;
-  while (forced ? (int64_t{2} << shift) <= forced : (int64_t{2} << shift) * pixel_bytes <= kBlockBytes) ++shift;
-  // Offsets in a block are uint32 (a block of over 2^31 elements: no blocks).
-  return (C << shift) <= std::numeric_limits<int32_t>::max() ? shift : -1;
-}
-
-// One bin's gradient for one element of a block: the element (offset from
-// the block's first) and the value.
-struct BlockEntry {
-  uint32_t offset;
-  float grad;
-};
-
-// Calls f(pixel, c, o) for every bin's gradient o of a sample (its element:
-// the index there, pixel, and channel c), reading the packed indices in
-// memory order: a channel-major level's bins (its rects, c_stride of them)
-// one channel at a time, a channels_last level bin by bin. Each element
-// (pixel, c) receives its bins in packed order.
-template <typename F>
-void for_each_entry(const int64_t* ix, const std::vector<BinRect>& rects, const int64_t C, const F& f) {
-  for (size_t i = 0; i < rects.size(); i += static_cast<size_t>(rects[i].c_stride)) {
-    const int64_t G = rects[i].c_stride, o0 = rects[i].out_offset;
-    for (int64_t c = 0; c < C; ++c)
-      for (int64_t j = 0; j < G; ++j) {
-        const int64_t o = o0 + c * G + j;
-        f(ix[o], c, o);
-      }
-  }
-}
-
-// A block's entries are a list of chunks of kChunk (a power of two) in one
-// pool, appended to in one pass: no counting pass first.
-constexpr int64_t kChunk = 64;
-
-// Scratch of sample_by_blocks for a plan: the chunk pool (each block's first
-// chunk, then room for every entry), each block's next free entry, each
-// chunk's successor.
-struct BlockScratch {
-  int64_t blocks, chunks;
-  std::unique_ptr<BlockEntry[]> pool;
-  std::vector<BlockEntry*> tail;
-  std::vector<int64_t> next;
-  BlockScratch(int64_t blocks, int64_t entries)
-      : blocks(blocks),
-        chunks(blocks + entries / kChunk + 1),
-        pool(new BlockEntry[static_cast<size_t>(chunks * kChunk)]),
-        tail(static_cast<size_t>(blocks)),
-        next(static_cast<size_t>(chunks)) {}
-};
-
-// Gradient of one channels_last sample of max pooling (grad and ix: the
-// sample's packed gradient and indices; dst: its H * W * C result), one
-// block of 1 << shift pixels at a time: zeroed, its entries added, the
-// addend added, while the block is in L1. Zeroing the whole sample (the
-// size of L2) and scattering into it after made the scatter's
-// read-modify-writes miss. The entries are first appended to their block's
-// list in packed order, so each element still receives its gradients in
-// level-then-bin order: the same bits.
-void sample_by_blocks(const float* grad, const int64_t* ix, float* dst, const std::vector<BinRect>& rects,
-                      const int64_t C, const int64_t H, const int64_t W, const int shift, BlockScratch& s,
-                      const Addend<float>& add, const int64_t n) {
-  const int64_t HW = H * W, P = int64_t{1} << shift;
-  BlockEntry* const pool = s.pool.get();
-  BlockEntry** const tail = s.tail.data();
-  int64_t* const next = s.next.data();
-  for (int64_t b = 0; b < s.blocks; ++b) {
-    tail[b] = pool + b * kChunk;
-    next[b] = -1;
-  }
-  int64_t free_chunk = s.blocks;
-  for_each_entry(ix, rects, C, [&](int64_t pixel, int64_t c, int64_t o) {
-    TORCH_CHECK(static_cast<uint64_t>(pixel) < static_cast<uint64_t>(HW), "multi_pool2d_backward: index out of range");
-    BlockEntry*& t = tail[pixel >> shift];
-    *t++ = {static_cast<uint32_t>((pixel & (P - 1)) * C + c), grad[o]};
-    if ((t - pool) % kChunk) return;
-    // The chunk is full: link a fresh one.
-    next[(t - pool) / kChunk - 1] = free_chunk;
-    next[free_chunk] = -1;
-    t = pool + free_chunk++ * kChunk;
-  });
-  for (int64_t b = 0; b < s.blocks; ++b) {
-    const int64_t p0 = b << shift, pn = std::min(P, HW - p0);
-    float* blk = dst + p0 * C;
-    std::memset(blk, 0, static_cast<size_t>(pn * C) * sizeof(float));
-    for (int64_t chunk = b; chunk >= 0; chunk = next[chunk]) {
-      const BlockEntry* e = pool + chunk * kChunk;
-      const BlockEntry* end = next[chunk] < 0 ? tail[b] : e + kChunk;
-      for (; e < end; ++e) blk[e->offset] += e->grad;
-    }
-    if (!add.data) continue;
-    for (int64_t p = p0; p < p0 + pn; ++p) add.add_pixel(dst + p * C, dst + p * C, n, p / W, p % W, C);
-  }
-}
-
 // Samples per task: enough that a task reads at least kTinyElements / 2.
 int64_t sample_grain(int64_t per_sample) {
   return std::max<int64_t>(1, kTinyElements / 2 / std::max<int64_t>(1, per_sample));
@@ -555,20 +442,7 @@ void backward(const float* grad, const int64_t* indices, float* gx, const Levels
         add.add_pixel(px, px, n, h, w, C);
       }
   };
-  const bool per_sample = channels_last_per_sample(N, N * HW * C);
-  const int shift = per_sample ? block_shift(HW, C) : -1;
-  if (shift >= 0) {
-    // One task per sample, written block by block (sample_by_blocks).
-    const int64_t blocks = (HW + (int64_t{1} << shift) - 1) >> shift;
-    at::parallel_for(0, N, sample_grain(HW * C), [&](int64_t begin, int64_t end) {
-      BlockScratch lists(blocks, static_cast<int64_t>(rects.size()) * C);
-      for (int64_t n = begin; n < end; ++n)
-        sample_by_blocks(grad + n * C * lv.total, indices + n * C * lv.total, gx + n * HW * C, rects, C, H, W, shift,
-                         lists, add, n);
-    });
-    return;
-  }
-  if (per_sample) {
+  if (channels_last_per_sample(N, N * HW * C)) {
     // One task per sample: zeroed contiguously, then added to while in cache.
     at::parallel_for(0, N, sample_grain(HW * C), [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {

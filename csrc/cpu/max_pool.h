@@ -115,9 +115,7 @@ void forward_channels_last(const float* x, float* out, int64_t* out_idx, const L
 // to it (addend + that rounded sum, as `addend + backward` would give).
 // NCHW: one plane per step, zeroed, added to, the addend's plane added.
 // channels_last: one sample per task, zeroed, added to, the addend's sample
-// added (a sample of 2 MiB and up one block of pixels at a time, its
-// gradients first appended to their block's list: max_pool.cpp,
-// sample_by_blocks); or
+// added; or
 // (the split of channels_last_max_tasks) zeroed in blocks of rows, added to
 // in chunks of channels, the addend added by rows. No two tasks write one
 // element, so the result does not depend on the thread count.

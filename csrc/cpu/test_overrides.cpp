@@ -10,7 +10,7 @@ namespace test_overrides {
 namespace {
 
 constexpr const char* kNames[kNumSwitches] = {"simd_isa", "no_block_kernel", "channels_last_avg_tasks",
-                                               "channels_last_max_tasks", "max_backward_block_pixels"};
+                                               "channels_last_max_tasks"};
 std::atomic<int64_t> g_values[kNumSwitches];
 
 }  // namespace
@@ -20,9 +20,8 @@ int64_t get(Switch s) { return g_values[s].load(std::memory_order_relaxed); }
 void set(const std::string& name, int64_t value) {
   for (int s = 0; s < kNumSwitches; ++s) {
     if (name != kNames[s]) continue;
-    bool ok = value >= 0 && value <= (s == kChannelsLastAvgTasks || s == kChannelsLastMaxTasks ? 2 : 1);
-    if (s == kSimdIsa) ok = value == 0 || simd::isa_available(static_cast<simd::Isa>(value));
-    if (s == kMaxBackwardBlockPixels) ok = value >= 0 && value <= (1 << 20) && (value & (value - 1)) == 0;
+    const bool ok = s == kSimdIsa ? value == 0 || simd::isa_available(static_cast<simd::Isa>(value))
+                                  : value >= 0 && value <= (s == kChannelsLastAvgTasks || s == kChannelsLastMaxTasks ? 2 : 1);
     if (!ok) throw std::invalid_argument("test override " + name + "=" + std::to_string(value) +
                                          " is not valid on this CPU");
     g_values[s].store(value, std::memory_order_relaxed);

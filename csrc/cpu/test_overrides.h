@@ -24,18 +24,12 @@ enum Switch : int {
   // (max_pool.cpp; 2 splits the backward into zeroing by rows and adding by
   // channel chunks).
   kChannelsLastMaxTasks,
-  // Max pooling backward, channels_last float, one task per sample: 0
-  // samples of 2 MiB and up by blocks sized from the channel count, else
-  // every sample by blocks of that many pixels (a power of two), so that
-  // small tests take that path and cross block boundaries.
-  kMaxBackwardBlockPixels,
   kNumSwitches
 };
 
 int64_t get(Switch s);
 // Sets a switch by its name ("simd_isa", "no_block_kernel",
-// "channels_last_avg_tasks", "channels_last_max_tasks",
-// "max_backward_block_pixels"); throws
+// "channels_last_avg_tasks", "channels_last_max_tasks"); throws
 // std::invalid_argument for an unknown name or a value this CPU cannot run.
 void set(const std::string& name, int64_t value);
 // "name=value" for every switch, comma separated.
