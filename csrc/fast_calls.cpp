@@ -40,6 +40,8 @@ using PoolSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, c10::SymIn
 using UpsampleSig = at::Tensor(const std::optional<at::Tensor>&, at::TensorList, c10::SymIntArrayRef, bool, bool,
                                bool);
 
+using UpsampleOutSig = void(const std::optional<at::Tensor>&, at::TensorList, bool, bool, const at::Tensor&);
+
 using PoolBackwardSig = at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&, c10::SymIntArrayRef,
                                    c10::SymIntArrayRef, c10::SymIntArrayRef, at::IntArrayRef, int64_t, bool, bool,
                                    const std::optional<at::Tensor>&);
@@ -361,6 +363,14 @@ at::Tensor upsample_concat(const std::optional<at::Tensor>& x, const std::vector
   return op.call(x, branches, size, align_corners, x_first, channels_last);
 }
 
+void upsample_concat_out(const std::optional<at::Tensor>& x, const std::vector<at::Tensor>& branches,
+                         bool align_corners, bool x_first, const at::Tensor& out) {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("pyramid_ext::upsample_concat_out", "").typed<UpsampleOutSig>();
+  pybind11::gil_scoped_release no_gil;
+  op.call(x, branches, align_corners, x_first, out);
+}
+
 }  // namespace
 
 void register_fast_calls(pybind11::module_& m) {
@@ -376,6 +386,8 @@ void register_fast_calls(pybind11::module_& m) {
       .def("levels_handing_on_x", &PoolCall::levels_handing_on_x);
   m.def("_upsample_concat", &upsample_concat,
         "The eager fast path's upsample_concat call (arguments checked by pyramid_ext.functional).");
+  m.def("_upsample_concat_out", &upsample_concat_out,
+        "The eager fast path's upsample_concat(out=) call (arguments checked by pyramid_ext.functional).");
 }
 
 }  // namespace pyramid_ext

@@ -159,6 +159,53 @@ def test_upsample_concat_fast_path_equals_pytorch(x_first):
     torch.testing.assert_close(alone, eager_upsample_concat(None, branches, (4, 6), False))
 
 
+def _general_out_calls(monkeypatch):
+    """The calls that take the general out= path (it alone runs _check_out)."""
+    calls = []
+    check = functional._check_out
+    monkeypatch.setattr(functional, "_check_out", lambda *a: calls.append(1) or check(*a))
+    return calls
+
+
+@pytest.mark.parametrize("kind", ["nchw", "channels_last"])
+@pytest.mark.parametrize("x_first", [True, False])
+def test_upsample_concat_out_fast_path_equals_pytorch(monkeypatch, kind, x_first):
+    general = _general_out_calls(monkeypatch)
+    x = layout(rand((2, 3, 7, 5)), kind)
+    branches = [layout(rand((2, 2, b, b), seed=b), kind) for b in (1, 3)]
+    out = layout(torch.full((2, 7, 7, 5), float("nan")), kind)
+    assert pe.upsample_concat(x, branches, x_first=x_first, align_corners=True, out=out) is out
+    torch.testing.assert_close(out, eager_upsample_concat(x, branches, (7, 5), True, x_first))
+    assert _ops_of(lambda: pe.upsample_concat(x, branches, out=out)) == ["upsample_concat_out"]
+    alone = layout(torch.full((2, 4, 4, 6), float("nan")), kind)
+    with torch.no_grad():  # requiring grad outside grad mode is no reason to leave the fast path
+        pe.upsample_concat(None, [b.requires_grad_() for b in branches], size=(4, 6), out=alone)
+    torch.testing.assert_close(alone, eager_upsample_concat(None, branches, (4, 6), False))
+    assert general == []
+
+
+def test_upsample_concat_out_falls_back_to_the_general_path(monkeypatch):
+    general = _general_out_calls(monkeypatch)
+    x = rand((1, 3, 6, 6))
+    branches = [rand((1, 2, b, b), seed=b) for b in (1, 3)]
+    want = eager_upsample_concat(x, branches, (6, 6), False)
+    buf = torch.zeros(1, 7, 6, 6)
+    buf[:, :3] = x
+    pe.upsample_concat(buf[:, :3], branches, out=buf)  # x inside out: copied first
+    torch.testing.assert_close(buf, want)
+    big = torch.zeros(1, 7, 6, 8)
+    pe.upsample_concat(x, branches, out=big[..., 1:7])  # out not dense
+    torch.testing.assert_close(big[..., 1:7], want)
+    out64 = torch.empty(1, 7, 6, 6, dtype=torch.float64)
+    pe.upsample_concat(x, [branches[0].double(), branches[1]], out=out64)  # promotion
+    torch.testing.assert_close(out64, eager_upsample_concat(x.double(), [b.double() for b in branches], (6, 6), False))
+    with pytest.raises(RuntimeError, match="out= does not support automatic differentiation"):
+        pe.upsample_concat(x, [branches[0].clone().requires_grad_(), branches[1]], out=torch.empty(1, 7, 6, 6))
+    with pytest.raises(ValueError, match="out has shape"):
+        pe.upsample_concat(x, branches, out=torch.empty(1, 6, 6, 6))
+    assert len(general) == 5
+
+
 # csrc/autograd.cpp calls the op below autograd, without a node, when grad mode
 # is off or no input requires grad; any input requiring grad (a branch alone
 # included) still records the node and its backward.

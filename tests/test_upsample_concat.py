@@ -54,6 +54,16 @@ def test_dtypes_and_layouts(backend, dtype, kind, align_corners):
         assert got.is_contiguous()
 
 
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_channels_last_branches_of_16_8_and_odd_channels(backend, align_corners):
+    # the float CPU kernel takes a pixel's channels 16, then 8 at a time as
+    # vectors (simd::bilinear_row), then one by one: 27 = 16 + 8 + 3
+    x = layout(_rand((2, 5, 9, 7), torch.float32), "channels_last")
+    br = [layout(_rand((2, c, b, b + 1), torch.float32, seed=c), "channels_last") for c, b in ((27, 2), (16, 3), (8, 1))]
+    got = pe.upsample_concat(x, br, align_corners=align_corners, backend=backend)
+    torch.testing.assert_close(got, _eager(x, br, (9, 7), align_corners, True), **TOL[torch.float32])
+
+
 def test_x_none_needs_size(backend):
     br = _branches(2, MIXED, (1, 2, 3, 4), torch.float64)
     got = pe.upsample_concat(None, br, size=(21, 13), align_corners=True, backend=backend)

@@ -183,6 +183,17 @@ void forward_pixels(const std::vector<Part>& parts, const at::Tensor& out,
     for (size_t k = 0; k < parts.size(); ++k)
       if (parts[k].interpolate) rows_w[k].emplace(tw[k]);
   }
+  // Each part's pointer and strides, read once, not per row and part (the
+  // tensor accessors were a tenth of the CPU time on (16, 256, 16, 16)).
+  struct PartView {
+    const scalar_t* data;
+    int64_t sN, sC, sH, sW, channels;
+  };
+  std::vector<PartView> views;
+  for (const Part& part : parts) {
+    const at::Tensor& t = part.t;
+    views.push_back({t.const_data_ptr<scalar_t>(), t.stride(0), t.stride(1), t.stride(2), t.stride(3), t.size(1)});
+  }
   scalar_t* o = out.mutable_data_ptr<scalar_t>();
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, W * out.size(1)));
   at::parallel_for(0, N * H, grain, [&](int64_t begin, int64_t end) {
@@ -190,10 +201,10 @@ void forward_pixels(const std::vector<Part>& parts, const at::Tensor& out,
       const int64_t n = task / H, h = task % H;
       for (size_t k = 0; k < parts.size(); ++k) {
         const Part& part = parts[k];
-        const at::Tensor& t = part.t;
-        const int64_t Ck = t.size(1);
-        const int64_t sC = t.stride(1), sH = t.stride(2), sW = t.stride(3);
-        const scalar_t* src = t.const_data_ptr<scalar_t>() + n * t.stride(0);
+        const PartView& v = views[k];
+        const int64_t Ck = v.channels;
+        const int64_t sC = v.sC, sH = v.sH, sW = v.sW;
+        const scalar_t* src = v.data + n * v.sN;
         scalar_t* row = o + n * osN + h * osH + part.channel_offset;
         if (!part.interpolate) {
           for (int64_t w = 0; w < W; ++w) {
