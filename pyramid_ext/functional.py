@@ -337,6 +337,8 @@ def upsample_concat(x: Optional[torch.Tensor], branches: Sequence[torch.Tensor],
         _check_out(out, x, branches, size, dtype, ref.device, fn)
         if torch.is_grad_enabled() and any(t.requires_grad for _, t in tensors):
             raise RuntimeError(f"{fn}: out= does not support automatic differentiation, but an input requires grad")
+        if torch.is_grad_enabled() and out.requires_grad:  # autograd would not see the write (as ATen's out= ops)
+            raise RuntimeError(f"{fn}: out= does not support automatic differentiation, but out requires grad")
         # The ops reject inputs that overlap out (they read while writing out):
         # those are copied here, the others passed as they are.
         if x is not None and _ops.overlaps(x, out):
@@ -363,7 +365,7 @@ def _fast_upsample_concat(x, branches, size, align_corners, x_first, backend):
 def _fast_upsample_concat_out(x, branches, size, align_corners, x_first, backend, out) -> bool:
     """out= on the eager fast path: the common call (out dense, of the inputs'
     dtype, device and the result's shape, sharing no storage with any input,
-    no input requiring grad in grad mode) straight to the op; False wherever
+    neither out nor an input requiring grad in grad mode) straight to the op; False wherever
     anything differs, and the general path runs (its copies, promotion and
     errors). Why: the general path's checks, about 20 us, ran after the
     kernel had swept L1 and L2 (12 MiB on (16, 256, 16, 16)) and took 80 us
@@ -379,7 +381,7 @@ def _fast_upsample_concat_out(x, branches, size, align_corners, x_first, backend
             or not (out.is_contiguous() or out.is_contiguous(memory_format=torch.channels_last)):
         return False
     inputs = branches if x is None else [x, *branches]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+    if torch.is_grad_enabled() and (out.requires_grad or any(t.requires_grad for t in inputs)):
         return False
     storage = out.untyped_storage().data_ptr()
     if any(t.untyped_storage().data_ptr() == storage for t in inputs):

@@ -151,6 +151,14 @@ def test_out_refuses_autograd(any_backend):
     x = _rand((1, 2, 8, 8)).requires_grad_()
     with pytest.raises(RuntimeError, match="out= does not support automatic differentiation"):
         pe.upsample_concat(x, [_rand((1, 1, 2, 2))], out=torch.empty(1, 3, 8, 8), backend=any_backend)
+    # an out that requires grad: autograd would not record the write into it
+    out = torch.zeros(1, 3, 8, 8, requires_grad=True)
+    for dest in (out, out.clone()):
+        with pytest.raises(RuntimeError, match="out= does not support automatic differentiation, but out requires"):
+            pe.upsample_concat(_rand((1, 2, 8, 8)), [_rand((1, 1, 2, 2))], out=dest, backend=any_backend)
+    with torch.no_grad():  # no graph is recorded: written as asked
+        pe.upsample_concat(_rand((1, 2, 8, 8)), [_rand((1, 1, 2, 2))], out=out, backend=any_backend)
+    assert out.abs().sum() > 0
 
 
 # --------------------------------------------------------------- backward ---
