@@ -571,6 +571,15 @@ def _conv1x1_as_product(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
     if n < 2 or n * height * width > SMALL_CONV_PIXELS or weight.shape[1] != cin:
         return None
     cout = weight.shape[0]
+    if x.stride(1) != 1 and x.stride(2) == width * x.stride(3):
+        # An NCHW result from planes that are one (Cin, H*W) matrix per sample (an NCHW x,
+        # or a pooled level's view of a packed output): weight @ x[n], no copy in or out
+        # (2 threads, (16, 256) to 64 channels on bins 1, 2, 3, 6: 174 against 218 us
+        # for the rows' copy, one product and the result's copy).
+        w3d = weight.reshape(cout, cin).expand(n, cout, cin)
+        cols = x.view(n, cin, height * width)
+        out = torch.bmm(w3d, cols) if bias is None else torch.baddbmm(bias.view(cout, 1), w3d, cols)
+        return out.view(n, cout, height, width)
     rows = x.permute(0, 2, 3, 1).reshape(n * height * width, cin)  # a view for channels_last x, else a small copy
     w2d = weight.reshape(cout, cin).t()
     out = (torch.mm(rows, w2d) if bias is None else torch.addmm(bias, rows, w2d)).view(n, height, width, cout)

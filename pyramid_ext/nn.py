@@ -91,12 +91,59 @@ def _check_batchnorm(tail: Sequence[nn.Module], pooled: torch.Tensor, label: str
                 )
 
 
+def _own_hooks_free(m: nn.Module) -> bool:
+    return not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
+def _global_hooks_free() -> bool:
+    mod = nn.modules.module
+    return not (getattr(mod, "_global_forward_hooks", None) or getattr(mod, "_global_forward_pre_hooks", None)
+                or getattr(mod, "_global_backward_hooks", None) or getattr(mod, "_global_backward_pre_hooks", None))
+
+
 def _hooks_free(m: nn.Module) -> bool:
     """No forward/backward hook on ``m`` or on every module (calling its weights directly skips them)."""
-    mod = nn.modules.module
-    return not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-                or getattr(mod, "_global_forward_hooks", None) or getattr(mod, "_global_forward_pre_hooks", None)
-                or getattr(mod, "_global_backward_hooks", None) or getattr(mod, "_global_backward_pre_hooks", None))
+    return _own_hooks_free(m) and _global_hooks_free()
+
+
+def _direct_calls_allowed() -> bool:
+    """Whether a tail's modules may be replaced by the ops they run (:func:`_direct_call`):
+    eager only (under torch.compile, export, tracing, scripting, a torch function mode or
+    ONNX export the modules are called), and no global module hook (it would not fire)."""
+    return not (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting()
+                or torch._C._is_torch_function_mode_enabled() or export.onnx_flags_set()) and _global_hooks_free()
+
+
+def _direct_call(m: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """``m(x)`` through the op it runs, for the modules of a branch tail on a pooled map, or
+    None (call the module); only where :func:`_direct_calls_allowed`.
+
+    Why: a branch tail is a few modules on a tiny map, and the module calls cost as much
+    as their ops: on (16, 256) pooled to bins 1, 2, 3, 6 (a PPM), the four tails' convs
+    as matrix products, BatchNorm and ReLU calls were about a third of the forward.
+    - a plain 1x1 ``nn.Conv2d``: one matrix product (``functional._conv1x1_as_product``:
+      CPU float32/64, small maps, at least two samples);
+    - an ``nn.BatchNorm2d`` in eval mode with running statistics: ``torch.batch_norm``
+      with them, as its forward calls it (nothing to update in eval mode);
+    - an ``nn.ReLU``: ``torch.relu`` / ``torch.relu_`` as its ``inplace``.
+    Exact types only (a subclass may override forward) and no hook on the module."""
+    kind = type(m)
+    if kind is nn.Conv2d:
+        if (type(x) is not torch.Tensor or x.shape[0] < 2  # the product's own rule, first
+                or tuple(m.stride) != (1, 1) or m.groups != 1 or m.padding not in ((0, 0), "valid")
+                or m.padding_mode != "zeros" or not _own_hooks_free(m)):
+            return None
+        return pf._conv1x1_as_product(x, m.weight, m.bias)
+    if kind is nn.BatchNorm2d:
+        if m.training or m.running_mean is None or m.running_var is None or x.dim() != 4 or not _own_hooks_free(m):
+            return None
+        return torch.batch_norm(x, m.weight, m.bias, m.running_mean, m.running_var, False, 0.0, m.eps,
+                                torch.backends.cudnn.enabled)
+    if kind is nn.ReLU:
+        if not _own_hooks_free(m):
+            return None
+        return torch.relu_(x) if m.inplace else torch.relu(x)
+    return None
 
 
 def _pointwise_conv(conv: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
@@ -108,29 +155,30 @@ def _pointwise_conv(conv: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
     1, 2, 3, 6, the four convolutions took 270-390 us against 140-190 us for the products
     (2 threads). Eager only: under torch.compile, export or tracing, or with a hook on the
     conv (calling its weights directly would skip it), the module is called."""
-    if (type(conv) is not nn.Conv2d or type(x) is not torch.Tensor or x.shape[0] < 2  # the product's own rule, first
-            or tuple(conv.stride) != (1, 1)
-            or conv.groups != 1 or conv.padding not in ((0, 0), "valid") or conv.padding_mode != "zeros"
-            or not _hooks_free(conv) or torch.compiler.is_compiling() or torch.jit.is_tracing()
-            or torch.jit.is_scripting() or torch._C._is_torch_function_mode_enabled() or export.onnx_flags_set()):
+    if type(conv) is not nn.Conv2d or not _direct_calls_allowed():
         return None
-    return pf._conv1x1_as_product(x, conv.weight, conv.bias)
+    return _direct_call(conv, x)
 
 
 def _run_tail(modules, x: torch.Tensor) -> torch.Tensor:
-    """Each module on x in turn; plain 1x1 convs as one matrix product (:func:`_pointwise_conv`),
-    plain ``nn.Sequential`` s (their own forward not overridden, no hooks) walked into.
-    One sample: no product applies (:func:`_pointwise_conv`), so each module is just
-    called (the checks per module were most of this function's cost on a tiny input)."""
+    """Each module on x in turn; plain 1x1 convs, eval BatchNorm2d and ReLU through their
+    ops (:func:`_direct_call`), plain ``nn.Sequential`` s (their own forward not overridden,
+    no hooks) walked into. One sample: no product applies (:func:`_direct_call`), so each
+    module is just called (the checks per module were most of this function's cost on a
+    tiny input)."""
     if type(x) is torch.Tensor and x.shape[0] < 2:
         for m in modules:
             x = m(x)
         return x
+    return _run_modules(modules, x, _direct_calls_allowed())
+
+
+def _run_modules(modules, x: torch.Tensor, direct: bool) -> torch.Tensor:
     for m in modules:
         if type(m).forward is nn.Sequential.forward and _hooks_free(m):
-            x = _run_tail(m, x)
+            x = _run_modules(m, x, direct)
             continue
-        y = _pointwise_conv(m, x)
+        y = _direct_call(m, x) if direct else None
         x = m(x) if y is None else y
     return x
 

@@ -612,6 +612,65 @@ def test_stage_convs_run_as_products_unless_hooked(backend, monkeypatch):
     assert fired == [1] and len(calls) == 3
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_stage_batchnorm_and_relu_run_as_ops_in_eval_mode(backend, monkeypatch, channels_last):
+    """An eval-mode BatchNorm2d with running statistics and a ReLU in a stage tail run as
+    their ops (nn._direct_call): same values and autograd as the modules; the module is
+    called in training mode, without running statistics, for a subclass or with a hook."""
+    from pyramid_ext.nn import pyramid_branches
+
+    class MyBN(nn.BatchNorm2d):
+        pass
+
+    calls = []
+    for cls in (nn.BatchNorm2d, nn.ReLU):
+        real = cls.forward
+        monkeypatch.setattr(cls, "forward", lambda self, inp, real=real: calls.append(type(self)) or real(self, inp))
+    torch.manual_seed(0)
+    stages = nn.ModuleList([
+        nn.Sequential(nn.AdaptiveAvgPool2d(b), nn.Conv2d(6, 4, 1, bias=False), nn.BatchNorm2d(4), nn.ReLU(inplace=True))
+        for b in (1, 2, 3)
+    ])
+    stages.append(nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Conv2d(6, 4, 1), MyBN(4), nn.ReLU()))
+    stages.append(nn.Sequential(nn.AdaptiveAvgPool2d(3), nn.Conv2d(6, 4, 1), nn.BatchNorm2d(4, track_running_stats=False)))
+    for m in stages.modules():
+        if isinstance(m, nn.BatchNorm2d) and m.running_mean is not None:
+            with torch.no_grad():
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+                m.weight.uniform_(0.5, 2)
+                m.bias.uniform_(-1, 1)
+    x = torch.randn(3, 6, 7, 5, dtype=torch.float64, requires_grad=True)
+    if channels_last:
+        x = x.detach().to(memory_format=torch.channels_last).requires_grad_()
+    stages = stages.double().eval()
+
+    def reference():
+        return [stage[1:](F.adaptive_avg_pool2d(x, stage[0].output_size)) for stage in stages]
+
+    got = pyramid_branches(x, stages)
+    # the modules called: the subclass and the BatchNorm without running statistics
+    assert calls == [MyBN, nn.BatchNorm2d]
+    want = reference()
+    torch.testing.assert_close(got, want)
+    grads = torch.autograd.grad(sum((g * torch.arange(g.numel(), dtype=g.dtype).view_as(g)).sum() for g in got),
+                                [x] + list(stages.parameters()), allow_unused=True)
+    want_grads = torch.autograd.grad(sum((w * torch.arange(w.numel(), dtype=w.dtype).view_as(w)).sum() for w in want),
+                                     [x] + list(stages.parameters()), allow_unused=True)
+    for g, w in zip(grads, want_grads):
+        assert (g is None) == (w is None)
+        if g is not None:
+            torch.testing.assert_close(g, w)
+    calls.clear()
+    fired = []
+    stages[0][2].register_forward_hook(lambda *args: fired.append(1))
+    stages[1].train()  # batch statistics: the module runs (and updates its running statistics)
+    before = stages[1][2].num_batches_tracked.item()
+    pyramid_branches(x, stages)
+    assert fired == [1] and stages[1][2].num_batches_tracked.item() == before + 1
+    assert calls[:2] == [nn.BatchNorm2d, nn.BatchNorm2d]
+
+
 # --------------------------------------------------------------------------
 # PSPNet
 # --------------------------------------------------------------------------
