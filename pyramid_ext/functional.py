@@ -559,17 +559,25 @@ def _cpu_float_1x1(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
             and (bias is None or bias.dtype == x.dtype) and not torch.is_autocast_enabled("cpu"))
 
 
+def _takes_as_product(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
+    """Whether :func:`_conv1x1_as_product` computes this 1x1 convolution."""
+    if not _cpu_float_1x1(x, weight, bias) or torch.compiler.is_compiling():  # the size test would guard on symbolic sizes
+        return False
+    n, cin, height, width = x.shape
+    return n >= 2 and n * height * width <= SMALL_CONV_PIXELS and weight.shape[1] == cin
+
+
 def _conv1x1_as_product(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """``F.conv2d(x, weight, bias)`` for a 1x1 weight as one product over x's pixels, in x's
     layout (channels_last stays channels_last, else NCHW), or None where that is not the
     faster or not the same computation: CPU float32/float64 only, no autocast, at least two
     samples and at most SMALL_CONV_PIXELS pixels, eager only (compile and export keep the
     convolution). Sums in another order than the convolution (same dtype, same bound)."""
-    if not _cpu_float_1x1(x, weight, bias) or torch.compiler.is_compiling():  # the size test would guard on symbolic sizes
+    if not _takes_as_product(x, weight, bias):
         return None
+    if _extension.LOADED:  # the same product in one call (csrc/fast_calls.cpp, pointwise_tail)
+        return _extension._C._pointwise_tail(x, weight, bias, None, None, None, None, 0.0, 0)
     n, cin, height, width = x.shape
-    if n < 2 or n * height * width > SMALL_CONV_PIXELS or weight.shape[1] != cin:
-        return None
     cout = weight.shape[0]
     if x.stride(1) != 1 and x.stride(2) == width * x.stride(3):
         # An NCHW result from planes that are one (Cin, H*W) matrix per sample (an NCHW x,

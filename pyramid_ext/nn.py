@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import export
+from . import _extension, export
 from . import functional as pf
 from ._pool_through import avg_pool_handing_on_x
 from .windows import WINDOW_POLICIES, normalize_bins
@@ -114,6 +114,19 @@ def _direct_calls_allowed() -> bool:
                 or torch._C._is_torch_function_mode_enabled() or export.onnx_flags_set()) and _global_hooks_free()
 
 
+def _product_conv(m: nn.Module, x: torch.Tensor) -> bool:
+    """A plain 1x1 ``nn.Conv2d`` without a hook of its own that ``functional._conv1x1_as_product`` computes on x."""
+    return (type(m) is nn.Conv2d and type(x) is torch.Tensor and x.shape[0] >= 2  # the product's own rule, first
+            and tuple(m.stride) == (1, 1) and m.groups == 1 and m.padding in ((0, 0), "valid")
+            and m.padding_mode == "zeros" and _own_hooks_free(m) and pf._takes_as_product(x, m.weight, m.bias))
+
+
+def _eval_batchnorm(m: nn.Module) -> bool:
+    """An ``nn.BatchNorm2d`` in eval mode with running statistics, without a hook of its own."""
+    return (type(m) is nn.BatchNorm2d and not m.training and m.running_mean is not None
+            and m.running_var is not None and _own_hooks_free(m))
+
+
 def _direct_call(m: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
     """``m(x)`` through the op it runs, for the modules of a branch tail on a pooled map, or
     None (call the module); only where :func:`_direct_calls_allowed`.
@@ -126,16 +139,14 @@ def _direct_call(m: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
     - an ``nn.BatchNorm2d`` in eval mode with running statistics: ``torch.batch_norm``
       with them, as its forward calls it (nothing to update in eval mode);
     - an ``nn.ReLU``: ``torch.relu`` / ``torch.relu_`` as its ``inplace``.
-    Exact types only (a subclass may override forward) and no hook on the module."""
+    Exact types only (a subclass may override forward) and no hook on the module. With the
+    compiled extension, :func:`_run_modules` runs such a conv and the BatchNorm and ReLU right
+    after it as one call (``_C._pointwise_tail``, the same ops called from C++)."""
     kind = type(m)
     if kind is nn.Conv2d:
-        if (type(x) is not torch.Tensor or x.shape[0] < 2  # the product's own rule, first
-                or tuple(m.stride) != (1, 1) or m.groups != 1 or m.padding not in ((0, 0), "valid")
-                or m.padding_mode != "zeros" or not _own_hooks_free(m)):
-            return None
-        return pf._conv1x1_as_product(x, m.weight, m.bias)
+        return pf._conv1x1_as_product(x, m.weight, m.bias) if _product_conv(m, x) else None
     if kind is nn.BatchNorm2d:
-        if m.training or m.running_mean is None or m.running_var is None or x.dim() != 4 or not _own_hooks_free(m):
+        if x.dim() != 4 or not _eval_batchnorm(m):
             return None
         return torch.batch_norm(x, m.weight, m.bias, m.running_mean, m.running_var, False, 0.0, m.eps,
                                 torch.backends.cudnn.enabled)
@@ -174,9 +185,24 @@ def _run_tail(modules, x: torch.Tensor) -> torch.Tensor:
 
 
 def _run_modules(modules, x: torch.Tensor, direct: bool) -> torch.Tensor:
-    for m in modules:
+    mods = list(modules)
+    i = 0
+    while i < len(mods):
+        m = mods[i]
+        i += 1
         if type(m).forward is nn.Sequential.forward and _hooks_free(m):
             x = _run_modules(m, x, direct)
+            continue
+        if direct and _extension.LOADED and _product_conv(m, x):
+            # the conv, and an eval BatchNorm and a ReLU right after it, in one call
+            bn = mods[i] if i < len(mods) and _eval_batchnorm(mods[i]) else None
+            i += bn is not None
+            relu = mods[i] if i < len(mods) and type(mods[i]) is nn.ReLU and _own_hooks_free(mods[i]) else None
+            i += relu is not None
+            x = _extension._C._pointwise_tail(
+                x, m.weight, m.bias, *((bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps) if bn is not None
+                                       else (None, None, None, None, 0.0)),
+                0 if relu is None else 2 if relu.inplace else 1)
             continue
         y = _direct_call(m, x) if direct else None
         x = m(x) if y is None else y

@@ -612,12 +612,19 @@ def test_stage_convs_run_as_products_unless_hooked(backend, monkeypatch):
     assert fired == [1] and len(calls) == 3
 
 
+@pytest.mark.parametrize("extension", [True, False], ids=["one-call", "per-module"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
-def test_stage_batchnorm_and_relu_run_as_ops_in_eval_mode(backend, monkeypatch, channels_last):
+def test_stage_batchnorm_and_relu_run_as_ops_in_eval_mode(backend, monkeypatch, channels_last, extension):
     """An eval-mode BatchNorm2d with running statistics and a ReLU in a stage tail run as
-    their ops (nn._direct_call): same values and autograd as the modules; the module is
-    called in training mode, without running statistics, for a subclass or with a hook."""
+    their ops: with the extension, after a 1x1 conv, all three in one call
+    (_C._pointwise_tail), else each through nn._direct_call. Same values and autograd as
+    the modules; the module is called in training mode, without running statistics, for
+    a subclass or with a hook."""
+    from pyramid_ext import _extension
     from pyramid_ext.nn import pyramid_branches
+    if extension and not _extension.LOADED:
+        pytest.skip("the compiled extension is not built")
+    monkeypatch.setattr(_extension, "LOADED", extension)
 
     class MyBN(nn.BatchNorm2d):
         pass
@@ -632,14 +639,17 @@ def test_stage_batchnorm_and_relu_run_as_ops_in_eval_mode(backend, monkeypatch, 
         for b in (1, 2, 3)
     ])
     stages.append(nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Conv2d(6, 4, 1), MyBN(4), nn.ReLU()))
+    stages.append(nn.Sequential(nn.AdaptiveAvgPool2d((3, 2)), nn.Conv2d(6, 4, 1), nn.BatchNorm2d(4, affine=False),
+                                nn.ReLU()))
     stages.append(nn.Sequential(nn.AdaptiveAvgPool2d(3), nn.Conv2d(6, 4, 1), nn.BatchNorm2d(4, track_running_stats=False)))
     for m in stages.modules():
         if isinstance(m, nn.BatchNorm2d) and m.running_mean is not None:
             with torch.no_grad():
                 m.running_mean.uniform_(-1, 1)
                 m.running_var.uniform_(0.5, 2)
-                m.weight.uniform_(0.5, 2)
-                m.bias.uniform_(-1, 1)
+                if m.affine:
+                    m.weight.uniform_(0.5, 2)
+                    m.bias.uniform_(-1, 1)
     x = torch.randn(3, 6, 7, 5, dtype=torch.float64, requires_grad=True)
     if channels_last:
         x = x.detach().to(memory_format=torch.channels_last).requires_grad_()
