@@ -24,6 +24,7 @@ A *contender* is one way of computing the case:
                   F.interpolate per branch + torch.cat
     compile       torch.compile of that same eager function (static shapes, fullgraph)
     copy-x        upsample_concat floor: out[:, :C].copy_(x) into a preallocated out (fresh/out only)
+    read-x        pooling floor: x.sum(), one read of x (the forward of avg, max, spp, maxidx, sppavg only)
 
 ``build(case, contender, inputs)`` returns a ``Contender`` whose ``run()`` computes the case once and
 returns the result (forward outputs, or the input gradients for "fwdbwd") and whose ``step()`` is the
@@ -75,7 +76,8 @@ UC_MODES = ("fresh", "out", "fwdbwd")
 LAYOUTS = ("nchw", "cl")
 
 FUSED = ("fused-cpp", "fused-triton", "fused-torch")
-CONTENDERS = FUSED + ("eager", "compile", "copy-x")
+CONTENDERS = FUSED + ("eager", "compile", "copy-x", "read-x")
+FLOORS = ("copy-x", "read-x")  # memory floors: not checked against the reference
 
 DEVICE_ENV = "PYRAMID_EXT_BENCH_DEVICE"
 SMALL_ENV = "PYRAMID_EXT_BENCH_SMALL"
@@ -204,6 +206,8 @@ class Case:
         names = list(CONTENDERS)
         if not (self.op == "uc" and self.mode in ("fresh", "out")):
             names.remove("copy-x")
+        if self.op in ("uc", "ucconv", "ppm") or self.backward:
+            names.remove("read-x")
         return tuple(names)
 
 
@@ -481,7 +485,11 @@ def build(case: Case, name: str, inputs: Inputs, *, check: bool = True) -> Conte
     warmup = 2
     note = ""
 
-    if case.op in FWD_ONLY_OPS:
+    if name == "read-x":  # pooling forward: one read of x
+        def run():
+            return x.sum()
+
+    elif case.op in FWD_ONLY_OPS:
         if name.startswith("fused-"):
             fn = fused_fwd_only_fn(case, name[len("fused-"):], inputs)
         elif name in ("eager", "compile"):

@@ -8,6 +8,8 @@ r, so drift in machine load hits all contenders alike. Each call is made the way
 users make it (fresh outputs are allocated by the call and dropped before the
 next call). Reported: the median ms per contender and the ratios
     eager/F, compile/F   > 1: the fused op F is that many times faster
+    F/read-x             >= 1: how far F (a pooling forward) is from the cost of
+                          one read of x (x.sum(); 1 = the floor)
     F/copy-x             >= 1: how far F (upsample_concat forward) is from the
                           cost of just copying x into the output (1 = the floor)
 where F is each fused contender present (cpp, triton; torch only when neither
@@ -53,7 +55,7 @@ DEFAULT_OPS = [
     "uc.fresh.nchw", "uc.out.nchw", "uc.fwdbwd.nchw",
     "uc.fresh.cl", "uc.out.cl", "uc.fwdbwd.cl",
 ]
-AUTO_CONTENDERS = ("fused-cpp", "fused-triton", "eager", "compile", "copy-x")
+AUTO_CONTENDERS = ("fused-cpp", "fused-triton", "eager", "compile", "copy-x", "read-x")
 THP = "THP_MEM_ALLOC_ENABLE"
 
 
@@ -183,7 +185,7 @@ def time_case(case: bc.Case, names: List[str], device: torch.device, rounds: int
     if check:
         ref = bc.reference_result(case, inputs)
         for name, cont in conts.items():
-            if name not in ("eager", "copy-x"):
+            if name != "eager" and name not in bc.FLOORS:
                 bc.check_against(case, cont.run(), ref)
         del ref
     for cont in conts.values():
@@ -219,8 +221,9 @@ def time_case(case: bc.Case, names: List[str], device: torch.device, rounds: int
             ratios[f"eager/{short}"] = med["eager"] / med[f]
         if "compile" in med:
             ratios[f"compile/{short}"] = med["compile"] / med[f]
-        if "copy-x" in med:
-            ratios[f"{short}/copy-x"] = med[f] / med["copy-x"]
+        for floor in bc.FLOORS:
+            if floor in med:
+                ratios[f"{short}/{floor}"] = med[f] / med[floor]
     iqr = max(((s["p75_ms"] - s["p25_ms"]) / s["median_ms"] * 100 for s in stats.values()), default=0.0)
     del conts, inputs
     gc.collect()
@@ -287,7 +290,8 @@ def render(env: dict, rows: List[dict]) -> str:
                  f"{env['date']}")
     clock = "this thread's CPU time" if env.get("clock") == "thread" else "wall time"
     lines.append(f"- {env['rounds']} interleaved rounds (rotating order) after warm-up; median ms ({clock}) per call; "
-                 "eager/F and compile/F > 1: fused op F faster; F/copy-x: distance to the copy floor (1 = floor)")
+                 "eager/F and compile/F > 1: fused op F faster; F/copy-x, F/read-x: distance to the memory floor "
+                 "(copy x into the output; read x once; 1 = floor)")
     if not any(r["contenders"].get(c) for r in rows for c in ("fused-cpp", "fused-triton")):
         lines.append("- **no compiled fused kernel ran**: the fused column is the pure-PyTorch fallback "
                      "(fused-torch), not the fused ops")
@@ -339,7 +343,7 @@ def parse_args(argv=None):
                         f"{bc.SMALL_ENV}=1)")
     p.add_argument("--contenders", default="auto",
                    help="comma list from " + ", ".join(bc.CONTENDERS) + "; 'auto' (default): fused-cpp, "
-                        "fused-triton, eager, compile, copy-x, plus fused-torch where no compiled kernel runs")
+                        "fused-triton, eager, compile, copy-x, read-x, plus fused-torch where no compiled kernel runs")
     p.add_argument("--rounds", type=int, default=30, help="timed interleaved rounds (default 30)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls per contender first (default 3)")
     p.add_argument("--threads", type=int, default=2, help="torch threads on CPU (default 2)")

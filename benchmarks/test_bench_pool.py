@@ -10,7 +10,7 @@ import bench_cases as bc
 SHAPES = bc.bench_shapes()
 
 
-@pytest.mark.parametrize("contender", [c for c in bc.CONTENDERS if c != "copy-x"])
+@pytest.mark.parametrize("contender", [c for c in bc.CONTENDERS if c not in bc.FLOORS])
 @pytest.mark.parametrize("layout", bc.LAYOUTS)
 @pytest.mark.parametrize("shape", SHAPES, ids=bc.shape_id)
 @pytest.mark.parametrize("mode", bc.POOL_MODES)

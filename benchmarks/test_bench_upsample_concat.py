@@ -20,7 +20,7 @@ def test_upsample_concat(run_case, mode, shape, layout, contender):
     run_case(bc.Case("uc", mode, layout, shape), contender)
 
 
-@pytest.mark.parametrize("contender", [c for c in bc.CONTENDERS if c != "copy-x"])
+@pytest.mark.parametrize("contender", [c for c in bc.CONTENDERS if c not in bc.FLOORS])
 @pytest.mark.parametrize("layout", bc.LAYOUTS)
 @pytest.mark.parametrize("shape", SHAPES, ids=bc.shape_id)
 def test_upsample_concat_fwdbwd(run_case, shape, layout, contender):
