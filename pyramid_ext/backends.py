@@ -21,7 +21,7 @@ import contextlib
 import importlib.util
 import os
 import threading
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -182,6 +182,23 @@ def served_by_cpp(backend: Optional[str], device_type: str, op: str) -> bool:
         served = name in ("cpp", "auto") and _why_not("cpp", torch.device(device_type), op) is None
         _SERVED_BY_CPP[key] = served
     return served
+
+
+# (requested name, op) -> cpp_device_types' answer, fixed like _SERVED_BY_CPP.
+_CPP_DEVICE_TYPES: dict = {}
+
+
+def cpp_device_types(backend: Optional[str], op: str) -> Tuple[str, ...]:
+    """The device types ("cpu", "cuda") whose tensors resolve(backend, ...,
+    op) would send to "cpp" (served_by_cpp for each, one cached lookup per
+    call: the upsample_concat fast path passes them to its C++ checks, which
+    know the device; a tensor on any other device takes the general path)."""
+    key = (requested_backend(backend), op)
+    types = _CPP_DEVICE_TYPES.get(key)
+    if types is None:
+        types = tuple(t for t in ("cpu", "cuda") if served_by_cpp(key[0], t, op))
+        _CPP_DEVICE_TYPES[key] = types
+    return types
 
 
 # --------------------------------------------------------------------------

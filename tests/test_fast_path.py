@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import pyramid_ext as pe
-from pyramid_ext import _extension, functional
+from pyramid_ext import _extension, backends, functional
 
 from ._helpers import eager_pool, eager_upsample_concat, layout, rand
 
@@ -389,3 +389,54 @@ def test_pool_handing_on_x_equals_pytorch(kind, dense):
         (grad_got,) = torch.autograd.grad(got, x, retain_graph=True)
         (grad_want,) = torch.autograd.grad(expect, x, retain_graph=True)
         torch.testing.assert_close(grad_got, grad_want, rtol=0, atol=1e-12)
+
+
+def test_upsample_concat_fast_path_takes_the_common_call_and_declines_the_rest(monkeypatch):
+    # The C++ checks (_upsample_concat_fast) take the common call whole and send
+    # anything else to the general path (the backend table), which gives the same result.
+    general = []
+    implementation = backends.implementation
+    monkeypatch.setattr(backends, "implementation", lambda name: general.append(name) or implementation(name))
+    x = layout(rand((2, 3, 7, 5)), "channels_last")
+    branches = [layout(rand((2, 2, b, b), seed=b), "channels_last") for b in (1, 3)]
+    want = eager_upsample_concat(x, branches, (7, 5), False)
+    alone = eager_upsample_concat(None, branches, (4, 6), False)
+
+    def taken(fn, expected):
+        general.clear()
+        torch.testing.assert_close(fn(), expected)
+        return not general
+
+    out = torch.empty_like(want)
+    # common calls: list or tuple of branches, size omitted or x's (a torch.Size too), out= or not
+    assert taken(lambda: pe.upsample_concat(x, branches), want)
+    assert taken(lambda: pe.upsample_concat(x, tuple(branches), size=x.shape[-2:]), want)
+    assert taken(lambda: pe.upsample_concat(x, branches, size=(7, 5), out=out), want)
+    assert taken(lambda: pe.upsample_concat(None, tuple(branches), size=(4, 6)), alone)
+
+    class Sub(torch.Tensor):
+        pass
+
+    class Mode(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    def under_mode():
+        with Mode():
+            return pe.upsample_concat(x, branches)
+
+    declined = [
+        lambda: pe.upsample_concat(x.as_subclass(Sub), branches).as_subclass(torch.Tensor),
+        lambda: pe.upsample_concat(x, [branches[0].as_subclass(Sub), branches[1]]).as_subclass(torch.Tensor),
+        under_mode,
+        lambda: pe.upsample_concat(x, branches, size=[7, 5]),  # a list, not a tuple
+        lambda: pe.upsample_concat(x, [branches[0], branches[1].double()]).float(),  # promotion
+        lambda: pe.upsample_concat(x, [branches[0], branches[1].transpose(2, 3).contiguous().transpose(2, 3)[..., :3]]),
+        lambda: pe.upsample_concat(x, branches, out=torch.empty_like(want).as_subclass(Sub)).as_subclass(torch.Tensor),
+        lambda: pe.upsample_concat(x, branches, out=torch.empty(2, 7, 7, 6)[..., :5]),  # out not dense
+    ]
+    for i, fn in enumerate(declined):
+        assert not taken(fn, want), i
+    assert not taken(lambda: pe.upsample_concat(None, branches, size=[4, 6]), alone)
+    with pytest.raises(TypeError, match="pair of ints"):  # a bool is no size: the general path's error
+        pe.upsample_concat(None, branches, size=(True, 6))

@@ -55,13 +55,22 @@ def test_dtypes_and_layouts(backend, dtype, kind, align_corners):
 
 
 @pytest.mark.parametrize("align_corners", [False, True])
-def test_channels_last_branches_of_16_8_and_odd_channels(backend, align_corners):
-    # the float CPU kernel takes a pixel's channels 16, then 8 at a time as
-    # vectors (simd::bilinear_row), then one by one: 27 = 16 + 8 + 3
-    x = layout(_rand((2, 5, 9, 7), torch.float32), "channels_last")
+@pytest.mark.parametrize("x_first", [True, False])
+@pytest.mark.parametrize("x_channels", [5, 27])
+def test_channels_last_parts_of_16_8_and_odd_channels(backend, align_corners, x_first, x_channels):
+    # the float CPU kernel writes each output pixel part after part
+    # (simd::concat_pixels), a part's channels 16, then 8 at a time as
+    # vectors, then one by one: 27 = 16 + 8 + 3; x copied the same way
+    x = layout(_rand((2, x_channels, 9, 7), torch.float32), "channels_last")
     br = [layout(_rand((2, c, b, b + 1), torch.float32, seed=c), "channels_last") for c, b in ((27, 2), (16, 3), (8, 1))]
-    got = pe.upsample_concat(x, br, align_corners=align_corners, backend=backend)
-    torch.testing.assert_close(got, _eager(x, br, (9, 7), align_corners, True), **TOL[torch.float32])
+    want = _eager(x, br, (9, 7), align_corners, x_first)
+    got = pe.upsample_concat(x, br, align_corners=align_corners, x_first=x_first, backend=backend)
+    torch.testing.assert_close(got, want, **TOL[torch.float32])
+    # into a channel slice of a wider channels_last buffer (pixels further apart than their channels)
+    buf = layout(torch.full((2, want.shape[1] + 6, 9, 7), float("nan")), "channels_last")
+    pe.upsample_concat(x, br, align_corners=align_corners, x_first=x_first, out=buf[:, 2:-4], backend=backend)
+    torch.testing.assert_close(buf[:, 2:-4], want, **TOL[torch.float32])
+    assert buf[:, :2].isnan().all() and buf[:, -4:].isnan().all()
 
 
 def test_x_none_needs_size(backend):

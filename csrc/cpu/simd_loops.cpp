@@ -70,7 +70,7 @@ struct Loops {
   decltype(&isa_baseline::resize_rows) resize_rows;
   decltype(&isa_baseline::bilinear) bilinear;
   decltype(&isa_baseline::resize_planes) resize_planes;
-  decltype(&isa_baseline::bilinear_row) bilinear_row;
+  decltype(&isa_baseline::concat_pixels) concat_pixels;
   decltype(&isa_baseline::max_pixels) max_pixels;
   decltype(&isa_baseline::max_rect) max_rect;
   decltype(&isa_baseline::max_cell_keys) max_cell_keys;
@@ -85,7 +85,7 @@ struct Loops {
         ns::max_rows,                                                                             \
         ns::blend, ns::axpy, ns::blend_pixels_add, ns::shift_add_rows, ns::resize_row, ns::resize_rows, ns::bilinear,   \
         ns::resize_planes,                                                                          \
-        ns::bilinear_row, ns::max_pixels, ns::max_rect, ns::max_cell_keys, ns::max_rect_keys,       \
+        ns::concat_pixels, ns::max_pixels, ns::max_rect, ns::max_cell_keys, ns::max_rect_keys,       \
         ns::max_pixels_values, ns::max_rect_values                                                  \
   }
 constexpr Loops kBaseline = PE_LOOPS(isa_baseline);
@@ -196,9 +196,8 @@ void resize_planes(float* d, int64_t d_plane, int64_t d_row, const float* s, int
                    const PlaneResize& r, int64_t planes, float* rows) {
   loops().resize_planes(d, d_plane, d_row, s, s_plane, s_row, r, planes, rows);
 }
-void bilinear_row(float* d, int64_t d_stride, const float* s0, const float* s1, int64_t s_stride, float wy0,
-                  float wy1, ResizeTable t, int64_t w, int64_t n) {
-  loops().bilinear_row(d, d_stride, s0, s1, s_stride, wy0, wy1, t, w, n);
+void concat_pixels(float* d, int64_t d_stride, const PixelPart* parts, int64_t num_parts, int64_t w) {
+  loops().concat_pixels(d, d_stride, parts, num_parts, w);
 }
 
 void max_pixels(float* m, int32_t* r, const float* src, int64_t pixels, int64_t stride, int64_t n, int32_t idx0,

@@ -145,12 +145,23 @@ struct PlaneResize {
 };
 void resize_planes(float* d, int64_t d_plane, int64_t d_row, const float* s, int64_t s_plane, int64_t s_row,
                    const PlaneResize& r, int64_t planes, float* rows);
-// One output row of w bilinear pixels, vector over n channels (bilinear's
-// arithmetic, one call per row): pixel x reads source pixels t.i0[x] and
-// t.i1[x] (at s_stride floats apart) of the source rows s0 and s1 and
-// writes d + x * d_stride.
-void bilinear_row(float* d, int64_t d_stride, const float* s0, const float* s1, int64_t s_stride, float wy0,
-                  float wy1, ResizeTable t, int64_t w, int64_t n);
+// One output row of a channels_last concatenation, pixel by pixel: pixel x <
+// w gets, for each part in turn, channels [offset, offset + n) of d + x *
+// d_stride: copied from s0 + x * s_stride (copy), else bilinear (bilinear's
+// arithmetic): source pixels t.i0[x] and t.i1[x] (s_stride floats apart) of
+// the source rows s0 and s1, weights t.w0[x], t.w1[x] and wy0, wy1; 16 and 8
+// channels at a time as vector values. Parts in channel order write each
+// output pixel front to back: one stream.
+struct PixelPart {
+  const float* s0;
+  const float* s1;
+  int64_t s_stride;
+  float wy0, wy1;
+  ResizeTable t;
+  int64_t offset, n;
+  bool copy;
+};
+void concat_pixels(float* d, int64_t d_stride, const PixelPart* parts, int64_t num_parts, int64_t w);
 // Max pooling over a vector of n channels, continuing a scan: pixel p < pixels
 // (at src + p * stride) updates m[k] and its flat index r[k] = idx0 + p by
 // ATen's rule (larger, or NaN), pixels in order. start: the scan starts
