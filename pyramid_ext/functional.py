@@ -512,29 +512,12 @@ def _takes_as_product(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
 def _conv1x1_as_product(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """``F.conv2d(x, weight, bias)`` for a 1x1 weight as one product over x's pixels, in x's
     layout (channels_last stays channels_last, else NCHW), or None where that is not the
-    faster or not the same computation: CPU float32/float64 only, no autocast, at least two
+    faster or not the same computation: the compiled extension (csrc/fast_calls.cpp, pointwise_tail), CPU float32/float64 only, no autocast, at least two
     samples and at most SMALL_CONV_PIXELS pixels, eager only (compile and export keep the
     convolution). Sums in another order than the convolution (same dtype, same bound)."""
-    if not _takes_as_product(x, weight, bias):
-        return None
-    if _extension.LOADED:  # the same product in one call (csrc/fast_calls.cpp, pointwise_tail)
-        return _extension._C._pointwise_tail(x, weight, bias, None, None, None, None, 0.0, 0)
-    n, cin, height, width = x.shape
-    cout = weight.shape[0]
-    if x.stride(1) != 1 and x.stride(2) == width * x.stride(3):
-        # An NCHW result from planes that are one (Cin, H*W) matrix per sample (an NCHW x,
-        # or a pooled level's view of a packed output): weight @ x[n], no copy in or out
-        # (2 threads, (16, 256) to 64 channels on bins 1, 2, 3, 6: 174 against 218 us
-        # for the rows' copy, one product and the result's copy).
-        w3d = weight.reshape(cout, cin).expand(n, cout, cin)
-        cols = x.view(n, cin, height * width)
-        out = torch.bmm(w3d, cols) if bias is None else torch.baddbmm(bias.view(cout, 1), w3d, cols)
-        return out.view(n, cout, height, width)
-    rows = x.permute(0, 2, 3, 1).reshape(n * height * width, cin)  # a view for channels_last x, else a small copy
-    w2d = weight.reshape(cout, cin).t()
-    out = (torch.mm(rows, w2d) if bias is None else torch.addmm(bias, rows, w2d)).view(n, height, width, cout)
-    out = out.permute(0, 3, 1, 2)
-    return out if x.stride(1) == 1 and height * width > 1 else out.contiguous()
+    if not _takes_as_product(x, weight, bias) or not _extension.LOADED:
+        return None  # without the extension the convolution runs (the product is pointwise_tail's)
+    return _extension._C._pointwise_tail(x, weight, bias, None, None, None, None, 0.0, 0)
 
 
 def _conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], pad: int) -> torch.Tensor:
