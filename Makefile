@@ -185,8 +185,11 @@ GPU_BENCH_OPS ?= avg.fwd.nchw,avg.fwdbwd.nchw,uc.fresh.nchw,uc.fwdbwd.nchw
 GPU_BENCH_SHAPES ?= 1x2048x64x64,4x512x60x60,8x512x32x32,16x2048x64x64
 GPU_BENCH_ROUNDS ?= 20
 GPU_MAX_JOBS ?= 8
-gpu-check: cuda-venv
-	PY_CUDA=$(PY_CUDA) CUDA_HOME=$(CUDA_HOME) TREE=build/gpu-check RESULTS=$(GPU_RESULTS) MAX_JOBS=$(GPU_MAX_JOBS) \
+# GPU_PY: an interpreter that already has a CUDA torch (a GPU machine's image
+# with no package index: `make gpu-check GPU_PY=python3`); no venv is made.
+GPU_PY ?=
+gpu-check: $(if $(GPU_PY),,cuda-venv)
+	PY_CUDA=$(or $(GPU_PY),$(PY_CUDA)) CUDA_HOME=$(CUDA_HOME) TREE=build/gpu-check RESULTS=$(GPU_RESULTS) MAX_JOBS=$(GPU_MAX_JOBS) \
 	  BENCH_OPS="$(GPU_BENCH_OPS)" BENCH_SHAPES="$(GPU_BENCH_SHAPES)" BENCH_ROUNDS=$(GPU_BENCH_ROUNDS) bash .ci/gpu-check
 
 clean:

@@ -25,6 +25,7 @@
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/extension.h>
 
+#include <memory>
 #include <mutex>
 #include <string>
 
@@ -139,6 +140,19 @@ const at::Tensor* first_defined(const torch::autograd::variable_list& grads, siz
 // What Function::apply would also do is checked by the caller: no functorch
 // transform (PoolCall::records) and no forward-mode tangent on x (no jvp
 // here; the op's own autograd kernel raises for one, as before).
+// torch 2.14 holds autograd nodes in c10::intrusive_ptr, earlier releases
+// (2.11 on the GPU machines seen here) in std::shared_ptr: an Edge's holder
+// says which.
+template <typename NodeT>
+auto make_autograd_node() {
+  using Holder = decltype(torch::autograd::Edge::function);
+  if constexpr (std::is_same_v<Holder, std::shared_ptr<torch::autograd::Node>>) {
+    return std::make_shared<NodeT>();
+  } else {
+    return c10::make_intrusive<NodeT>();
+  }
+}
+
 struct PoolLevelsBackward : public torch::autograd::Node {
   c10::intrusive_ptr<PoolConstants> k;
   torch::autograd::SavedVariable indices;  // the packed indices (max)
@@ -177,7 +191,7 @@ std::vector<at::Tensor> pool_levels_recorded(const at::Tensor& x, const c10::int
     std::tie(values, *indices) = call_pool(x, *k);
     for (const LevelView& v : k->views) levels.push_back(level_view(values, v));
   }
-  auto node = c10::make_intrusive<PoolLevelsBackward>();
+  auto node = make_autograd_node<PoolLevelsBackward>();
   node->set_next_edges(torch::autograd::collect_next_edges(x));
   node->k = k;
   if (k->mode == kPoolMax) node->indices = torch::autograd::SavedVariable(*indices, /*is_output=*/false);

@@ -2,6 +2,9 @@
 
 Run by `make cuda-check` after a FORCE_CUDA=1 build (no GPU needed).
 """
+import os
+import shutil
+import subprocess
 import sys
 
 import torch
@@ -21,4 +24,30 @@ missing = [op for op in OPS if not torch._C._dispatch_has_kernel_for_dispatch_ke
 missing += [op + " (CPU)" for op in OPS if not torch._C._dispatch_has_kernel_for_dispatch_key(f"pyramid_ext::{op}", "CPU")]
 if missing:
     sys.exit(f"ops without a kernel: {missing}")
+
+# An op's error message must reach Python. On the GPU machine's image (torch
+# 2.11, GCC 13; 2026-12-04) formatting one crashed: _C.so defined its own
+# std::ostream::_M_insert<long> (libstdc++ code linked into it) and segfaulted
+# there. A child process, so a crash is reported rather than fatal.
+so = pe._C.__file__
+if shutil.which("nm"):
+    defined = [line for line in subprocess.run(["nm", "-DC", "--defined-only", so], capture_output=True,
+                                               text=True).stdout.splitlines() if "_M_insert<long>" in line]
+    print("libstdc++'s std::ostream::_M_insert<long>:", "DEFINED in " + so if defined else "imported (as it should be)")
+if shutil.which("readelf"):
+    needed = [line.split("[")[-1].rstrip("]") for line in subprocess.run(["readelf", "-d", so], capture_output=True,
+                                                                        text=True).stdout.splitlines()
+              if "NEEDED" in line]
+    print("NEEDED:", " ".join(needed))
+child = subprocess.run([sys.executable, "-c", (
+    "import torch, pyramid_ext\n"
+    "try:\n"
+    "    torch.ops.pyramid_ext.multi_pool2d(torch.zeros(1, 1, 8, 8), [0, 9], [0, 8], [1, 1], 0, False)\n"
+    "except RuntimeError as e:\n"
+    "    print(str(e).splitlines()[0])\n")], capture_output=True, text=True,
+    env=dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))))
+if child.returncode != 0 or "window [0, 9) along H is empty" not in child.stdout:
+    sys.exit(f"an op's error message did not reach Python (exit status {child.returncode}): "
+             f"{(child.stdout + child.stderr).strip()[-2000:]}")
+print("error path:", child.stdout.strip())
 print(f"CUDA build check passed: {len(OPS)} ops have CUDA and CPU kernels; archs {info['cuda_archs']!r}")
