@@ -93,6 +93,17 @@ def _workload():
         for align_corners in (False, True):
             got.append(torch.ops.pyramid_ext.upsample_shift_add(base, taps, 3, align_corners))
             want.append(eager_shift_add(base, taps, 3, align_corners))
+    # upsample_shift_add (K = 1) on a pyramid's taps: rows narrower than a vector (read in place, the
+    # tensor's last plane from a padded copy), 2 * 7 planes (groups of four planes and single ones),
+    # rows of 16 + 8 + 3 floats, channels_last chunks of 64 + 16 + 8 + 3 channels; taps in the base's
+    # layout and in the other one
+    for kind, tap_kind, cout in (("nchw", "nchw", 7), ("channels_last", "channels_last", 91),
+                                 ("nchw", "channels_last", 7), ("channels_last", "nchw", 91)):
+        base = layout(rand((2, cout, 16, 27), torch.float32, seed=7), kind)
+        taps = [layout(rand((2, cout, b, b + 1), torch.float32, seed=8 + b), tap_kind) for b in (1, 2, 3, 6)]
+        for align_corners in (False, True):
+            got.append(torch.ops.pyramid_ext.upsample_shift_add(base, taps, 1, align_corners))
+            want.append(eager_shift_add(base, taps, 1, align_corners))
     return got, want
 
 

@@ -440,3 +440,53 @@ def test_upsample_concat_fast_path_takes_the_common_call_and_declines_the_rest(m
     assert not taken(lambda: pe.upsample_concat(None, branches, size=[4, 6]), alone)
     with pytest.raises(TypeError, match="pair of ints"):  # a bool is no size: the general path's error
         pe.upsample_concat(None, branches, size=(True, 6))
+
+
+def _uc_conv_inputs(kind, k=1):
+    """x (2, 8, 9, 11) and branches of 16 channels, small enough for tap products."""
+    g = torch.Generator().manual_seed(3)
+    x = layout(torch.randn(2, 8, 9, 11, generator=g), kind)
+    brs = [layout(torch.randn(2, 16, s, s + 1, generator=g), kind) for s in (1, 2, 5)]
+    return x, brs, torch.randn(4, 56, k, k, generator=g), torch.randn(4, generator=g)
+
+
+@pytest.mark.parametrize("kind", ["nchw", "channels_last"])
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("x_first", [True, False])
+def test_upsample_concat_conv2d_fast_path_equals_the_general_path_and_pytorch(monkeypatch, kind, k, x_first):
+    monkeypatch.setattr(functional, "_FAST_UC_CONV", collections.OrderedDict())
+    x, brs, w, b = _uc_conv_inputs(kind, k)
+    plan = functional._choose_plan(2, 8, [16] * 3, [tuple(t.shape[-2:]) for t in brs], 4, k, 9, 11)
+    assert plan.taps == [0, 1, 2]  # the fast path runs the kernel op
+    first = pe.upsample_concat_conv2d(x, brs, w, b, x_first=x_first)  # the general path, which keeps the setup
+    assert len(functional._FAST_UC_CONV) == 1
+    planned = []
+    monkeypatch.setattr(functional, "_uc_conv_setup", lambda *args: planned.append(args))
+    again = pe.upsample_concat_conv2d(x, brs, w, b, size=(9, 11), x_first=x_first)
+    assert not planned  # served from the cache
+    assert torch.equal(again, first) and again.stride() == first.stride()
+    ups = [F.interpolate(t, size=(9, 11), mode="bilinear", align_corners=False) for t in brs]
+    want = F.conv2d(torch.cat([x] + ups if x_first else ups + [x], 1), w, b, padding=k // 2)
+    torch.testing.assert_close(again, want, rtol=1e-4, atol=1e-4)
+    assert again.is_contiguous(memory_format=torch.channels_last) == (kind == "channels_last")
+
+
+def test_upsample_concat_conv2d_fast_path_keeps_the_general_paths_errors(monkeypatch):
+    monkeypatch.setattr(functional, "_FAST_UC_CONV", collections.OrderedDict())
+    x, brs, w, b = _uc_conv_inputs("nchw")
+    pe.upsample_concat_conv2d(x, brs, w, b)
+    for _ in range(2):  # a rejected call's key is never kept
+        with pytest.raises(ValueError, match="odd square kernel"):
+            pe.upsample_concat_conv2d(x, brs, torch.randn(4, 56, 2, 2), b)
+        with pytest.raises(ValueError, match="weight has 57 input channels"):
+            pe.upsample_concat_conv2d(x, brs, torch.randn(4, 57, 1, 1), b)
+        with pytest.raises(ValueError, match=r"bias must have shape \(4,\)"):
+            pe.upsample_concat_conv2d(x, brs, w, torch.randn(5))
+        with pytest.raises(ValueError, match="has batch size 1"):
+            pe.upsample_concat_conv2d(x, [brs[0][:1]] + brs[1:], w, b)
+        with pytest.raises(ValueError, match="must equal x's height and width"):
+            pe.upsample_concat_conv2d(x, brs, w, b, size=(9, 12))
+    assert len(functional._FAST_UC_CONV) == 1
+    pe.upsample_concat_conv2d(x, brs, w, b, backend="torch")  # a named Python backend: the general path
+    pe.upsample_concat_conv2d(x.double(), brs, w.double(), b.double())  # promotion: the general path
+    assert len(functional._FAST_UC_CONV) == 1

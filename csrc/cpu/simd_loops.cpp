@@ -64,8 +64,9 @@ struct Loops {
   decltype(&isa_baseline::max_rows) max_rows;
   decltype(&isa_baseline::blend) blend;
   decltype(&isa_baseline::axpy) axpy;
-  decltype(&isa_baseline::blend_pixels_add) blend_pixels_add;
-  decltype(&isa_baseline::shift_add_rows) shift_add_rows;
+  decltype(&isa_baseline::shift_add_planes) shift_add_planes;
+  decltype(&isa_baseline::shift_add_pixels) shift_add_pixels;
+  decltype(&isa_baseline::axpy_pixels) axpy_pixels;
   decltype(&isa_baseline::resize_row) resize_row;
   decltype(&isa_baseline::resize_rows) resize_rows;
   decltype(&isa_baseline::bilinear) bilinear;
@@ -83,7 +84,7 @@ struct Loops {
   Loops {                                                                                              \
     ns::sum_rows, ns::add_row_sum, ns::set_row_sum, ns::add_row_sum_f64, ns::add_run_f64, ns::rect_means, ns::bin_means,  \
         ns::max_rows,                                                                             \
-        ns::blend, ns::axpy, ns::blend_pixels_add, ns::shift_add_rows, ns::resize_row, ns::resize_rows, ns::bilinear,   \
+        ns::blend, ns::axpy, ns::shift_add_planes, ns::shift_add_pixels, ns::axpy_pixels, ns::resize_row, ns::resize_rows, ns::bilinear,   \
         ns::resize_planes,                                                                          \
         ns::concat_pixels, ns::max_pixels, ns::max_rect, ns::max_cell_keys, ns::max_rect_keys,       \
         ns::max_pixels_values, ns::max_rect_values                                                  \
@@ -172,20 +173,24 @@ void blend(float* d, const float* r0, const float* r1, float w0, float w1, int64
   loops().blend(d, r0, r1, w0, w1, n);
 }
 void axpy(float* acc, const float* src, float a, int64_t n) { loops().axpy(acc, src, a, n); }
-void blend_pixels_add(float* acc, int64_t acc_stride, const float* u, int64_t u_stride, ResizeTable t, int64_t count,
-                      int64_t n) {
-  loops().blend_pixels_add(acc, acc_stride, u, u_stride, t, count, n);
+void shift_add_planes(float* const* d, int64_t d_stride, const float* const* base, int64_t base_stride,
+                      const float* rows, int64_t rows_plane, const int64_t* off, const float* w,
+                      const int64_t* first, int64_t h, int64_t width, int64_t planes) {
+  loops().shift_add_planes(d, d_stride, base, base_stride, rows, rows_plane, off, w, first, h, width, planes);
 }
-void shift_add_rows(float* d, int64_t d_stride, const float* base, int64_t base_stride, const float* rows,
-                    const int64_t* off, const float* w, const int64_t* first, int64_t h, int64_t width) {
-  loops().shift_add_rows(d, d_stride, base, base_stride, rows, off, w, first, h, width);
+void shift_add_pixels(float* d, int64_t d_stride, const float* base, int64_t base_stride, const float* u,
+                      const PixelTerm* terms, const int64_t* first, int64_t count, int64_t n) {
+  loops().shift_add_pixels(d, d_stride, base, base_stride, u, terms, first, count, n);
+}
+void axpy_pixels(float* u, int64_t u_stride, const float* s, int64_t s_stride, float w, int64_t count, int64_t n) {
+  loops().axpy_pixels(u, u_stride, s, s_stride, w, count, n);
 }
 void resize_row(float* d, const float* s, int64_t len, ResizeTable t, int64_t n, bool accumulate) {
   loops().resize_row(d, s, len, t, n, accumulate);
 }
 void resize_rows(float* d, int64_t d_stride, const float* s, int64_t s_stride, int64_t rows, int64_t len,
-                 ResizeTable t, int64_t n, bool accumulate) {
-  loops().resize_rows(d, d_stride, s, s_stride, rows, len, t, n, accumulate);
+                 int64_t readable, ResizeTable t, int64_t n, bool accumulate) {
+  loops().resize_rows(d, d_stride, s, s_stride, rows, len, readable, t, n, accumulate);
 }
 void bilinear(float* d, const float* p00, const float* p01, const float* p10, const float* p11, float wy0,
               float wy1, float wx0, float wx1, int64_t n) {

@@ -96,14 +96,35 @@ void max_rows(float* m, int32_t* r, const float* src, int64_t rows, int64_t stri
 void blend(float* d, const float* r0, const float* r1, float w0, float w1, int64_t n);
 // acc[i] += a * src[i]
 void axpy(float* acc, const float* src, float a, int64_t n);
-// A plane's output rows of upsample_shift_add (planar float): d[y * d_stride
-// + x] = base[y * base_stride + x] + w[t] * rows[off[t] + x], the terms t of
-// [first[y], first[y + 1]) added one after another (axpy's arithmetic: each
-// term multiplied, then added), for y < h, x < width. One call per plane: the
-// two axpy calls per output row and tap it replaces were about 40% of the op's
-// CPU time on 16-wide rows.
-void shift_add_rows(float* d, int64_t d_stride, const float* base, int64_t base_stride, const float* rows,
-                    const int64_t* off, const float* w, const int64_t* first, int64_t h, int64_t width);
+// Planes p < planes of upsample_shift_add's output (planar float), from
+// base[p] and plane p's G rows at rows + p * rows_plane: d[p][y * d_stride
+// + x] = base[p][y * base_stride + x] + w[t] * rows[p * rows_plane + off[t]
+// + x], the terms t of [first[y], first[y + 1]) added one after another
+// (axpy's arithmetic: each term multiplied, then added; a weight of 1 not
+// multiplied, the same bits), for y < h, x < width. The planes' sums are
+// independent chains in registers, 4 planes at a time: one plane's 16-wide
+// row alone is a chain of dependent additions, bound by their latency (and
+// two axpy calls per output row and tap, before a call per plane, were
+// about 40% of the op's CPU time on 16-wide rows).
+void shift_add_planes(float* const* d, int64_t d_stride, const float* const* base, int64_t base_stride,
+                      const float* rows, int64_t rows_plane, const int64_t* off, const float* w,
+                      const int64_t* first, int64_t h, int64_t width, int64_t planes);
+// One term of a channels_last output pixel: w0 * u[off0 + k] + w1 * u[off1 + k].
+struct PixelTerm {
+  int64_t off0, off1;
+  float w0, w1;
+};
+// A channels_last output row of upsample_shift_add: pixel x < count,
+// channel k < n: acc = base[x * base_stride + k], then for each term t of
+// [first[x], first[x + 1]) in order acc = (acc + w0 * u[off0 + k]) + w1 *
+// u[off1 + k] (the second product skipped where w1 is zero), written to d[x
+// * d_stride + k]; the sums in registers across the terms (64 channels at a
+// time), base read and the result written once.
+void shift_add_pixels(float* d, int64_t d_stride, const float* base, int64_t base_stride, const float* u,
+                      const PixelTerm* terms, const int64_t* first, int64_t count, int64_t n);
+// u[j * u_stride + k] += w * s[j * s_stride + k] for j < count, k < n
+// (axpy's arithmetic over `count` pixels in one call).
+void axpy_pixels(float* u, int64_t u_stride, const float* s, int64_t s_stride, float w, int64_t count, int64_t n);
 // A row resized along its length: t = w0[k] * s[i0[k]] + w1[k] * s[i1[k]],
 // d[k] = d[k] + t (accumulate) or t, for k < n; s holds `len` floats and the
 // tables are nondecreasing (bilinear taps). Eight outputs whose sources lie
@@ -118,16 +139,11 @@ struct ResizeTable {
 };
 void resize_row(float* d, const float* s, int64_t len, ResizeTable t, int64_t n, bool accumulate);
 // resize_row for `rows` rows (d + r * d_stride from s + r * s_stride): a
-// plane's rows in one call.
+// plane's rows in one call. `readable`: the floats readable from s on (at
+// least (rows - 1) * s_stride + len; more where the source tensor goes on:
+// a row narrower than a vector is then read in place, not copied first).
 void resize_rows(float* d, int64_t d_stride, const float* s, int64_t s_stride, int64_t rows, int64_t len,
-                 ResizeTable t, int64_t n, bool accumulate);
-// Pixel x < count of a channels_last row: acc[x * acc_stride + k] += t.w0[x] *
-// u[t.i0[x] * u_stride + k] then += t.w1[x] * u[t.i1[x] * u_stride + k] (skipped
-// where t.w1[x] is zero), k < n: the horizontal step of upsample_shift_add's
-// channels_last forward, a row in one call (an axpy call per pixel and weight
-// cost more than the arithmetic there).
-void blend_pixels_add(float* acc, int64_t acc_stride, const float* u, int64_t u_stride, ResizeTable t, int64_t count,
-                      int64_t n);
+                 int64_t readable, ResizeTable t, int64_t n, bool accumulate);
 // d[i] = wy0 * (wx0 * p00[i] + wx1 * p01[i]) + wy1 * (wx0 * p10[i] + wx1 * p11[i])
 void bilinear(float* d, const float* p00, const float* p01, const float* p10, const float* p11, float wy0,
               float wy1, float wx0, float wx1, int64_t n);
