@@ -32,7 +32,7 @@ PYTEST_ARGS ?=
 PYTEST_WORKERS ?=
 XDIST_ARGS := $(if $(PYTEST_WORKERS),-n $(PYTEST_WORKERS))
 
-.PHONY: no-extension-yet test test-long test-large fuzz bench bench-models build venv cuda-check cuda-venv test-cuda-env test-cuda-emu gpu-check clean \
+.PHONY: compat-check no-extension-yet test test-long test-large fuzz bench bench-models build venv cuda-check cuda-venv test-cuda-env test-cuda-emu gpu-check clean \
   cuda-env-tests cuda-env-export-tests cuda-env-properties
 
 $(VENV)/.ready:
@@ -176,6 +176,14 @@ cuda-env-properties:
 # build/cuda-emu-bug1) against .venv's torch. No GPU or nvcc needed.
 test-cuda-emu: venv
 	MAX_JOBS=$(MAX_JOBS) PYTHONPATH=. $(PY) -m pytest tests/test_cuda_emu.py -q $(PYTEST_ARGS)
+
+# Every source compiled (syntax only) against another torch release's headers:
+# COMPAT_TORCH, default torch 2.11, the GPU machines' image (.ci/compat-check).
+COMPAT_TORCH ?= 2.11.0
+compat-check: venv
+	PY=$(PY) COMPAT_TORCH=$(COMPAT_TORCH) CUDA_HOME=$(CUDA_HOME) \
+	  CUDA_INCLUDE="$$(test -x $(PY_CUDA) && $(PY_CUDA) -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "cu13", "include"))' 2>/dev/null || true)" \
+	  bash .ci/compat-check
 
 # On a machine with a CUDA GPU: build for its architecture, run the GPU tests
 # and the Triton tests on CUDA tensors, print the benchmark table for the GPU;
