@@ -120,17 +120,24 @@ def _fast_pool_entry(x, bins, mode: int, channels_last_levels, window: str, fn: 
                                    unbatched, views, [n, channels, height, width], channels_last_input)
 
 
+def _lru_get(cache, key):
+    """cache[key] (an OrderedDict), marked most recently used, or None."""
+    value = cache.get(key)
+    if value is not None:
+        try:
+            cache.move_to_end(key)
+        except KeyError:
+            pass  # evicted by another thread since the get
+    return value
+
+
 def _fast_pool(x, bins, mode: int, channels_last_levels, window: str, backend: Optional[str], fn: str):
     """The _C._PoolCall serving this eager call, or None where the general path must run."""
     key = _fast_pool_key(x, bins, mode, channels_last_levels, window, backend)
     if key is None:
         return None
-    call = _FAST_POOL.get(key)
+    call = _lru_get(_FAST_POOL, key)
     if call is not None:
-        try:
-            _FAST_POOL.move_to_end(key)  # most recently used
-        except KeyError:
-            pass  # evicted by another thread since the get
         return call
     call = _fast_pool_entry(x, bins, mode, channels_last_levels, window, fn)  # raises the general path's errors
     with _FAST_POOL_LOCK:
@@ -568,12 +575,8 @@ def upsample_concat_conv2d(x: Optional[torch.Tensor], branches: Sequence[torch.T
     """
     key = _fast_uc_conv_key(x, branches, weight, bias, size, x_first, backend)
     if key is not None:
-        setup = _FAST_UC_CONV.get(key)
+        setup = _lru_get(_FAST_UC_CONV, key)
         if setup is not None:
-            try:
-                _FAST_UC_CONV.move_to_end(key)  # most recently used
-            except KeyError:
-                pass  # evicted by another thread since the get
             return _uc_conv_run(x, branches, weight, bias, setup, align_corners, backends.implementation("cpp"))
     fn = "upsample_concat_conv2d()"
     backends.requested_backend(backend)  # a bad name raises even where no backend op runs
