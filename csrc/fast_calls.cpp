@@ -122,6 +122,19 @@ const at::Tensor* first_defined(const torch::autograd::variable_list& grads, siz
   return nullptr;
 }
 
+// torch 2.14 holds autograd nodes in c10::intrusive_ptr, earlier releases
+// (2.11 on the GPU machines seen here) in std::shared_ptr: an Edge's holder
+// says which.
+template <typename NodeT>
+auto make_autograd_node() {
+  using Holder = decltype(torch::autograd::Edge::function);
+  if constexpr (std::is_same_v<Holder, std::shared_ptr<torch::autograd::Node>>) {
+    return std::make_shared<NodeT>();
+  } else {
+    return c10::make_intrusive<NodeT>();
+  }
+}
+
 // levels = multi_pool2d(x) per level (avg or max), as one autograd node whose
 // outputs are the levels themselves, its backward one multi_pool2d_backward
 // call on the level gradients packed once (pack_level_grads). The levels are
@@ -140,19 +153,6 @@ const at::Tensor* first_defined(const torch::autograd::variable_list& grads, siz
 // What Function::apply would also do is checked by the caller: no functorch
 // transform (PoolCall::records) and no forward-mode tangent on x (no jvp
 // here; the op's own autograd kernel raises for one, as before).
-// torch 2.14 holds autograd nodes in c10::intrusive_ptr, earlier releases
-// (2.11 on the GPU machines seen here) in std::shared_ptr: an Edge's holder
-// says which.
-template <typename NodeT>
-auto make_autograd_node() {
-  using Holder = decltype(torch::autograd::Edge::function);
-  if constexpr (std::is_same_v<Holder, std::shared_ptr<torch::autograd::Node>>) {
-    return std::make_shared<NodeT>();
-  } else {
-    return c10::make_intrusive<NodeT>();
-  }
-}
-
 struct PoolLevelsBackward : public torch::autograd::Node {
   c10::intrusive_ptr<PoolConstants> k;
   torch::autograd::SavedVariable indices;  // the packed indices (max)
