@@ -26,9 +26,9 @@ if missing:
     sys.exit(f"ops without a kernel: {missing}")
 
 # An op's error message must reach Python. On the GPU machine's image (torch
-# 2.11, GCC 13; 2026-12-04) formatting one crashed: _C.so defined its own
-# std::ostream::_M_insert<long> (libstdc++ code linked into it) and segfaulted
-# there. A child process, so a crash is reported rather than fatal.
+# 2.11, GCC 13; 2026-12-04) formatting one segfaulted in code cuda-gdb placed
+# inside _C.so (named std::ostream::_M_insert<long>: libstdc++ code linked into
+# it, apparently). A child process, so a crash is reported rather than fatal.
 so = pe._C.__file__
 if shutil.which("nm"):
     defined = [line for line in subprocess.run(["nm", "-DC", "--defined-only", so], capture_output=True,
