@@ -18,6 +18,7 @@ calls through it. A new op is one function in each entry.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
 import threading
@@ -65,6 +66,30 @@ def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def _version(module: str) -> Tuple[int, ...]:
+    from importlib.metadata import version
+    return tuple(int(p) for p in version(module).split(".")[:2] if p.isdigit())
+
+
+@functools.lru_cache(maxsize=None)  # package metadata is read once
+def _interpreter_problem() -> Optional[str]:
+    """Why Triton's interpreter cannot run the kernels here, or None. Triton
+    3.6's interpreter (torch 2.11's pin) turns a loop bound that a reduction
+    gives (`range(0, tl.max(...), ...)`) into a 1-element array and calls
+    int() on it, which numpy 2.4 refuses: every kernel failed with
+    "only 0-dimensional arrays can be converted to Python scalars". With numpy
+    2.3, or with Triton 3.8 and numpy 2.4, they run."""
+    try:
+        triton_v, numpy_v = _version("triton"), _version("numpy")
+    except Exception:  # no metadata: nothing to say
+        return None
+    if triton_v <= (3, 6) and numpy_v >= (2, 4):
+        return (f"Triton {'.'.join(map(str, triton_v))}'s interpreter cannot run these kernels with numpy "
+                f"{'.'.join(map(str, numpy_v))} (it converts 1-element arrays to ints, which numpy 2.4 refuses): "
+                "use numpy < 2.4 or Triton >= 3.8 for TRITON_INTERPRET=1")
+    return None
+
+
 def _why_not(name: str, device: torch.device, op: str) -> Optional[str]:
     """None if backend `name` can serve `op` on `device`, else the reason."""
     if name == "torch":
@@ -86,7 +111,7 @@ def _why_not(name: str, device: torch.device, op: str) -> Optional[str]:
         if device.type == "cuda":
             return None
         if device.type == "cpu" and triton_interpret():
-            return None
+            return _interpreter_problem()
         return f"Triton runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), not {device.type}"
     raise AssertionError(name)
 

@@ -234,6 +234,33 @@ def test_out_overlapping_inputs_is_correct(any_backend):
     torch.testing.assert_close(got, want)
 
 
+def test_triton_interpreter_with_numpy_it_cannot_use_is_named(monkeypatch):
+    # Triton 3.6's interpreter with numpy >= 2.4 fails in every kernel with a
+    # cryptic InterpreterError; backend="triton" says why instead, and "auto"
+    # does not pick it. (Seen: torch 2.11's Triton 3.6 with numpy 2.4.6.)
+    from pyramid_ext import backends
+
+    versions = {"triton": (3, 6), "numpy": (2, 4)}
+    monkeypatch.setattr(backends, "_version", lambda module: versions[module])
+    monkeypatch.setattr(backends, "triton_installed", lambda: True)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    backends._interpreter_problem.cache_clear()
+    try:
+        reason = backends._why_not("triton", torch.device("cpu"), "multi_pool2d")
+        assert reason is not None and "numpy 2.4" in reason and "Triton >= 3.8" in reason
+        assert "triton" not in backends.available_backends("cpu")
+        with pytest.raises(RuntimeError, match=r"backend='triton' cannot run .*Triton 3\.6's interpreter"):
+            pe.multi_adaptive_avg_pool2d(torch.randn(1, 2, 4, 4), (1, 2), backend="triton")
+        versions["numpy"] = (2, 3)  # an older numpy: no objection
+        backends._interpreter_problem.cache_clear()
+        assert backends._interpreter_problem() is None
+        versions.update(triton=(3, 8), numpy=(2, 4))  # a newer Triton: none either
+        backends._interpreter_problem.cache_clear()
+        assert backends._interpreter_problem() is None
+    finally:
+        backends._interpreter_problem.cache_clear()
+
+
 # ------------------------------------------------ out= sharing memory ---
 # The rule, every backend: the ops reject an input that overlaps out ("out
 # must not overlap <input>"); upsample_concat(out=) copies exactly those
