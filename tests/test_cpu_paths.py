@@ -33,7 +33,7 @@ from .conftest import need_backend
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ISA_NAMES = {1: "baseline", 2: "avx2", 3: "avx512"}
 SWITCHES = ("simd_isa", "no_block_kernel", "channels_last_avg_tasks", "channels_last_max_tasks",
-            "channels_last_max_direct")
+            "channels_last_max_direct", "no_sum_trees")
 
 
 @pytest.fixture(autouse=True)
@@ -60,7 +60,8 @@ def _workload():
     upsample_shift_add in both layouts. Returns the results and the eager expectations."""
     got, want = [], []
     cases = [((3, 37, 29, 70), (1, 2, 3, 6, (2, 5))), ((2, 11, 61, 50), (1, (2, 3))), ((2, 19, 50, 40), (1, (2, 5))),
-             ((2, 40, 16, 16), (1, 2, 3, 6))]  # channels_last avg: simd::bin_means (few cells, a 32-channel chunk)
+             ((2, 40, 16, 16), (1, 2, 3, 6)),  # channels_last avg: simd::tree_means (float sum trees, 8 channels of a 16)
+             ((2, 40, 32, 32), (1, 2, 3, 6))]  # channels_last avg: simd::bin_means (few cells, too deep for float trees)
     for (shape, bins), kind, mode in itertools.product(cases, ("nchw", "channels_last"), ("avg", "max")):
         base = rand(shape, torch.float32, seed=1)
         x = layout(base, kind).requires_grad_()
@@ -160,6 +161,8 @@ def test_switches_reject_unknown_names_and_unsupported_values(_c):
         _c._set_test_override("channels_last_max_tasks", 3)
     with pytest.raises(ValueError, match="channels_last_max_direct=3 is not valid"):
         _c._set_test_override("channels_last_max_direct", 3)
+    with pytest.raises(ValueError, match="no_sum_trees=2 is not valid"):
+        _c._set_test_override("no_sum_trees", 2)
 
 
 @pytest.mark.parametrize("isa", [1, 2, 3], ids=lambda i: ISA_NAMES[i])

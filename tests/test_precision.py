@@ -55,7 +55,7 @@ def _c():
     from pyramid_ext import _C
 
     yield _C
-    for name in ("simd_isa", "no_block_kernel", "channels_last_avg_tasks"):
+    for name in ("simd_isa", "no_block_kernel", "channels_last_avg_tasks", "no_sum_trees"):
         _C._set_test_override(name, 0)
 
 
@@ -87,6 +87,29 @@ def test_avg_pool_long_windows_channels_last(_c, tasks, shape, bins):
     x[-1, 3, 300, 17] = 1e4
     got = pe.multi_adaptive_avg_pool2d(x, bins, backend="cpp")
     assert_means_within(got, bins, *fp64_window_means(x, bins), what=f"tasks={tasks}")
+
+
+@pytest.mark.parametrize("tasks", [1, 2])
+@pytest.mark.parametrize("shape,bins", [((2, 40, 16, 16), (1, 2, 3, 6)), ((1, 19, 13, 13), (1, 2, 3, 6)),
+                                        ((3, 5, 8, 8), (1, 2, 4, 8)), ((2, 33, 22, 9), (1, (2, 3), 5))])
+def test_avg_pool_small_maps_channels_last_sum_trees(_c, tasks, shape, bins):
+    """Small channels_last float maps: the bins are balanced trees of float
+    additions (simd::tree_means), at most 11 float roundings deep per
+    element; within 1e-6 of fp64 as the double bin sums are (no_sum_trees=1),
+    on values of mixed magnitude and sign, and not the same bits as those
+    (both paths ran)."""
+    _c._set_test_override("channels_last_avg_tasks", tasks)
+    g = torch.Generator().manual_seed(5)
+    base = torch.rand(shape, generator=g) * 2 - 0.5
+    base[..., ::3, ::4] *= 3e3
+    x = base.contiguous(memory_format=torch.channels_last)
+    want = fp64_window_means(x, bins)
+    got = pe.multi_adaptive_avg_pool2d(x, bins, backend="cpp")
+    assert_means_within(got, bins, *want, what="trees")
+    _c._set_test_override("no_sum_trees", 1)
+    got_double = pe.multi_adaptive_avg_pool2d(x, bins, backend="cpp")
+    assert_means_within(got_double, bins, *want, what="double bins")
+    assert any(not torch.equal(a, b) for a, b in zip(got, got_double)), "no_sum_trees changed nothing"
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

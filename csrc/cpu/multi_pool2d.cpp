@@ -7,8 +7,10 @@
 // cells are combined into the windows of every level. channels_last: the same
 // with a vector of channels in place of each element. Average pooling sums
 // float elements in runs of at most simd::kRunLength rows (pixels) in float
-// and everything after the runs (cells, bins) in double: the error bound of
-// a mean over up to 2^31 elements is in simd_loops.h.
+// and everything after the runs (cells, bins) in double, but for the bins of
+// small channels_last float maps, which are trees of float additions no
+// deeper than the runs allow (build_sum_trees): the error bound of a mean
+// over up to 2^31 elements is in simd_loops.h.
 // Backward: avg gradients are constant over a segment cell, so each cell's
 // value is computed once and then written; max gradients are summed per plane
 // in a fixed order (level, then bin), the order a gather would use.
@@ -19,6 +21,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
+#include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <type_traits>
@@ -49,6 +54,13 @@ struct BinRect {
 struct PoolPlan : WindowPlan {
   std::vector<BinRect> rects;  // every bin, in packed order
   bool channels_last_levels = false;
+  // channels_last average pooling: whether cell (a, b) (at a * SW + b) is
+  // one float run (avg_forward_channels_last), and, for float, the bins as
+  // trees of float additions (simd::tree_means; empty where some element
+  // would pass more than simd::kRunLength - 1 float roundings).
+  std::vector<char> one_run_cells;
+  std::vector<int32_t> tree_ops;
+  std::vector<simd::TreeOut> tree_outs;
 
   int64_t out_index(int64_t l, int64_t c, int64_t i, int64_t j) const {
     return packed_index(offset[l], channels, bh[l], bw[l], c, i, j,
@@ -72,6 +84,88 @@ struct PoolPlan : WindowPlan {
   mutable std::shared_ptr<const max_pool::Bins> max_bins_;
 };
 
+// Nodes of simd::tree_means (cells and sums) at most: their 16-channel
+// scratch (64 bytes a node, 32 KB here) stays in L1.
+constexpr int64_t kTreeMaxNodes = 512;
+
+// The float roundings an element of a one-run cell of w pixels by h rows
+// has passed: its row's group sums, then the h - 1 row sums added to the run.
+int64_t one_run_depth(int64_t h, int64_t w) { return simd::row_sum_depth(w) + h - 1; }
+
+// one_run_cells, and the bins' sum trees: bin (a0, a1, b0, b1) is the sum of
+// its halves of rows (the first ceil((a1 - a0) / 2) rows, then the rest),
+// a single row the sum of its halves of cells, each node built once (a row
+// of cells shared by the bins of a column of windows), so an element passes
+// ceil(log2(rows)) + ceil(log2(cells)) additions after its cell's own. The
+// trees are kept when every bin's elements pass at most kRunLength - 1
+// float roundings in all (simd_loops.h: the error bound), cells that are
+// not one run counting as that many already.
+void build_sum_trees(PoolPlan& p) {
+  constexpr int64_t kWide = simd::kRunLength - 1;
+  const int64_t SH = p.h.num_segments(), SW = p.w.num_segments(), num_cells = SH * SW;
+  p.one_run_cells.assign(static_cast<size_t>(num_cells), 0);
+  std::vector<int64_t> depth(static_cast<size_t>(num_cells));
+  for (int64_t a = 0; a < SH; ++a)
+    for (int64_t b = 0; b < SW; ++b) {
+      const int64_t h = p.h.cuts[a + 1] - p.h.cuts[a], w = p.w.cuts[b + 1] - p.w.cuts[b];
+      const bool one_run = w <= kWide && h <= kWide - simd::row_sum_depth(w);
+      p.one_run_cells[a * SW + b] = one_run;
+      depth[a * SW + b] = one_run ? one_run_depth(h, w) : kWide;
+    }
+  if (num_cells > kTreeMaxNodes) return;
+  std::map<std::array<int64_t, 4>, int32_t> built;
+  std::vector<int32_t> ops;
+  bool fits = true;
+  std::function<int32_t(int64_t, int64_t, int64_t, int64_t)> node = [&](int64_t a0, int64_t a1, int64_t b0,
+                                                                        int64_t b1) -> int32_t {
+    if (a1 - a0 == 1 && b1 - b0 == 1) return static_cast<int32_t>(a0 * SW + b0);
+    const std::array<int64_t, 4> key{a0, a1, b0, b1};
+    if (auto it = built.find(key); it != built.end()) return it->second;
+    int32_t l, r;
+    if (a1 - a0 > 1) {
+      const int64_t mid = a0 + (a1 - a0 + 1) / 2;
+      l = node(a0, mid, b0, b1);
+      r = node(mid, a1, b0, b1);
+    } else {
+      const int64_t mid = b0 + (b1 - b0 + 1) / 2;
+      l = node(a0, a1, b0, mid);
+      r = node(a0, a1, mid, b1);
+    }
+    ops.push_back(l);
+    ops.push_back(r);
+    depth.push_back(std::max(depth[l], depth[r]) + 1);
+    fits = fits && depth.back() <= kWide;
+    return built[key] = static_cast<int32_t>(depth.size() - 1);
+  };
+  std::vector<simd::TreeOut> outs;
+  for (const BinRect& r : p.rects) {
+    const int32_t id = node(r.a0, r.a1, r.b0, r.b1);
+    if (!fits || static_cast<int64_t>(depth.size()) > kTreeMaxNodes || r.area >= (int64_t{1} << 27)) return;
+    const double area = static_cast<double>(r.area);
+    outs.push_back({id, 1.0 / area, r.out_offset, r.c_stride});
+  }
+  // The sums in order of their height in the trees (cells 0): built depth
+  // first, each sum needed the one just before it, a chain of store-to-load
+  // latencies; by height, neighbouring sums are independent.
+  const int64_t num_ops = static_cast<int64_t>(ops.size()) / 2;
+  std::vector<int64_t> height(static_cast<size_t>(num_cells + num_ops), 0);
+  for (int64_t j = 0; j < num_ops; ++j)
+    height[num_cells + j] = std::max(height[ops[2 * j]], height[ops[2 * j + 1]]) + 1;
+  std::vector<int64_t> order(static_cast<size_t>(num_ops));
+  for (int64_t j = 0; j < num_ops; ++j) order[j] = j;
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t u, int64_t v) { return height[num_cells + u] < height[num_cells + v]; });
+  std::vector<int32_t> id_of(static_cast<size_t>(num_cells + num_ops));
+  for (int64_t q = 0; q < num_cells; ++q) id_of[q] = static_cast<int32_t>(q);
+  for (int64_t k = 0; k < num_ops; ++k) id_of[num_cells + order[k]] = static_cast<int32_t>(num_cells + k);
+  for (int64_t k = 0; k < num_ops; ++k) {
+    p.tree_ops.push_back(id_of[ops[2 * order[k]]]);
+    p.tree_ops.push_back(id_of[ops[2 * order[k] + 1]]);
+  }
+  for (simd::TreeOut& o : outs) o.node = id_of[o.node];
+  p.tree_outs = std::move(outs);
+}
+
 std::shared_ptr<const PoolPlan> make_plan(WindowPlan windows, bool channels_last_levels) {
   auto plan = std::make_shared<PoolPlan>();
   PoolPlan& p = *plan;
@@ -83,6 +177,7 @@ std::shared_ptr<const PoolPlan> make_plan(WindowPlan windows, bool channels_last
         p.rects.push_back({l, i, j, p.a0(l, i), p.a1(l, i), p.b0(l, j),
                            p.b1(l, j), p.area(l, i, j), p.out_index(l, 0, i, j),
                            p.out_index(l, 1, i, j) - p.out_index(l, 0, i, j)});
+  build_sum_trees(p);
   return plan;
 }
 
@@ -470,8 +565,10 @@ ChannelsLastTiling channels_last_tiling(const PoolPlan& p, int64_t N, int64_t C,
 
 // Average, channels_last. Phase 1 reduces one H-segment's rows of a sample
 // into its row of cells ([cell][channel], pixels added in order, whole
-// pixels read contiguously); phase 2 combines a sample's cells into every
-// bin, vector over channels. With enough samples to share evenly among the
+// pixels read contiguously; float cells that are one run are summed a cell
+// at a time, simd::cell_sum); phase 2 combines a sample's cells into every
+// bin, vector over channels (float on small maps: the plan's sum trees,
+// simd::tree_means). With enough samples to share evenly among the
 // threads, one task runs both phases for a sample (its cells stay in cache);
 // otherwise phase 1 is split over H-segments and phase 2 over channels.
 template <typename scalar_t>
@@ -480,7 +577,23 @@ void avg_forward_channels_last(const scalar_t* x, scalar_t* out,
                                int64_t H, int64_t W) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t SH = p.h.num_segments(), SW = p.w.num_segments();
-  const int64_t cells_per_sample = SH * SW * C;
+  // float on small maps: the bins' sum trees (simd::tree_means), which read
+  // the cells 16 channels at a time: cell q's channel c at (c / 16) *
+  // vec_stride + q * 16 + c % 16 (a pass's cells contiguous, in L1), the
+  // last partial 16 zero-padded. Otherwise cell q's channels at q * C.
+  const bool trees = std::is_same_v<scalar_t, float> && !p.tree_outs.empty() &&
+                     !test_overrides::get(test_overrides::kNoSumTrees);
+  const int64_t num_ops = static_cast<int64_t>(p.tree_ops.size()) / 2;
+  constexpr int64_t kTW = simd::kTreeChannels;
+  const int64_t cell_step = trees ? kTW : C, vec_stride = trees ? SH * SW * kTW : kTW;
+  const int64_t CS = trees ? (C + kTW - 1) / kTW * kTW : C;  // channels a cell takes
+  auto channel = [&](int64_t c) { return c / kTW * vec_stride + c % kTW; };
+  // Zeros in the last partial 16 of a sample's cells (no NaN or denormal
+  // garbage in the unused lanes' additions); nothing else writes them.
+  auto zero_padding = [&](acc_t* sample_cells) {
+    if (trees && C % kTW != 0) std::fill_n(sample_cells + (CS / kTW - 1) * vec_stride, vec_stride, acc_t(0));
+  };
+  const int64_t cells_per_sample = SH * SW * CS;
   // A W-segment of w <= simd::kRunLength pixels keeps a float run of its
   // cell (in `run`, SW x C): each row's w pixels summed in groups of four
   // (simd::add_row_sum's order), the row sums of up to kRunLength - 1 -
@@ -491,29 +604,29 @@ void avg_forward_channels_last(const scalar_t* x, scalar_t* out,
   // the H-segment the double sums are rounded once to the acc_t cells: an
   // element passes at most kRunLength - 1 float roundings (the bound in
   // simd_loops.h). A cell that is one run (a small map) is summed straight
-  // into its acc_t cell, as a run, which its first row sets (for float; not
-  // zeroed first: 0 + v is v, and a -0.0 cell only enters double bin sums
-  // that start at +0.0). `run` is zero on entry and on return. `state`: 2 *
+  // into its acc_t cell, as a run, which its first row sets (for float, by
+  // simd::cell_sum with the sums in registers; not zeroed first: 0 + v is v,
+  // and a -0.0 cell only enters bin sums that start at +0.0 or is a bin of
+  // its own, whose mean is -0.0 as the division gives). `run` is zero on entry and on return. `state`: 2 *
   // SW entries of the task's scratch (each cell's rows in its run, whether
   // its sums hold a run).
   constexpr int64_t kWide = simd::kRunLength - 1;
-  // Whether cell (a, b) is one run, per call (was three vectors per segment
-  // and sample: a fifth of the time outside the simd loops on small maps).
-  std::vector<char> one_run_cells(static_cast<size_t>(SH * SW));
-  for (int64_t a = 0; a < SH; ++a)
-    for (int64_t b = 0; b < SW; ++b) {
-      const int64_t w = p.w.cuts[b + 1] - p.w.cuts[b];
-      one_run_cells[a * SW + b] = w <= kWide && p.h.cuts[a + 1] - p.h.cuts[a] <= kWide - simd::row_sum_depth(w);
-    }
   auto reduce_rows = [&](int64_t n, int64_t a, acc_t* cells, acc_t* run, double* seg_sums, int64_t* state) {
     const int64_t h0 = p.h.cuts[a], h1 = p.h.cuts[a + 1];
     if (p.h.seg_of[h0] < 0) return;  // no window reads these rows
-    acc_t* row_cells = cells + a * SW * C;
+    acc_t* row_cells = cells + a * SW * cell_step;
     int64_t* rows_in_run = state;
     int64_t* started = state + SW;  // the cell's sums hold a run
-    const char* one_run = one_run_cells.data() + a * SW;  // the whole cell is one run
+    const char* one_run = p.one_run_cells.data() + a * SW;  // the whole cell is one run
     std::fill(state, state + 2 * SW, int64_t{0});
-    if constexpr (!std::is_same_v<scalar_t, float>) {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      for (int64_t b = 0; b < SW; ++b) {
+        const int64_t w0 = p.w.cuts[b];
+        if (one_run[b] && p.w.seg_of[w0] >= 0)
+          simd::cell_sum(row_cells + b * cell_step, vec_stride, x + ((n * H + h0) * W + w0) * C, h1 - h0, W * C,
+                         p.w.cuts[b + 1] - w0, C, C);
+      }
+    } else {
       for (int64_t b = 0; b < SW; ++b)
         if (one_run[b]) std::fill(row_cells + b * C, row_cells + (b + 1) * C, acc_t(0));
     }
@@ -523,7 +636,7 @@ void avg_forward_channels_last(const scalar_t* x, scalar_t* out,
         const int64_t w0 = p.w.cuts[b], w1 = p.w.cuts[b + 1];
         if (p.w.seg_of[w0] < 0) continue;
         double* acc = seg_sums + b * C;
-        acc_t* q = one_run[b] ? row_cells + b * C : run + b * C;
+        acc_t* q = one_run[b] ? row_cells + b * C : run + b * C;  // (float: not one run)
         if (w1 - w0 > kWide) {
           if (h == h0) std::fill(acc, acc + C, 0.0);
           for (int64_t w = w0; w < w1; w += kWide) {
@@ -540,13 +653,12 @@ void avg_forward_channels_last(const scalar_t* x, scalar_t* out,
           }
           continue;
         }
+        if (std::is_same_v<scalar_t, float> && one_run[b]) continue;  // summed above
         const bool ends =
             !one_run[b] && (++rows_in_run[b] == kWide - simd::row_sum_depth(w1 - w0) || h + 1 == h1);
         if constexpr (std::is_same_v<scalar_t, float>) {
           if (ends) {
             simd::add_row_sum_f64(acc, q, row + w0 * C, w1 - w0, C, C, !started[b]);
-          } else if (one_run[b] && h == h0) {
-            simd::set_row_sum(q, row + w0 * C, w1 - w0, C, C);  // pixels in order
           } else {
             simd::add_row_sum(q, row + w0 * C, w1 - w0, C, C);  // pixels in order
           }
@@ -579,9 +691,13 @@ void avg_forward_channels_last(const scalar_t* x, scalar_t* out,
     for (int64_t b = 0; b < SW; ++b) {
       if (p.w.seg_of[p.w.cuts[b]] < 0 || one_run[b]) continue;
       const double* acc = seg_sums + b * C;
-      acc_t* cell = row_cells + b * C;
+      acc_t* cell = row_cells + b * cell_step;
+      if (trees) {
+        for (int64_t c = 0; c < C; ++c) cell[channel(c)] = static_cast<acc_t>(acc[c]);
+      } else {
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) cell[c] = static_cast<acc_t>(acc[c]);
+        for (int64_t c = 0; c < C; ++c) cell[c] = static_cast<acc_t>(acc[c]);
+      }
     }
   };
   // float: the bins as simd::bin_means reads them, when a 32-channel chunk of
@@ -592,16 +708,24 @@ void avg_forward_channels_last(const scalar_t* x, scalar_t* out,
       bin_outs.push_back({r.a0, r.a1, r.b0, r.b1, static_cast<double>(r.area), r.out_offset, r.c_stride});
   }
   const int64_t scratch_size = bin_outs.empty() ? 0 : SH * SW * 32;
+  const int64_t tree_scratch_size = trees ? (SH * SW + num_ops) * kTW : 0;  // a pass's cells and sums
   // `sum`: C (or a chunk's) doubles for other dtypes, bin_means' scratch for float.
   // `next`: the sample to prefetch while the bins are summed, or -1.
-  auto cells_to_bins = [&](int64_t n, int64_t c0, int64_t cn, const acc_t* cells, double* sum, int64_t next) {
+  auto cells_to_bins = [&](int64_t n, int64_t c0, int64_t cn, const acc_t* cells, double* sum, float* tree_scratch,
+                           int64_t next) {
     scalar_t* dst = out + n * C * p.total;
     if constexpr (std::is_same_v<scalar_t, float>) {
+      // At most the next sample's first 256 KB: more would evict the lines
+      // prefetched first (and this sample's cells) from a 1 MB L2.
+      const scalar_t* ahead = next >= 0 ? x + next * H * W * C : nullptr;
+      const int64_t ahead_bytes = std::min<int64_t>(H * W * C * sizeof(scalar_t), int64_t{256} << 10);
+      if (trees) {
+        simd::tree_means(dst, p.tree_ops.data(), num_ops, p.tree_outs.data(),
+                         static_cast<int64_t>(p.tree_outs.size()), cells, SH * SW, vec_stride, c0, cn, tree_scratch,
+                         ahead, ahead_bytes);
+        return;
+      }
       if (!bin_outs.empty()) {
-        // At most the sample's first 256 KB: more would evict the lines
-        // prefetched first (and this sample's cells) from a 1 MB L2.
-        const scalar_t* ahead = next >= 0 ? x + next * H * W * C : nullptr;
-        const int64_t ahead_bytes = std::min<int64_t>(H * W * C * sizeof(scalar_t), int64_t{256} << 10);
         simd::bin_means(dst, bin_outs.data(), static_cast<int64_t>(bin_outs.size()), cells, SH, SW, C, c0, cn, sum,
                         ahead, ahead_bytes);
         return;
@@ -623,17 +747,20 @@ void avg_forward_channels_last(const scalar_t* x, scalar_t* out,
       // Uninitialized but `run` (reduce_rows writes before it reads).
       auto cells = scratch_buffer<acc_t>(cells_per_sample);
       auto sum = scratch_buffer<double>(std::max(C, scratch_size));
+      auto tree_scratch = scratch_buffer<float>(tree_scratch_size);
       auto seg_sums = scratch_buffer<double>(SW * C);
       auto state = scratch_buffer<int64_t>(2 * SW);
       std::vector<acc_t> run(static_cast<size_t>(SW * C));
+      zero_padding(cells.get());
       for (int64_t n = begin; n < end; ++n) {
         for (int64_t a = 0; a < SH; ++a) reduce_rows(n, a, cells.get(), run.data(), seg_sums.get(), state.get());
-        cells_to_bins(n, 0, C, cells.get(), sum.get(), n + 1 < end ? n + 1 : -1);
+        cells_to_bins(n, 0, C, cells.get(), sum.get(), tree_scratch.get(), n + 1 < end ? n + 1 : -1);
       }
     });
     return;
   }
   auto cells = scratch_buffer<acc_t>(N * cells_per_sample);
+  for (int64_t n = 0; n < N; ++n) zero_padding(cells.get() + n * cells_per_sample);
   at::parallel_for(0, N * SH, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> run(static_cast<size_t>(SW * C));
     auto seg_sums = scratch_buffer<double>(SW * C);
@@ -647,9 +774,11 @@ void avg_forward_channels_last(const scalar_t* x, scalar_t* out,
   const int64_t chunks = (C + chunk - 1) / chunk;
   at::parallel_for(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
     auto sum = scratch_buffer<double>(std::max(chunk, scratch_size));
+    auto tree_scratch = scratch_buffer<float>(tree_scratch_size);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / chunks, c0 = (task % chunks) * chunk;
-      cells_to_bins(n, c0, std::min(chunk, C - c0), cells.get() + n * cells_per_sample, sum.get(), -1);
+      cells_to_bins(n, c0, std::min(chunk, C - c0), cells.get() + n * cells_per_sample, sum.get(), tree_scratch.get(),
+                    -1);
     }
   });
 }

@@ -58,9 +58,11 @@ struct Loops {
   decltype(&isa_baseline::add_row_sum) add_row_sum;
   decltype(&isa_baseline::set_row_sum) set_row_sum;
   decltype(&isa_baseline::add_row_sum_f64) add_row_sum_f64;
+  decltype(&isa_baseline::cell_sum) cell_sum;
   decltype(&isa_baseline::add_run_f64) add_run_f64;
   decltype(&isa_baseline::rect_means) rect_means;
   decltype(&isa_baseline::bin_means) bin_means;
+  decltype(&isa_baseline::tree_means) tree_means;
   decltype(&isa_baseline::max_rows) max_rows;
   decltype(&isa_baseline::blend) blend;
   decltype(&isa_baseline::axpy) axpy;
@@ -82,8 +84,8 @@ struct Loops {
 
 #define PE_LOOPS(ns)                                                                                   \
   Loops {                                                                                              \
-    ns::sum_rows, ns::add_row_sum, ns::set_row_sum, ns::add_row_sum_f64, ns::add_run_f64, ns::rect_means, ns::bin_means,  \
-        ns::max_rows,                                                                             \
+    ns::sum_rows, ns::add_row_sum, ns::set_row_sum, ns::add_row_sum_f64, ns::cell_sum, ns::add_run_f64, ns::rect_means, ns::bin_means,  \
+        ns::tree_means, ns::max_rows,                                                                          \
         ns::blend, ns::axpy, ns::shift_add_planes, ns::shift_add_pixels, ns::axpy_pixels, ns::resize_row, ns::resize_rows, ns::bilinear,   \
         ns::resize_planes,                                                                          \
         ns::concat_pixels, ns::max_pixels, ns::max_rect, ns::max_cell_keys, ns::max_rect_keys,       \
@@ -151,6 +153,10 @@ void add_row_sum(float* acc, const float* src, int64_t rows, int64_t stride, int
 void set_row_sum(float* run, const float* src, int64_t rows, int64_t stride, int64_t n) {
   loops().set_row_sum(run, src, rows, stride, n);
 }
+void cell_sum(float* cell, int64_t vec_stride, const float* src, int64_t rows, int64_t row_stride, int64_t w,
+              int64_t pixel_stride, int64_t n) {
+  loops().cell_sum(cell, vec_stride, src, rows, row_stride, w, pixel_stride, n);
+}
 void add_row_sum_f64(double* acc, float* run, const float* src, int64_t rows, int64_t stride, int64_t n,
                      bool first) {
   loops().add_row_sum_f64(acc, run, src, rows, stride, n, first);
@@ -165,6 +171,12 @@ void rect_means(float* dst, int64_t dst_stride, const float* cells, int64_t row_
 void bin_means(float* dst, const BinOut* bins, int64_t num_bins, const float* cells, int64_t SH, int64_t SW,
                int64_t C, int64_t c0, int64_t n, double* scratch, const void* prefetch, int64_t prefetch_bytes) {
   loops().bin_means(dst, bins, num_bins, cells, SH, SW, C, c0, n, scratch, prefetch, prefetch_bytes);
+}
+void tree_means(float* dst, const int32_t* ops, int64_t num_ops, const TreeOut* outs, int64_t num_outs,
+                const float* cells, int64_t num_cells, int64_t vec_stride, int64_t c0, int64_t n, float* sums,
+                const void* prefetch, int64_t prefetch_bytes) {
+  loops().tree_means(dst, ops, num_ops, outs, num_outs, cells, num_cells, vec_stride, c0, n, sums, prefetch,
+                     prefetch_bytes);
 }
 void max_rows(float* m, int32_t* r, const float* src, int64_t rows, int64_t stride, int64_t n, int32_t h0) {
   loops().max_rows(m, r, src, rows, stride, n, h0);

@@ -36,7 +36,12 @@ Isa active_isa();
 //                  <= (11 * 2^-24 + 2^-22 + 2^-24) mean(|x|) < 9.6e-7 mean(|x|)
 // (second-order terms below 1e-12): 1e-6 relative to the mean for
 // non-negative data, to the mean of |x| for mixed signs. Plain float
-// accumulation over a long window drifts by up to n u32 instead.
+// accumulation over a long window drifts by up to n u32 instead. Small
+// channels_last maps may sum their bins in float instead (tree_means):
+// balanced trees of float additions over the cells, kept only where every
+// element passes at most kRunLength - 1 float roundings in all (its cell's
+// and the tree's); the mean is then the correctly rounded quotient, so
+//   |mean - exact| <= ((kRunLength - 1) u32 + u32) mean(|x|) < 7.2e-7 mean(|x|).
 constexpr int64_t kRunLength = 12;
 
 // Float additions an element of a w-pixel row sum (add_row_sum) passes.
@@ -55,6 +60,15 @@ void add_row_sum(float* run, const float* src, int64_t rows, int64_t stride, int
 void set_row_sum(float* run, const float* src, int64_t rows, int64_t stride, int64_t n);
 // The same, then the run ends: acc[i] += (double)run[i] (acc[i] = when
 // `first`) and run[i] = 0.
+// The sum of a block of `rows` rows of w pixels (pixel p of row r at src +
+// r * row_stride + p * pixel_stride), channel i < n, to cell[i / 16 *
+// vec_stride + i % 16] (vec_stride 16: contiguous): each row's pixels summed
+// as add_row_sum sums them, the row sums added top to bottom (set_row_sum's
+// first row, then add_row_sum's: the same bits), the sums in registers, 64
+// channels at a time (a run through memory cost a load and a store per row,
+// and a call per row).
+void cell_sum(float* cell, int64_t vec_stride, const float* src, int64_t rows, int64_t row_stride, int64_t w,
+              int64_t pixel_stride, int64_t n);
 void add_row_sum_f64(double* acc, float* run, const float* src, int64_t rows, int64_t stride, int64_t n,
                      bool first);
 // acc[i] += (double)(src[i] + src[stride + i] + ...) for i < n: the `rows`
@@ -88,6 +102,32 @@ struct BinOut {
 void bin_means(float* dst, const BinOut* bins, int64_t num_bins, const float* cells, int64_t SH, int64_t SW,
                int64_t C, int64_t c0, int64_t n, double* scratch, const void* prefetch = nullptr,
                int64_t prefetch_bytes = 0);
+// Float channels_last average pooling of a small map: every bin's sum as a
+// balanced tree of float additions over its cells, a subtree shared by
+// several bins summed once (the plan builds the trees, multi_pool2d.cpp).
+// Nodes [0, num_cells) are the cells (a * SW + b); node num_cells + j is
+// node ops[2j] + node ops[2j + 1]. Bin `out` of channel c: its node's sum s,
+// mean (float)((double)s * inv_area), written to dst[offset + c * stride].
+// That product, rounded to float, is the correctly rounded s / area (what
+// a float division gives): with area < 2^27 the double product is closer to
+// s / area than s / area is to any float rounding boundary, but for a mean
+// that lies exactly halfway between two subnormal floats, which it may
+// round either way (one rounding all the same). kTreeChannels channels per
+// pass: cell q's channels [c, c + 16) at cells + c / 16 * vec_stride + q *
+// 16 (c0 a multiple of 16; lanes past the last channel zero), a pass's
+// cells and sums in `sums` ((num_cells + num_ops) * 16 floats, in L1 for a
+// pyramid's few segments). The
+// bytes [prefetch, prefetch + prefetch_bytes) (the next sample's input) are
+// prefetched into L2 meanwhile, a line every few sums.
+struct TreeOut {
+  int64_t node;
+  double inv_area;
+  int64_t offset, stride;
+};
+constexpr int64_t kTreeChannels = 16;
+void tree_means(float* dst, const int32_t* ops, int64_t num_ops, const TreeOut* outs, int64_t num_outs,
+                const float* cells, int64_t num_cells, int64_t vec_stride, int64_t c0, int64_t n, float* sums,
+                const void* prefetch = nullptr, int64_t prefetch_bytes = 0);
 // Column-wise running max over rows, ATen's rule (larger, or NaN): m/r hold
 // the current maximum and its row; rows h0 + 1 .. h0 + rows - 1 are scanned
 // after m is seeded with row h0.

@@ -29,13 +29,17 @@ enum Switch : int {
   // combined from cells, 2 bins built from cells always scanned from their
   // windows' pixels instead.
   kChannelsLastMaxDirect,
+  // 1: float channels_last average pooling sums its bins in double
+  // (simd::bin_means / rect_means) even where the plan has float sum trees
+  // (simd::tree_means).
+  kNoSumTrees,
   kNumSwitches
 };
 
 int64_t get(Switch s);
 // Sets a switch by its name ("simd_isa", "no_block_kernel",
 // "channels_last_avg_tasks", "channels_last_max_tasks",
-// "channels_last_max_direct"); throws
+// "channels_last_max_direct", "no_sum_trees"); throws
 // std::invalid_argument for an unknown name or a value this CPU cannot run.
 void set(const std::string& name, int64_t value);
 // "name=value" for every switch, comma separated.
