@@ -158,9 +158,10 @@ void build_sum_trees(PoolPlan& p) {
   std::vector<int32_t> id_of(static_cast<size_t>(num_cells + num_ops));
   for (int64_t q = 0; q < num_cells; ++q) id_of[q] = static_cast<int32_t>(q);
   for (int64_t k = 0; k < num_ops; ++k) id_of[num_cells + order[k]] = static_cast<int32_t>(num_cells + k);
+  constexpr int32_t kNodeBytes = simd::kTreeChannels * sizeof(float);  // tree_ops: byte offsets in a pass
   for (int64_t k = 0; k < num_ops; ++k) {
-    p.tree_ops.push_back(id_of[ops[2 * order[k]]]);
-    p.tree_ops.push_back(id_of[ops[2 * order[k] + 1]]);
+    p.tree_ops.push_back(id_of[ops[2 * order[k]]] * kNodeBytes);
+    p.tree_ops.push_back(id_of[ops[2 * order[k] + 1]] * kNodeBytes);
   }
   for (simd::TreeOut& o : outs) o.node = id_of[o.node];
   p.tree_outs = std::move(outs);

@@ -106,7 +106,8 @@ void bin_means(float* dst, const BinOut* bins, int64_t num_bins, const float* ce
 // balanced tree of float additions over its cells, a subtree shared by
 // several bins summed once (the plan builds the trees, multi_pool2d.cpp).
 // Nodes [0, num_cells) are the cells (a * SW + b); node num_cells + j is
-// node ops[2j] + node ops[2j + 1]. Bin `out` of channel c: its node's sum s,
+// the sum of the nodes at byte offsets ops[2j] and ops[2j + 1] (node id *
+// kTreeChannels * 4) of a pass's nodes. Bin `out` of channel c: its node's sum s,
 // mean (float)((double)s * inv_area), written to dst[offset + c * stride].
 // That product, rounded to float, is the correctly rounded s / area (what
 // a float division gives): with area < 2^27 the double product is closer to
