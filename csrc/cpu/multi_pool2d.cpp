@@ -48,19 +48,14 @@ struct BinRect {
   int64_t c_stride;    // packed index step per channel
 };
 
+struct SumTrees;
+
 // The window plan of one call (pool_plan.h: segment tables per axis and, per
 // level, its bin counts, first windows and offset in a sample), with every
 // bin's cell rectangle, in packed order, and the level layout.
 struct PoolPlan : WindowPlan {
   std::vector<BinRect> rects;  // every bin, in packed order
   bool channels_last_levels = false;
-  // channels_last average pooling: whether cell (a, b) (at a * SW + b) is
-  // one float run (avg_forward_channels_last), and, for float, the bins as
-  // trees of float additions (simd::tree_means; empty where some element
-  // would pass more than simd::kRunLength - 1 float roundings).
-  std::vector<char> one_run_cells;
-  std::vector<int32_t> tree_ops;
-  std::vector<simd::TreeOut> tree_outs;
 
   int64_t out_index(int64_t l, int64_t c, int64_t i, int64_t j) const {
     return packed_index(offset[l], channels, bh[l], bw[l], c, i, j,
@@ -78,10 +73,25 @@ struct PoolPlan : WindowPlan {
   // The float max kernels' bins (max_pool.h), built by the first call that
   // needs them.
   const max_pool::Bins& max_bins() const;
+  // channels_last average pooling's tables (SumTrees, below), built by the
+  // first call that needs them (not for max or NCHW calls).
+  const SumTrees& sum_trees() const;
 
  private:
   mutable std::once_flag max_bins_once_;
   mutable std::shared_ptr<const max_pool::Bins> max_bins_;
+  mutable std::once_flag sum_trees_once_;
+  mutable std::shared_ptr<const SumTrees> sum_trees_;
+};
+
+// channels_last average pooling: whether cell (a, b) (at a * SW + b) is one
+// float run (avg_forward_channels_last), and, for float, the bins as trees
+// of float additions (simd::tree_means; empty where some element would pass
+// more than simd::kRunLength - 1 float roundings).
+struct SumTrees {
+  std::vector<char> one_run_cells;
+  std::vector<int32_t> ops;
+  std::vector<simd::TreeOut> outs;
 };
 
 // Nodes of simd::tree_means (cells and sums) at most: their 16-channel
@@ -100,19 +110,20 @@ int64_t one_run_depth(int64_t h, int64_t w) { return simd::row_sum_depth(w) + h 
 // trees are kept when every bin's elements pass at most kRunLength - 1
 // float roundings in all (simd_loops.h: the error bound), cells that are
 // not one run counting as that many already.
-void build_sum_trees(PoolPlan& p) {
+SumTrees build_sum_trees(const PoolPlan& p) {
+  SumTrees t;
   constexpr int64_t kWide = simd::kRunLength - 1;
   const int64_t SH = p.h.num_segments(), SW = p.w.num_segments(), num_cells = SH * SW;
-  p.one_run_cells.assign(static_cast<size_t>(num_cells), 0);
+  t.one_run_cells.assign(static_cast<size_t>(num_cells), 0);
   std::vector<int64_t> depth(static_cast<size_t>(num_cells));
   for (int64_t a = 0; a < SH; ++a)
     for (int64_t b = 0; b < SW; ++b) {
       const int64_t h = p.h.cuts[a + 1] - p.h.cuts[a], w = p.w.cuts[b + 1] - p.w.cuts[b];
       const bool one_run = w <= kWide && h <= kWide - simd::row_sum_depth(w);
-      p.one_run_cells[a * SW + b] = one_run;
+      t.one_run_cells[a * SW + b] = one_run;
       depth[a * SW + b] = one_run ? one_run_depth(h, w) : kWide;
     }
-  if (num_cells > kTreeMaxNodes) return;
+  if (num_cells > kTreeMaxNodes) return t;
   std::map<std::array<int64_t, 4>, int32_t> built;
   std::vector<int32_t> ops;
   bool fits = true;
@@ -140,7 +151,7 @@ void build_sum_trees(PoolPlan& p) {
   std::vector<simd::TreeOut> outs;
   for (const BinRect& r : p.rects) {
     const int32_t id = node(r.a0, r.a1, r.b0, r.b1);
-    if (!fits || static_cast<int64_t>(depth.size()) > kTreeMaxNodes || r.area >= (int64_t{1} << 27)) return;
+    if (!fits || static_cast<int64_t>(depth.size()) > kTreeMaxNodes || r.area >= (int64_t{1} << 27)) return t;
     const double area = static_cast<double>(r.area);
     outs.push_back({id, 1.0 / area, r.out_offset, r.c_stride});
   }
@@ -160,11 +171,18 @@ void build_sum_trees(PoolPlan& p) {
   for (int64_t k = 0; k < num_ops; ++k) id_of[num_cells + order[k]] = static_cast<int32_t>(num_cells + k);
   constexpr int32_t kNodeBytes = simd::kTreeChannels * sizeof(float);  // tree_ops: byte offsets in a pass
   for (int64_t k = 0; k < num_ops; ++k) {
-    p.tree_ops.push_back(id_of[ops[2 * order[k]]] * kNodeBytes);
-    p.tree_ops.push_back(id_of[ops[2 * order[k] + 1]] * kNodeBytes);
+    t.ops.push_back(id_of[ops[2 * order[k]]] * kNodeBytes);
+    t.ops.push_back(id_of[ops[2 * order[k] + 1]] * kNodeBytes);
   }
   for (simd::TreeOut& o : outs) o.node = id_of[o.node];
-  p.tree_outs = std::move(outs);
+  t.outs = std::move(outs);
+  return t;
+}
+
+const SumTrees& PoolPlan::sum_trees() const {
+  std::call_once(sum_trees_once_,
+                 [this] { sum_trees_ = std::make_shared<const SumTrees>(build_sum_trees(*this)); });
+  return *sum_trees_;
 }
 
 std::shared_ptr<const PoolPlan> make_plan(WindowPlan windows, bool channels_last_levels) {
@@ -178,7 +196,6 @@ std::shared_ptr<const PoolPlan> make_plan(WindowPlan windows, bool channels_last
         p.rects.push_back({l, i, j, p.a0(l, i), p.a1(l, i), p.b0(l, j),
                            p.b1(l, j), p.area(l, i, j), p.out_index(l, 0, i, j),
                            p.out_index(l, 1, i, j) - p.out_index(l, 0, i, j)});
-  build_sum_trees(p);
   return plan;
 }
 
@@ -582,9 +599,10 @@ void avg_forward_channels_last(const scalar_t* x, scalar_t* out,
   // the cells 16 channels at a time: cell q's channel c at (c / 16) *
   // vec_stride + q * 16 + c % 16 (a pass's cells contiguous, in L1), the
   // last partial 16 zero-padded. Otherwise cell q's channels at q * C.
-  const bool trees = std::is_same_v<scalar_t, float> && !p.tree_outs.empty() &&
+  const SumTrees& st = p.sum_trees();
+  const bool trees = std::is_same_v<scalar_t, float> && !st.outs.empty() &&
                      !test_overrides::get(test_overrides::kNoSumTrees);
-  const int64_t num_ops = static_cast<int64_t>(p.tree_ops.size()) / 2;
+  const int64_t num_ops = static_cast<int64_t>(st.ops.size()) / 2;
   constexpr int64_t kTW = simd::kTreeChannels;
   const int64_t cell_step = trees ? kTW : C, vec_stride = trees ? SH * SW * kTW : kTW;
   const int64_t CS = trees ? (C + kTW - 1) / kTW * kTW : C;  // channels a cell takes
@@ -618,7 +636,7 @@ void avg_forward_channels_last(const scalar_t* x, scalar_t* out,
     acc_t* row_cells = cells + a * SW * cell_step;
     int64_t* rows_in_run = state;
     int64_t* started = state + SW;  // the cell's sums hold a run
-    const char* one_run = p.one_run_cells.data() + a * SW;  // the whole cell is one run
+    const char* one_run = st.one_run_cells.data() + a * SW;  // the whole cell is one run
     std::fill(state, state + 2 * SW, int64_t{0});
     if constexpr (std::is_same_v<scalar_t, float>) {
       for (int64_t b = 0; b < SW; ++b) {
@@ -721,9 +739,8 @@ void avg_forward_channels_last(const scalar_t* x, scalar_t* out,
       const scalar_t* ahead = next >= 0 ? x + next * H * W * C : nullptr;
       const int64_t ahead_bytes = std::min<int64_t>(H * W * C * sizeof(scalar_t), int64_t{256} << 10);
       if (trees) {
-        simd::tree_means(dst, p.tree_ops.data(), num_ops, p.tree_outs.data(),
-                         static_cast<int64_t>(p.tree_outs.size()), cells, SH * SW, vec_stride, c0, cn, tree_scratch,
-                         ahead, ahead_bytes);
+        simd::tree_means(dst, st.ops.data(), num_ops, st.outs.data(), static_cast<int64_t>(st.outs.size()), cells,
+                         SH * SW, vec_stride, c0, cn, tree_scratch, ahead, ahead_bytes);
         return;
       }
       if (!bin_outs.empty()) {
