@@ -6,6 +6,7 @@ PYRAMID_EXT_WERROR=1 turns warnings in the project's own sources into errors.
 """
 import glob
 import os
+import sys
 
 from setuptools import find_packages, setup
 
@@ -22,6 +23,29 @@ def want_cuda():
     if torch.version.cuda is None or CUDA_HOME is None:
         return False
     return os.environ.get("FORCE_CUDA", "0") == "1" or torch.cuda.is_available()
+
+
+def torch_libstdcxx():
+    """[path] of the libstdc++ that torch runs with (Linux), to link the extension against it.
+
+    A toolchain that links libstdc++ statically (its specs say -static-libstdc++, or only
+    libstdc++.a is beside it, as with the GPU machine image's GCC 13 in /opt/gcc) otherwise puts a
+    second copy of libstdc++ into the extension, whose locale state is never set up: the numbers in
+    an op's error message then format to nothing (the message ends at its first number; seen here
+    with -static-libstdc++) or crash (a segfault in std::ostream::_M_insert<long>, on that image).
+    Named first on the link line, the shared library resolves every libstdc++ symbol, so nothing
+    is copied in; where the toolchain links it dynamically anyway this changes nothing."""
+    if not sys.platform.startswith("linux"):
+        return []
+    try:
+        with open("/proc/self/maps") as maps:  # torch, imported above, has loaded it
+            for line in maps:
+                path = line.split(maxsplit=5)[-1].strip()
+                if os.path.basename(path).startswith("libstdc++.so") and os.path.isfile(path):
+                    return [path]
+    except OSError:
+        pass
+    return []
 
 
 def extensions():
@@ -42,7 +66,7 @@ def extensions():
         # (custom_function.h) into autograd.cpp, seen on the GPU machine's image.
         cxx += ["-Werror", "-Wno-error=array-bounds"]
     define_macros = [("PYRAMID_EXT_VERSION", f'"{VERSION}"')]
-    extra_link_args = ["-fopenmp"]
+    extra_link_args = torch_libstdcxx() + ["-fopenmp"]
     extra_compile_args = {"cxx": cxx}
     ext_cls = CppExtension
     if with_cuda:

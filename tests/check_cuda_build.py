@@ -25,10 +25,14 @@ missing += [op + " (CPU)" for op in OPS if not torch._C._dispatch_has_kernel_for
 if missing:
     sys.exit(f"ops without a kernel: {missing}")
 
-# An op's error message must reach Python. On the GPU machine's image (torch
-# 2.11, GCC 13; 2026-12-04) formatting one segfaulted in code cuda-gdb placed
-# inside _C.so (named std::ostream::_M_insert<long>: libstdc++ code linked into
-# it, apparently). A child process, so a crash is reported rather than fatal.
+# An op's error message must reach Python, numbers and all. On the GPU machine's
+# image (torch 2.11, GCC 13 in /opt/gcc; 2026-12-04) the extension came out
+# with libstdc++ linked statically (not among its NEEDED libraries; its own
+# std::ostream::_M_insert<long>), and formatting a number in a message
+# segfaulted. setup.py now links the shared libstdc++ torch loaded
+# (torch_libstdcxx); the same toolchain fault reproduced here with
+# -static-libstdc++ cuts the message at its first number instead. A child
+# process, so a crash is reported rather than fatal.
 so = pe._C.__file__
 if shutil.which("nm"):
     defined = [line for line in subprocess.run(["nm", "-DC", "--defined-only", so], capture_output=True,
@@ -39,6 +43,9 @@ if shutil.which("readelf"):
                                                                         text=True).stdout.splitlines()
               if "NEEDED" in line]
     print("NEEDED:", " ".join(needed))
+    if sys.platform.startswith("linux") and not any(n.startswith("libstdc++.so") for n in needed):
+        sys.exit(f"{so} does not import libstdc++.so: the toolchain linked a private copy of libstdc++ into it "
+                 "(setup.py's torch_libstdcxx should have prevented this)")
 child = subprocess.run([sys.executable, "-c", (
     "import torch, pyramid_ext\n"
     "try:\n"

@@ -1,4 +1,11 @@
 """Custom-op citizenship: opcheck, fake kernels, torch.compile, autocast."""
+import ast
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -159,6 +166,56 @@ def test_build_info():
     for op in ("multi_pool2d", "multi_pool2d_backward", "upsample_concat", "upsample_concat_out",
                "upsample_concat_backward"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"pyramid_ext::{op}", "CPU")
+
+
+def _needed(path: str):
+    out = subprocess.run(["readelf", "-d", path], capture_output=True, text=True, check=True).stdout
+    return [line.split("[")[-1].rstrip("]") for line in out.splitlines() if "(NEEDED)" in line]
+
+
+_LINUX_BINUTILS = pytest.mark.skipif(not sys.platform.startswith("linux") or not shutil.which("readelf")
+                                     or not shutil.which("g++"), reason="needs Linux, g++ and readelf")
+
+
+@_LINUX_BINUTILS
+def test_extension_links_torchs_libstdcxx():
+    """_C.so uses the shared libstdc++ that torch loaded (setup.py's torch_libstdcxx), and an
+    error message's numbers reach Python."""
+    assert "libstdc++.so.6" in _needed(pe._C.__file__)
+    with pytest.raises(RuntimeError, match=r"window \[0, 9\) along H is empty or outside \[0, 8\)"):
+        ops.multi_pool2d(torch.zeros(1, 1, 8, 8), [0, 9], [0, 8], [1, 1], 0, False)
+
+
+@_LINUX_BINUTILS
+def test_setup_links_libstdcxx_dynamically_under_a_static_toolchain(tmp_path):
+    """The defect torch_libstdcxx prevents, reproduced on a small library: linked with
+    -static-libstdc++ (as the GPU machine image's GCC 13 links), a shared object formats a number
+    through its own, never-initialised copy of libstdc++'s locale and gets nothing; with the path
+    torch_libstdcxx gives named first, it imports libstdc++ and formats it."""
+    import ctypes
+
+    tree = ast.parse((pathlib.Path(__file__).parents[1] / "setup.py").read_text())
+    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "torch_libstdcxx")
+    scope = {"os": os, "sys": sys}
+    exec(compile(ast.Module([fn], type_ignores=[]), "setup.py", "exec"), scope)
+    libstdcxx = scope["torch_libstdcxx"]()
+    assert len(libstdcxx) == 1 and os.path.basename(libstdcxx[0]).startswith("libstdc++.so")
+    src = tmp_path / "fmt.cpp"
+    src.write_text('#include <sstream>\n#include <string>\n'
+                   'extern "C" int fmt(long v, char* buf) { std::ostringstream s; s << "v=" << v;'
+                   ' std::string r = s.str(); r.copy(buf, r.size()); buf[r.size()] = 0; return (int)r.size(); }\n')
+    results = {}
+    for name, extra in (("static", []), ("shared", libstdcxx)):
+        lib = tmp_path / f"{name}.so"
+        subprocess.run(["g++", "-O2", "-fPIC", "-shared", str(src), *extra, "-o", str(lib), "-static-libstdc++"],
+                       check=True)
+        buf = ctypes.create_string_buffer(64)
+        ctypes.CDLL(str(lib)).fmt(ctypes.c_long(42), buf)
+        results[name] = ("libstdc++.so.6" in _needed(str(lib)), buf.value.decode())
+    assert results["shared"] == (True, "v=42")
+    # The copy inside the static one: nothing imported, and the number lost (or, on other
+    # toolchains, a crash: then this test fails loudly instead, as the defect would).
+    assert results["static"][0] is False and results["static"][1] != "v=42"
 
 
 # --------------------------------------------------------------------------
