@@ -146,7 +146,7 @@ cuda-check: cuda-venv
 	  $(abspath $(PY_CUDA)) setup.py -q build_ext --inplace
 	cd $(CUDA_TREE) && PYTHONPATH=. $(abspath $(PY_CUDA)) tests/check_cuda_build.py
 
-CUDA_ENV_TESTS := tests/test_triton.py tests/test_double_backward.py tests/test_convert.py tests/test_nn.py \
+CUDA_ENV_TESTS := tests/test_triton.py tests/test_triton_compile.py tests/test_double_backward.py tests/test_convert.py tests/test_nn.py \
   tests/test_cuda.py tests/test_bad_input.py tests/test_distributed.py tests/test_long_run.py \
   tests/test_library.py tests/test_plan.py tests/test_train_step.py
 CUDA_ENV_EXPORT_TESTS := tests/test_export.py
@@ -191,7 +191,7 @@ compat-check: venv
 GPU_RESULTS ?= build/gpu-check-results.txt
 GPU_BENCH_OPS ?= avg.fwd.nchw,avg.fwdbwd.nchw,uc.fresh.nchw,uc.fwdbwd.nchw
 GPU_BENCH_SHAPES ?= 1x2048x64x64,4x512x60x60,8x512x32x32,16x2048x64x64
-GPU_BENCH_ROUNDS ?= 20
+GPU_BENCH_ROUNDS ?= 10
 GPU_MAX_JOBS ?= 8
 # GPU_PY: an interpreter that already has a CUDA torch (a GPU machine's image
 # with no package index: `make gpu-check GPU_PY=python3`); no venv is made.

@@ -107,12 +107,16 @@ def _resize_into_kernel(
         v = tl.load(src + (oh * ssh + ow * ssw)[None, :], mask=m, other=0.0)
         tl.store(dst, v, mask=m)
     else:
-        IH64 = IH.to(tl.int64)
-        IW64 = IW.to(tl.int64)
-        scale_h = _bilinear_scale(IH64, OH, ALIGN, ACC, ACC_FP64)
-        scale_w = _bilinear_scale(IW64, OW, ALIGN, ACC, ACC_FP64)
-        h0, h1, wh0, wh1 = _bilinear_tap(oh, IH64, OH, scale_h, ALIGN, ACC)
-        x0, x1, ww0, ww1 = _bilinear_tap(ow, IW64, OW, scale_w, ALIGN, ACC)
+        # tl.cast, not .to: the compiler passes a size equal to 1 as a plain int
+        # (its specialisation of 1), which has no .to (tests/triton_compile_sm90.py).
+        IH64 = tl.cast(IH, tl.int64)
+        IW64 = tl.cast(IW, tl.int64)
+        OH64 = tl.cast(OH, tl.int64)
+        OW64 = tl.cast(OW, tl.int64)
+        scale_h = _bilinear_scale(IH64, OH64, ALIGN, ACC, ACC_FP64)
+        scale_w = _bilinear_scale(IW64, OW64, ALIGN, ACC, ACC_FP64)
+        h0, h1, wh0, wh1 = _bilinear_tap(oh, IH64, OH64, scale_h, ALIGN, ACC)
+        x0, x1, ww0, ww1 = _bilinear_tap(ow, IW64, OW64, scale_w, ALIGN, ACC)
         v00 = tl.load(src + (h0 * ssh + x0 * ssw)[None, :], mask=m, other=0.0).to(ACC)
         v01 = tl.load(src + (h0 * ssh + x1 * ssw)[None, :], mask=m, other=0.0).to(ACC)
         v10 = tl.load(src + (h1 * ssh + x0 * ssw)[None, :], mask=m, other=0.0).to(ACC)
@@ -141,10 +145,10 @@ def _resize_backward_kernel(
     rest = rest // IH
     cb = rest % num_cblocks
     n = rest // num_cblocks
-    IH64 = IH.to(tl.int64)
-    IW64 = IW.to(tl.int64)
-    OH64 = OH.to(tl.int64)
-    OW64 = OW.to(tl.int64)
+    IH64 = tl.cast(IH, tl.int64)
+    IW64 = tl.cast(IW, tl.int64)
+    OH64 = tl.cast(OH, tl.int64)
+    OW64 = tl.cast(OW, tl.int64)
     scale_h = _bilinear_scale(IH64, OH64, ALIGN, ACC, ACC_FP64)
     scale_w = _bilinear_scale(IW64, OW64, ALIGN, ACC, ACC_FP64)
 

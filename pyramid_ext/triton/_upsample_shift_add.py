@@ -64,10 +64,10 @@ def _shift_add_kernel(
     else:
         acc = tl.load(part_ptr + o_at, mask=m, other=0.0).to(ACC)
 
-    IH64 = IH.to(tl.int64)
-    IW64 = IW.to(tl.int64)
-    OH64 = OH.to(tl.int64)
-    OW64 = OW.to(tl.int64)
+    IH64 = tl.cast(IH, tl.int64)
+    IW64 = tl.cast(IW, tl.int64)
+    OH64 = tl.cast(OH, tl.int64)
+    OW64 = tl.cast(OW, tl.int64)
     scale_h = _bilinear_scale(IH64, OH64, ALIGN, ACC, ACC_FP64)
     scale_w = _bilinear_scale(IW64, OW64, ALIGN, ACC, ACC_FP64)
     pad = K // 2
@@ -123,10 +123,10 @@ def _shift_add_backward_kernel(
     rest = rest // IH
     cb = rest % num_cblocks
     n = rest // num_cblocks
-    IH64 = IH.to(tl.int64)
-    IW64 = IW.to(tl.int64)
-    OH64 = OH.to(tl.int64)
-    OW64 = OW.to(tl.int64)
+    IH64 = tl.cast(IH, tl.int64)
+    IW64 = tl.cast(IW, tl.int64)
+    OH64 = tl.cast(OH, tl.int64)
+    OW64 = tl.cast(OW, tl.int64)
     scale_h = _bilinear_scale(IH64, OH64, ALIGN, ACC, ACC_FP64)
     scale_w = _bilinear_scale(IW64, OW64, ALIGN, ACC, ACC_FP64)
 
