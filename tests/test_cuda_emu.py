@@ -310,14 +310,17 @@ def test_pool_backward_addend(bins, dtype, kind, mode):
 @pytest.mark.parametrize("kind", LAYOUTS)
 @pytest.mark.parametrize("mode", [0, 1])
 def test_plan_at_its_limits(kind, mode):
-    planned = {"pool_fwd_nchw_kernel", "pool_bwd_nchw_kernel"} if kind == "nchw" else {
+    planned = {"pool_fwd_rows_kernel", "pool_bwd_nchw_kernel"} if kind == "nchw" else {
         "pool_fwd_cl_kernel", "pool_bwd_cl_kernel"}
     # 32 levels (the plan's maximum) of 8x8 bins: 256 windows per axis (the
     # maximum), 8 segments. The plan travels by value: at 2.4 KB the largest
     # kernel argument (the emulator checks every launch against CUDA's 4 KB)
     x = _rand((1, 3, 16, 24), torch.float32, seed=6)
     assert _kernels_run(_pool_case, x, (8,) * 32, mode, kind) == planned
-    # 64 segments per axis (the maximum) with a second level
+    # 64 segments per axis (the maximum) with a second level; max's parts (48 KB)
+    # leave no room for the row kernel's scratch: the per-cell kernel
+    if kind == "nchw" and mode == 1:
+        planned = {"pool_fwd_nchw_kernel", "pool_bwd_nchw_kernel"}
     assert _kernels_run(_pool_case, _rand((1, 2, 64, 64), torch.float32, seed=7), (1, 64), mode, kind) == planned
     # one level more than the plan holds: the direct kernels
     assert _kernels_run(_pool_case, x, (8,) * 33, mode, kind) == {"pool_fwd_direct_kernel", "pool_bwd_direct_kernel"}
@@ -334,7 +337,25 @@ def test_small_shared_memory_changes_the_plan():
     assert _kernels_run(_pool_case, x, bins, 1, "channels_last") == {"pool_fwd_direct_kernel", "pool_bwd_cl_kernel"}
     assert _kernels_run(_pool_case, x, bins, 0, "channels_last") == {"pool_fwd_cl_kernel", "pool_bwd_cl_kernel"}
     configure("h100", seed=1)
-    assert _kernels_run(_pool_case, x, bins, 1, "nchw") == {"pool_fwd_nchw_kernel", "pool_bwd_nchw_kernel"}
+    assert _kernels_run(_pool_case, x, bins, 1, "nchw") == {"pool_fwd_rows_kernel", "pool_bwd_nchw_kernel"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=_id)
+@pytest.mark.parametrize("mode", [0, 1])
+def test_nchw_forward_row_kernel_by_width(mode, dtype):
+    """NCHW rows of up to 128 pixels go to the row kernel (1, 2 or 4 columns a
+    lane), wider ones to the per-cell kernel; both against the reference. (64,
+    64) with bins 1, 2, 3: 6 H-segments for 8 warps, so each is cut into 2
+    bands, and its 1-row segments get an empty one."""
+    configure("h100", seed=14)
+    cases = [((2, 3, 5, 1), (1, 2, 3)), ((1, 2, 9, 32), (1, 2, 3, 6)), ((1, 2, 9, 33), (1, 3)),
+             ((1, 2, 64, 64), (1, 2, 3)), ((1, 2, 7, 65), ((2, 5), 1)), ((1, 2, 6, 128), (1, 2, 3, 6)),
+             ((1, 2, 6, 129), (1, 2, 3, 6)), ((1, 1, 3, 300), (2, 7))]
+    for shape, bins in cases:
+        x = _rand(shape, dtype, seed=15)
+        want = "pool_fwd_rows_kernel" if shape[3] <= 128 else "pool_fwd_nchw_kernel"
+        ran = _kernels_run(_pool_case, x, bins, mode, "nchw")
+        assert want in ran and not ({"pool_fwd_rows_kernel", "pool_fwd_nchw_kernel"} - {want}) & ran, (shape, ran)
 
 
 @pytest.mark.parametrize("kind", LAYOUTS)
@@ -797,13 +818,20 @@ def _global_kernels():
 
 @pytest.mark.skipif(PLANTED_BUG != 0, reason="the planted-bug run checks results only")
 def test_planted_bug_is_caught(tmp_path):
-    """Builds the emulated kernels with a barrier removed (PE_EMU_PLANT_BUG=1)
-    and runs a slice of this suite on them in a subprocess: it must fail."""
+    """Builds the emulated kernels with a barrier removed (PE_EMU_PLANT_BUG=1:
+    between the cell parts and the bins of both NCHW forward kernels) and runs
+    a slice of this suite on them in a subprocess: it must fail. Whether a
+    warp reads a part before it is written depends on the fibers' order
+    between synchronisation points: in the row kernel the race went unseen at
+    (33, 47) under its seed, and the row-kernel cases of
+    test_nchw_forward_row_kernel_by_width catch it (NaN bins from unwritten
+    parts; its wider rows run the per-cell kernel)."""
     root = cuda_emu_build.ROOT
     env = dict(os.environ, PYRAMID_EXT_EMU_PLANT_BUG="1",
                PYRAMID_EXT_EMU_BUILD_DIR=cuda_emu_build.default_build_dir(1))
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-           os.path.join("tests", "test_cuda_emu.py"), "-k", "test_pool_forward_backward and 33-47 and float32"]
+           os.path.join("tests", "test_cuda_emu.py"), "-k",
+           "(test_pool_forward_backward and 33-47 and float32) or (test_nchw_forward_row_kernel_by_width and float32)"]
     r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=1500)
     out = r.stdout + r.stderr
     assert r.returncode == 1, out[-3000:]  # 1: tests failed (not a build or collection error)

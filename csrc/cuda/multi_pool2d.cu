@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "cuda/common.cuh"
@@ -167,6 +168,66 @@ __device__ __forceinline__ bool covers(const uint8_t (&ws)[2], int s) {
 // (the direct kernels skip the part rounding). Float accumulation drifted by
 // up to n * 2^-24 (8e-5 on a 46341^2 map).
 
+// pool_fwd_rows_kernel's shared scratch per warp: a row's column results
+// (double sums; or acc_t maxima and their int64 indices).
+template <typename acc_t, bool kMax>
+__host__ __device__ inline int64_t rows_scratch_bytes(int64_t W) {
+  return kMax ? align8(W * static_cast<int64_t>(sizeof(acc_t))) + W * static_cast<int64_t>(sizeof(int64_t))
+              : W * static_cast<int64_t>(sizeof(double));
+}
+
+// Columns per lane of pool_fwd_rows_kernel for rows of W pixels; 0: too wide
+// (the per-cell kernel takes them).
+inline int rows_kernel_cols(int64_t W) { return W <= kWarp ? 1 : W <= 2 * kWarp ? 2 : W <= 4 * kWarp ? 4 : 0; }
+
+// The bins of one (n, c) plane from its cell parts in shared memory (part
+// `p` of cell (sh, sw) at `(sh * nsw + sw) * splits + p`): the second phase of
+// the NCHW kernels; threads over each level's bins.
+template <typename scalar_t, typename acc_t, bool kMax>
+__device__ __forceinline__ void write_plane_bins(const PoolPlan& plan, const acc_t* part_val, const int64_t* part_idx,
+                                                 int splits, int64_t plane, int64_t C, int64_t T, bool cl_levels,
+                                                 scalar_t* __restrict__ values, int64_t* __restrict__ indices) {
+  const int nsw = plan.w.nseg;
+  const int64_t n = plane / C;
+  const int64_t c = plane % C;
+  for (int l = 0; l < plan.nlevels; ++l) {
+    const int bh = plan.bh[l];
+    const int bw = plan.bw[l];
+    const int64_t level_off = n * C * T + C * plan.boff[l];
+    for (int b = threadIdx.x; b < bh * bw; b += blockDim.x) {
+      const int i = b / bw;
+      const int j = b % bw;
+      const int hs = plan.h.win_seg[plan.hoff[l] + i][0];
+      const int he = plan.h.win_seg[plan.hoff[l] + i][1];
+      const int ws = plan.w.win_seg[plan.woff[l] + j][0];
+      const int we = plan.w.win_seg[plan.woff[l] + j][1];
+      double sum = 0.0;
+      acc_t best = neg_inf<acc_t>();
+      int64_t best_idx = kNoIndex;
+      for (int sh = hs; sh < he; ++sh) {
+        for (int sw = ws; sw < we; ++sw) {
+          const int base = (sh * nsw + sw) * splits;
+          for (int p = 0; p < splits; ++p) {
+            if constexpr (kMax) {
+              max_pool_combine(best, best_idx, part_val[base + p], part_idx[base + p]);
+            } else {
+              sum += part_val[base + p];
+            }
+          }
+        }
+      }
+      const int64_t o = packed_index(level_off, C, bh, bw, c, i, j, cl_levels);
+      if constexpr (kMax) {
+        values[o] = static_cast<scalar_t>(best);
+        indices[o] = best_idx;
+      } else {
+        const int64_t area = int64_t{plan.h.cut[he] - plan.h.cut[hs]} * (plan.w.cut[we] - plan.w.cut[ws]);
+        values[o] = static_cast<scalar_t>(static_cast<acc_t>(sum / static_cast<double>(area)));
+      }
+    }
+  }
+}
+
 // NCHW: one block per (n, c) plane. Warps reduce cell parts (lanes stride the
 // part's elements in row-major order, then a shuffle tree), parts go to shared
 // memory, then threads combine parts into every level's bins.
@@ -236,44 +297,115 @@ __global__ void pool_fwd_nchw_kernel(const scalar_t* __restrict__ x, scalar_t* _
     __syncthreads();
 #endif
 
-    const int64_t n = plane / C;
-    const int64_t c = plane % C;
-    for (int l = 0; l < plan.nlevels; ++l) {
-      const int bh = plan.bh[l];
-      const int bw = plan.bw[l];
-      const int64_t level_off = n * C * T + C * plan.boff[l];
-      for (int b = threadIdx.x; b < bh * bw; b += blockDim.x) {
-        const int i = b / bw;
-        const int j = b % bw;
-        const int hs = plan.h.win_seg[plan.hoff[l] + i][0];
-        const int he = plan.h.win_seg[plan.hoff[l] + i][1];
-        const int ws = plan.w.win_seg[plan.woff[l] + j][0];
-        const int we = plan.w.win_seg[plan.woff[l] + j][1];
-        double sum = 0.0;
-        acc_t best = neg_inf<acc_t>();
-        int64_t best_idx = kNoIndex;
-        for (int sh = hs; sh < he; ++sh) {
-          for (int sw = ws; sw < we; ++sw) {
-            const int base = (sh * nsw + sw) * splits;
-            for (int p = 0; p < splits; ++p) {
-              if constexpr (kMax) {
-                max_pool_combine(best, best_idx, part_val[base + p], part_idx[base + p]);
-              } else {
-                sum += part_val[base + p];
-              }
+    write_plane_bins<scalar_t, acc_t, kMax>(plan, part_val, part_idx, splits, plane, C, T, cl_levels, values,
+                                            indices);
+    __syncthreads();  // the next plane reuses the shared parts
+  }
+}
+
+// NCHW rows of at most kWarp * kCols pixels: one block per (n, c) plane; a
+// warp reads whole rows (lane j holds columns j, j + 32, ...: every load
+// coalesced) of one band of an H-segment's rows (`splits` bands per segment),
+// keeping one RunSum (or running max) per column; at the band's end the column
+// results go to the warp's shared scratch and lane t combines W-segment t's
+// columns, in order, into that cell's part. The bins are then made from the
+// parts as in pool_fwd_nchw_kernel (write_plane_bins). Per element a load and
+// an add; the per-cell kernel spends, per cell, 64-bit index divisions and a
+// shuffle tree, which dominate on maps of small cells (the first H200 timings,
+// DESIGN). Precision: the per-cell kernel's (float runs of at most 12 rows in
+// a column, then double: columns, the part rounded once to acc_t).
+template <typename scalar_t, typename acc_t, bool kMax, int kCols>
+__global__ void pool_fwd_rows_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ values,
+                                     int64_t* __restrict__ indices, const __grid_constant__ PoolPlan plan,
+                                     int64_t planes, int64_t C, int64_t H, int64_t W, int splits,
+                                     bool cl_levels) {
+  PE_DYNAMIC_SHARED(smem);
+  const int nsh = plan.h.nseg;
+  const int nsw = plan.w.nseg;
+  const int nitems = nsh * nsw * splits;
+  const int lane = threadIdx.x % kWarp;
+  const int warp = threadIdx.x / kWarp;
+  const int nwarps = blockDim.x / kWarp;
+  const int width = static_cast<int>(W);
+  acc_t* part_val = reinterpret_cast<acc_t*>(smem);
+  int64_t* part_idx = reinterpret_cast<int64_t*>(smem + align8(int64_t{nitems} * sizeof(acc_t)));
+  unsigned char* scratch = smem + align8(int64_t{nitems} * sizeof(acc_t)) +
+                           (kMax ? int64_t{nitems} * sizeof(int64_t) : 0) + warp * rows_scratch_bytes<acc_t, kMax>(W);
+  double* col_sum = reinterpret_cast<double*>(scratch);
+  acc_t* col_max = reinterpret_cast<acc_t*>(scratch);
+  int64_t* col_idx = reinterpret_cast<int64_t*>(scratch + align8(W * static_cast<int64_t>(sizeof(acc_t))));
+  const int64_t T = plan.boff[plan.nlevels];
+
+  for (int64_t plane = blockIdx.x; plane < planes; plane += gridDim.x) {
+    const scalar_t* xp = x + plane * H * W;
+    for (int item = warp; item < nsh * splits; item += nwarps) {
+      const int sh = item / splits;
+      const int part = item % splits;
+      if (!plan.h.covered[sh]) continue;  // warp-uniform
+      const int h0 = plan.h.cut[sh];
+      const int64_t rows = plan.h.cut[sh + 1] - h0;
+      const int r0 = h0 + static_cast<int>(rows * part / splits);
+      const int r1 = h0 + static_cast<int>(rows * (part + 1) / splits);
+      RunSum<acc_t> sum[kCols];
+      acc_t best[kCols];
+      int64_t best_idx[kCols];
+#pragma unroll
+      for (int k = 0; k < kCols; ++k) {
+        best[k] = neg_inf<acc_t>();
+        best_idx[k] = kNoIndex;
+      }
+      for (int r = r0; r < r1; ++r) {
+        const scalar_t* row = xp + int64_t{r} * W;
+#pragma unroll
+        for (int k = 0; k < kCols; ++k) {
+          const int col = lane + k * kWarp;
+          if (col < width) {
+            const acc_t v = static_cast<acc_t>(row[col]);
+            if constexpr (kMax) {
+              max_pool_combine(best[k], best_idx[k], v, int64_t{r} * W + col);
+            } else {
+              sum[k].add(v);
             }
           }
         }
-        const int64_t o = packed_index(level_off, C, bh, bw, c, i, j, cl_levels);
-        if constexpr (kMax) {
-          values[o] = static_cast<scalar_t>(best);
-          indices[o] = best_idx;
-        } else {
-          const int64_t area = int64_t{plan.h.cut[he] - plan.h.cut[hs]} * (plan.w.cut[we] - plan.w.cut[ws]);
-          values[o] = static_cast<scalar_t>(static_cast<acc_t>(sum / static_cast<double>(area)));
+      }
+#pragma unroll
+      for (int k = 0; k < kCols; ++k) {
+        const int col = lane + k * kWarp;
+        if (col < width) {
+          if constexpr (kMax) {
+            col_max[col] = best[k];
+            col_idx[col] = best_idx[k];
+          } else {
+            col_sum[col] = sum[k].sum();
+          }
         }
       }
+      __syncwarp();
+      for (int sw = lane; sw < nsw; sw += kWarp) {
+        if (!plan.w.covered[sw]) continue;
+        const int at = (sh * nsw + sw) * splits + part;
+        if constexpr (kMax) {
+          acc_t b = neg_inf<acc_t>();
+          int64_t bi = kNoIndex;
+          for (int col = plan.w.cut[sw]; col < plan.w.cut[sw + 1]; ++col) {
+            max_pool_combine(b, bi, col_max[col], col_idx[col]);
+          }
+          part_val[at] = b;
+          part_idx[at] = bi;
+        } else {
+          double total = 0.0;
+          for (int col = plan.w.cut[sw]; col < plan.w.cut[sw + 1]; ++col) total += col_sum[col];
+          part_val[at] = static_cast<acc_t>(total);
+        }
+      }
+      __syncwarp();  // the warp's next band rewrites its scratch
     }
+#if PE_EMU_PLANT_BUG != 1  // test-only (tests/test_cuda_emu.py): the barrier removed
+    __syncthreads();
+#endif
+    write_plane_bins<scalar_t, acc_t, kMax>(plan, part_val, part_idx, splits, plane, C, T, cl_levels, values,
+                                            indices);
     __syncthreads();  // the next plane reuses the shared parts
   }
 }
@@ -802,7 +934,35 @@ std::tuple<at::Tensor, at::Tensor> multi_pool2d_cuda(const at::Tensor& x, c10::S
           ;
     };
     const PoolLaunch L = choose_pool_launch(planned, nchw, ncells, N, C, H * W, N * C * wp.total, smem_bytes);
-    if (L.kind == PoolLaunch::kPlanes) {
+    // Rows of at most 128 pixels: the row kernel, the same block per plane,
+    // with `splits` bands per H-segment and a column scratch per warp.
+    const int cols = rows_kernel_cols(W);
+    const int nwarps = static_cast<int>(L.block.x) / kWarp;
+    const int band_splits = L.kind == PoolLaunch::kPlanes ? splits_for(plan.h.nseg, nwarps) : 1;
+    const int64_t rows_smem =
+        smem_bytes(band_splits, 1) + nwarps * (is_max ? rows_scratch_bytes<acc_t, true>(W)
+                                                      : rows_scratch_bytes<acc_t, false>(W));
+    if (L.kind == PoolLaunch::kPlanes && cols > 0 && rows_smem <= max_dynamic_smem()) {
+      auto launch_rows = [&](auto max_tag, auto cols_tag) {
+        PE_LAUNCH((pool_fwd_rows_kernel<scalar_t, acc_t, decltype(max_tag)::value, decltype(cols_tag)::value>),
+                  L.grid, L.block, rows_smem, stream)(xp, vp, ip, plan, N * C, C, H, W, band_splits,
+                                                      channels_last_levels);
+      };
+      auto with_cols = [&](auto max_tag) {
+        if (cols == 1) {
+          launch_rows(max_tag, std::integral_constant<int, 1>{});
+        } else if (cols == 2) {
+          launch_rows(max_tag, std::integral_constant<int, 2>{});
+        } else {
+          launch_rows(max_tag, std::integral_constant<int, 4>{});
+        }
+      };
+      if (is_max) {
+        with_cols(std::true_type{});
+      } else {
+        with_cols(std::false_type{});
+      }
+    } else if (L.kind == PoolLaunch::kPlanes) {
       if (is_max) {
         PE_LAUNCH((pool_fwd_nchw_kernel<scalar_t, acc_t, true>), L.grid, L.block, L.smem, stream)(
             xp, vp, ip, plan, N * C, C, H, W, L.splits, channels_last_levels);
