@@ -20,6 +20,7 @@ prints how often each __global__ kernel ran and fails if one never did. `make te
 from __future__ import annotations
 
 import os
+import random
 import re
 import subprocess
 import sys
@@ -153,6 +154,23 @@ def test_emulator_semantics():
     assert EMU.selftest("smem_opt_in")[:32] == [2.0] * 32
     # an unwritten shared array reads as NaN
     assert all(v != v for v in EMU.selftest("smem_reads_unwritten")[:32])
+
+
+def test_fast_div_is_exact():
+    """FastDiv (common.cuh), the division by a per-launch constant that the
+    upsample_concat kernel decodes coordinates with, against `//` over every
+    divisor up to 2000, powers of two and their neighbours, and large ones,
+    at the quotient boundaries and the top of the range."""
+    top = 2**31 - 1
+    rng = random.Random(5)
+    divisors = list(range(1, 2001)) + [p + k for p in (2**j for j in range(11, 31)) for k in (-1, 0, 1)]
+    divisors += [top, top - 1, 46341, 65535, 65537] + [rng.randrange(1, top) for _ in range(300)]
+    for d in divisors:
+        ns = {0, 1, d - 1, d, d + 1, top, top - 1, top - top % d, top - top % d - 1}
+        ns |= {q * d + r for q in (1, 2, 3, top // d - 1, top // d) for r in (0, d - 1)}
+        ns |= {rng.randrange(0, top + 1) for _ in range(20)}
+        ns = sorted(n for n in ns if 0 <= n <= top)
+        assert EMU.fast_div(d, ns) == [n // d for n in ns], d
 
 
 def test_emulator_schedule_exposes_a_race():

@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <limits>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "cuda/common.cuh"
@@ -53,15 +54,36 @@ struct UpParams {
 };
 static_assert(sizeof(UpParams) <= 4000, "UpParams must fit a 4 KB kernel argument");
 
+// index_t int32 (fewer than 2^31 elements): coordinates decoded with FastDiv
+// (div_c, div_ow, div_oh); int64: with `/`, the FastDivs unused.
 template <typename scalar_t, typename acc_t, typename index_t, bool kChannelsFastest>
 __global__ void upsample_concat_kernel(const __grid_constant__ UpParams P, scalar_t* __restrict__ out,
                                        index_t N, index_t C, int64_t c_start, index_t OH, index_t OW,
-                                       int64_t osn, int64_t osc, int64_t osh, int64_t osw, bool align_corners) {
-  const index_t total = N * C * OH * OW;
-  for (index_t e = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; e < total;
-       e += static_cast<index_t>(gridDim.x) * blockDim.x) {
+                                       int64_t osn, int64_t osc, int64_t osh, int64_t osw, bool align_corners,
+                                       FastDiv div_c, FastDiv div_ow, FastDiv div_oh) {
+  const int64_t total = int64_t{N} * C * OH * OW;
+  // an int64 counter: an int32 one could overflow past total - 1 + the grid's stride
+  for (int64_t e = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; e < total;
+       e += int64_t{gridDim.x} * blockDim.x) {
     index_t n, c, oh, ow;
-    if constexpr (kChannelsFastest) {
+    if constexpr (std::is_same_v<index_t, int32_t>) {
+      const uint32_t u = static_cast<uint32_t>(e);
+      if constexpr (kChannelsFastest) {
+        const uint32_t q = div_c.div(u);
+        c = static_cast<index_t>(u - q * div_c.divisor);
+        const uint32_t q2 = div_ow.div(q);
+        ow = static_cast<index_t>(q - q2 * div_ow.divisor);
+        n = static_cast<index_t>(div_oh.div(q2));
+        oh = static_cast<index_t>(q2 - static_cast<uint32_t>(n) * div_oh.divisor);
+      } else {
+        const uint32_t q = div_ow.div(u);
+        ow = static_cast<index_t>(u - q * div_ow.divisor);
+        const uint32_t q2 = div_oh.div(q);
+        oh = static_cast<index_t>(q - q2 * div_oh.divisor);
+        n = static_cast<index_t>(div_c.div(q2));
+        c = static_cast<index_t>(q2 - static_cast<uint32_t>(n) * div_c.divisor);
+      }
+    } else if constexpr (kChannelsFastest) {
       c = e % C;
       index_t rest = e / C;
       ow = rest % OW;
@@ -321,22 +343,27 @@ void upsample_concat_impl(const std::vector<ConcatPart>& parts, bool align_corne
       const int64_t total = N * chunk_c * OH * OW;
       const unsigned grid = grid_for(total, kThreads, kThreads);
       const bool small = total <= std::numeric_limits<int32_t>::max();
-      if (small && cf) {
-        PE_LAUNCH((upsample_concat_kernel<scalar_t, acc_t, int32_t, true>), grid, kThreads, 0, stream)(
-            P, op, static_cast<int32_t>(N), static_cast<int32_t>(chunk_c), c_start, static_cast<int32_t>(OH),
-            static_cast<int32_t>(OW), out.stride(0), out.stride(1), out.stride(2), out.stride(3), align_corners);
-      } else if (small) {
-        PE_LAUNCH((upsample_concat_kernel<scalar_t, acc_t, int32_t, false>), grid, kThreads, 0, stream)(
-            P, op, static_cast<int32_t>(N), static_cast<int32_t>(chunk_c), c_start, static_cast<int32_t>(OH),
-            static_cast<int32_t>(OW), out.stride(0), out.stride(1), out.stride(2), out.stride(3), align_corners);
+      if (small) {
+        const FastDiv dc(chunk_c), dow(OW), doh(OH);
+        if (cf) {
+          PE_LAUNCH((upsample_concat_kernel<scalar_t, acc_t, int32_t, true>), grid, kThreads, 0, stream)(
+              P, op, static_cast<int32_t>(N), static_cast<int32_t>(chunk_c), c_start, static_cast<int32_t>(OH),
+              static_cast<int32_t>(OW), out.stride(0), out.stride(1), out.stride(2), out.stride(3), align_corners,
+              dc, dow, doh);
+        } else {
+          PE_LAUNCH((upsample_concat_kernel<scalar_t, acc_t, int32_t, false>), grid, kThreads, 0, stream)(
+              P, op, static_cast<int32_t>(N), static_cast<int32_t>(chunk_c), c_start, static_cast<int32_t>(OH),
+              static_cast<int32_t>(OW), out.stride(0), out.stride(1), out.stride(2), out.stride(3), align_corners,
+              dc, dow, doh);
+        }
       } else if (cf) {
         PE_LAUNCH((upsample_concat_kernel<scalar_t, acc_t, int64_t, true>), grid, kThreads, 0, stream)(
             P, op, N, chunk_c, c_start, OH, OW, out.stride(0), out.stride(1), out.stride(2), out.stride(3),
-            align_corners);
+            align_corners, FastDiv(), FastDiv(), FastDiv());
       } else {
         PE_LAUNCH((upsample_concat_kernel<scalar_t, acc_t, int64_t, false>), grid, kThreads, 0, stream)(
             P, op, N, chunk_c, c_start, OH, OW, out.stride(0), out.stride(1), out.stride(2), out.stride(3),
-            align_corners);
+            align_corners, FastDiv(), FastDiv(), FastDiv());
       }
       PE_KERNEL_LAUNCH_CHECK();
       c_start += chunk_c;

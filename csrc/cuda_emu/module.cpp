@@ -3,6 +3,7 @@
 // kernels of csrc/cuda/ under the emulator; and the emulator's controls.
 #include <torch/extension.h>
 
+#include "cuda/common.cuh"
 #include "cuda_emu/emu_runtime.h"
 #include "cuda_emu/selftest.h"
 #include "op_schemas.h"
@@ -21,5 +22,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("launch_counts", &pe_emu::launch_counts, "Launches per __global__ kernel since the last reset");
   m.def("reset_launch_counts", &pe_emu::reset_launch_counts);
   m.def("selftest", &pe_emu_selftest::run, "Runs one of the emulator's rule-breaking test kernels");
+  m.def(
+      "fast_div",
+      [](int64_t d, const std::vector<int64_t>& ns) {
+        const pyramid_ext::cuda::FastDiv f(d);
+        std::vector<int64_t> q;
+        q.reserve(ns.size());
+        for (int64_t n : ns) q.push_back(f.div(static_cast<uint32_t>(n)));
+        return q;
+      },
+      "FastDiv(d).div(n) for each n (common.cuh), the host side of the kernels' divisions");
   m.attr("planted_bug") = PE_EMU_PLANT_BUG;
 }
