@@ -88,6 +88,11 @@ def _no_device_check(*tensors):
 OTHER_DTYPES = (torch.float16, torch.bfloat16, torch.float64)
 
 
+def _leaf(shape, dtype, cl):
+    t = torch.randn(shape, dtype=dtype)
+    return (t.contiguous(memory_format=torch.channels_last) if cl else t).requires_grad_(True)
+
+
 def _pool_cases():
     shapes = [((1, 1, 1, 1), (1,)), ((2, 3, 7, 5), (1, 2, 3)), ((1, 16, 16, 32), (1, 2, 6)), ((2, 1, 9, 1), ((3, 1),))]
     runs = [(shape, bins, mode, torch.float32, cl) for shape, bins in shapes for mode in ("avg", "max")
@@ -99,10 +104,7 @@ def _pool_cases():
 
 
 def _run_pool(shape, bins, mode, dtype, cl):
-    x = torch.randn(shape, dtype=dtype)
-    if cl:
-        x = x.contiguous(memory_format=torch.channels_last)
-    x.requires_grad_(True)
+    x = _leaf(shape, dtype, cl)
     hb, wb, lb = pyramid_windows(shape[2], shape[3], normalize_bins(bins))
     values, _ = OPS.multi_pool2d_triton(x, hb, wb, lb, 0 if mode == "avg" else 1, cl)
     values.sum().backward()
@@ -123,11 +125,7 @@ def _upcat_cases():
 
 
 def _run_upcat(xshape, bshapes, size, dtype, cl, align):
-    def make(shape):
-        t = torch.randn(shape, dtype=dtype)
-        return (t.contiguous(memory_format=torch.channels_last) if cl else t).requires_grad_(True)
-
-    x, branches = make(xshape), [make(s) for s in bshapes]
+    x, branches = _leaf(xshape, dtype, cl), [_leaf(s, dtype, cl) for s in bshapes]
     for x_first in (True, False):
         out = OPS.upsample_concat_triton(x, branches, list(size), align, x_first, cl)
         out.sum().backward()
@@ -147,13 +145,9 @@ def _shift_cases():
 
 
 def _run_shift(base_shape, tap_sizes, k, dtype, cl, align):
-    def make(shape):
-        t = torch.randn(shape, dtype=dtype)
-        return (t.contiguous(memory_format=torch.channels_last) if cl else t).requires_grad_(True)
-
     n, c = base_shape[:2]
-    base = make(base_shape)
-    taps = [make((n, c * k * k, h, w)) for h, w in tap_sizes]
+    base = _leaf(base_shape, dtype, cl)
+    taps = [_leaf((n, c * k * k, h, w), dtype, cl) for h, w in tap_sizes]
     out = OPS.upsample_shift_add_triton(base, taps, k, align)
     out.sum().backward()
 
