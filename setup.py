@@ -33,8 +33,9 @@ def torch_libstdcxx():
     second copy of libstdc++ into the extension, whose locale state is never set up: the numbers in
     an op's error message then format to nothing (the message ends at its first number; seen here
     with -static-libstdc++) or crash (a segfault in std::ostream::_M_insert<long>, on that image).
-    Named first on the link line, the shared library resolves every libstdc++ symbol, so nothing
-    is copied in; where the toolchain links it dynamically anyway this changes nothing."""
+    Named on the link line ahead of the toolchain's own libstdc++ (which g++ appends last), the
+    shared library resolves every libstdc++ symbol, so nothing is copied in; where the toolchain
+    links it dynamically anyway this changes nothing."""
     if not sys.platform.startswith("linux"):
         return []
     try:

@@ -188,12 +188,13 @@ def test_extension_links_torchs_libstdcxx():
 
 @_LINUX_BINUTILS
 def test_setup_links_libstdcxx_dynamically_under_a_static_toolchain(tmp_path):
-    """The defect torch_libstdcxx prevents, reproduced on a small library: linked with
-    -static-libstdc++ (as the GPU machine image's GCC 13 links), a shared object formats a number
-    through its own, never-initialised copy of libstdc++'s locale and gets nothing; with the path
-    torch_libstdcxx gives named first, it imports libstdc++ and formats it."""
-    import ctypes
-
+    """The defect torch_libstdcxx prevents, on a small library linked with
+    -static-libstdc++ (as the GPU machine image's GCC 13 links): without the
+    path it gets its own copy of libstdc++ (on this project's CI image that
+    copy formats a number to nothing; on the GPU image it segfaulted); with the
+    path torch_libstdcxx gives, it imports libstdc++ and formats the number.
+    Each library is called in a child process, so a crash fails the test
+    instead of ending it."""
     tree = ast.parse((pathlib.Path(__file__).parents[1] / "setup.py").read_text())
     fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "torch_libstdcxx")
     scope = {"os": os, "sys": sys}
@@ -204,18 +205,17 @@ def test_setup_links_libstdcxx_dynamically_under_a_static_toolchain(tmp_path):
     src.write_text('#include <sstream>\n#include <string>\n'
                    'extern "C" int fmt(long v, char* buf) { std::ostringstream s; s << "v=" << v;'
                    ' std::string r = s.str(); r.copy(buf, r.size()); buf[r.size()] = 0; return (int)r.size(); }\n')
+    call = ("import ctypes, sys\nbuf = ctypes.create_string_buffer(64)\n"
+            "ctypes.CDLL(sys.argv[1]).fmt(ctypes.c_long(42), buf)\nprint(buf.value.decode())\n")
     results = {}
     for name, extra in (("static", []), ("shared", libstdcxx)):
         lib = tmp_path / f"{name}.so"
         subprocess.run(["g++", "-O2", "-fPIC", "-shared", str(src), *extra, "-o", str(lib), "-static-libstdc++"],
                        check=True)
-        buf = ctypes.create_string_buffer(64)
-        ctypes.CDLL(str(lib)).fmt(ctypes.c_long(42), buf)
-        results[name] = ("libstdc++.so.6" in _needed(str(lib)), buf.value.decode())
-    assert results["shared"] == (True, "v=42")
-    # The copy inside the static one: nothing imported, and the number lost (or, on other
-    # toolchains, a crash: then this test fails loudly instead, as the defect would).
-    assert results["static"][0] is False and results["static"][1] != "v=42"
+        run = subprocess.run([sys.executable, "-c", call, str(lib)], capture_output=True, text=True)
+        results[name] = ("libstdc++.so.6" in _needed(str(lib)), run.returncode, run.stdout.strip())
+    assert results["shared"] == (True, 0, "v=42"), results
+    assert results["static"][0] is False, results  # the toolchain fault was really reproduced: a private copy
 
 
 # --------------------------------------------------------------------------
