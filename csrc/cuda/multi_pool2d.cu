@@ -180,50 +180,59 @@ __host__ __device__ inline int64_t rows_scratch_bytes(int64_t W) {
 // (the per-cell kernel takes them).
 inline int rows_kernel_cols(int64_t W) { return W <= kWarp ? 1 : W <= 2 * kWarp ? 2 : W <= 4 * kWarp ? 4 : 0; }
 
-// The bins of one (n, c) plane from its cell parts in shared memory (part
-// `p` of cell (sh, sw) at `(sh * nsw + sw) * splits + p`): the second phase of
-// the NCHW kernels; threads over each level's bins.
+// Bin (i, j) of level l, channel c of sample n, from the cell parts in shared
+// memory (part p of cell (sh, sw) at `((sh * nsw + sw) * splits + p) * stride
+// + lane`), written at its packed position: the second phase of the planned
+// kernels (NCHW: stride 1, lane 0; channels_last: a lane per channel of the tile).
+template <typename scalar_t, typename acc_t, bool kMax>
+__device__ __forceinline__ void write_bin(const PoolPlan& plan, int l, int i, int j, int splits, int stride, int lane,
+                                          const acc_t* part_val, const int64_t* part_idx, int64_t n, int64_t c,
+                                          int64_t C, int64_t T, bool cl_levels, scalar_t* __restrict__ values,
+                                          int64_t* __restrict__ indices) {
+  const int nsw = plan.w.nseg;
+  const int hs = plan.h.win_seg[plan.hoff[l] + i][0];
+  const int he = plan.h.win_seg[plan.hoff[l] + i][1];
+  const int ws = plan.w.win_seg[plan.woff[l] + j][0];
+  const int we = plan.w.win_seg[plan.woff[l] + j][1];
+  double sum = 0.0;
+  acc_t best = neg_inf<acc_t>();
+  int64_t best_idx = kNoIndex;
+  for (int sh = hs; sh < he; ++sh) {
+    for (int sw = ws; sw < we; ++sw) {
+      const int base = (sh * nsw + sw) * splits;
+      for (int p = 0; p < splits; ++p) {
+        const int at = (base + p) * stride + lane;
+        if constexpr (kMax) {
+          max_pool_combine(best, best_idx, part_val[at], part_idx[at]);
+        } else {
+          sum += part_val[at];
+        }
+      }
+    }
+  }
+  const int64_t o = packed_index(n * C * T + C * plan.boff[l], C, plan.bh[l], plan.bw[l], c, i, j, cl_levels);
+  if constexpr (kMax) {
+    values[o] = static_cast<scalar_t>(best);
+    indices[o] = best_idx;
+  } else {
+    const int64_t area = int64_t{plan.h.cut[he] - plan.h.cut[hs]} * (plan.w.cut[we] - plan.w.cut[ws]);
+    values[o] = static_cast<scalar_t>(static_cast<acc_t>(sum / static_cast<double>(area)));
+  }
+}
+
+// The bins of one (n, c) plane from its cell parts (the NCHW kernels):
+// threads over each level's bins.
 template <typename scalar_t, typename acc_t, bool kMax>
 __device__ __forceinline__ void write_plane_bins(const PoolPlan& plan, const acc_t* part_val, const int64_t* part_idx,
                                                  int splits, int64_t plane, int64_t C, int64_t T, bool cl_levels,
                                                  scalar_t* __restrict__ values, int64_t* __restrict__ indices) {
-  const int nsw = plan.w.nseg;
   const int64_t n = plane / C;
   const int64_t c = plane % C;
   for (int l = 0; l < plan.nlevels; ++l) {
-    const int bh = plan.bh[l];
     const int bw = plan.bw[l];
-    const int64_t level_off = n * C * T + C * plan.boff[l];
-    for (int b = threadIdx.x; b < bh * bw; b += blockDim.x) {
-      const int i = b / bw;
-      const int j = b % bw;
-      const int hs = plan.h.win_seg[plan.hoff[l] + i][0];
-      const int he = plan.h.win_seg[plan.hoff[l] + i][1];
-      const int ws = plan.w.win_seg[plan.woff[l] + j][0];
-      const int we = plan.w.win_seg[plan.woff[l] + j][1];
-      double sum = 0.0;
-      acc_t best = neg_inf<acc_t>();
-      int64_t best_idx = kNoIndex;
-      for (int sh = hs; sh < he; ++sh) {
-        for (int sw = ws; sw < we; ++sw) {
-          const int base = (sh * nsw + sw) * splits;
-          for (int p = 0; p < splits; ++p) {
-            if constexpr (kMax) {
-              max_pool_combine(best, best_idx, part_val[base + p], part_idx[base + p]);
-            } else {
-              sum += part_val[base + p];
-            }
-          }
-        }
-      }
-      const int64_t o = packed_index(level_off, C, bh, bw, c, i, j, cl_levels);
-      if constexpr (kMax) {
-        values[o] = static_cast<scalar_t>(best);
-        indices[o] = best_idx;
-      } else {
-        const int64_t area = int64_t{plan.h.cut[he] - plan.h.cut[hs]} * (plan.w.cut[we] - plan.w.cut[ws]);
-        values[o] = static_cast<scalar_t>(static_cast<acc_t>(sum / static_cast<double>(area)));
-      }
+    for (int b = threadIdx.x; b < plan.bh[l] * bw; b += blockDim.x) {
+      write_bin<scalar_t, acc_t, kMax>(plan, l, b / bw, b % bw, splits, 1, 0, part_val, part_idx, n, c, C, T,
+                                       cl_levels, values, indices);
     }
   }
 }
@@ -476,39 +485,10 @@ __global__ void pool_fwd_cl_kernel(const scalar_t* __restrict__ x, scalar_t* __r
       for (int64_t b = threadIdx.y; b < T; b += R) {
         int l = 0;
         while (b >= plan.boff[l + 1]) ++l;
-        const int bh = plan.bh[l];
         const int bw = plan.bw[l];
         const int local = static_cast<int>(b - plan.boff[l]);
-        const int i = local / bw;
-        const int j = local % bw;
-        const int hs = plan.h.win_seg[plan.hoff[l] + i][0];
-        const int he = plan.h.win_seg[plan.hoff[l] + i][1];
-        const int ws = plan.w.win_seg[plan.woff[l] + j][0];
-        const int we = plan.w.win_seg[plan.woff[l] + j][1];
-        double sum = 0.0;
-        acc_t best = neg_inf<acc_t>();
-        int64_t best_idx = kNoIndex;
-        for (int sh = hs; sh < he; ++sh) {
-          for (int sw = ws; sw < we; ++sw) {
-            const int base = (sh * nsw + sw) * splits;
-            for (int p = 0; p < splits; ++p) {
-              const int at = (base + p) * CT + tx;
-              if constexpr (kMax) {
-                max_pool_combine(best, best_idx, part_val[at], part_idx[at]);
-              } else {
-                sum += part_val[at];
-              }
-            }
-          }
-        }
-        const int64_t o = packed_index(n * C * T + C * plan.boff[l], C, bh, bw, c, i, j, cl_levels);
-        if constexpr (kMax) {
-          values[o] = static_cast<scalar_t>(best);
-          indices[o] = best_idx;
-        } else {
-          const int64_t area = int64_t{plan.h.cut[he] - plan.h.cut[hs]} * (plan.w.cut[we] - plan.w.cut[ws]);
-          values[o] = static_cast<scalar_t>(static_cast<acc_t>(sum / static_cast<double>(area)));
-        }
+        write_bin<scalar_t, acc_t, kMax>(plan, l, local / bw, local % bw, splits, CT, tx, part_val, part_idx, n, c, C,
+                                         T, cl_levels, values, indices);
       }
     }
     __syncthreads();

@@ -38,6 +38,20 @@ def _bilinear_scale(in_size, out_size, ALIGN: tl.constexpr, ACC: tl.constexpr, A
 
 
 @_device_fn
+def _sizes_and_scales(IH, IW, OH, OW, ALIGN: tl.constexpr, ACC: tl.constexpr, ACC_FP64: tl.constexpr):
+    """The sizes as int64 and both axes' scales. tl.cast, not .to: the compiler
+    passes a size equal to 1 as a plain int (its specialisation of 1), which
+    has no .to (tests/triton_compile_sm90.py)."""
+    IH64 = tl.cast(IH, tl.int64)
+    IW64 = tl.cast(IW, tl.int64)
+    OH64 = tl.cast(OH, tl.int64)
+    OW64 = tl.cast(OW, tl.int64)
+    scale_h = _bilinear_scale(IH64, OH64, ALIGN, ACC, ACC_FP64)
+    scale_w = _bilinear_scale(IW64, OW64, ALIGN, ACC, ACC_FP64)
+    return IH64, IW64, OH64, OW64, scale_h, scale_w
+
+
+@_device_fn
 def _bilinear_tap(dst, in_size, out_size, scale, ALIGN: tl.constexpr, ACC: tl.constexpr):
     """(i0, i1, w0, w1) for output coordinate(s) `dst` (int64), as
     bilinear_tap in csrc/pyramid_index.h / ATen's compute_source_index_and_lambda."""
@@ -107,14 +121,7 @@ def _resize_into_kernel(
         v = tl.load(src + (oh * ssh + ow * ssw)[None, :], mask=m, other=0.0)
         tl.store(dst, v, mask=m)
     else:
-        # tl.cast, not .to: the compiler passes a size equal to 1 as a plain int
-        # (its specialisation of 1), which has no .to (tests/triton_compile_sm90.py).
-        IH64 = tl.cast(IH, tl.int64)
-        IW64 = tl.cast(IW, tl.int64)
-        OH64 = tl.cast(OH, tl.int64)
-        OW64 = tl.cast(OW, tl.int64)
-        scale_h = _bilinear_scale(IH64, OH64, ALIGN, ACC, ACC_FP64)
-        scale_w = _bilinear_scale(IW64, OW64, ALIGN, ACC, ACC_FP64)
+        IH64, IW64, OH64, OW64, scale_h, scale_w = _sizes_and_scales(IH, IW, OH, OW, ALIGN, ACC, ACC_FP64)
         h0, h1, wh0, wh1 = _bilinear_tap(oh, IH64, OH64, scale_h, ALIGN, ACC)
         x0, x1, ww0, ww1 = _bilinear_tap(ow, IW64, OW64, scale_w, ALIGN, ACC)
         v00 = tl.load(src + (h0 * ssh + x0 * ssw)[None, :], mask=m, other=0.0).to(ACC)
@@ -145,12 +152,7 @@ def _resize_backward_kernel(
     rest = rest // IH
     cb = rest % num_cblocks
     n = rest // num_cblocks
-    IH64 = tl.cast(IH, tl.int64)
-    IW64 = tl.cast(IW, tl.int64)
-    OH64 = tl.cast(OH, tl.int64)
-    OW64 = tl.cast(OW, tl.int64)
-    scale_h = _bilinear_scale(IH64, OH64, ALIGN, ACC, ACC_FP64)
-    scale_w = _bilinear_scale(IW64, OW64, ALIGN, ACC, ACC_FP64)
+    IH64, IW64, OH64, OW64, scale_h, scale_w = _sizes_and_scales(IH, IW, OH, OW, ALIGN, ACC, ACC_FP64)
 
     x = xb * BLOCK_X + tl.arange(0, BLOCK_X).to(tl.int64)
     xmask = x < IW64

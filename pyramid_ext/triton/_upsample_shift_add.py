@@ -27,7 +27,7 @@ import triton.language as tl
 
 from .. import _ops
 from ._common import _LAUNCH, _RUN, _TILE, _acc, _cast_out, _channel_block, _check_device, _next_pow2, _tile
-from ._upsample_concat import _bilinear_scale, _bilinear_tap, _reader_counts
+from ._upsample_concat import _bilinear_tap, _reader_counts, _sizes_and_scales
 
 _OP = "upsample_shift_add_triton"
 _BACKWARD_OP = "upsample_shift_add_backward_triton"
@@ -64,12 +64,7 @@ def _shift_add_kernel(
     else:
         acc = tl.load(part_ptr + o_at, mask=m, other=0.0).to(ACC)
 
-    IH64 = tl.cast(IH, tl.int64)
-    IW64 = tl.cast(IW, tl.int64)
-    OH64 = tl.cast(OH, tl.int64)
-    OW64 = tl.cast(OW, tl.int64)
-    scale_h = _bilinear_scale(IH64, OH64, ALIGN, ACC, ACC_FP64)
-    scale_w = _bilinear_scale(IW64, OW64, ALIGN, ACC, ACC_FP64)
+    IH64, IW64, OH64, OW64, scale_h, scale_w = _sizes_and_scales(IH, IW, OH, OW, ALIGN, ACC, ACC_FP64)
     pad = K // 2
     src = tap_ptr + n * stn + c[:, None] * stc
     for a in range(0, K):
@@ -123,12 +118,7 @@ def _shift_add_backward_kernel(
     rest = rest // IH
     cb = rest % num_cblocks
     n = rest // num_cblocks
-    IH64 = tl.cast(IH, tl.int64)
-    IW64 = tl.cast(IW, tl.int64)
-    OH64 = tl.cast(OH, tl.int64)
-    OW64 = tl.cast(OW, tl.int64)
-    scale_h = _bilinear_scale(IH64, OH64, ALIGN, ACC, ACC_FP64)
-    scale_w = _bilinear_scale(IW64, OW64, ALIGN, ACC, ACC_FP64)
+    IH64, IW64, OH64, OW64, scale_h, scale_w = _sizes_and_scales(IH, IW, OH, OW, ALIGN, ACC, ACC_FP64)
 
     ch = cb * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
     cmask = ch < K * K * COUT
