@@ -1,0 +1,87 @@
+"""The vector copies of the CPU float loops compile to vector code.
+
+GCC 12 lowers a generic vector wider than the target's registers (16 floats
+on AVX2) badly in some spots: a broadcast of a scalar built in memory, one
+float store at a time, then read back as a vector; arrays of them zeroed by
+`rep stos`; stores through the stack in 16-byte pieces. Each ends in a failed
+store forward: the AVX2 copy of channels_last average pooling ran slower than
+eager PyTorch on an AMD EPYC (csrc/cpu/simd_loops_body.inc, "native
+vectors"). The machine CI runs on may have AVX-512 and never run the AVX2
+copy, and a timing test would be noise on a shared machine, so this reads
+the compiled AVX2 and AVX-512 copies instead and fails on those patterns.
+"""
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import need_backend
+
+# Four or more scalar stores in a row to the stack: a vector built in memory.
+_SCALAR_STACK_STORE = re.compile(r"\bvmovs[sd]\s+%xmm\d+,(-?0x[0-9a-f]+)?\(%rsp\)")
+_REP_STOS = re.compile(r"\brep stos")
+
+
+def _disassembly(path):
+    objdump = shutil.which("objdump")
+    if objdump is None:
+        if os.environ.get("CI"):
+            pytest.fail("objdump (binutils) is missing on a CI machine")
+        pytest.skip("objdump (binutils) is not installed")
+    return subprocess.run([objdump, "-d", "--no-show-raw-insn", "-C", path], check=True, capture_output=True,
+                          text=True).stdout
+
+
+def vector_copy_defects(text):
+    """{function: [defect, ...]} for the functions of the AVX2 and AVX-512 copies (pyramid_ext::simd::isa_avx2
+    / isa_avx512) in objdump's output `text`."""
+    defects, name, run = {}, None, 0
+    for line in text.splitlines():
+        head = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
+        if head:
+            name, run = head.group(1), 0
+            if not re.search(r"pyramid_ext::simd::isa_avx(2|512)::", name):
+                name = None
+            continue
+        if name is None:
+            continue
+        if _REP_STOS.search(line):
+            defects.setdefault(name, []).append("rep stos: " + line.strip())
+        run = run + 1 if _SCALAR_STACK_STORE.search(line) else 0
+        if run == 4:
+            defects.setdefault(name, []).append("4 scalar stores to the stack in a row: " + line.strip())
+    return defects
+
+
+def test_checker_sees_each_pattern():
+    text = "\n".join([
+        "0000000000001000 <pyramid_ext::simd::isa_avx2::cell_sum(float*)>:",
+        "   1000:\trep stos %rax,%es:(%rdi)",
+        "0000000000002000 <pyramid_ext::simd::isa_avx512::concat_pixels(float*)>:",
+    ] + [f"   20{i}0:\tvmovss %xmm11,0x{0x48 + 4 * i:x}(%rsp)" for i in range(4)] + [
+        "0000000000003000 <pyramid_ext::simd::isa_baseline::cell_sum(float*)>:",
+        "   3000:\trep stos %rax,%es:(%rdi)",  # the baseline copy is not checked
+        "0000000000004000 <pyramid_ext::simd::isa_avx2::blend(float*)>:",
+    ] + [f"   40{i}0:\tvmovss %xmm2,0x{0x48 + 4 * i:x}(%rsp)" for i in range(3)] + [
+        "   4040:\tvaddps %ymm0,%ymm1,%ymm1",
+        "   4050:\tvmovss %xmm2,0x60(%rsp)",
+    ])
+    found = vector_copy_defects(text)
+    assert sorted(found) == ["pyramid_ext::simd::isa_avx2::cell_sum(float*)",
+                             "pyramid_ext::simd::isa_avx512::concat_pixels(float*)"]
+
+
+def test_vector_copies_have_no_memory_built_vectors():
+    need_backend("cpp")
+    from pyramid_ext import _C
+
+    if platform.machine() != "x86_64" or not sys.platform.startswith("linux"):
+        pytest.skip("the AVX2 and AVX-512 copies are built on x86-64 Linux only")
+    text = _disassembly(_C.__file__)
+    assert "pyramid_ext::simd::isa_avx2::" in text, "no AVX2 copy in the extension (x86-64 GCC builds have one)"
+    found = vector_copy_defects(text)
+    assert not found, "\n".join(f"{f}: {d[0]} (+{len(d) - 1} more)" for f, d in found.items())
