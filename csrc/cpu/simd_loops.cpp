@@ -7,6 +7,7 @@
 #include "cpu/simd_loops.h"
 
 #include <cstring>
+#include <utility>
 
 #include "cpu/test_overrides.h"
 #include "pyramid_index.h"
