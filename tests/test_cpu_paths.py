@@ -33,7 +33,7 @@ from .conftest import need_backend
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ISA_NAMES = {1: "baseline", 2: "avx2", 3: "avx512"}
 SWITCHES = ("simd_isa", "no_block_kernel", "channels_last_avg_tasks", "channels_last_max_tasks",
-            "channels_last_max_direct", "no_sum_trees")
+            "channels_last_max_direct", "no_sum_trees", "no_cell_rows")
 
 
 @pytest.fixture(autouse=True)
@@ -163,6 +163,8 @@ def test_switches_reject_unknown_names_and_unsupported_values(_c):
         _c._set_test_override("channels_last_max_direct", 3)
     with pytest.raises(ValueError, match="no_sum_trees=2 is not valid"):
         _c._set_test_override("no_sum_trees", 2)
+    with pytest.raises(ValueError, match="no_cell_rows=2 is not valid"):
+        _c._set_test_override("no_cell_rows", 2)
 
 
 @pytest.mark.parametrize("isa", [1, 2, 3], ids=lambda i: ISA_NAMES[i])
@@ -189,6 +191,27 @@ def test_every_forced_path_matches_eager_and_the_automatic_path_bitwise(_c):
         for k, (a, b) in enumerate(zip(got, auto)):
             assert torch.equal(a, b), (f"simd_isa={ISA_NAMES[isa]} no_block_kernel={nb} "
                                        f"channels_last_avg_tasks={tasks}: result {k} differs from the automatic path")
+
+
+@pytest.mark.parametrize("shape,bins", [((2, 130, 32, 32), (1, 2, 4)),  # 8 x 8 cells of 130 channels: 33 KB
+                                         ((3, 600, 20, 20), (1, 2, 3)),  # 10 x 10 and uneven cells, 600 channels
+                                         ((1, 300, 24, 24), (1, 3))])  # 8 x 8 cells, N = 1 (split phases)
+def test_wide_one_run_cells_by_rows_match_cell_sum_bitwise(_c, shape, bins):
+    """channels_last float average pooling sums a one-run cell wider than L1 by rows (set_row_sum then
+    add_row_sum, all channels of four pixels at a time) instead of simd::cell_sum (a chunk of channels over
+    the whole cell); both add the same pixels in the same order, so the results agree bit for bit, on every
+    ISA copy, and stay within the float tolerance of eager."""
+    x = layout(rand(shape, torch.float32, seed=11), "channels_last")
+    want = eager_pool(x, bins, "avg")
+    for isa in _available_isas(_c):
+        _c._set_test_override("simd_isa", isa)
+        _c._set_test_override("no_cell_rows", 0)
+        by_rows = pe.multi_adaptive_avg_pool2d(x, bins, backend="cpp")
+        _c._set_test_override("no_cell_rows", 1)
+        by_cells = pe.multi_adaptive_avg_pool2d(x, bins, backend="cpp")
+        for k, (a, b, e) in enumerate(zip(by_rows, by_cells, want)):
+            assert torch.equal(a, b), f"{ISA_NAMES[isa]}, level {k}: rows and cell_sum differ"
+            torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
 
 
 def _max_workload():

@@ -256,6 +256,10 @@ constexpr size_t kCellBudget = 16 << 20;   // bytes of channels_last cells
 // simd::bin_means (its 32-channel scratch: 256 bytes a cell, 32 KB here).
 constexpr int64_t kBinMeansMaxCells = 128;
 
+// Float one-run cells of more bytes than this (L1) are summed by rows
+// (avg_forward_channels_last's reduce_rows).
+constexpr int64_t kCellSumMaxBytes = 32 << 10;
+
 // Blocks of kPlaneBlock NCHW planes, about 32K elements per task.
 int64_t block_grain(int64_t H, int64_t W) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, H * W * kPlaneBlock));
@@ -603,6 +607,7 @@ void avg_forward_channels_last(const scalar_t* x, scalar_t* out,
   const bool trees = std::is_same_v<scalar_t, float> && !st.outs.empty() &&
                      !test_overrides::get(test_overrides::kNoSumTrees);
   const int64_t num_ops = static_cast<int64_t>(st.ops.size()) / 2;
+  const bool no_cell_rows = test_overrides::get(test_overrides::kNoCellRows) != 0;
   constexpr int64_t kTW = simd::kTreeChannels;
   const int64_t cell_step = trees ? kTW : C, vec_stride = trees ? SH * SW * kTW : kTW;
   const int64_t CS = trees ? (C + kTW - 1) / kTW * kTW : C;  // channels a cell takes
@@ -638,10 +643,19 @@ void avg_forward_channels_last(const scalar_t* x, scalar_t* out,
     int64_t* started = state + SW;  // the cell's sums hold a run
     const char* one_run = st.one_run_cells.data() + a * SW;  // the whole cell is one run
     std::fill(state, state + 2 * SW, int64_t{0});
+    // A float one-run cell wider than L1 (no trees: their cells are small)
+    // is summed by rows instead, all channels of four pixels at a time
+    // (set_row_sum, then add_row_sum: cell_sum's additions in its order):
+    // cell_sum walks the cell's pixels once per chunk of channels, C floats
+    // apart, which the next chunk finds evicted.
+    auto by_rows = [&](int64_t b) {
+      return std::is_same_v<scalar_t, float> && !trees && !no_cell_rows &&
+             (h1 - h0) * (p.w.cuts[b + 1] - p.w.cuts[b]) * C * int64_t{sizeof(float)} > kCellSumMaxBytes;
+    };
     if constexpr (std::is_same_v<scalar_t, float>) {
       for (int64_t b = 0; b < SW; ++b) {
         const int64_t w0 = p.w.cuts[b];
-        if (one_run[b] && p.w.seg_of[w0] >= 0)
+        if (one_run[b] && p.w.seg_of[w0] >= 0 && !by_rows(b))
           simd::cell_sum(row_cells + b * cell_step, vec_stride, x + ((n * H + h0) * W + w0) * C, h1 - h0, W * C,
                          p.w.cuts[b + 1] - w0, C, C);
       }
@@ -672,7 +686,18 @@ void avg_forward_channels_last(const scalar_t* x, scalar_t* out,
           }
           continue;
         }
-        if (std::is_same_v<scalar_t, float> && one_run[b]) continue;  // summed above
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          if (one_run[b]) {
+            if (by_rows(b)) {
+              if (h == h0) {
+                simd::set_row_sum(q, row + w0 * C, w1 - w0, C, C);
+              } else {
+                simd::add_row_sum(q, row + w0 * C, w1 - w0, C, C);
+              }
+            }
+            continue;  // else summed above
+          }
+        }
         const bool ends =
             !one_run[b] && (++rows_in_run[b] == kWide - simd::row_sum_depth(w1 - w0) || h + 1 == h1);
         if constexpr (std::is_same_v<scalar_t, float>) {
