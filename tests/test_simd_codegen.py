@@ -96,6 +96,10 @@ def test_vector_copies_have_no_memory_built_vectors():
     if platform.machine() != "x86_64" or not sys.platform.startswith("linux"):
         pytest.skip("the AVX2 and AVX-512 copies are built on x86-64 Linux only")
     text = _disassembly(_C.__file__)
-    assert "pyramid_ext::simd::isa_avx2::" in text, "no AVX2 copy in the extension (x86-64 GCC builds have one)"
+    if "pyramid_ext::simd::isa_avx2::" not in text:
+        # Only GCC builds multiversion the loops (simd_loops.cpp, PE_X86_MULTIVERSION); CI builds with GCC.
+        if os.environ.get("CI"):
+            pytest.fail("no AVX2 copy in the extension: CI's GCC build must have one")
+        pytest.skip("this build has no AVX2 / AVX-512 copies (not built by GCC)")
     found = vector_copy_defects(text)
     assert not found, "\n".join(f"{f}: {d[0]} (+{len(d) - 1} more)" for f, d in found.items())
