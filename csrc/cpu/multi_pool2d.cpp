@@ -649,7 +649,7 @@ void avg_forward_channels_last(const scalar_t* x, scalar_t* out,
     // cell_sum walks the cell's pixels once per chunk of channels, C floats
     // apart, which the next chunk finds evicted.
     auto by_rows = [&](int64_t b) {
-      return std::is_same_v<scalar_t, float> && !trees && !no_cell_rows &&
+      return !trees && !no_cell_rows &&
              (h1 - h0) * (p.w.cuts[b + 1] - p.w.cuts[b]) * C * int64_t{sizeof(float)} > kCellSumMaxBytes;
     };
     if constexpr (std::is_same_v<scalar_t, float>) {
