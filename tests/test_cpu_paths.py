@@ -33,7 +33,7 @@ from .conftest import need_backend
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ISA_NAMES = {1: "baseline", 2: "avx2", 3: "avx512"}
 SWITCHES = ("simd_isa", "no_block_kernel", "channels_last_avg_tasks", "channels_last_max_tasks",
-            "channels_last_max_direct", "no_sum_trees", "no_cell_rows")
+            "channels_last_max_direct", "no_sum_trees", "no_cell_rows", "max_cell_rows")
 
 
 @pytest.fixture(autouse=True)
@@ -138,16 +138,19 @@ def _configs(_C):
 
 def _max_configs(_C):
     """_configs with channels_last_max_direct: per-sample tasks (1) both with bins combined from cells (1)
-    and with bins scanned from their windows' pixels (2); the split (tasks 2) has no such choice (0)."""
+    and with bins scanned from their windows' pixels (2); the split (tasks 2) has no such choice (0). The
+    direct value carries max_cell_rows too: + 10 scans every cell and window by rows (12: direct and rows;
+    the automatic choice never takes rows on these small samples)."""
     return [(isa, nb, tasks, direct) for isa, nb, tasks in _configs(_C)
-            for direct in ((1, 2) if tasks == 1 else (0,))]
+            for direct in ((1, 2, 12) if tasks == 1 else (0, 10))]
 
 
 def _set_max_path(_C, isa, nb, tasks, direct):
     _C._set_test_override("simd_isa", isa)
     _C._set_test_override("no_block_kernel", nb)
     _C._set_test_override("channels_last_max_tasks", tasks)
-    _C._set_test_override("channels_last_max_direct", direct)
+    _C._set_test_override("channels_last_max_direct", direct % 10)
+    _C._set_test_override("max_cell_rows", 2 if direct >= 10 else 0)
 
 
 def test_switches_reject_unknown_names_and_unsupported_values(_c):
@@ -165,6 +168,8 @@ def test_switches_reject_unknown_names_and_unsupported_values(_c):
         _c._set_test_override("no_sum_trees", 2)
     with pytest.raises(ValueError, match="no_cell_rows=2 is not valid"):
         _c._set_test_override("no_cell_rows", 2)
+    with pytest.raises(ValueError, match="max_cell_rows=3 is not valid"):
+        _c._set_test_override("max_cell_rows", 3)
 
 
 @pytest.mark.parametrize("isa", [1, 2, 3], ids=lambda i: ISA_NAMES[i])
@@ -212,6 +217,43 @@ def test_wide_one_run_cells_by_rows_match_cell_sum_bitwise(_c, shape, bins):
         for k, (a, b, e) in enumerate(zip(by_rows, by_cells, want)):
             assert torch.equal(a, b), f"{ISA_NAMES[isa]}, level {k}: rows and cell_sum differ"
             torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("tasks,direct", [(1, 1), (2, 1), (1, 2)], ids=["per-sample", "split", "direct"])
+@pytest.mark.parametrize("shape,bins", [((2, 130, 32, 32), (1, 2, 4)),  # 8 x 8 cells of 130 channels: 33 KB
+                                         ((3, 600, 20, 20), (1, 2, 3)),  # uneven cells of 600 channels
+                                         ((2, 300, 24, 24), (1, 3, (2, 5)))])  # a non-square level
+def test_wide_max_cells_by_rows_match_cell_scan_bitwise(_c, shape, bins, tasks, direct):
+    """channels_last max pooling with indices scans an H-segment with a wide cell (a quarter of L2, in a
+    sample larger than L2) by rows (simd::max_pixels, all channels of a pixel at a time, then keys) instead
+    of simd::max_cell_keys (a few vectors of channels over the whole cell), and so does a sample whose bins
+    are scanned straight from their windows' pixels (channels_last_max_direct=2) for a wide window;
+    max_cell_rows=2 takes rows for every cell and window, 1 never: the same scan of the same pixels by ATen's rule, so values
+    and indices agree bit for bit with the cell scan, on every ISA copy and both task layouts, and equal
+    eager's, on inputs of few distinct values (ties everywhere), -0.0 beside +0.0, -inf, and NaNs in some
+    samples only."""
+    g = torch.Generator().manual_seed(5)
+    base = torch.randint(-1, 2, shape, generator=g).float()
+    base[base == 0] = torch.where(torch.rand(int((base == 0).sum()), generator=g) < 0.5, -0.0, 0.0)
+    u = torch.rand(shape, generator=g)
+    base[u > 0.995] = float("-inf")
+    base[0, 3, 1, 2] = float("nan")  # sample 0 takes the NaN path, the others the keys
+    x = layout(base, "channels_last")
+    want = [F.adaptive_max_pool2d(x, as_pair(b), return_indices=True) for b in bins]
+    _c._set_test_override("channels_last_max_tasks", tasks)
+    _c._set_test_override("channels_last_max_direct", direct)  # 1: cells; 2: bins scanned from pixels
+    for isa in _available_isas(_c):
+        _c._set_test_override("simd_isa", isa)
+        _c._set_test_override("max_cell_rows", 2)
+        by_rows = pe.multi_adaptive_max_pool2d(x, bins, return_indices=True, backend="cpp")
+        _c._set_test_override("max_cell_rows", 1)
+        by_cells = pe.multi_adaptive_max_pool2d(x, bins, return_indices=True, backend="cpp")
+        for k, ((v, i), (vc, ic), (ve, ie)) in enumerate(zip(zip(*by_rows), zip(*by_cells), want)):
+            where = f"{ISA_NAMES[isa]}, level {k}"
+            assert torch.equal(v.view(torch.int32), vc.view(torch.int32)), f"{where}: values differ from the cell scan"
+            assert torch.equal(i, ic), f"{where}: indices differ from the cell scan"
+            assert torch.equal(v.view(torch.int32), ve.view(torch.int32)), f"{where}: values differ from eager"
+            assert torch.equal(i, ie), f"{where}: indices differ from eager"
 
 
 def _max_workload():

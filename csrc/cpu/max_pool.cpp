@@ -11,6 +11,10 @@
 #include <limits>
 #include <memory>
 
+#if defined(__linux__)
+#include <unistd.h>
+#endif
+
 #include "cpu/simd_loops.h"
 #include "cpu/test_overrides.h"
 
@@ -161,6 +165,22 @@ struct Bins {
 constexpr int64_t kDirectReadsPercent = 160;
 constexpr int64_t kCachedSampleBytes = 512 << 10;
 constexpr int64_t kCachedReadsPercent = 300;
+// Cells and windows of more bytes than a quarter of L2, in samples of more
+// than kCachedSampleBytes, are scanned by rows (IndexedPhases::wide). The
+// cell scan walks the cell once per few vectors of channels; where the cell
+// stays in L2 between those walks it is faster (AMD EPYC, 512 KB L2, two
+// threads, bins 1, 2, 3, 6: (8, 512, 32, 32), 72 KB windows, by rows 1.2x
+// slower; (16, 256, 16, 16), a sample in L2, 1.1x).
+int64_t wide_cell_bytes() {
+  static const int64_t bytes = [] {
+    int64_t l2 = 0;
+#if defined(__linux__) && defined(_SC_LEVEL2_CACHE_SIZE)
+    l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#endif
+    return l2 > 0 ? std::max<int64_t>(l2 / 4, 32 << 10) : int64_t{128} << 10;
+  }();
+  return bytes;
+}
 
 std::shared_ptr<const Bins> make_bins(const Levels& lv) {
   auto bins = std::make_shared<Bins>();  // the steps point into rects: built in place
@@ -201,15 +221,27 @@ struct IndexedPhases {
   // keys (simd::max_cell_keys: the cell's pixels scanned by ATen's rule from
   // its first pixel, like ATen's window from (-inf, its first element), the
   // state in registers), for phase 2 to combine with an integer maximum.
+  // Where a cell is wide (wide(): wider than a quarter of L2) the segment's rows are
+  // scanned instead, each front to back, into row_v / row_i (SW * C each:
+  // simd::max_pixels, the same scan with the state in memory), then made
+  // keys: max_cell_keys walks a cell once per few vectors of channels, its
+  // pixels C floats apart, and found the next vectors' lines evicted.
   // Returns whether a cell is NaN (a NaN, once taken, is only replaced by a
   // later NaN: whether the cells' pixels hold one); then the keys are not to
   // be used and the sample's cells are scanned again with scan_rows.
-  bool scan_cells(int64_t n, int64_t a, int64_t* cell_k) const {
+  bool scan_cells(int64_t n, int64_t a, int64_t* cell_k, float* row_v, int32_t* row_i) const {
     const int64_t h0 = lv.h.cuts[a], h1 = lv.h.cuts[a + 1];
     if (lv.h.seg_of[h0] < 0) return false;  // no window reads these rows
     const float* rows = x + ((n * H + h0) * W) * C;
     const int64_t SH = lv.h.num_segments();
     bool nan = false;
+    if (by_rows(a)) {
+      scan_row_cells(n, a, row_v, row_i);
+      for (int64_t b = 0; b < SW; ++b)
+        if (lv.w.seg_of[lv.w.cuts[b]] >= 0)
+          nan |= simd::max_keys(cell_k + (a * SW + b) * C, row_v + b * C, row_i + b * C, C);
+      return nan;
+    }
     for (int64_t b = 0; b < SW; ++b) {
       const int64_t w0 = lv.w.cuts[b], w1 = lv.w.cuts[b + 1];
       if (lv.w.seg_of[w0] < 0) continue;
@@ -223,14 +255,35 @@ struct IndexedPhases {
     return nan;
   }
 
+  // Whether a cell or window of h x w pixels is scanned by rows: more than
+  // wide_cell_bytes() in a sample of more than kCachedSampleBytes (the
+  // max_cell_rows test switch: 1 never, 2 always).
+  bool wide(int64_t h, int64_t w) const {
+    constexpr int64_t kF = sizeof(float);
+    const int64_t forced = test_overrides::get(test_overrides::kMaxCellRows);
+    if (forced) return forced == 2;
+    return H * W * C * kF > kCachedSampleBytes && h * w * C * kF > wide_cell_bytes();
+  }
+
+  // Whether H-segment a has a wide cell (scan_cells scans its rows).
+  bool by_rows(int64_t a) const {
+    const int64_t h = lv.h.cuts[a + 1] - lv.h.cuts[a];
+    for (int64_t b = 0; b < SW; ++b)
+      if (wide(h, lv.w.cuts[b + 1] - lv.w.cuts[b])) return true;
+    return false;
+  }
+
   // Phase 1 of a sample holding a NaN: H-segment a's rows into its row of
   // cells' values and flat indices (max_pixels, the same scan), for the
   // combine by the NaN rule.
   void scan_rows(int64_t n, int64_t a, float* cell_v, int32_t* cell_i) const {
+    scan_row_cells(n, a, cell_v + a * SW * C, cell_i + a * SW * C);
+  }
+
+  // scan_rows into one row of cells' values and indices (SW * C each).
+  void scan_row_cells(int64_t n, int64_t a, float* row_v, int32_t* row_i) const {
     const int64_t h0 = lv.h.cuts[a], h1 = lv.h.cuts[a + 1];
     if (lv.h.seg_of[h0] < 0) return;
-    float* row_v = cell_v + a * SW * C;
-    int32_t* row_i = cell_i + a * SW * C;
     for (int64_t h = h0; h < h1; ++h) {
       const float* row = x + ((n * H + h) * W) * C;
       for (int64_t b = 0; b < SW; ++b) {
@@ -248,7 +301,9 @@ struct IndexedPhases {
   // keys to bin_k; the other bins from those keys, as in cells_to_bins.
   // Returns false when a bin is NaN: the sample then takes the cells and the
   // NaN rule, which write every bin again.
-  bool sample_direct(int64_t n, float* out_n, int64_t* out_idx_n, int64_t* bin_k) const {
+  // A wide window (wide()) is scanned by rows into m / r (C each), as
+  // scan_cells scans wide cells.
+  bool sample_direct(int64_t n, float* out_n, int64_t* out_idx_n, int64_t* bin_k, float* m, int32_t* r_idx) const {
     for (const BinStep& s : steps) {
       const BinRect& r = *s.rect;
       int64_t* keys = bin_k + s.bin * C;
@@ -258,6 +313,25 @@ struct IndexedPhases {
         continue;
       }
       const int64_t h0 = lv.h.cuts[s.a0], h1 = lv.h.cuts[s.a1], w0 = lv.w.cuts[s.b0], w1 = lv.w.cuts[s.b1];
+      if (wide(h1 - h0, w1 - w0)) {
+        for (int64_t h = h0; h < h1; ++h)
+          simd::max_pixels(m, r_idx, x + ((n * H + h) * W + w0) * C, w1 - w0, C, C, static_cast<int32_t>(h * W + w0),
+                           h == h0);
+        if (simd::max_keys(keys, m, r_idx, C)) return false;
+        float* dst = out_n + r.out_offset;
+        int64_t* dst_idx = out_idx_n + r.out_offset;
+        const int64_t c_n = C;  // a local: the int64 stores could alias the member, reloaded per element
+        if (r.c_stride == 1) {  // channels_last levels: plain loops the compiler vectorizes
+          std::memcpy(dst, m, static_cast<size_t>(c_n) * sizeof(float));
+          for (int64_t k = 0; k < c_n; ++k) dst_idx[k] = r_idx[k];
+        } else {
+          for (int64_t k = 0; k < c_n; ++k) {
+            dst[k * r.c_stride] = m[k];
+            dst_idx[k * r.c_stride] = r_idx[k];
+          }
+        }
+        continue;
+      }
       // No prefetch (ahead 0): fetching the next window's pixels while
       // scanning a window 128 channels at a time evicted what was still to
       // be read (on (1, 2048, 64, 64) 1.4x slower than without).
@@ -299,10 +373,10 @@ struct IndexedPhases {
   // Both phases for sample n, all channels, with one sample's scratch.
   void sample(int64_t n, float* out_n, int64_t* out_idx_n, float* cell_v, int32_t* cell_i, int64_t* cell_k,
               int64_t* bin_k) const {
-    if (direct && sample_direct(n, out_n, out_idx_n, bin_k)) return;
+    if (direct && sample_direct(n, out_n, out_idx_n, bin_k, cell_v, cell_i)) return;
     const int64_t SH = lv.h.num_segments();
     bool nan = false;
-    for (int64_t a = 0; a < SH; ++a) nan |= scan_cells(n, a, cell_k);
+    for (int64_t a = 0; a < SH; ++a) nan |= scan_cells(n, a, cell_k, cell_v + a * SW * C, cell_i + a * SW * C);
     if (nan)
       for (int64_t a = 0; a < SH; ++a) scan_rows(n, a, cell_v, cell_i);
     cells_to_bins(out_n, out_idx_n, 0, C, cell_v, cell_i, cell_k, nan, bin_k);
@@ -414,8 +488,11 @@ void forward_channels_last(const float* x, float* out, int64_t* out_idx, const L
   auto cell_k = scratch<int64_t>(N * cells_per_sample);
   std::vector<char> seg_nan(static_cast<size_t>(N * SH));
   at::parallel_for(0, N * SH, 1, [&](int64_t begin, int64_t end) {
+    auto row_v = scratch<float>(SW * C);  // a row of cells, where scan_cells scans rows
+    auto row_i = scratch<int32_t>(SW * C);
     for (int64_t task = begin; task < end; ++task)
-      seg_nan[task] = indexed.scan_cells(task / SH, task % SH, cell_k.get() + (task / SH) * cells_per_sample);
+      seg_nan[task] = indexed.scan_cells(task / SH, task % SH, cell_k.get() + (task / SH) * cells_per_sample,
+                                         row_v.get(), row_i.get());
   });
   std::vector<char> sample_nan(static_cast<size_t>(N));
   for (int64_t n = 0; n < N; ++n)

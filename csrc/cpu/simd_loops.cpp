@@ -78,6 +78,7 @@ struct Loops {
   decltype(&isa_baseline::max_pixels) max_pixels;
   decltype(&isa_baseline::max_rect) max_rect;
   decltype(&isa_baseline::max_cell_keys) max_cell_keys;
+  decltype(&isa_baseline::max_keys) max_keys;
   decltype(&isa_baseline::max_rect_keys) max_rect_keys;
   decltype(&isa_baseline::max_pixels_values) max_pixels_values;
   decltype(&isa_baseline::max_rect_values) max_rect_values;
@@ -89,7 +90,7 @@ struct Loops {
         ns::tree_means, ns::max_rows,                                                                          \
         ns::blend, ns::axpy, ns::shift_add_planes, ns::shift_add_pixels, ns::axpy_pixels, ns::resize_row, ns::resize_rows, ns::bilinear,   \
         ns::resize_planes,                                                                          \
-        ns::concat_pixels, ns::max_pixels, ns::max_rect, ns::max_cell_keys, ns::max_rect_keys,       \
+        ns::concat_pixels, ns::max_pixels, ns::max_rect, ns::max_cell_keys, ns::max_keys, ns::max_rect_keys,\
         ns::max_pixels_values, ns::max_rect_values                                                  \
   }
 constexpr Loops kBaseline = PE_LOOPS(isa_baseline);
@@ -233,6 +234,7 @@ bool max_cell_keys(int64_t* keys, float* dst, int64_t* dst_idx, int64_t dst_stri
   return loops().max_cell_keys(keys, dst, dst_idx, dst_stride, src, rows, row_stride, pixels, stride, n, idx0, W,
                                ahead);
 }
+bool max_keys(int64_t* keys, const float* m, const int32_t* r, int64_t n) { return loops().max_keys(keys, m, r, n); }
 void max_rect_keys(float* dst, int64_t* dst_idx, int64_t dst_stride, const int64_t* cells, int64_t row_stride,
                    int64_t cell_stride, int64_t a0, int64_t a1, int64_t b0, int64_t b1, int64_t n,
                    int64_t* keys_out) {

@@ -11,7 +11,7 @@ namespace {
 
 constexpr const char* kNames[kNumSwitches] = {"simd_isa", "no_block_kernel", "channels_last_avg_tasks",
                                                "channels_last_max_tasks", "channels_last_max_direct", "no_sum_trees",
-                                               "no_cell_rows"};
+                                               "no_cell_rows", "max_cell_rows"};
 std::atomic<int64_t> g_values[kNumSwitches];
 
 }  // namespace
