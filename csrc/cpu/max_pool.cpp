@@ -233,7 +233,6 @@ struct IndexedPhases {
     const int64_t h0 = lv.h.cuts[a], h1 = lv.h.cuts[a + 1];
     if (lv.h.seg_of[h0] < 0) return false;  // no window reads these rows
     const float* rows = x + ((n * H + h0) * W) * C;
-    const int64_t SH = lv.h.num_segments();
     bool nan = false;
     if (by_rows(a)) {
       scan_row_cells(n, a, row_v, row_i);
@@ -245,12 +244,8 @@ struct IndexedPhases {
     for (int64_t b = 0; b < SW; ++b) {
       const int64_t w0 = lv.w.cuts[b], w1 = lv.w.cuts[b + 1];
       if (lv.w.seg_of[w0] < 0) continue;
-      // Prefetched meanwhile: the next cell's pixels (the next W-segment's,
-      // or the next H-segment's first), as far as its shape is this one's.
-      int64_t ahead = (w1 - w0) * C;
-      if (b + 1 == SW) ahead = a + 1 < SH ? ((h1 - h0) * W - w0) * C : 0;
       nan |= simd::max_cell_keys(cell_k + (a * SW + b) * C, nullptr, nullptr, 0, rows + w0 * C, h1 - h0, W * C,
-                                 w1 - w0, C, C, static_cast<int32_t>(h0 * W + w0), static_cast<int32_t>(W), ahead);
+                                 w1 - w0, C, C, static_cast<int32_t>(h0 * W + w0), static_cast<int32_t>(W));
     }
     return nan;
   }
@@ -332,12 +327,9 @@ struct IndexedPhases {
         }
         continue;
       }
-      // No prefetch (ahead 0): fetching the next window's pixels while
-      // scanning a window 128 channels at a time evicted what was still to
-      // be read (on (1, 2048, 64, 64) 1.4x slower than without).
       if (simd::max_cell_keys(keys, out_n + r.out_offset, out_idx_n + r.out_offset, r.c_stride,
                               x + ((n * H + h0) * W + w0) * C, h1 - h0, W * C, w1 - w0, C, C,
-                              static_cast<int32_t>(h0 * W + w0), static_cast<int32_t>(W), 0))
+                              static_cast<int32_t>(h0 * W + w0), static_cast<int32_t>(W)))
         return false;
     }
     return true;

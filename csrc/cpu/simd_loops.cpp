@@ -229,10 +229,8 @@ void max_rect(float* dst, int64_t* dst_idx, int64_t dst_stride, const float* cel
   loops().max_rect(dst, dst_idx, dst_stride, cells_v, cells_i, row_stride, cell_stride, a0, a1, b0, b1, n, may_nan);
 }
 bool max_cell_keys(int64_t* keys, float* dst, int64_t* dst_idx, int64_t dst_stride, const float* src, int64_t rows,
-                   int64_t row_stride, int64_t pixels, int64_t stride, int64_t n, int32_t idx0, int32_t W,
-                   int64_t ahead) {
-  return loops().max_cell_keys(keys, dst, dst_idx, dst_stride, src, rows, row_stride, pixels, stride, n, idx0, W,
-                               ahead);
+                   int64_t row_stride, int64_t pixels, int64_t stride, int64_t n, int32_t idx0, int32_t W) {
+  return loops().max_cell_keys(keys, dst, dst_idx, dst_stride, src, rows, row_stride, pixels, stride, n, idx0, W);
 }
 bool max_keys(int64_t* keys, const float* m, const int32_t* r, int64_t n) { return loops().max_keys(keys, m, r, n); }
 void max_rect_keys(float* dst, int64_t* dst_idx, int64_t dst_stride, const int64_t* cells, int64_t row_stride,

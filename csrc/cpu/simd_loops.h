@@ -243,12 +243,11 @@ void max_rect(float* dst, int64_t* dst_idx, int64_t dst_stride, const float* cel
 // pieces (larger value, then earlier index; -0.0 equal to +0.0 but kept):
 // keys[k]; dst not null: also as value dst[k * dst_stride] and int64 index
 // dst_idx[k * dst_stride] (a bin scanned whole from its pixels). Each load
-// also prefetches `ahead` floats further (the next cell's pixels). Returns
+// also prefetches the same pixel's next vectors of channels. Returns
 // whether some channel's maximum is NaN (then the keys, and the values and
 // indices, are not to be used).
 bool max_cell_keys(int64_t* keys, float* dst, int64_t* dst_idx, int64_t dst_stride, const float* src, int64_t rows,
-                   int64_t row_stride, int64_t pixels, int64_t stride, int64_t n, int32_t idx0, int32_t W,
-                   int64_t ahead);
+                   int64_t row_stride, int64_t pixels, int64_t stride, int64_t n, int32_t idx0, int32_t W);
 // max_pixels' state (m, r: n channels' values and flat indices) as such
 // keys; returns whether some m[k] is NaN (then the keys are not to be used).
 bool max_keys(int64_t* keys, const float* m, const int32_t* r, int64_t n);
