@@ -136,21 +136,25 @@ def _configs(_C):
     return out
 
 
+# The channels_last max paths of one task layout: (channels_last_max_direct, max_cell_rows). Per-sample
+# tasks combine bins from cells or scan them from their windows' pixels (direct), the latter also with
+# every window scanned by rows; the split has no direct choice, its cells scanned as chosen or by rows
+# (the automatic choice takes no rows on these small samples).
+_MAX_PATHS = {1: {"cells": (1, 0), "direct": (2, 0), "direct+rows": (2, 2)}, 2: {"auto": (0, 0), "rows": (0, 2)}}
+
+
 def _max_configs(_C):
-    """_configs with channels_last_max_direct: per-sample tasks (1) both with bins combined from cells (1)
-    and with bins scanned from their windows' pixels (2); the split (tasks 2) has no such choice (0). The
-    direct value carries max_cell_rows too: + 10 scans every cell and window by rows (12: direct and rows;
-    the automatic choice never takes rows on these small samples)."""
-    return [(isa, nb, tasks, direct) for isa, nb, tasks in _configs(_C)
-            for direct in ((1, 2, 12) if tasks == 1 else (0, 10))]
+    """_configs with each of the task layout's _MAX_PATHS."""
+    return [(isa, nb, tasks, path) for isa, nb, tasks in _configs(_C) for path in _MAX_PATHS[tasks]]
 
 
-def _set_max_path(_C, isa, nb, tasks, direct):
+def _set_max_path(_C, isa, nb, tasks, path):
+    direct, rows = _MAX_PATHS[tasks][path]
     _C._set_test_override("simd_isa", isa)
     _C._set_test_override("no_block_kernel", nb)
     _C._set_test_override("channels_last_max_tasks", tasks)
-    _C._set_test_override("channels_last_max_direct", direct % 10)
-    _C._set_test_override("max_cell_rows", 2 if direct >= 10 else 0)
+    _C._set_test_override("channels_last_max_direct", direct)
+    _C._set_test_override("max_cell_rows", rows)
 
 
 def test_switches_reject_unknown_names_and_unsupported_values(_c):
@@ -220,18 +224,18 @@ def test_wide_one_run_cells_by_rows_match_cell_sum_bitwise(_c, shape, bins):
 
 
 @pytest.mark.parametrize("tasks,direct", [(1, 1), (2, 1), (1, 2)], ids=["per-sample", "split", "direct"])
-@pytest.mark.parametrize("shape,bins", [((2, 130, 32, 32), (1, 2, 4)),  # 8 x 8 cells of 130 channels: 33 KB
+@pytest.mark.parametrize("shape,bins", [((2, 130, 32, 32), (1, 2, 4)),  # 8 x 8 cells of 130 channels
                                          ((3, 600, 20, 20), (1, 2, 3)),  # uneven cells of 600 channels
                                          ((2, 300, 24, 24), (1, 3, (2, 5)))])  # a non-square level
 def test_wide_max_cells_by_rows_match_cell_scan_bitwise(_c, shape, bins, tasks, direct):
     """channels_last max pooling with indices scans an H-segment with a wide cell (a quarter of L2, in a
-    sample larger than L2) by rows (simd::max_pixels, all channels of a pixel at a time, then keys) instead
+    sample over 512 KiB) by rows (simd::max_pixels, all channels of a pixel at a time, then keys) instead
     of simd::max_cell_keys (a few vectors of channels over the whole cell), and so does a sample whose bins
-    are scanned straight from their windows' pixels (channels_last_max_direct=2) for a wide window;
-    max_cell_rows=2 takes rows for every cell and window, 1 never: the same scan of the same pixels by ATen's rule, so values
-    and indices agree bit for bit with the cell scan, on every ISA copy and both task layouts, and equal
-    eager's, on inputs of few distinct values (ties everywhere), -0.0 beside +0.0, -inf, and NaNs in some
-    samples only."""
+    are scanned straight from their windows' pixels (channels_last_max_direct=2) for a wide window.
+    max_cell_rows=2 takes rows for every cell and window, 1 never: the same scan of the same pixels by
+    ATen's rule, so values and indices agree bit for bit with the cell scan, on every ISA copy and both
+    task layouts, and equal eager's, on inputs of few distinct values (ties everywhere), -0.0 beside
+    +0.0, -inf, and NaNs in some samples only."""
     g = torch.Generator().manual_seed(5)
     base = torch.randint(-1, 2, shape, generator=g).float()
     base[base == 0] = torch.where(torch.rand(int((base == 0).sum()), generator=g) < 0.5, -0.0, 0.0)
@@ -302,13 +306,13 @@ def test_every_forced_max_path_keeps_atens_ties_and_nans(_c):
     indices exactly as PyTorch's, and every forced path bit for bit as the automatic one."""
     auto, want = _max_workload()
     _check_max_against_eager(auto, want)
-    for isa, nb, tasks, direct in _max_configs(_c):
-        _set_max_path(_c, isa, nb, tasks, direct)
+    for isa, nb, tasks, path in _max_configs(_c):
+        _set_max_path(_c, isa, nb, tasks, path)
         got, _ = _max_workload()
         for k, ((what, a), (_, b)) in enumerate(zip(got, auto)):
             assert torch.equal(_bits(a), _bits(b)), (
                 f"simd_isa={ISA_NAMES[isa]} no_block_kernel={nb} channels_last_max_tasks={tasks} "
-                f"direct={direct}: result {k} ({what}) differs from the automatic path")
+                f"path={path}: result {k} ({what}) differs from the automatic path")
 
 
 def _sparse_nan_max_input():
@@ -337,15 +341,15 @@ def test_max_without_nan_rule_on_nan_free_blocks_keeps_atens_ties(_c, kind):
     base = _sparse_nan_max_input()
     bins = (1, 2, 3, 6, (4, 5), (7, 13))
     want = [F.adaptive_max_pool2d(layout(base, kind), as_pair(b), return_indices=True) for b in bins]
-    for isa, nb, tasks, direct in _max_configs(_c):
-        _set_max_path(_c, isa, nb, tasks, direct)
+    for isa, nb, tasks, path in _max_configs(_c):
+        _set_max_path(_c, isa, nb, tasks, path)
         for threads in (1, 2):
             with _threads(threads):
                 vals, idxs = pe.multi_adaptive_max_pool2d(layout(base, kind), bins, return_indices=True,
                                                           backend="cpp")
                 vals_only = pe.multi_adaptive_max_pool2d(layout(base, kind), bins, backend="cpp")
             for k, (v, i, vo, (wv, wi)) in enumerate(zip(vals, idxs, vals_only, want)):
-                where = (f"simd_isa={ISA_NAMES[isa]} no_block_kernel={nb} tasks={tasks} direct={direct} "
+                where = (f"simd_isa={ISA_NAMES[isa]} no_block_kernel={nb} tasks={tasks} path={path} "
                          f"threads={threads} level {k}")
                 assert torch.equal(i, wi), f"{where}: indices differ from PyTorch's"
                 assert torch.equal(_bits(v), _bits(wv)), f"{where}: values differ from PyTorch's"
@@ -382,14 +386,14 @@ def test_max_channels_last_keys_keep_atens_order_of_signed_values(_c):
     bins = (1, 2, 3, 6, (4, 5))
     want = [F.adaptive_max_pool2d(x, as_pair(b), return_indices=True) for b in bins]
     want_spp = torch.cat([v.flatten(1) for v, _ in want], 1)
-    for isa, nb, tasks, direct in _max_configs(_c):
-        _set_max_path(_c, isa, nb, tasks, direct)
+    for isa, nb, tasks, path in _max_configs(_c):
+        _set_max_path(_c, isa, nb, tasks, path)
         for threads in (1, 2):
             with _threads(threads):
                 vals, idxs = pe.multi_adaptive_max_pool2d(x, bins, return_indices=True, backend="cpp")
                 vals_only = pe.multi_adaptive_max_pool2d(x, bins, backend="cpp")
                 spp = pe.spatial_pyramid_pool(x, bins, mode="max", backend="cpp")
-            where = f"simd_isa={ISA_NAMES[isa]} tasks={tasks} direct={direct} threads={threads}"
+            where = f"simd_isa={ISA_NAMES[isa]} tasks={tasks} path={path} threads={threads}"
             for k, (v, i, vo, (wv, wi)) in enumerate(zip(vals, idxs, vals_only, want)):
                 assert torch.equal(i, wi), f"{where} level {k}: indices differ from PyTorch's"
                 assert torch.equal(_bits(v), _bits(wv)), f"{where} level {k}: values differ from PyTorch's"
@@ -410,12 +414,12 @@ def test_max_channels_last_indices_over_every_channel_vector_width(_c):
     x = layout(base, "channels_last")
     bins = (1, 2, 3, 6, (4, 5))
     want = [F.adaptive_max_pool2d(x, as_pair(b), return_indices=True) for b in bins]
-    for isa, nb, tasks, direct in _max_configs(_c):
-        _set_max_path(_c, isa, nb, tasks, direct)
+    for isa, nb, tasks, path in _max_configs(_c):
+        _set_max_path(_c, isa, nb, tasks, path)
         for threads in (1, 2):
             with _threads(threads):
                 vals, idxs = pe.multi_adaptive_max_pool2d(x, bins, return_indices=True, backend="cpp")
-            where = f"simd_isa={ISA_NAMES[isa]} tasks={tasks} direct={direct} threads={threads}"
+            where = f"simd_isa={ISA_NAMES[isa]} tasks={tasks} path={path} threads={threads}"
             for k, (v, i, (wv, wi)) in enumerate(zip(vals, idxs, want)):
                 assert torch.equal(i, wi), f"{where} level {k}: indices differ from PyTorch's"
                 assert torch.equal(_bits(v), _bits(wv)), f"{where} level {k}: values differ from PyTorch's"
@@ -440,13 +444,13 @@ def test_max_values_only_takes_the_first_zero_and_the_last_nan_in_row_major_orde
     assert _bits(want[0][0, 3, 0, 0]) == _bits(torch.tensor(-0.0))
     assert _bits(want[0][0, 17, 0, 0]) == _bits(x[0, 17, 1, 0])
     want_spp = torch.cat([v.flatten(1) for v in want], 1)
-    for isa, nb, tasks, direct in _max_configs(_c):
-        _set_max_path(_c, isa, nb, tasks, direct)
+    for isa, nb, tasks, path in _max_configs(_c):
+        _set_max_path(_c, isa, nb, tasks, path)
         for threads in (1, 2):
             with _threads(threads):
                 vals = pe.multi_adaptive_max_pool2d(x, bins, backend="cpp")
                 spp = pe.spatial_pyramid_pool(x, bins, mode="max", backend="cpp")
-            where = f"simd_isa={ISA_NAMES[isa]} tasks={tasks} direct={direct} threads={threads}"
+            where = f"simd_isa={ISA_NAMES[isa]} tasks={tasks} path={path} threads={threads}"
             for k, (v, wv) in enumerate(zip(vals, want)):
                 assert torch.equal(_bits(v), _bits(wv)), f"{where} level {k}: values differ from PyTorch's"
             assert torch.equal(_bits(spp), _bits(want_spp)), f"{where}: SPP values differ from PyTorch's"

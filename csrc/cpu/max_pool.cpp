@@ -171,7 +171,7 @@ constexpr int64_t kCachedReadsPercent = 300;
 // stays in L2 between those walks it is faster (AMD EPYC, 512 KB L2, two
 // threads, bins 1, 2, 3, 6: (8, 512, 32, 32), 72 KB windows, by rows 1.2x
 // slower; (16, 256, 16, 16), a sample in L2, 1.1x).
-int64_t wide_cell_bytes() {
+static int64_t wide_cell_bytes() {
   static const int64_t bytes = [] {
     int64_t l2 = 0;
 #if defined(__linux__) && defined(_SC_LEVEL2_CACHE_SIZE)
@@ -238,7 +238,7 @@ struct IndexedPhases {
       scan_row_cells(n, a, row_v, row_i);
       for (int64_t b = 0; b < SW; ++b)
         if (lv.w.seg_of[lv.w.cuts[b]] >= 0)
-          nan |= simd::max_keys(cell_k + (a * SW + b) * C, row_v + b * C, row_i + b * C, C);
+          nan |= simd::max_keys(cell_k + (a * SW + b) * C, nullptr, nullptr, 0, row_v + b * C, row_i + b * C, C);
       return nan;
     }
     for (int64_t b = 0; b < SW; ++b) {
@@ -312,19 +312,8 @@ struct IndexedPhases {
         for (int64_t h = h0; h < h1; ++h)
           simd::max_pixels(m, r_idx, x + ((n * H + h) * W + w0) * C, w1 - w0, C, C, static_cast<int32_t>(h * W + w0),
                            h == h0);
-        if (simd::max_keys(keys, m, r_idx, C)) return false;
-        float* dst = out_n + r.out_offset;
-        int64_t* dst_idx = out_idx_n + r.out_offset;
-        const int64_t c_n = C;  // a local: the int64 stores could alias the member, reloaded per element
-        if (r.c_stride == 1) {  // channels_last levels: plain loops the compiler vectorizes
-          std::memcpy(dst, m, static_cast<size_t>(c_n) * sizeof(float));
-          for (int64_t k = 0; k < c_n; ++k) dst_idx[k] = r_idx[k];
-        } else {
-          for (int64_t k = 0; k < c_n; ++k) {
-            dst[k * r.c_stride] = m[k];
-            dst_idx[k * r.c_stride] = r_idx[k];
-          }
-        }
+        if (simd::max_keys(keys, out_n + r.out_offset, out_idx_n + r.out_offset, r.c_stride, m, r_idx, C))
+          return false;
         continue;
       }
       if (simd::max_cell_keys(keys, out_n + r.out_offset, out_idx_n + r.out_offset, r.c_stride,

@@ -232,7 +232,10 @@ bool max_cell_keys(int64_t* keys, float* dst, int64_t* dst_idx, int64_t dst_stri
                    int64_t row_stride, int64_t pixels, int64_t stride, int64_t n, int32_t idx0, int32_t W) {
   return loops().max_cell_keys(keys, dst, dst_idx, dst_stride, src, rows, row_stride, pixels, stride, n, idx0, W);
 }
-bool max_keys(int64_t* keys, const float* m, const int32_t* r, int64_t n) { return loops().max_keys(keys, m, r, n); }
+bool max_keys(int64_t* keys, float* dst, int64_t* dst_idx, int64_t dst_stride, const float* m, const int32_t* r,
+              int64_t n) {
+  return loops().max_keys(keys, dst, dst_idx, dst_stride, m, r, n);
+}
 void max_rect_keys(float* dst, int64_t* dst_idx, int64_t dst_stride, const int64_t* cells, int64_t row_stride,
                    int64_t cell_stride, int64_t a0, int64_t a1, int64_t b0, int64_t b1, int64_t n,
                    int64_t* keys_out) {

@@ -249,8 +249,10 @@ void max_rect(float* dst, int64_t* dst_idx, int64_t dst_stride, const float* cel
 bool max_cell_keys(int64_t* keys, float* dst, int64_t* dst_idx, int64_t dst_stride, const float* src, int64_t rows,
                    int64_t row_stride, int64_t pixels, int64_t stride, int64_t n, int32_t idx0, int32_t W);
 // max_pixels' state (m, r: n channels' values and flat indices) as such
-// keys; returns whether some m[k] is NaN (then the keys are not to be used).
-bool max_keys(int64_t* keys, const float* m, const int32_t* r, int64_t n);
+// keys, and, dst not null, as values and int64 indices as max_cell_keys
+// writes them; returns whether some m[k] is NaN (then none is to be used).
+bool max_keys(int64_t* keys, float* dst, int64_t* dst_idx, int64_t dst_stride, const float* m, const int32_t* r,
+              int64_t n);
 // max_rect over such keys (a bin is their integer maximum per lane):
 // dst[k * dst_stride], dst_idx[k * dst_stride] = the value and index of the
 // largest key of channel k over the cells a0 <= a < a1, b0 <= b < b1 (at
