@@ -30,6 +30,27 @@ _REP_STOS = re.compile(r"\brep stos")
 _PART_STACK_STORE = re.compile(r"\b(vmov[hl]p[sd]|vextract[fi](128|32x4|64x2|32x8|64x4))\s+(\$0x[0-9a-f]+,)?"
                                r"%[xyz]mm\d+,(-?0x[0-9a-f]+)?\(%rsp\)")
 
+# An aligned 16-byte store of a vector register to memory. The kernels' data
+# pointers are not known to be aligned, so the destination is a local: a
+# wider vector built or copied there in 16-byte halves and read back whole,
+# a failed store forward per vector. GCC 12 did this with the state of
+# max_cell_keys and the sums of upsample_shift_add where they were loaded in
+# a loop over the vectors (0.47 -> 0.415 ms, 366-433 -> 263-333 us on an AMD
+# EPYC once the loops were unrolled).
+_HALF_STORE = re.compile(r"\b(vmovdqa|vmovaps|vmovapd)(32|64)?\s+%xmm\d+,[^%]")
+# Kernels that still have such stores (a local zeroed or a tail copied in
+# halves; none is in the hot loop of the benchmarked paths). Every other
+# kernel of the AVX2 and AVX-512 copies is held to it.
+_HALF_STORES_NOT_YET_FIXED = frozenset({
+    "sum_rows", "max_rect_keys", "add_run_f64", "add_row_sum_f64", "add_row_sum", "set_row_sum", "tree_means",
+    "max_rows", "resize_planes", "resize_rows", "resize_row",
+})
+
+
+def _kernel_name(function):
+    """'max_cell_keys' for 'pyramid_ext::simd::isa_avx2::max_cell_keys(long*, ...)'."""
+    return re.sub(r"\(.*$", "", function).rsplit("::", 1)[-1]
+
 
 def _disassembly(path):
     objdump = shutil.which("objdump")
@@ -58,6 +79,8 @@ def vector_copy_defects(text):
             defects.setdefault(name, []).append("rep stos: " + line.strip())
         if _PART_STACK_STORE.search(line):
             defects.setdefault(name, []).append("part of a vector stored to the stack: " + line.strip())
+        if _HALF_STORE.search(line) and _kernel_name(name) not in _HALF_STORES_NOT_YET_FIXED:
+            defects.setdefault(name, []).append("aligned 16-byte store (a vector built in halves): " + line.strip())
         run = run + 1 if _SCALAR_STACK_STORE.search(line) else 0
         if run == 4:
             defects.setdefault(name, []).append("4 scalar stores to the stack in a row: " + line.strip())
@@ -81,9 +104,18 @@ def test_checker_sees_each_pattern():
         "   5000:\tvmovhps %xmm1,0xa0(%rsp)",
         "0000000000006000 <pyramid_ext::simd::isa_avx512::rect_means(float*)>:",
         "   6000:\tvextractf128 $0x1,%ymm3,0x20(%rsp)",
+        "0000000000007000 <pyramid_ext::simd::isa_avx2::max_cell_keys(long*, float*)>:",
+        "   7000:\tvmovdqu (%r9),%xmm7",
+        "   7010:\tvmovdqa %xmm7,(%rdi)",  # a half of a vector to a local
+        "0000000000008000 <pyramid_ext::simd::isa_avx2::shift_add_pixels(float*)>:",
+        "   8000:\tvmovaps %xmm3,%xmm5",  # register to register is fine
+        "   8010:\tvmovups %xmm3,0x10(%rdi)",  # an unaligned store to data is fine
+        "0000000000009000 <pyramid_ext::simd::isa_avx2::max_rows(float*)>:",
+        "   9000:\tvmovdqa %xmm0,0x108(%rsp)",  # not yet fixed: not reported
     ])
     found = vector_copy_defects(text)
     assert sorted(found) == ["pyramid_ext::simd::isa_avx2::cell_sum(float*)",
+                             "pyramid_ext::simd::isa_avx2::max_cell_keys(long*, float*)",
                              "pyramid_ext::simd::isa_avx2::tree_means(float*)",
                              "pyramid_ext::simd::isa_avx512::concat_pixels(float*)",
                              "pyramid_ext::simd::isa_avx512::rect_means(float*)"]
