@@ -38,9 +38,10 @@ _PART_STACK_STORE = re.compile(r"\b(vmov[hl]p[sd]|vextract[fi](128|32x4|64x2|32x
 # a loop over the vectors (0.47 -> 0.415 ms, 366-433 -> 263-333 us on an AMD
 # EPYC once the loops were unrolled).
 _HALF_STORE = re.compile(r"\b(vmovdqa|vmovaps|vmovapd)(32|64)?\s+%xmm\d+,[^%]")
-# Kernels that still have such stores (a local zeroed or a tail copied in
-# halves; none is in the hot loop of the benchmarked paths). Every other
-# kernel of the AVX2 and AVX-512 copies is held to it.
+# Kernels that still have such stores, not fixed yet: in tree_means and
+# max_rect_keys they are on the strided-output and tail paths (the
+# benchmarked channels_last calls take neither); the others were not looked
+# into. Every other kernel of the AVX2 and AVX-512 copies is held to it.
 _HALF_STORES_NOT_YET_FIXED = frozenset({
     "sum_rows", "max_rect_keys", "add_run_f64", "add_row_sum_f64", "add_row_sum", "set_row_sum", "tree_means",
     "max_rows", "resize_planes", "resize_rows", "resize_row",
