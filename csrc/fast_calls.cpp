@@ -499,10 +499,16 @@ pybind11::object upsample_concat_fast(pybind11::handle x_obj, pybind11::handle b
 // the Python between these ops cost as much as the ops (a PPM's four tails on
 // (16, 8, 8, 8)). The ops are ATen's, called through the dispatcher: autograd
 // records them as it records the modules' calls. The Python layer has checked
-// the modules and the sizes. The product: an NCHW result from planes that are
-// one (Cin, H*W) matrix per sample is bmm(weight, x[n]) (no copy in or out);
-// otherwise the rows of x's pixels (a view for channels_last x) times the
-// weight, the result channels_last where x is (and H*W > 1), else NCHW.
+// the modules and the sizes. The product: an NCHW result from planes of at
+// least kBmmMinPixels pixels that are one (Cin, H*W) matrix per sample is
+// bmm(weight, x[n]) (no copy in or out); otherwise the rows of x's pixels (a
+// view for channels_last x, a copy for smaller NCHW planes) times the weight,
+// the result channels_last where x is (and H*W > 1), else NCHW. Below
+// kBmmMinPixels MKL's bmm was 1.3-7x slower than that copy and one mm (AMD
+// EPYC, one and two threads: 1x1 convs 256 -> 64 on 16 samples and 2048 ->
+// 512 on 2 of 2x2 and 3x3 planes, PPM levels; about even from 16 pixels).
+constexpr int64_t kBmmMinPixels = 16;
+
 at::Tensor pointwise_tail(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                           const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
                           const std::optional<at::Tensor>& bn_mean, const std::optional<at::Tensor>& bn_var,
@@ -510,7 +516,7 @@ at::Tensor pointwise_tail(const at::Tensor& x, const at::Tensor& weight, const s
   pybind11::gil_scoped_release no_gil;
   const int64_t n = x.size(0), cin = x.size(1), h = x.size(2), w = x.size(3), cout = weight.size(0);
   at::Tensor out;
-  if (x.stride(1) != 1 && x.stride(2) == w * x.stride(3)) {
+  if (x.stride(1) != 1 && x.stride(2) == w * x.stride(3) && h * w >= kBmmMinPixels) {
     const at::Tensor w3d = weight.reshape({cout, cin}).expand({n, cout, cin});
     const at::Tensor cols = x.view({n, cin, h * w});
     out = bias ? at::baddbmm(bias->view({cout, 1}), w3d, cols) : at::bmm(w3d, cols);

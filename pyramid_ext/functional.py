@@ -534,12 +534,16 @@ def _conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], p
     the bias added by baddbmm), an NCHW result: ATen's
     convolution reorders an NCHW input and its output to its blocked layout on every call
     (on (16, 256, 16, 16) to 64 channels, one thread's CPU time under load: 3.2 against 2.6 ms
-    for the product); on a small NCHW map the product over its pixels copied x's pixels in and
-    the result out (the four tap products of upsample_concat_conv2d on (16, 64, b, b), b = 1,
-    2, 3, 6: 130 against 89 us, one thread). A larger channels_last x keeps the convolution (an
-    addmm over its pixels was slower there: 3.4 against 2.1 ms).
+    for the product); an NCHW map of fewer than 16 pixels is the product over its pixels
+    (``_conv1x1_as_product``: x's pixels copied in, the result out), where MKL's bmm was slower
+    (the four tap products of upsample_concat_conv2d on (16, 64, b, b), b = 1, 2, 3, 6, one
+    thread: 391-407 us with bmm from 2x2 on, 224-234 us so). A larger channels_last x keeps the
+    convolution (an addmm over its pixels was slower there: 3.4 against 2.1 ms).
     The product sums in another order than the convolution (same dtype, same bound)."""
-    if pad == 0 and not (x.is_contiguous() and x.stride(1) != 1):  # NCHW x: the per-sample product below
+    # NCHW x: the per-sample product below, but below 16 pixels pointwise_tail's rows (eager
+    # only: compile and export take no product there and must not guard on the size)
+    nchw = x.is_contiguous() and x.stride(1) != 1
+    if pad == 0 and not (nchw and (torch.compiler.is_compiling() or x.shape[-2] * x.shape[-1] >= 16)):
         out = _conv1x1_as_product(x, weight, bias)
         if out is not None:
             return out
