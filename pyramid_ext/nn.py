@@ -26,7 +26,7 @@ hit that, the modules raise a ``ValueError`` naming the module and the branch
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -209,6 +209,53 @@ def _run_modules(modules, x: torch.Tensor, direct: bool) -> torch.Tensor:
     return x
 
 
+def _flat_modules(modules) -> List[nn.Module]:
+    """``modules`` with plain ``nn.Sequential`` s (their own forward, no hooks) walked into, as _run_modules walks."""
+    flat = []
+    for m in modules:
+        if type(m).forward is nn.Sequential.forward and _hooks_free(m):
+            flat += _flat_modules(m)
+        else:
+            flat.append(m)
+    return flat
+
+
+def _tail_call_args(tail, pooled: torch.Tensor) -> Optional[tuple]:
+    """``_C._pointwise_tail``'s arguments for a tail that is exactly a product 1x1 conv,
+    optionally an eval BatchNorm, optionally a ReLU (as ``_run_modules`` would run it in
+    one call), or None."""
+    mods = _flat_modules(tail)
+    if not mods or not _product_conv(mods[0], pooled):
+        return None
+    conv, i = mods[0], 1
+    bn = mods[i] if i < len(mods) and _eval_batchnorm(mods[i]) else None
+    i += bn is not None
+    relu = mods[i] if i < len(mods) and type(mods[i]) is nn.ReLU and _own_hooks_free(mods[i]) else None
+    i += relu is not None
+    if i != len(mods):
+        return None
+    norm = (bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps) if bn is not None else (None,) * 4 + (0.0,)
+    return (pooled, conv.weight, conv.bias, *norm, 0 if relu is None else 2 if relu.inplace else 1)
+
+
+def _run_tails_side_by_side(stages: Sequence[nn.Sequential], pooled: Sequence[torch.Tensor]):
+    """Every stage's tail in one ``_C._pointwise_tails`` call, the branches side by side on
+    the intra-op threads (csrc/fast_calls.cpp: each op of a pooled map is too small to
+    share among threads), or None where some tail is not one such call (then each tail
+    runs in turn). Eager only, as the direct calls, and not under a dispatch mode (its
+    handler would see the branches' ops interleaved)."""
+    if (len(stages) < 2 or not _extension.LOADED or not _direct_calls_allowed()  # (first: compile, export)
+            or torch._C._len_torch_dispatch_stack() > 0):
+        return None
+    args = []
+    for stage, p in zip(stages, pooled):
+        a = _tail_call_args(list(stage)[1:], p)
+        if a is None:
+            return None
+        args.append(a)
+    return _extension._C._pointwise_tails(args)
+
+
 def _apply_tail(stage: nn.Sequential, pooled: torch.Tensor, label: str, index: int,
                 bin_hw: Tuple[int, int]) -> torch.Tensor:
     tail = list(stage)[1:]
@@ -232,7 +279,9 @@ def pyramid_branches(x: torch.Tensor, stages: Sequence[nn.Sequential], *, label:
         pooled, x_through = avg_pool_handing_on_x(x, bins)
     else:
         pooled = pf.multi_adaptive_avg_pool2d(x, bins)
-    branches = [_apply_tail(s, p, label, i, b) for i, (s, p, b) in enumerate(zip(stages, pooled, bins))]
+    branches = _run_tails_side_by_side(stages, pooled)
+    if branches is None:
+        branches = [_apply_tail(s, p, label, i, b) for i, (s, p, b) in enumerate(zip(stages, pooled, bins))]
     return (branches, x_through) if hand_on_x else branches
 
 

@@ -681,6 +681,92 @@ def test_stage_batchnorm_and_relu_run_as_ops_in_eval_mode(backend, monkeypatch, 
     assert calls[:2] == [nn.BatchNorm2d, nn.BatchNorm2d]
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_stage_tails_run_side_by_side(channels_last, threads):
+    """Where every stage tail is one _C._pointwise_tail call (a product 1x1 conv, optionally
+    an eval BatchNorm, optionally a ReLU), pyramid_branches makes one _C._pointwise_tails
+    call for all of them, the branches side by side on the intra-op threads: the values,
+    layouts and autograd of the one-by-one calls; no graph under no_grad (the caller's
+    grad mode reaches the workers); not taken with a hook on a tail's module, a BatchNorm
+    in training mode or a dispatch mode."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from pyramid_ext import _extension
+    from pyramid_ext import nn as pnn
+    if not _extension.LOADED:
+        pytest.skip("the compiled extension is not built")
+    torch.manual_seed(0)
+    stages = nn.ModuleList([
+        nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(8, 4, 1, bias=False), nn.BatchNorm2d(4), nn.ReLU(inplace=True)),
+        nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Conv2d(8, 4, 1), nn.ReLU()),
+        nn.Sequential(nn.AdaptiveAvgPool2d(3), nn.Sequential(nn.Conv2d(8, 4, 1, bias=False), nn.BatchNorm2d(4)),
+                      nn.ReLU(inplace=True)),
+        nn.Sequential(nn.AdaptiveAvgPool2d(6), nn.Conv2d(8, 5, 1)),
+    ]).double().eval()
+    for m in stages.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+                m.weight.uniform_(0.5, 2)
+                m.bias.uniform_(-1, 1)
+    x = torch.randn(3, 8, 13, 11, dtype=torch.float64)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    calls = []
+    real = _extension._C._pointwise_tails
+
+    def spy(args):
+        calls.append(len(args))
+        return real(args)
+
+    def one_by_one():
+        saved = pnn._run_tails_side_by_side
+        pnn._run_tails_side_by_side = lambda *a: None
+        try:
+            return pnn.pyramid_branches(x, stages)
+        finally:
+            pnn._run_tails_side_by_side = saved
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(_extension._C, "_pointwise_tails", spy)
+            got = pnn.pyramid_branches(x, stages)
+            assert calls == [4]
+            want = one_by_one()
+            assert calls == [4]
+            torch.testing.assert_close(got, want)
+            assert [g.stride() for g in got] == [w.stride() for w in want]
+            params = [x] + list(stages.parameters())
+            grads = torch.autograd.grad(sum((g * g).sum() for g in got), params)
+            want_grads = torch.autograd.grad(sum((w * w).sum() for w in want), params)
+            torch.testing.assert_close(grads, want_grads)
+            with torch.no_grad():
+                assert not any(g.requires_grad or g.grad_fn is not None for g in pnn.pyramid_branches(x, stages))
+            assert calls == [4, 4]
+
+            class Passthrough(TorchDispatchMode):
+                def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                    return func(*args, **(kwargs or {}))
+
+            with Passthrough():
+                torch.testing.assert_close(pnn.pyramid_branches(x, stages), want)
+            fired = []
+            handle = stages[2][1][0].register_forward_hook(lambda *args: fired.append(1))
+            torch.testing.assert_close(pnn.pyramid_branches(x, stages), want)
+            assert fired == [1]
+            handle.remove()
+            stages[0][2].train()
+            pnn.pyramid_branches(x, stages)
+            assert calls == [4, 4]  # neither the mode, the hook nor the training BatchNorm took it
+    finally:
+        torch.set_num_threads(before)
+
+
 # --------------------------------------------------------------------------
 # PSPNet
 # --------------------------------------------------------------------------
