@@ -741,6 +741,10 @@ def test_stage_tails_run_side_by_side(channels_last, threads):
             assert calls == [4]
             torch.testing.assert_close(got, want)
             assert [g.stride() for g in got] == [w.stride() for w in want]
+            # the modules' own values and layout (NCHW planes under 16 pixels go over rows, then back to NCHW)
+            fmt = torch.channels_last if channels_last else torch.contiguous_format
+            torch.testing.assert_close(got, [s[1:](F.adaptive_avg_pool2d(x, s[0].output_size)) for s in stages])
+            assert all(g.is_contiguous(memory_format=fmt) for g in got)
             params = [x] + list(stages.parameters())
             grads = torch.autograd.grad(sum((g * g).sum() for g in got), params)
             want_grads = torch.autograd.grad(sum((w * w).sum() for w in want), params)
