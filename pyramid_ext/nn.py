@@ -184,33 +184,8 @@ def _run_tail(modules, x: torch.Tensor) -> torch.Tensor:
     return _run_modules(modules, x, _direct_calls_allowed())
 
 
-def _run_modules(modules, x: torch.Tensor, direct: bool) -> torch.Tensor:
-    mods = list(modules)
-    i = 0
-    while i < len(mods):
-        m = mods[i]
-        i += 1
-        if type(m).forward is nn.Sequential.forward and _hooks_free(m):
-            x = _run_modules(m, x, direct)
-            continue
-        if direct and _extension.LOADED and _product_conv(m, x):
-            # the conv, and an eval BatchNorm and a ReLU right after it, in one call
-            bn = mods[i] if i < len(mods) and _eval_batchnorm(mods[i]) else None
-            i += bn is not None
-            relu = mods[i] if i < len(mods) and type(mods[i]) is nn.ReLU and _own_hooks_free(mods[i]) else None
-            i += relu is not None
-            x = _extension._C._pointwise_tail(
-                x, m.weight, m.bias, *((bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps) if bn is not None
-                                       else (None, None, None, None, 0.0)),
-                0 if relu is None else 2 if relu.inplace else 1)
-            continue
-        y = _direct_call(m, x) if direct else None
-        x = m(x) if y is None else y
-    return x
-
-
 def _flat_modules(modules) -> List[nn.Module]:
-    """``modules`` with plain ``nn.Sequential`` s (their own forward, no hooks) walked into, as _run_modules walks."""
+    """``modules`` with plain ``nn.Sequential`` s (their own forward, no hooks) walked into."""
     flat = []
     for m in modules:
         if type(m).forward is nn.Sequential.forward and _hooks_free(m):
@@ -220,22 +195,44 @@ def _flat_modules(modules) -> List[nn.Module]:
     return flat
 
 
-def _tail_call_args(tail, pooled: torch.Tensor) -> Optional[tuple]:
-    """``_C._pointwise_tail``'s arguments for a tail that is exactly a product 1x1 conv,
-    optionally an eval BatchNorm, optionally a ReLU (as ``_run_modules`` would run it in
-    one call), or None."""
-    mods = _flat_modules(tail)
-    if not mods or not _product_conv(mods[0], pooled):
+def _pointwise_call(mods: Sequence[nn.Module], i: int, x: torch.Tensor) -> Optional[Tuple[tuple, int]]:
+    """Where ``mods[i]`` is a product 1x1 conv on x: ``_C._pointwise_tail``'s arguments for
+    it and an eval BatchNorm and a ReLU right after it (each if there), and the index of the
+    module after them; else None."""
+    conv = mods[i]
+    if not _product_conv(conv, x):
         return None
-    conv, i = mods[0], 1
+    i += 1
     bn = mods[i] if i < len(mods) and _eval_batchnorm(mods[i]) else None
     i += bn is not None
     relu = mods[i] if i < len(mods) and type(mods[i]) is nn.ReLU and _own_hooks_free(mods[i]) else None
     i += relu is not None
-    if i != len(mods):
-        return None
     norm = (bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps) if bn is not None else (None,) * 4 + (0.0,)
-    return (pooled, conv.weight, conv.bias, *norm, 0 if relu is None else 2 if relu.inplace else 1)
+    return (x, conv.weight, conv.bias, *norm, 0 if relu is None else 2 if relu.inplace else 1), i
+
+
+def _run_modules(modules, x: torch.Tensor, direct: bool) -> torch.Tensor:
+    mods = _flat_modules(modules)
+    i = 0
+    while i < len(mods):
+        call = _pointwise_call(mods, i, x) if direct and _extension.LOADED else None
+        if call is not None:  # the conv, and an eval BatchNorm and a ReLU right after it, in one call
+            args, i = call
+            x = _extension._C._pointwise_tail(*args)
+            continue
+        m = mods[i]
+        i += 1
+        y = _direct_call(m, x) if direct else None
+        x = m(x) if y is None else y
+    return x
+
+
+def _tail_call_args(tail, pooled: torch.Tensor) -> Optional[tuple]:
+    """``_C._pointwise_tail``'s arguments for a tail that is exactly one such call (a product
+    1x1 conv, optionally an eval BatchNorm, optionally a ReLU), or None."""
+    mods = _flat_modules(tail)
+    call = _pointwise_call(mods, 0, pooled) if mods else None
+    return call[0] if call is not None and call[1] == len(mods) else None
 
 
 def _run_tails_side_by_side(stages: Sequence[nn.Sequential], pooled: Sequence[torch.Tensor]):
