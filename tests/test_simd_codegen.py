@@ -38,12 +38,19 @@ _PART_STACK_STORE = re.compile(r"\b(vmov[hl]p[sd]|vextract[fi](128|32x4|64x2|32x
 # a loop over the vectors (0.47 -> 0.415 ms, 366-433 -> 263-333 us on an AMD
 # EPYC once the loops were unrolled).
 _HALF_STORE = re.compile(r"\b(vmovdqa|vmovaps|vmovapd)(32|64)?\s+%xmm\d+,[^%]")
-# Kernels that still have such stores, not fixed yet: in tree_means and
+# Kernels that still have such stores, read and left: in tree_means and
 # max_rect_keys they are on the strided-output and tail paths (the
-# benchmarked channels_last calls take neither); the others were not looked
-# into. Every other kernel of the AVX2 and AVX-512 copies is held to it.
+# benchmarked channels_last calls take neither); in add_row_sum, set_row_sum
+# and add_row_sum_f64 they are row_sums' partial sums `t`, stored and read
+# back 4 lanes at a time, and whole xmm registers spilled and reloaded, and
+# in max_rows its 4-lane state, likewise (same widths: forwarded);
+# resize_row, resize_rows and resize_planes fill a 32-byte local with two
+# 16-byte stores once per call, outside their loops. sum_rows
+# and add_run_f64 had an array filled in 16-byte pieces and read back as
+# 32-byte vectors per call (fixed: their vectors load into registers).
+# Every other kernel of the AVX2 and AVX-512 copies is held to it.
 _HALF_STORES_NOT_YET_FIXED = frozenset({
-    "sum_rows", "max_rect_keys", "add_run_f64", "add_row_sum_f64", "add_row_sum", "set_row_sum", "tree_means",
+    "max_rect_keys", "add_row_sum_f64", "add_row_sum", "set_row_sum", "tree_means",
     "max_rows", "resize_planes", "resize_rows", "resize_row",
 })
 
