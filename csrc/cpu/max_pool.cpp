@@ -15,6 +15,7 @@
 #include <unistd.h>
 #endif
 
+#include "cpu/scratch.h"
 #include "cpu/simd_loops.h"
 #include "cpu/test_overrides.h"
 
@@ -22,11 +23,8 @@ namespace pyramid_ext {
 namespace max_pool {
 namespace {
 
-// Scratch left uninitialized: its users write every entry they read.
-template <typename T>
-std::unique_ptr<T[]> scratch(int64_t n) {
-  return std::unique_ptr<T[]>(new T[static_cast<size_t>(n)]);
-}
+// Scratch left uninitialized (cpu/scratch.h): its users write every entry they read.
+using cpu::scratch;
 
 // channels_last: one task per sample (both phases, or zeroing and adding,
 // while the sample is in cache) when the samples share evenly among the
@@ -480,8 +478,8 @@ void forward_channels_last(const float* x, float* out, int64_t* out_idx, const L
     sample_nan[n] = std::any_of(seg_nan.begin() + n * SH, seg_nan.begin() + (n + 1) * SH, [](char f) { return f; });
   // Samples holding a NaN (rare): their cells' values and indices, for the
   // combine by the NaN rule; scratch only when there are some.
-  std::unique_ptr<float[]> cell_v;
-  std::unique_ptr<int32_t[]> cell_i;
+  cpu::Scratch<float> cell_v;
+  cpu::Scratch<int32_t> cell_i;
   if (std::any_of(sample_nan.begin(), sample_nan.end(), [](char f) { return f; })) {
     cell_v = scratch<float>(N * cells_per_sample);
     cell_i = scratch<int32_t>(N * cells_per_sample);

@@ -33,6 +33,7 @@
 #include "cpu/block_cells.h"
 #include "cpu/max_pool.h"
 #include "cpu/output_buffers.h"
+#include "cpu/scratch.h"
 #include "cpu/simd_loops.h"
 #include "cpu/test_overrides.h"
 #include "pool_plan.h"
@@ -230,13 +231,6 @@ std::shared_ptr<const PoolPlan> cached_plan(const char* op, c10::IntArrayRef h_b
   entries.insert(entries.begin(), Entry{h_bounds.vec(), w_bounds.vec(), level_bins.vec(), H, W, C,
                                         channels_last_levels, plan});
   return plan;
-}
-
-// A large scratch buffer left uninitialized: its tasks write every entry they
-// read, and a zeroing constructor would be one more serial pass over memory.
-template <typename T>
-std::unique_ptr<T[]> scratch_buffer(int64_t n) {
-  return std::unique_ptr<T[]>(new T[static_cast<size_t>(n)]);
 }
 
 // Planes per task on NCHW tensors: about 32K elements each.
@@ -788,11 +782,11 @@ void avg_forward_channels_last(const scalar_t* x, scalar_t* out,
   if (forced == 1 || (forced == 0 && (N % threads == 0 || N >= 4 * threads))) {
     at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
       // Uninitialized but `run` (reduce_rows writes before it reads).
-      auto cells = scratch_buffer<acc_t>(cells_per_sample);
-      auto sum = scratch_buffer<double>(std::max(C, scratch_size));
-      auto tree_scratch = scratch_buffer<float>(tree_scratch_size);
-      auto seg_sums = scratch_buffer<double>(SW * C);
-      auto state = scratch_buffer<int64_t>(2 * SW);
+      auto cells = cpu::scratch<acc_t>(cells_per_sample);
+      auto sum = cpu::scratch<double>(std::max(C, scratch_size));
+      auto tree_scratch = cpu::scratch<float>(tree_scratch_size);
+      auto seg_sums = cpu::scratch<double>(SW * C);
+      auto state = cpu::scratch<int64_t>(2 * SW);
       std::vector<acc_t> run(static_cast<size_t>(SW * C));
       zero_padding(cells.get());
       for (int64_t n = begin; n < end; ++n) {
@@ -802,12 +796,12 @@ void avg_forward_channels_last(const scalar_t* x, scalar_t* out,
     });
     return;
   }
-  auto cells = scratch_buffer<acc_t>(N * cells_per_sample);
+  auto cells = cpu::scratch<acc_t>(N * cells_per_sample);
   for (int64_t n = 0; n < N; ++n) zero_padding(cells.get() + n * cells_per_sample);
   at::parallel_for(0, N * SH, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> run(static_cast<size_t>(SW * C));
-    auto seg_sums = scratch_buffer<double>(SW * C);
-    auto state = scratch_buffer<int64_t>(2 * SW);
+    auto seg_sums = cpu::scratch<double>(SW * C);
+    auto state = cpu::scratch<int64_t>(2 * SW);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / SH;
       reduce_rows(n, task % SH, cells.get() + n * cells_per_sample, run.data(), seg_sums.get(), state.get());
@@ -816,8 +810,8 @@ void avg_forward_channels_last(const scalar_t* x, scalar_t* out,
   const int64_t chunk = std::min<int64_t>(C, 256);
   const int64_t chunks = (C + chunk - 1) / chunk;
   at::parallel_for(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
-    auto sum = scratch_buffer<double>(std::max(chunk, scratch_size));
-    auto tree_scratch = scratch_buffer<float>(tree_scratch_size);
+    auto sum = cpu::scratch<double>(std::max(chunk, scratch_size));
+    auto tree_scratch = cpu::scratch<float>(tree_scratch_size);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / chunks, c0 = (task % chunks) * chunk;
       cells_to_bins(n, c0, std::min(chunk, C - c0), cells.get() + n * cells_per_sample, sum.get(), tree_scratch.get(),
@@ -836,8 +830,8 @@ void max_forward_channels_last(const scalar_t* x, scalar_t* out,
   const int64_t SH = p.h.num_segments(), SW = p.w.num_segments();
   const ChannelsLastTiling t =
       channels_last_tiling(p, N, C, sizeof(scalar_t) + sizeof(int64_t));
-  auto cell_max = scratch_buffer<scalar_t>(t.group * SH * SW * C);
-  auto cell_idx = scratch_buffer<int64_t>(t.group * SH * SW * C);
+  auto cell_max = cpu::scratch<scalar_t>(t.group * SH * SW * C);
+  auto cell_idx = cpu::scratch<int64_t>(t.group * SH * SW * C);
   for (int64_t n0 = 0; n0 < N; n0 += t.group) {
     const int64_t gn = std::min(t.group, N - n0);
     at::parallel_for(0, gn * SH * t.chunks, 1, [&](int64_t begin, int64_t end) {
@@ -1020,7 +1014,7 @@ void avg_backward_channels_last(const scalar_t* grad, scalar_t* gx,
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t SH = p.h.num_segments(), SW = p.w.num_segments();
   // Phase 1: each cell's gradient, [n][cell][c] (small: cells x C per sample).
-  auto vals = scratch_buffer<scalar_t>(N * SH * SW * C);
+  auto vals = cpu::scratch<scalar_t>(N * SH * SW * C);
   const int64_t chunk = std::min<int64_t>(C, 64);
   const int64_t chunks = (C + chunk - 1) / chunk;
   at::parallel_for(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
