@@ -229,3 +229,42 @@ def test_limit_from_the_environment(value, expect):
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert expect in result.stdout
+
+
+# The cache's buffers are written with streaming stores where whole lines are
+# written (csrc/cpu/simd_loops_body.inc store_or_stream): every channels_last
+# part at a multiple of 16 channels, NCHW planes contiguous; other layouts and
+# channel counts, and an out= the caller passes, take plain stores.
+_STREAM_CASES = {
+    "cl-aligned": (True, 256, 48, 64),  # 256 + 4 * 64 channels: streamed
+    "cl-odd-channels": (True, 333, 45, 47),  # 333 + 4 * 83: plain stores
+    "nchw-planes": (False, 256, 45, 47),  # planes of 2115 floats, not a line multiple
+    "nchw-aligned": (False, 256, 64, 64),
+}
+
+
+@pytest.mark.parametrize("case", list(_STREAM_CASES))
+def test_streamed_outputs_equal_plain_stores_bitwise_on_every_isa(case):
+    from pyramid_ext import _C
+
+    channels_last, c, h, w = _STREAM_CASES[case]
+    torch.manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, c, h, w).contiguous(memory_format=fmt)
+    levels = [torch.randn(2, c // 4, b, b).contiguous(memory_format=fmt) for b in (1, 2, 3, 6)]
+    ref = _eager_concat(x, levels, (h, w))
+    isas = [i for i in (1, 2, 3) if _C._simd_isa_available(i)]
+    try:
+        for isa in isas:
+            _C._set_test_override("simd_isa", isa)
+            misses = pe.cpu_cache_stats()["misses"]
+            fresh = pe.upsample_concat(x, levels, backend="cpp")
+            assert fresh.nbytes >= 8 * MIB and pe.cpu_cache_stats()["misses"] == misses + 1  # one of the cache's
+            plain = torch.full_like(fresh, float("nan"))  # the caller's out=: plain stores
+            pe.upsample_concat(x, levels, backend="cpp", out=plain)
+            assert torch.equal(fresh, plain), f"isa {isa}"
+            torch.testing.assert_close(fresh, ref, rtol=1e-5, atol=1e-5)
+            del fresh
+            pe.empty_cache()
+    finally:
+        _C._set_test_override("simd_isa", 0)

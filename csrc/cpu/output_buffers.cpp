@@ -194,6 +194,10 @@ at::Tensor empty_like_dense(const at::Tensor& like) {
                                            c10::DispatchKeySet(c10::DispatchKey::CPU), like.scalar_type());
 }
 
+bool pooled(const at::Tensor& t) {
+  return t.has_storage() && t.storage().data_ptr().get_deleter() == &delete_buffer;
+}
+
 Stats stats() { return cache().stats(); }
 
 int64_t set_limit(int64_t bytes) { return cache().set_limit(bytes); }

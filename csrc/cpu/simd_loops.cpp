@@ -17,6 +17,13 @@
 #else
 #define PE_X86_MULTIVERSION 0
 #endif
+// Streaming (non-temporal) stores: x86's SSE/AVX stream intrinsics.
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define PE_STREAM_STORES 1
+#else
+#define PE_STREAM_STORES 0
+#endif
 #define PE_INLINE inline __attribute__((always_inline))
 
 namespace pyramid_ext {
@@ -75,6 +82,7 @@ struct Loops {
   decltype(&isa_baseline::bilinear) bilinear;
   decltype(&isa_baseline::resize_planes) resize_planes;
   decltype(&isa_baseline::concat_pixels) concat_pixels;
+  decltype(&isa_baseline::copy_streaming) copy_streaming;
   decltype(&isa_baseline::max_pixels) max_pixels;
   decltype(&isa_baseline::max_rect) max_rect;
   decltype(&isa_baseline::max_cell_keys) max_cell_keys;
@@ -90,7 +98,7 @@ struct Loops {
         ns::tree_means, ns::max_rows,                                                                          \
         ns::blend, ns::axpy, ns::shift_add_planes, ns::shift_add_pixels, ns::axpy_pixels, ns::resize_row, ns::resize_rows, ns::bilinear,   \
         ns::resize_planes,                                                                          \
-        ns::concat_pixels, ns::max_pixels, ns::max_rect, ns::max_cell_keys, ns::max_keys, ns::max_rect_keys,\
+        ns::concat_pixels, ns::copy_streaming, ns::max_pixels, ns::max_rect, ns::max_cell_keys, ns::max_keys, ns::max_rect_keys,\
         ns::max_pixels_values, ns::max_rect_values                                                  \
   }
 constexpr Loops kBaseline = PE_LOOPS(isa_baseline);
@@ -215,8 +223,14 @@ void resize_planes(float* d, int64_t d_plane, int64_t d_row, const float* s, int
                    const PlaneResize& r, int64_t planes, float* rows) {
   loops().resize_planes(d, d_plane, d_row, s, s_plane, s_row, r, planes, rows);
 }
-void concat_pixels(float* d, int64_t d_stride, const PixelPart* parts, int64_t num_parts, int64_t w) {
-  loops().concat_pixels(d, d_stride, parts, num_parts, w);
+void copy_streaming(float* d, const float* s, int64_t n) { loops().copy_streaming(d, s, n); }
+void stream_fence() {
+#if PE_STREAM_STORES
+  _mm_sfence();
+#endif
+}
+void concat_pixels(float* d, int64_t d_stride, const PixelPart* parts, int64_t num_parts, int64_t w, bool stream) {
+  loops().concat_pixels(d, d_stride, parts, num_parts, w, stream);
 }
 
 void max_pixels(float* m, int32_t* r, const float* src, int64_t pixels, int64_t stride, int64_t n, int32_t idx0,

@@ -202,13 +202,25 @@ struct PlaneResize {
 };
 void resize_planes(float* d, int64_t d_plane, int64_t d_row, const float* s, int64_t s_plane, int64_t s_row,
                    const PlaneResize& r, int64_t planes, float* rows);
+// d[i] = s[i] for i < n, d's vectors written with streaming stores (x86;
+// store_or_stream in simd_loops_body.inc), for an output not expected in
+// cache (output_buffers::pooled); the caller ends its task with
+// stream_fence().
+void copy_streaming(float* d, const float* s, int64_t n);
+// Orders the calling thread's streaming stores before its later stores
+// (theirs are weakly ordered): once at the end of a task that streamed,
+// before another thread reads what they wrote.
+void stream_fence();
 // One output row of a channels_last concatenation, pixel by pixel: pixel x <
 // w gets, for each part in turn, channels [offset, offset + n) of d + x *
 // d_stride: copied from s0 + x * s_stride (copy), else bilinear (bilinear's
 // arithmetic): source pixels t.i0[x] and t.i1[x] (s_stride floats apart) of
 // the source rows s0 and s1, weights t.w0[x], t.w1[x] and wy0, wy1; 16 and 8
 // channels at a time as vector values. Parts in channel order write each
-// output pixel front to back: one stream.
+// output pixel front to back: one stream. stream: the vectors stored
+// non-temporally where aligned (x86; see store_or_stream), for an output
+// that is not expected in cache (output_buffers::pooled); the caller ends
+// its task with stream_fence().
 struct PixelPart {
   const float* s0;
   const float* s1;
@@ -218,7 +230,8 @@ struct PixelPart {
   int64_t offset, n;
   bool copy;
 };
-void concat_pixels(float* d, int64_t d_stride, const PixelPart* parts, int64_t num_parts, int64_t w);
+void concat_pixels(float* d, int64_t d_stride, const PixelPart* parts, int64_t num_parts, int64_t w,
+                   bool stream);
 // Max pooling over a vector of n channels, continuing a scan: pixel p < pixels
 // (at src + p * stride) updates m[k] and its flat index r[k] = idx0 + p by
 // ATen's rule (larger, or NaN), pixels in order. start: the scan starts

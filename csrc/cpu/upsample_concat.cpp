@@ -81,8 +81,19 @@ void forward_planes(const std::vector<Part>& parts, const at::Tensor& out,
   const bool out_planes_dense = osW == 1 && osH == W && osC == plane;
   scalar_t* o = out.mutable_data_ptr<scalar_t>();
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, plane));
+  // float, a fresh large output of contiguous planes: written with streaming
+  // stores (simd::copy_streaming), each branch plane resized into `plane_buf`
+  // first (its rows of W floats would leave lines partly streamed)
+  const bool stream = std::is_same_v<scalar_t, float> && output_buffers::pooled(out) && osW == 1 && osH == W;
+  // d[i] = s[i], i < count (contiguous runs)
+  auto copy_run = [stream](const scalar_t* s, int64_t count, scalar_t* d) {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (stream) return simd::copy_streaming(d, s, count);
+    }
+    std::copy(s, s + count, d);
+  };
   at::parallel_for(0, N * C, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> hrows;
+    std::vector<acc_t> hrows, plane_buf;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / C, oc = task % C;
       const size_t k = static_cast<size_t>(part_of[oc]);
@@ -97,12 +108,12 @@ void forward_planes(const std::vector<Part>& parts, const at::Tensor& out,
           // This plane and the part's next ones in this task are contiguous
           // on both sides (an NCHW x): one copy.
           const int64_t planes = std::min(end - task, v.channels - c);
-          std::copy(src, src + planes * plane, dst);
+          copy_run(src, planes * plane, dst);
           task += planes - 1;
           continue;
         }
         if (sW == 1 && osW == 1 && sH == W && osH == W) {  // whole plane contiguous on both sides
-          std::copy(src, src + plane, dst);
+          copy_run(src, plane, dst);
           continue;
         }
         for (int64_t h = 0; h < H; ++h) {
@@ -124,7 +135,16 @@ void forward_planes(const std::vector<Part>& parts, const at::Tensor& out,
       if constexpr (std::is_same_v<scalar_t, float>) {
         if (sW == 1 && osW == 1) {
           const int64_t planes = std::min(end - task, v.channels - c);
-          simd::resize_planes(dst, osC, osH, src, v.sC, sH, plane_resize[k], planes, hrows.data());
+          if (stream) {
+            plane_buf.resize(static_cast<size_t>(plane));
+            for (int64_t q = 0; q < planes; ++q) {
+              simd::resize_planes(plane_buf.data(), plane, W, src + q * v.sC, v.sC, sH, plane_resize[k], 1,
+                                  hrows.data());
+              simd::copy_streaming(dst + q * osC, plane_buf.data(), plane);
+            }
+          } else {
+            simd::resize_planes(dst, osC, osH, src, v.sC, sH, plane_resize[k], planes, hrows.data());
+          }
           task += planes - 1;
           continue;
         }
@@ -158,6 +178,7 @@ void forward_planes(const std::vector<Part>& parts, const at::Tensor& out,
         }
       }
     }
+    if (stream) simd::stream_fence();
   });
 }
 
@@ -206,6 +227,12 @@ void forward_pixels(const std::vector<Part>& parts, const at::Tensor& out,
   if constexpr (std::is_same_v<scalar_t, float>) {
     for (size_t k = 0; k < parts.size(); ++k) in_pixel_call[k] = views[k].sC == 1;
   }
+  // A fresh large output (output_buffers::pooled) written with streaming
+  // stores where each vector store fills whole 64-byte lines: every part in
+  // the pixel call, at a multiple of 16 channels, and 16-channel pixels.
+  bool stream = output_buffers::pooled(out) && reinterpret_cast<uintptr_t>(o) % 64 == 0 && osW % 16 == 0;
+  for (size_t k = 0; k < parts.size(); ++k)
+    stream = stream && in_pixel_call[k] && parts[k].channel_offset % 16 == 0 && views[k].channels % 16 == 0;
   at::parallel_for(0, N * H, grain, [&](int64_t begin, int64_t end) {
     std::vector<simd::PixelPart> pixel_parts;
     for (int64_t task = begin; task < end; ++task) {
@@ -235,7 +262,7 @@ void forward_pixels(const std::vector<Part>& parts, const at::Tensor& out,
         }
         if (!pixel_parts.empty())
           simd::concat_pixels(o + n * osN + h * osH, osW, pixel_parts.data(),
-                              static_cast<int64_t>(pixel_parts.size()), W);
+                              static_cast<int64_t>(pixel_parts.size()), W, stream);
       }
       for (size_t k = 0; k < parts.size(); ++k) {
         if (in_pixel_call[k]) continue;
@@ -289,6 +316,7 @@ void forward_pixels(const std::vector<Part>& parts, const at::Tensor& out,
         }
       }
     }
+    if (stream) simd::stream_fence();
   });
 }
 
