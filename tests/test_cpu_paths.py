@@ -32,7 +32,7 @@ from .conftest import need_backend
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ISA_NAMES = {1: "baseline", 2: "avx2", 3: "avx512"}
-SWITCHES = ("simd_isa", "no_block_kernel", "channels_last_avg_tasks", "channels_last_max_tasks",
+SWITCHES = ("simd_isa", "no_block_kernel", "channels_last_avg_tasks", "channels_last_max_tasks", "no_streaming_stores",
             "channels_last_max_direct", "no_sum_trees", "no_cell_rows", "max_cell_rows")
 
 
@@ -174,6 +174,8 @@ def test_switches_reject_unknown_names_and_unsupported_values(_c):
         _c._set_test_override("no_cell_rows", 2)
     with pytest.raises(ValueError, match="max_cell_rows=3 is not valid"):
         _c._set_test_override("max_cell_rows", 3)
+    with pytest.raises(ValueError, match="no_streaming_stores=2 is not valid"):
+        _c._set_test_override("no_streaming_stores", 2)
 
 
 @pytest.mark.parametrize("isa", [1, 2, 3], ids=lambda i: ISA_NAMES[i])

@@ -7,6 +7,7 @@ buffer, the limit bounds what is kept, and the cache survives threads and fork.
 """
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import subprocess
@@ -232,39 +233,102 @@ def test_limit_from_the_environment(value, expect):
 
 
 # The cache's buffers are written with streaming stores where whole lines are
-# written (csrc/cpu/simd_loops_body.inc store_or_stream): every channels_last
-# part at a multiple of 16 channels, NCHW planes contiguous; other layouts and
-# channel counts, and an out= the caller passes, take plain stores.
+# written (csrc/cpu/simd_loops_body.inc store_or_stream): upsample_concat's
+# channels_last output when every part is at a multiple of 16 channels, its
+# NCHW output when planes are contiguous; the max backward's gradient of x.
+# The test switch no_streaming_stores writes the same outputs with plain
+# stores; the values must not differ by a bit, on any ISA copy.
 _STREAM_CASES = {
     "cl-aligned": (True, 256, 48, 64),  # 256 + 4 * 64 channels: streamed
     "cl-odd-channels": (True, 333, 45, 47),  # 333 + 4 * 83: plain stores
-    "nchw-planes": (False, 256, 45, 47),  # planes of 2115 floats, not a line multiple
+    "nchw-planes": (False, 256, 45, 47),  # planes of 2115 floats: lines across planes
     "nchw-aligned": (False, 256, 64, 64),
 }
 
 
-@pytest.mark.parametrize("case", list(_STREAM_CASES))
-def test_streamed_outputs_equal_plain_stores_bitwise_on_every_isa(case):
+@contextlib.contextmanager
+def _switch(name, value):
     from pyramid_ext import _C
 
+    _C._set_test_override(name, value)
+    try:
+        yield
+    finally:
+        _C._set_test_override(name, 0)
+
+
+def _isas():
+    from pyramid_ext import _C
+
+    return [i for i in (1, 2, 3) if _C._simd_isa_available(i)]
+
+
+@pytest.mark.parametrize("case", list(_STREAM_CASES))
+def test_streamed_concat_equals_plain_stores_bitwise_on_every_isa(case):
     channels_last, c, h, w = _STREAM_CASES[case]
     torch.manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(2, c, h, w).contiguous(memory_format=fmt)
     levels = [torch.randn(2, c // 4, b, b).contiguous(memory_format=fmt) for b in (1, 2, 3, 6)]
     ref = _eager_concat(x, levels, (h, w))
-    isas = [i for i in (1, 2, 3) if _C._simd_isa_available(i)]
-    try:
-        for isa in isas:
-            _C._set_test_override("simd_isa", isa)
+    for isa in _isas():
+        with _switch("simd_isa", isa):
             misses = pe.cpu_cache_stats()["misses"]
             fresh = pe.upsample_concat(x, levels, backend="cpp")
             assert fresh.nbytes >= 8 * MIB and pe.cpu_cache_stats()["misses"] == misses + 1  # one of the cache's
-            plain = torch.full_like(fresh, float("nan"))  # the caller's out=: plain stores
-            pe.upsample_concat(x, levels, backend="cpp", out=plain)
-            assert torch.equal(fresh, plain), f"isa {isa}"
-            torch.testing.assert_close(fresh, ref, rtol=1e-5, atol=1e-5)
-            del fresh
-            pe.empty_cache()
-    finally:
-        _C._set_test_override("simd_isa", 0)
+            with _switch("no_streaming_stores", 1):
+                plain = pe.upsample_concat(x, levels, backend="cpp")
+            out = torch.full_like(fresh, float("nan"))  # the caller's out=: plain stores
+            pe.upsample_concat(x, levels, backend="cpp", out=out)
+        assert torch.equal(fresh, plain) and torch.equal(fresh, out), f"isa {isa}"
+        torch.testing.assert_close(fresh, ref, rtol=1e-5, atol=1e-5)
+        del fresh, plain
+        pe.empty_cache()
+
+
+# (N, C, H, W), layout: channels_last rows of W * C floats (whole lines when a
+# multiple of 16), NCHW planes of H * W floats; bins (4, 2, 1) and (1, 2, 3, 6).
+_MAX_STREAM_CASES = {
+    "cl-rows": ((2, 512, 48, 48), True),  # 4.5 MiB samples
+    "cl-rows-not-lines": ((2, 1025, 33, 33), True),  # W * C odd: plain stores
+    "nchw-planes": ((4, 512, 32, 32), False),
+    "nchw-planes-not-lines": ((5, 257, 45, 43), False),
+}
+
+
+@pytest.mark.parametrize("case", list(_MAX_STREAM_CASES))
+@pytest.mark.parametrize("bins", [(4, 2, 1), (1, 2, 3, 6)], ids=["spp", "ppm"])
+def test_streamed_max_gradient_equals_plain_stores_bitwise(case, bins):
+    from pyramid_ext.windows import pyramid_windows
+
+    shape, channels_last = _MAX_STREAM_CASES[case]
+    n, c, h, w = shape
+    torch.manual_seed(1)
+    x = torch.randn(shape)
+    x[0, :, 3, 5] = float("nan")  # a NaN wins its windows; ties: every value appears twice in sample 1
+    x[1] = x[1].flatten(1)[:, torch.arange(h * w) // 2].view(c, h, w)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    hb, wb, lb = pyramid_windows(h, w, [(b, b) for b in bins])
+    vals, idx = torch.ops.pyramid_ext.multi_pool2d(x, list(hb), list(wb), list(lb), 1, False)
+    grad = torch.randn(vals.shape)
+    addend = torch.randn(n, 2 * c, h, w)[:, c // 2: c // 2 + c]  # a channel slice, as the pyramid modules pass
+
+    def backward(add):
+        return torch.ops.pyramid_ext.multi_pool2d_backward(grad, idx, list(shape), list(hb), list(wb), list(lb), 1,
+                                                           False, channels_last, add)
+
+    xr = x.detach().requires_grad_()
+    eager = torch.cat([F.adaptive_max_pool2d(xr, b).flatten(1) for b in bins], 1)  # the packed layout
+    (ref,) = torch.autograd.grad(eager, xr, grad.view(n, -1))
+    for isa in _isas():
+        for add in (None, addend):
+            with _switch("simd_isa", isa):
+                fresh = backward(add)
+                assert fresh.nbytes >= 8 * MIB
+                with _switch("no_streaming_stores", 1):
+                    plain = backward(add)
+            assert torch.equal(fresh, plain), f"isa {isa}, addend {add is not None}"
+            want = ref if add is None else ref + addend
+            torch.testing.assert_close(fresh, want, rtol=1e-6, atol=1e-6, equal_nan=True)
+            del fresh, plain

@@ -1078,9 +1078,9 @@ void avg_backward_channels_last(const scalar_t* grad, scalar_t* gx,
 template <typename scalar_t>
 void max_backward(const scalar_t* grad, const int64_t* indices, scalar_t* gx,
                   const PoolPlan& p, int64_t N, int64_t C, int64_t H,
-                  int64_t W, bool channels_last, const Addend<scalar_t>& add) {
+                  int64_t W, bool channels_last, const Addend<scalar_t>& add, bool stream) {
   if constexpr (std::is_same_v<scalar_t, float>) {
-    return max_pool::backward(grad, indices, gx, max_levels(p), p.max_bins(), N, H, W, channels_last, add);
+    return max_pool::backward(grad, indices, gx, max_levels(p), p.max_bins(), N, H, W, channels_last, add, stream);
   }
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t HW = H * W;
@@ -1142,7 +1142,8 @@ at::Tensor multi_pool2d_backward_cpu(
           if (channels_last_input) avg_backward_channels_last(gp, op, p, N, C, H, W, add);
           else avg_backward_nchw(gp, op, p, N, C, H, W, add);
         } else {
-          max_backward(gp, indices.const_data_ptr<int64_t>(), op, p, N, C, H, W, channels_last_input, add);
+          max_backward(gp, indices.const_data_ptr<int64_t>(), op, p, N, C, H, W, channels_last_input, add,
+                       output_buffers::streamed(gx));
         }
       });
   return gx;

@@ -10,6 +10,8 @@
 #include <string>
 #include <vector>
 
+#include "cpu/test_overrides.h"
+
 #if defined(__linux__)
 #include <pthread.h>
 #include <sys/mman.h>
@@ -194,8 +196,9 @@ at::Tensor empty_like_dense(const at::Tensor& like) {
                                            c10::DispatchKeySet(c10::DispatchKey::CPU), like.scalar_type());
 }
 
-bool pooled(const at::Tensor& t) {
-  return t.has_storage() && t.storage().data_ptr().get_deleter() == &delete_buffer;
+bool streamed(const at::Tensor& t) {
+  return t.has_storage() && t.storage().data_ptr().get_deleter() == &delete_buffer &&
+         !test_overrides::get(test_overrides::kNoStreamingStores);
 }
 
 Stats stats() { return cache().stats(); }

@@ -29,11 +29,11 @@ at::Tensor empty(c10::IntArrayRef sizes, const at::TensorOptions& options,
 // An uninitialized CPU tensor with `like`'s sizes and strides (`like` dense).
 at::Tensor empty_like_dense(const at::Tensor& like);
 
-// Whether t's memory is one of the cache's buffers (a large output of ours,
-// fresh this call): the kernels write those with streaming stores
-// (simd_loops_body.inc store_or_stream), as a buffer freed a step ago is not
-// expected in the CPU caches.
-bool pooled(const at::Tensor& t);
+// Whether the kernels write t with streaming stores (simd_loops_body.inc
+// store_or_stream): t's memory is one of the cache's buffers (a large output
+// of ours, fresh this call, which a buffer freed a step ago is not expected
+// to be in the CPU caches), unless the test switch no_streaming_stores is set.
+bool streamed(const at::Tensor& t);
 
 struct Stats {
   int64_t limit_bytes;     // most bytes of freed buffers kept

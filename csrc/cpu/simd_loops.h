@@ -204,7 +204,7 @@ void resize_planes(float* d, int64_t d_plane, int64_t d_row, const float* s, int
                    const PlaneResize& r, int64_t planes, float* rows);
 // d[i] = s[i] for i < n, d's vectors written with streaming stores (x86;
 // store_or_stream in simd_loops_body.inc), for an output not expected in
-// cache (output_buffers::pooled); the caller ends its task with
+// cache (output_buffers::streamed); the caller ends its task with
 // stream_fence().
 void copy_streaming(float* d, const float* s, int64_t n);
 // Orders the calling thread's streaming stores before its later stores
@@ -219,7 +219,7 @@ void stream_fence();
 // channels at a time as vector values. Parts in channel order write each
 // output pixel front to back: one stream. stream: the vectors stored
 // non-temporally where aligned (x86; see store_or_stream), for an output
-// that is not expected in cache (output_buffers::pooled); the caller ends
+// that is not expected in cache (output_buffers::streamed); the caller ends
 // its task with stream_fence().
 struct PixelPart {
   const float* s0;

@@ -11,7 +11,7 @@ namespace {
 
 constexpr const char* kNames[kNumSwitches] = {"simd_isa", "no_block_kernel", "channels_last_avg_tasks",
                                                "channels_last_max_tasks", "channels_last_max_direct", "no_sum_trees",
-                                               "no_cell_rows", "max_cell_rows"};
+                                               "no_cell_rows", "max_cell_rows", "no_streaming_stores"};
 std::atomic<int64_t> g_values[kNumSwitches];
 
 }  // namespace
@@ -22,7 +22,10 @@ void set(const std::string& name, int64_t value) {
   for (int s = 0; s < kNumSwitches; ++s) {
     if (name != kNames[s]) continue;
     const bool ok = s == kSimdIsa ? value == 0 || simd::isa_available(static_cast<simd::Isa>(value))
-                                  : value >= 0 && value <= (s == kNoBlockKernel || s == kNoSumTrees || s == kNoCellRows ? 1 : 2);
+                                  : value >= 0 && value <= (s == kNoBlockKernel || s == kNoSumTrees || s == kNoCellRows ||
+                                                                      s == kNoStreamingStores
+                                                                  ? 1
+                                                                  : 2);
     if (!ok) throw std::invalid_argument("test override " + name + "=" + std::to_string(value) +
                                          " is not valid on this CPU");
     g_values[s].store(value, std::memory_order_relaxed);

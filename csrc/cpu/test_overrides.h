@@ -40,13 +40,17 @@ enum Switch : int {
   // scanned by rows where they are wide (max_pool.cpp, IndexedPhases::wide),
   // 1 never, 2 always (every cell and window, whatever its size).
   kMaxCellRows,
+  // 1: large fresh outputs are written with plain stores, not streaming
+  // ones (output_buffers::streamed is false).
+  kNoStreamingStores,
   kNumSwitches
 };
 
 int64_t get(Switch s);
 // Sets a switch by its name ("simd_isa", "no_block_kernel",
 // "channels_last_avg_tasks", "channels_last_max_tasks",
-// "channels_last_max_direct", "no_sum_trees", "no_cell_rows", "max_cell_rows"); throws
+// "channels_last_max_direct", "no_sum_trees", "no_cell_rows", "max_cell_rows",
+// "no_streaming_stores"); throws
 // std::invalid_argument for an unknown name or a value this CPU cannot run.
 void set(const std::string& name, int64_t value);
 // "name=value" for every switch, comma separated.
