@@ -332,3 +332,47 @@ def test_streamed_max_gradient_equals_plain_stores_bitwise(case, bins):
             want = ref if add is None else ref + addend
             torch.testing.assert_close(fresh, want, rtol=1e-6, atol=1e-6, equal_nan=True)
             del fresh, plain
+
+
+_AVG_STREAM_CASES = {
+    "cl-rows": ((2, 512, 48, 48), True),
+    "cl-rows-not-lines": ((2, 1025, 33, 33), True),  # W * C odd: plain stores
+    "nchw-planes": ((4, 512, 32, 32), False),
+    "nchw-planes-not-lines": ((5, 257, 45, 43), False),
+}
+
+
+@pytest.mark.parametrize("case", list(_AVG_STREAM_CASES))
+def test_streamed_avg_gradient_equals_plain_stores_bitwise(case):
+    from pyramid_ext.windows import pyramid_windows
+
+    shape, channels_last = _AVG_STREAM_CASES[case]
+    n, c, h, w = shape
+    bins = (1, 2, 3, 6)
+    torch.manual_seed(2)
+    hb, wb, lb = pyramid_windows(h, w, [(b, b) for b in bins])
+    total = sum(b * b for b in bins)
+    grad = torch.randn(n, c * total)
+    addend = torch.randn(n, 2 * c, h, w)[:, c // 2: c // 2 + c]
+
+    def backward(add):
+        return torch.ops.pyramid_ext.multi_pool2d_backward(grad, None, list(shape), list(hb), list(wb), list(lb), 0,
+                                                           False, channels_last, add)
+
+    x = torch.randn(shape)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    xr = x.requires_grad_()
+    eager = torch.cat([F.adaptive_avg_pool2d(xr, b).flatten(1) for b in bins], 1)  # the packed layout
+    (ref,) = torch.autograd.grad(eager, xr, grad)
+    for isa in _isas():
+        for add in (None, addend):
+            with _switch("simd_isa", isa):
+                fresh = backward(add)
+                assert fresh.nbytes >= 8 * MIB
+                with _switch("no_streaming_stores", 1):
+                    plain = backward(add)
+            assert torch.equal(fresh, plain), f"isa {isa}, addend {add is not None}"
+            want = ref if add is None else ref + addend
+            torch.testing.assert_close(fresh, want, rtol=1e-5, atol=1e-6)
+            del fresh, plain

@@ -948,9 +948,13 @@ Addend<scalar_t> addend_view(const std::optional<at::Tensor>& addend) {
 
 template <typename scalar_t>
 void avg_backward_nchw(const scalar_t* grad, scalar_t* gx, const PoolPlan& p,
-                       int64_t N, int64_t C, int64_t H, int64_t W, const Addend<scalar_t>& add) {
+                       int64_t N, int64_t C, int64_t H, int64_t W, const Addend<scalar_t>& add, bool stream) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t SH = p.h.num_segments(), SW = p.w.num_segments();
+  // float, a fresh large gx (output_buffers::streamed) of whole-line planes:
+  // each plane written into `plane_buf`, then copied out with streaming stores
+  const bool stream_planes = std::is_same_v<scalar_t, float> && stream &&
+                             reinterpret_cast<uintptr_t>(gx) % 64 == 0 && (H * W) % 16 == 0;
   // Blocks of planes, as in the forward: the cell gradients of the block
   // are summed vector over its planes, then each plane's rows are written.
   const int64_t planes = N * C, B = kPlaneBlock;
@@ -959,6 +963,7 @@ void avg_backward_nchw(const scalar_t* grad, scalar_t* gx, const PoolPlan& p,
   at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> cells(static_cast<size_t>(SH * SW * B));
     std::vector<scalar_t> rows(static_cast<size_t>((SH + 1) * W));
+    auto plane_buf = cpu::scratch<scalar_t>(stream_planes ? H * W : 0);
     int64_t sample_base[kPlaneBlock], channel[kPlaneBlock];
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t p0 = blk * B, pn = std::min(B, planes - p0);
@@ -985,7 +990,7 @@ void avg_backward_nchw(const scalar_t* grad, scalar_t* gx, const PoolPlan& p,
                                       : scalar_t(0);
           }
         }
-        scalar_t* dst = gx + (p0 + k) * H * W;
+        scalar_t* dst = stream_planes ? plane_buf.get() : gx + (p0 + k) * H * W;
         if (add.data) {
           // The addend's plane, added while the rows are written (one pass).
           const int64_t plane = p0 + k;
@@ -993,24 +998,28 @@ void avg_backward_nchw(const scalar_t* grad, scalar_t* gx, const PoolPlan& p,
             const int64_t a = p.h.seg_of[h] < 0 ? SH : p.h.seg_of[h];
             add.add_row(dst + h * W, rows.data() + a * W, plane / C, plane % C, h, W);
           }
-          continue;
-        }
-        for (int64_t h = 0; h < H; ++h) {
-          const int64_t a = p.h.seg_of[h] < 0 ? SH : p.h.seg_of[h];
-          const scalar_t* r = rows.data() + a * W;
-          scalar_t* d = dst + h * W;
+        } else {
+          for (int64_t h = 0; h < H; ++h) {
+            const int64_t a = p.h.seg_of[h] < 0 ? SH : p.h.seg_of[h];
+            const scalar_t* r = rows.data() + a * W;
+            scalar_t* d = dst + h * W;
 #pragma omp simd
-          for (int64_t w = 0; w < W; ++w) d[w] = r[w];  // short rows: no memmove call
+            for (int64_t w = 0; w < W; ++w) d[w] = r[w];  // short rows: no memmove call
+          }
+        }
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          if (stream_planes) simd::copy_streaming(gx + (p0 + k) * H * W, dst, H * W);
         }
       }
     }
+    if (stream_planes) simd::stream_fence();
   });
 }
 
 template <typename scalar_t>
 void avg_backward_channels_last(const scalar_t* grad, scalar_t* gx,
                                 const PoolPlan& p, int64_t N, int64_t C,
-                                int64_t H, int64_t W, const Addend<scalar_t>& add) {
+                                int64_t H, int64_t W, const Addend<scalar_t>& add, bool stream) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t SH = p.h.num_segments(), SW = p.w.num_segments();
   // Phase 1: each cell's gradient, [n][cell][c] (small: cells x C per sample).
@@ -1044,12 +1053,17 @@ void avg_backward_channels_last(const scalar_t* grad, scalar_t* gx,
           vals[(n * SH * SW + cell) * C + c0 + c] = static_cast<scalar_t>(cells[cell * chunk + c]);
     }
   });
-  // Phase 2: one task per output row writes whole pixels (all channels).
+  // Phase 2: one task per output row writes whole pixels (all channels);
+  // float, a fresh large gx of whole-line rows (output_buffers::streamed):
+  // into `row_buf`, then copied out with streaming stores.
+  const bool stream_rows = std::is_same_v<scalar_t, float> && stream &&
+                           reinterpret_cast<uintptr_t>(gx) % 64 == 0 && (W * C) % 16 == 0;
   at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
+    auto row_buf = cpu::scratch<scalar_t>(stream_rows ? W * C : 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / H, h = task % H;
       const int64_t a = p.h.seg_of[h];
-      scalar_t* row = gx + ((n * H + h) * W) * C;
+      scalar_t* row = stream_rows ? row_buf.get() : gx + ((n * H + h) * W) * C;
       for (int64_t w = 0; w < W; ++w) {
         const int64_t b = p.w.seg_of[w];
         scalar_t* px = row + w * C;
@@ -1068,7 +1082,11 @@ void avg_backward_channels_last(const scalar_t* grad, scalar_t* gx,
           std::copy(v, v + C, px);
         }
       }
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (stream_rows) simd::copy_streaming(gx + ((n * H + h) * W) * C, row, W * C);
+      }
     }
+    if (stream_rows) simd::stream_fence();
   });
 }
 
@@ -1138,12 +1156,12 @@ at::Tensor multi_pool2d_backward_cpu(
         const scalar_t* gp = grad.const_data_ptr<scalar_t>();
         scalar_t* op = gx.mutable_data_ptr<scalar_t>();
         const Addend<scalar_t> add = addend_view<scalar_t>(addend);
+        const bool stream = output_buffers::streamed(gx);
         if (mode == kPoolAvg) {
-          if (channels_last_input) avg_backward_channels_last(gp, op, p, N, C, H, W, add);
-          else avg_backward_nchw(gp, op, p, N, C, H, W, add);
+          if (channels_last_input) avg_backward_channels_last(gp, op, p, N, C, H, W, add, stream);
+          else avg_backward_nchw(gp, op, p, N, C, H, W, add, stream);
         } else {
-          max_backward(gp, indices.const_data_ptr<int64_t>(), op, p, N, C, H, W, channels_last_input, add,
-                       output_buffers::streamed(gx));
+          max_backward(gp, indices.const_data_ptr<int64_t>(), op, p, N, C, H, W, channels_last_input, add, stream);
         }
       });
   return gx;
