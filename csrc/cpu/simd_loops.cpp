@@ -17,8 +17,8 @@
 #else
 #define PE_X86_MULTIVERSION 0
 #endif
-// Streaming (non-temporal) stores: x86's SSE/AVX stream intrinsics.
-#if defined(__x86_64__) || defined(__i386__)
+// Streaming (non-temporal) stores: x86-64's SSE/AVX stream intrinsics (SSE2 is baseline there).
+#if defined(__x86_64__)
 #include <immintrin.h>
 #define PE_STREAM_STORES 1
 #else
