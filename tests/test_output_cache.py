@@ -286,6 +286,22 @@ def test_streamed_concat_equals_plain_stores_bitwise_on_every_isa(case):
         pe.empty_cache()
 
 
+def _check_streamed_gradient(backward, ref, addend, rtol):
+    """backward(addend or None), a gradient of x of 8 MiB or more: streamed (the default) equal to plain
+    stores bit for bit on every ISA copy, and to eager's gradient `ref` (+ addend) within rtol."""
+    for isa in _isas():
+        for add in (None, addend):
+            with _switch("simd_isa", isa):
+                fresh = backward(add)
+                assert fresh.nbytes >= 8 * MIB
+                with _switch("no_streaming_stores", 1):
+                    plain = backward(add)
+            assert torch.equal(fresh, plain), f"isa {isa}, addend {add is not None}"
+            want = ref if add is None else ref + addend
+            torch.testing.assert_close(fresh, want, rtol=rtol, atol=1e-6, equal_nan=True)
+            del fresh, plain
+
+
 # (N, C, H, W), layout: channels_last rows of W * C floats (whole lines when a
 # multiple of 16), NCHW planes of H * W floats; bins (4, 2, 1) and (1, 2, 3, 6).
 _MAX_STREAM_CASES = {
@@ -321,17 +337,7 @@ def test_streamed_max_gradient_equals_plain_stores_bitwise(case, bins):
     xr = x.detach().requires_grad_()
     eager = torch.cat([F.adaptive_max_pool2d(xr, b).flatten(1) for b in bins], 1)  # the packed layout
     (ref,) = torch.autograd.grad(eager, xr, grad.view(n, -1))
-    for isa in _isas():
-        for add in (None, addend):
-            with _switch("simd_isa", isa):
-                fresh = backward(add)
-                assert fresh.nbytes >= 8 * MIB
-                with _switch("no_streaming_stores", 1):
-                    plain = backward(add)
-            assert torch.equal(fresh, plain), f"isa {isa}, addend {add is not None}"
-            want = ref if add is None else ref + addend
-            torch.testing.assert_close(fresh, want, rtol=1e-6, atol=1e-6, equal_nan=True)
-            del fresh, plain
+    _check_streamed_gradient(backward, ref, addend, rtol=1e-6)
 
 
 _AVG_STREAM_CASES = {
@@ -365,14 +371,4 @@ def test_streamed_avg_gradient_equals_plain_stores_bitwise(case):
     xr = x.requires_grad_()
     eager = torch.cat([F.adaptive_avg_pool2d(xr, b).flatten(1) for b in bins], 1)  # the packed layout
     (ref,) = torch.autograd.grad(eager, xr, grad)
-    for isa in _isas():
-        for add in (None, addend):
-            with _switch("simd_isa", isa):
-                fresh = backward(add)
-                assert fresh.nbytes >= 8 * MIB
-                with _switch("no_streaming_stores", 1):
-                    plain = backward(add)
-            assert torch.equal(fresh, plain), f"isa {isa}, addend {add is not None}"
-            want = ref if add is None else ref + addend
-            torch.testing.assert_close(fresh, want, rtol=1e-5, atol=1e-6)
-            del fresh, plain
+    _check_streamed_gradient(backward, ref, addend, rtol=1e-5)
