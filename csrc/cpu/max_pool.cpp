@@ -508,14 +508,19 @@ void forward_channels_last(const float* x, float* out, int64_t* out_idx, const L
 
 namespace {
 
+// A max index from the forward (or the caller), in [0, HW).
+int64_t checked_index(int64_t k, int64_t HW) {
+  TORCH_CHECK(0 <= k && k < HW, "multi_pool2d_backward: index out of range");
+  return k;
+}
+
 // channels_last backward into a fresh large gx, written once with streaming
 // stores: each sample's contributions are first sorted by their row (a
 // stable counting sort: rect-major, channel-minor, the order the per-sample
 // scatter adds them in), then each block of rows is zeroed in a buffer that
 // stays in cache, added to in that order, given the addend, and copied out.
 // Zeroing gx in place (memset, then the scatter) read every line of it from
-// memory first. (W * C) % 16 == 0 and gx 64-byte aligned: every row is whole
-// lines.
+// memory first. (output_buffers::streamed in rows of W * C floats.)
 void backward_rows_streamed(const float* grad, const int64_t* indices, float* gx, const Levels& lv,
                             const Bins& bins, int64_t N, int64_t H, int64_t W, const Addend<float>& add) {
   const int64_t C = lv.channels, HW = H * W, row = W * C;
@@ -543,8 +548,7 @@ void backward_rows_streamed(const float* grad, const int64_t* indices, float* gx
       for (const BinRect& r : rects)
         for (int64_t c = 0; c < C; ++c) {
           const int64_t k = ix[r.out_offset + c * r.c_stride];
-          TORCH_CHECK(0 <= k && k < HW, "multi_pool2d_backward: index out of range");
-          ++f[row_of[k] + 1];
+          ++f[row_of[checked_index(k, HW)] + 1];
         }
       for (int64_t h = 0; h < H; ++h) f[h + 1] += f[h];
       std::copy(f, f + H, next.begin());
@@ -586,25 +590,19 @@ void backward(const float* grad, const int64_t* indices, float* gx, const Levels
               int64_t H, int64_t W, bool channels_last, const Addend<float>& add, bool stream) {
   const int64_t C = lv.channels, HW = H * W;
   const std::vector<BinRect>& rects = bins.rects;
-  auto checked = [HW](int64_t k) {
-    TORCH_CHECK(0 <= k && k < HW, "multi_pool2d_backward: index out of range");
-    return k;
-  };
-  // Streaming stores only where every streamed store fills whole lines.
-  const bool aligned = reinterpret_cast<uintptr_t>(gx) % 64 == 0;
+  auto checked = [HW](int64_t k) { return checked_index(k, HW); };
   if (!channels_last) {
     // One plane per step: zeroed, then every bin's gradient added in order,
     // then the addend's plane added while the plane is in cache (stream:
     // in `buf`, then copied out).
-    const bool stream_planes = stream && aligned && HW % 16 == 0;
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, HW));
     at::parallel_for(0, N * C, grain, [&](int64_t begin, int64_t end) {
-      auto buf = scratch<float>(stream_planes ? HW : 0);
+      auto buf = scratch<float>(stream ? HW : 0);
       for (int64_t plane = begin; plane < end; ++plane) {
         const int64_t n = plane / C, c = plane % C;
         const float* g = grad + n * C * lv.total;
         const int64_t* ix = indices + n * C * lv.total;
-        float* dst = stream_planes ? buf.get() : gx + plane * HW;
+        float* dst = stream ? buf.get() : gx + plane * HW;
         std::memset(dst, 0, static_cast<size_t>(HW) * sizeof(float));
         for (const BinRect& r : rects) {
           const int64_t o = r.out_offset + c * r.c_stride;
@@ -612,9 +610,9 @@ void backward(const float* grad, const int64_t* indices, float* gx, const Levels
         }
         if (add.data)
           for (int64_t h = 0; h < H; ++h) add.add_row(dst + h * W, dst + h * W, n, c, h, W);
-        if (stream_planes) simd::copy_streaming(gx + plane * HW, dst, HW);
+        if (stream) simd::copy_streaming(gx + plane * HW, dst, HW);
       }
-      if (stream_planes) simd::stream_fence();
+      if (stream) simd::stream_fence();
     });
     return;
   }
@@ -623,7 +621,7 @@ void backward(const float* grad, const int64_t* indices, float* gx, const Levels
   // 2 MiB samples, measured no gain, the contributions' sort a loss on bins
   // 1, 2, 3, 6; (4, 512, 60, 60) and (1, 2048, 64, 64) gained 15-30%).
   constexpr int64_t kStreamSampleBytes = int64_t{4} << 20;
-  if (stream && aligned && (W * C) % 16 == 0 && HW * C * int64_t{sizeof(float)} >= kStreamSampleBytes)
+  if (stream && HW * C * int64_t{sizeof(float)} >= kStreamSampleBytes)
     return backward_rows_streamed(grad, indices, gx, lv, bins, N, H, W, add);
   // channels_last: each bin's gradient added to a zeroed sample, channel by
   // channel (the elements of one bin are distinct, so channels can be split).

@@ -121,12 +121,13 @@ void forward_channels_last(const float* x, float* out, int64_t* out_idx, const L
 // channels_last: one sample per task, zeroed, added to, the addend's sample
 // added; or
 // (the split of channels_last_max_tasks) zeroed in blocks of rows, added to
-// in chunks of channels, the addend added by rows. stream (a fresh large gx,
-// output_buffers::streamed): each plane (NCHW) or block of rows (channels_last,
-// samples of 4 MiB and more, the contributions sorted by row first, in their
-// order) is built in an L1/L2 buffer and written out with streaming stores,
-// where those fill whole lines. No two tasks write one element, so the result does not depend on
-// the thread count; every path adds in the same order.
+// in chunks of channels, the addend added by rows. stream (gx is
+// output_buffers::streamed in planes (NCHW) or rows of pixels (channels_last)):
+// each plane or block of rows (channels_last: samples of 4 MiB and more, the
+// contributions sorted by row first, in their order) is built in an L1/L2
+// buffer and written out with streaming stores. No two tasks write one
+// element, so the result does not depend on the thread count; every path adds
+// in the same order.
 void backward(const float* grad, const int64_t* indices, float* gx, const Levels& lv, const Bins& bins, int64_t N,
               int64_t H, int64_t W, bool channels_last, const Addend<float>& add, bool stream);
 

@@ -951,10 +951,9 @@ void avg_backward_nchw(const scalar_t* grad, scalar_t* gx, const PoolPlan& p,
                        int64_t N, int64_t C, int64_t H, int64_t W, const Addend<scalar_t>& add, bool stream) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t SH = p.h.num_segments(), SW = p.w.num_segments();
-  // float, a fresh large gx (output_buffers::streamed) of whole-line planes:
-  // each plane written into `plane_buf`, then copied out with streaming stores
-  const bool stream_planes = std::is_same_v<scalar_t, float> && stream &&
-                             reinterpret_cast<uintptr_t>(gx) % 64 == 0 && (H * W) % 16 == 0;
+  // float, stream (output_buffers::streamed in planes): each plane written
+  // into `plane_buf`, then copied out with streaming stores
+  const bool stream_planes = std::is_same_v<scalar_t, float> && stream;
   // Blocks of planes, as in the forward: the cell gradients of the block
   // are summed vector over its planes, then each plane's rows are written.
   const int64_t planes = N * C, B = kPlaneBlock;
@@ -1054,10 +1053,9 @@ void avg_backward_channels_last(const scalar_t* grad, scalar_t* gx,
     }
   });
   // Phase 2: one task per output row writes whole pixels (all channels);
-  // float, a fresh large gx of whole-line rows (output_buffers::streamed):
-  // into `row_buf`, then copied out with streaming stores.
-  const bool stream_rows = std::is_same_v<scalar_t, float> && stream &&
-                           reinterpret_cast<uintptr_t>(gx) % 64 == 0 && (W * C) % 16 == 0;
+  // float, stream (output_buffers::streamed in rows): into `row_buf`, then
+  // copied out with streaming stores.
+  const bool stream_rows = std::is_same_v<scalar_t, float> && stream;
   at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
     auto row_buf = cpu::scratch<scalar_t>(stream_rows ? W * C : 0);
     for (int64_t task = begin; task < end; ++task) {
@@ -1156,7 +1154,8 @@ at::Tensor multi_pool2d_backward_cpu(
         const scalar_t* gp = grad.const_data_ptr<scalar_t>();
         scalar_t* op = gx.mutable_data_ptr<scalar_t>();
         const Addend<scalar_t> add = addend_view<scalar_t>(addend);
-        const bool stream = output_buffers::streamed(gx);
+        // streaming stores in runs of whole planes (NCHW) or rows of pixels (channels_last)
+        const bool stream = output_buffers::streamed(gx, channels_last_input ? W * C : H * W);
         if (mode == kPoolAvg) {
           if (channels_last_input) avg_backward_channels_last(gp, op, p, N, C, H, W, add, stream);
           else avg_backward_nchw(gp, op, p, N, C, H, W, add, stream);

@@ -30,10 +30,13 @@ at::Tensor empty(c10::IntArrayRef sizes, const at::TensorOptions& options,
 at::Tensor empty_like_dense(const at::Tensor& like);
 
 // Whether the kernels write t with streaming stores (simd_loops_body.inc
-// store_or_stream): t's memory is one of the cache's buffers (a large output
-// of ours, fresh this call, which a buffer freed a step ago is not expected
-// to be in the CPU caches), unless the test switch no_streaming_stores is set.
-bool streamed(const at::Tensor& t);
+// store_or_stream) in contiguous runs of `run` elements from its start: t's
+// memory is one of the cache's buffers (a large output of ours, fresh this
+// call, which a buffer freed a step ago is not expected to be in the CPU
+// caches), 64-byte aligned, and every run is whole 64-byte lines (a line
+// streamed in pieces is written to memory in pieces); unless the test switch
+// no_streaming_stores is set.
+bool streamed(const at::Tensor& t, int64_t run);
 
 struct Stats {
   int64_t limit_bytes;     // most bytes of freed buffers kept

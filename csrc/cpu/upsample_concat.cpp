@@ -81,10 +81,11 @@ void forward_planes(const std::vector<Part>& parts, const at::Tensor& out,
   const bool out_planes_dense = osW == 1 && osH == W && osC == plane;
   scalar_t* o = out.mutable_data_ptr<scalar_t>();
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, plane));
-  // float, a fresh large output of contiguous planes: written with streaming
-  // stores (simd::copy_streaming), each branch plane resized into `plane_buf`
-  // first (its rows of W floats would leave lines partly streamed)
-  const bool stream = std::is_same_v<scalar_t, float> && output_buffers::streamed(out) && osW == 1 && osH == W;
+  // float, a fresh large output of contiguous planes (output_buffers::streamed
+  // in planes): written with streaming stores (simd::copy_streaming), each
+  // branch plane resized into `plane_buf` first (its rows of W floats would
+  // leave lines partly streamed)
+  const bool stream = std::is_same_v<scalar_t, float> && out_planes_dense && output_buffers::streamed(out, plane);
   // d[i] = s[i], i < count (contiguous runs)
   auto copy_run = [stream](const scalar_t* s, int64_t count, scalar_t* d) {
     if constexpr (std::is_same_v<scalar_t, float>) {
@@ -227,10 +228,10 @@ void forward_pixels(const std::vector<Part>& parts, const at::Tensor& out,
   if constexpr (std::is_same_v<scalar_t, float>) {
     for (size_t k = 0; k < parts.size(); ++k) in_pixel_call[k] = views[k].sC == 1;
   }
-  // A fresh large output (output_buffers::streamed) written with streaming
-  // stores where each vector store fills whole 64-byte lines: every part in
-  // the pixel call, at a multiple of 16 channels, and 16-channel pixels.
-  bool stream = output_buffers::streamed(out) && reinterpret_cast<uintptr_t>(o) % 64 == 0 && osW % 16 == 0;
+  // A fresh large output (output_buffers::streamed in pixels) written with
+  // streaming stores where each vector store fills whole 64-byte lines: every
+  // part in the pixel call, at a multiple of 16 channels.
+  bool stream = output_buffers::streamed(out, osW);
   for (size_t k = 0; k < parts.size(); ++k)
     stream = stream && in_pixel_call[k] && parts[k].channel_offset % 16 == 0 && views[k].channels % 16 == 0;
   at::parallel_for(0, N * H, grain, [&](int64_t begin, int64_t end) {
