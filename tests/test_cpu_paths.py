@@ -74,6 +74,14 @@ def _workload():
         torch.autograd.backward(refs, ws)
         got += [o.detach() for o in outs] + [x.grad]
         want += [r.detach() for r in refs] + [xe.grad]
+    # spatial_pyramid_pool's flat [c][bin] output: channels_last average levels of 16, 4 and 2 bins are
+    # written a channel at a time from permuted vectors (simd::tree_means' blocks), 9 and 64 element by
+    # element; 40 channels end in a partial pass of 8
+    for (shape, bins), kind in itertools.product((((2, 40, 16, 16), (4, 3, 2, 1)), ((2, 40, 16, 16), (8, 4, (1, 2)))),
+                                                 ("nchw", "channels_last")):
+        x = layout(rand(shape, torch.float32, seed=11), kind)
+        got.append(pe.spatial_pyramid_pool(x, bins, mode="avg", backend="cpp"))
+        want.append(torch.cat([F.adaptive_avg_pool2d(x, b).flatten(1) for b in bins], 1))
     for kind in ("nchw", "channels_last"):
         x = layout(rand((2, 5, 33, 47), torch.float32, seed=2), kind)
         brs = [layout(rand((2, 3, s, s + 1), torch.float32, seed=3 + s), kind).requires_grad_() for s in (1, 2, 6)]

@@ -156,6 +156,14 @@ SumTrees build_sum_trees(const PoolPlan& p) {
     const double area = static_cast<double>(r.area);
     outs.push_back({id, 1.0 / area, r.out_offset, r.c_stride});
   }
+  for (size_t r = 0; r < outs.size();) {
+    const int64_t g = outs[r].stride;
+    bool block = g > 1 && g <= simd::kTreeMaxBlock && r + static_cast<size_t>(g) <= outs.size();
+    for (int64_t k = 0; block && k < g; ++k)
+      block = outs[r + k].stride == g && outs[r + k].offset == outs[r].offset + k;
+    outs[r].block = block ? g : 1;
+    r += block ? static_cast<size_t>(g) : 1;
+  }
   // The sums in order of their height in the trees (cells 0): built depth
   // first, each sum needed the one just before it, a chain of store-to-load
   // latencies; by height, neighbouring sums are independent.

@@ -124,7 +124,12 @@ struct TreeOut {
   int64_t node;
   double inv_area;
   int64_t offset, stride;
+  // > 1 at the first of `block` outs whose offsets are offset + k and whose
+  // stride is `block` (a level of a flattened SPP output, [c][bin]): channel
+  // c's means of those outs are contiguous, written a channel at a time.
+  int64_t block = 1;
 };
+constexpr int64_t kTreeMaxBlock = 64;  // outs in one such block at most
 constexpr int64_t kTreeChannels = 16;
 void tree_means(float* dst, const int32_t* ops, int64_t num_ops, const TreeOut* outs, int64_t num_outs,
                 const float* cells, int64_t num_cells, int64_t vec_stride, int64_t c0, int64_t n, float* sums,
