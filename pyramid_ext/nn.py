@@ -244,6 +244,8 @@ def _run_tails_side_by_side(stages: Sequence[nn.Sequential], pooled: Sequence[to
     if (len(stages) < 2 or not _extension.LOADED or not _direct_calls_allowed()  # (first: compile, export)
             or torch._C._len_torch_dispatch_stack() > 0):
         return None
+    if pooled[0].shape[0] < 2:
+        return None  # one sample: no tail is a product (_product_conv), and asking each cost 15 us a call
     args = []
     for stage, p in zip(stages, pooled):
         a = _tail_call_args(list(stage)[1:], p)
