@@ -498,6 +498,7 @@ def _choose_plan(n, cx, channels, sizes, cout, k, height, width) -> _ConvPlan:
 # convolution has a fast path there (7-18 against 12-19 us on 1x1 to 6x6 maps
 # of 16 to 256 channels), and a batch of one is the tiny, overhead-bound case.
 SMALL_CONV_PIXELS = 2048
+PRODUCT_MIN_SAMPLES = 2  # (the one-sample reason above; pyramid_ext.nn skips its checks below it)
 
 
 def _cpu_float_1x1(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
@@ -513,7 +514,7 @@ def _takes_as_product(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     if not _cpu_float_1x1(x, weight, bias) or torch.compiler.is_compiling():  # the size test would guard on symbolic sizes
         return False
     n, cin, height, width = x.shape
-    return n >= 2 and n * height * width <= SMALL_CONV_PIXELS and weight.shape[1] == cin
+    return n >= PRODUCT_MIN_SAMPLES and n * height * width <= SMALL_CONV_PIXELS and weight.shape[1] == cin
 
 
 def _conv1x1_as_product(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

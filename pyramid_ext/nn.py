@@ -116,7 +116,7 @@ def _direct_calls_allowed() -> bool:
 
 def _product_conv(m: nn.Module, x: torch.Tensor) -> bool:
     """A plain 1x1 ``nn.Conv2d`` without a hook of its own that ``functional._conv1x1_as_product`` computes on x."""
-    return (type(m) is nn.Conv2d and type(x) is torch.Tensor and x.shape[0] >= 2  # the product's own rule, first
+    return (type(m) is nn.Conv2d and type(x) is torch.Tensor and x.shape[0] >= pf.PRODUCT_MIN_SAMPLES  # the product's own rule, first
             and tuple(m.stride) == (1, 1) and m.groups == 1 and m.padding in ((0, 0), "valid")
             and m.padding_mode == "zeros" and _own_hooks_free(m) and pf._takes_as_product(x, m.weight, m.bias))
 
@@ -177,7 +177,7 @@ def _run_tail(modules, x: torch.Tensor) -> torch.Tensor:
     no hooks) walked into. One sample: no product applies (:func:`_direct_call`), so each
     module is just called (the checks per module were most of this function's cost on a
     tiny input)."""
-    if type(x) is torch.Tensor and x.shape[0] < 2:
+    if type(x) is torch.Tensor and x.shape[0] < pf.PRODUCT_MIN_SAMPLES:
         for m in modules:
             x = m(x)
         return x
@@ -244,8 +244,8 @@ def _run_tails_side_by_side(stages: Sequence[nn.Sequential], pooled: Sequence[to
     if (len(stages) < 2 or not _extension.LOADED or not _direct_calls_allowed()  # (first: compile, export)
             or torch._C._len_torch_dispatch_stack() > 0):
         return None
-    if pooled[0].shape[0] < 2:
-        return None  # one sample: no tail is a product (_product_conv), and asking each cost 15 us a call
+    if pooled[0].shape[0] < pf.PRODUCT_MIN_SAMPLES:
+        return None  # one sample: no tail is a product (_product_conv), and asking each stage cost microseconds a call
     args = []
     for stage, p in zip(stages, pooled):
         a = _tail_call_args(list(stage)[1:], p)
