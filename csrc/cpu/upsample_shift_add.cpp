@@ -105,6 +105,16 @@ std::vector<TapGeometry<acc_t>> geometries(const std::vector<at::Tensor>& taps, 
   return g;
 }
 
+// Each tensor's data pointer, read once before the parallel loops (the
+// checked accessor, and stride() per element, cost as much as the work on
+// small planes).
+template <typename scalar_t>
+std::vector<scalar_t*> data_of(std::vector<at::Tensor>& ts) {
+  std::vector<scalar_t*> d;
+  for (at::Tensor& t : ts) d.push_back(t.mutable_data_ptr<scalar_t>());
+  return d;
+}
+
 // ------------------------------- forward -----------------------------------
 
 // Planar base and result: one task per (n, o) plane.
@@ -152,13 +162,15 @@ void forward_planes(const at::Tensor& base, const std::vector<at::Tensor>& taps,
   // is written whole (the one shift is zero), not added to a zeroed one.
   const bool write_rows = std::is_same_v<scalar_t, float> && K == 1 &&
                           std::all_of(geo.begin(), geo.end(), [](const auto& g) { return g.tx_arrays && g.sW == 1; });
-  // Where each tap tensor's elements end (the floats after a plane's row
-  // that its vector loads may read).
-  std::vector<const scalar_t*> tap_ends;
+  // Each tap tensor's data (read once: the checked accessor per plane was a
+  // twentieth of the kernel on (16, 64, 16, 16)) and where its elements end
+  // (the floats after a plane's row that its vector loads may read).
+  std::vector<const scalar_t*> tap_data, tap_ends;
   for (const auto& t : taps) {
     int64_t last = 0;
     for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
-    tap_ends.push_back(t.const_data_ptr<scalar_t>() + last + 1);
+    tap_data.push_back(t.const_data_ptr<scalar_t>());
+    tap_ends.push_back(tap_data.back() + last + 1);
   }
   // float rows: kPlanes planes per simd::shift_add_planes call (their G rows side by side)
   const int64_t group = rows_call ? kPlanes : 1;
@@ -192,7 +204,7 @@ void forward_planes(const at::Tensor& base, const std::vector<at::Tensor>& taps,
         acc_t* g_of = g_plane;
         for (size_t i = 0; i < geo.size(); ++i) {
           const auto& g = geo[i];
-          const scalar_t* tp = taps[i].const_data_ptr<scalar_t>() + n * g.sN;
+          const scalar_t* tp = tap_data[i] + n * g.sN;
           for (int64_t a = 0; a < K; ++a) {
             for (int64_t c = 0; c < K; ++c) {
               const ShiftRange xs = shift_range(c - p, W);
@@ -295,6 +307,8 @@ void forward_pixels_float(const at::Tensor& base, const std::vector<at::Tensor>&
   first.push_back(static_cast<int64_t>(terms.size()));
   const float* bp = base.const_data_ptr<float>();
   float* op = out.mutable_data_ptr<float>();
+  std::vector<const float*> tap_data;  // read once, not per row
+  for (const auto& t : taps) tap_data.push_back(t.const_data_ptr<float>());
   const int64_t bsN = base.stride(0), bsH = base.stride(2), bsW = base.stride(3);
   const int64_t osN = out.stride(0), osH = out.stride(2), osW = out.stride(3);
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, W * C));
@@ -306,7 +320,7 @@ void forward_pixels_float(const at::Tensor& base, const std::vector<at::Tensor>&
         const int64_t cn = std::min(kChunk, C - c0);
         for (size_t i = 0; i < geo.size(); ++i) {
           const auto& g = geo[i];
-          const float* tp = taps[i].const_data_ptr<float>() + n * g.sN + c0 * g.sC;
+          const float* tp = tap_data[i] + n * g.sN + c0 * g.sC;
           for (int64_t c = 0; c < K; ++c) {
             // U[j] = sum_a wy-blend of source rows at Y = y + a - p, pixel j
             float* u = U.data() + u_first[i * K + c];
@@ -351,6 +365,8 @@ void forward_pixels(const at::Tensor& base, const std::vector<at::Tensor>& taps,
   for (const auto& g : geo) max_w = std::max(max_w, g.w);
   const scalar_t* bp = base.const_data_ptr<scalar_t>();
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
+  std::vector<const scalar_t*> tap_data;  // read once, not per row
+  for (const auto& t : taps) tap_data.push_back(t.const_data_ptr<scalar_t>());
   const int64_t bsN = base.stride(0), bsC = base.stride(1), bsH = base.stride(2), bsW = base.stride(3);
   const int64_t osN = out.stride(0), osH = out.stride(2), osW = out.stride(3);
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, W * C));
@@ -374,7 +390,7 @@ void forward_pixels(const at::Tensor& base, const std::vector<at::Tensor>& taps,
         }
         for (size_t i = 0; i < geo.size(); ++i) {
           const auto& g = geo[i];
-          const scalar_t* tp = taps[i].const_data_ptr<scalar_t>() + n * g.sN + c0 * g.sC;
+          const scalar_t* tp = tap_data[i] + n * g.sN + c0 * g.sC;
           for (int64_t c = 0; c < K; ++c) {
             // U[j] = sum_a wy-blend of source rows at Y = y + a - p, pixel j
             bool any = false;
@@ -471,13 +487,13 @@ void backward_planes(const at::Tensor& grad, std::vector<at::Tensor>& grads, int
   const int64_t planes = N * C;
   const int64_t tasks = planes * static_cast<int64_t>(grads.size());
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, K * H * W));
+  const std::vector<scalar_t*> grad_data = data_of<scalar_t>(grads);
   at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
     RowRunSums<acc_t> sums;
     for (int64_t task = begin; task < end; ++task) {
       const size_t i = static_cast<size_t>(task / planes);
       const int64_t n = (task % planes) / C, o = task % C;
       const auto& g = geo[i];
-      at::Tensor& gt = grads[i];
       const scalar_t* src = gp + n * gsN + o * gsC;
       for (int64_t a = 0; a < K; ++a) {
         // R[r][x] = sum over Y reading r (y = Y - a + p inside) of wy(Y, r) * grad[y][x]
@@ -491,8 +507,8 @@ void backward_planes(const at::Tensor& grad, std::vector<at::Tensor>& grads, int
         }
         sums.flush_all();
         for (int64_t c = 0; c < K; ++c) {
-          scalar_t* dst = gt.mutable_data_ptr<scalar_t>() + n * gt.stride(0) + tap_channel(a, c, K, C, o) * gt.stride(1);
-          columns_pass<scalar_t, acc_t>(dst, gt.stride(2), gt.stride(3), sums.rows.data(), g, W, c - p);
+          scalar_t* dst = grad_data[i] + n * g.sN + tap_channel(a, c, K, C, o) * g.sC;
+          columns_pass<scalar_t, acc_t>(dst, g.sH, g.sW, sums.rows.data(), g, W, c - p);
         }
       }
     }
@@ -511,6 +527,7 @@ void backward_pixels(const at::Tensor& grad, std::vector<at::Tensor>& grads, int
   const int64_t chunks = (C + kChunk - 1) / kChunk;
   std::vector<int64_t> first_task{0};  // tasks of tap tensor i: [first_task[i], first_task[i + 1])
   for (const auto& g : geo) first_task.push_back(first_task.back() + N * g.h * chunks);
+  const std::vector<scalar_t*> grad_data = data_of<scalar_t>(grads);
   at::parallel_for(0, first_task.back(), 1, [&](int64_t begin, int64_t end) {
     // R[x][k]: double sums and the float run, W pixels of kChunk channels.
     std::vector<double> R(static_cast<size_t>(W * kChunk));
@@ -520,7 +537,6 @@ void backward_pixels(const at::Tensor& grad, std::vector<at::Tensor>& grads, int
       size_t i = 0;
       while (task >= first_task[i + 1]) ++i;
       const auto& g = geo[i];
-      at::Tensor& gt = grads[i];
       const int64_t local = task - first_task[i];
       const int64_t n = local / (g.h * chunks), r = (local / chunks) % g.h, c0 = (local % chunks) * kChunk;
       const int64_t cn = std::min(kChunk, C - c0);
@@ -550,8 +566,7 @@ void backward_pixels(const at::Tensor& grad, std::vector<at::Tensor>& grads, int
         if (terms > 0) flush();
         for (int64_t c = 0; c < K; ++c) {
           const int64_t shift = c - p;
-          scalar_t* dst = gt.mutable_data_ptr<scalar_t>() + n * gt.stride(0) +
-                          (tap_channel(a, c, K, C, 0) + c0) * gt.stride(1) + r * gt.stride(2);
+          scalar_t* dst = grad_data[i] + n * g.sN + (tap_channel(a, c, K, C, 0) + c0) * g.sC + r * g.sH;
           for (int64_t j = 0; j < g.w; ++j) {
             const int64_t first = std::max(g.rx[j].first, shift), last = std::min(g.rx[j].last, W - 1 + shift);
             std::fill(sum.begin(), sum.end(), 0.0);
@@ -561,8 +576,8 @@ void backward_pixels(const at::Tensor& grad, std::vector<at::Tensor>& grads, int
 #pragma omp simd
               for (int64_t k = 0; k < cn; ++k) sum[k] += wt * q[k];
             }
-            scalar_t* d = dst + j * gt.stride(3);
-            for (int64_t k = 0; k < cn; ++k) d[k * gt.stride(1)] = static_cast<scalar_t>(sum[k]);
+            scalar_t* d = dst + j * g.sW;
+            for (int64_t k = 0; k < cn; ++k) d[k * g.sC] = static_cast<scalar_t>(sum[k]);
           }
         }
       }
