@@ -367,24 +367,36 @@ at::Tensor upsample_concat_cpu(const std::optional<at::Tensor>& x,
 
 // ------------------------------- backward ----------------------------------
 
+// One branch gradient as the tasks write it: data, sizes and strides, read
+// once before the parallel loop (the tensor accessors per task, and
+// stride() per element, cost as much as the small planes' work).
+template <typename scalar_t>
+struct GradOut {
+  scalar_t* data;
+  int64_t C, h, w, sN, sC, sH, sW;
+};
+
 // Per branch: its first task (tasks are (n, chunk of `chunk` channels),
 // branch after branch; the last entry is the total), the taps along H and W,
-// and the output columns that read each branch column.
-template <typename acc_t>
+// the output columns that read each branch column, and its gradient.
+template <typename scalar_t, typename acc_t>
 struct BackwardTables {
   std::vector<int64_t> first_task;
   std::vector<std::vector<LinearTap<acc_t>>> th, tw;
   std::vector<std::vector<DstRange>> readers;
+  std::vector<GradOut<scalar_t>> outs;
 
-  BackwardTables(const std::vector<at::Tensor>& grads, int64_t N, int64_t H,
+  BackwardTables(std::vector<at::Tensor>& grads, int64_t N, int64_t H,
                  int64_t W, int64_t chunk, bool align_corners) {
     int64_t tasks = 0;
-    for (const auto& gb : grads) {
+    for (auto& gb : grads) {
       first_task.push_back(tasks);
       tasks += N * ((gb.size(1) + chunk - 1) / chunk);
       th.push_back(axis_taps<acc_t>(gb.size(2), H, align_corners));
       tw.push_back(axis_taps<acc_t>(gb.size(3), W, align_corners));
       readers.push_back(axis_readers<acc_t>(gb.size(3), W, align_corners));
+      outs.push_back({gb.mutable_data_ptr<scalar_t>(), gb.size(1), gb.size(2), gb.size(3), gb.stride(0),
+                      gb.stride(1), gb.stride(2), gb.stride(3)});
     }
     first_task.push_back(tasks);
   }
@@ -400,7 +412,7 @@ void backward_planes(const at::Tensor& g, std::vector<at::Tensor>& grads,
                 gsW = g.stride(3);
   const scalar_t* gp = g.const_data_ptr<scalar_t>();
   // Tasks are (branch, n, c) planes, numbered branch after branch.
-  const BackwardTables<acc_t> t(grads, N, H, W, 1, align_corners);
+  const BackwardTables<scalar_t, acc_t> t(grads, N, H, W, 1, align_corners);
   const auto& first_task = t.first_task;
   const auto& th = t.th;
   const auto& tw = t.tw;
@@ -413,8 +425,8 @@ void backward_planes(const at::Tensor& g, std::vector<at::Tensor>& grads,
     for (int64_t task = begin; task < end; ++task) {
       size_t k = 0;
       while (task >= first_task[k + 1]) ++k;
-      at::Tensor& gb = grads[k];
-      const int64_t Ck = gb.size(1), hb = gb.size(2), wb = gb.size(3);
+      const GradOut<scalar_t>& gb = t.outs[k];
+      const int64_t Ck = gb.C, hb = gb.h, wb = gb.w;
       const int64_t n = (task - first_task[k]) / Ck;
       const int64_t c = (task - first_task[k]) % Ck;
       const scalar_t* src = gp + n * gsN + (offsets[k] + c) * gsC;
@@ -453,10 +465,10 @@ void backward_planes(const at::Tensor& g, std::vector<at::Tensor>& grads,
           a[j] = sum;
         }
       }
-      scalar_t* dst = gb.mutable_data_ptr<scalar_t>() + n * gb.stride(0) + c * gb.stride(1);
+      scalar_t* dst = gb.data + n * gb.sN + c * gb.sC;
       for (int64_t i = 0; i < hb; ++i)
         for (int64_t j = 0; j < wb; ++j)
-          dst[i * gb.stride(2) + j * gb.stride(3)] = static_cast<scalar_t>(acc[i * wb + j]);
+          dst[i * gb.sH + j * gb.sW] = static_cast<scalar_t>(acc[i * wb + j]);
     }
   });
 }
@@ -471,7 +483,7 @@ void backward_pixels(const at::Tensor& g, std::vector<at::Tensor>& grads,
   const scalar_t* gp = g.const_data_ptr<scalar_t>();
   constexpr int64_t kChunk = 64;
   // Tasks are (branch, n, channel chunk), numbered branch after branch.
-  const BackwardTables<acc_t> t(grads, N, H, W, kChunk, align_corners);
+  const BackwardTables<scalar_t, acc_t> t(grads, N, H, W, kChunk, align_corners);
   const auto& first_task = t.first_task;
   const auto& th = t.th;
   const auto& tw = t.tw;
@@ -483,8 +495,8 @@ void backward_pixels(const at::Tensor& g, std::vector<at::Tensor>& grads,
     for (int64_t task = begin; task < end; ++task) {
       size_t k = 0;
       while (task >= first_task[k + 1]) ++k;
-      at::Tensor& gb = grads[k];
-      const int64_t Ck = gb.size(1), hb = gb.size(2), wb = gb.size(3);
+      const GradOut<scalar_t>& gb = t.outs[k];
+      const int64_t Ck = gb.C, hb = gb.h, wb = gb.w;
       const int64_t chunks = (Ck + kChunk - 1) / kChunk;
       const int64_t n = (task - first_task[k]) / chunks;
       const int64_t c0 = ((task - first_task[k]) % chunks) * kChunk;
@@ -522,12 +534,11 @@ void backward_pixels(const at::Tensor& g, std::vector<at::Tensor>& grads,
           }
         }
       }
-      scalar_t* dst = gb.mutable_data_ptr<scalar_t>() + n * gb.stride(0) + c0 * gb.stride(1);
+      scalar_t* dst = gb.data + n * gb.sN + c0 * gb.sC;
       for (int64_t i = 0; i < hb; ++i)
         for (int64_t j = 0; j < wb; ++j)
           for (int64_t c = 0; c < cn; ++c)
-            dst[i * gb.stride(2) + j * gb.stride(3) + c * gb.stride(1)] =
-                static_cast<scalar_t>(acc[(i * wb + j) * kChunk + c]);
+            dst[i * gb.sH + j * gb.sW + c * gb.sC] = static_cast<scalar_t>(acc[(i * wb + j) * kChunk + c]);
     }
   });
 }
