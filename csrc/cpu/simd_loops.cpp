@@ -195,6 +195,7 @@ void blend(float* d, const float* r0, const float* r1, float w0, float w1, int64
   loops().blend(d, r0, r1, w0, w1, n);
 }
 void axpy(float* acc, const float* src, float a, int64_t n) { loops().axpy(acc, src, a, n); }
+AxpyLoop axpy_loop() { return loops().axpy; }
 void shift_add_planes(float* const* d, int64_t d_stride, const float* const* base, int64_t base_stride,
                       const float* rows, int64_t rows_plane, const int64_t* off, const float* w,
                       const int64_t* first, int64_t h, int64_t width, int64_t planes) {

@@ -142,6 +142,11 @@ void max_rows(float* m, int32_t* r, const float* src, int64_t rows, int64_t stri
 void blend(float* d, const float* r0, const float* r1, float w0, float w1, int64_t n);
 // acc[i] += a * src[i]
 void axpy(float* acc, const float* src, float a, int64_t n);
+// axpy's loop for this call's instruction set, to call directly where rows
+// are a vector or two long (the dispatch per call was a tenth of
+// upsample_concat's planar backward on 16-wide rows). Read once per call.
+using AxpyLoop = void (*)(float* acc, const float* src, float a, int64_t n);
+AxpyLoop axpy_loop();
 // Planes p < planes of upsample_shift_add's output (planar float), from
 // base[p] and plane p's G rows at rows + p * rows_plane: d[p][y * d_stride
 // + x] = base[p][y * base_stride + x] + w[t] * rows[p * rows_plane + off[t]

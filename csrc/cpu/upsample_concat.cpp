@@ -378,12 +378,17 @@ struct GradOut {
 
 // Per branch: its first task (tasks are (n, chunk of `chunk` channels),
 // branch after branch; the last entry is the total), the taps along H and W,
-// the output columns that read each branch column, and its gradient.
+// the output columns that read each branch column, their weights (col_w:
+// for column j, from col_first[j], the double of bilinear_tap_weight(tw[w],
+// j) for each reader w in order: pass 2's factors, computed once instead of
+// per row and element), and its gradient.
 template <typename scalar_t, typename acc_t>
 struct BackwardTables {
   std::vector<int64_t> first_task;
   std::vector<std::vector<LinearTap<acc_t>>> th, tw;
   std::vector<std::vector<DstRange>> readers;
+  std::vector<std::vector<double>> col_w;
+  std::vector<std::vector<int64_t>> col_first;
   std::vector<GradOut<scalar_t>> outs;
 
   BackwardTables(std::vector<at::Tensor>& grads, int64_t N, int64_t H,
@@ -395,6 +400,15 @@ struct BackwardTables {
       th.push_back(axis_taps<acc_t>(gb.size(2), H, align_corners));
       tw.push_back(axis_taps<acc_t>(gb.size(3), W, align_corners));
       readers.push_back(axis_readers<acc_t>(gb.size(3), W, align_corners));
+      std::vector<double> weights;
+      std::vector<int64_t> firsts;
+      for (int64_t j = 0; j < gb.size(3); ++j) {
+        firsts.push_back(static_cast<int64_t>(weights.size()));
+        for (int64_t w = readers.back()[j].first; w <= readers.back()[j].last; ++w)
+          weights.push_back(static_cast<double>(bilinear_tap_weight(tw.back()[w], j)));
+      }
+      col_w.push_back(std::move(weights));
+      col_first.push_back(std::move(firsts));
       outs.push_back({gb.mutable_data_ptr<scalar_t>(), gb.size(1), gb.size(2), gb.size(3), gb.stride(0),
                       gb.stride(1), gb.stride(2), gb.stride(3)});
     }
@@ -415,10 +429,10 @@ void backward_planes(const at::Tensor& g, std::vector<at::Tensor>& grads,
   const BackwardTables<scalar_t, acc_t> t(grads, N, H, W, 1, align_corners);
   const auto& first_task = t.first_task;
   const auto& th = t.th;
-  const auto& tw = t.tw;
   const auto& readers = t.readers;
   const int64_t tasks = first_task.back();
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, H * W));
+  const simd::AxpyLoop axpy = simd::axpy_loop();
   at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
     RowRunSums<acc_t> sums;
     std::vector<double> acc;
@@ -431,13 +445,12 @@ void backward_planes(const at::Tensor& g, std::vector<at::Tensor>& grads,
       const int64_t c = (task - first_task[k]) % Ck;
       const scalar_t* src = gp + n * gsN + (offsets[k] + c) * gsC;
       const auto& ty = th[k];
-      const auto& tx = tw[k];
       // rows[i][w] = sum_h Wy[h, i] * G[h, w]
       sums.reset(hb, W);
       auto add_row = [&](int64_t i, acc_t wt, const scalar_t* s) {
         acc_t* r = sums.next_term(i);
         if constexpr (std::is_same_v<scalar_t, float>) {
-          if (gsW == 1) return simd::axpy(r, s, wt, W);
+          if (gsW == 1) return axpy(r, s, wt, W);
         }
         if (gsW == 1) {
 #pragma omp simd
@@ -455,13 +468,15 @@ void backward_planes(const at::Tensor& g, std::vector<at::Tensor>& grads,
       // grad[i][j] = sum over the columns w that read j of rows[i][w] * Wx[w, j]
       acc.assign(static_cast<size_t>(hb * wb), 0.0);
       const auto& rw = readers[k];
+      const double* cw = t.col_w[k].data();
+      const int64_t* cf = t.col_first[k].data();
       for (int64_t i = 0; i < hb; ++i) {
         const double* r = sums.rows.data() + i * W;
         double* a = acc.data() + i * wb;
         for (int64_t j = 0; j < wb; ++j) {
           double sum = 0;
-          for (int64_t w = rw[j].first; w <= rw[j].last; ++w)
-            sum += static_cast<double>(bilinear_tap_weight(tx[w], j)) * r[w];
+          const double* wt = cw + cf[j] - rw[j].first;
+          for (int64_t w = rw[j].first; w <= rw[j].last; ++w) sum += wt[w] * r[w];
           a[j] = sum;
         }
       }
@@ -486,7 +501,6 @@ void backward_pixels(const at::Tensor& g, std::vector<at::Tensor>& grads,
   const BackwardTables<scalar_t, acc_t> t(grads, N, H, W, kChunk, align_corners);
   const auto& first_task = t.first_task;
   const auto& th = t.th;
-  const auto& tw = t.tw;
   const auto& readers = t.readers;
   const int64_t tasks = first_task.back();
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
@@ -503,7 +517,6 @@ void backward_pixels(const at::Tensor& g, std::vector<at::Tensor>& grads,
       const int64_t cn = std::min(kChunk, Ck - c0);
       const scalar_t* src = gp + n * gsN + offsets[k] + c0;
       const auto& ty = th[k];
-      const auto& tx = tw[k];
       // A row of rows: W pixels of kChunk channels.
       sums.reset(hb, W * kChunk);
       auto add_row = [&](int64_t i, acc_t wt, const scalar_t* row) {
@@ -523,12 +536,14 @@ void backward_pixels(const at::Tensor& g, std::vector<at::Tensor>& grads,
       sums.flush_all();
       acc.assign(static_cast<size_t>(hb * wb * kChunk), 0.0);
       const auto& rw = readers[k];
+      const double* cw = t.col_w[k].data();
+      const int64_t* cf = t.col_first[k].data();
       for (int64_t i = 0; i < hb; ++i) {
         for (int64_t j = 0; j < wb; ++j) {
           double* a = acc.data() + (i * wb + j) * kChunk;
           for (int64_t w = rw[j].first; w <= rw[j].last; ++w) {
             const double* r = sums.rows.data() + (i * W + w) * kChunk;
-            const double wt = static_cast<double>(bilinear_tap_weight(tx[w], j));
+            const double wt = cw[cf[j] + w - rw[j].first];
 #pragma omp simd
             for (int64_t c = 0; c < cn; ++c) a[c] += wt * r[c];
           }
