@@ -967,9 +967,17 @@ void avg_backward_nchw(const scalar_t* grad, scalar_t* gx, const PoolPlan& p,
   const int64_t planes = N * C, B = kPlaneBlock;
   const int64_t blocks = (planes + B - 1) / B;
   const int64_t grain = block_grain(H, W);
+  // Column w's cell within a row of cells (b * B), or -1 where no window
+  // reads it: the row templates' lookups, in locals (read through the plan
+  // and the lambda's captures, every element reloaded them: most of this
+  // kernel's time on (16, 256, 16, 16)).
+  std::vector<int64_t> col_cell(static_cast<size_t>(W));
+  for (int64_t w = 0; w < W; ++w) col_cell[w] = p.w.seg_of[w] >= 0 ? p.w.seg_of[w] * B : -1;
   at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> cells(static_cast<size_t>(SH * SW * B));
     std::vector<scalar_t> rows(static_cast<size_t>((SH + 1) * W));
+    const int64_t* const cols = col_cell.data();
+    const int64_t row_cells = SW * B, width = W, segments = SH;
     auto plane_buf = cpu::scratch<scalar_t>(stream_planes ? H * W : 0);
     int64_t sample_base[kPlaneBlock], channel[kPlaneBlock];
     for (int64_t blk = begin; blk < end; ++blk) {
@@ -989,14 +997,13 @@ void avg_backward_nchw(const scalar_t* grad, scalar_t* gx, const PoolPlan& p,
       }
       for (int64_t k = 0; k < pn; ++k) {
         // Row template per H-segment (the last one: rows no window reads).
-        for (int64_t a = 0; a <= SH; ++a) {
-          scalar_t* r = rows.data() + a * W;
-          for (int64_t w = 0; w < W; ++w) {
-            const int64_t b = p.w.seg_of[w];
-            r[w] = (a < SH && b >= 0) ? static_cast<scalar_t>(cells[(a * SW + b) * B + k])
-                                      : scalar_t(0);
-          }
+        for (int64_t a = 0; a < segments; ++a) {
+          scalar_t* r = rows.data() + a * width;
+          const acc_t* cell_row = cells.data() + a * row_cells + k;
+          for (int64_t w = 0; w < width; ++w)
+            r[w] = cols[w] >= 0 ? static_cast<scalar_t>(cell_row[cols[w]]) : scalar_t(0);
         }
+        std::fill(rows.data() + segments * width, rows.data() + (segments + 1) * width, scalar_t(0));
         scalar_t* dst = stream_planes ? plane_buf.get() : gx + (p0 + k) * H * W;
         if (add.data) {
           // The addend's plane, added while the rows are written (one pass).
