@@ -475,8 +475,8 @@ void backward_planes(const at::Tensor& g, std::vector<at::Tensor>& grads,
         double* a = acc.data() + i * wb;
         for (int64_t j = 0; j < wb; ++j) {
           double sum = 0;
-          const double* wt = cw + cf[j] - rw[j].first;
-          for (int64_t w = rw[j].first; w <= rw[j].last; ++w) sum += wt[w] * r[w];
+          const double* wt = cw + cf[j];  // wt[w - first]: reader w's factor
+          for (int64_t w = rw[j].first; w <= rw[j].last; ++w) sum += wt[w - rw[j].first] * r[w];
           a[j] = sum;
         }
       }

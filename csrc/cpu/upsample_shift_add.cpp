@@ -480,9 +480,10 @@ inline void columns_pass(scalar_t* dst, int64_t dsH, int64_t dsW, const double* 
     const double* row = R + r * W;
     for (int64_t j = 0; j < g.w; ++j) {
       const int64_t first = std::max(g.rx[j].first, shift), last = std::min(g.rx[j].last, W - 1 + shift);
-      const double* wt = g.col_w.data() + g.col_first[j] - g.rx[j].first;  // wt[X]: reader X's factor
+      const double* wt = g.col_w.data() + g.col_first[j];  // wt[X - rx[j].first]: reader X's factor
+      const int64_t x0 = g.rx[j].first;
       double sum = 0;
-      for (int64_t X = first; X <= last; ++X) sum += wt[X] * row[X - shift];
+      for (int64_t X = first; X <= last; ++X) sum += wt[X - x0] * row[X - shift];
       dst[r * dsH + j * dsW] = static_cast<scalar_t>(sum);
     }
   }
