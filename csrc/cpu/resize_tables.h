@@ -68,6 +68,26 @@ struct ResizeTableArrays {
 // (for non-negative G, 8.2e-7 relative to the gradient). Float accumulation
 // over the H rows drifted by up to H * 2^-24.
 //
+// Pass 2's factors, tabled once per call: for source column j, of(j)[w -
+// readers[j].first] is the double of bilinear_tap_weight(taps[w], j) for each
+// output column w in readers[j] (computed per row and element, with its
+// compares and selects, it had been most of the planar backwards' time).
+struct ReaderFactors {
+  std::vector<double> factors;
+  std::vector<int64_t> first;  // column j's first entry in factors
+
+  ReaderFactors() = default;
+  template <typename acc_t>
+  ReaderFactors(const std::vector<LinearTap<acc_t>>& taps, const std::vector<DstRange>& readers) {
+    for (int64_t j = 0; j < static_cast<int64_t>(readers.size()); ++j) {
+      first.push_back(static_cast<int64_t>(factors.size()));
+      for (int64_t w = readers[j].first; w <= readers[j].last; ++w)
+        factors.push_back(static_cast<double>(bilinear_tap_weight(taps[w], j)));
+    }
+  }
+  const double* of(int64_t j) const { return factors.data() + first[j]; }
+};
+
 // One plane's (or channel chunk's) row sums: `rows` (double) and the float
 // runs (`run`, zero outside a run), `width` values per row.
 template <typename acc_t>

@@ -378,17 +378,14 @@ struct GradOut {
 
 // Per branch: its first task (tasks are (n, chunk of `chunk` channels),
 // branch after branch; the last entry is the total), the taps along H and W,
-// the output columns that read each branch column, their weights (col_w:
-// for column j, from col_first[j], the double of bilinear_tap_weight(tw[w],
-// j) for each reader w in order: pass 2's factors, computed once instead of
-// per row and element), and its gradient.
+// the output columns that read each branch column and their factors, and
+// its gradient.
 template <typename scalar_t, typename acc_t>
 struct BackwardTables {
   std::vector<int64_t> first_task;
   std::vector<std::vector<LinearTap<acc_t>>> th, tw;
   std::vector<std::vector<DstRange>> readers;
-  std::vector<std::vector<double>> col_w;
-  std::vector<std::vector<int64_t>> col_first;
+  std::vector<ReaderFactors> factors;
   std::vector<GradOut<scalar_t>> outs;
 
   BackwardTables(std::vector<at::Tensor>& grads, int64_t N, int64_t H,
@@ -400,15 +397,7 @@ struct BackwardTables {
       th.push_back(axis_taps<acc_t>(gb.size(2), H, align_corners));
       tw.push_back(axis_taps<acc_t>(gb.size(3), W, align_corners));
       readers.push_back(axis_readers<acc_t>(gb.size(3), W, align_corners));
-      std::vector<double> weights;
-      std::vector<int64_t> firsts;
-      for (int64_t j = 0; j < gb.size(3); ++j) {
-        firsts.push_back(static_cast<int64_t>(weights.size()));
-        for (int64_t w = readers.back()[j].first; w <= readers.back()[j].last; ++w)
-          weights.push_back(static_cast<double>(bilinear_tap_weight(tw.back()[w], j)));
-      }
-      col_w.push_back(std::move(weights));
-      col_first.push_back(std::move(firsts));
+      factors.emplace_back(tw.back(), readers.back());
       outs.push_back({gb.mutable_data_ptr<scalar_t>(), gb.size(1), gb.size(2), gb.size(3), gb.stride(0),
                       gb.stride(1), gb.stride(2), gb.stride(3)});
     }
@@ -468,14 +457,13 @@ void backward_planes(const at::Tensor& g, std::vector<at::Tensor>& grads,
       // grad[i][j] = sum over the columns w that read j of rows[i][w] * Wx[w, j]
       acc.assign(static_cast<size_t>(hb * wb), 0.0);
       const auto& rw = readers[k];
-      const double* cw = t.col_w[k].data();
-      const int64_t* cf = t.col_first[k].data();
+      const ReaderFactors& f = t.factors[k];
       for (int64_t i = 0; i < hb; ++i) {
         const double* r = sums.rows.data() + i * W;
         double* a = acc.data() + i * wb;
         for (int64_t j = 0; j < wb; ++j) {
           double sum = 0;
-          const double* wt = cw + cf[j];  // wt[w - first]: reader w's factor
+          const double* wt = f.of(j);  // wt[w - first]: reader w's factor
           for (int64_t w = rw[j].first; w <= rw[j].last; ++w) sum += wt[w - rw[j].first] * r[w];
           a[j] = sum;
         }
@@ -536,14 +524,13 @@ void backward_pixels(const at::Tensor& g, std::vector<at::Tensor>& grads,
       sums.flush_all();
       acc.assign(static_cast<size_t>(hb * wb * kChunk), 0.0);
       const auto& rw = readers[k];
-      const double* cw = t.col_w[k].data();
-      const int64_t* cf = t.col_first[k].data();
+      const ReaderFactors& f = t.factors[k];
       for (int64_t i = 0; i < hb; ++i) {
         for (int64_t j = 0; j < wb; ++j) {
           double* a = acc.data() + (i * wb + j) * kChunk;
           for (int64_t w = rw[j].first; w <= rw[j].last; ++w) {
             const double* r = sums.rows.data() + (i * W + w) * kChunk;
-            const double wt = cw[cf[j] + w - rw[j].first];
+            const double wt = f.of(j)[w - rw[j].first];
 #pragma omp simd
             for (int64_t c = 0; c < cn; ++c) a[c] += wt * r[c];
           }

@@ -79,13 +79,10 @@ struct TapGeometry {
   int64_t h, w, sN, sC, sH, sW;
   std::vector<LinearTap<acc_t>> ty, tx;  // per output row / column
   std::vector<DstRange> ry, rx;          // output rows / columns reading each source row / column
-  // With the readers: for source column j, from col_first[j], the double of
-  // bilinear_tap_weight(tx[X], j) for each reader X in rx[j], in order (the
-  // planar backward's column factors, computed once instead of per row and
-  // element; the channels_last backward computes each once per vector of
-  // channels, and read from here it measured slower: (8, 128, 32, 32), K = 3).
-  std::vector<double> col_w;
-  std::vector<int64_t> col_first;
+  // With the readers: the planar backward's column factors over rx (the
+  // channels_last backward computes each once per vector of channels; read
+  // from here it measured slower: (8, 128, 32, 32), K = 3).
+  ReaderFactors col_factors;
   // tx for the float forward's vector loops (simd::resize_rows over rows of
   // unit stride, simd::shift_add_pixels' terms over channels_last pixels)
   std::optional<ResizeTableArrays> tx_arrays;
@@ -99,11 +96,7 @@ struct TapGeometry {
     if (readers) {
       ry = axis_readers<acc_t>(h, H, align_corners);
       rx = axis_readers<acc_t>(w, W, align_corners);
-      for (int64_t j = 0; j < w; ++j) {
-        col_first.push_back(static_cast<int64_t>(col_w.size()));
-        for (int64_t X = rx[j].first; X <= rx[j].last; ++X)
-          col_w.push_back(static_cast<double>(bilinear_tap_weight(tx[X], j)));
-      }
+      col_factors = ReaderFactors(tx, rx);
     }
   }
 };
@@ -117,13 +110,19 @@ std::vector<TapGeometry<acc_t>> geometries(const std::vector<at::Tensor>& taps, 
   return g;
 }
 
-// Each tensor's data pointer, read once before the parallel loops (the
-// checked accessor, and stride() per element, cost as much as the work on
-// small planes).
-template <typename scalar_t>
-std::vector<scalar_t*> data_of(std::vector<at::Tensor>& ts) {
-  std::vector<scalar_t*> d;
-  for (at::Tensor& t : ts) d.push_back(t.mutable_data_ptr<scalar_t>());
+// Each tensor's data pointer (T const: read-only), read once before the
+// parallel loops (the checked accessor per plane or task, and stride() per
+// element, cost as much as the work on small planes).
+template <typename T>
+std::vector<T*> data_of(const std::vector<at::Tensor>& ts) {
+  std::vector<T*> d;
+  for (const at::Tensor& t : ts) {
+    if constexpr (std::is_const_v<T>) {
+      d.push_back(t.const_data_ptr<std::remove_const_t<T>>());
+    } else {
+      d.push_back(t.mutable_data_ptr<T>());
+    }
+  }
   return d;
 }
 
@@ -174,15 +173,15 @@ void forward_planes(const at::Tensor& base, const std::vector<at::Tensor>& taps,
   // is written whole (the one shift is zero), not added to a zeroed one.
   const bool write_rows = std::is_same_v<scalar_t, float> && K == 1 &&
                           std::all_of(geo.begin(), geo.end(), [](const auto& g) { return g.tx_arrays && g.sW == 1; });
-  // Each tap tensor's data (read once: the checked accessor per plane was a
+  // Each tap tensor's data (data_of: the checked accessor per plane was a
   // twentieth of the kernel on (16, 64, 16, 16)) and where its elements end
   // (the floats after a plane's row that its vector loads may read).
-  std::vector<const scalar_t*> tap_data, tap_ends;
-  for (const auto& t : taps) {
+  const std::vector<const scalar_t*> tap_data = data_of<const scalar_t>(taps);
+  std::vector<const scalar_t*> tap_ends;
+  for (size_t i = 0; i < taps.size(); ++i) {
     int64_t last = 0;
-    for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
-    tap_data.push_back(t.const_data_ptr<scalar_t>());
-    tap_ends.push_back(tap_data.back() + last + 1);
+    for (int64_t d = 0; d < taps[i].dim(); ++d) last += (taps[i].size(d) - 1) * taps[i].stride(d);
+    tap_ends.push_back(tap_data[i] + last + 1);
   }
   // float rows: kPlanes planes per simd::shift_add_planes call (their G rows side by side)
   const int64_t group = rows_call ? kPlanes : 1;
@@ -319,8 +318,7 @@ void forward_pixels_float(const at::Tensor& base, const std::vector<at::Tensor>&
   first.push_back(static_cast<int64_t>(terms.size()));
   const float* bp = base.const_data_ptr<float>();
   float* op = out.mutable_data_ptr<float>();
-  std::vector<const float*> tap_data;  // read once, not per row
-  for (const auto& t : taps) tap_data.push_back(t.const_data_ptr<float>());
+  const std::vector<const float*> tap_data = data_of<const float>(taps);
   const int64_t bsN = base.stride(0), bsH = base.stride(2), bsW = base.stride(3);
   const int64_t osN = out.stride(0), osH = out.stride(2), osW = out.stride(3);
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, W * C));
@@ -377,8 +375,7 @@ void forward_pixels(const at::Tensor& base, const std::vector<at::Tensor>& taps,
   for (const auto& g : geo) max_w = std::max(max_w, g.w);
   const scalar_t* bp = base.const_data_ptr<scalar_t>();
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
-  std::vector<const scalar_t*> tap_data;  // read once, not per row
-  for (const auto& t : taps) tap_data.push_back(t.const_data_ptr<scalar_t>());
+  const std::vector<const scalar_t*> tap_data = data_of<const scalar_t>(taps);
   const int64_t bsN = base.stride(0), bsC = base.stride(1), bsH = base.stride(2), bsW = base.stride(3);
   const int64_t osN = out.stride(0), osH = out.stride(2), osW = out.stride(3);
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, W * C));
@@ -480,7 +477,7 @@ inline void columns_pass(scalar_t* dst, int64_t dsH, int64_t dsW, const double* 
     const double* row = R + r * W;
     for (int64_t j = 0; j < g.w; ++j) {
       const int64_t first = std::max(g.rx[j].first, shift), last = std::min(g.rx[j].last, W - 1 + shift);
-      const double* wt = g.col_w.data() + g.col_first[j];  // wt[X - rx[j].first]: reader X's factor
+      const double* wt = g.col_factors.of(j);  // wt[X - rx[j].first]: reader X's factor
       const int64_t x0 = g.rx[j].first;
       double sum = 0;
       for (int64_t X = first; X <= last; ++X) sum += wt[X - x0] * row[X - shift];
