@@ -28,6 +28,7 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <cstring>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -559,17 +560,187 @@ at::Tensor pointwise_tail(const at::Tensor& x, const at::Tensor& weight, const s
 // each on one. The branches go to the least loaded thread, largest first
 // (load: the product's multiply-adds). The caller's thread-local state (grad
 // mode, autocast, dispatch keys, Python modes) is set on each worker, so
-// autograd records the ops as the serial calls would. `args`: per branch x,
-// weight, bias, BatchNorm weight, bias, running mean and variance, eps, relu
-// (as pointwise_tail's).
+// autograd records the ops as the serial calls would. Without autograd the
+// branches are cut into pieces of samples instead (share_tails, below).
+// `args`: per branch x, weight, bias, BatchNorm weight, bias, running mean
+// and variance, eps, relu (as pointwise_tail's).
 using TailArgs = std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>,
                             std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>, double,
                             int64_t>;
+
+// Without autograd: every tail's samples cut into pieces so that each thread
+// gets an even share of the multiply-adds (one branch can hold most of them:
+// a PPM's 6x6 level has 36/50), each piece's product, BatchNorm and ReLU
+// written into the branch's result by the thread that computes it. The same
+// ops per element as run_pointwise_tail (the product over a piece's rows, the
+// BatchNorm into the result's slice, the ReLU in place), so the same values.
+struct TailPiece {
+  int64_t branch, n0, n1;  // samples [n0, n1)
+};
+
+// The cost model of share_tails, in multiply-adds: a piece's fixed cost (its
+// ops' calls, allocations and the BatchNorm's per-call work: about 10 us a
+// piece, a 16 x 256 -> 64 product's worth), and the factor of a product over
+// NCHW planes under kBmmMinPixels, copied in as rows and back out (its
+// 1-thread time per multiply-add 1.5-2x the others', (16, 256) pooled to 2x2
+// and 3x3, Intel Xeon).
+constexpr double kPieceMacs = 1 << 19;
+constexpr double kTransposedRowsFactor = 1.5;
+
+// Per thread, the pieces of its share: branches largest first, each thread's
+// share a run of the cost line, cut at whole samples.
+std::vector<std::vector<TailPiece>> share_tails(const std::vector<TailArgs>& args, int64_t threads) {
+  const int64_t branches = static_cast<int64_t>(args.size());
+  std::vector<double> per_sample(static_cast<size_t>(branches)), whole(static_cast<size_t>(branches));
+  std::vector<int64_t> order(static_cast<size_t>(branches));
+  double total = 0;
+  for (int64_t b = 0; b < branches; ++b) {
+    const at::Tensor& x = std::get<0>(args[static_cast<size_t>(b)]);
+    const int64_t pixels = x.size(2) * x.size(3);
+    const bool transposed_rows = x.stride(1) != 1 && pixels > 1 && pixels < kBmmMinPixels;
+    per_sample[static_cast<size_t>(b)] = static_cast<double>(x.size(1) * pixels) *
+                                         static_cast<double>(std::get<1>(args[static_cast<size_t>(b)]).size(0)) *
+                                         (transposed_rows ? kTransposedRowsFactor : 1.0);
+    whole[static_cast<size_t>(b)] = kPieceMacs + per_sample[static_cast<size_t>(b)] * static_cast<double>(x.size(0));
+    total += whole[static_cast<size_t>(b)];
+    order[static_cast<size_t>(b)] = b;
+  }
+  std::stable_sort(order.begin(), order.end(), [&](int64_t u, int64_t v) { return whole[u] > whole[v]; });
+  std::vector<std::vector<TailPiece>> pieces(static_cast<size_t>(threads));
+  const double share = total / static_cast<double>(threads);
+  int64_t t = 0;
+  double done = 0;
+  for (int64_t b : order) {
+    const int64_t samples = std::get<0>(args[static_cast<size_t>(b)]).size(0);
+    const double cost = per_sample[static_cast<size_t>(b)];
+    for (int64_t n = 0; n < samples;) {
+      int64_t k = samples - n;
+      const double bound = share * static_cast<double>(t + 1);
+      if (t + 1 < threads && cost > 0) {
+        k = std::min<int64_t>(k, std::llround((bound - done - kPieceMacs) / cost));
+        if (k <= 0) {
+          ++t;
+          continue;
+        }
+      }
+      pieces[static_cast<size_t>(t)].push_back({b, n, n + k});
+      done += kPieceMacs + cost * static_cast<double>(k);
+      n += k;
+      if (t + 1 < threads && done >= bound - cost / 2) ++t;
+    }
+  }
+  return pieces;
+}
+
+bool tails_need_grad(const std::vector<TailArgs>& args) {
+  if (!at::GradMode::is_enabled()) return false;
+  auto needs = [](const std::optional<at::Tensor>& t) { return t.has_value() && t->requires_grad(); };
+  for (const auto& [x, w, bias, bn_w, bn_b, bn_mean, bn_var, eps, relu] : args)
+    if (x.requires_grad() || w.requires_grad() || needs(bias) || needs(bn_w) || needs(bn_b)) return true;
+  return false;
+}
+
+// x's pixels as rows (n * h * w, cin): a view where they are one matrix, one
+// copy per sample where each sample's pixels are (a pooled level of
+// channels_last x: the levels of a sample side by side; reshape's copy
+// through TensorIterator took 1.5-2x as long), else reshape's copy.
+at::Tensor pixel_rows(const at::Tensor& x) {
+  const int64_t n = x.size(0), cin = x.size(1), pixels = x.size(2) * x.size(3);
+  const bool sample_rows = x.stride(1) == 1 && x.stride(3) == cin && x.stride(2) == x.size(3) * cin;
+  if (!sample_rows || n == 1 || pixels == 1 || x.stride(0) == pixels * cin)
+    return x.permute({0, 2, 3, 1}).reshape({n * pixels, cin});
+  at::Tensor rows = at::empty({n * pixels, cin}, x.options());
+  const size_t bytes = static_cast<size_t>(pixels * cin) * x.element_size();
+  const char* src = static_cast<const char*>(x.const_data_ptr());
+  char* dst = static_cast<char*>(rows.data_ptr());
+  for (int64_t i = 0; i < n; ++i)
+    std::memcpy(dst + static_cast<size_t>(i) * bytes, src + i * x.stride(0) * x.element_size(), bytes);
+  return rows;
+}
+
+// One piece: run_pointwise_tail's ops on samples [n0, n1) of x, into that
+// slice of `result` (laid out as run_pointwise_tail's result).
+void run_tail_piece(const TailArgs& a, int64_t n0, int64_t n1, at::Tensor& result) {
+  const auto& [x_all, weight, bias, bn_w, bn_b, bn_mean, bn_var, eps, relu] = a;
+  const at::Tensor x = x_all.narrow(0, n0, n1 - n0);
+  const int64_t n = n1 - n0, cin = x.size(1), h = x.size(2), w = x.size(3), cout = weight.size(0);
+  at::Tensor dst = result.narrow(0, n0, n);
+  const bool norm = bn_mean.has_value();
+  // The product straight into the result where nothing follows it but the
+  // ReLU and the result has its layout; else into its own tensor.
+  if (x.stride(1) != 1 && x.stride(2) == w * x.stride(3) && h * w >= kBmmMinPixels) {
+    const at::Tensor w3d = weight.reshape({cout, cin}).expand({n, cout, cin});
+    const at::Tensor cols = x.view({n, cin, h * w});
+    at::Tensor prod = norm ? at::empty({n, cout, h * w}, x.options()) : dst.view({n, cout, h * w});
+    if (bias) {
+      at::baddbmm_out(prod, bias->view({cout, 1}), w3d, cols);
+    } else {
+      at::bmm_out(prod, w3d, cols);
+    }
+    if (norm) {
+      at::Tensor save_mean = at::empty({0}, x.options()), save_invstd = at::empty({0}, x.options());
+      at::native_batch_norm_out(dst, save_mean, save_invstd, prod.view({n, cout, h, w}), bn_w, bn_b, bn_mean, bn_var,
+                                /*training=*/false, /*momentum=*/0.0, eps);
+    }
+  } else {
+    const at::Tensor rows = pixel_rows(x);
+    const at::Tensor w2d = weight.reshape({cout, cin}).t();
+    // result channels_last (or 1x1): its memory is the product's rows
+    const bool rows_layout = dst.permute({0, 2, 3, 1}).is_contiguous();
+    at::Tensor prod = (norm || !rows_layout) ? at::empty({n * h * w, cout}, x.options())
+                                             : dst.permute({0, 2, 3, 1}).view({n * h * w, cout});
+    if (bias) {
+      at::addmm_out(prod, *bias, rows, w2d);
+    } else {
+      at::mm_out(prod, rows, w2d);
+    }
+    at::Tensor out = prod.view({n, h, w, cout}).permute({0, 3, 1, 2});
+    if (!rows_layout) out = out.contiguous();
+    if (norm) {
+      at::Tensor save_mean = at::empty({0}, x.options()), save_invstd = at::empty({0}, x.options());
+      at::native_batch_norm_out(dst, save_mean, save_invstd, out, bn_w, bn_b, bn_mean, bn_var, /*training=*/false,
+                                /*momentum=*/0.0, eps);
+    } else if (!rows_layout) {
+      dst.copy_(out);
+    }
+  }
+  if (relu != 0) dst.relu_();
+}
+
+// run_pointwise_tail's result layout for x: NCHW from the per-sample bmm,
+// else channels_last where x is (and H*W > 1), else NCHW; a 1x1 map with no
+// op after the product that allocates (a BatchNorm, an out-of-place ReLU)
+// keeps the product's strides (N, C, 1, 1) -> (C, 1, C, C).
+at::Tensor empty_tail_result(const at::Tensor& x, int64_t cout, bool allocated_after) {
+  const int64_t n = x.size(0), h = x.size(2), w = x.size(3);
+  const bool bmm = x.stride(1) != 1 && x.stride(2) == w * x.stride(3) && h * w >= kBmmMinPixels;
+  if (!bmm && h * w == 1 && !allocated_after) return at::empty({n, h, w, cout}, x.options()).permute({0, 3, 1, 2});
+  const bool channels_last = !bmm && x.stride(1) == 1 && h * w > 1;
+  return at::empty({n, cout, h, w}, x.options().memory_format(channels_last ? at::MemoryFormat::ChannelsLast
+                                                                            : at::MemoryFormat::Contiguous));
+}
 
 std::vector<at::Tensor> pointwise_tails(const std::vector<TailArgs>& args) {
   pybind11::gil_scoped_release no_gil;
   const int64_t branches = static_cast<int64_t>(args.size());
   std::vector<at::Tensor> outs(static_cast<size_t>(branches));
+  const int64_t num_threads = at::get_num_threads();
+  if (num_threads >= 2 && !at::in_parallel_region() && !tails_need_grad(args)) {
+    for (int64_t b = 0; b < branches; ++b) {
+      const TailArgs& a = args[static_cast<size_t>(b)];
+      outs[static_cast<size_t>(b)] = empty_tail_result(std::get<0>(a), std::get<1>(a).size(0),
+                                                     std::get<5>(a).has_value() || std::get<8>(a) == 1);
+    }
+    const auto pieces = share_tails(args, num_threads);
+    const at::ThreadLocalState state;
+    at::parallel_for(0, num_threads, 1, [&](int64_t begin, int64_t end) {
+      at::ThreadLocalStateGuard guard(state);
+      for (int64_t t = begin; t < end; ++t)
+        for (const TailPiece& p : pieces[static_cast<size_t>(t)])
+          run_tail_piece(args[static_cast<size_t>(p.branch)], p.n0, p.n1, outs[static_cast<size_t>(p.branch)]);
+    });
+    return outs;
+  }
   auto run = [&](int64_t b) {
     const auto& [x, w, bias, bn_w, bn_b, bn_mean, bn_var, eps, relu] = args[static_cast<size_t>(b)];
     outs[static_cast<size_t>(b)] = run_pointwise_tail(x, w, bias, bn_w, bn_b, bn_mean, bn_var, eps, relu);

@@ -771,6 +771,55 @@ def test_stage_tails_run_side_by_side(channels_last, threads):
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_stage_tails_shared_by_samples_without_grad(channels_last, dtype, threads):
+    """Without autograd, _C._pointwise_tails cuts the tails' samples into pieces, an even
+    share of the products for each thread (a PPM's 6x6 level is most of the work), each
+    piece written into its branch's result: bit for bit the values and strides of one
+    _C._pointwise_tail per branch, for every tail form (bias or not, eval BatchNorm or not,
+    ReLU none / out of place / in place), the levels of one pooled call (each sample's
+    pixels side by side with its other levels) and plain tensors of both layouts. With a
+    tensor that requires grad, the branches run whole (their ops recorded)."""
+    from pyramid_ext import _extension
+    if not _extension.LOADED:
+        pytest.skip("the compiled extension is not built")
+    torch.manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(5, 16, 13, 11, dtype=dtype).contiguous(memory_format=fmt)
+    levels = list(pe.multi_adaptive_avg_pool2d(x, (1, 2, 3, 6, (4, 5)), backend="cpp"))
+    levels.append(torch.randn(5, 16, 5, 4, dtype=dtype).contiguous(memory_format=fmt))  # a map of its own
+    forms = [(bias, norm, relu) for bias in (False, True) for norm in (False, True) for relu in (0, 1, 2)]
+
+    def tail_args(level, form, requires_grad=False):
+        bias, norm, relu = form
+        cout = 6
+        weight = torch.randn(cout, 16, 1, 1, dtype=dtype, requires_grad=requires_grad)
+        a = [level, weight, torch.randn(cout, dtype=dtype) if bias else None]
+        a += ([torch.randn(cout, dtype=dtype), torch.randn(cout, dtype=dtype), torch.randn(cout, dtype=dtype),
+               torch.rand(cout, dtype=dtype) + 0.5] if norm else [None] * 4)
+        return tuple(a + [1e-5, relu])
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for k, form in enumerate(forms):
+            args = [tail_args(level, forms[(k + i) % len(forms)]) for i, level in enumerate(levels)]
+            got = _extension._C._pointwise_tails(args)
+            want = [_extension._C._pointwise_tail(*a) for a in args]
+            for g, w in zip(got, want):
+                assert torch.equal(g, w) and g.stride() == w.stride(), (form, tuple(g.shape))
+                assert not g.requires_grad
+        args = [tail_args(level, forms[-1], requires_grad=True) for level in levels]
+        got = _extension._C._pointwise_tails(args)
+        assert all(g.requires_grad and g.grad_fn is not None for g in got)
+        with torch.no_grad():
+            assert all(torch.equal(g, w) for g, w in zip(got, _extension._C._pointwise_tails(args)))
+    finally:
+        torch.set_num_threads(before)
+
+
 # --------------------------------------------------------------------------
 # PSPNet
 # --------------------------------------------------------------------------
