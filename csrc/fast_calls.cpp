@@ -591,7 +591,7 @@ constexpr double kTransposedRowsFactor = 1.5;
 // share a run of the cost line, cut at whole samples.
 std::vector<std::vector<TailPiece>> share_tails(const std::vector<TailArgs>& args, int64_t threads) {
   const int64_t branches = static_cast<int64_t>(args.size());
-  std::vector<double> per_sample(static_cast<size_t>(branches)), whole(static_cast<size_t>(branches));
+  std::vector<double> per_sample(static_cast<size_t>(branches)), branch_cost(static_cast<size_t>(branches));
   std::vector<int64_t> order(static_cast<size_t>(branches));
   double total = 0;
   for (int64_t b = 0; b < branches; ++b) {
@@ -601,18 +601,20 @@ std::vector<std::vector<TailPiece>> share_tails(const std::vector<TailArgs>& arg
     per_sample[static_cast<size_t>(b)] = static_cast<double>(x.size(1) * pixels) *
                                          static_cast<double>(std::get<1>(args[static_cast<size_t>(b)]).size(0)) *
                                          (transposed_rows ? kTransposedRowsFactor : 1.0);
-    whole[static_cast<size_t>(b)] = kPieceMacs + per_sample[static_cast<size_t>(b)] * static_cast<double>(x.size(0));
-    total += whole[static_cast<size_t>(b)];
+    branch_cost[static_cast<size_t>(b)] =
+        kPieceMacs + per_sample[static_cast<size_t>(b)] * static_cast<double>(x.size(0));
+    total += branch_cost[static_cast<size_t>(b)];
     order[static_cast<size_t>(b)] = b;
   }
-  std::stable_sort(order.begin(), order.end(), [&](int64_t u, int64_t v) { return whole[u] > whole[v]; });
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t u, int64_t v) { return branch_cost[u] > branch_cost[v]; });
   std::vector<std::vector<TailPiece>> pieces(static_cast<size_t>(threads));
   const double share = total / static_cast<double>(threads);
   int64_t t = 0;
   double done = 0;
   for (int64_t b : order) {
-    const int64_t samples = std::get<0>(args[static_cast<size_t>(b)]).size(0);
     const double cost = per_sample[static_cast<size_t>(b)];
+    const int64_t samples = std::get<0>(args[static_cast<size_t>(b)]).size(0);
     for (int64_t n = 0; n < samples;) {
       int64_t k = samples - n;
       const double bound = share * static_cast<double>(t + 1);
@@ -662,6 +664,7 @@ at::Tensor pixel_rows(const at::Tensor& x) {
 // slice of `result` (laid out as run_pointwise_tail's result).
 void run_tail_piece(const TailArgs& a, int64_t n0, int64_t n1, at::Tensor& result) {
   const auto& [x_all, weight, bias, bn_w, bn_b, bn_mean, bn_var, eps, relu] = a;
+  if (n1 == n0) return;  // (no samples: the result is empty)
   const at::Tensor x = x_all.narrow(0, n0, n1 - n0);
   const int64_t n = n1 - n0, cin = x.size(1), h = x.size(2), w = x.size(3), cout = weight.size(0);
   at::Tensor dst = result.narrow(0, n0, n);
@@ -782,6 +785,18 @@ std::vector<at::Tensor> pointwise_tails(const std::vector<TailArgs>& args) {
   return outs;
 }
 
+// share_tails' pieces for `threads` threads, per thread (branch, first
+// sample, end sample): for the tests.
+std::vector<std::vector<std::tuple<int64_t, int64_t, int64_t>>> tail_pieces(const std::vector<TailArgs>& args,
+                                                                            int64_t threads) {
+  std::vector<std::vector<std::tuple<int64_t, int64_t, int64_t>>> out;
+  for (const auto& mine : share_tails(args, threads)) {
+    out.emplace_back();
+    for (const TailPiece& p : mine) out.back().emplace_back(p.branch, p.n0, p.n1);
+  }
+  return out;
+}
+
 }  // namespace
 
 void register_fast_calls(pybind11::module_& m) {
@@ -803,6 +818,9 @@ void register_fast_calls(pybind11::module_& m) {
   m.def("_pointwise_tails", &pointwise_tails,
         "_pointwise_tail for each branch of a pyramid (a list of its argument tuples), the branches side by side on "
         "the intra-op threads.");
+  m.def("_tail_pieces", &tail_pieces,
+        "_pointwise_tails' cut of its branches' samples among `threads` threads: per thread (branch, start, end) "
+        "(for the tests).");
 }
 
 }  // namespace pyramid_ext

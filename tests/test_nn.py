@@ -774,28 +774,30 @@ def test_stage_tails_run_side_by_side(channels_last, threads):
 @pytest.mark.parametrize("threads", [2, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
-def test_stage_tails_shared_by_samples_without_grad(channels_last, dtype, threads):
-    """Without autograd, _C._pointwise_tails cuts the tails' samples into pieces, an even
-    share of the products for each thread (a PPM's 6x6 level is most of the work), each
-    piece written into its branch's result: bit for bit the values and strides of one
-    _C._pointwise_tail per branch, for every tail form (bias or not, eval BatchNorm or not,
-    ReLU none / out of place / in place), the levels of one pooled call (each sample's
-    pixels side by side with its other levels) and plain tensors of both layouts. With a
-    tensor that requires grad, the branches run whole (their ops recorded)."""
+def test_stage_tails_cut_by_samples(channels_last, dtype, threads):
+    """_C._pointwise_tails cuts the tails' samples into pieces, an even share of the products
+    for each thread (a PPM's 6x6 level is most of the work; _C._tail_pieces shows the cut).
+    Without autograd each piece writes its slice of the branch's result: bit for bit the
+    values and strides of one _C._pointwise_tail per branch, for every tail form (bias or
+    not, eval BatchNorm or not, ReLU none / out of place / in place), on the levels of one
+    pooled call (each sample's pixels side by side with its other levels) and a map of its
+    own. With a tensor that requires grad the branches run whole, side by side (cut, their
+    float32 weight gradients would be sums of the pieces' in another order; measured no
+    faster with autograd recording): the values, strides and gradients of the one-by-one calls."""
     from pyramid_ext import _extension
     if not _extension.LOADED:
         pytest.skip("the compiled extension is not built")
     torch.manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    x = torch.randn(5, 16, 13, 11, dtype=dtype).contiguous(memory_format=fmt)
-    levels = list(pe.multi_adaptive_avg_pool2d(x, (1, 2, 3, 6, (4, 5)), backend="cpp"))
-    levels.append(torch.randn(5, 16, 5, 4, dtype=dtype).contiguous(memory_format=fmt))  # a map of its own
+    x = torch.randn(16, 256, 13, 11, dtype=dtype).contiguous(memory_format=fmt)
+    levels = list(pe.multi_adaptive_avg_pool2d(x, (1, (2, 3), 6), backend="cpp"))
+    levels.append(torch.randn(16, 256, 2, 2, dtype=dtype).contiguous(memory_format=fmt))  # a map of its own
     forms = [(bias, norm, relu) for bias in (False, True) for norm in (False, True) for relu in (0, 1, 2)]
 
     def tail_args(level, form, requires_grad=False):
         bias, norm, relu = form
-        cout = 6
-        weight = torch.randn(cout, 16, 1, 1, dtype=dtype, requires_grad=requires_grad)
+        cout = 64
+        weight = torch.randn(cout, 256, 1, 1, dtype=dtype, requires_grad=requires_grad)
         a = [level, weight, torch.randn(cout, dtype=dtype) if bias else None]
         a += ([torch.randn(cout, dtype=dtype), torch.randn(cout, dtype=dtype), torch.randn(cout, dtype=dtype),
                torch.rand(cout, dtype=dtype) + 0.5] if norm else [None] * 4)
@@ -806,16 +808,31 @@ def test_stage_tails_shared_by_samples_without_grad(channels_last, dtype, thread
     try:
         for k, form in enumerate(forms):
             args = [tail_args(level, forms[(k + i) % len(forms)]) for i, level in enumerate(levels)]
+            pieces = _extension._C._tail_pieces(args, threads)
+            assert len(pieces) == threads and all(pieces)
+            cut = [p[0] for mine in pieces for p in mine]
+            assert len(cut) > len(set(cut)), pieces  # some branch is shared among threads
+            assert sorted((b, n0, n1) for mine in pieces for b, n0, n1 in mine if n1 > n0) == sorted(
+                p for mine in pieces for p in mine)
             got = _extension._C._pointwise_tails(args)
             want = [_extension._C._pointwise_tail(*a) for a in args]
             for g, w in zip(got, want):
                 assert torch.equal(g, w) and g.stride() == w.stride(), (form, tuple(g.shape))
                 assert not g.requires_grad
-        args = [tail_args(level, forms[-1], requires_grad=True) for level in levels]
-        got = _extension._C._pointwise_tails(args)
-        assert all(g.requires_grad and g.grad_fn is not None for g in got)
-        with torch.no_grad():
-            assert all(torch.equal(g, w) for g, w in zip(got, _extension._C._pointwise_tails(args)))
+        x.requires_grad_()
+        levels = list(pe.multi_adaptive_avg_pool2d(x, (1, (2, 3), 6), backend="cpp")) + levels[-1:]
+        for k in (0, 7, 11):  # no norm and no ReLU, norm and ReLU in place, all of it
+            args = [tail_args(level, forms[(k + i) % len(forms)], requires_grad=True) for i, level in
+                    enumerate(levels)]
+            got = _extension._C._pointwise_tails(args)
+            want = [_extension._C._pointwise_tail(*a) for a in args]
+            for g, w in zip(got, want):
+                assert torch.equal(g, w) and g.stride() == w.stride()
+                assert g.requires_grad and g.grad_fn is not None
+            params = [x] + [a[1] for a in args]
+            grads = torch.autograd.grad(sum((g * g).sum() for g in got), params)
+            want_grads = torch.autograd.grad(sum((w * w).sum() for w in want), params)
+            torch.testing.assert_close(grads, want_grads)
     finally:
         torch.set_num_threads(before)
 
