@@ -114,17 +114,36 @@ def _direct_calls_allowed() -> bool:
                 or torch._C._is_torch_function_mode_enabled() or export.onnx_flags_set()) and _global_hooks_free()
 
 
+def _param(m: nn.Module, name: str):
+    """``getattr(m, name)`` for a parameter: read from ``m._parameters`` (where nn.Module keeps
+    it, None when registered as absent) unless something else took the name. Why:
+    ``m.weight`` goes through nn.Module.__getattr__, a Python call each, 40 of them in a PPM
+    forward (the four tails' arguments 36 -> 18 us, one thread)."""
+    value = m._parameters.get(name, _MISSING)
+    return getattr(m, name) if value is _MISSING else value
+
+
+def _buffer(m: nn.Module, name: str):
+    """``getattr(m, name)`` for a buffer, as :func:`_param`."""
+    value = m._buffers.get(name, _MISSING)
+    return getattr(m, name) if value is _MISSING else value
+
+
+_MISSING = object()
+
+
 def _product_conv(m: nn.Module, x: torch.Tensor) -> bool:
     """A plain 1x1 ``nn.Conv2d`` without a hook of its own that ``functional._conv1x1_as_product`` computes on x."""
     return (type(m) is nn.Conv2d and type(x) is torch.Tensor and x.shape[0] >= pf.PRODUCT_MIN_SAMPLES  # the product's own rule, first
             and tuple(m.stride) == (1, 1) and m.groups == 1 and m.padding in ((0, 0), "valid")
-            and m.padding_mode == "zeros" and _own_hooks_free(m) and pf._takes_as_product(x, m.weight, m.bias))
+            and m.padding_mode == "zeros" and _own_hooks_free(m)
+            and pf._takes_as_product(x, _param(m, "weight"), _param(m, "bias")))
 
 
 def _eval_batchnorm(m: nn.Module) -> bool:
     """An ``nn.BatchNorm2d`` in eval mode with running statistics, without a hook of its own."""
-    return (type(m) is nn.BatchNorm2d and not m.training and m.running_mean is not None
-            and m.running_var is not None and _own_hooks_free(m))
+    return (type(m) is nn.BatchNorm2d and not m.training and _buffer(m, "running_mean") is not None
+            and _buffer(m, "running_var") is not None and _own_hooks_free(m))
 
 
 def _direct_call(m: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
@@ -144,12 +163,12 @@ def _direct_call(m: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
     after it as one call (``_C._pointwise_tail``, the same ops called from C++)."""
     kind = type(m)
     if kind is nn.Conv2d:
-        return pf._conv1x1_as_product(x, m.weight, m.bias) if _product_conv(m, x) else None
+        return pf._conv1x1_as_product(x, _param(m, "weight"), _param(m, "bias")) if _product_conv(m, x) else None
     if kind is nn.BatchNorm2d:
         if x.dim() != 4 or not _eval_batchnorm(m):
             return None
-        return torch.batch_norm(x, m.weight, m.bias, m.running_mean, m.running_var, False, 0.0, m.eps,
-                                torch.backends.cudnn.enabled)
+        return torch.batch_norm(x, _param(m, "weight"), _param(m, "bias"), _buffer(m, "running_mean"),
+                                _buffer(m, "running_var"), False, 0.0, m.eps, torch.backends.cudnn.enabled)
     if kind is nn.ReLU:
         if not _own_hooks_free(m):
             return None
@@ -207,8 +226,9 @@ def _pointwise_call(mods: Sequence[nn.Module], i: int, x: torch.Tensor) -> Optio
     i += bn is not None
     relu = mods[i] if i < len(mods) and type(mods[i]) is nn.ReLU and _own_hooks_free(mods[i]) else None
     i += relu is not None
-    norm = (bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps) if bn is not None else (None,) * 4 + (0.0,)
-    return (x, conv.weight, conv.bias, *norm, 0 if relu is None else 2 if relu.inplace else 1), i
+    norm = ((_param(bn, "weight"), _param(bn, "bias"), _buffer(bn, "running_mean"), _buffer(bn, "running_var"), bn.eps)
+            if bn is not None else (None,) * 4 + (0.0,))
+    return (x, _param(conv, "weight"), _param(conv, "bias"), *norm, 0 if relu is None else 2 if relu.inplace else 1), i
 
 
 def _run_modules(modules, x: torch.Tensor, direct: bool) -> torch.Tensor:

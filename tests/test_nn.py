@@ -771,6 +771,22 @@ def test_stage_tails_run_side_by_side(channels_last, threads):
         torch.set_num_threads(before)
 
 
+def test_tail_parameters_read_as_getattr_reads_them():
+    """The tails' arguments read parameters and buffers from the module's own dicts
+    (nn._param / nn._buffer, not nn.Module.__getattr__): what getattr returns, also where the
+    name is registered as None and where a plain attribute took it."""
+    from pyramid_ext import nn as pnn
+    conv, bn = nn.Conv2d(4, 2, 1, bias=False), nn.BatchNorm2d(2, track_running_stats=False)
+    assert pnn._param(conv, "weight") is conv.weight and pnn._param(conv, "bias") is None
+    assert pnn._buffer(bn, "running_mean") is None and pnn._param(bn, "bias") is bn.bias
+    plain = torch.ones(2, 4, 1, 1)
+    del conv.weight
+    conv.weight = plain  # no longer a parameter: an attribute of the instance
+    assert pnn._param(conv, "weight") is plain
+    with pytest.raises(AttributeError):
+        pnn._buffer(conv, "running_mean")
+
+
 @pytest.mark.parametrize("threads", [2, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
