@@ -513,13 +513,18 @@ pybind11::object upsample_concat_fast(pybind11::handle x_obj, pybind11::handle b
 // 512 on 2 of 2x2 and 3x3 planes, PPM levels; about even from 16 pixels).
 constexpr int64_t kBmmMinPixels = 16;
 
+// Whether the product of x takes the per-sample bmm (above).
+bool per_sample_bmm(const at::Tensor& x) {
+  return x.stride(1) != 1 && x.stride(2) == x.size(3) * x.stride(3) && x.size(2) * x.size(3) >= kBmmMinPixels;
+}
+
 at::Tensor run_pointwise_tail(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                               const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
                               const std::optional<at::Tensor>& bn_mean, const std::optional<at::Tensor>& bn_var,
                               double bn_eps, int64_t relu) {
   const int64_t n = x.size(0), cin = x.size(1), h = x.size(2), w = x.size(3), cout = weight.size(0);
   at::Tensor out;
-  if (x.stride(1) != 1 && x.stride(2) == w * x.stride(3) && h * w >= kBmmMinPixels) {
+  if (per_sample_bmm(x)) {
     const at::Tensor w3d = weight.reshape({cout, cin}).expand({n, cout, cin});
     const at::Tensor cols = x.view({n, cin, h * w});
     out = bias ? at::baddbmm(bias->view({cout, 1}), w3d, cols) : at::bmm(w3d, cols);
@@ -638,7 +643,9 @@ bool tails_need_grad(const std::vector<TailArgs>& args) {
   if (!at::GradMode::is_enabled()) return false;
   auto needs = [](const std::optional<at::Tensor>& t) { return t.has_value() && t->requires_grad(); };
   for (const auto& [x, w, bias, bn_w, bn_b, bn_mean, bn_var, eps, relu] : args)
-    if (x.requires_grad() || w.requires_grad() || needs(bias) || needs(bn_w) || needs(bn_b)) return true;
+    if (x.requires_grad() || w.requires_grad() || needs(bias) || needs(bn_w) || needs(bn_b) || needs(bn_mean) ||
+        needs(bn_var))
+      return true;
   return false;
 }
 
@@ -671,7 +678,7 @@ void run_tail_piece(const TailArgs& a, int64_t n0, int64_t n1, at::Tensor& resul
   const bool norm = bn_mean.has_value();
   // The product straight into the result where nothing follows it but the
   // ReLU and the result has its layout; else into its own tensor.
-  if (x.stride(1) != 1 && x.stride(2) == w * x.stride(3) && h * w >= kBmmMinPixels) {
+  if (per_sample_bmm(x)) {
     const at::Tensor w3d = weight.reshape({cout, cin}).expand({n, cout, cin});
     const at::Tensor cols = x.view({n, cin, h * w});
     at::Tensor prod = norm ? at::empty({n, cout, h * w}, x.options()) : dst.view({n, cout, h * w});
@@ -716,7 +723,7 @@ void run_tail_piece(const TailArgs& a, int64_t n0, int64_t n1, at::Tensor& resul
 // keeps the product's strides (N, C, 1, 1) -> (C, 1, C, C).
 at::Tensor empty_tail_result(const at::Tensor& x, int64_t cout, bool allocated_after) {
   const int64_t n = x.size(0), h = x.size(2), w = x.size(3);
-  const bool bmm = x.stride(1) != 1 && x.stride(2) == w * x.stride(3) && h * w >= kBmmMinPixels;
+  const bool bmm = per_sample_bmm(x);
   if (!bmm && h * w == 1 && !allocated_after) return at::empty({n, h, w, cout}, x.options()).permute({0, 3, 1, 2});
   const bool channels_last = !bmm && x.stride(1) == 1 && h * w > 1;
   return at::empty({n, cout, h, w}, x.options().memory_format(channels_last ? at::MemoryFormat::ChannelsLast
@@ -816,8 +823,8 @@ void register_fast_calls(pybind11::module_& m) {
   m.def("_pointwise_tail", &pointwise_tail,
         "A 1x1 conv as a matrix product, then optionally an eval BatchNorm and a ReLU (checked by pyramid_ext.nn).");
   m.def("_pointwise_tails", &pointwise_tails,
-        "_pointwise_tail for each branch of a pyramid (a list of its argument tuples), the branches side by side on "
-        "the intra-op threads.");
+        "_pointwise_tail for each branch of a pyramid (a list of its argument tuples), shared among the intra-op "
+        "threads: without autograd cut at samples, else the branches side by side.");
   m.def("_tail_pieces", &tail_pieces,
         "_pointwise_tails' cut of its branches' samples among `threads` threads: per thread (branch, start, end) "
         "(for the tests).");
