@@ -114,6 +114,9 @@ def _direct_calls_allowed() -> bool:
                 or torch._C._is_torch_function_mode_enabled() or export.onnx_flags_set()) and _global_hooks_free()
 
 
+_MISSING = object()
+
+
 def _param(m: nn.Module, name: str):
     """``getattr(m, name)`` for a parameter: read from ``m._parameters`` (where nn.Module keeps
     it, None when registered as absent) unless something else took the name. Why:
@@ -127,9 +130,6 @@ def _buffer(m: nn.Module, name: str):
     """``getattr(m, name)`` for a buffer, as :func:`_param`."""
     value = m._buffers.get(name, _MISSING)
     return getattr(m, name) if value is _MISSING else value
-
-
-_MISSING = object()
 
 
 def _product_conv(m: nn.Module, x: torch.Tensor) -> bool:
