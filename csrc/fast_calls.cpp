@@ -602,7 +602,7 @@ std::vector<std::vector<TailPiece>> share_tails(const std::vector<TailArgs>& arg
   for (int64_t b = 0; b < branches; ++b) {
     const at::Tensor& x = std::get<0>(args[static_cast<size_t>(b)]);
     const int64_t pixels = x.size(2) * x.size(3);
-    const bool transposed_rows = x.stride(1) != 1 && pixels > 1 && pixels < kBmmMinPixels;
+    const bool transposed_rows = x.stride(1) != 1 && pixels > 1 && !per_sample_bmm(x);  // run_tail_piece's rows
     per_sample[static_cast<size_t>(b)] = static_cast<double>(x.size(1) * pixels) *
                                          static_cast<double>(std::get<1>(args[static_cast<size_t>(b)]).size(0)) *
                                          (transposed_rows ? kTransposedRowsFactor : 1.0);
