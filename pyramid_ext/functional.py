@@ -528,6 +528,21 @@ def _conv1x1_as_product(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
     return _extension._C._pointwise_tail(x, weight, bias, None, None, None, None, 0.0, 0)
 
 
+def _products_in_one_call(xs: Sequence[torch.Tensor], weights: Sequence[torch.Tensor]) -> bool:
+    """Whether several 1x1 convolutions without bias are one ``_C._pointwise_tails`` call: two or
+    more, each a product (``_takes_as_product``, any layout), float32 on our product kernel
+    (csrc/cpu/pointwise_product.h), no autograd to record. The call cuts their samples
+    among the threads, one parallel region for all of them (upsample_concat_conv2d's tap
+    products of a PPM's four levels: four calls before, one with ATen's bmm for the NCHW 6x6
+    level). Sums as ``_conv1x1_as_product`` does, each output in one order."""
+    if len(xs) < 2 or not _extension.LOADED or (torch.is_grad_enabled() and any(
+            t.requires_grad for t in (*xs, *weights))):
+        return False
+    if not all(t.dtype == torch.float32 and _takes_as_product(t, w, None) for t, w in zip(xs, weights)):
+        return False
+    return _extension._C._pointwise_product_available()
+
+
 def _conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], pad: int) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, padding=pad)``; for a 1x1 float32/float64 weight on CPU,
     a small channels_last map (``_conv1x1_as_product``) is one product over its pixels, and
@@ -760,12 +775,14 @@ def _uc_conv_run(x, branches, weight, bias, setup: _UcConvSetup, align_corners, 
 
     def taps_of(lo, hi):
         """Tap products of output channels [lo, hi) of every tap branch."""
-        taps = []
-        for i in plan.taps:
-            # (cc, Cb, K, K) -> (K*K*cc, Cb, 1, 1): channel (a * K + c) * cc + o, tap-major
-            w = weight[lo:hi, offsets[i] : offsets[i] + channels[i]].permute(2, 3, 0, 1)
-            taps.append(_conv(branches[i], w.reshape(k * k * (hi - lo), channels[i], 1, 1), None, 0))
-        return taps
+        # (cc, Cb, K, K) -> (K*K*cc, Cb, 1, 1): channel (a * K + c) * cc + o, tap-major
+        ws = [weight[lo:hi, offsets[i] : offsets[i] + channels[i]].permute(2, 3, 0, 1).reshape(
+            k * k * (hi - lo), channels[i], 1, 1) for i in plan.taps]
+        xs = [branches[i] for i in plan.taps]
+        if _products_in_one_call(xs, ws):
+            return _extension._C._pointwise_tails([(t, w, None, None, None, None, None, 0.0, 0)
+                                                   for t, w in zip(xs, ws)])
+        return [_conv(t, w, None, 0) for t, w in zip(xs, ws)]
 
     def result_of(lo, hi):
         """Output channels [lo, hi): conv(x and concat branches) + bias as the

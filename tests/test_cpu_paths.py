@@ -595,3 +595,91 @@ def test_bitwise_deterministic_across_thread_counts_and_processes(_c):
         assert line[1] == str(threads)
         digests[f"process, {threads} threads"] = line[2]
     assert len(set(digests.values())) == 1, digests
+
+
+def _tail_reference(x, weight, bias, bn, relu):
+    """A pointwise tail in fp64, and the magnitude its float32 rounding error is bounded by."""
+    x64, w64 = x.double(), weight.double().flatten(1)
+    prod = torch.einsum("nchw,oc->nohw", x64, w64)
+    mag = torch.einsum("nchw,oc->nohw", x64.abs(), w64.abs())
+    if bias is not None:
+        prod, mag = prod + bias.double().view(1, -1, 1, 1), mag + bias.double().abs().view(1, -1, 1, 1)
+    if bn is not None:
+        bw, bb, mean, var = (t.double().view(1, -1, 1, 1) for t in bn)
+        alpha = bw / torch.sqrt(var + 1e-5)
+        prod = (prod - mean) * alpha + bb
+        mag = mag * alpha.abs() + (mean * alpha).abs() + bb.abs()
+    if relu:
+        prod = prod.relu()
+    return prod, mag
+
+
+def _tail_cases():
+    """(x, weight, bias, bn, relu) over layouts (NCHW, channels_last, a pooled level whose samples lie
+    apart), odd channel counts on both sides of the kernel's chunks of 16 and 64 output channels,
+    1x1 to 13x11 maps, 1 to 5 samples, every tail form."""
+    g = torch.Generator().manual_seed(3)
+    sizes = [(1, 1, 1, 1, 1), (3, 7, 2, 3, 15), (5, 64, 6, 6, 64), (2, 33, 5, 4, 17), (1, 3, 13, 11, 70),
+             (4, 240, 3, 3, 130), (2, 16, 1, 1, 65)]
+    forms = [(b, nrm, r) for b in (False, True) for nrm in (False, True) for r in (0, 1, 2)]
+    for k, (n, cin, h, w, cout) in enumerate(sizes):
+        for kind in ("nchw", "cl", "level"):
+            if kind == "level":  # channels_last samples with another level's pixels between them
+                x = torch.randn(n, h * w + 5, cin, generator=g)[:, 5:].view(n, h, w, cin).permute(0, 3, 1, 2)
+            else:
+                x = torch.randn(n, cin, h, w, generator=g)
+                x = x.contiguous(memory_format=torch.channels_last) if kind == "cl" else x
+            bias, norm, relu = forms[(k * 3 + len(kind)) % len(forms)]
+            weight = torch.randn(cout, cin, 1, 1, generator=g)
+            b = torch.randn(cout, generator=g) if bias else None
+            bn = (torch.randn(cout, generator=g), torch.randn(cout, generator=g), torch.randn(cout, generator=g),
+                  torch.rand(cout, generator=g) + 0.5) if norm else None
+            yield x, weight, b, bn, relu
+
+
+def test_pointwise_product_kernel(_c):
+    """_C._pointwise_tail without autograd (a PPM's branch tails, upsample_concat_conv2d's tap
+    products) runs csrc/cpu/pointwise_product.cpp: the product, bias, eval BatchNorm and ReLU in
+    one pass, in the result's layout. Within float32's dot-product bound of fp64 on every layout
+    and tail form; no ATen product or BatchNorm called (the profiler sees none); the same bits on
+    1, 2 and 3 threads (an output's sum never depends on the cut) and on both copies (AVX2 with
+    FMA, AVX-512), and a NaN kept by the ReLU. Where the CPU has neither copy (simd_isa forced to
+    baseline), and for weights over 2^15 floats (the kernel packs the weight per call; MKL is the
+    faster product there), ATen's ops compute it, within the same bound."""
+    isas = [i for i in _available_isas(_c) if i >= 2]
+    if not _c._pointwise_product_available():
+        pytest.skip("this CPU has no AVX2 with FMA: the product kernel does not run")
+    u = 2.0 ** -24
+    for x, weight, bias, bn, relu in _tail_cases():
+        want, mag = _tail_reference(x, weight, bias, bn, relu)
+        args = (x, weight, bias, *(bn or (None,) * 4), 1e-5, relu)
+        results = []
+        for isa in isas + [1]:
+            _c._set_test_override("simd_isa", isa)
+            assert _c._pointwise_product_available() == (isa >= 2)
+            for threads in ((1, 2, 3) if isa >= 2 else (2,)):
+                with _threads(threads):
+                    if isa >= 2 and threads == 2:
+                        with torch.profiler.profile() as prof:
+                            got = _c._pointwise_tail(*args)
+                        ops = {e.name for e in prof.events()}
+                        assert not ops & {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm",
+                                          "aten::native_batch_norm", "aten::relu_", "aten::relu"}, ops
+                    else:
+                        got = _c._pointwise_tail(*args)
+                bound = (x.shape[1] + 8) * u * mag
+                assert ((got.double() - want).abs() <= bound).all(), (tuple(x.shape), weight.shape[0], isa)
+                if isa >= 2:
+                    results.append(got)
+        _c._set_test_override("simd_isa", 0)
+        for r in results[1:]:
+            assert torch.equal(r, results[0])
+    x = torch.randn(2, 256, 3, 3)
+    for cout, aten in ((128, False), (129, True)):
+        with torch.profiler.profile() as prof:
+            got = _c._pointwise_tail(x, torch.randn(cout, 256, 1, 1), None, None, None, None, None, 0.0, 0)
+        assert ("aten::mm" in {e.name for e in prof.events()}) == aten, cout
+    x = torch.randn(4, 8, 2, 2)
+    x[1, :, 0, 1] = float("nan")
+    got = _c._pointwise_tail(x, torch.randn(5, 8, 1, 1), None, None, None, None, None, 0.0, 2)
+    assert got[1, :, 0, 1].isnan().all() and not got[0].isnan().any()
