@@ -797,9 +797,9 @@ def test_stage_tails_cut_by_samples(channels_last, dtype, threads):
     values and strides of one _C._pointwise_tail per branch, for every tail form (bias or
     not, eval BatchNorm or not, ReLU none / out of place / in place), on the levels of one
     pooled call (each sample's pixels side by side with its other levels) and a map of its
-    own. With a tensor that requires grad the branches run whole, side by side (cut, their
-    float32 weight gradients would be sums of the pieces' in another order; measured no
-    faster with autograd recording): the values, strides and gradients of the one-by-one calls."""
+    own. With a tensor that requires grad the call records one node for all tails
+    (test_tails_node): the same cut forward, and the values, strides and gradients of the
+    one-by-one calls."""
     from pyramid_ext import _extension
     if not _extension.LOADED:
         pytest.skip("the compiled extension is not built")
@@ -1000,3 +1000,105 @@ def test_modules_under_torch_compile_fullgraph(backend, compile_backend):
     close(torch.autograd.grad(out.sum(), xc)[0], want_grad, what="input grad")
     for name, a, b in zip(fused.state_dict(), fused.state_dict().values(), ref.state_dict().values()):
         close(a.float(), b.float(), what=f"buffer {name} after the step")  # BatchNorm statistics
+
+
+def _tail_args(dtype, fmt, form, shapes, requires_grad=True, seed=0):
+    """_C._pointwise_tail(s) arguments per shape: weight to 4 channels, ``form`` = (bias, norm, relu)."""
+    g = torch.Generator().manual_seed(seed)
+    bias, norm, relu = form
+    args = []
+    for s in shapes:
+        x = torch.randn(*s, dtype=dtype, generator=g).contiguous(memory_format=fmt).requires_grad_(requires_grad)
+        p = lambda *size: torch.randn(*size, dtype=dtype, generator=g).requires_grad_(requires_grad)  # noqa: E731
+        bn = ([p(4), p(4), torch.randn(4, dtype=dtype, generator=g), torch.rand(4, dtype=dtype, generator=g) + 0.5]
+              if norm else [None] * 4)
+        args.append((x, p(4, s[1], 1, 1), p(4) if bias else None, *bn, 1e-5, relu))
+    return args
+
+
+def _eager_tail(a):
+    x, w, b, bw, bb, mean, var, eps, relu = a
+    y = F.conv2d(x, w, b)
+    if mean is not None:
+        y = F.batch_norm(y, mean, var, bw, bb, False, 0.0, eps)
+    return y.relu() if relu else y
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_tails_node(channels_last):
+    """With autograd, _C._pointwise_tail(s) record the tails as one node (PointwiseTailsBackward): the
+    forward is the no-grad computation (cut at samples, the product kernel), the same bits with grad
+    enabled or not; the backward is ATen's ops on the saved inputs, so fp64 gradcheck and gradgradcheck
+    hold for every tail form, and float32 gradients match the eager modules'. Not taken (ATen's ops
+    recorded one by one, as before) for a running statistic that requires grad (which raises as eager's
+    batch_norm does), a forward-mode tangent, or under a TorchDispatchMode (which then sees the ops)."""
+    from torch.autograd import gradcheck, gradgradcheck
+    from torch.utils._python_dispatch import TorchDispatchMode
+    import torch.autograd.forward_ad as fwAD
+    from pyramid_ext import _extension
+    if not _extension.LOADED:
+        pytest.skip("the compiled extension is not built")
+    C = _extension._C
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    forms = [(b, n, r) for b in (False, True) for n in (False, True) for r in (0, 1, 2)]
+    shapes = ((3, 5, 1, 1), (3, 5, 2, 3), (3, 5, 3, 3))
+    for k, form in enumerate(forms):
+        args = _tail_args(torch.float64, fmt, form, shapes, seed=k)
+        inputs = [t for a in args for t in a[:5] if t is not None]
+
+        def tails(*flat, args=args):
+            it = iter(flat)
+            return tuple(C._pointwise_tails([(*(next(it) if t is not None else None for t in a[:5]), *a[5:])
+                                              for a in args]))
+
+        outs = tails(*inputs)
+        assert all(o.grad_fn.name() == "pyramid_ext::PointwiseTailsBackward" for o in outs)
+        for a, o in zip(args, outs):
+            torch.testing.assert_close(o, _eager_tail(a))
+        assert gradcheck(tails, inputs, eps=1e-6, atol=1e-5)
+        assert gradgradcheck(tails, inputs, eps=1e-6, atol=1e-5)
+        # one branch's gradient only: the others' inputs get none
+        grads = torch.autograd.grad(outs[1].sum(), inputs, allow_unused=True)
+        first = [g for g, t in zip(grads, inputs) if any(t is u for u in args[0][:5])]
+        assert first and all(g is None or not g.any() for g in first)
+
+    # float32: the same values as without grad; gradients as the eager modules'
+    args = _tail_args(torch.float32, fmt, (True, True, 2), ((16, 64, 1, 1), (16, 64, 2, 2), (16, 64, 6, 6)))
+    outs = C._pointwise_tails(args)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(outs, C._pointwise_tails(args)))
+    assert all(torch.equal(a, C._pointwise_tail(*t)) for a, t in zip(outs, args))
+    inputs = [t for a in args for t in a[:5]]
+    got = torch.autograd.grad(sum((o * o).sum() for o in outs), inputs)
+    want = torch.autograd.grad(sum((e * e).sum() for e in map(_eager_tail, args)), inputs)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-3)
+
+    # not taken: a running mean that requires grad (ATen's batch_norm raises, as eager's), a tangent,
+    # a dispatch mode
+    args = _tail_args(torch.float64, fmt, (True, True, 1), shapes[1:])
+    a = list(args[0])
+    a[5] = a[5].clone().requires_grad_()
+    for f in (lambda: C._pointwise_tail(*a), lambda: _eager_tail(a)):
+        with pytest.raises(RuntimeError, match="not differentiable with respect to argument 'running_mean'"):
+            f()
+    with fwAD.dual_level():
+        x = fwAD.make_dual(args[0][0].detach(), torch.ones_like(args[0][0]))
+        dual = (x, *args[0][1:])
+        out = C._pointwise_tail(*dual)
+        assert out.grad_fn.name() != "pyramid_ext::PointwiseTailsBackward"
+        torch.testing.assert_close(fwAD.unpack_dual(out).tangent, fwAD.unpack_dual(_eager_tail(dual)).tangent)
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.add(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Seen() as seen:
+        out = C._pointwise_tails(args)
+    assert any(name.startswith(("mm", "bmm", "addmm", "baddbmm")) for name in seen.ops), seen.ops
+    assert all(o.grad_fn.name() != "pyramid_ext::PointwiseTailsBackward" for o in out)
