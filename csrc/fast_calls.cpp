@@ -624,10 +624,15 @@ at::Tensor unrecorded_tail(const at::Tensor& x, const at::Tensor& weight, const 
   const auto plan = product_plan(weight, bias, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, relu);
   at::Tensor result = empty_tail_result(x, weight.size(0), bn_mean.has_value() || relu == 1);
   const int64_t pixels = x.size(2) * x.size(3);
-  at::parallel_for(0, x.size(0) * pixels, product_grain(weight.size(1), weight.size(0)),
+  // planar maps cut at whole units (the plane kernel's vectors)
+  const auto src = product_layout(x), dst = product_layout(result);
+  const int64_t unit =
+      cpu::pointwise_product::planar(src) && cpu::pointwise_product::planar(dst) ? cpu::pointwise_product::kPlaneUnit : 1;
+  at::parallel_for(0, x.size(0) * pixels / unit,
+                   std::max<int64_t>(1, product_grain(weight.size(1), weight.size(0)) / unit),
                    [&](int64_t begin, int64_t end) {
-                     cpu::pointwise_product::run(plan, x.const_data_ptr<float>(), product_layout(x),
-                                                 result.data_ptr<float>(), product_layout(result), begin, end);
+                     cpu::pointwise_product::run(plan, x.const_data_ptr<float>(), src, result.data_ptr<float>(), dst,
+                                                 begin * unit, end * unit);
                    });
   return result;
 }

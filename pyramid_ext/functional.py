@@ -543,6 +543,35 @@ def _products_in_one_call(xs: Sequence[torch.Tensor], weights: Sequence[torch.Te
     return _extension._C._pointwise_product_available()
 
 
+# Weights of up to this many floats (cin * cout) go to the product kernel
+# (csrc/fast_calls.cpp kProductMaxWeight, which checks it again).
+PRODUCT_KERNEL_MAX_WEIGHT = 1 << 15
+
+
+def _large_product_on_kernel(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
+    """Whether a 1x1 convolution of a float32 map, channels_last or NCHW of a multiple of 16
+    pixels (the kernel's planes), runs on the product kernel (csrc/cpu/pointwise_product.h,
+    through ``_C._pointwise_tail``) instead of ATen's convolution or the per-sample ``bmm``
+    below: a weight of at most PRODUCT_KERNEL_MAX_WEIGHT floats, no autograd to record, eager.
+    Why: upsample_concat_conv2d's x on (16, 256, 16, 16) to 64 channels, two threads, Intel
+    Xeon, in a loop / after eager code ran: channels_last, oneDNN's convolution 575 / 700 us,
+    the kernel 478 / 505; NCHW, ``baddbmm`` 465 / 637, the kernel 460 / 567 (the same values
+    here, each output an FMA chain over the input channels as MKL's)."""
+    # (first: under compile or export the size tests below would guard on symbolic sizes)
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or not _extension.LOADED:
+        return False
+    if x.dtype != torch.float32 or x.dim() != 4 or x.shape[-2] * x.shape[-1] < 2:
+        return False
+    if x.stride(1) != 1 and not (x.is_contiguous() and (x.shape[-2] * x.shape[-1]) % 16 == 0):
+        return False
+    if weight.shape[0] * weight.shape[1] > PRODUCT_KERNEL_MAX_WEIGHT or not _cpu_float_1x1(x, weight, bias):
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or
+                                    (bias is not None and bias.requires_grad)):
+        return False
+    return weight.shape[1] == x.shape[1] and _extension._C._pointwise_product_available()
+
+
 def _conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], pad: int) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, padding=pad)``; for a 1x1 float32/float64 weight on CPU,
     a small channels_last map (``_conv1x1_as_product``) is one product over its pixels, and
@@ -556,6 +585,8 @@ def _conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], p
     thread: 391-407 us with bmm from 2x2 on, 224-234 us so). A larger channels_last x keeps the
     convolution (an addmm over its pixels was slower there: 3.4 against 2.1 ms).
     The product sums in another order than the convolution (same dtype, same bound)."""
+    if pad == 0 and _large_product_on_kernel(x, weight, bias):
+        return _extension._C._pointwise_tail(x, weight, bias, None, None, None, None, 0.0, 0)
     # NCHW x: the per-sample product below, but below 16 pixels pointwise_tail's rows (eager
     # only: compile and export take no product there and must not guard on the size)
     nchw = x.is_contiguous() and x.stride(1) != 1

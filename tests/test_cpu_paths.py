@@ -619,8 +619,9 @@ def _tail_cases():
     apart), odd channel counts on both sides of the kernel's chunks of 16 and 64 output channels,
     1x1 to 13x11 maps, 1 to 5 samples, every tail form."""
     g = torch.Generator().manual_seed(3)
+    # NCHW maps of a multiple of 16 pixels run along the planes (4x4 to 16x16 below)
     sizes = [(1, 1, 1, 1, 1), (3, 7, 2, 3, 15), (5, 64, 6, 6, 64), (2, 33, 5, 4, 17), (1, 3, 13, 11, 70),
-             (4, 240, 3, 3, 130), (2, 16, 1, 1, 65)]
+             (4, 240, 3, 3, 130), (2, 16, 1, 1, 65), (3, 7, 4, 4, 15), (2, 33, 8, 6, 70), (5, 64, 16, 16, 64)]
     forms = [(b, nrm, r) for b in (False, True) for nrm in (False, True) for r in (0, 1, 2)]
     for k, (n, cin, h, w, cout) in enumerate(sizes):
         for kind in ("nchw", "cl", "level"):
@@ -635,6 +636,24 @@ def _tail_cases():
             bn = (torch.randn(cout, generator=g), torch.randn(cout, generator=g), torch.randn(cout, generator=g),
                   torch.rand(cout, generator=g) + 0.5) if norm else None
             yield x, weight, b, bn, relu
+
+
+def test_pointwise_product_layouts_same_bits(_c):
+    """The product kernel's rows (channels_last, a pooled level) and planes (NCHW maps of a
+    multiple of 16 pixels, cut among 1-3 threads at multiples of 16 pixels) sum each output in
+    the same order: the same bits in every layout."""
+    if not _c._pointwise_product_available():
+        pytest.skip("this CPU has no AVX2 with FMA: the product kernel does not run")
+    g = torch.Generator().manual_seed(5)
+    for n, cin, h, w, cout in ((3, 7, 4, 4, 15), (2, 33, 8, 6, 70), (5, 64, 16, 16, 64), (3, 16, 2, 3, 9)):
+        x = torch.randn(n, cin, h, w, generator=g)
+        weight, bias = torch.randn(cout, cin, 1, 1, generator=g), torch.randn(cout, generator=g)
+        results = []
+        for threads in (1, 2, 3):
+            with _threads(threads):
+                for xs in (x, x.contiguous(memory_format=torch.channels_last)):
+                    results.append(_c._pointwise_tail(xs, weight, bias, None, None, None, None, 0.0, 1))
+        assert all(torch.equal(r, results[0]) for r in results[1:]), (n, cin, h, w, cout)
 
 
 def test_pointwise_product_kernel(_c):

@@ -5,6 +5,7 @@
 #include "cpu/pointwise_product.h"
 
 #include <cmath>
+#include <algorithm>
 #include <cstring>
 #include <stdexcept>
 
@@ -96,12 +97,17 @@ Scratch<float> zeros(int64_t n) {
 
 bool available() { return active_copy() != Copy::kNone; }
 
+bool planar(const Layout& l) { return l.sw == 1 && l.sh == l.w && (l.h * l.w) % kPlaneUnit == 0; }
+
 Plan make_plan(const float* weight, int64_t cout, int64_t cin, int64_t row_stride, int64_t col_stride,
                const float* bias, const float* bn_weight, const float* bn_bias, const float* bn_mean,
                const float* bn_var, double bn_eps, bool relu) {
   Plan p;
   p.cin = cin;
   p.cout = cout;
+  p.weight = weight;
+  p.w_row = row_stride;
+  p.w_col = col_stride;
   p.cout_pad = (cout + kBlock - 1) / kBlock * kBlock;
   p.wt = cout == p.cout_pad ? scratch<float>(cin * p.cout_pad) : zeros(cin * p.cout_pad);
   // transposed in 8 x 8 blocks: a weight row's floats read in order, written
@@ -139,10 +145,13 @@ void run(const Plan& plan, const float* src, const Layout& src_layout, float* ds
          int64_t p0, int64_t p1) {
   if (p1 <= p0 || plan.cout == 0) return;
 #if PE_PP_X86
+  const bool planes = planar(src_layout) && planar(dst_layout) && p0 % kPlaneUnit == 0 && p1 % kPlaneUnit == 0;
   switch (active_copy()) {
     case Copy::kAvx512:
+      if (planes) return isa_avx512::run_planes(plan, src, src_layout, dst, dst_layout, p0, p1);
       return isa_avx512::run(plan, src, src_layout, dst, dst_layout, p0, p1);
     case Copy::kAvx2:
+      if (planes) return isa_avx2::run_planes(plan, src, src_layout, dst, dst_layout, p0, p1);
       return isa_avx2::run(plan, src, src_layout, dst, dst_layout, p0, p1);
     default:
       break;

@@ -44,6 +44,8 @@ struct Layout {
 constexpr int64_t kBlock = 64;
 struct Plan {
   int64_t cin = 0, cout = 0, cout_pad = 0;
+  const float* weight = nullptr;  // the caller's (cout, cin), for planes (below); alive while run runs
+  int64_t w_row = 0, w_col = 0;
   Scratch<float> wt;            // wt[(co / kBlock * cin + ci) * kBlock + co % kBlock] = weight[co][ci]
   Scratch<float> bias;          // added to the product
   Scratch<float> scale, shift;  // eval BatchNorm: y * scale + shift
@@ -65,6 +67,14 @@ Plan make_plan(const float* weight, int64_t cout, int64_t cin, int64_t row_strid
 // Output pixels [p0, p1) of the n * h * w pixels (sample by sample, row by
 // row): dst(pixel, co) = epilogue(sum_ci src(pixel, ci) * weight[co][ci]).
 // src has plan.cin channels, dst plan.cout. The same h and w in both.
+// Where src and dst are planar (NCHW-like: each channel's h * w pixels
+// contiguous), h * w and p0, p1 multiples of kPlaneUnit, the kernel runs
+// along the planes instead: 6 output channels x 64 pixels a block (6 x 16
+// on AVX2), the weight broadcast from the caller's layout (no
+// transposition), whole vectors of pixels loaded and stored; the same sums
+// in the same order, so the same bits as the rows.
+constexpr int64_t kPlaneUnit = 16;
+bool planar(const Layout& l);
 void run(const Plan& plan, const float* src, const Layout& src_layout, float* dst, const Layout& dst_layout,
          int64_t p0, int64_t p1);
 
