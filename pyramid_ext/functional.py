@@ -804,16 +804,22 @@ def _uc_conv_run(x, branches, weight, bias, setup: _UcConvSetup, align_corners, 
 
     impl = impl or backends.implementation(backends.resolve(backend, device, "upsample_shift_add"))
 
+    def tap_weight(i, lo, hi):
+        # (cc, Cb, K, K) -> (K*K*cc, Cb, 1, 1): channel (a * K + c) * cc + o, tap-major (a copy for K > 1)
+        return weight[lo:hi, offsets[i] : offsets[i] + channels[i]].permute(2, 3, 0, 1).reshape(
+            k * k * (hi - lo), channels[i], 1, 1)
+
     def taps_of(lo, hi):
         """Tap products of output channels [lo, hi) of every tap branch."""
-        # (cc, Cb, K, K) -> (K*K*cc, Cb, 1, 1): channel (a * K + c) * cc + o, tap-major
-        ws = [weight[lo:hi, offsets[i] : offsets[i] + channels[i]].permute(2, 3, 0, 1).reshape(
-            k * k * (hi - lo), channels[i], 1, 1) for i in plan.taps]
         xs = [branches[i] for i in plan.taps]
-        if _products_in_one_call(xs, ws):
-            return _extension._C._pointwise_tails([(t, w, None, None, None, None, None, 0.0, 0)
-                                                   for t, w in zip(xs, ws)])
-        return [_conv(t, w, None, 0) for t, w in zip(xs, ws)]
+        if k == 1:  # the weights are views: all of them at once, maybe one call
+            ws = [tap_weight(i, lo, hi) for i in plan.taps]
+            if _products_in_one_call(xs, ws):
+                return _extension._C._pointwise_tails([(t, w, None, None, None, None, None, 0.0, 0)
+                                                       for t, w in zip(xs, ws)])
+            return [_conv(t, w, None, 0) for t, w in zip(xs, ws)]
+        # one weight copy alive at a time (a 3x3 conv's 4096 -> 512 taps: 9 MiB each)
+        return [_conv(t, tap_weight(i, lo, hi), None, 0) for t, i in zip(xs, plan.taps)]
 
     def result_of(lo, hi):
         """Output channels [lo, hi): conv(x and concat branches) + bias as the
