@@ -637,8 +637,6 @@ at::Tensor unrecorded_tail(const at::Tensor& x, const at::Tensor& weight, const 
   return result;
 }
 
-
-
 // One pointwise_tail per branch of a pyramid (nn.py `pyramid_branches`: every
 // tail a 1x1 conv, optionally an eval BatchNorm and a ReLU), the branches run
 // side by side, one per thread, each tail's ops on that one thread. On pooled

@@ -583,7 +583,9 @@ def _conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], p
     (``_conv1x1_as_product``: x's pixels copied in, the result out), where MKL's bmm was slower
     (the four tap products of upsample_concat_conv2d on (16, 64, b, b), b = 1, 2, 3, 6, one
     thread: 391-407 us with bmm from 2x2 on, 224-234 us so). A larger channels_last x keeps the
-    convolution (an addmm over its pixels was slower there: 3.4 against 2.1 ms).
+    convolution (an addmm over its pixels was slower there: 3.4 against 2.1 ms), unless the
+    weight is small enough for the product kernel (``_large_product_on_kernel``, float32 without
+    autograd, which also takes NCHW planes of a multiple of 16 pixels first).
     The product sums in another order than the convolution (same dtype, same bound)."""
     if pad == 0 and _large_product_on_kernel(x, weight, bias):
         return _extension._C._pointwise_tail(x, weight, bias, None, None, None, None, 0.0, 0)
