@@ -535,24 +535,29 @@ def _products_in_one_call(xs: Sequence[torch.Tensor], weights: Sequence[torch.Te
     among the threads, one parallel region for all of them (upsample_concat_conv2d's tap
     products of a PPM's four levels: four calls before, one with ATen's bmm for the NCHW 6x6
     level). Sums as ``_conv1x1_as_product`` does, each output in one order."""
-    if len(xs) < 2 or not _extension.LOADED or (torch.is_grad_enabled() and any(
-            t.requires_grad for t in (*xs, *weights))):
+    if len(xs) < 2 or not all(t.dtype == torch.float32 and _takes_as_product(t, w, None)
+                              for t, w in zip(xs, weights)):
         return False
-    if not all(t.dtype == torch.float32 and _takes_as_product(t, w, None) for t, w in zip(xs, weights)):
+    return _kernel_without_autograd((*xs, *weights))
+
+
+def _kernel_without_autograd(tensors: Sequence[Optional[torch.Tensor]]) -> bool:
+    """The gates' common part: products of these tensors (float32, checked by the caller)
+    may run on the product kernel: the extension is built, autograd records nothing (the
+    kernel has no backward; with autograd the ops or the tails node run), and the kernel has
+    a copy for this CPU (``_C._pointwise_product_available``)."""
+    if not _extension.LOADED or (torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in tensors)):
         return False
     return _extension._C._pointwise_product_available()
-
-
-# Weights of up to this many floats (cin * cout) go to the product kernel
-# (csrc/fast_calls.cpp kProductMaxWeight, which checks it again).
-PRODUCT_KERNEL_MAX_WEIGHT = 1 << 15
 
 
 def _large_product_on_kernel(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
     """Whether a 1x1 convolution of a float32 map, channels_last or NCHW of a multiple of 16
     pixels (the kernel's planes), runs on the product kernel (csrc/cpu/pointwise_product.h,
     through ``_C._pointwise_tail``) instead of ATen's convolution or the per-sample ``bmm``
-    below: a weight of at most PRODUCT_KERNEL_MAX_WEIGHT floats, no autograd to record, eager.
+    below: a weight of at most ``_C._PRODUCT_KERNEL_MAX_WEIGHT`` floats (cin * cout; the C++ bound,
+    checked again there), no autograd to record, eager.
     Why: upsample_concat_conv2d's x on (16, 256, 16, 16) to 64 channels, two threads, Intel
     Xeon, in a loop / after eager code ran: channels_last, oneDNN's convolution 575 / 700 us,
     the kernel 478 / 505; NCHW, ``baddbmm`` 465 / 637, the kernel 460 / 567 (the same values
@@ -564,12 +569,10 @@ def _large_product_on_kernel(x: torch.Tensor, weight: torch.Tensor, bias: Option
         return False
     if x.stride(1) != 1 and not (x.is_contiguous() and (x.shape[-2] * x.shape[-1]) % 16 == 0):
         return False
-    if weight.shape[0] * weight.shape[1] > PRODUCT_KERNEL_MAX_WEIGHT or not _cpu_float_1x1(x, weight, bias):
+    if (weight.shape[0] * weight.shape[1] > _extension._C._PRODUCT_KERNEL_MAX_WEIGHT
+            or not _cpu_float_1x1(x, weight, bias)):
         return False
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or
-                                    (bias is not None and bias.requires_grad)):
-        return False
-    return weight.shape[1] == x.shape[1] and _extension._C._pointwise_product_available()
+    return weight.shape[1] == x.shape[1] and _kernel_without_autograd((x, weight, bias))
 
 
 def _conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], pad: int) -> torch.Tensor:
@@ -626,10 +629,14 @@ def upsample_concat_conv2d(x: Optional[torch.Tensor], branches: Sequence[torch.T
     ``backend`` names the backend of the kernel op (and of the resize of
     branches resized first); the convolutions are ATen's.
     """
+    fast = _fast_uc_conv(x, branches, weight, bias, size, align_corners, x_first, backend)
+    if fast is not None:
+        return fast
     key = _fast_uc_conv_key(x, branches, weight, bias, size, x_first, backend)
     if key is not None:
         setup = _lru_get(_FAST_UC_CONV, key)
         if setup is not None:
+            _remember_for_cpp(x, branches, weight, bias, setup, x_first)
             return _uc_conv_run(x, branches, weight, bias, setup, align_corners, backends.implementation("cpp"))
     fn = "upsample_concat_conv2d()"
     backends.requested_backend(backend)  # a bad name raises even where no backend op runs
@@ -695,6 +702,7 @@ def upsample_concat_conv2d(x: Optional[torch.Tensor], branches: Sequence[torch.T
             _FAST_UC_CONV[key] = setup
             while len(_FAST_UC_CONV) > _FAST_UC_CONV_MAX:
                 _FAST_UC_CONV.popitem(last=False)
+        _remember_for_cpp(x, branches, weight, bias, setup, x_first)
     return _uc_conv_run(x, branches, weight, bias, setup, align_corners, None, backend)
 
 
@@ -744,16 +752,46 @@ def _fast_uc_conv_key(x, branches, weight, bias, size, x_first, backend):
             None if bias is None else bias.shape, x_first)
 
 
+def _fast_uc_conv(x, branches, weight, bias, size, align_corners, x_first, backend):
+    """The C++ fast path (csrc/fast_calls.cpp, `_uc_conv_fast`): a no-grad float32 call whose
+    sizes and layouts ``_remember_for_cpp`` registered, computed in one C++ call (the
+    general path's steps and bits, the shift-add in place); None elsewhere. Eager only:
+    under compile, export and tracing the ops must be seen."""
+    if (torch.compiler.is_compiling() or torch.jit.is_tracing() or export.onnx_flags_set()
+            or _FORCED_PLAN is not None):
+        return None
+    if "cpu" not in backends.cpp_device_types(backend, "upsample_shift_add"):
+        return None
+    return _extension._C._uc_conv_fast(x, branches, weight, bias, size, align_corners, x_first)
+
+
+def _remember_for_cpp(x, branches, weight, bias, setup: "_UcConvSetup", x_first) -> None:
+    """Registers this call's sizes and layouts with the C++ fast path where its plan is the
+    one that path computes: x given, a 1x1 kernel, every branch (two or more) as tap products
+    in one chunk, x's product on the product kernel (``_large_product_on_kernel``) and the
+    tap products in one call (``_products_in_one_call``), an NCHW-contiguous weight (the
+    output in x's layout). The C++ side checks grad, modes and the kernel on every call."""
+    if not setup.cpp_plan or _FORCED_PLAN is not None or _channels_last(weight) or not _large_product_on_kernel(
+            x, weight[:, setup.first : setup.first + setup.cx], bias):
+        return
+    if _products_in_one_call(branches, [weight[:, o : o + c] for o, c in zip(setup.offsets, setup.channels)]):
+        _extension._C._uc_conv_remember(x, list(branches), weight, bias, x_first)
+
+
 class _UcConvSetup:
     """What upsample_concat_conv2d computes from its arguments' sizes and
     layouts alone (checked already): the plan, each branch's weight columns,
     the output's layout. The eager fast path keeps it per key."""
 
-    __slots__ = ("plan", "offsets", "first", "cx", "channels", "fmt", "n", "cout", "height", "width", "k")
+    __slots__ = ("plan", "offsets", "first", "cx", "channels", "fmt", "n", "cout", "height", "width", "k",
+                 "cpp_plan")
 
     def __init__(self, plan, offsets, first, cx, channels, fmt, n, cout, height, width, k):
         self.plan, self.offsets, self.first, self.cx, self.channels = plan, offsets, first, cx, channels
         self.fmt, self.n, self.cout, self.height, self.width, self.k = fmt, n, cout, height, width, k
+        # the plan _C._uc_conv_fast computes (_remember_for_cpp checks the rest)
+        self.cpp_plan = (k == 1 and cx > 0 and plan.chunks == 1 and not plan.concat and len(channels) >= 2
+                         and len(plan.taps) == len(channels))
 
 
 def _uc_conv_setup(x, branches, weight, size, x_first) -> _UcConvSetup:

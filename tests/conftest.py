@@ -55,6 +55,17 @@ def any_backend(request):
     return request.param
 
 
+@pytest.fixture(autouse=True)
+def _fresh_uc_conv_registry():
+    """Each test starts with no signature registered with upsample_concat_conv2d's C++ fast
+    path (csrc/fast_calls.cpp `_uc_conv_fast`): a test that exercises the Python path (a
+    1x1 path chosen by a patched constant, a spy on the backend table) meets it on its
+    first call, as a fresh process would. tests/test_fast_path.py tests that path."""
+    if _extension.LOADED:
+        _extension._C._uc_conv_forget()
+    yield
+
+
 def pytest_collection_modifyitems(config, items):
     # The `long` tests (tests/test_long_run.py, about a minute) run under
     # `make test-long` (PYRAMID_EXT_LONG=1), the `large` ones (tests/test_precision.py,

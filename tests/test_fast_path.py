@@ -490,3 +490,141 @@ def test_upsample_concat_conv2d_fast_path_keeps_the_general_paths_errors(monkeyp
     pe.upsample_concat_conv2d(x, brs, w, b, backend="torch")  # a named Python backend: the general path
     pe.upsample_concat_conv2d(x.double(), brs, w.double(), b.double())  # promotion: the general path
     assert len(functional._FAST_UC_CONV) == 1
+
+
+def _uc_conv_cpp_inputs(kind):
+    """x (2, 32, 8, 8) (64 pixels: the product kernel's NCHW planes) and branches of 32
+    channels at 1x1, 2x2 and 3x3: a plan of tap products only, which the C++ path computes."""
+    g = torch.Generator().manual_seed(5)
+    x = layout(torch.randn(2, 32, 8, 8, generator=g), kind)
+    brs = [layout(torch.randn(2, 32, s, s, generator=g), kind) for s in (1, 2, 3)]
+    return x, brs, torch.randn(8, 128, 1, 1, generator=g), torch.randn(8, generator=g)
+
+
+def _python_runs(monkeypatch):
+    """Calls of the Python computation (_uc_conv_run), which the C++ fast path does not make."""
+    runs = []
+    run = functional._uc_conv_run
+    monkeypatch.setattr(functional, "_uc_conv_run", lambda *a, **k: runs.append(1) or run(*a, **k))
+    return runs
+
+
+@pytest.mark.parametrize("kind", ["nchw", "channels_last"])
+@pytest.mark.parametrize("align_corners", [False, True])
+@pytest.mark.parametrize("x_first", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_upsample_concat_conv2d_cpp_path_gives_the_python_paths_bits(monkeypatch, kind, align_corners, x_first, bias):
+    if not _extension._C._pointwise_product_available():
+        pytest.skip("the product kernel has no copy for this CPU: the C++ path declines (tested below)")
+    x, brs, w, b = _uc_conv_cpp_inputs(kind)
+    b = b if bias else None
+    plan = functional._choose_plan(2, 32, [32] * 3, [(s, s) for s in (1, 2, 3)], 8, 1, 8, 8)
+    assert plan.taps == [0, 1, 2] and plan.chunks == 1
+    runs = _python_runs(monkeypatch)
+    with torch.no_grad():
+        first = pe.upsample_concat_conv2d(x, brs, w, b, align_corners=align_corners, x_first=x_first)
+        assert runs == [1]  # the general path, which registers the sizes
+        again = pe.upsample_concat_conv2d(x, tuple(brs), w, b, size=(8, 8), align_corners=align_corners,
+                                          x_first=x_first)
+    assert runs == [1]  # served in C++
+    assert torch.equal(again, first) and again.stride() == first.stride()
+    ups = [F.interpolate(t, size=(8, 8), mode="bilinear", align_corners=align_corners) for t in brs]
+    want = F.conv2d(torch.cat([x] + ups if x_first else ups + [x], 1), w, b)
+    torch.testing.assert_close(again, want, rtol=1e-4, atol=1e-4)
+    assert again.is_contiguous(memory_format=torch.channels_last) == (kind == "channels_last")
+    # x's product is written once: the shift-add adds into it (no second output of x's size)
+    assert again.data_ptr() != first.data_ptr()
+
+
+def test_upsample_concat_conv2d_cpp_path_declines_what_it_does_not_compute(monkeypatch):
+    if not _extension._C._pointwise_product_available():
+        pytest.skip("the product kernel has no copy for this CPU")
+    x, brs, w, b = _uc_conv_cpp_inputs("channels_last")
+    with torch.no_grad():
+        want = pe.upsample_concat_conv2d(x, brs, w, b)  # registers
+    runs = _python_runs(monkeypatch)
+
+    def python_ran(fn):
+        runs.clear()
+        out = fn()
+        torch.testing.assert_close(out.as_subclass(torch.Tensor), want, rtol=1e-5, atol=1e-5)
+        return bool(runs)
+
+    class Sub(torch.Tensor):
+        pass
+
+    def with_grad():
+        return pe.upsample_concat_conv2d(x.detach().requires_grad_(), brs, w, b).detach()
+
+    def under_dispatch_mode():
+        with CountOps() as mode:
+            out = pe.upsample_concat_conv2d(x, brs, w, b)
+        assert "upsample_shift_add" in mode.ops  # the mode sees the ops
+        return out
+
+    def under_autocast():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = pe.upsample_concat_conv2d(x, brs, w, b)
+        return out.float()
+
+    def forward_ad():
+        import torch.autograd.forward_ad as fwAD
+
+        with fwAD.dual_level():
+            out = pe.upsample_concat_conv2d(fwAD.make_dual(x, torch.ones_like(x)), brs, w, b)
+            return fwAD.unpack_dual(out).primal
+
+    def other_branch_layout():
+        return pe.upsample_concat_conv2d(x, [brs[0], brs[1].contiguous(), brs[2]], w, b)
+
+    with torch.no_grad():
+        assert not python_ran(lambda: pe.upsample_concat_conv2d(x, brs, w, b))
+    assert not python_ran(lambda: pe.upsample_concat_conv2d(x, brs, w, b))  # grad mode, nothing requires grad
+    declined = [
+        with_grad,
+        under_dispatch_mode,
+        forward_ad,  # a tangent: the C++ path would drop it
+        other_branch_layout,
+        lambda: pe.upsample_concat_conv2d(x.as_subclass(Sub), brs, w, b),
+        lambda: pe.upsample_concat_conv2d(x, brs, w, b, size=[8, 8]),  # a list: the general path's rules
+        lambda: pe.upsample_concat_conv2d(x, brs, w, b, backend="torch"),  # a named Python backend
+    ]
+    for i, fn in enumerate(declined):
+        assert python_ran(fn), i
+    runs.clear()
+    with torch.no_grad():
+        under_autocast()
+    assert runs
+    # a later call of the registered sizes is served again
+    assert not python_ran(lambda: pe.upsample_concat_conv2d(x, brs, w, b))
+
+
+def test_upsample_concat_conv2d_cpp_path_registered_by_a_later_call_without_grad(monkeypatch):
+    if not _extension._C._pointwise_product_available():
+        pytest.skip("the product kernel has no copy for this CPU")
+    x, brs, w, b = _uc_conv_cpp_inputs("nchw")
+    runs = _python_runs(monkeypatch)
+    w.requires_grad_()
+    pe.upsample_concat_conv2d(x, brs, w, b).sum().backward()  # with autograd: nothing registered
+    assert _extension._C._uc_conv_forget() == 0
+    w.requires_grad_(False)
+    for _ in range(3):
+        pe.upsample_concat_conv2d(x, brs, w, b)
+    assert runs == [1, 1]  # the general path, its cached setup (which registers), then C++
+    assert _extension._C._uc_conv_forget() == 1
+
+
+def test_upsample_concat_conv2d_cpp_path_not_registered_for_other_plans(monkeypatch):
+    runs = _python_runs(monkeypatch)
+    x, brs, w, b = _uc_conv_cpp_inputs("nchw")
+    cases = [
+        (x[..., :7].contiguous(), brs, w, b),  # 56 pixels: x's NCHW product is not the kernel's
+        (x, brs[:1], w[:, :64], b),  # one branch: its product is not one call with others
+        (x, brs, torch.randn(8, 128, 3, 3), b),  # a 3x3 kernel
+        (x, brs + [torch.randn(2, 32, 8, 8)], torch.randn(8, 160, 1, 1), b),  # a branch at x's size: concatenated
+    ]
+    for args in cases:
+        for _ in range(3):
+            pe.upsample_concat_conv2d(*args)
+    assert len(runs) == 3 * len(cases)
+    assert _extension._C._uc_conv_forget() == 0

@@ -46,6 +46,7 @@
 #include "cpu/output_buffers.h"
 #include "cpu/resize_tables.h"
 #include "cpu/simd_loops.h"
+#include "cpu/upsample_shift_add.h"
 #include "pyramid_index.h"
 #include "upsample_shift_add_checks.h"
 
@@ -446,6 +447,18 @@ at::Tensor dense(const at::Tensor& t) {
 
 bool pixels_layout(const at::Tensor& t) { return t.stride(1) == 1 && t.size(1) > 1; }
 
+// The result into out (dense, base's sizes and layout), which may be base
+// itself: each task reads an element of base before it writes that element
+// of out, and no other task touches it.
+void forward(const at::Tensor& base, const std::vector<at::Tensor>& taps, int64_t K, bool align_corners,
+             const at::Tensor& out) {
+  const bool pixels = pixels_layout(base);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, base.scalar_type(), "upsample_shift_add_cpu", [&] {
+    if (pixels) forward_pixels<scalar_t>(base, taps, K, align_corners, out);
+    else forward_planes<scalar_t>(base, taps, K, align_corners, out);
+  });
+}
+
 at::Tensor upsample_shift_add_cpu(const at::Tensor& base_in, at::TensorList taps_in, int64_t kernel_size,
                                   bool align_corners) {
   const char* op = "pyramid_ext::upsample_shift_add";
@@ -457,11 +470,7 @@ at::Tensor upsample_shift_add_cpu(const at::Tensor& base_in, at::TensorList taps
   at::Tensor out = output_buffers::empty_like_dense(base);
   if (out.numel() == 0) return out;
   if (taps.empty()) return out.copy_(base);
-  const bool pixels = pixels_layout(base);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, base.scalar_type(), "upsample_shift_add_cpu", [&] {
-    if (pixels) forward_pixels<scalar_t>(base, taps, kernel_size, align_corners, out);
-    else forward_planes<scalar_t>(base, taps, kernel_size, align_corners, out);
-  });
+  forward(base, taps, kernel_size, align_corners, out);
   return out;
 }
 
@@ -629,6 +638,18 @@ std::vector<at::Tensor> upsample_shift_add_backward_cpu(const at::Tensor& grad_i
 }
 
 }  // namespace
+
+void cpu::upsample_shift_add_in_place(const at::Tensor& base, const std::vector<at::Tensor>& taps,
+                                      int64_t kernel_size, bool align_corners) {
+  const char* op = "pyramid_ext::upsample_shift_add (in place)";
+  check_upsample_shift_add(op, base, taps, kernel_size);
+  TORCH_CHECK(base.device().is_cpu() && (base.is_contiguous() || base.is_contiguous(at::MemoryFormat::ChannelsLast)),
+              op, ": base must be a dense CPU tensor");
+  if (base.numel() == 0 || taps.empty()) return;
+  std::vector<at::Tensor> dense_taps;
+  for (const auto& t : taps) dense_taps.push_back(dense(t));
+  forward(base, dense_taps, kernel_size, align_corners, base);
+}
 
 TORCH_LIBRARY_IMPL(pyramid_ext, CPU, m) {
   m.impl("upsample_shift_add", &upsample_shift_add_cpu);
