@@ -56,42 +56,14 @@ def _pool_args(x, bins, fn: str):
 # kept in a `_C._PoolCall` (csrc/fast_calls.cpp), which calls the op through
 # the dispatcher without converting the window lists from Python again. On
 # small inputs that per-call Python work cost more than the kernel (issue 12).
-# A bounded LRU (_FAST_POOL_MAX entries). The key holds no tensor (x's shape,
-# dtype, device, layout and the call's plain arguments), so the cache keeps
-# no memory alive. Thread-safe: a hit is one get and one move_to_end, each
+# A bounded LRU (_FAST_POOL_MAX entries). The key (`_C._pool_key`, checked in
+# one C++ call) holds no tensor (x's shape, dtype, device, layout and the
+# call's plain arguments), so the cache keeps no memory alive. Thread-safe: a hit is one get and one move_to_end, each
 # atomic; inserts and evictions hold _FAST_POOL_LOCK. Two threads missing the
 # same key at once both build an entry (equal ones); one of them is kept.
 _FAST_POOL: "collections.OrderedDict" = collections.OrderedDict()
 _FAST_POOL_MAX = 1024  # entries (a model sees few shapes)
 _FAST_POOL_LOCK = threading.Lock()
-
-
-def _fast_pool_key(x, bins, mode: int, channels_last_levels, window: str, backend: Optional[str]):
-    """The cache key of an eager call the fast path may serve, else None (also
-    during ONNX export, whose path the caller takes next)."""
-    if (type(x) is not torch.Tensor or torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled()
-            or export.onnx_flags_set()):
-        return None
-    if type(bins) is int:
-        bins_key = bins
-    elif type(bins) is tuple or type(bins) is list:
-        for b in bins:  # exact ints only: True == 1 must not hit an entry of 1
-            if type(b) is not int and not (type(b) is tuple and len(b) == 2 and type(b[0]) is int
-                                           and type(b[1]) is int):
-                return None
-        bins_key = tuple(bins)
-    else:
-        return None
-    if x.is_contiguous():
-        cl = False
-    elif x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-        cl = True
-    else:
-        return None  # needs a copy: the general path
-    device = x.device
-    if not backends.served_by_cpp(backend, device.type, "multi_pool2d"):
-        return None
-    return (x.shape, x.dtype, device, cl, bins_key, window, mode, channels_last_levels)
 
 
 def _fast_pool_entry(x, bins, mode: int, channels_last_levels, window: str, fn: str):
@@ -132,8 +104,16 @@ def _lru_get(cache, key):
 
 
 def _fast_pool(x, bins, mode: int, channels_last_levels, window: str, backend: Optional[str], fn: str):
-    """The _C._PoolCall serving this eager call, or None where the general path must run."""
-    key = _fast_pool_key(x, bins, mode, channels_last_levels, window, backend)
+    """The _C._PoolCall serving this eager call, or None where the general path must run
+    (also during ONNX export, whose path the caller takes next). The key's checks are one C++
+    call, `_C._pool_key` (csrc/fast_calls.cpp): plain dense x on a device type the compiled
+    op serves for this backend, bins of exact ints or int pairs, no torch-function mode."""
+    if torch.compiler.is_compiling() or export.onnx_flags_set():
+        return None
+    device_types = backends.cpp_device_types(backend, "multi_pool2d")
+    if not device_types:  # the compiled op serves no device for this backend (or is not built)
+        return None
+    key = _extension._C._pool_key(x, bins, mode, channels_last_levels, window, device_types)
     if key is None:
         return None
     call = _lru_get(_FAST_POOL, key)
@@ -354,7 +334,7 @@ def upsample_concat(x: Optional[torch.Tensor], branches: Sequence[torch.Tensor],
 
 
 def _fast_upsample_concat(x, branches, size, align_corners, x_first, backend, out=None):
-    """The eager fast path (see _fast_pool_key), out= or not: the common call
+    """The eager fast path (see _fast_pool), out= or not: the common call
     (plain tensors of one float dtype and device, dense, x's size or a given
     one; for out=, out dense, of the inputs' dtype, device and the result's
     shape, sharing no storage with any input, neither out nor an input
