@@ -58,8 +58,9 @@ def _pool_args(x, bins, fn: str):
 # small inputs that per-call Python work cost more than the kernel (issue 12).
 # A bounded LRU (_FAST_POOL_MAX entries). The key (`_C._pool_key`, checked in
 # one C++ call) holds no tensor (x's shape, dtype, device, layout and the
-# call's plain arguments), so the cache keeps no memory alive. Thread-safe: a hit is one get and one move_to_end, each
-# atomic; inserts and evictions hold _FAST_POOL_LOCK. Two threads missing the
+# call's plain arguments), so the cache keeps no memory alive. Thread-safe: a
+# hit is one get and one move_to_end, each atomic; inserts and evictions hold
+# _FAST_POOL_LOCK. Two threads missing the
 # same key at once both build an entry (equal ones); one of them is kept.
 _FAST_POOL: "collections.OrderedDict" = collections.OrderedDict()
 _FAST_POOL_MAX = 1024  # entries (a model sees few shapes)
