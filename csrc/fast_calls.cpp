@@ -522,11 +522,11 @@ pybind11::object pool_key(pybind11::handle x_obj, pybind11::handle bins_obj, int
   if (x == nullptr || at::impl::torch_function_mode_enabled() || !PyUnicode_CheckExact(window.ptr())) return declined;
   PyObject* cll = channels_last_levels.ptr();
   if (cll != Py_None && cll != Py_True && cll != Py_False) return declined;
+  if (x->layout() != at::kStrided || !x->has_storage()) return declined;  // (sparse: no is_contiguous)
   int64_t layout;
   if (x->is_contiguous()) layout = 0;
   else if (x->dim() == 4 && x->is_contiguous(at::MemoryFormat::ChannelsLast)) layout = 1;
   else return declined;  // needs a copy: the general path
-  if (x->layout() != at::kStrided || !x->has_storage()) return declined;
   const pybind11::str device_type(c10::DeviceTypeName(x->device().type(), /*lower_case=*/true));
   if (!pybind11::reinterpret_borrow<pybind11::tuple>(device_types).contains(device_type)) return declined;
   // bins: an int b -> (b), a sequence -> (-1, then per bin b, or -2, h, w);
