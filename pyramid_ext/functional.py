@@ -734,7 +734,7 @@ def _fast_uc_conv_key(x, branches, weight, bias, size, x_first, backend):
 
 
 def _fast_uc_conv(x, branches, weight, bias, size, align_corners, x_first, backend):
-    """The C++ fast path (csrc/fast_calls.cpp, `_uc_conv_fast`): a no-grad float32 call whose
+    """The C++ fast path (csrc/uc_conv_fast.cpp, `_uc_conv_fast`): a no-grad float32 call whose
     sizes and layouts ``_remember_for_cpp`` registered, computed in one C++ call (the
     general path's steps and bits, the shift-add in place); None elsewhere. Eager only:
     under compile, export and tracing the ops must be seen."""

@@ -58,7 +58,7 @@ def any_backend(request):
 @pytest.fixture(autouse=True)
 def _fresh_uc_conv_registry():
     """Each test starts with no signature registered with upsample_concat_conv2d's C++ fast
-    path (csrc/fast_calls.cpp `_uc_conv_fast`): a test that exercises the Python path (a
+    path (csrc/uc_conv_fast.cpp `_uc_conv_fast`): a test that exercises the Python path (a
     1x1 path chosen by a patched constant, a spy on the backend table) meets it on its
     first call, as a fresh process would. tests/test_fast_path.py tests that path."""
     if _extension.LOADED:

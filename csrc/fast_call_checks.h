@@ -1,0 +1,66 @@
+// What the eager fast paths' C++ files share (fast_calls.cpp: the pooling
+// calls, upsample_concat's fast path, the branch tails; uc_conv_fast.cpp:
+// upsample_concat_conv2d's fast path): the checks that a Python argument is
+// the common case, and the branch tails' computation without autograd.
+#pragma once
+
+#include <torch/csrc/autograd/python_variable.h>
+#include <torch/extension.h>
+
+#include <cstdint>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace pyramid_ext::fast_calls {
+
+// Whether a functorch transform (vmap, grad, jvp) is active on this thread:
+// its layers must see the ops, so the fast paths step aside.
+inline bool functorch_transform_active() {
+  const c10::DispatchKeySet tls = c10::impl::tls_local_dispatch_key_set().included_;
+  return tls.has(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
+         tls.has(c10::DispatchKey::FuncTorchDynamicLayerBackMode);
+}
+
+constexpr int64_t kUnset = -1;
+
+// The tensor `obj` holds if it is a plain torch.Tensor, else nullptr.
+inline const at::Tensor* plain_tensor(PyObject* obj) {
+  return THPVariable_CheckExact(obj) ? &THPVariable_Unpack(obj) : nullptr;
+}
+
+inline bool dense(const at::Tensor& t) {
+  return t.layout() == at::kStrided && t.has_storage() &&
+         (t.is_contiguous() || t.is_contiguous(at::MemoryFormat::ChannelsLast));
+}
+
+inline bool float_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+// An exact int (not a bool) that fits int64, else kUnset.
+inline int64_t exact_int(PyObject* obj) {
+  if (!PyLong_CheckExact(obj)) return kUnset;
+  int overflow = 0;
+  const long long v = PyLong_AsLongLongAndOverflow(obj, &overflow);
+  return overflow != 0 || v < 0 ? kUnset : static_cast<int64_t>(v);
+}
+
+// A branch tail's arguments (x, conv weight, conv bias, BatchNorm weight,
+// bias, running mean, running variance, eps, relu), as _pointwise_tails
+// takes them.
+using TailArgs = std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>,
+                            std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>, double,
+                            int64_t>;
+
+// A 1x1 convolution (with bias) as _pointwise_tail computes it without
+// autograd: on the product kernel where it takes it, else ATen's ops.
+at::Tensor tail_without_autograd(const at::Tensor& x, const at::Tensor& weight,
+                                 const std::optional<at::Tensor>& bias);
+// _pointwise_tails without autograd: the tails' samples cut among the threads.
+std::vector<at::Tensor> tails_without_autograd(const std::vector<TailArgs>& args);
+
+// upsample_concat_conv2d's fast path's Python bindings (uc_conv_fast.cpp).
+void register_uc_conv_fast(pybind11::module_& m);
+
+}  // namespace pyramid_ext::fast_calls
