@@ -45,7 +45,7 @@
 namespace pyramid_ext {
 namespace {
 
-using fast_calls::functorch_transform_active;
+using namespace fast_calls;  // the argument checks, TailArgs (fast_call_checks.h)
 
 using PoolSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, c10::SymIntArrayRef, c10::SymIntArrayRef,
                                                    at::IntArrayRef, int64_t, bool);
@@ -384,14 +384,9 @@ class PoolCall {
 // shares storage with an input, or requires grad in grad mode, a device type
 // not in `device_types`), and the general path runs, raising its errors.
 // Under torch.compile and ONNX export the Python layer never calls it.
-namespace uc_fast {
-using namespace fast_calls;  // plain_tensor, dense, float_dtype, exact_int, kUnset (fast_call_checks.h)
-}  // namespace uc_fast
-
 pybind11::object upsample_concat_fast(pybind11::handle x_obj, pybind11::handle branches_obj,
                                       pybind11::handle size_obj, bool align_corners, bool x_first,
                                       pybind11::handle out_obj, pybind11::handle device_types) {
-  using namespace uc_fast;
   const pybind11::object declined = pybind11::none();
   PyObject* seq = branches_obj.ptr();
   if (!(PyList_CheckExact(seq) || PyTuple_CheckExact(seq)) || PySequence_Fast_GET_SIZE(seq) == 0 ||
@@ -484,7 +479,6 @@ pybind11::object upsample_concat_fast(pybind11::handle x_obj, pybind11::handle b
 pybind11::object pool_key(pybind11::handle x_obj, pybind11::handle bins_obj, int64_t mode,
                           pybind11::handle channels_last_levels, pybind11::handle window,
                           pybind11::handle device_types) {
-  using namespace uc_fast;
   const pybind11::object declined = pybind11::none();
   const at::Tensor* x = plain_tensor(x_obj.ptr());
   if (x == nullptr || at::impl::torch_function_mode_enabled() || !PyUnicode_CheckExact(window.ptr())) return declined;
@@ -671,7 +665,8 @@ at::Tensor unrecorded_tail(const at::Tensor& x, const at::Tensor& weight, const 
   // planar maps cut at whole units (the plane kernel's vectors)
   const auto src = product_layout(x), dst = product_layout(result);
   const int64_t unit =
-      cpu::pointwise_product::planar(src) && cpu::pointwise_product::planar(dst) ? cpu::pointwise_product::kPlaneUnit : 1;
+      cpu::pointwise_product::planar(src) && cpu::pointwise_product::planar(dst) ? cpu::pointwise_product::kPlaneUnit
+                                                                                 : 1;
   at::parallel_for(0, x.size(0) * pixels / unit,
                    std::max<int64_t>(1, product_grain(weight.size(1), weight.size(0)) / unit),
                    [&](int64_t begin, int64_t end) {
@@ -696,7 +691,6 @@ at::Tensor unrecorded_tail(const at::Tensor& x, const at::Tensor& weight, const 
 // with it the tails node records that computation as one node.
 // `args`: per branch x, weight, bias, BatchNorm weight, bias, running mean
 // and variance, eps, relu (as pointwise_tail's).
-using fast_calls::TailArgs;
 
 // Without autograd: every tail's samples cut into pieces so that each thread
 // gets an even share of the multiply-adds (one branch can hold most of them:
@@ -1010,7 +1004,8 @@ struct PointwiseTailsBackward : public torch::autograd::Node {
         const at::Tensor alpha = bn_weight.defined() ? bn_weight * invstd : invstd;
         if (need_x || need_w || need_b) gz = gy * alpha.view({1, cout, 1, 1});
         if (need_bnw && bn_weight.defined()) {
-          const std::optional<at::Tensor> bias = b.has_bias ? std::optional<at::Tensor>(b.bias.unpack(me)) : std::nullopt;
+          const std::optional<at::Tensor> bias =
+              b.has_bias ? std::optional<at::Tensor>(b.bias.unpack(me)) : std::nullopt;
           const at::Tensor z = run_pointwise_tail(x, weight, bias, std::nullopt, std::nullopt, std::nullopt,
                                                   std::nullopt, 0.0, 0);
           const at::Tensor xhat = (z - b.bn_mean.unpack(me).view({1, cout, 1, 1})) * invstd.view({1, cout, 1, 1});

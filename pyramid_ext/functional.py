@@ -492,7 +492,8 @@ def _cpu_float_1x1(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
 
 def _takes_as_product(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
     """Whether :func:`_conv1x1_as_product` computes this 1x1 convolution."""
-    if not _cpu_float_1x1(x, weight, bias) or torch.compiler.is_compiling():  # the size test would guard on symbolic sizes
+    # (compile: the size test would guard on symbolic sizes)
+    if not _cpu_float_1x1(x, weight, bias) or torch.compiler.is_compiling():
         return False
     n, cin, height, width = x.shape
     return n >= PRODUCT_MIN_SAMPLES and n * height * width <= SMALL_CONV_PIXELS and weight.shape[1] == cin
@@ -752,7 +753,11 @@ def _remember_for_cpp(x, branches, weight, bias, setup: "_UcConvSetup", x_first)
     in one chunk, x's product on the product kernel (``_large_product_on_kernel``) and the
     tap products in one call (``_products_in_one_call``), an NCHW-contiguous weight (the
     output in x's layout). The C++ side checks grad, modes and the kernel on every call."""
-    if not setup.cpp_plan or _FORCED_PLAN is not None or _channels_last(weight) or not _large_product_on_kernel(
+    # (autograd to record first: the general path runs here on every call the C++ path declined, a
+    # training step's among them, which the gates below would reject only at their end)
+    if not setup.cpp_plan or not _kernel_without_autograd((x, weight, bias, *branches)):
+        return
+    if _FORCED_PLAN is not None or _channels_last(weight) or not _large_product_on_kernel(
             x, weight[:, setup.first : setup.first + setup.cx], bias):
         return
     if _products_in_one_call(branches, [weight[:, o : o + c] for o, c in zip(setup.offsets, setup.channels)]):
