@@ -63,4 +63,17 @@ std::vector<at::Tensor> tails_without_autograd(const std::vector<TailArgs>& args
 // upsample_concat_conv2d's fast path's Python bindings (uc_conv_fast.cpp).
 void register_uc_conv_fast(pybind11::module_& m);
 
+// The gate of every fast path (fast_call_gate.cpp): whether a call with the
+// Python argument `backend` on a `device` tensor goes to `op`'s compiled
+// kernel, as backends.resolve would send it: no ONNX export running, and the
+// backend in force (`backend`, else the innermost use_backend name, else
+// PYRAMID_EXT_BACKEND, else "auto") "cpp" or "auto" with a kernel for the
+// device. False for anything else, an invalid name included (the Python path
+// resolves and raises). GIL held; never called under torch.compile (the
+// Python layer checks that first).
+bool compiled_serves(PyObject* backend, c10::DeviceType device, const c10::OperatorHandle& op);
+// torch.jit.is_tracing().
+bool jit_tracing();
+void register_fast_gate(pybind11::module_& m);
+
 }  // namespace pyramid_ext::fast_calls

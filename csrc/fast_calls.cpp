@@ -30,11 +30,13 @@
 
 #include <algorithm>
 #include <cstring>
+#include <list>
 #include <memory>
 #include <mutex>
 #include <string>
 
 #include <tuple>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -381,12 +383,13 @@ class PoolCall {
 // 16, 16)), a tenth of that op at one thread. Returns None wherever the call
 // differs (a Tensor subclass, a torch-function mode, a copy or promotion
 // needed, out= that is not dense, of the result's dtype, device and shape, or
-// shares storage with an input, or requires grad in grad mode, a device type
-// not in `device_types`), and the general path runs, raising its errors.
-// Under torch.compile and ONNX export the Python layer never calls it.
+// shares storage with an input, or requires grad in grad mode, a call the
+// gate does not send to the compiled op: another backend, an ONNX export),
+// and the general path runs, raising its errors. Never called under
+// torch.compile.
 pybind11::object upsample_concat_fast(pybind11::handle x_obj, pybind11::handle branches_obj,
                                       pybind11::handle size_obj, bool align_corners, bool x_first,
-                                      pybind11::handle out_obj, pybind11::handle device_types) {
+                                      pybind11::handle out_obj, pybind11::handle backend) {
   const pybind11::object declined = pybind11::none();
   PyObject* seq = branches_obj.ptr();
   if (!(PyList_CheckExact(seq) || PyTuple_CheckExact(seq)) || PySequence_Fast_GET_SIZE(seq) == 0 ||
@@ -430,17 +433,16 @@ pybind11::object upsample_concat_fast(pybind11::handle x_obj, pybind11::handle b
       return declined;
     channels += b.size(1);
   }
-  const pybind11::str device_type(c10::DeviceTypeName(ref.device().type(), /*lower_case=*/true));
-  if (!pybind11::reinterpret_borrow<pybind11::tuple>(device_types).contains(device_type)) return declined;
+  static const auto concat_op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("pyramid_ext::upsample_concat", "").typed<UpsampleSig>();
+  if (!compiled_serves(backend.ptr(), ref.device().type(), concat_op)) return declined;
   if (out_obj.is_none()) {
-    static const auto op =
-        c10::Dispatcher::singleton().findSchemaOrThrow("pyramid_ext::upsample_concat", "").typed<UpsampleSig>();
     const bool channels_last = !ref.is_contiguous() && ref.is_contiguous(at::MemoryFormat::ChannelsLast);
     at::Tensor result;
     {
       pybind11::gil_scoped_release no_gil;
       const c10::SymInt size[2] = {c10::SymInt(height), c10::SymInt(width)};
-      result = op.call(x, branches, size, align_corners, x_first, channels_last);
+      result = concat_op.call(x, branches, size, align_corners, x_first, channels_last);
     }
     return pybind11::reinterpret_steal<pybind11::object>(THPVariable_Wrap(std::move(result)));
   }
@@ -466,74 +468,186 @@ pybind11::object upsample_concat_fast(pybind11::handle x_obj, pybind11::handle b
   return pybind11::reinterpret_borrow<pybind11::object>(out_obj);
 }
 
-// The pooling fast path's cache key (pyramid_ext/functional.py `_fast_pool`):
-// a tuple of plain values that determines the call's _PoolCall (x's sizes,
-// dtype, device, layout; bins, mode, channels_last_levels, window), or None
-// where the call is not the common one: x not a plain dense tensor (NCHW- or
-// channels_last-contiguous), a torch-function mode, bins that are not an
-// exact int or a list / tuple of exact ints and pairs of exact ints (True is
-// no 1), a window that is not a str, x's device type not in `device_types`.
-// In C++ for the reason of upsample_concat_fast: as Python reads the checks
-// took about 45 us of a 260 us channels_last average pooling of (16, 256, 16,
-// 16) right after the eager code ran (two threads).
-pybind11::object pool_key(pybind11::handle x_obj, pybind11::handle bins_obj, int64_t mode,
-                          pybind11::handle channels_last_levels, pybind11::handle window,
-                          pybind11::handle device_types) {
-  const pybind11::object declined = pybind11::none();
-  const at::Tensor* x = plain_tensor(x_obj.ptr());
-  if (x == nullptr || at::impl::torch_function_mode_enabled() || !PyUnicode_CheckExact(window.ptr())) return declined;
-  PyObject* cll = channels_last_levels.ptr();
-  if (cll != Py_None && cll != Py_True && cll != Py_False) return declined;
-  if (x->layout() != at::kStrided || !x->has_storage()) return declined;  // (sparse: no is_contiguous)
+// The pooling fast path's cache key: x's sizes, dtype, device, layout, the
+// call's mode, channels_last_levels, bins and window, which determine its
+// _PoolCall. Holds no tensor (the cache keeps no memory alive).
+struct PoolKey {
+  std::vector<int64_t> values;
+  std::string window;
+  bool operator==(const PoolKey& o) const { return values == o.values && window == o.window; }
+};
+
+struct PoolKeyHash {
+  size_t operator()(const PoolKey& k) const {
+    size_t h = std::hash<std::string>()(k.window);
+    for (int64_t v : k.values) h = h * 1000003 ^ std::hash<int64_t>()(v);
+    return h;
+  }
+};
+
+// The key of a common eager pooling call, or nothing where the call is not
+// the common one: x not a plain dense tensor (NCHW- or channels_last-
+// contiguous), a torch-function mode, bins that are not an exact int or a
+// list / tuple of exact ints and pairs of exact ints (True is no 1), a window
+// that is not a str, channels_last_levels not None or a bool.
+std::optional<PoolKey> pool_key(const at::Tensor& x, PyObject* b, int64_t mode, PyObject* cll, PyObject* window) {
+  if (at::impl::torch_function_mode_enabled() || !PyUnicode_CheckExact(window)) return std::nullopt;
+  if (cll != Py_None && cll != Py_True && cll != Py_False) return std::nullopt;
+  if (x.layout() != at::kStrided || !x.has_storage()) return std::nullopt;  // (sparse: no is_contiguous)
   int64_t layout;
-  if (x->is_contiguous()) layout = 0;
-  else if (x->dim() == 4 && x->is_contiguous(at::MemoryFormat::ChannelsLast)) layout = 1;
-  else return declined;  // needs a copy: the general path
-  const pybind11::str device_type(c10::DeviceTypeName(x->device().type(), /*lower_case=*/true));
-  if (!pybind11::reinterpret_borrow<pybind11::tuple>(device_types).contains(device_type)) return declined;
+  if (x.is_contiguous()) layout = 0;
+  else if (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) layout = 1;
+  else return std::nullopt;  // needs a copy: the general path
+  PoolKey key;
+  std::vector<int64_t>& v = key.values;
+  v.reserve(24);
+  for (int64_t d : x.sizes()) v.push_back(d);
+  v.push_back(x.dim());
+  v.push_back(static_cast<int64_t>(x.scalar_type()));
+  v.push_back(static_cast<int64_t>(x.device().type()));
+  v.push_back(x.device().index());
+  v.push_back(layout);
+  v.push_back(mode);
+  v.push_back(cll == Py_None ? -1 : cll == Py_True);
   // bins: an int b -> (b), a sequence -> (-1, then per bin b, or -2, h, w);
   // a negative or too large bin declines (the general path raises its error)
-  std::vector<int64_t> bins;
-  auto add_int = [&](PyObject* v) {
-    const int64_t b = exact_int(v);
-    bins.push_back(b);
-    return b != kUnset;
+  auto add_int = [&](PyObject* item) {
+    const int64_t bin = exact_int(item);
+    v.push_back(bin);
+    return bin != kUnset;
   };
-  PyObject* b = bins_obj.ptr();
   if (PyLong_CheckExact(b)) {
-    if (!add_int(b)) return declined;
+    if (!add_int(b)) return std::nullopt;
   } else if (PyList_CheckExact(b) || PyTuple_CheckExact(b)) {
-    bins.push_back(-1);
+    v.push_back(-1);
     const Py_ssize_t count = PySequence_Fast_GET_SIZE(b);
     PyObject** items = PySequence_Fast_ITEMS(b);
     for (Py_ssize_t i = 0; i < count; ++i) {
       PyObject* item = items[i];
       if (PyLong_CheckExact(item)) {
-        if (!add_int(item)) return declined;
+        if (!add_int(item)) return std::nullopt;
       } else if (PyTuple_CheckExact(item) && PyTuple_GET_SIZE(item) == 2 &&
                  PyLong_CheckExact(PyTuple_GET_ITEM(item, 0)) && PyLong_CheckExact(PyTuple_GET_ITEM(item, 1))) {
-        bins.push_back(-2);
-        if (!add_int(PyTuple_GET_ITEM(item, 0)) || !add_int(PyTuple_GET_ITEM(item, 1))) return declined;
+        v.push_back(-2);
+        if (!add_int(PyTuple_GET_ITEM(item, 0)) || !add_int(PyTuple_GET_ITEM(item, 1))) return std::nullopt;
       } else {
-        return declined;
+        return std::nullopt;
       }
     }
   } else {
-    return declined;
+    return std::nullopt;
   }
-  pybind11::tuple key(x->dim() + 8 + static_cast<int64_t>(bins.size()));
-  size_t i = 0;
-  for (int64_t d : x->sizes()) key[i++] = d;
-  key[i++] = static_cast<int64_t>(x->scalar_type());
-  key[i++] = device_type;
-  key[i++] = static_cast<int64_t>(x->device().index());
-  key[i++] = layout;
-  key[i++] = mode;
-  key[i++] = channels_last_levels;
-  key[i++] = window;
-  key[i++] = static_cast<int64_t>(bins.size());
-  for (int64_t v : bins) key[i++] = v;
+  Py_ssize_t length = 0;
+  const char* text = PyUnicode_AsUTF8AndSize(window, &length);
+  if (text == nullptr) {
+    PyErr_Clear();
+    return std::nullopt;
+  }
+  key.window.assign(text, static_cast<size_t>(length));
   return key;
+}
+
+// The _PoolCalls of the calls seen, a bounded LRU (1024 entries by default:
+// a model sees few shapes). Read and written with the GIL held; leaked at
+// exit, so no Python object is released after the interpreter is gone.
+class PoolCallCache {
+ public:
+  struct Entry {
+    pybind11::object object;  // the _PoolCall
+    const PoolCall* call;     // the C++ object it holds
+  };
+
+  const Entry* find(const PoolKey& key) {
+    auto it = index_.find(key);
+    if (it == index_.end()) return nullptr;
+    order_.splice(order_.begin(), order_, it->second);  // most recently used
+    return &it->second->second;
+  }
+
+  // The entry for `key`: the one another thread may have put there while
+  // `object` was built, else `object`'s; then evicts beyond the bound.
+  const Entry* insert(const PoolKey& key, pybind11::object object) {
+    if (const Entry* e = find(key)) return e;
+    const PoolCall* call = object.cast<const PoolCall*>();
+    order_.emplace_front(key, Entry{std::move(object), call});
+    index_.emplace(key, order_.begin());
+    trim();
+    return &order_.front().second;
+  }
+
+  size_t size() const { return index_.size(); }
+  size_t set_max(size_t max) {
+    std::swap(max, max_);
+    trim();
+    return max;
+  }
+  void clear() {
+    index_.clear();
+    order_.clear();
+  }
+
+ private:
+  void trim() {
+    while (index_.size() > max_ && !order_.empty()) {
+      index_.erase(order_.back().first);
+      order_.pop_back();
+    }
+  }
+
+  std::list<std::pair<PoolKey, Entry>> order_;  // most recently used first
+  std::unordered_map<PoolKey, std::list<std::pair<PoolKey, Entry>>::iterator, PoolKeyHash> index_;
+  size_t max_ = 1024;
+};
+
+PoolCallCache& pool_cache() {
+  static auto* cache = new PoolCallCache;
+  return *cache;
+}
+
+// Builds a call's _PoolCall on a miss (pyramid_ext.functional._fast_pool_entry,
+// which runs the general path's checks and raises its errors).
+PyObject* pool_call_builder = nullptr;
+
+// What pool_fast returns.
+enum PoolWant : int64_t { kWantCall = 0, kWantLevels = 1, kWantLevelsWithIndices = 2, kWantSpp = 3 };
+
+// The pooling fast path whole (pyramid_ext/functional.py): the gate, the key,
+// the cache and the call, in one call from Python. Returns what `want` asks
+// of the call's _PoolCall (itself, its levels, levels and indices, the SPP
+// vector), or None where the call is not the common one, the gate declines
+// (another backend, an ONNX export) or no builder is registered: the general
+// path runs and raises its errors. As separate Python steps (the exporters'
+// flags, the backend, the key, a Python LRU) these took 40 us of a 160 us
+// channels_last average pooling of (16, 256, 16, 16) right after the eager
+// code ran (two threads). Never called under torch.compile.
+pybind11::object pool_fast(pybind11::handle x_obj, pybind11::handle bins, int64_t mode,
+                           pybind11::handle channels_last_levels, pybind11::handle window, pybind11::handle backend,
+                           pybind11::handle fn, int64_t want) {
+  const at::Tensor* x = plain_tensor(x_obj.ptr());
+  if (x == nullptr || pool_call_builder == nullptr) return pybind11::none();
+  const std::optional<PoolKey> key = pool_key(*x, bins.ptr(), mode, channels_last_levels.ptr(), window.ptr());
+  if (!key || !compiled_serves(backend.ptr(), x->device().type(), pool_op())) return pybind11::none();
+  PoolCallCache& cache = pool_cache();
+  const PoolCallCache::Entry* entry = cache.find(*key);
+  if (entry == nullptr) {
+    pybind11::object built = pybind11::reinterpret_borrow<pybind11::object>(pool_call_builder)(
+        x_obj, bins, mode, channels_last_levels, window, fn);
+    entry = cache.insert(*key, std::move(built));
+  }
+  // (the call's own reference: a thread that runs while this one waits on
+  // the kernel without the GIL may evict the entry)
+  const pybind11::object held = entry->object;
+  const PoolCall& call = *entry->call;
+  switch (want) {
+    case kWantLevels:
+      return pybind11::cast(call.levels(*x));
+    case kWantLevelsWithIndices:
+      return pybind11::cast(call.levels_with_indices(*x));
+    case kWantSpp:
+      return pybind11::cast(call.spp(*x));
+    default:
+      return held;
+  }
 }
 
 // A branch tail on a pooled map (pyramid_ext/nn.py `_run_modules`, and
@@ -1141,8 +1255,20 @@ void register_fast_calls(pybind11::module_& m) {
       .def("levels", &PoolCall::levels)
       .def("levels_with_indices", &PoolCall::levels_with_indices)
       .def("levels_handing_on_x", &PoolCall::levels_handing_on_x);
-  m.def("_pool_key", &pool_key,
-        "The pooling fast path's cache key of a common eager call (pyramid_ext.functional._fast_pool), or None.");
+  m.def("_pool_fast", &pool_fast,
+        "The pooling fast path (pyramid_ext.functional): of a common eager call, its _PoolCall (want 0), levels "
+        "(1), levels and indices (2) or SPP vector (3); None where the general path must run.");
+  m.def(
+      "_pool_fast_init", [](pybind11::handle builder) { pool_call_builder = builder.inc_ref().ptr(); },
+      "Registers the function that builds a call's _PoolCall on a cache miss (pyramid_ext.functional).");
+  m.def(
+      "_pool_cache_size", [] { return pool_cache().size(); }, "Entries in the pooling fast path's cache.");
+  m.def(
+      "_pool_cache_set_max", [](size_t max) { return pool_cache().set_max(max); },
+      "Sets the pooling fast path's cache bound; returns the previous one (for the tests).");
+  m.def(
+      "_pool_cache_clear", [] { pool_cache().clear(); }, "Empties the pooling fast path's cache.");
+  register_fast_gate(m);  // csrc/fast_call_gate.cpp
   m.def("_upsample_concat_fast", &upsample_concat_fast,
         "upsample_concat's eager fast path (pyramid_ext.functional): checks that the call is the common one and "
         "calls the op (out if given, else a new output), or returns None.");

@@ -14,7 +14,9 @@
 // Python are slow there (fast_calls.cpp, upsample_concat_fast). Returns None
 // wherever the call differs (grad to record, a forward-mode tangent, a subclass, a
 // mode, functorch, autocast, another dtype or device, sizes or layouts not
-// registered, the kernel unavailable), and the Python path runs.
+// registered, the kernel unavailable, JIT tracing, or the gate declines: a
+// backend other than the compiled ops, an ONNX export), and the Python path
+// runs.
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/autocast_mode.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
@@ -91,9 +93,11 @@ int64_t uc_conv_forget() {
 
 pybind11::object uc_conv_fast_call(pybind11::handle x_obj, pybind11::handle branches_obj, pybind11::handle weight_obj,
                                    pybind11::handle bias_obj, pybind11::handle size_obj, bool align_corners,
-                                   bool x_first) {
+                                   bool x_first, pybind11::handle backend) {
   using namespace uc_conv_fast;
   const pybind11::object declined = pybind11::none();
+  static const c10::OperatorHandle shift_add_op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("pyramid_ext::upsample_shift_add", "");
   PyObject* seq = branches_obj.ptr();
   if (!(PyList_CheckExact(seq) || PyTuple_CheckExact(seq)) || PySequence_Fast_GET_SIZE(seq) < 2 ||
       at::impl::torch_function_mode_enabled() || c10::impl::TorchDispatchModeTLS::stack_len() > 0 ||
@@ -104,6 +108,8 @@ pybind11::object uc_conv_fast_call(pybind11::handle x_obj, pybind11::handle bran
   const at::Tensor* weight = plain_tensor(weight_obj.ptr());
   if (x == nullptr || weight == nullptr || x->dim() != 4 || !cpu_float(*x) || !cpu_float(*weight) || !dense(*x))
     return declined;
+  // (the tracer must see the ops; the gate: the backend in force, an ONNX export)
+  if (jit_tracing() || !compiled_serves(backend.ptr(), c10::DeviceType::CPU, shift_add_op)) return declined;
   std::optional<at::Tensor> bias;
   if (!bias_obj.is_none()) {
     const at::Tensor* b = plain_tensor(bias_obj.ptr());

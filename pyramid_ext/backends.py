@@ -31,11 +31,19 @@ from . import _extension, reference
 BACKENDS = ("cpp", "triton", "torch")
 ENV_VAR = "PYRAMID_EXT_BACKEND"
 
-_local = threading.local()
+class _Local(threading.local):
+    """Per thread: ``stack``, use_backend's names, innermost last (None until
+    the thread's first use_backend: the class default, which the C++ fast
+    paths' gate reads without raising an AttributeError per call)."""
+
+    stack: Optional[list] = None
+
+
+_local = _Local()
 
 
 def _stack() -> list:
-    if not hasattr(_local, "stack"):
+    if _local.stack is None:
         _local.stack = []
     return _local.stack
 
@@ -151,7 +159,7 @@ def requested_backend(backend: Optional[str] = None) -> str:
     """The backend name in force: argument, context, environment, or 'auto'."""
     if backend is not None:
         return _check_name(backend, "backend")
-    stack = getattr(_local, "stack", None)  # _stack() without creating it: every eager call reads it
+    stack = _local.stack  # _stack() without creating it: every eager call reads it
     if stack:
         for name in reversed(stack):
             if name is not None:
@@ -209,21 +217,29 @@ def served_by_cpp(backend: Optional[str], device_type: str, op: str) -> bool:
     return served
 
 
-# (requested name, op) -> cpp_device_types' answer, fixed like _SERVED_BY_CPP.
-_CPP_DEVICE_TYPES: dict = {}
+def _register_fast_gate() -> None:
+    """Hands the C++ fast paths' gate (csrc/fast_call_gate.cpp) the state it
+    reads per call instead of asking resolve(): this thread's use_backend
+    names (``_local``), os.environ's dict (as ``_env_backend`` reads it), the
+    encoded values of ENV_VAR that select the compiled ops, and the ONNX
+    exporters' flags (export.onnx_flag_objects, imported on the first call).
+    Without it (no extension, no such dict) the fast paths decline every call
+    and the general path serves them."""
+    data = getattr(os.environ, "_data", None)
+    if not _extension.LOADED or not isinstance(data, dict):
+        return
+    from . import export
+
+    try:
+        key = os.environ.encodekey(ENV_VAR)
+        compiled = tuple(os.environ.encodevalue(v) for v in ("", "auto", "cpp"))
+    except AttributeError:
+        return
+    _extension._C._fast_gate_init(_local, data, key, compiled, export.onnx_flag_objects,
+                                  lambda: torch.onnx.is_in_onnx_export())
 
 
-def cpp_device_types(backend: Optional[str], op: str) -> Tuple[str, ...]:
-    """The device types ("cpu", "cuda") whose tensors resolve(backend, ...,
-    op) would send to "cpp" (served_by_cpp for each, one cached lookup per
-    call: the upsample_concat fast path passes them to its C++ checks, which
-    know the device; a tensor on any other device takes the general path)."""
-    key = (requested_backend(backend), op)
-    types = _CPP_DEVICE_TYPES.get(key)
-    if types is None:
-        types = tuple(t for t in ("cpu", "cuda") if served_by_cpp(key[0], t, op))
-        _CPP_DEVICE_TYPES[key] = types
-    return types
+_register_fast_gate()
 
 
 # --------------------------------------------------------------------------

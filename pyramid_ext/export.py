@@ -67,22 +67,32 @@ def active() -> bool:
     return onnx_flags_set()
 
 
-def onnx_flags_set() -> bool:
-    """``active()`` outside torch.compile: the two exporters' flags (the eager
-    fast path, which has checked that it is not compiling, reads only these)."""
+def onnx_flag_objects() -> tuple:
+    """(the dynamo exporter's flags module, the TorchScript exporter's
+    globals), whose ``_is_onnx_exporting`` and ``in_onnx_export`` say that an
+    export runs, imported on the first call; () where this torch has not
+    both (then ``torch.onnx.is_in_onnx_export()`` answers)."""
     global _onnx_state
     if _onnx_state is None:
         try:
             from torch.onnx._internal.exporter import _flags
             from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
 
-            _onnx_state = (_flags, GLOBALS)
             _flags._is_onnx_exporting, GLOBALS.in_onnx_export  # noqa: B018 (both exist)
+            _onnx_state = (_flags, GLOBALS)
         except (ImportError, AttributeError):
             _onnx_state = ()
-    if not _onnx_state:
+    return _onnx_state
+
+
+def onnx_flags_set() -> bool:
+    """``active()`` outside torch.compile: the two exporters' flags (the eager
+    fast paths, which have checked that they are not compiling, read only
+    these; the C++ ones read the same objects, csrc/fast_call_gate.cpp)."""
+    state = _onnx_state if _onnx_state is not None else onnx_flag_objects()
+    if not state:
         return torch.onnx.is_in_onnx_export()
-    flags, torchscript_globals = _onnx_state
+    flags, torchscript_globals = state
     return bool(torchscript_globals.in_onnx_export or flags._is_onnx_exporting)
 
 

@@ -56,15 +56,21 @@ def _pool_args(x, bins, fn: str):
 # kept in a `_C._PoolCall` (csrc/fast_calls.cpp), which calls the op through
 # the dispatcher without converting the window lists from Python again. On
 # small inputs that per-call Python work cost more than the kernel (issue 12).
-# A bounded LRU (_FAST_POOL_MAX entries). The key (`_C._pool_key`, checked in
-# one C++ call) holds no tensor (x's shape, dtype, device, layout and the
-# call's plain arguments), so the cache keeps no memory alive. Thread-safe: a
-# hit is one get and one move_to_end, each atomic; inserts and evictions hold
-# _FAST_POOL_LOCK. Two threads missing the
-# same key at once both build an entry (equal ones); one of them is kept.
-_FAST_POOL: "collections.OrderedDict" = collections.OrderedDict()
-_FAST_POOL_MAX = 1024  # entries (a model sees few shapes)
-_FAST_POOL_LOCK = threading.Lock()
+# The rest is one C++ call, `_C._pool_fast`: the gate (backend, ONNX export),
+# the key (plain values: the cache keeps no memory alive), a bounded LRU of
+# _PoolCalls (1024 entries; `_fast_pool_entry` builds one on a miss) and the
+# call. Outside torch.compile only: dynamo must see the ops, and reads
+# `_is_compiling()` as True, so the branch is not traced.
+_is_compiling = torch.compiler.is_compiling
+_WANT_CALL, _WANT_LEVELS, _WANT_LEVELS_WITH_INDICES, _WANT_SPP = range(4)  # what _C._pool_fast returns
+
+
+def _declined(*args):
+    """The C++ fast paths' stand-in without the extension: every call declined."""
+    return None
+
+
+_pool_fast = _extension._C._pool_fast if _extension.LOADED else _declined
 
 
 def _fast_pool_entry(x, bins, mode: int, channels_last_levels, window: str, fn: str):
@@ -106,26 +112,14 @@ def _lru_get(cache, key):
 
 def _fast_pool(x, bins, mode: int, channels_last_levels, window: str, backend: Optional[str], fn: str):
     """The _C._PoolCall serving this eager call, or None where the general path must run
-    (also during ONNX export, whose path the caller takes next). The key's checks are one C++
-    call, `_C._pool_key` (csrc/fast_calls.cpp): plain dense x on a device type the compiled
-    op serves for this backend, bins of exact ints or int pairs, no torch-function mode."""
-    if torch.compiler.is_compiling() or export.onnx_flags_set():
+    (also during ONNX export, whose path the caller takes next)."""
+    if _is_compiling():
         return None
-    device_types = backends.cpp_device_types(backend, "multi_pool2d")
-    if not device_types:  # the compiled op serves no device for this backend (or is not built)
-        return None
-    key = _extension._C._pool_key(x, bins, mode, channels_last_levels, window, device_types)
-    if key is None:
-        return None
-    call = _lru_get(_FAST_POOL, key)
-    if call is not None:
-        return call
-    call = _fast_pool_entry(x, bins, mode, channels_last_levels, window, fn)  # raises the general path's errors
-    with _FAST_POOL_LOCK:
-        _FAST_POOL[key] = call
-        while len(_FAST_POOL) > _FAST_POOL_MAX:
-            _FAST_POOL.popitem(last=False)  # least recently used
-    return call
+    return _pool_fast(x, bins, mode, channels_last_levels, window, backend, fn, _WANT_CALL)
+
+
+if _extension.LOADED:  # a miss builds the call's entry (looked up here per miss: the tests replace it)
+    _extension._C._pool_fast_init(lambda *args: _fast_pool_entry(*args))
 
 
 def _pool_packed(x, bins, mode: int, channels_last_levels, window: str, backend: Optional[str], fn: str):
@@ -166,9 +160,10 @@ def multi_adaptive_avg_pool2d(x: torch.Tensor, bins=(1, 2, 3, 6), *, window: str
     one packed buffer (see ``spatial_pyramid_pool``). ``window`` selects the
     window policy (pyramid_ext.windows); the default is PyTorch's.
     """
-    fast = _fast_pool(x, bins, POOL_AVG, None, window, backend, "multi_adaptive_avg_pool2d")
-    if fast is not None:  # first: it is None under ONNX export, torch.compile and export
-        return fast.levels(x)
+    if not _is_compiling():  # first: it declines under ONNX export (and export: not a plain tensor)
+        levels = _pool_fast(x, bins, POOL_AVG, None, window, backend, "multi_adaptive_avg_pool2d", _WANT_LEVELS)
+        if levels is not None:
+            return levels
     if export.pool_needs_standard_ops(x, window, backend):  # ONNX export: windows from the runtime size
         return export.multi_pool2d(x, _pool_args(x, bins, "multi_adaptive_avg_pool2d"), "avg", window)[0]
     values, _, level_bins, unbatched, cl = _pool_packed(x, bins, POOL_AVG, None, window, backend,
@@ -184,9 +179,11 @@ def multi_adaptive_max_pool2d(x: torch.Tensor, bins=(1, 2, 3, 6), *, return_indi
     ``return_indices=True`` also returns the list of int64 flat indices
     (``h * W + w``), identical to PyTorch's on CPU, NaN propagated.
     """
-    fast = _fast_pool(x, bins, POOL_MAX, None, window, backend, "multi_adaptive_max_pool2d")
-    if fast is not None:
-        return fast.levels_with_indices(x) if return_indices else fast.levels(x)
+    if not _is_compiling():
+        levels = _pool_fast(x, bins, POOL_MAX, None, window, backend, "multi_adaptive_max_pool2d",
+                            _WANT_LEVELS_WITH_INDICES if return_indices else _WANT_LEVELS)
+        if levels is not None:
+            return levels
     if export.pool_needs_standard_ops(x, window, backend):
         vals, idx = export.multi_pool2d(x, _pool_args(x, bins, "multi_adaptive_max_pool2d"), "max", window,
                                         return_indices)
@@ -207,10 +204,11 @@ def spatial_pyramid_pool(x: torch.Tensor, bins=(4, 2, 1), *, mode: str = "max", 
     """
     if mode not in ("max", "avg"):
         raise ValueError(f"spatial_pyramid_pool(): mode must be 'max' or 'avg', got {mode!r}")
-    fast = _fast_pool(x, bins, POOL_MAX if mode == "max" else POOL_AVG, False, window, backend,
-                      "spatial_pyramid_pool")
-    if fast is not None:
-        return fast.spp(x)
+    if not _is_compiling():
+        vector = _pool_fast(x, bins, POOL_MAX if mode == "max" else POOL_AVG, False, window, backend,
+                            "spatial_pyramid_pool", _WANT_SPP)
+        if vector is not None:
+            return vector
     if export.pool_needs_standard_ops(x, window, backend):
         return export.spatial_pyramid_pool(x, _pool_args(x, bins, "spatial_pyramid_pool"), mode, window)
     values, _, _, unbatched, _ = _pool_packed(x, bins, POOL_MAX if mode == "max" else POOL_AVG, False, window,
@@ -262,9 +260,10 @@ def upsample_concat(x: Optional[torch.Tensor], branches: Sequence[torch.Tensor],
     buffer, for a batch of one) is read in place. Channel slices of a batch of
     several samples interleave in memory and count as overlapping.
     """
-    fast = _fast_upsample_concat(x, branches, size, align_corners, x_first, backend, out)
-    if fast is not None:
-        return fast
+    if not _is_compiling():
+        fast = _upsample_concat_fast(x, branches, size, align_corners, x_first, out, backend)
+        if fast is not None:
+            return fast
     fn = "upsample_concat()"
     if isinstance(branches, torch.Tensor):
         raise TypeError(f"{fn}: branches must be a list of tensors, got a single Tensor")
@@ -334,25 +333,19 @@ def upsample_concat(x: Optional[torch.Tensor], branches: Sequence[torch.Tensor],
     return impl.upsample_concat(x, branches, list(size), align_corners, x_first, channels_last)
 
 
-def _fast_upsample_concat(x, branches, size, align_corners, x_first, backend, out=None):
-    """The eager fast path (see _fast_pool), out= or not: the common call
-    (plain tensors of one float dtype and device, dense, x's size or a given
-    one; for out=, out dense, of the inputs' dtype, device and the result's
-    shape, sharing no storage with any input, neither out nor an input
-    requiring grad in grad mode) straight to the compiled op, checked in one
-    C++ call (csrc/fast_calls.cpp, `_upsample_concat_fast`); None wherever
-    anything differs (promotion, a copy, export, compile, a subclass, an
-    error), and the general path runs, raising its errors. Why C++: the checks
-    as Python attribute reads took about 9 us, but 45 us right after the
-    kernel had swept L1 and L2 (12 MiB on (16, 256, 16, 16)), a tenth of the
-    op at one thread; before them the general path's checks had taken 80 us
-    there."""
-    if torch.compiler.is_compiling() or export.onnx_flags_set():
-        return None
-    device_types = backends.cpp_device_types(backend, "upsample_concat")
-    if not device_types:  # the compiled op serves no device for this backend (or is not built)
-        return None
-    return _extension._C._upsample_concat_fast(x, branches, size, align_corners, x_first, out, device_types)
+# upsample_concat's eager fast path, out= or not: the common call (plain
+# tensors of one float dtype and device, dense, x's size or a given one; for
+# out=, out dense, of the inputs' dtype, device and the result's shape,
+# sharing no storage with any input, neither out nor an input requiring grad
+# in grad mode), served by the compiled op, straight to it, checked in one C++
+# call (csrc/fast_calls.cpp, `_upsample_concat_fast`, with the gate of
+# csrc/fast_call_gate.cpp); None wherever anything differs (promotion, a
+# copy, another backend, ONNX export, a subclass, an error), and the general
+# path runs, raising its errors. Outside torch.compile only. Why C++: the
+# checks as Python attribute reads took about 9 us, but 45 us right after the
+# kernel had swept L1 and L2 (12 MiB on (16, 256, 16, 16)), a tenth of the op
+# at one thread; before them the general path's checks had taken 80 us there.
+_upsample_concat_fast = _extension._C._upsample_concat_fast if _extension.LOADED else _declined
 
 
 def _check_out(out, x, branches, size, dtype, device, fn: str) -> None:
@@ -692,7 +685,7 @@ def upsample_concat_conv2d(x: Optional[torch.Tensor], branches: Sequence[torch.T
 # one dtype, outside torch.compile and export, served by the compiled ops, depends
 # on its arguments only through their sizes, dtypes, device and layouts, and on
 # those only through a _UcConvSetup, kept per such key once the general path has
-# checked a call with it (a bounded LRU, as _FAST_POOL; the key holds no tensor;
+# checked a call with it (a bounded LRU; the key holds no tensor;
 # an argument the checks would reject never gets a key cached, so the errors are
 # the general path's). A hit skips the general path's checks and
 # plan: about 0.2 ms of a 1.3 ms call on (16, 256, 16, 16) (one thread, under
@@ -739,12 +732,9 @@ def _fast_uc_conv(x, branches, weight, bias, size, align_corners, x_first, backe
     sizes and layouts ``_remember_for_cpp`` registered, computed in one C++ call (the
     general path's steps and bits, the shift-add in place); None elsewhere. Eager only:
     under compile, export and tracing the ops must be seen."""
-    if (torch.compiler.is_compiling() or torch.jit.is_tracing() or export.onnx_flags_set()
-            or _FORCED_PLAN is not None):
+    if _is_compiling() or _FORCED_PLAN is not None or not _extension.LOADED:
         return None
-    if "cpu" not in backends.cpp_device_types(backend, "upsample_shift_add"):
-        return None
-    return _extension._C._uc_conv_fast(x, branches, weight, bias, size, align_corners, x_first)
+    return _extension._C._uc_conv_fast(x, branches, weight, bias, size, align_corners, x_first, backend)
 
 
 def _remember_for_cpp(x, branches, weight, bias, setup: "_UcConvSetup", x_first) -> None:

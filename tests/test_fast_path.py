@@ -5,6 +5,10 @@ flaky on a shared machine); these tests pin what makes it fast, by counting what
 runs per call, and that it returns what the general path and PyTorch return.
 """
 import collections
+import contextlib
+import gc
+import threading
+import weakref
 
 import pytest
 import torch
@@ -53,11 +57,22 @@ def test_upsample_concat_is_one_op():
     assert _ops_of(lambda: pe.upsample_concat(x, branches)) == ["upsample_concat"]
 
 
-def test_windows_are_computed_once_per_key(monkeypatch):
+@pytest.fixture
+def pool_cache():
+    """The pooling fast path's C++ cache (`_C._pool_fast`), empty; its bound restored after."""
+    C = _extension._C
+    C._pool_cache_clear()
+    bound = C._pool_cache_set_max(1024)
+    C._pool_cache_set_max(bound)
+    yield C
+    C._pool_cache_set_max(bound)
+    C._pool_cache_clear()
+
+
+def test_windows_are_computed_once_per_key(monkeypatch, pool_cache):
     calls = []
     entry = functional._fast_pool_entry
     monkeypatch.setattr(functional, "_fast_pool_entry", lambda *a: calls.append(1) or entry(*a))
-    monkeypatch.setattr(functional, "_FAST_POOL", collections.OrderedDict())
     x = rand((1, 3, 11, 5))
     for _ in range(3):
         pe.multi_adaptive_avg_pool2d(x, BINS)
@@ -245,21 +260,56 @@ def test_upsample_concat_records_when_only_a_branch_requires_grad():
     assert alone.requires_grad
 
 
-def test_cache_is_a_bounded_lru(monkeypatch):
-    monkeypatch.setattr(functional, "_FAST_POOL", collections.OrderedDict())
-    monkeypatch.setattr(functional, "_FAST_POOL_MAX", 2)
+def test_cache_is_a_bounded_lru(monkeypatch, pool_cache):
+    pool_cache._pool_cache_set_max(2)
     calls = []
     entry = functional._fast_pool_entry
     monkeypatch.setattr(functional, "_fast_pool_entry", lambda *a: calls.append(a[1]) or entry(*a))
     x = rand((1, 2, 7, 7))
     for bins in [(1,), (2,), (1,), (3,)]:  # (1,) used again before (3,) evicts the least recent, (2,)
         pe.multi_adaptive_avg_pool2d(x, bins)
-    assert calls == [(1,), (2,), (3,)] and len(functional._FAST_POOL) == 2
+    assert calls == [(1,), (2,), (3,)] and pool_cache._pool_cache_size() == 2
     pe.multi_adaptive_avg_pool2d(x, (1,))  # still cached
     pe.multi_adaptive_avg_pool2d(x, (2,))  # evicted: built again
-    assert calls == [(1,), (2,), (3,), (2,)] and len(functional._FAST_POOL) == 2
-    for key in functional._FAST_POOL:  # plain values only: the cache holds no tensor alive
-        assert not any(isinstance(v, torch.Tensor) for v in key)
+    assert calls == [(1,), (2,), (3,), (2,)] and pool_cache._pool_cache_size() == 2
+    pool_cache._pool_cache_set_max(1)  # a lower bound evicts at once
+    assert pool_cache._pool_cache_size() == 1
+
+
+def test_cache_keeps_no_tensor_alive(pool_cache):
+    x = rand((1, 2, 7, 7))
+    ref = weakref.ref(x)
+    levels = pe.multi_adaptive_max_pool2d(x, BINS, return_indices=True)
+    assert pool_cache._pool_cache_size() == 1
+    del x, levels
+    gc.collect()
+    assert ref() is None
+
+
+def test_cache_is_shared_by_threads_and_gives_each_its_answer(pool_cache):
+    """Threads hitting, missing and evicting entries at once (bound 2, three keys):
+    every call returns PyTorch's values for its own input."""
+    pool_cache._pool_cache_set_max(2)
+    inputs = [rand((2, 3, 5 + k, 6), seed=k) for k in range(3)]
+    wants = [eager_pool(x, BINS, "avg") for x in inputs]
+    errors = []
+
+    def work(offset):
+        try:
+            for i in range(60):
+                k = (i + offset) % 3
+                for g, w in zip(pe.multi_adaptive_avg_pool2d(inputs[k], BINS), wants[k]):
+                    torch.testing.assert_close(g, w)
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert pool_cache._pool_cache_size() <= 2
 
 
 # With grad, the levels are the outputs of one C++ node (_PoolCall's PoolLevels,
@@ -628,3 +678,87 @@ def test_upsample_concat_conv2d_cpp_path_not_registered_for_other_plans(monkeypa
             pe.upsample_concat_conv2d(*args)
     assert len(runs) == 3 * len(cases)
     assert _extension._C._uc_conv_forget() == 0
+
+
+# The fast paths' gate (csrc/fast_call_gate.cpp): whether a call goes to the compiled
+# op, read in C++ from Python's own state (use_backend's thread-local stack,
+# os.environ, the ONNX exporters' flags). It must agree with backends.resolve.
+def _resolves_to_cpp(backend, device_type, op):
+    try:
+        return backends.resolve(backend, torch.device(device_type), op) == "cpp"
+    except (RuntimeError, ValueError):  # a named backend that cannot serve, an invalid name
+        return False
+
+
+@pytest.mark.parametrize("op", ["multi_pool2d", "upsample_concat", "upsample_shift_add"])
+def test_gate_agrees_with_resolve(monkeypatch, op):
+    gate = _extension._C._compiled_serves
+    names = [None, "cpp", "auto", "torch", "triton", "nope"]
+    for env in [None, "", "cpp", "auto", "torch", "bogus"]:
+        if env is None:
+            monkeypatch.delenv(backends.ENV_VAR, raising=False)
+        else:
+            monkeypatch.setenv(backends.ENV_VAR, env)
+        for stack in [[], [None], ["torch"], ["cpp"], ["torch", None], ["cpp", "torch"], ["torch", "auto"]]:
+            with contextlib.ExitStack() as contexts:
+                for name in stack:
+                    contexts.enter_context(pe.use_backend(name))
+                for backend in names:
+                    for device_type in ["cpu", "cuda", "meta"]:
+                        want = _resolves_to_cpp(backend, device_type, op)
+                        assert gate(backend, device_type, op) == want, (env, stack, backend, device_type)
+
+
+def test_gate_reads_each_threads_own_use_backend():
+    gate = _extension._C._compiled_serves
+    seen = {}
+
+    def other():
+        seen["other"] = gate(None, "cpu", "multi_pool2d")
+        with pe.use_backend("torch"):
+            seen["other, torch"] = gate(None, "cpu", "multi_pool2d")
+
+    with pe.use_backend("torch"):
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join()
+        seen["main, torch"] = gate(None, "cpu", "multi_pool2d")
+    seen["main"] = gate(None, "cpu", "multi_pool2d")
+    assert seen == {"other": True, "other, torch": False, "main, torch": False, "main": True}
+
+
+def test_gate_declines_during_an_onnx_export(monkeypatch):
+    from pyramid_ext import export
+
+    gate = _extension._C._compiled_serves
+    flags = export.onnx_flag_objects()
+    assert len(flags) == 2, "this torch has both exporters' flags"
+    assert gate(None, "cpu", "multi_pool2d")
+    for obj, attr in zip(flags, ["_is_onnx_exporting", "in_onnx_export"]):
+        with monkeypatch.context() as m:
+            m.setattr(obj, attr, True)
+            assert export.onnx_flags_set() and not gate(None, "cpu", "multi_pool2d")
+            x = rand((1, 2, 6, 6))
+            assert functional._fast_pool(x, BINS, 0, None, "adaptive", None, "f") is None
+    assert gate(None, "cpu", "multi_pool2d")
+
+
+def test_fast_paths_follow_the_backend_in_force(monkeypatch, pool_cache):
+    """use_backend("cpp") and PYRAMID_EXT_BACKEND=cpp keep the fast path; "torch" in either
+    sends the call to the torch backend; an invalid environment value raises, naming it."""
+    x = rand((1, 2, 6, 6))
+    pe.multi_adaptive_avg_pool2d(x, BINS)
+    assert pool_cache._pool_cache_size() == 1
+    fast = ["multi_pool2d"] + ["as_strided"] * 4
+    with pe.use_backend("cpp"):
+        assert _ops_of(lambda: pe.multi_adaptive_avg_pool2d(x, BINS)) == fast
+    monkeypatch.setenv(backends.ENV_VAR, "cpp")
+    assert _ops_of(lambda: pe.multi_adaptive_avg_pool2d(x, BINS)) == fast
+    monkeypatch.setenv(backends.ENV_VAR, "torch")
+    assert "multi_pool2d" not in _ops_of(lambda: pe.multi_adaptive_avg_pool2d(x, BINS))
+    assert "upsample_concat" not in _ops_of(lambda: pe.upsample_concat(x, [rand((1, 2, 3, 3))]))
+    monkeypatch.setenv(backends.ENV_VAR, "bogus")
+    with pytest.raises(ValueError, match=backends.ENV_VAR):
+        pe.multi_adaptive_avg_pool2d(x, BINS)
+    with pytest.raises(ValueError, match="backend"):
+        pe.multi_adaptive_avg_pool2d(x, BINS, backend="nope")
