@@ -166,8 +166,8 @@ def test_public_ops_outside_export_do_not_take_the_export_path(monkeypatch):
 
 
 def test_pool_takes_the_export_path_during_onnx_export_even_when_cached(monkeypatch):
-    """The eager fast path runs before the export check (functional._fast_pool
-    reads the exporters' flags itself): with an entry cached for the call, a
+    """The eager fast path runs before the export check (its C++ gate reads the
+    exporters' flags itself): with an entry cached for the call, a
     pooling call during ONNX export still takes the standard-op path."""
     from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
 

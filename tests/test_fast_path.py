@@ -762,3 +762,22 @@ def test_fast_paths_follow_the_backend_in_force(monkeypatch, pool_cache):
         pe.multi_adaptive_avg_pool2d(x, BINS)
     with pytest.raises(ValueError, match="backend"):
         pe.multi_adaptive_avg_pool2d(x, BINS, backend="nope")
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_torch_export_traces_the_general_path_with_an_entry_cached(strict):
+    """The fast paths are skipped in Python only under dynamo (is_dynamo_compiling);
+    non-strict torch.export runs the Python on FakeTensors, which the C++ checks
+    decline: the graph holds the general path's ops, not the cached call's aliases."""
+
+    class Pyramid(torch.nn.Module):
+        def forward(self, x):
+            levels = pe.multi_adaptive_avg_pool2d(x, BINS)
+            return pe.upsample_concat(x, levels), pe.spatial_pyramid_pool(x, (2, 1))
+
+    x = rand((2, 4, 9, 7))
+    want = Pyramid()(x)  # fills the caches
+    program = torch.export.export(Pyramid(), (x,), strict=strict)
+    targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+    assert targets.count("pyramid_ext.multi_pool2d.default") == 2 and "aten.as_strided.default" not in targets
+    torch.testing.assert_close(program.module()(x), want)
