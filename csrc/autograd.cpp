@@ -95,9 +95,70 @@ bool records(std::initializer_list<const at::Tensor*> inputs) {
   return false;
 }
 
+// ---- forward-mode AD (torch.autograd.forward_ad, level 0) ----
+// The forward ops are linear in their float inputs (max pooling at its
+// argmax), so an output's tangent is the op applied to the inputs' tangents:
+// the primal output is computed from the inputs without their tangents
+// (_fw_primal, which keeps their backward history), the tangent by the op
+// called through the dispatcher on the tangents (so its own derivatives are
+// recorded), and set on the output. Without this the ops' tangents were
+// dropped silently (register_autograd's path had no jvp).
+
+// A tensor's tangent at level 0, or an undefined tensor.
+at::Tensor tangent_of(const at::Tensor& t) { return t.defined() ? t._fw_grad(/*level=*/0) : at::Tensor(); }
+
+// A tangent as the ops read it: NCHW- or channels_last-contiguous.
+at::Tensor dense_tangent(const at::Tensor& t) {
+  return t.is_contiguous() || t.is_contiguous(at::MemoryFormat::ChannelsLast) ? t : t.contiguous();
+}
+
+// Max pooling's tangent: x's tangent at each bin's argmax (`indices`, flat
+// h * W + w, packed as the values are), per level gathered from the (N, C,
+// H * W) tangent and packed again.
+at::Tensor max_pool_tangent(const at::Tensor& tangent, const at::Tensor& indices, at::IntArrayRef level_bins,
+                            bool channels_last_levels) {
+  const int64_t N = tangent.size(0), C = tangent.size(1);
+  const at::Tensor planes = tangent.reshape({N, C, -1});
+  std::vector<at::Tensor> levels;
+  int64_t offset = 0;
+  for (size_t l = 0; l + 1 < level_bins.size(); l += 2) {
+    const int64_t bins = level_bins[l] * level_bins[l + 1];
+    const at::Tensor block = indices.slice(1, offset, offset + C * bins);
+    const at::Tensor index = channels_last_levels ? block.view({N, bins, C}).transpose(1, 2) : block.view({N, C, bins});
+    const at::Tensor taken = planes.gather(2, index);
+    levels.push_back((channels_last_levels ? taken.transpose(1, 2) : taken).reshape({N, C * bins}));
+    offset += C * bins;
+  }
+  return at::cat(levels, 1);
+}
+
+std::tuple<at::Tensor, at::Tensor> multi_pool2d_autograd(const at::Tensor& x, c10::SymIntArrayRef h_bounds,
+                                                         c10::SymIntArrayRef w_bounds, at::IntArrayRef level_bins,
+                                                         int64_t mode, bool channels_last_levels);
+
+std::tuple<at::Tensor, at::Tensor> multi_pool2d_with_tangent(const at::Tensor& x, const at::Tensor& tangent,
+                                                             c10::SymIntArrayRef h_bounds, c10::SymIntArrayRef w_bounds,
+                                                             at::IntArrayRef level_bins, int64_t mode,
+                                                             bool channels_last_levels) {
+  static const auto op = op_handle<PoolSig>("pyramid_ext::multi_pool2d");
+  // values only (mode 2): the argmax is needed for the tangent
+  const int64_t primal_mode = mode == kPoolMaxValues ? kPoolMax : mode;
+  auto [values, indices] =
+      multi_pool2d_autograd(x._fw_primal(/*level=*/0), h_bounds, w_bounds, level_bins, primal_mode, channels_last_levels);
+  const at::Tensor t = dense_tangent(tangent);
+  at::Tensor values_tangent =
+      mode == kPoolAvg ? std::get<0>(op.call(t, h_bounds, w_bounds, level_bins, mode, channels_last_levels))
+                       : max_pool_tangent(t, indices, level_bins, channels_last_levels);
+  values._set_fw_grad(values_tangent, /*level=*/0, /*is_inplace_op=*/false);
+  if (mode == kPoolMaxValues) indices = at::empty({0}, indices.options());
+  return {values, indices};
+}
+
 std::tuple<at::Tensor, at::Tensor> multi_pool2d_autograd(const at::Tensor& x, c10::SymIntArrayRef h_bounds,
                                                          c10::SymIntArrayRef w_bounds, at::IntArrayRef level_bins,
                                                          int64_t mode, bool channels_last_levels) {
+  if (const at::Tensor tangent = tangent_of(x); tangent.defined())
+    return multi_pool2d_with_tangent(x, tangent, h_bounds, w_bounds, level_bins, mode, channels_last_levels);
   if (!records({&x})) {
     static const auto op = op_handle<PoolSig>("pyramid_ext::multi_pool2d");
     at::AutoDispatchBelowADInplaceOrView below;
@@ -170,7 +231,42 @@ struct UpsampleConcatFunction : public torch::autograd::Function<UpsampleConcatF
 
 at::Tensor upsample_concat_autograd(const std::optional<at::Tensor>& x, at::TensorList branches,
                                     c10::SymIntArrayRef size, bool align_corners, bool x_first,
+                                    bool channels_last_out);
+
+// upsample_concat with a tangent on some input (forward-mode AD, above): the
+// tangent is the op on the inputs' tangents, zeros where an input has none.
+at::Tensor upsample_concat_with_tangents(const std::optional<at::Tensor>& x, at::TensorList branches,
+                                         c10::SymIntArrayRef size, bool align_corners, bool x_first,
+                                         bool channels_last_out) {
+  static const auto op = op_handle<UpsampleSig>("pyramid_ext::upsample_concat");
+  const bool has_x = x.has_value() && x->defined();
+  auto primal = [](const at::Tensor& t) { return tangent_of(t).defined() ? t._fw_primal(/*level=*/0) : t; };
+  auto tangent = [](const at::Tensor& t) {
+    const at::Tensor g = tangent_of(t);
+    return g.defined() ? dense_tangent(g) : at::zeros_like(t);
+  };
+  std::optional<at::Tensor> x_primal, x_tangent;
+  if (has_x) {
+    x_primal = primal(*x);
+    x_tangent = tangent(*x);
+  }
+  std::vector<at::Tensor> branch_primals, branch_tangents;
+  for (const at::Tensor& b : branches) {
+    branch_primals.push_back(primal(b));
+    branch_tangents.push_back(tangent(b));
+  }
+  at::Tensor out = upsample_concat_autograd(x_primal, branch_primals, size, align_corners, x_first, channels_last_out);
+  out._set_fw_grad(op.call(x_tangent, branch_tangents, size, align_corners, x_first, channels_last_out),
+                   /*level=*/0, /*is_inplace_op=*/false);
+  return out;
+}
+
+at::Tensor upsample_concat_autograd(const std::optional<at::Tensor>& x, at::TensorList branches,
+                                    c10::SymIntArrayRef size, bool align_corners, bool x_first,
                                     bool channels_last_out) {
+  bool tangents = x.has_value() && tangent_of(*x).defined();
+  for (const at::Tensor& b : branches) tangents = tangents || tangent_of(b).defined();
+  if (tangents) return upsample_concat_with_tangents(x, branches, size, align_corners, x_first, channels_last_out);
   bool needs_grad = x.has_value() && records({&*x});
   for (const at::Tensor& b : branches) needs_grad = needs_grad || records({&b});
   if (!needs_grad) {
@@ -181,11 +277,84 @@ at::Tensor upsample_concat_autograd(const std::optional<at::Tensor>& x, at::Tens
   return UpsampleConcatFunction::apply(x, branches, size, align_corners, x_first, channels_last_out)[0];
 }
 
+// The ops whose autograd is Python (pyramid_ext/_ops.py: the three backward
+// ops, upsample_shift_add) have no forward-mode AD: torch.library's autograd
+// runs them below autograd when nothing requires grad, and their tangents
+// were dropped silently (upsample_concat_conv2d's taps plan returned a wrong
+// tangent). A kernel at ADInplaceOrView, which every call below their
+// autograd passes, refuses a tangent with a clear error instead.
+void refuse_tangents(const char* op, std::initializer_list<const at::Tensor*> tensors, at::TensorList lists = {}) {
+  bool tangent = false;
+  for (const at::Tensor* t : tensors) tangent = tangent || tangent_of(*t).defined();
+  for (const at::Tensor& t : lists) tangent = tangent || tangent_of(t).defined();
+  TORCH_CHECK(!tangent, "pyramid_ext::", op, " has no forward-mode AD (a tangent reached it: torch.autograd.forward_ad "
+              "or torch.func.jvp); multi_pool2d and upsample_concat have it, and the torch backend has it for every op");
+}
+
+template <typename Sig>
+struct Redispatch;
+
+template <typename R, typename... Args>
+struct Redispatch<R(Args...)> {
+  static R call(const char* name, Args... args) {
+    static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<R(Args...)>();
+    at::AutoDispatchBelowADInplaceOrView below;
+    return op.call(args...);
+  }
+};
+
+using PoolBackwardRedispatch = Redispatch<PoolBackwardSig>;
+using UpsampleBackwardRedispatch = Redispatch<UpsampleBackwardSig>;
+using ShiftAddSig = at::Tensor(const at::Tensor&, at::TensorList, int64_t, bool);
+using ShiftAddBackwardSig = std::vector<at::Tensor>(const at::Tensor&, c10::SymIntArrayRef, int64_t, bool,
+                                                    const c10::List<bool>&);
+
+at::Tensor multi_pool2d_backward_no_tangents(const at::Tensor& grad, const std::optional<at::Tensor>& indices,
+                                             c10::SymIntArrayRef input_shape, c10::SymIntArrayRef h_bounds,
+                                             c10::SymIntArrayRef w_bounds, at::IntArrayRef level_bins, int64_t mode,
+                                             bool channels_last_levels, bool channels_last_input,
+                                             const std::optional<at::Tensor>& addend) {
+  const at::Tensor none;
+  refuse_tangents("multi_pool2d_backward", {&grad, addend ? &*addend : &none});
+  return PoolBackwardRedispatch::call("pyramid_ext::multi_pool2d_backward", grad, indices, input_shape, h_bounds,
+                                      w_bounds, level_bins, mode, channels_last_levels, channels_last_input, addend);
+}
+
+std::vector<at::Tensor> upsample_concat_backward_no_tangents(const at::Tensor& grad_out,
+                                                             c10::SymIntArrayRef branch_shapes,
+                                                             c10::SymInt channel_offset, bool align_corners,
+                                                             bool channels_last) {
+  refuse_tangents("upsample_concat_backward", {&grad_out});
+  return UpsampleBackwardRedispatch::call("pyramid_ext::upsample_concat_backward", grad_out, branch_shapes,
+                                          std::move(channel_offset), align_corners, channels_last);
+}
+
+at::Tensor upsample_shift_add_no_tangents(const at::Tensor& base, at::TensorList taps, int64_t kernel_size,
+                                          bool align_corners) {
+  refuse_tangents("upsample_shift_add", {&base}, taps);
+  return Redispatch<ShiftAddSig>::call("pyramid_ext::upsample_shift_add", base, taps, kernel_size, align_corners);
+}
+
+std::vector<at::Tensor> upsample_shift_add_backward_no_tangents(const at::Tensor& grad, c10::SymIntArrayRef tap_shapes,
+                                                                int64_t kernel_size, bool align_corners,
+                                                                const c10::List<bool>& channels_last) {
+  refuse_tangents("upsample_shift_add_backward", {&grad});
+  return Redispatch<ShiftAddBackwardSig>::call("pyramid_ext::upsample_shift_add_backward", grad, tap_shapes,
+                                               kernel_size, align_corners, channels_last);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyramid_ext, Autograd, m) {
   m.impl("multi_pool2d", TORCH_FN(multi_pool2d_autograd));
   m.impl("upsample_concat", TORCH_FN(upsample_concat_autograd));
+}
+
+TORCH_LIBRARY_IMPL(pyramid_ext, ADInplaceOrView, m) {
+  m.impl("multi_pool2d_backward", TORCH_FN(multi_pool2d_backward_no_tangents));
+  m.impl("upsample_concat_backward", TORCH_FN(upsample_concat_backward_no_tangents));
+  m.impl("upsample_shift_add", TORCH_FN(upsample_shift_add_no_tangents));
+  m.impl("upsample_shift_add_backward", TORCH_FN(upsample_shift_add_backward_no_tangents));
 }
 
 }  // namespace pyramid_ext

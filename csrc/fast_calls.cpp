@@ -362,7 +362,8 @@ class PoolCall {
   std::vector<at::Tensor> views(const at::Tensor& packed) const {
     std::vector<at::Tensor> out;
     out.reserve(k_->views.size());
-    if (!packed.requires_grad() && !functorch_transform_active()) {
+    // (a tangent on the packed values: autograd views, which carry it to the levels)
+    if (!packed.requires_grad() && !packed._fw_grad(/*level=*/0).defined() && !functorch_transform_active()) {
       at::AutoDispatchBelowADInplaceOrView below;
       for (const LevelView& v : k_->views) out.push_back(level_view(packed, v));
       return out;

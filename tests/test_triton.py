@@ -1058,3 +1058,18 @@ def test_upsample_shift_add_backward_long_sums_within_1e6_of_fp64():
     for hw, got, (want, terms) in zip(hws, grads, shift_add_backward_fp64(g, hws, 3, False)):
         err = ((got.cpu().double() - want).abs() / terms).max().item()
         assert err <= 1e-6, f"taps {hw}: error {err:.3g} x sum|terms|"
+
+
+def test_forward_mode_tangent_is_refused_not_dropped():
+    """The Triton ops' autograd (torch.library's) has no jvp: a tangent raises a clear
+    error instead of coming back None."""
+    import torch.autograd.forward_ad as fwAD
+
+    x = rand((1, 2, 6, 6), device=DEVICE)
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, torch.ones_like(x))
+        with pytest.raises(RuntimeError, match="multi_pool2d_triton has no forward-mode AD"):
+            pe.multi_adaptive_avg_pool2d(dual, (1, 2), backend="triton")
+        with pytest.raises(RuntimeError, match="upsample_concat_triton has no forward-mode AD"):
+            pe.upsample_concat(dual, [rand((1, 2, 3, 3), device=DEVICE)], backend="triton")
+    assert len(pe.multi_adaptive_avg_pool2d(x, (1, 2), backend="triton")) == 2  # outside a dual level: as before

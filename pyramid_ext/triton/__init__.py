@@ -16,7 +16,10 @@ Block sizes keep each program's tile at about _common._TILE elements.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
+import torch.autograd.forward_ad as forward_ad
 
 from .. import _ops
 from ._common import INTERPRETED
@@ -47,6 +50,25 @@ def _registered(name: str) -> bool:
     return hasattr(torch.ops.pyramid_ext, name)
 
 
+def _refusing_tangents(op: str, impl):
+    """impl, raising where an input carries a forward-mode tangent: these ops'
+    autograd (torch.library's, from _ops.py) has no jvp, and below it the
+    tangent would be dropped silently. Checked only inside a dual level."""
+
+    @functools.wraps(impl)
+    def checked(*args):
+        if forward_ad._current_level >= 0:
+            for a in args:
+                for t in (a if isinstance(a, (list, tuple)) else (a,)):
+                    if isinstance(t, torch.Tensor) and torch._VF._unpack_dual(t, 0).tangent is not None:
+                        raise RuntimeError(f"pyramid_ext::{op}_triton has no forward-mode AD (a tangent reached it: "
+                                           "torch.autograd.forward_ad or torch.func.jvp); the cpp backend has it for "
+                                           "multi_pool2d and upsample_concat, the torch backend for every op")
+        return impl(*args)
+
+    return checked
+
+
 def _register() -> None:
     if _registered("multi_pool2d_triton"):  # module re-imported (e.g. reload): keep the first registration
         return
@@ -55,7 +77,7 @@ def _register() -> None:
     for op, (impl, fake) in _IMPLS.items():
         _LIB.define(_ops.schema(op, "_triton"))
         qualname = "pyramid_ext::" + op + "_triton"
-        torch.library.impl(qualname, ("cpu", "cuda"), impl, lib=_LIB)
+        torch.library.impl(qualname, ("cpu", "cuda"), _refusing_tangents(op, impl), lib=_LIB)
         torch.library.register_fake(qualname, fake, lib=_LIB)
     ops = torch.ops.pyramid_ext
     backward, setup = _ops.make_pool_autograd(ops.multi_pool2d_backward_triton.default)
