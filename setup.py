@@ -51,7 +51,8 @@ def torch_libstdcxx():
 
 def extensions():
     with_cuda = want_cuda()
-    sources = [os.path.join("csrc", name) for name in ("ops.cpp", "autograd.cpp", "fast_calls.cpp", "fast_call_gate.cpp", "uc_conv_fast.cpp")]
+    sources = [os.path.join("csrc", name) for name in ("ops.cpp", "autograd.cpp", "fast_calls.cpp", "fast_call_gate.cpp",
+                                                       "uc_conv_fast.cpp", "branch_tails.cpp")]
     sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     werror = os.environ.get("PYRAMID_EXT_WERROR", "0") == "1"
     # torch's headers as system headers: -Werror applies to our sources only.

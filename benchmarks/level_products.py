@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The 1x1 convs of a PPM's branch tails on an NCHW x's pooled levels, three ways.
 
-Why it exists: ``_C._pointwise_tail`` (csrc/fast_calls.cpp) computes a tail's 1x1 conv
+Why it exists: ``_C._pointwise_tail`` (csrc/branch_tails.cpp) computes a tail's 1x1 conv
 on a pooled level either as ``bmm(weight, x[n])`` per sample (NCHW planes, no copy) or
 as one ``mm`` over the rows of every sample's pixels (the level copied to rows, the
 result copied back to NCHW). Below ``kBmmMinPixels`` (16) pixels a plane takes the rows:

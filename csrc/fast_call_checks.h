@@ -1,7 +1,8 @@
 // What the eager fast paths' C++ files share (fast_calls.cpp: the pooling
-// calls, upsample_concat's fast path, the branch tails; uc_conv_fast.cpp:
-// upsample_concat_conv2d's fast path): the checks that a Python argument is
-// the common case, and the branch tails' computation without autograd.
+// calls, upsample_concat's fast path; uc_conv_fast.cpp: upsample_concat_conv2d's
+// fast path; branch_tails.cpp: the branch tails; fast_call_gate.cpp: their
+// gate): the checks that a Python argument is the common case, the gate, the
+// autograd node holder, and the branch tails' computation without autograd.
 #pragma once
 
 #include <torch/csrc/autograd/python_variable.h>
@@ -60,6 +61,19 @@ at::Tensor tail_without_autograd(const at::Tensor& x, const at::Tensor& weight,
 // _pointwise_tails without autograd: the tails' samples cut among the threads.
 std::vector<at::Tensor> tails_without_autograd(const std::vector<TailArgs>& args);
 
+// torch 2.14 holds autograd nodes in c10::intrusive_ptr, earlier releases
+// (2.11 on the GPU machines seen here) in std::shared_ptr: an Edge's holder
+// says which.
+template <typename NodeT>
+auto make_autograd_node() {
+  using Holder = decltype(torch::autograd::Edge::function);
+  if constexpr (std::is_same_v<Holder, std::shared_ptr<torch::autograd::Node>>) {
+    return std::make_shared<NodeT>();
+  } else {
+    return c10::make_intrusive<NodeT>();
+  }
+}
+
 // upsample_concat_conv2d's fast path's Python bindings (uc_conv_fast.cpp).
 void register_uc_conv_fast(pybind11::module_& m);
 
@@ -75,5 +89,7 @@ bool compiled_serves(PyObject* backend, c10::DeviceType device, const c10::Opera
 // torch.jit.is_tracing().
 bool jit_tracing();
 void register_fast_gate(pybind11::module_& m);
+// The branch tails' Python bindings (branch_tails.cpp).
+void register_branch_tails(pybind11::module_& m);
 
 }  // namespace pyramid_ext::fast_calls

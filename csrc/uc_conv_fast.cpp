@@ -5,7 +5,7 @@
 // float32 on the product kernel. The Python version's steps, the same
 // functions in the same order, so the same bits: x's product with the bias
 // (tail_without_autograd), the branches' products in one call
-// (tails_without_autograd: fast_calls.cpp's no-grad tails),
+// (tails_without_autograd: branch_tails.cpp's no-grad tails),
 // then upsample_shift_add's sum added into x's product in place (the op
 // would read it and write a second output: one pass and one buffer fewer).
 // Why C++: after the eager code a benchmark runs between calls, the Python

@@ -257,7 +257,7 @@ def _tail_call_args(tail, pooled: torch.Tensor) -> Optional[tuple]:
 
 def _run_tails_side_by_side(stages: Sequence[nn.Sequential], pooled: Sequence[torch.Tensor]):
     """Every stage's tail in one ``_C._pointwise_tails`` call, the branches side by side on
-    the intra-op threads (csrc/fast_calls.cpp: each op of a pooled map is too small to
+    the intra-op threads (csrc/branch_tails.cpp: each op of a pooled map is too small to
     share among threads), or None where some tail is not one such call (then each tail
     runs in turn). Eager only, as the direct calls, and not under a dispatch mode (its
     handler would see the branches' ops interleaved)."""

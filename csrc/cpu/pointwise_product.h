@@ -1,6 +1,6 @@
 // A 1x1 convolution of a small float32 map as one product over its pixels,
 // with the branch tail's epilogue (bias, eval BatchNorm, ReLU) applied in
-// registers: fast_calls.cpp's pointwise tails without autograd (a PPM's
+// registers: branch_tails.cpp's pointwise tails without autograd (a PPM's
 // branch tails on the pooled maps, upsample_concat_conv2d's tap products).
 //
 // Why our own: these products are small (16 samples x 50 pooled pixels x

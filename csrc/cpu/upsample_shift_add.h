@@ -1,5 +1,5 @@
 // upsample_shift_add's CPU forward written into its base (the op returns a new
-// tensor): upsample_concat_conv2d's eager fast path (csrc/fast_calls.cpp)
+// tensor): upsample_concat_conv2d's eager fast path (csrc/uc_conv_fast.cpp)
 // adds the resized tap products into the product of x it has just written,
 // without autograd, instead of reading it and writing a second output.
 #pragma once
