@@ -860,3 +860,33 @@ def test_upsample_backward_1x1_branch_within_1e6_of_fp64(kind):
         want, terms = fp64_resize_grad(g, c, (1, 1), False, nonnegative=True)
         err = ((grad[0, c].cpu().double() - want).abs() / terms).max().item()
         assert err <= 1e-6, f"channel {c}: error {err:.3g} x sum|terms|"
+
+
+@pytest.mark.parametrize("kind", ["nchw", "channels_last"])
+def test_forward_mode_tangents_match_pytorchs(kind):
+    """The C++ autograd's forward-mode AD (csrc/autograd.cpp) on the CUDA kernels:
+    tangents of the pooling (avg, max at its argmax) and of upsample_concat against
+    PyTorch's forward AD of the eager code."""
+    import torch.autograd.forward_ad as fwAD
+
+    g = torch.Generator().manual_seed(0)
+    x = _cuda(torch.randn(2, 5, 13, 11, generator=g, dtype=torch.float64), kind)
+    t = _cuda(torch.randn(2, 5, 13, 11, generator=g, dtype=torch.float64))
+    b = _cuda(torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64), kind)
+    bins = (1, 2, 3, 6)
+
+    def tangents(fn):
+        with fwAD.dual_level():
+            out = fn(fwAD.make_dual(x, t))
+            return [fwAD.unpack_dual(o).tangent for o in (out if isinstance(out, list) else [out])]
+
+    cases = [
+        (lambda v: pe.multi_adaptive_avg_pool2d(v, bins), lambda v: [F.adaptive_avg_pool2d(v, s) for s in bins]),
+        (lambda v: pe.multi_adaptive_max_pool2d(v, bins), lambda v: [F.adaptive_max_pool2d(v, s) for s in bins]),
+        (lambda v: pe.upsample_concat(v, [b]),
+         lambda v: torch.cat([v, F.interpolate(b, (13, 11), mode="bilinear", align_corners=False)], 1)),
+    ]
+    for fused, eager in cases:
+        for got, want in zip(tangents(fused), tangents(eager)):
+            assert got is not None
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
