@@ -124,7 +124,8 @@ at::Tensor max_pool_tangent(const at::Tensor& tangent, const at::Tensor& indices
   for (size_t l = 0; l + 1 < level_bins.size(); l += 2) {
     const int64_t bins = level_bins[l] * level_bins[l + 1];
     const at::Tensor block = indices.slice(1, offset, offset + C * bins);
-    const at::Tensor index = channels_last_levels ? block.view({N, bins, C}).transpose(1, 2) : block.view({N, C, bins});
+    const at::Tensor index =
+        channels_last_levels ? block.view({N, bins, C}).transpose(1, 2) : block.view({N, C, bins});
     const at::Tensor taken = planes.gather(2, index);
     levels.push_back((channels_last_levels ? taken.transpose(1, 2) : taken).reshape({N, C * bins}));
     offset += C * bins;
@@ -137,14 +138,14 @@ std::tuple<at::Tensor, at::Tensor> multi_pool2d_autograd(const at::Tensor& x, c1
                                                          int64_t mode, bool channels_last_levels);
 
 std::tuple<at::Tensor, at::Tensor> multi_pool2d_with_tangent(const at::Tensor& x, const at::Tensor& tangent,
-                                                             c10::SymIntArrayRef h_bounds, c10::SymIntArrayRef w_bounds,
-                                                             at::IntArrayRef level_bins, int64_t mode,
-                                                             bool channels_last_levels) {
+                                                             c10::SymIntArrayRef h_bounds,
+                                                             c10::SymIntArrayRef w_bounds, at::IntArrayRef level_bins,
+                                                             int64_t mode, bool channels_last_levels) {
   static const auto op = op_handle<PoolSig>("pyramid_ext::multi_pool2d");
   // values only (mode 2): the argmax is needed for the tangent
   const int64_t primal_mode = mode == kPoolMaxValues ? kPoolMax : mode;
-  auto [values, indices] =
-      multi_pool2d_autograd(x._fw_primal(/*level=*/0), h_bounds, w_bounds, level_bins, primal_mode, channels_last_levels);
+  auto [values, indices] = multi_pool2d_autograd(x._fw_primal(/*level=*/0), h_bounds, w_bounds, level_bins,
+                                                 primal_mode, channels_last_levels);
   const at::Tensor t = dense_tangent(tangent);
   at::Tensor values_tangent =
       mode == kPoolAvg ? std::get<0>(op.call(t, h_bounds, w_bounds, level_bins, mode, channels_last_levels))
@@ -280,31 +281,18 @@ at::Tensor upsample_concat_autograd(const std::optional<at::Tensor>& x, at::Tens
 // The ops whose autograd is Python (pyramid_ext/_ops.py: the three backward
 // ops, upsample_shift_add) have no forward-mode AD: torch.library's autograd
 // runs them below autograd when nothing requires grad, and their tangents
-// were dropped silently (upsample_concat_conv2d's taps plan returned a wrong
+// were dropped silently (upsample_concat_conv2d's taps plan returned no
 // tangent). A kernel at ADInplaceOrView, which every call below their
 // autograd passes, refuses a tangent with a clear error instead.
 void refuse_tangents(const char* op, std::initializer_list<const at::Tensor*> tensors, at::TensorList lists = {}) {
   bool tangent = false;
   for (const at::Tensor* t : tensors) tangent = tangent || tangent_of(*t).defined();
   for (const at::Tensor& t : lists) tangent = tangent || tangent_of(t).defined();
-  TORCH_CHECK(!tangent, "pyramid_ext::", op, " has no forward-mode AD (a tangent reached it: torch.autograd.forward_ad "
-              "or torch.func.jvp); multi_pool2d and upsample_concat have it, and the torch backend has it for every op");
+  TORCH_CHECK(!tangent, "pyramid_ext::", op, " has no forward-mode AD (a tangent reached it: ",
+              "torch.autograd.forward_ad or torch.func.jvp); multi_pool2d and upsample_concat have it, and the torch ",
+              "backend has it for every op");
 }
 
-template <typename Sig>
-struct Redispatch;
-
-template <typename R, typename... Args>
-struct Redispatch<R(Args...)> {
-  static R call(const char* name, Args... args) {
-    static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<R(Args...)>();
-    at::AutoDispatchBelowADInplaceOrView below;
-    return op.call(args...);
-  }
-};
-
-using PoolBackwardRedispatch = Redispatch<PoolBackwardSig>;
-using UpsampleBackwardRedispatch = Redispatch<UpsampleBackwardSig>;
 using ShiftAddSig = at::Tensor(const at::Tensor&, at::TensorList, int64_t, bool);
 using ShiftAddBackwardSig = std::vector<at::Tensor>(const at::Tensor&, c10::SymIntArrayRef, int64_t, bool,
                                                     const c10::List<bool>&);
@@ -316,8 +304,10 @@ at::Tensor multi_pool2d_backward_no_tangents(const at::Tensor& grad, const std::
                                              const std::optional<at::Tensor>& addend) {
   const at::Tensor none;
   refuse_tangents("multi_pool2d_backward", {&grad, addend ? &*addend : &none});
-  return PoolBackwardRedispatch::call("pyramid_ext::multi_pool2d_backward", grad, indices, input_shape, h_bounds,
-                                      w_bounds, level_bins, mode, channels_last_levels, channels_last_input, addend);
+  static const auto op = op_handle<PoolBackwardSig>("pyramid_ext::multi_pool2d_backward");
+  at::AutoDispatchBelowADInplaceOrView below;
+  return op.call(grad, indices, input_shape, h_bounds, w_bounds, level_bins, mode, channels_last_levels,
+                 channels_last_input, addend);
 }
 
 std::vector<at::Tensor> upsample_concat_backward_no_tangents(const at::Tensor& grad_out,
@@ -325,22 +315,26 @@ std::vector<at::Tensor> upsample_concat_backward_no_tangents(const at::Tensor& g
                                                              c10::SymInt channel_offset, bool align_corners,
                                                              bool channels_last) {
   refuse_tangents("upsample_concat_backward", {&grad_out});
-  return UpsampleBackwardRedispatch::call("pyramid_ext::upsample_concat_backward", grad_out, branch_shapes,
-                                          std::move(channel_offset), align_corners, channels_last);
+  static const auto op = op_handle<UpsampleBackwardSig>("pyramid_ext::upsample_concat_backward");
+  at::AutoDispatchBelowADInplaceOrView below;
+  return op.call(grad_out, branch_shapes, std::move(channel_offset), align_corners, channels_last);
 }
 
 at::Tensor upsample_shift_add_no_tangents(const at::Tensor& base, at::TensorList taps, int64_t kernel_size,
                                           bool align_corners) {
   refuse_tangents("upsample_shift_add", {&base}, taps);
-  return Redispatch<ShiftAddSig>::call("pyramid_ext::upsample_shift_add", base, taps, kernel_size, align_corners);
+  static const auto op = op_handle<ShiftAddSig>("pyramid_ext::upsample_shift_add");
+  at::AutoDispatchBelowADInplaceOrView below;
+  return op.call(base, taps, kernel_size, align_corners);
 }
 
 std::vector<at::Tensor> upsample_shift_add_backward_no_tangents(const at::Tensor& grad, c10::SymIntArrayRef tap_shapes,
                                                                 int64_t kernel_size, bool align_corners,
                                                                 const c10::List<bool>& channels_last) {
   refuse_tangents("upsample_shift_add_backward", {&grad});
-  return Redispatch<ShiftAddBackwardSig>::call("pyramid_ext::upsample_shift_add_backward", grad, tap_shapes,
-                                               kernel_size, align_corners, channels_last);
+  static const auto op = op_handle<ShiftAddBackwardSig>("pyramid_ext::upsample_shift_add_backward");
+  at::AutoDispatchBelowADInplaceOrView below;
+  return op.call(grad, tap_shapes, kernel_size, align_corners, channels_last);
 }
 
 }  // namespace

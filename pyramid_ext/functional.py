@@ -500,7 +500,8 @@ def _takes_as_product(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
 def _conv1x1_as_product(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """``F.conv2d(x, weight, bias)`` for a 1x1 weight as one product over x's pixels, in x's
     layout (channels_last stays channels_last, else NCHW), or None where that is not the
-    faster or not the same computation: the compiled extension (csrc/branch_tails.cpp, pointwise_tail), CPU float32/float64 only, no autocast, at least two
+    faster or not the same computation: the compiled extension (csrc/branch_tails.cpp,
+    pointwise_tail), CPU float32/float64 only, no autocast, at least two
     samples and at most SMALL_CONV_PIXELS pixels, eager only (compile and export keep the
     convolution). Sums in another order than the convolution (same dtype, same bound)."""
     if not _takes_as_product(x, weight, bias) or not _extension.LOADED:
