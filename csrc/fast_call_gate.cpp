@@ -9,6 +9,9 @@
 // there is no second copy to keep in step.
 #include <torch/csrc/jit/frontend/tracer.h>
 
+#include <string>
+#include <unordered_map>
+
 #include "fast_call_checks.h"
 
 namespace pyramid_ext::fast_calls {
@@ -142,10 +145,16 @@ void register_fast_gate(pybind11::module_& m) {
   m.def(
       "_compiled_serves",
       [](pybind11::handle backend, const std::string& device_type, const std::string& op) {
-        const auto handle = c10::Dispatcher::singleton().findSchemaOrThrow(("pyramid_ext::" + op).c_str(), "");
-        return compiled_serves(backend.ptr(), c10::Device(device_type).type(), handle);
+        // each op's handle looked up once (the GIL is held: no lock needed)
+        static auto* handles = new std::unordered_map<std::string, c10::OperatorHandle>;
+        auto it = handles->find(op);
+        if (it == handles->end())
+          it = handles->emplace(op, c10::Dispatcher::singleton().findSchemaOrThrow(("pyramid_ext::" + op).c_str(), ""))
+                   .first;
+        return compiled_serves(backend.ptr(), c10::Device(device_type).type(), it->second);
       },
-      "The gate's answer for a call with `backend` on a `device_type` tensor to op `op` (for the tests).");
+      "The gate's answer for a call with `backend` on a `device_type` tensor to op `op` (upsample_concat_conv2d's "
+      "cached general path, pyramid_ext.functional, and the tests).");
 }
 
 }  // namespace pyramid_ext::fast_calls

@@ -200,23 +200,6 @@ def _resolve(backend: Optional[str], device_type: str, op: str) -> str:
     return name
 
 
-# (requested name, device type, op) -> whether the call resolves to "cpp": fixed
-# for the process once the extension is loaded, so eager calls skip resolve().
-_SERVED_BY_CPP: dict = {}
-
-
-def served_by_cpp(backend: Optional[str], device_type: str, op: str) -> bool:
-    """Whether resolve(backend, device, op) would return "cpp" (without its
-    errors: False sends the call through resolve, which raises them)."""
-    name = requested_backend(backend)
-    key = (name, device_type, op)
-    served = _SERVED_BY_CPP.get(key)
-    if served is None:
-        served = name in ("cpp", "auto") and _why_not("cpp", torch.device(device_type), op) is None
-        _SERVED_BY_CPP[key] = served
-    return served
-
-
 def _register_fast_gate() -> None:
     """Hands the C++ fast paths' gate (csrc/fast_call_gate.cpp) the state it
     reads per call instead of asking resolve(): this thread's use_backend

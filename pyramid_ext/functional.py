@@ -76,6 +76,7 @@ def _declined(*args):
 
 
 _pool_fast = _extension._C._pool_fast if _extension.LOADED else _declined
+_compiled_serves = _extension._C._compiled_serves if _extension.LOADED else _declined
 
 
 def _fast_pool_entry(x, bins, mode: int, channels_last_levels, window: str, fn: str):
@@ -706,7 +707,7 @@ def _fast_uc_conv_key(x, branches, weight, bias, size, x_first, backend):
     if (type(x) is not torch.Tensor or (type(branches) is not list and type(branches) is not tuple)
             or type(weight) is not torch.Tensor or (bias is not None and type(bias) is not torch.Tensor)
             or torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled()
-            or export.onnx_flags_set() or _FORCED_PLAN is not None):  # (a forced plan: not a cached one)
+            or _FORCED_PLAN is not None):  # (a forced plan: not a cached one)
         return None
     if x.dim() != 4:
         return None
@@ -726,8 +727,9 @@ def _fast_uc_conv_key(x, branches, weight, bias, size, x_first, backend):
     if weight.dtype != dtype or weight.device != device or (bias is not None and (
             bias.dtype != dtype or bias.device != device)):
         return None
-    if not backends.served_by_cpp(backend, device.type, "upsample_shift_add") or \
-            not backends.served_by_cpp(backend, device.type, "upsample_concat"):
+    # both ops compiled for this backend and device, no ONNX export (the C++ fast paths' gate)
+    if not _compiled_serves(backend, device.type, "upsample_shift_add") or \
+            not _compiled_serves(backend, device.type, "upsample_concat"):
         return None
     return (x.shape, dtype, device, _channels_last(x), tuple(shapes), weight.shape, _channels_last(weight),
             None if bias is None else bias.shape, x_first)
