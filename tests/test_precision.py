@@ -112,6 +112,31 @@ def test_avg_pool_small_maps_channels_last_sum_trees(_c, tasks, shape, bins):
     assert any(not torch.equal(a, b) for a, b in zip(got, got_double)), "no_sum_trees changed nothing"
 
 
+@pytest.mark.parametrize("tasks", [1, 2])
+@pytest.mark.parametrize("shape,bins", [((2, 40, 16, 16), (1, 2, 3, 6)), ((1, 19, 13, 13), (1, 2, 3, 6)),
+                                        ((3, 5, 8, 8), (1, 2, 4, 8)), ((2, 33, 22, 9), (1, (2, 3), 5)),
+                                        ((2, 24, 16, 16), (1, 3)), ((1, 17, 12, 12), tuple(range(1, 13))),
+                                        ((2, 16, 20, 20), (4, 2, 1)), ((1, 48, 6, 9), (1, 2, 3, 6))])
+def test_avg_pool_sum_trees_add_each_cell_once(_c, tasks, shape, bins):
+    """The sum trees' shape (bins split along any cut that reuses a node, the
+    plan's choice) changes no sum's terms: on small integers every float sum
+    is exact, so each bin is the correctly rounded mean, bit for bit, on the
+    trees and on the double path alike. A bin that missed a cell or added one
+    twice would be off by a whole value."""
+    _c._set_test_override("channels_last_avg_tasks", tasks)
+    g = torch.Generator().manual_seed(11)
+    x = torch.randint(-8, 9, shape, generator=g).float().contiguous(memory_format=torch.channels_last)
+    want = [F.adaptive_avg_pool2d(x.double(), b).float() for b in bins]
+    for no_trees in (0, 1):
+        _c._set_test_override("no_sum_trees", no_trees)
+        got = pe.multi_adaptive_avg_pool2d(x, bins, backend="cpp")
+        for b, a, w in zip(bins, got, want):
+            assert torch.equal(a, w), f"bins {b}, no_sum_trees={no_trees}: {(a - w).abs().max().item()}"
+    if all(isinstance(b, int) for b in bins):
+        flat = pe.spatial_pyramid_pool(x, bins, mode="avg", backend="cpp")
+        assert torch.equal(flat, torch.cat([w.flatten(1) for w in want], 1))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_avg_pool_16bit_is_the_rounded_fp64_mean(_c, dtype):
     """16-bit inputs (the generic loops: float runs, double cells): each mean
