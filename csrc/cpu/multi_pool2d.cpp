@@ -109,7 +109,7 @@ int64_t one_run_depth(int64_t h, int64_t w) { return simd::row_sum_depth(w) + h 
 // first; each takes, among the splits at its middle row or column and those
 // that leave a node already built as one part, the split with the fewest
 // new sums (ties: the shallower), recursively, so a pyramid's coarse bins
-// reuse its fine ones: 203 sums for bins (1, 2, 3, 6) over a 16 x 16 map
+// reuse its fine ones: 202 sums for bins (1, 2, 3, 6) over a 16 x 16 map
 // against 270 for halves only (rows first, then cells), about a quarter
 // less of simd::tree_means' work. A split is taken only where every element
 // of the node passes at most kRunLength - 1 float roundings in all (its
@@ -839,7 +839,7 @@ void avg_forward_channels_last(const scalar_t* x, scalar_t* out,
       const int64_t ahead_bytes = std::min<int64_t>(H * W * C * sizeof(scalar_t), int64_t{256} << 10);
       if (trees) {
         // At most 128 KB under the trees (a line every two sums on (16, 256,
-        // 16, 16), bins 1, 2, 3, 6): a line every sum (203 KB) was 5-6%
+        // 16, 16), bins 1, 2, 3, 6): a line every sum (202 KB) was 5-6%
         // slower there, none at all 2% (x from L3, two threads, after
         // eager, in one process); the prefetches contend with the sums'
         // own misses (each pass's cells come from L2).
