@@ -143,6 +143,9 @@ SumTrees build_sum_trees(const PoolPlan& p) {
     const auto it = built.find(r);
     return it == built.end() ? -1 : it->second;
   };
+  auto middle = [](const Rect& r, bool rows) {
+    return rows ? r[0] + (r[1] - r[0] + 1) / 2 : r[2] + (r[3] - r[2] + 1) / 2;
+  };
   auto parts = [](const Rect& r, bool rows, int64_t at) -> std::array<Rect, 2> {
     if (rows) return {Rect{r[0], at, r[2], r[3]}, Rect{at, r[1], r[2], r[3]}};
     return {Rect{r[0], r[1], r[2], at}, Rect{r[0], r[1], at, r[3]}};
@@ -158,15 +161,6 @@ SumTrees build_sum_trees(const PoolPlan& p) {
     by_rows[{r[0], r[1]}].push_back({r[2], r[3]});
     return id;
   };
-  // Halves: rows first, then cells (the fallback).
-  std::function<int32_t(const Rect&)> halves = [&](const Rect& r) -> int32_t {
-    if (const int32_t id = node_of(r); id >= 0) return id;
-    const bool rows = r[1] - r[0] > 1;
-    const int64_t mid = rows ? r[0] + (r[1] - r[0] + 1) / 2 : r[2] + (r[3] - r[2] + 1) / 2;
-    const auto [x, y] = parts(r, rows, mid);
-    const int32_t l = halves(x), rr = halves(y);
-    return add(r, l, rr);
-  };
   // The fewest new sums that make r (and their depth), by the splits above.
   struct Choice {
     int64_t sums = 0, depth = 0;
@@ -178,8 +172,8 @@ SumTrees build_sum_trees(const PoolPlan& p) {
     if (const int32_t id = node_of(r); id >= 0) return Choice{0, depth[id], false, -1};
     if (const auto it = memo.find(r); it != memo.end()) return it->second;
     std::vector<std::pair<bool, int64_t>> splits;
-    if (r[1] - r[0] > 1) splits.push_back({true, r[0] + (r[1] - r[0] + 1) / 2});
-    if (r[3] - r[2] > 1) splits.push_back({false, r[2] + (r[3] - r[2] + 1) / 2});
+    if (r[1] - r[0] > 1) splits.push_back({true, middle(r, true)});
+    if (r[3] - r[2] > 1) splits.push_back({false, middle(r, false)});
     if (const auto it = by_cols.find({r[2], r[3]}); it != by_cols.end())
       for (const auto& [a0, a1] : it->second) {
         if (a0 == r[0] && a1 < r[1]) splits.push_back({true, a1});
@@ -201,10 +195,13 @@ SumTrees build_sum_trees(const PoolPlan& p) {
     }
     return memo[r] = c;
   };
-  std::function<int32_t(const Rect&, std::map<Rect, Choice>&)> make = [&](const Rect& r,
-                                                                            std::map<Rect, Choice>& memo) -> int32_t {
+  // r built by best's choices, or, memo null, from its halves (rows first,
+  // then cells: the fallback).
+  std::function<int32_t(const Rect&, std::map<Rect, Choice>*)> make = [&](const Rect& r,
+                                                                            std::map<Rect, Choice>* memo) -> int32_t {
     if (const int32_t id = node_of(r); id >= 0) return id;
-    const Choice c = best(r, memo);
+    const bool halves = memo == nullptr;
+    const Choice c = halves ? Choice{0, 0, r[1] - r[0] > 1, middle(r, r[1] - r[0] > 1)} : best(r, *memo);
     const auto [x, y] = parts(r, c.rows, c.at);
     const int32_t l = make(x, memo), rr = make(y, memo);
     return add(r, l, rr);
@@ -217,11 +214,7 @@ SumTrees build_sum_trees(const PoolPlan& p) {
     const BinRect& b = p.rects[i];
     const Rect r{b.a0, b.a1, b.b0, b.b1};
     std::map<Rect, Choice> memo;  // (the built nodes change between bins)
-    if (best(r, memo).at == -2) {
-      halves(r);
-    } else {
-      make(r, memo);
-    }
+    make(r, best(r, memo).at == -2 ? nullptr : &memo);
     if (!fits || static_cast<int64_t>(depth.size()) > kTreeMaxNodes || b.area >= (int64_t{1} << 27)) return t;
   }
   std::vector<simd::TreeOut> outs;
