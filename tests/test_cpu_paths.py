@@ -33,7 +33,7 @@ from .conftest import need_backend
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ISA_NAMES = {1: "baseline", 2: "avx2", 3: "avx512"}
 SWITCHES = ("simd_isa", "no_block_kernel", "channels_last_avg_tasks", "channels_last_max_tasks", "no_streaming_stores",
-            "channels_last_max_direct", "no_sum_trees", "no_cell_rows", "max_cell_rows")
+            "channels_last_max_direct", "no_sum_trees", "no_cell_rows", "general_cell_loop", "max_cell_rows")
 
 
 @pytest.fixture(autouse=True)
@@ -210,6 +210,31 @@ def test_every_forced_path_matches_eager_and_the_automatic_path_bitwise(_c):
         for k, (a, b) in enumerate(zip(got, auto)):
             assert torch.equal(a, b), (f"simd_isa={ISA_NAMES[isa]} no_block_kernel={nb} "
                                        f"channels_last_avg_tasks={tasks}: result {k} differs from the automatic path")
+
+
+@pytest.mark.parametrize("shape,bins", [((16, 256, 16, 16), (1, 2, 3, 6)),  # cells of 1 or 2 rows by 1 or 2 pixels
+                                         ((3, 77, 12, 9), (1, 2, 3, 6)),  # channels past the last 32 and 8
+                                         ((2, 40, 5, 7), (2, 3, 4)),  # 1 x 1, 1 x 2, 2 x 1 and 2 x 2 cells
+                                         ((1, 64, 6, 6), (1, 3)),  # N = 1: the phases split
+                                         ((2, 32, 7, 11), (1, 2))])  # wider cells: the general loop alone
+def test_small_cells_sum_as_the_general_loop_bitwise(_c, shape, bins):
+    """simd::cell_sum sums cells of at most 2 x 2 pixels without the general loop's branches on the pixels
+    left; both make the same additions in the same order, so channels_last float average pooling (sum trees
+    and double bins) agrees bit for bit with general_cell_loop=1, on every ISA copy, within the float
+    tolerance of eager."""
+    x = layout(rand(shape, torch.float32, seed=12), "channels_last")
+    want = eager_pool(x, bins, "avg")
+    for isa in _available_isas(_c):
+        _c._set_test_override("simd_isa", isa)
+        for trees_off in (0, 1):
+            _c._set_test_override("no_sum_trees", trees_off)
+            _c._set_test_override("general_cell_loop", 0)
+            small = pe.multi_adaptive_avg_pool2d(x, bins, backend="cpp")
+            _c._set_test_override("general_cell_loop", 1)
+            general = pe.multi_adaptive_avg_pool2d(x, bins, backend="cpp")
+            for k, (a, b, e) in enumerate(zip(small, general, want)):
+                assert torch.equal(a, b), f"{ISA_NAMES[isa]}, no_sum_trees={trees_off}, level {k}: loops differ"
+                torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("shape,bins", [((2, 130, 32, 32), (1, 2, 4)),  # 8 x 8 cells of 130 channels: 33 KB

@@ -675,6 +675,7 @@ void avg_forward_channels_last(const scalar_t* x, scalar_t* out,
                      !test_overrides::get(test_overrides::kNoSumTrees);
   const int64_t num_ops = static_cast<int64_t>(st.ops.size()) / 2;
   const bool no_cell_rows = test_overrides::get(test_overrides::kNoCellRows) != 0;
+  const bool general_cell_loop = test_overrides::get(test_overrides::kGeneralCellLoop) != 0;
   constexpr int64_t kTW = simd::kTreeChannels;
   const int64_t cell_step = trees ? kTW : C, vec_stride = trees ? SH * SW * kTW : kTW;
   const int64_t CS = trees ? (C + kTW - 1) / kTW * kTW : C;  // channels a cell takes
@@ -724,7 +725,7 @@ void avg_forward_channels_last(const scalar_t* x, scalar_t* out,
         const int64_t w0 = p.w.cuts[b];
         if (one_run[b] && p.w.seg_of[w0] >= 0 && !by_rows(b))
           simd::cell_sum(row_cells + b * cell_step, vec_stride, x + ((n * H + h0) * W + w0) * C, h1 - h0, W * C,
-                         p.w.cuts[b + 1] - w0, C, C);
+                         p.w.cuts[b + 1] - w0, C, C, general_cell_loop);
       }
     } else {
       for (int64_t b = 0; b < SW; ++b)

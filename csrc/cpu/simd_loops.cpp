@@ -164,8 +164,8 @@ void set_row_sum(float* run, const float* src, int64_t rows, int64_t stride, int
   loops().set_row_sum(run, src, rows, stride, n);
 }
 void cell_sum(float* cell, int64_t vec_stride, const float* src, int64_t rows, int64_t row_stride, int64_t w,
-              int64_t pixel_stride, int64_t n) {
-  loops().cell_sum(cell, vec_stride, src, rows, row_stride, w, pixel_stride, n);
+              int64_t pixel_stride, int64_t n, bool general_loop) {
+  loops().cell_sum(cell, vec_stride, src, rows, row_stride, w, pixel_stride, n, general_loop);
 }
 void add_row_sum_f64(double* acc, float* run, const float* src, int64_t rows, int64_t stride, int64_t n,
                      bool first) {

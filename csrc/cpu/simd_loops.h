@@ -66,9 +66,11 @@ void set_row_sum(float* run, const float* src, int64_t rows, int64_t stride, int
 // as add_row_sum sums them, the row sums added top to bottom (set_row_sum's
 // first row, then add_row_sum's: the same bits), the sums in registers, 64
 // channels at a time (a run through memory cost a load and a store per row,
-// and a call per row).
+// and a call per row). Cells of at most 2 x 2 pixels take a loop without
+// branches on the pixels left, unless general_loop (a test switch): the
+// same additions.
 void cell_sum(float* cell, int64_t vec_stride, const float* src, int64_t rows, int64_t row_stride, int64_t w,
-              int64_t pixel_stride, int64_t n);
+              int64_t pixel_stride, int64_t n, bool general_loop = false);
 void add_row_sum_f64(double* acc, float* run, const float* src, int64_t rows, int64_t stride, int64_t n,
                      bool first);
 // acc[i] += (double)(src[i] + src[stride + i] + ...) for i < n: the `rows`

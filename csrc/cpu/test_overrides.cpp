@@ -11,7 +11,7 @@ namespace {
 
 constexpr const char* kNames[kNumSwitches] = {"simd_isa", "no_block_kernel", "channels_last_avg_tasks",
                                                "channels_last_max_tasks", "channels_last_max_direct", "no_sum_trees",
-                                               "no_cell_rows", "max_cell_rows", "no_streaming_stores"};
+                                               "no_cell_rows", "general_cell_loop", "max_cell_rows", "no_streaming_stores"};
 std::atomic<int64_t> g_values[kNumSwitches];
 
 }  // namespace
@@ -22,7 +22,7 @@ void set(const std::string& name, int64_t value) {
   for (int s = 0; s < kNumSwitches; ++s) {
     if (name != kNames[s]) continue;
     const bool ok = s == kSimdIsa ? value == 0 || simd::isa_available(static_cast<simd::Isa>(value))
-                                  : value >= 0 && value <= (s == kNoBlockKernel || s == kNoSumTrees || s == kNoCellRows ||
+                                  : value >= 0 && value <= (s == kNoBlockKernel || s == kNoSumTrees || s == kNoCellRows || s == kGeneralCellLoop ||
                                                                       s == kNoStreamingStores
                                                                   ? 1
                                                                   : 2);

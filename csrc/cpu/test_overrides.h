@@ -36,6 +36,9 @@ enum Switch : int {
   // 1: float channels_last average pooling sums every one-run cell with
   // simd::cell_sum, also those it would sum by rows (wider than L1).
   kNoCellRows,
+  // 1: simd::cell_sum sums cells of at most 2 x 2 pixels with its general
+  // loop too (the same additions).
+  kGeneralCellLoop,
   // Max pooling with indices, channels_last float: 0 cells and windows
   // scanned by rows where they are wide (max_pool.cpp, IndexedPhases::wide),
   // 1 never, 2 always (every cell and window, whatever its size).
@@ -49,7 +52,7 @@ enum Switch : int {
 int64_t get(Switch s);
 // Sets a switch by its name ("simd_isa", "no_block_kernel",
 // "channels_last_avg_tasks", "channels_last_max_tasks",
-// "channels_last_max_direct", "no_sum_trees", "no_cell_rows", "max_cell_rows",
+// "channels_last_max_direct", "no_sum_trees", "no_cell_rows", "general_cell_loop", "max_cell_rows",
 // "no_streaming_stores"); throws
 // std::invalid_argument for an unknown name or a value this CPU cannot run.
 void set(const std::string& name, int64_t value);
