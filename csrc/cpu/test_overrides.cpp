@@ -22,8 +22,8 @@ void set(const std::string& name, int64_t value) {
   for (int s = 0; s < kNumSwitches; ++s) {
     if (name != kNames[s]) continue;
     const bool ok = s == kSimdIsa ? value == 0 || simd::isa_available(static_cast<simd::Isa>(value))
-                                  : value >= 0 && value <= (s == kNoBlockKernel || s == kNoSumTrees || s == kNoCellRows || s == kGeneralCellLoop ||
-                                                                      s == kNoStreamingStores
+                                  : value >= 0 && value <= (s == kNoBlockKernel || s == kNoSumTrees || s == kNoCellRows ||
+                                                                      s == kGeneralCellLoop || s == kNoStreamingStores
                                                                   ? 1
                                                                   : 2);
     if (!ok) throw std::invalid_argument("test override " + name + "=" + std::to_string(value) +
