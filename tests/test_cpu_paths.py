@@ -212,6 +212,18 @@ def test_every_forced_path_matches_eager_and_the_automatic_path_bitwise(_c):
                                        f"channels_last_avg_tasks={tasks}: result {k} differs from the automatic path")
 
 
+def _assert_avg_same_bits_either_way(_c, x, bins, want, switch, where):
+    """multi_adaptive_avg_pool2d of x with the test switch 0 and 1: the same bits, and within the float
+    tolerance of eager's `want`."""
+    _c._set_test_override(switch, 0)
+    off = pe.multi_adaptive_avg_pool2d(x, bins, backend="cpp")
+    _c._set_test_override(switch, 1)
+    on = pe.multi_adaptive_avg_pool2d(x, bins, backend="cpp")
+    for k, (a, b, e) in enumerate(zip(off, on, want)):
+        assert torch.equal(a, b), f"{where}, level {k}: {switch}=0 and {switch}=1 differ"
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("shape,bins", [((16, 256, 16, 16), (1, 2, 3, 6)),  # cells of 1 or 2 rows by 1 or 2 pixels
                                          ((3, 77, 12, 9), (1, 2, 3, 6)),  # channels past the last 32 and 8
                                          ((2, 40, 5, 7), (2, 3, 4)),  # 1 x 1, 1 x 2, 2 x 1 and 2 x 2 cells
@@ -228,13 +240,8 @@ def test_small_cells_sum_as_the_general_loop_bitwise(_c, shape, bins):
         _c._set_test_override("simd_isa", isa)
         for trees_off in (0, 1):
             _c._set_test_override("no_sum_trees", trees_off)
-            _c._set_test_override("general_cell_loop", 0)
-            small = pe.multi_adaptive_avg_pool2d(x, bins, backend="cpp")
-            _c._set_test_override("general_cell_loop", 1)
-            general = pe.multi_adaptive_avg_pool2d(x, bins, backend="cpp")
-            for k, (a, b, e) in enumerate(zip(small, general, want)):
-                assert torch.equal(a, b), f"{ISA_NAMES[isa]}, no_sum_trees={trees_off}, level {k}: loops differ"
-                torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+            _assert_avg_same_bits_either_way(_c, x, bins, want, "general_cell_loop",
+                                             f"{ISA_NAMES[isa]}, no_sum_trees={trees_off}")
 
 
 @pytest.mark.parametrize("shape,bins", [((2, 130, 32, 32), (1, 2, 4)),  # 8 x 8 cells of 130 channels: 33 KB
@@ -249,13 +256,7 @@ def test_wide_one_run_cells_by_rows_match_cell_sum_bitwise(_c, shape, bins):
     want = eager_pool(x, bins, "avg")
     for isa in _available_isas(_c):
         _c._set_test_override("simd_isa", isa)
-        _c._set_test_override("no_cell_rows", 0)
-        by_rows = pe.multi_adaptive_avg_pool2d(x, bins, backend="cpp")
-        _c._set_test_override("no_cell_rows", 1)
-        by_cells = pe.multi_adaptive_avg_pool2d(x, bins, backend="cpp")
-        for k, (a, b, e) in enumerate(zip(by_rows, by_cells, want)):
-            assert torch.equal(a, b), f"{ISA_NAMES[isa]}, level {k}: rows and cell_sum differ"
-            torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+        _assert_avg_same_bits_either_way(_c, x, bins, want, "no_cell_rows", ISA_NAMES[isa])
 
 
 @pytest.mark.parametrize("tasks,direct", [(1, 1), (2, 1), (1, 2)], ids=["per-sample", "split", "direct"])
