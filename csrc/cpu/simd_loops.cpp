@@ -183,7 +183,7 @@ void bin_means(float* dst, const BinOut* bins, int64_t num_bins, const float* ce
   loops().bin_means(dst, bins, num_bins, cells, SH, SW, C, c0, n, scratch, prefetch, prefetch_bytes);
 }
 void tree_means(float* dst, const int32_t* ops, int64_t num_ops, const TreeOut* outs, int64_t num_outs,
-                const float* cells, int64_t num_cells, int64_t vec_stride, int64_t c0, int64_t n, float* sums,
+                float* cells, int64_t num_cells, int64_t vec_stride, int64_t c0, int64_t n, float* sums,
                 const void* prefetch, int64_t prefetch_bytes) {
   loops().tree_means(dst, ops, num_ops, outs, num_outs, cells, num_cells, vec_stride, c0, n, sums, prefetch,
                      prefetch_bytes);

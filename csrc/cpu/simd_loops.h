@@ -118,8 +118,13 @@ void bin_means(float* dst, const BinOut* bins, int64_t num_bins, const float* ce
 // round either way (one rounding all the same). kTreeChannels channels per
 // pass: cell q's channels [c, c + 16) at cells + c / 16 * vec_stride + q *
 // 16 (c0 a multiple of 16; lanes past the last channel zero), a pass's
-// cells and sums in `sums` ((num_cells + num_ops) * 16 floats, in L1 for a
-// pyramid's few segments). The
+// cells copied and its sums written to `sums` ((num_cells + num_ops) * 16
+// floats, in L1 for a pyramid's few segments). sums == nullptr: in place,
+// for a whole sample (c0 == 0, vec_stride == num_cells * 16, num_ops * 16
+// writable floats after the last pass's cells): the passes run last to
+// first, each pass's sums written after its cells, over those of the passes
+// already done (no copy; they were in L1 from the pass before). The cells
+// are overwritten, padding lanes included. The
 // bytes [prefetch, prefetch + prefetch_bytes) (the next sample's input) are
 // prefetched into L2 meanwhile, a line every few sums.
 struct TreeOut {
@@ -134,7 +139,7 @@ struct TreeOut {
 constexpr int64_t kTreeMaxBlock = 64;  // outs in one such block at most
 constexpr int64_t kTreeChannels = 16;
 void tree_means(float* dst, const int32_t* ops, int64_t num_ops, const TreeOut* outs, int64_t num_outs,
-                const float* cells, int64_t num_cells, int64_t vec_stride, int64_t c0, int64_t n, float* sums,
+                float* cells, int64_t num_cells, int64_t vec_stride, int64_t c0, int64_t n, float* sums,
                 const void* prefetch = nullptr, int64_t prefetch_bytes = 0);
 // Column-wise running max over rows, ATen's rule (larger, or NaN): m/r hold
 // the current maximum and its row; rows h0 + 1 .. h0 + rows - 1 are scanned
