@@ -212,6 +212,52 @@ def test_every_forced_path_matches_eager_and_the_automatic_path_bitwise(_c):
                                        f"channels_last_avg_tasks={tasks}: result {k} differs from the automatic path")
 
 
+def _float_bits(t):
+    """t's float32 bits as int32, every NaN as one pattern (payloads aside)."""
+    bits = t.contiguous().view(torch.int32).clone()
+    bits[torch.isnan(t)] = 0x7FC00000
+    return bits
+
+
+@pytest.mark.parametrize("tasks", [1, 2])
+def test_tree_means_quotients_same_bits_on_every_isa(_c, tasks):
+    """simd::tree_means' means: the AVX2 and AVX-512 loops divide in float with an FMA correction
+    (quotients16), the baseline loops multiply in double; both are the correctly rounded s / area, so the
+    same bits on sums of every magnitude: subnormal and below 2^-100 (the double fallback), just above it,
+    huge (overflowing to inf in the sums), signed zeros, +-inf and NaN, sixteen magnitudes in each pass."""
+    g = torch.Generator().manual_seed(3)
+    shape = (3, 48, 16, 16)  # channels_last avg (1, 2, 3, 6): the float sum trees
+    exps = torch.tensor([-149, -145, -140, -127, -120, -104, -101, -100, -99, -98, -80, -20, 0, 40, 100, 126],
+                        dtype=torch.float64)
+    k = torch.randint(-7, 8, shape, generator=g).double()
+    x = (k * torch.exp2(exps.repeat(3)).view(1, 48, 1, 1)).float()
+    x[0, 5, 3, 4] = float("inf")
+    x[1, 21, 9, 9] = -float("inf")
+    x[2, 37, 0, 15] = float("nan")
+    x[1, 40, 2:7, 2:9] = float("inf")
+    x[1, 40, 4, 4] = -float("inf")
+    x[:, 8] = -0.0  # all -0.0: bins of one cell keep the sign
+    x[0, 24] = 1.0  # exact sums: q = s * RN(1 / area) needs the correction for areas of 3, 6, 9...
+    x = x.contiguous(memory_format=torch.channels_last)
+    bins = (1, 2, 3, 6)
+    _c._set_test_override("channels_last_avg_tasks", tasks)
+    results = {}
+    for isa in _available_isas(_c):
+        _c._set_test_override("simd_isa", isa)
+        results[isa] = pe.multi_adaptive_avg_pool2d(x, bins, backend="cpp")
+    base = results[1]
+    for isa, got in results.items():
+        for level, (a, b) in enumerate(zip(got, base)):
+            assert torch.equal(_float_bits(a), _float_bits(b)), f"{ISA_NAMES[isa]}, bins {bins[level]}"
+    want = [F.adaptive_avg_pool2d(x.double(), b).float() for b in bins]
+    # small integers times powers of two: every float sum is exact, so each mean is the rounded fp64 one
+    # (but where 2^126 overflows the float sums, and the NaN channels)
+    exact = [c for c in range(48) if c % 16 != 15 and c not in (37, 40)]
+    for level, (a, w) in enumerate(zip(base, want)):
+        assert torch.equal(a[:, exact], w[:, exact]), f"bins {bins[level]}"
+        assert torch.isinf(a[0, 5]).any() and torch.isnan(a[2, 37]).any()
+
+
 def _assert_avg_same_bits_either_way(_c, x, bins, want, switch, where):
     """multi_adaptive_avg_pool2d of x with the test switch 0 and 1: the same bits, and within the float
     tolerance of eager's `want`."""

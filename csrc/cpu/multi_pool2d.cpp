@@ -218,9 +218,15 @@ SumTrees build_sum_trees(const PoolPlan& p) {
     if (!fits || static_cast<int64_t>(depth.size()) > kTreeMaxNodes || b.area >= (int64_t{1} << 27)) return t;
   }
   std::vector<simd::TreeOut> outs;
-  for (const BinRect& r : p.rects)
-    outs.push_back({node_of(Rect{r.a0, r.a1, r.b0, r.b1}), 1.0 / static_cast<double>(r.area), r.out_offset,
-                    r.c_stride});
+  for (const BinRect& r : p.rects) {
+    simd::TreeOut o{node_of(Rect{r.a0, r.a1, r.b0, r.b1}), 1.0 / static_cast<double>(r.area), r.out_offset,
+                    r.c_stride};
+    if (r.area < (int64_t{1} << 24)) {
+      o.area = static_cast<float>(r.area);
+      o.inv_area_f = 1.0f / o.area;
+    }
+    outs.push_back(o);
+  }
   for (size_t r = 0; r < outs.size();) {
     const int64_t g = outs[r].stride;
     bool block = g > 1 && g <= simd::kTreeMaxBlock && r + static_cast<size_t>(g) <= outs.size();

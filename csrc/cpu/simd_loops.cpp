@@ -41,7 +41,7 @@ namespace isa_baseline {
 
 #if PE_X86_MULTIVERSION
 #pragma GCC push_options
-#pragma GCC target("avx2")
+#pragma GCC target("avx2,fma")  // (FMA: tree_means' quotients; every AVX2 CPU has it)
 #define PE_MAX_LANES 8
 namespace isa_avx2 {
 #include "cpu/simd_loops_body.inc"
@@ -111,7 +111,7 @@ constexpr Loops kAvx512 = PE_LOOPS(isa_avx512);
 Isa best_isa() {
 #if PE_X86_MULTIVERSION
   if (__builtin_cpu_supports("avx512f")) return Isa::kAvx512;
-  if (__builtin_cpu_supports("avx2")) return Isa::kAvx2;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
 #endif
   return Isa::kBaseline;
 }
@@ -140,7 +140,7 @@ bool isa_available(Isa isa) {
       return true;
 #if PE_X86_MULTIVERSION
     case Isa::kAvx2:
-      return __builtin_cpu_supports("avx2");
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     case Isa::kAvx512:
       return __builtin_cpu_supports("avx512f");
 #endif

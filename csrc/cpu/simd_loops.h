@@ -110,12 +110,14 @@ void bin_means(float* dst, const BinOut* bins, int64_t num_bins, const float* ce
 // Nodes [0, num_cells) are the cells (a * SW + b); node num_cells + j is
 // the sum of the nodes at byte offsets ops[2j] and ops[2j + 1] (node id *
 // kTreeChannels * 4) of a pass's nodes. Bin `out` of channel c: its node's sum s,
-// mean (float)((double)s * inv_area), written to dst[offset + c * stride].
-// That product, rounded to float, is the correctly rounded s / area (what
-// a float division gives): with area < 2^27 the double product is closer to
-// s / area than s / area is to any float rounding boundary, but for a mean
-// that lies exactly halfway between two subnormal floats, which it may
-// round either way (one rounding all the same). kTreeChannels channels per
+// mean s / area correctly rounded (what a float division gives), written to
+// dst[offset + c * stride]: on AVX2 and AVX-512 in float with FMA (Markstein's
+// correction, simd_loops_body.inc's quotients16) where every sum of the 16
+// is zero or at least 2^-100 in magnitude; else (float)((double)s *
+// inv_area), which with area < 2^27 is closer to s / area than s / area is
+// to any float rounding boundary, but for a mean that lies exactly halfway
+// between two subnormal floats, which it may round either way (one
+// rounding all the same). kTreeChannels channels per
 // pass: cell q's channels [c, c + 16) at cells + c / 16 * vec_stride + q *
 // 16 (c0 a multiple of 16; lanes past the last channel zero), a pass's
 // cells copied and its sums written to `sums` ((num_cells + num_ops) * 16
@@ -131,6 +133,9 @@ struct TreeOut {
   int64_t node;
   double inv_area;
   int64_t offset, stride;
+  // The area as a float and the float nearest its reciprocal, where the
+  // area is below 2^24 (exact in float); else 0: the double product only.
+  float area = 0, inv_area_f = 0;
   // > 1 at the first of `block` outs whose offsets are offset + k and whose
   // stride is `block` (a level of a flattened SPP output, [c][bin]): channel
   // c's means of those outs are contiguous, written a channel at a time.
