@@ -108,8 +108,11 @@ void bin_means(float* dst, const BinOut* bins, int64_t num_bins, const float* ce
 // balanced tree of float additions over its cells, a subtree shared by
 // several bins summed once (the plan builds the trees, multi_pool2d.cpp).
 // Nodes [0, num_cells) are the cells (a * SW + b); node num_cells + j is
-// the sum of the nodes at byte offsets ops[2j] and ops[2j + 1] (node id *
-// kTreeChannels * 4) of a pass's nodes. Bin `out` of channel c: its node's sum s,
+// the j-th sum the program stores. The program (program_size int32s):
+// stretches [shape, count, count x operands], each operand a node's byte
+// offset (node id * kTreeChannels * 4) in a pass's nodes; shape 2: a + b,
+// 3: (a + b) + c, 4: ((a + b) + c) + d, 5: (a + b) + (c + d) (a sum used
+// once, by another sum, is not stored). Bin `out` of channel c: its node's sum s,
 // mean s / area correctly rounded (what a float division gives), written to
 // dst[offset + c * stride]: on AVX2 and AVX-512 in float with FMA (Markstein's
 // correction, simd_loops_body.inc's quotients16) where every sum of the 16
@@ -120,9 +123,9 @@ void bin_means(float* dst, const BinOut* bins, int64_t num_bins, const float* ce
 // rounding all the same). kTreeChannels channels per
 // pass: cell q's channels [c, c + 16) at cells + c / 16 * vec_stride + q *
 // 16 (c0 a multiple of 16; lanes past the last channel zero), a pass's
-// cells copied and its sums written to `sums` ((num_cells + num_ops) * 16
+// cells copied and its sums written to `sums` ((num_cells + num_sums) * 16
 // floats, in L1 for a pyramid's few segments). sums == nullptr: in place,
-// for a whole sample (c0 == 0, vec_stride == num_cells * 16, num_ops * 16
+// for a whole sample (c0 == 0, vec_stride == num_cells * 16, num_sums * 16
 // writable floats after the last pass's cells): the passes run last to
 // first, each pass's sums written after its cells, over those of the passes
 // already done (no copy; they were in L1 from the pass before). The cells
@@ -143,7 +146,8 @@ struct TreeOut {
 };
 constexpr int64_t kTreeMaxBlock = 64;  // outs in one such block at most
 constexpr int64_t kTreeChannels = 16;
-void tree_means(float* dst, const int32_t* ops, int64_t num_ops, const TreeOut* outs, int64_t num_outs,
+void tree_means(float* dst, const int32_t* program, int64_t program_size, int64_t num_sums, const TreeOut* outs,
+                int64_t num_outs,
                 float* cells, int64_t num_cells, int64_t vec_stride, int64_t c0, int64_t n, float* sums,
                 const void* prefetch = nullptr, int64_t prefetch_bytes = 0);
 // Column-wise running max over rows, ATen's rule (larger, or NaN): m/r hold
