@@ -10,6 +10,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "cpu/avx2_tile.h"
 #include "cpu/test_overrides.h"
 #include "pyramid_index.h"
 
