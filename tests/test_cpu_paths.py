@@ -61,6 +61,8 @@ def _workload():
     got, want = [], []
     cases = [((3, 37, 29, 70), (1, 2, 3, 6, (2, 5))), ((2, 11, 61, 50), (1, (2, 3))), ((2, 19, 50, 40), (1, (2, 5))),
              ((2, 40, 16, 16), (1, 2, 3, 6)),  # channels_last avg: simd::tree_means (float sum trees, 8 channels of a 16)
+             # per-sample tasks of 2-3 samples: the sums in place overwrite a cell buffer the next sample reuses
+             ((5, 40, 16, 16), (1, 2, 3, 6)),
              ((2, 40, 32, 32), (1, 2, 3, 6))]  # channels_last avg: simd::bin_means (few cells, too deep for float trees)
     for (shape, bins), kind, mode in itertools.product(cases, ("nchw", "channels_last"), ("avg", "max")):
         base = rand(shape, torch.float32, seed=1)
