@@ -240,15 +240,15 @@ SumTrees build_sum_trees(const PoolPlan& p) {
   // bin is not stored: its user adds it from registers, in the same order
   // (x + y and y + x are the same float), one of four shapes: a + b,
   // (a + b) + c, ((a + b) + c) + d, (a + b) + (c + d). A sum that fits none
-  // of them stores its sums instead. On (1, 2, 3, 6) over a 16 x 16 map 109
-  // of the 202 sums are stored; the stores bound the loop.
+  // of them stores its two operands instead. The stores bound the loop.
   const int64_t num_ops = static_cast<int64_t>(ops.size()) / 2;
   const int64_t num_nodes = num_cells + num_ops;
-  std::vector<int64_t> uses(static_cast<size_t>(num_nodes), 0);
-  for (const int32_t v : ops) ++uses[v];
+  std::vector<int64_t> users(static_cast<size_t>(num_nodes), 0);  // the sums that add each node
+  for (const int32_t v : ops) ++users[v];
+  std::vector<char> is_bin(static_cast<size_t>(num_nodes), 0);
+  for (const simd::TreeOut& o : outs) is_bin[o.node] = 1;
   std::vector<char> stored(static_cast<size_t>(num_nodes), 1);
-  for (const simd::TreeOut& o : outs) uses[o.node] += 2;  // (a bin's node is stored)
-  for (int64_t j = 0; j < num_ops; ++j) stored[num_cells + j] = uses[num_cells + j] != 1;
+  for (int64_t j = num_cells; j < num_nodes; ++j) stored[j] = is_bin[j] || users[j] != 1;
   auto kid = [&](int32_t id, int k) { return ops[2 * (id - num_cells) + k]; };
   // Node n's shape (2, 3, 4: a + b, then each further operand added; 5:
   // (a + b) + (c + d)) and operands, or 0 where n fits none.
@@ -275,26 +275,34 @@ SumTrees build_sum_trees(const PoolPlan& p) {
     operands = {kid(p, 0), kid(p, 1), q, b};
     return 4;
   };
-  std::vector<int32_t> operands;
-  for (bool changed = true; changed;) {
-    changed = false;
-    for (int32_t n = static_cast<int32_t>(num_cells); n < num_nodes; ++n) {
-      if (!stored[n] || shape_of(n, operands) != 0) continue;
-      stored[kid(n, 0)] = stored[kid(n, 1)] = 1;  // too deep: its sums stored
-      changed = true;
+  // Each stored sum's shape and operands. A sum that fits no shape stores
+  // its two operands (then a + b), each settled in turn. That changes no
+  // other sum's shape: a shape looks through unstored nodes only, and an
+  // unstored node's one user is the sum being settled.
+  std::vector<int> shape(static_cast<size_t>(num_nodes), 0);
+  std::vector<std::vector<int32_t>> args(static_cast<size_t>(num_nodes));
+  std::function<void(int32_t)> settle = [&](int32_t n) {
+    shape[n] = shape_of(n, args[n]);
+    if (shape[n] != 0) return;
+    for (int k = 0; k < 2; ++k) {
+      const int32_t v = kid(n, k);
+      if (stored[v]) continue;
+      stored[v] = 1;
+      settle(v);
     }
-  }
+    shape[n] = shape_of(n, args[n]);
+  };
+  for (int32_t n = static_cast<int32_t>(num_cells); n < num_nodes; ++n)
+    if (stored[n]) settle(n);
   // The stored sums in order of their height in the program (cells 0),
   // then of shape: by height, neighbouring sums are independent (built
   // depth first, each sum had needed the one just before it, a chain of
   // store-to-load latencies); by shape, one loop runs a stretch of them.
   std::vector<int64_t> height(static_cast<size_t>(num_nodes), 0);
-  std::vector<int> shape(static_cast<size_t>(num_nodes), 0);
-  std::vector<std::vector<int32_t>> args(static_cast<size_t>(num_nodes));
   std::vector<int32_t> order;
   for (int32_t n = static_cast<int32_t>(num_cells); n < num_nodes; ++n) {
     if (!stored[n]) continue;
-    shape[n] = shape_of(n, args[n]);
+    TORCH_INTERNAL_ASSERT(shape[n] != 0, "build_sum_trees: a stored sum without a shape");
     for (const int32_t v : args[n]) height[n] = std::max(height[n], height[v] + 1);
     order.push_back(n);
   }

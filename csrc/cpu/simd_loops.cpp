@@ -185,11 +185,10 @@ void bin_means(float* dst, const BinOut* bins, int64_t num_bins, const float* ce
   loops().bin_means(dst, bins, num_bins, cells, SH, SW, C, c0, n, scratch, prefetch, prefetch_bytes);
 }
 void tree_means(float* dst, const int32_t* program, int64_t program_size, int64_t num_sums, const TreeOut* outs,
-                int64_t num_outs,
-                float* cells, int64_t num_cells, int64_t vec_stride, int64_t c0, int64_t n, float* sums,
-                const void* prefetch, int64_t prefetch_bytes) {
-  loops().tree_means(dst, program, program_size, num_sums, outs, num_outs, cells, num_cells, vec_stride, c0, n, sums, prefetch,
-                     prefetch_bytes);
+                int64_t num_outs, float* cells, int64_t num_cells, int64_t vec_stride, int64_t c0, int64_t n,
+                float* sums, const void* prefetch, int64_t prefetch_bytes) {
+  loops().tree_means(dst, program, program_size, num_sums, outs, num_outs, cells, num_cells, vec_stride, c0, n,
+                     sums, prefetch, prefetch_bytes);
 }
 void max_rows(float* m, int32_t* r, const float* src, int64_t rows, int64_t stride, int64_t n, int32_t h0) {
   loops().max_rows(m, r, src, rows, stride, n, h0);
