@@ -777,6 +777,32 @@ void avg_forward_channels_last(const scalar_t* x, scalar_t* out,
   // SW entries of the task's scratch (each cell's rows in its run, whether
   // its sums hold a run).
   constexpr int64_t kWide = simd::kRunLength - 1;
+  // A float one-run cell wider than L1 (no trees: their cells are small) is
+  // summed by rows instead, all channels of four pixels at a time
+  // (set_row_sum, then add_row_sum: cell_sum's additions in its order):
+  // cell_sum walks the cell's pixels once per chunk of channels, C floats
+  // apart, which the next chunk finds evicted.
+  auto by_rows_of = [&](int64_t a, int64_t b) {
+    return !trees && !no_cell_rows &&
+           (p.h.cuts[a + 1] - p.h.cuts[a]) * (p.w.cuts[b + 1] - p.w.cuts[b]) * C * int64_t{sizeof(float)} >
+               kCellSumMaxBytes;
+  };
+  // Whether H-segment a's rows are walked one by one: not where simd::cell_sum
+  // sums every cell whole (float, all one-run cells, as on small maps), where
+  // the walk only found each cell done (~1 us a sample of (16, 256, 16, 16),
+  // bins 1, 2, 3, 6: the per-row, per-cell checks).
+  std::vector<char> walk_rows(static_cast<size_t>(SH), 1);
+  if (std::is_same_v<scalar_t, float>) {
+    for (int64_t a = 0; a < SH; ++a) {
+      bool walk = false;
+      for (int64_t b = 0; b < SW; ++b) {
+        const int64_t w0 = p.w.cuts[b], w1 = p.w.cuts[b + 1];
+        walk = walk || (p.w.seg_of[w0] >= 0 &&
+                        (w1 - w0 > kWide || !st.one_run_cells[a * SW + b] || by_rows_of(a, b)));
+      }
+      walk_rows[a] = walk;
+    }
+  }
   auto reduce_rows = [&](int64_t n, int64_t a, acc_t* cells, acc_t* run, double* seg_sums, int64_t* state) {
     const int64_t h0 = p.h.cuts[a], h1 = p.h.cuts[a + 1];
     if (p.h.seg_of[h0] < 0) return;  // no window reads these rows
@@ -784,16 +810,7 @@ void avg_forward_channels_last(const scalar_t* x, scalar_t* out,
     int64_t* rows_in_run = state;
     int64_t* started = state + SW;  // the cell's sums hold a run
     const char* one_run = st.one_run_cells.data() + a * SW;  // the whole cell is one run
-    std::fill(state, state + 2 * SW, int64_t{0});
-    // A float one-run cell wider than L1 (no trees: their cells are small)
-    // is summed by rows instead, all channels of four pixels at a time
-    // (set_row_sum, then add_row_sum: cell_sum's additions in its order):
-    // cell_sum walks the cell's pixels once per chunk of channels, C floats
-    // apart, which the next chunk finds evicted.
-    auto by_rows = [&](int64_t b) {
-      return !trees && !no_cell_rows &&
-             (h1 - h0) * (p.w.cuts[b + 1] - p.w.cuts[b]) * C * int64_t{sizeof(float)} > kCellSumMaxBytes;
-    };
+    auto by_rows = [&](int64_t b) { return by_rows_of(a, b); };
     if constexpr (std::is_same_v<scalar_t, float>) {
       for (int64_t b = 0; b < SW; ++b) {
         const int64_t w0 = p.w.cuts[b];
@@ -801,10 +818,12 @@ void avg_forward_channels_last(const scalar_t* x, scalar_t* out,
           simd::cell_sum(row_cells + b * cell_step, vec_stride, x + ((n * H + h0) * W + w0) * C, h1 - h0, W * C,
                          p.w.cuts[b + 1] - w0, C, C, general_cell_loop);
       }
+      if (!walk_rows[a]) return;
     } else {
       for (int64_t b = 0; b < SW; ++b)
         if (one_run[b]) std::fill(row_cells + b * C, row_cells + (b + 1) * C, acc_t(0));
     }
+    std::fill(state, state + 2 * SW, int64_t{0});
     for (int64_t h = h0; h < h1; ++h) {
       const scalar_t* row = x + ((n * H + h) * W) * C;
       for (int64_t b = 0; b < SW; ++b) {
