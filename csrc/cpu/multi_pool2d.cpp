@@ -787,12 +787,12 @@ void avg_forward_channels_last(const scalar_t* x, scalar_t* out,
            (p.h.cuts[a + 1] - p.h.cuts[a]) * (p.w.cuts[b + 1] - p.w.cuts[b]) * C * int64_t{sizeof(float)} >
                kCellSumMaxBytes;
   };
-  // Whether H-segment a's rows are walked one by one: not where simd::cell_sum
-  // sums every cell whole (float, all one-run cells, as on small maps), where
-  // the walk only found each cell done (~1 us a sample of (16, 256, 16, 16),
-  // bins 1, 2, 3, 6: the per-row, per-cell checks).
+  // Whether H-segment a's rows are walked one by one. Not where simd::cell_sum
+  // has summed every cell whole (float, every cell one run: small maps):
+  // there the walk only found each cell done, and its checks per row and
+  // cell took ~1 us a sample of (16, 256, 16, 16) with bins 1, 2, 3, 6.
   std::vector<char> walk_rows(static_cast<size_t>(SH), 1);
-  if (std::is_same_v<scalar_t, float>) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
     for (int64_t a = 0; a < SH; ++a) {
       bool walk = false;
       for (int64_t b = 0; b < SW; ++b) {
