@@ -782,27 +782,24 @@ void avg_forward_channels_last(const scalar_t* x, scalar_t* out,
   // (set_row_sum, then add_row_sum: cell_sum's additions in its order):
   // cell_sum walks the cell's pixels once per chunk of channels, C floats
   // apart, which the next chunk finds evicted.
-  auto by_rows_of = [&](int64_t a, int64_t b) {
+  auto by_rows = [&](int64_t a, int64_t b) {
     return !trees && !no_cell_rows &&
            (p.h.cuts[a + 1] - p.h.cuts[a]) * (p.w.cuts[b + 1] - p.w.cuts[b]) * C * int64_t{sizeof(float)} >
                kCellSumMaxBytes;
   };
-  // Whether H-segment a's rows are walked one by one. Not where simd::cell_sum
-  // has summed every cell whole (float, every cell one run: small maps):
-  // there the walk only found each cell done, and its checks per row and
-  // cell took ~1 us a sample of (16, 256, 16, 16) with bins 1, 2, 3, 6.
-  std::vector<char> walk_rows(static_cast<size_t>(SH), 1);
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    for (int64_t a = 0; a < SH; ++a) {
-      bool walk = false;
-      for (int64_t b = 0; b < SW; ++b) {
-        const int64_t w0 = p.w.cuts[b], w1 = p.w.cuts[b + 1];
-        walk = walk || (p.w.seg_of[w0] >= 0 &&
-                        (w1 - w0 > kWide || !st.one_run_cells[a * SW + b] || by_rows_of(a, b)));
-      }
-      walk_rows[a] = walk;
-    }
-  }
+  // Whether simd::cell_sum sums cell (a, b) whole (float, one run, not by
+  // rows), before the walk of its H-segment's rows, which then skips it.
+  auto summed_whole = [&](int64_t a, int64_t b) {
+    return std::is_same_v<scalar_t, float> && st.one_run_cells[a * SW + b] && !by_rows(a, b);
+  };
+  // Whether H-segment a's rows are walked one by one: not where every cell
+  // is summed whole (small maps), where the walk only found each cell done,
+  // and its checks per row and cell took ~1 us a sample of (16, 256, 16, 16)
+  // with bins 1, 2, 3, 6.
+  std::vector<char> walk_rows(static_cast<size_t>(SH), 0);
+  for (int64_t a = 0; a < SH; ++a)
+    for (int64_t b = 0; b < SW; ++b)
+      if (p.w.seg_of[p.w.cuts[b]] >= 0 && !summed_whole(a, b)) walk_rows[a] = 1;
   auto reduce_rows = [&](int64_t n, int64_t a, acc_t* cells, acc_t* run, double* seg_sums, int64_t* state) {
     const int64_t h0 = p.h.cuts[a], h1 = p.h.cuts[a + 1];
     if (p.h.seg_of[h0] < 0) return;  // no window reads these rows
@@ -810,11 +807,10 @@ void avg_forward_channels_last(const scalar_t* x, scalar_t* out,
     int64_t* rows_in_run = state;
     int64_t* started = state + SW;  // the cell's sums hold a run
     const char* one_run = st.one_run_cells.data() + a * SW;  // the whole cell is one run
-    auto by_rows = [&](int64_t b) { return by_rows_of(a, b); };
     if constexpr (std::is_same_v<scalar_t, float>) {
       for (int64_t b = 0; b < SW; ++b) {
         const int64_t w0 = p.w.cuts[b];
-        if (one_run[b] && p.w.seg_of[w0] >= 0 && !by_rows(b))
+        if (p.w.seg_of[w0] >= 0 && summed_whole(a, b))
           simd::cell_sum(row_cells + b * cell_step, vec_stride, x + ((n * H + h0) * W + w0) * C, h1 - h0, W * C,
                          p.w.cuts[b + 1] - w0, C, C, general_cell_loop);
       }
@@ -849,7 +845,7 @@ void avg_forward_channels_last(const scalar_t* x, scalar_t* out,
         }
         if constexpr (std::is_same_v<scalar_t, float>) {
           if (one_run[b]) {
-            if (by_rows(b)) {
+            if (by_rows(a, b)) {
               if (h == h0) {
                 simd::set_row_sum(q, row + w0 * C, w1 - w0, C, C);
               } else {
