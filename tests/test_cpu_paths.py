@@ -719,6 +719,32 @@ def _tail_cases():
             yield x, weight, b, bn, relu
 
 
+def test_pointwise_product_weight_strides(_c):
+    """The product kernel transposes the weight per call: 8x8 register transposes where the input
+    channels are contiguous (also with rows further apart: upsample_concat_conv2d's column slices),
+    a scalar loop for other strides. Every form gives the bits of the contiguous weight (the same
+    products in the same order), on sizes with and without whole 8x8 blocks and on both layouts."""
+    if not _c._pointwise_product_available():
+        pytest.skip("this CPU has no AVX2 with FMA: the product kernel does not run")
+    g = torch.Generator().manual_seed(5)
+    for n, cin, h, w, cout in [(2, 64, 6, 6, 64), (3, 37, 5, 3, 19), (2, 24, 4, 4, 72), (1, 9, 3, 3, 130)]:
+        weight = torch.randn(cout, cin, 1, 1, generator=g)
+        wide = torch.randn(cout, 2 * cin + 3, 1, 1, generator=g)
+        wide[:, 3:cin + 3] = weight
+        forms = {"sliced": wide[:, 3:cin + 3],  # rows 2 * cin + 3 floats apart, channels contiguous
+                 "transposed": weight.squeeze(-1).squeeze(-1).t().contiguous().t()[:, :, None, None],
+                 "channels_last": weight.contiguous(memory_format=torch.channels_last)}
+        assert forms["sliced"].stride(1) == 1 and forms["transposed"].stride(1) == cout
+        for layout in (torch.contiguous_format, torch.channels_last):
+            x = torch.randn(n, cin, h, w, generator=g).contiguous(memory_format=layout)
+            base = _c._pointwise_tail(x, weight, None, None, None, None, None, 0.0, 0)
+            ref = torch.nn.functional.conv2d(x.double(), weight.double())
+            assert torch.allclose(base.double(), ref, rtol=1e-5, atol=1e-5)
+            for name, wf in forms.items():
+                got = _c._pointwise_tail(x, wf, None, None, None, None, None, 0.0, 0)
+                assert torch.equal(got, base), (name, n, cin, cout, layout)
+
+
 def test_pointwise_product_layouts_same_bits(_c):
     """The product kernel's rows (channels_last, a pooled level) and planes (NCHW maps of a
     multiple of 16 pixels, cut among 1-3 threads at multiples of 16 pixels) sum each output in
