@@ -84,11 +84,12 @@ cpu::pointwise_product::Plan product_plan(const at::Tensor& weight, const std::o
                                           const std::optional<at::Tensor>& bn_w,
                                           const std::optional<at::Tensor>& bn_b,
                                           const std::optional<at::Tensor>& bn_mean,
-                                          const std::optional<at::Tensor>& bn_var, double eps, int64_t relu) {
+                                          const std::optional<at::Tensor>& bn_var, double eps, int64_t relu,
+                                          bool rows) {
   auto ptr = [](const std::optional<at::Tensor>& t) { return t ? t->const_data_ptr<float>() : nullptr; };
   return cpu::pointwise_product::make_plan(weight.const_data_ptr<float>(), weight.size(0), weight.size(1),
                                            weight.stride(0), weight.stride(1), ptr(bias), ptr(bn_w), ptr(bn_b),
-                                           ptr(bn_mean), ptr(bn_var), eps, relu != 0);
+                                           ptr(bn_mean), ptr(bn_var), eps, relu != 0, rows);
 }
 
 cpu::pointwise_product::Layout product_layout(const at::Tensor& t) {
@@ -151,14 +152,13 @@ at::Tensor unrecorded_tail(const at::Tensor& x, const at::Tensor& weight, const 
                            double bn_eps, int64_t relu) {
   if (!product_kernel_takes(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var))
     return run_pointwise_tail(x, weight, bias, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, relu);
-  const auto plan = product_plan(weight, bias, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, relu);
   at::Tensor result = empty_tail_result(x, weight.size(0), bn_mean.has_value() || relu == 1);
   const int64_t pixels = x.size(2) * x.size(3);
   // planar maps cut at whole units (the plane kernel's vectors)
   const auto src = product_layout(x), dst = product_layout(result);
-  const int64_t unit =
-      cpu::pointwise_product::planar(src) && cpu::pointwise_product::planar(dst) ? cpu::pointwise_product::kPlaneUnit
-                                                                                 : 1;
+  const bool planes = cpu::pointwise_product::planar(src) && cpu::pointwise_product::planar(dst);
+  const int64_t unit = planes ? cpu::pointwise_product::kPlaneUnit : 1;
+  const auto plan = product_plan(weight, bias, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, relu, !planes);
   at::parallel_for(0, x.size(0) * pixels / unit,
                    std::max<int64_t>(1, product_grain(weight.size(1), weight.size(0)) / unit),
                    [&](int64_t begin, int64_t end) {
@@ -369,8 +369,12 @@ std::vector<at::Tensor> unrecorded_tails(const std::vector<TailArgs>& args) {
   std::vector<std::optional<cpu::pointwise_product::Plan>> plans(static_cast<size_t>(branches));
   for (int64_t b = 0; b < branches; ++b) {
     const auto& [x, w, bias, bn_w, bn_b, bn_mean, bn_var, eps, relu] = args[static_cast<size_t>(b)];
-    if (product_kernel_takes(x, w, bias, bn_w, bn_b, bn_mean, bn_var))
-      plans[static_cast<size_t>(b)] = product_plan(w, bias, bn_w, bn_b, bn_mean, bn_var, eps, relu);
+    if (product_kernel_takes(x, w, bias, bn_w, bn_b, bn_mean, bn_var)) {
+      // (pieces cut at samples: whole units where the maps are planar)
+      const bool planes = cpu::pointwise_product::planar(product_layout(x)) &&
+                          cpu::pointwise_product::planar(product_layout(outs[static_cast<size_t>(b)]));
+      plans[static_cast<size_t>(b)] = product_plan(w, bias, bn_w, bn_b, bn_mean, bn_var, eps, relu, !planes);
+    }
   }
   const at::ThreadLocalState state;
   at::parallel_for(0, num_threads, 1, [&](int64_t begin, int64_t end) {

@@ -9,6 +9,7 @@
 #include <cstring>
 #include <stdexcept>
 
+#include "cpu/avx2_tile.h"
 #include "cpu/simd_loops.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -48,28 +49,6 @@ PE_PP_INLINE V relu(V v) {
 // transposition of a PPM's four (64, 256) weights had been 12% of its tails'
 // time on two threads ((16, 256, 16, 16), AMD EPYC): each element a scalar
 // load and a scalar store 256 bytes from the last.
-inline void transpose8(const float* from, int64_t from_stride, float* to, int64_t to_stride) {
-  __m256 r[8];
-#pragma GCC unroll 8
-  for (int k = 0; k < 8; ++k) r[k] = _mm256_loadu_ps(from + k * from_stride);
-  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
-  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
-  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
-  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
-  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-  const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-  const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
-  const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-  _mm256_storeu_ps(to + 0 * to_stride, _mm256_permute2f128_ps(u0, u4, 0x20));
-  _mm256_storeu_ps(to + 1 * to_stride, _mm256_permute2f128_ps(u1, u5, 0x20));
-  _mm256_storeu_ps(to + 2 * to_stride, _mm256_permute2f128_ps(u2, u6, 0x20));
-  _mm256_storeu_ps(to + 3 * to_stride, _mm256_permute2f128_ps(u3, u7, 0x20));
-  _mm256_storeu_ps(to + 4 * to_stride, _mm256_permute2f128_ps(u0, u4, 0x31));
-  _mm256_storeu_ps(to + 5 * to_stride, _mm256_permute2f128_ps(u1, u5, 0x31));
-  _mm256_storeu_ps(to + 6 * to_stride, _mm256_permute2f128_ps(u2, u6, 0x31));
-  _mm256_storeu_ps(to + 7 * to_stride, _mm256_permute2f128_ps(u3, u7, 0x31));
-}
-
 void transpose_weight(const float* weight, int64_t cout, int64_t cin, int64_t row_stride, float* wt) {
   constexpr int64_t kB = 8;  // kBlock is whole blocks of 8: a block never crosses two
   for (int64_t co0 = 0; co0 < cout; co0 += kB) {
@@ -78,7 +57,12 @@ void transpose_weight(const float* weight, int64_t cout, int64_t cin, int64_t ro
     for (int64_t ci0 = 0; ci0 < cin; ci0 += kB) {
       const int64_t ci1 = ci0 + kB < cin ? ci0 + kB : cin;
       if (co1 - co0 == kB && ci1 - ci0 == kB) {
-        transpose8(weight + co0 * row_stride + ci0, row_stride, to + ci0 * kBlock, kBlock);
+        __m256 rows[8], cols[8];
+#pragma GCC unroll 8
+        for (int k = 0; k < 8; ++k) rows[k] = _mm256_loadu_ps(weight + (co0 + k) * row_stride + ci0);
+        simd::avx2::transpose8(rows, cols);
+#pragma GCC unroll 8
+        for (int k = 0; k < 8; ++k) _mm256_storeu_ps(to + (ci0 + k) * kBlock, cols[k]);
         continue;
       }
       for (int64_t co = co0; co < co1; ++co)
@@ -138,6 +122,29 @@ Scratch<float> zeros(int64_t n) {
   return a;
 }
 
+// Plan::wt: the weight transposed into blocks of kBlock output channels.
+void make_wt(Plan& p, const float* weight, int64_t cout, int64_t cin, int64_t row_stride, int64_t col_stride) {
+  p.wt = cout == p.cout_pad ? scratch<float>(cin * p.cout_pad) : zeros(cin * p.cout_pad);
+  float* wt = p.wt.get();
+#if PE_PP_X86
+  if (col_stride == 1 && active_copy() != Copy::kNone) {  // (every copy's CPU has AVX2)
+    isa_avx2::transpose_weight(weight, cout, cin, row_stride, wt);
+    return;
+  }
+#endif
+  // transposed in 8 x 8 blocks: a weight row's floats read in order, written
+  // to 8 rows of wt at a time
+  constexpr int64_t kB = 8;
+  for (int64_t co0 = 0; co0 < cout; co0 += kB) {
+    const int64_t co1 = co0 + kB < cout ? co0 + kB : cout;
+    for (int64_t ci0 = 0; ci0 < cin; ci0 += kB) {
+      const int64_t ci1 = ci0 + kB < cin ? ci0 + kB : cin;
+      for (int64_t co = co0; co < co1; ++co)
+        for (int64_t ci = ci0; ci < ci1; ++ci) wt[(co / kBlock * cin + ci) * kBlock + co % kBlock] = weight[co * row_stride + ci * col_stride];
+    }
+  }
+}
+
 }  // namespace
 
 bool available() { return active_copy() != Copy::kNone; }
@@ -146,7 +153,7 @@ bool planar(const Layout& l) { return l.sw == 1 && l.sh == l.w && (l.h * l.w) % 
 
 Plan make_plan(const float* weight, int64_t cout, int64_t cin, int64_t row_stride, int64_t col_stride,
                const float* bias, const float* bn_weight, const float* bn_bias, const float* bn_mean,
-               const float* bn_var, double bn_eps, bool relu) {
+               const float* bn_var, double bn_eps, bool relu, bool rows) {
   Plan p;
   p.cin = cin;
   p.cout = cout;
@@ -154,23 +161,7 @@ Plan make_plan(const float* weight, int64_t cout, int64_t cin, int64_t row_strid
   p.w_row = row_stride;
   p.w_col = col_stride;
   p.cout_pad = (cout + kBlock - 1) / kBlock * kBlock;
-  p.wt = cout == p.cout_pad ? scratch<float>(cin * p.cout_pad) : zeros(cin * p.cout_pad);
-  float* wt = p.wt.get();
-#if PE_PP_X86
-  if (col_stride == 1 && active_copy() != Copy::kNone) {  // (every copy's CPU has AVX2)
-    isa_avx2::transpose_weight(weight, cout, cin, row_stride, wt);
-  } else
-#endif
-  // transposed in 8 x 8 blocks: a weight row's floats read in order, written
-  // to 8 rows of wt at a time
-  for (int64_t co0 = 0, kB = 8; co0 < cout; co0 += kB) {
-    const int64_t co1 = co0 + kB < cout ? co0 + kB : cout;
-    for (int64_t ci0 = 0; ci0 < cin; ci0 += kB) {
-      const int64_t ci1 = ci0 + kB < cin ? ci0 + kB : cin;
-      for (int64_t co = co0; co < co1; ++co)
-        for (int64_t ci = ci0; ci < ci1; ++ci) wt[(co / kBlock * cin + ci) * kBlock + co % kBlock] = weight[co * row_stride + ci * col_stride];
-    }
-  }
+  if (rows) make_wt(p, weight, cout, cin, row_stride, col_stride);
   if (bias) {
     p.bias = zeros(p.cout_pad);
     std::memcpy(p.bias.get(), bias, static_cast<size_t>(cout) * sizeof(float));
@@ -195,6 +186,7 @@ void run(const Plan& plan, const float* src, const Layout& src_layout, float* ds
   if (p1 <= p0 || plan.cout == 0) return;
 #if PE_PP_X86
   const bool planes = planar(src_layout) && planar(dst_layout) && p0 % kPlaneUnit == 0 && p1 % kPlaneUnit == 0;
+  if (!planes && !plan.wt) throw std::logic_error("pointwise_product::run: rows of pixels on a plan made without rows");
   switch (active_copy()) {
     case Copy::kAvx512:
       if (planes) return isa_avx512::run_planes(plan, src, src_layout, dst, dst_layout, p0, p1);

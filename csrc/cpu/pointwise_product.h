@@ -46,7 +46,7 @@ struct Plan {
   int64_t cin = 0, cout = 0, cout_pad = 0;
   const float* weight = nullptr;  // the caller's (cout, cin), for planes (below); alive while run runs
   int64_t w_row = 0, w_col = 0;
-  Scratch<float> wt;            // wt[(co / kBlock * cin + ci) * kBlock + co % kBlock] = weight[co][ci]
+  Scratch<float> wt;            // (null: a plan without rows) wt[(co / kBlock * cin + ci) * kBlock + co % kBlock] = weight[co][ci]
   Scratch<float> bias;          // added to the product
   Scratch<float> scale, shift;  // eval BatchNorm: y * scale + shift
   bool relu = false;
@@ -59,10 +59,12 @@ bool available();
 // The plan for a weight given as cout rows of cin floats, row_stride and
 // col_stride apart; bias (or null); BatchNorm's weight, bias, running mean
 // and variance (each or all null: no BatchNorm; weight / bias null alone
-// mean 1 / 0) and eps; relu.
+// mean 1 / 0) and eps; relu. rows: whether run may take rows of pixels
+// (needs wt); false where every call's maps are planar (below: run_planes
+// reads the caller's weight, so the transposition would be work for nothing).
 Plan make_plan(const float* weight, int64_t cout, int64_t cin, int64_t row_stride, int64_t col_stride,
                const float* bias, const float* bn_weight, const float* bn_bias, const float* bn_mean,
-               const float* bn_var, double bn_eps, bool relu);
+               const float* bn_var, double bn_eps, bool relu, bool rows);
 
 // Output pixels [p0, p1) of the n * h * w pixels (sample by sample, row by
 // row): dst(pixel, co) = epilogue(sum_ci src(pixel, ci) * weight[co][ci]).
