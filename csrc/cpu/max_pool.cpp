@@ -163,19 +163,26 @@ struct Bins {
 constexpr int64_t kDirectReadsPercent = 160;
 constexpr int64_t kCachedSampleBytes = 512 << 10;
 constexpr int64_t kCachedReadsPercent = 300;
-// Cells and windows of more bytes than a quarter of L2, in samples of more
-// than kCachedSampleBytes, are scanned by rows (IndexedPhases::wide). The
-// cell scan walks the cell once per few vectors of channels; where the cell
-// stays in L2 between those walks it is faster (AMD EPYC, 512 KB L2, two
-// threads, bins 1, 2, 3, 6: (8, 512, 32, 32), 72 KB windows, by rows 1.2x
-// slower; (16, 256, 16, 16), a sample in L2, 1.1x).
+// Cells and windows of more bytes than a quarter of L2, at most 96 KB, in
+// samples of more than kCachedSampleBytes, are scanned by rows
+// (IndexedPhases::wide). The cell scan walks the cell once per few vectors
+// of channels; where the cell stays in L2 between those walks it is faster
+// (AMD EPYC Zen 3, 512 KB L2, two threads, bins 1, 2, 3, 6: (8, 512, 32,
+// 32), 72 KB windows, by rows 1.2x slower; (16, 256, 16, 16), a sample in
+// L2, 1.1x). The 96 KB cap: on an AMD EPYC Zen 4 (1 MB L2, so a quarter is
+// 256 KB) larger cells were faster by rows, with either ISA copy, x read
+// from memory or not (two threads, in-process, max_cell_rows forced:
+// indexed (4, 512, 60, 60), 200 KB cells, 1.28 -> 0.78 ms after a 64 MB
+// read, 1.01 -> 0.70 back to back; spp forward+backward (8, 512, 32, 32),
+// 128 KB cells, 1.48 -> 1.16 ms).
+constexpr int64_t kMaxWideCellBytes = int64_t{96} << 10;
 static int64_t wide_cell_bytes() {
   static const int64_t bytes = [] {
     int64_t l2 = 0;
 #if defined(__linux__) && defined(_SC_LEVEL2_CACHE_SIZE)
     l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
 #endif
-    return l2 > 0 ? std::max<int64_t>(l2 / 4, 32 << 10) : int64_t{128} << 10;
+    return std::min(kMaxWideCellBytes, l2 > 0 ? std::max<int64_t>(l2 / 4, 32 << 10) : int64_t{128} << 10);
   }();
   return bytes;
 }
