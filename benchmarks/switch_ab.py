@@ -23,9 +23,8 @@ import torch
 import pyramid_ext as pe
 from pyramid_ext import _C
 
-SWITCHES = ("simd_isa", "no_block_kernel", "channels_last_avg_tasks", "channels_last_max_tasks",
-            "channels_last_max_direct", "no_sum_trees", "no_cell_rows", "general_cell_loop", "max_cell_rows",
-            "no_streaming_stores")
+# the switch names as the extension lists them ("name=value,name=value,...")
+SWITCHES = tuple(pair.partition("=")[0] for pair in _C._test_overrides().split(","))
 POOL_BINS = (1, 2, 3, 6)
 SPP_BINS = (4, 2, 1)
 

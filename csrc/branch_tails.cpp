@@ -96,6 +96,13 @@ cpu::pointwise_product::Layout product_layout(const at::Tensor& t) {
   return {t.size(2), t.size(3), t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
 }
 
+// Whether the kernel runs x's product into `result` along planes (both
+// planar): then its plan needs no rows (make_plan's `rows`), and pieces are
+// cut at whole kPlaneUnit pixels.
+bool product_planes(const at::Tensor& x, const at::Tensor& result) {
+  return cpu::pointwise_product::planar(product_layout(x)) && cpu::pointwise_product::planar(product_layout(result));
+}
+
 // Samples [n0, n1) of x through the plan into the same samples of `result`.
 void run_product(const cpu::pointwise_product::Plan& plan, const at::Tensor& x, int64_t n0, int64_t n1,
                  at::Tensor& result) {
@@ -156,7 +163,7 @@ at::Tensor unrecorded_tail(const at::Tensor& x, const at::Tensor& weight, const 
   const int64_t pixels = x.size(2) * x.size(3);
   // planar maps cut at whole units (the plane kernel's vectors)
   const auto src = product_layout(x), dst = product_layout(result);
-  const bool planes = cpu::pointwise_product::planar(src) && cpu::pointwise_product::planar(dst);
+  const bool planes = product_planes(x, result);
   const int64_t unit = planes ? cpu::pointwise_product::kPlaneUnit : 1;
   const auto plan = product_plan(weight, bias, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, relu, !planes);
   at::parallel_for(0, x.size(0) * pixels / unit,
@@ -371,9 +378,8 @@ std::vector<at::Tensor> unrecorded_tails(const std::vector<TailArgs>& args) {
     const auto& [x, w, bias, bn_w, bn_b, bn_mean, bn_var, eps, relu] = args[static_cast<size_t>(b)];
     if (product_kernel_takes(x, w, bias, bn_w, bn_b, bn_mean, bn_var)) {
       // (pieces cut at samples: whole units where the maps are planar)
-      const bool planes = cpu::pointwise_product::planar(product_layout(x)) &&
-                          cpu::pointwise_product::planar(product_layout(outs[static_cast<size_t>(b)]));
-      plans[static_cast<size_t>(b)] = product_plan(w, bias, bn_w, bn_b, bn_mean, bn_var, eps, relu, !planes);
+      plans[static_cast<size_t>(b)] = product_plan(w, bias, bn_w, bn_b, bn_mean, bn_var, eps, relu,
+                                                   !product_planes(x, outs[static_cast<size_t>(b)]));
     }
   }
   const at::ThreadLocalState state;
