@@ -30,9 +30,20 @@ SPP_BINS = (4, 2, 1)
 
 
 def make_call(op: str, x: torch.Tensor):
-    """The timed call: op is avg, max, maxidx, spp, sppavg, read-x, or max.fwdbwd / spp.fwdbwd / avg.fwdbwd."""
+    """The timed call: op is avg, max, maxidx, spp, sppavg, uc, read-x, copy-x, or max.fwdbwd / spp.fwdbwd /
+    avg.fwdbwd. uc: upsample_concat of x and four branches of C / 4 channels at bins 1, 2, 3, 6 (fresh output);
+    copy-x: x copied into the channels of x of such an output (compare.py's floor)."""
     if op == "read-x":
         return lambda: x.sum()
+    if op in ("uc", "copy-x"):
+        n, c = x.shape[:2]
+        fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        gen = torch.Generator().manual_seed(1)
+        branches = [torch.randn(n, c // 4, b, b, generator=gen).contiguous(memory_format=fmt) for b in POOL_BINS]
+        if op == "uc":
+            return lambda: pe.upsample_concat(x, branches)
+        out = pe.upsample_concat(x, branches)
+        return lambda: out[:, :c].copy_(x)
     if op == "avg":
         return lambda: pe.multi_adaptive_avg_pool2d(x, POOL_BINS)
     if op == "max":
@@ -71,7 +82,7 @@ def apply(config: str) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("shape", help="NxCxHxW")
-    p.add_argument("op", help="avg, max, maxidx, spp, sppavg, read-x, avg.fwdbwd, max.fwdbwd, spp.fwdbwd")
+    p.add_argument("op", help="avg, max, maxidx, spp, sppavg, uc, read-x, copy-x, avg.fwdbwd, max.fwdbwd, spp.fwdbwd")
     p.add_argument("configs", nargs="+", help="'auto' or name=value[,name=value...]")
     p.add_argument("--layout", choices=("cl", "nchw"), default="cl")
     p.add_argument("--cold", type=int, default=0, metavar="MIB", help="read a buffer of MIB MiB before each call")
