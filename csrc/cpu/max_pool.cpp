@@ -234,7 +234,7 @@ struct IndexedPhases {
   // keys (simd::max_cell_keys: the cell's pixels scanned by ATen's rule from
   // its first pixel, like ATen's window from (-inf, its first element), the
   // state in registers), for phase 2 to combine with an integer maximum.
-  // Where a cell is wide (wide(): wider than a quarter of L2) the segment's rows are
+  // Where a cell is wide (wide(): more than wide_cell_bytes()) the segment's rows are
   // scanned instead, each front to back, into row_v / row_i (SW * C each:
   // simd::max_pixels, the same scan with the state in memory), then made
   // keys: max_cell_keys walks a cell once per few vectors of channels, its
