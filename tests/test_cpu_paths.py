@@ -227,8 +227,8 @@ def test_tree_means_quotients_same_bits_on_every_isa(_c, tasks):
     (quotients16), the baseline loops multiply in double; both are the correctly rounded s / area, so the
     same bits on sums of every magnitude: subnormal and below 2^-100 (the double fallback), just above it,
     huge (overflowing to inf in the sums), signed zeros, +-inf and NaN, sixteen magnitudes in each pass.
-    The first three passes hold sums below 2^-100 (the AVX2 loop's pass without a branch per mean, then
-    rewritten); the fourth none (that pass kept), with -0.0, inf and NaN."""
+    The first three passes hold sums below 2^-100 (the AVX2 and AVX-512 loops' pass without a branch per
+    mean, then rewritten); the fourth none (that pass kept), with -0.0, inf and NaN."""
     g = torch.Generator().manual_seed(3)
     shape = (3, 64, 16, 16)  # channels_last avg (1, 2, 3, 6): the float sum trees
     exps = torch.tensor([-149, -145, -140, -127, -120, -104, -101, -100, -99, -98, -80, -20, 0, 40, 100, 126],
