@@ -235,14 +235,15 @@ def test_limit_from_the_environment(value, expect):
 # The cache's buffers are written with streaming stores where whole lines are
 # written (csrc/cpu/simd_loops_body.inc store_or_stream): upsample_concat's
 # channels_last output when every part is at a multiple of 16 channels, its
-# NCHW output when planes are contiguous whole lines; the gradients of x.
+# NCHW output of 16 MiB or more when planes are contiguous whole lines; the
+# gradients of x.
 # The test switch no_streaming_stores writes the same outputs with plain
 # stores; the values must not differ by a bit, on any ISA copy.
 _STREAM_CASES = {
     "cl-aligned": (True, 256, 48, 64),  # 256 + 4 * 64 channels: streamed
     "cl-odd-channels": (True, 333, 45, 47),  # 333 + 4 * 83: plain stores
     "nchw-planes": (False, 256, 45, 47),  # planes of 2115 floats, not whole lines: plain stores
-    "nchw-aligned": (False, 256, 64, 64),
+    "nchw-aligned": (False, 256, 64, 64),  # 16 MiB: streamed (under 16 MiB NCHW outputs are not)
 }
 
 

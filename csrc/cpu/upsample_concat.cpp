@@ -29,6 +29,16 @@
 namespace pyramid_ext {
 namespace {
 
+// Planar outputs under 16 MiB (the output cache's 8 MiB ones) are written
+// with plain stores: streamed, (16, 256, 16, 16)'s 8 MiB output was slower
+// where its lines were still in L3 from the call before and no faster from
+// memory (AMD EPYC Zen 4, L3 32 MiB, two threads, compare.py's uc.fresh.nchw
+// with no_streaming_stores against streaming, four runs: 0.39-0.45 against
+// 0.51-0.54 ms; x and the output from memory, in-process: 0.47 / 0.46 ms).
+// channels_last keeps streaming there (from memory plain stores were 1.35x
+// slower, in L3 no faster).
+constexpr size_t kStreamPlanesMinBytes = size_t{16} << 20;
+
 // One source of output channels: x (copied) or a branch (interpolated).
 using Part = ConcatPart;
 
@@ -82,10 +92,12 @@ void forward_planes(const std::vector<Part>& parts, const at::Tensor& out,
   scalar_t* o = out.mutable_data_ptr<scalar_t>();
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, plane));
   // float, a fresh large output of contiguous planes (output_buffers::streamed
-  // in planes): written with streaming stores (simd::copy_streaming), each
-  // branch plane resized into `plane_buf` first (its rows of W floats would
-  // leave lines partly streamed)
-  const bool stream = std::is_same_v<scalar_t, float> && out_planes_dense && output_buffers::streamed(out, plane);
+  // in planes) of kStreamPlanesMinBytes or more: written with streaming
+  // stores (simd::copy_streaming), each branch plane resized into
+  // `plane_buf` first (its rows of W floats would leave lines partly
+  // streamed)
+  const bool stream = std::is_same_v<scalar_t, float> && out_planes_dense && output_buffers::streamed(out, plane) &&
+                      out.nbytes() >= kStreamPlanesMinBytes;
   // d[i] = s[i], i < count (contiguous runs)
   auto copy_run = [stream](const scalar_t* s, int64_t count, scalar_t* d) {
     if constexpr (std::is_same_v<scalar_t, float>) {
