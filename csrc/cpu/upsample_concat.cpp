@@ -34,9 +34,9 @@ namespace {
 // where its lines were still in L3 from the call before and no faster from
 // memory (AMD EPYC Zen 4, L3 32 MiB, two threads, compare.py's uc.fresh.nchw
 // with no_streaming_stores against streaming, four runs: 0.39-0.45 against
-// 0.51-0.54 ms; x and the output from memory, in-process: 0.47 / 0.46 ms).
-// channels_last keeps streaming there (from memory plain stores were 1.35x
-// slower, in L3 no faster).
+// 0.51-0.54 ms; x and the output from memory, in-process: 0.47 plain, 0.46
+// streamed). channels_last keeps streaming there (from memory plain stores
+// were 1.35x slower, in L3 no faster).
 constexpr size_t kStreamPlanesMinBytes = size_t{16} << 20;
 
 // One source of output channels: x (copied) or a branch (interpolated).
