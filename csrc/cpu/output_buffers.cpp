@@ -196,8 +196,8 @@ at::Tensor empty_like_dense(const at::Tensor& like) {
                                            c10::DispatchKeySet(c10::DispatchKey::CPU), like.scalar_type());
 }
 
-bool streamed(const at::Tensor& t, int64_t run) {
-  return t.has_storage() && t.storage().data_ptr().get_deleter() == &delete_buffer &&
+bool streamed(const at::Tensor& t, int64_t run, size_t min_bytes) {
+  return t.nbytes() >= min_bytes && t.has_storage() && t.storage().data_ptr().get_deleter() == &delete_buffer &&
          reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 64 == 0 && run * t.element_size() % 64 == 0 &&
          !test_overrides::get(test_overrides::kNoStreamingStores);
 }

@@ -35,8 +35,9 @@ at::Tensor empty_like_dense(const at::Tensor& like);
 // call, which a buffer freed a step ago is not expected to be in the CPU
 // caches), 64-byte aligned, and every run is whole 64-byte lines (a line
 // streamed in pieces is written to memory in pieces); unless the test switch
-// no_streaming_stores is set.
-bool streamed(const at::Tensor& t, int64_t run);
+// no_streaming_stores is set; and t is min_bytes or larger (the caller's
+// measured floor: below it the output may still be in L3 when written).
+bool streamed(const at::Tensor& t, int64_t run, size_t min_bytes = 0);
 
 struct Stats {
   int64_t limit_bytes;     // most bytes of freed buffers kept

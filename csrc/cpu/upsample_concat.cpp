@@ -96,8 +96,8 @@ void forward_planes(const std::vector<Part>& parts, const at::Tensor& out,
   // stores (simd::copy_streaming), each branch plane resized into
   // `plane_buf` first (its rows of W floats would leave lines partly
   // streamed)
-  const bool stream = std::is_same_v<scalar_t, float> && out_planes_dense && output_buffers::streamed(out, plane) &&
-                      out.nbytes() >= kStreamPlanesMinBytes;
+  const bool stream =
+      std::is_same_v<scalar_t, float> && out_planes_dense && output_buffers::streamed(out, plane, kStreamPlanesMinBytes);
   // d[i] = s[i], i < count (contiguous runs)
   auto copy_run = [stream](const scalar_t* s, int64_t count, scalar_t* d) {
     if constexpr (std::is_same_v<scalar_t, float>) {
