@@ -56,10 +56,14 @@ def _channels_last(t: torch.Tensor) -> bool:
 
 
 def _dense(t: torch.Tensor) -> torch.Tensor:
-    """t if its layout is one the kernels read directly, else a contiguous copy."""
-    if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last):
+    """t if its layout is one the kernels read directly, else a contiguous copy
+    (always contiguous under a functorch transform: vmap cannot ask for another
+    layout, and the layout of its per-sample results cannot be asked either)."""
+    if t.is_contiguous():
         return t
-    return t.contiguous()
+    if not torch.compiler.is_dynamo_compiling() and torch._C._are_functorch_transforms_active():
+        return t.contiguous()
+    return t if t.is_contiguous(memory_format=torch.channels_last) else t.contiguous()
 
 
 def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -236,21 +240,28 @@ def make_upsample_concat_autograd(backward_op: Callable):
         ctx.args = (shapes, cx, cb, x_first, align_corners, channels_last, x is not None)
 
     def backward(ctx, grad_out):
-        shapes, cx, cb, x_first, align_corners, channels_last, has_x = ctx.args
-        branch_offset = cx if x_first else 0
-        x_offset = 0 if x_first else cb
-        grad_x = grad_out[:, x_offset : x_offset + cx] if has_x and ctx.needs_input_grad[0] else None
-        # An empty list, not None, when there are no branches: autograd
-        # checks that the gradients have the structure of the inputs.
-        grad_branches = None if shapes else []
-        if ctx.needs_input_grad[1] and shapes:
-            g = grad_out
-            if not (g.is_contiguous() or g.is_contiguous(memory_format=torch.channels_last)):
-                g = g.contiguous()
-            grad_branches = list(backward_op(g, shapes, branch_offset, align_corners, _channels_last(g)))
+        grad_x, grad_branches = upsample_concat_input_grads(ctx.args, grad_out, ctx.needs_input_grad[0],
+                                                           ctx.needs_input_grad[1], backward_op)
         return grad_x, grad_branches, None, None, None, None
 
     return backward, setup_context
+
+
+def upsample_concat_input_grads(args, grad_out, need_x: bool, need_branches: bool, backward_op: Callable):
+    """(grad_x, grad_branches) of upsample_concat from grad_out: x's slice of it,
+    and the branches' gradients by `backward_op` (make_upsample_concat_autograd's
+    setup_context made `args`)."""
+    shapes, cx, cb, x_first, align_corners, channels_last, has_x = args
+    branch_offset = cx if x_first else 0
+    x_offset = 0 if x_first else cb
+    grad_x = grad_out[:, x_offset : x_offset + cx] if has_x and need_x else None
+    # An empty list, not None, when there are no branches: autograd
+    # checks that the gradients have the structure of the inputs.
+    grad_branches = None if shapes else []
+    if need_branches and shapes:
+        g = _dense(grad_out)
+        grad_branches = list(backward_op(g, shapes, branch_offset, align_corners, _channels_last(g)))
+    return grad_x, grad_branches
 
 
 def make_upsample_concat_backward_autograd(forward_op: Callable):
@@ -406,6 +417,10 @@ def _register_compiled() -> None:
     torch.library.register_autograd(lib + "multi_pool2d_backward", backward, setup_context=setup)
     backward, setup = make_upsample_concat_backward_autograd(ops.upsample_concat.default)
     torch.library.register_autograd(lib + "upsample_concat_backward", backward, setup_context=setup)
+
+    from . import _functorch  # vmap rules of the compiled ops
+
+    _functorch.register_vmap_rules(lib)
 
     torch.library.register_fake(lib + "upsample_shift_add")(upsample_shift_add_fake)
     torch.library.register_fake(lib + "upsample_shift_add_backward")(upsample_shift_add_backward_fake)

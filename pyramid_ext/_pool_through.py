@@ -95,13 +95,14 @@ def avg_pool_handing_on_x(x: torch.Tensor, bins) -> Tuple[List[torch.Tensor], to
             and not export.active() and not export.pool_needs_standard_ops(x, "adaptive", None)):
         # The eager fast path (functional._fast_pool): the compiled ops, the
         # node in C++ (fast_calls.cpp), the windows and level views cached per
-        # (shape, bins, ...). Not under functorch transforms, which a C++
-        # autograd Function does not support (the path below raises its own
-        # error there, as before).
-        if not torch._C._are_functorch_transforms_active():
-            call = pf._fast_pool(x, bins, POOL_AVG, None, "adaptive", None, fn)
-            if call is not None:
-                return call.levels_handing_on_x(x)
+        # (shape, bins, ...). Under a functorch transform (which refuses both
+        # nodes, this C++ one and _AvgPoolHandingOnX), the plain pooling: the
+        # ops' own autograd takes x's two gradients, and autograd adds them.
+        if torch._C._are_functorch_transforms_active():
+            return pf.multi_adaptive_avg_pool2d(x, bins), x
+        call = pf._fast_pool(x, bins, POOL_AVG, None, "adaptive", None, fn)
+        if call is not None:
+            return call.levels_handing_on_x(x)
         backend = backends.resolve(None, x.device, "multi_pool2d")
     if _backward_op(backend) is None:
         return pf.multi_adaptive_avg_pool2d(x, bins), x

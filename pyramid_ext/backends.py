@@ -238,15 +238,32 @@ _register_fast_gate()
 OPS = ("multi_pool2d", "upsample_concat", "upsample_concat_out", "upsample_shift_add")
 
 
+def _functorch():
+    from . import _functorch as module  # (needs the compiled ops registered)
+
+    return module
+
+
+def _grad_transform_active() -> bool:
+    """Under torch.func.grad / vjp / jacrev, where the compiled ops' C++ autograd
+    Function raises: they run through _functorch's Python Functions there."""
+    return (not torch.compiler.is_dynamo_compiling() and torch._C._are_functorch_transforms_active()
+            and _functorch().grad_transform_active())
+
+
 class _Compiled:
     """The "cpp" entry: the compiled ops (C++ on CPU, CUDA kernels on GPU)."""
 
     @staticmethod
     def multi_pool2d(x, h_bounds, w_bounds, level_bins, mode, channels_last_levels):
+        if _grad_transform_active():
+            return _functorch().multi_pool2d(x, h_bounds, w_bounds, level_bins, mode, channels_last_levels)
         return torch.ops.pyramid_ext.multi_pool2d(x, h_bounds, w_bounds, level_bins, mode, channels_last_levels)
 
     @staticmethod
     def upsample_concat(x, branches, size, align_corners, x_first, channels_last):
+        if _grad_transform_active():
+            return _functorch().upsample_concat(x, branches, size, align_corners, x_first, channels_last)
         return torch.ops.pyramid_ext.upsample_concat(x, branches, size, align_corners, x_first, channels_last)
 
     @staticmethod

@@ -1,0 +1,202 @@
+"""torch.func support for the compiled ops (the "cpp" backend).
+
+vmap: each op's batching rule folds the vmapped dimension into the ops' own
+batch dimension N (every op treats samples independently), calls the op once
+and splits the result again; without a rule, vmap ran multi_pool2d once per
+vmapped slice (PyTorch's batched fallback) and could not run upsample_concat at
+all (a ``Tensor[]`` argument has no fallback).
+
+grad, vjp, jacrev, hessian: the compiled ops' autograd is a C++
+``torch::autograd::Function`` (csrc/autograd.cpp), which functorch's grad
+transforms refuse. Under such a transform the "cpp" backend calls the op through
+the Python ``torch.autograd.Function``s below instead: the same formulas
+(``_ops.make_pool_autograd``, ``make_upsample_concat_autograd``), with
+``setup_context``, as functorch requires; their backward calls the backward ops,
+whose autograd (double backward) is Python already. Only there: elsewhere the C++
+node is the cheaper one.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+
+from . import _ops
+
+_ops_ns = torch.ops.pyramid_ext
+
+
+def grad_transform_active() -> bool:
+    """Whether a functorch transform that records gradients (grad, vjp, jacrev)
+    is active: the C++ autograd Function raises there."""
+    if not torch._C._are_functorch_transforms_active():
+        return False
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    return any(i.key() == TransformType.Grad for i in retrieve_all_functorch_interpreters())
+
+
+# --------------------------------------------------------------------------
+# grad transforms: Python autograd Functions over the compiled ops
+# --------------------------------------------------------------------------
+# Each forward runs below the transform's grad level, where the op's C++ autograd
+# records nothing. The backward ops get Functions of their own too: their
+# torch.library autograd (double backward) is refused by functorch as well.
+
+
+def multi_pool2d(x, h_bounds, w_bounds, level_bins, mode, channels_last_levels):
+    return _Pool.apply(x, h_bounds, w_bounds, level_bins, mode, channels_last_levels)
+
+
+def multi_pool2d_backward(grad, indices, input_shape, h_bounds, w_bounds, level_bins, mode, channels_last_levels,
+                          channels_last_input, addend=None):
+    return _PoolBackward.apply(grad, indices, input_shape, h_bounds, w_bounds, level_bins, mode,
+                               channels_last_levels, channels_last_input, addend)
+
+
+def upsample_concat(x, branches, size, align_corners, x_first, channels_last):
+    return _UpsampleConcat.apply(x, size, align_corners, x_first, channels_last, *branches)
+
+
+def upsample_concat_backward(grad_out, branch_shapes, channel_offset, align_corners, channels_last):
+    return _UpsampleConcatBackward.apply(grad_out, branch_shapes, channel_offset, align_corners, channels_last)
+
+
+_pool_backward, _pool_setup = _ops.make_pool_autograd(multi_pool2d_backward)
+_pool_backward_backward, _pool_backward_setup = _ops.make_pool_backward_autograd(multi_pool2d)
+_uc_setup = _ops.make_upsample_concat_autograd(upsample_concat_backward)[1]
+_uc_backward_backward, _uc_backward_setup = _ops.make_upsample_concat_backward_autograd(upsample_concat)
+
+
+class _Pool(torch.autograd.Function):
+    generate_vmap_rule = True  # vmap(grad(...)): the forward under vmap, the ops' batching rules (below)
+
+    @staticmethod
+    def forward(x, h_bounds, w_bounds, level_bins, mode, channels_last_levels):
+        return _ops_ns.multi_pool2d.default(x, h_bounds, w_bounds, level_bins, mode, channels_last_levels)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _pool_setup(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx, grad_values, grad_indices):
+        return _pool_backward(ctx, grad_values, grad_indices)
+
+
+class _PoolBackward(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(grad, indices, input_shape, h_bounds, w_bounds, level_bins, mode, channels_last_levels,
+                channels_last_input, addend):
+        return _ops_ns.multi_pool2d_backward.default(grad, indices, input_shape, h_bounds, w_bounds, level_bins,
+                                                     mode, channels_last_levels, channels_last_input, addend)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _pool_backward_setup(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx, grad_grad_x):
+        return _pool_backward_backward(ctx, grad_grad_x)
+
+
+class _UpsampleConcat(torch.autograd.Function):
+    """The branches are separate arguments: autograd does not look into a list."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, size, align_corners, x_first, channels_last, *branches):
+        return _ops_ns.upsample_concat.default(x, list(branches), size, align_corners, x_first, channels_last)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, size, align_corners, x_first, channels_last, *branches = inputs
+        _uc_setup(ctx, (x, branches, size, align_corners, x_first, channels_last), output)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        need = ctx.needs_input_grad
+        grad_x, grad_branches = _ops.upsample_concat_input_grads(ctx.args, grad_out, need[0], any(need[5:]),
+                                                                 upsample_concat_backward)
+        return (grad_x, None, None, None, None, *(grad_branches or [None] * (len(need) - 5)))
+
+
+class _UpsampleConcatBackward(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(grad_out, branch_shapes, channel_offset, align_corners, channels_last):
+        return tuple(_ops_ns.upsample_concat_backward.default(grad_out, branch_shapes, channel_offset,
+                                                              align_corners, channels_last))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _uc_backward_setup(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx, *grad_grad_branches):
+        return _uc_backward_backward(ctx, grad_grad_branches)
+
+
+# --------------------------------------------------------------------------
+# vmap: the vmapped dimension folded into N
+# --------------------------------------------------------------------------
+
+
+def _fold(t: Optional[torch.Tensor], bdim: Optional[int], size: int) -> Optional[torch.Tensor]:
+    """t, whose per-sample shape is (N, ...), as (size * N, ...): the vmapped
+    dimension `bdim` moved first and merged with N (an unbatched t repeated)."""
+    if t is None:
+        return None
+    t = t.unsqueeze(0).expand(size, *t.shape) if bdim is None else t.movedim(bdim, 0)
+    # A view where the strides allow (a channels_last sample stays channels_last),
+    # else a copy. (No layout query: t may be batched by an outer vmap, which
+    # answers only whether it is contiguous.)
+    return t.reshape(-1, *t.shape[2:])
+
+
+def _pool_vmap(info, in_dims, x, h_bounds, w_bounds, level_bins, mode, channels_last_levels):
+    size = info.batch_size
+    values, indices = _ops_ns.multi_pool2d.default(_fold(x, in_dims[0], size), h_bounds, w_bounds, level_bins,
+                                                   mode, channels_last_levels)
+    values = values.unflatten(0, (size, -1))
+    if indices.dim() == 2:  # max: one index per value; avg: an empty placeholder, not batched
+        return (values, indices.unflatten(0, (size, -1))), (0, 0)
+    return (values, indices), (0, None)
+
+
+def _pool_backward_vmap(info, in_dims, grad, indices, input_shape, h_bounds, w_bounds, level_bins, mode,
+                        channels_last_levels, channels_last_input, addend=None):
+    size = info.batch_size
+    shape = [size * input_shape[0], *input_shape[1:]]
+    grad_x = _ops_ns.multi_pool2d_backward.default(
+        _fold(grad, in_dims[0], size), _fold(indices, in_dims[1], size), shape, h_bounds, w_bounds, level_bins,
+        mode, channels_last_levels, channels_last_input,
+        _fold(addend, in_dims[9] if len(in_dims) > 9 else None, size))
+    return grad_x.unflatten(0, (size, -1)), 0
+
+
+def _upsample_concat_vmap(info, in_dims, x, branches, size, align_corners, x_first, channels_last):
+    n = info.batch_size
+    out = _ops_ns.upsample_concat.default(_fold(x, in_dims[0], n), [_fold(b, d, n) for b, d in zip(branches, in_dims[1])],
+                                          size, align_corners, x_first, channels_last)
+    return out.unflatten(0, (n, -1)), 0
+
+
+def _upsample_concat_backward_vmap(info, in_dims, grad_out, branch_shapes, channel_offset, align_corners,
+                                   channels_last):
+    n = info.batch_size
+    grads = _ops_ns.upsample_concat_backward.default(_fold(grad_out, in_dims[0], n), branch_shapes, channel_offset,
+                                                     align_corners, channels_last)
+    return [g.unflatten(0, (n, -1)) for g in grads], [0] * len(grads)
+
+
+def register_vmap_rules(lib: str = "pyramid_ext::") -> None:
+    torch.library.register_vmap(lib + "multi_pool2d", _pool_vmap)
+    torch.library.register_vmap(lib + "multi_pool2d_backward", _pool_backward_vmap)
+    torch.library.register_vmap(lib + "upsample_concat", _upsample_concat_vmap)
+    torch.library.register_vmap(lib + "upsample_concat_backward", _upsample_concat_backward_vmap)
