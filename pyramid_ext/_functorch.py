@@ -6,18 +6,21 @@ and splits the result again; without a rule, vmap ran multi_pool2d once per
 vmapped slice (PyTorch's batched fallback) and could not run upsample_concat at
 all (a ``Tensor[]`` argument has no fallback).
 
-grad, vjp, jacrev, hessian: the compiled ops' autograd is a C++
-``torch::autograd::Function`` (csrc/autograd.cpp), which functorch's grad
-transforms refuse. Under such a transform the "cpp" backend calls the op through
-the Python ``torch.autograd.Function``s below instead: the same formulas
-(``_ops.make_pool_autograd``, ``make_upsample_concat_autograd``), with
-``setup_context``, as functorch requires; their backward calls the backward ops,
-whose autograd (double backward) is Python already. Only there: elsewhere the C++
-node is the cheaper one.
+grad, vjp, jacrev (nested too, e.g. jacrev(jacrev(f))): the compiled ops'
+autograd is a C++ ``torch::autograd::Function`` (csrc/autograd.cpp), which
+functorch's grad transforms refuse, and they refuse torch.library's autograd of
+the backward ops as well (its generated Function has no ``setup_context``).
+Under such a transform the "cpp" backend calls the ops through the Python
+``torch.autograd.Function``s below instead: the same formulas
+(``_ops.make_pool_autograd`` and the rest), with ``setup_context``, as functorch
+requires; the backward ops get Functions of their own. Only there: elsewhere the
+C++ node is the cheaper one. Not covered: forward mode inside a grad transform
+(``jacfwd`` of ``grad``, so ``torch.func.hessian``: these Functions have no
+``jvp``), and the Triton backend under a grad transform.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import Optional
 
 import torch
 
@@ -40,9 +43,8 @@ def grad_transform_active() -> bool:
 # --------------------------------------------------------------------------
 # grad transforms: Python autograd Functions over the compiled ops
 # --------------------------------------------------------------------------
-# Each forward runs below the transform's grad level, where the op's C++ autograd
-# records nothing. The backward ops get Functions of their own too: their
-# torch.library autograd (double backward) is refused by functorch as well.
+# Each forward runs below the transform's grad level, where the op's own
+# autograd records nothing.
 
 
 def multi_pool2d(x, h_bounds, w_bounds, level_bins, mode, channels_last_levels):
