@@ -1,6 +1,7 @@
 """torch.func support for the compiled ops (the "cpp" backend).
 
-vmap: each op's batching rule folds the vmapped dimension into the ops' own
+vmap: each op's batching rule (multi_pool2d, upsample_concat,
+upsample_shift_add and their backward ops) folds the vmapped dimension into the ops' own
 batch dimension N (every op treats samples independently), calls the op once
 and splits the result again; without a rule, vmap ran multi_pool2d once per
 vmapped slice (PyTorch's batched fallback) and could not run upsample_concat at
@@ -12,7 +13,8 @@ functorch's grad transforms refuse, and they refuse torch.library's autograd of
 the backward ops as well (its generated Function has no ``setup_context``).
 Under such a transform the "cpp" backend calls the ops through the Python
 ``torch.autograd.Function``s below instead: the same formulas
-(``_ops.make_pool_autograd`` and the rest), with ``setup_context``, as functorch
+(``_ops.make_pool_autograd`` and the rest; upsample_concat_conv2d's kernel op
+``upsample_shift_add`` too), with ``setup_context``, as functorch
 requires; the backward ops get Functions of their own. Only there: elsewhere the
 C++ node is the cheaper one. Not covered: forward mode inside a grad transform
 (``jacfwd`` of ``grad``, so ``torch.func.hessian``: these Functions have no
@@ -65,10 +67,20 @@ def upsample_concat_backward(grad_out, branch_shapes, channel_offset, align_corn
     return _UpsampleConcatBackward.apply(grad_out, branch_shapes, channel_offset, align_corners, channels_last)
 
 
+def upsample_shift_add(base, taps, kernel_size, align_corners):
+    return _ShiftAdd.apply(base, kernel_size, align_corners, *taps)
+
+
+def upsample_shift_add_backward(grad, tap_shapes, kernel_size, align_corners, channels_last):
+    return _ShiftAddBackward.apply(grad, tap_shapes, kernel_size, align_corners, channels_last)
+
+
 _pool_backward, _pool_setup = _ops.make_pool_autograd(multi_pool2d_backward)
 _pool_backward_backward, _pool_backward_setup = _ops.make_pool_backward_autograd(multi_pool2d)
 _uc_setup = _ops.make_upsample_concat_autograd(upsample_concat_backward)[1]
 _uc_backward_backward, _uc_backward_setup = _ops.make_upsample_concat_backward_autograd(upsample_concat)
+_sa_setup = _ops.make_upsample_shift_add_autograd(upsample_shift_add_backward)[1]
+_sa_backward_backward, _sa_backward_setup = _ops.make_upsample_shift_add_backward_autograd(upsample_shift_add)
 
 
 class _Pool(torch.autograd.Function):
@@ -144,6 +156,45 @@ class _UpsampleConcatBackward(torch.autograd.Function):
         return _uc_backward_backward(ctx, grad_grad_branches)
 
 
+class _ShiftAdd(torch.autograd.Function):
+    """upsample_shift_add (upsample_concat_conv2d's kernel op); the taps are separate arguments."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(base, kernel_size, align_corners, *taps):
+        return _ops_ns.upsample_shift_add.default(base, list(taps), kernel_size, align_corners)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        base, kernel_size, align_corners, *taps = inputs
+        _sa_setup(ctx, (base, taps, kernel_size, align_corners), output)
+
+    @staticmethod
+    def backward(ctx, grad):
+        need = ctx.needs_input_grad
+        grad_base, grad_taps = _ops.upsample_shift_add_input_grads(ctx.args, grad, need[0], any(need[3:]),
+                                                                   upsample_shift_add_backward)
+        return (grad_base, None, None, *(grad_taps or [None] * (len(need) - 3)))
+
+
+class _ShiftAddBackward(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(grad, tap_shapes, kernel_size, align_corners, channels_last):
+        return tuple(_ops_ns.upsample_shift_add_backward.default(grad, tap_shapes, kernel_size, align_corners,
+                                                                 channels_last))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _sa_backward_setup(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx, *grad_grad_taps):
+        return _sa_backward_backward(ctx, grad_grad_taps)
+
+
 # --------------------------------------------------------------------------
 # vmap: the vmapped dimension folded into N
 # --------------------------------------------------------------------------
@@ -197,8 +248,25 @@ def _upsample_concat_backward_vmap(info, in_dims, grad_out, branch_shapes, chann
     return [g.unflatten(0, (n, -1)) for g in grads], [0] * len(grads)
 
 
+def _shift_add_vmap(info, in_dims, base, taps, kernel_size, align_corners):
+    n = info.batch_size
+    out = _ops_ns.upsample_shift_add.default(_fold(base, in_dims[0], n),
+                                             [_fold(t, d, n) for t, d in zip(taps, in_dims[1])], kernel_size,
+                                             align_corners)
+    return out.unflatten(0, (n, -1)), 0
+
+
+def _shift_add_backward_vmap(info, in_dims, grad, tap_shapes, kernel_size, align_corners, channels_last):
+    n = info.batch_size
+    grads = _ops_ns.upsample_shift_add_backward.default(_fold(grad, in_dims[0], n), tap_shapes, kernel_size,
+                                                        align_corners, channels_last)
+    return [g.unflatten(0, (n, -1)) for g in grads], [0] * len(grads)
+
+
 def register_vmap_rules(lib: str = "pyramid_ext::") -> None:
     torch.library.register_vmap(lib + "multi_pool2d", _pool_vmap)
     torch.library.register_vmap(lib + "multi_pool2d_backward", _pool_backward_vmap)
     torch.library.register_vmap(lib + "upsample_concat", _upsample_concat_vmap)
     torch.library.register_vmap(lib + "upsample_concat_backward", _upsample_concat_backward_vmap)
+    torch.library.register_vmap(lib + "upsample_shift_add", _shift_add_vmap)
+    torch.library.register_vmap(lib + "upsample_shift_add_backward", _shift_add_backward_vmap)

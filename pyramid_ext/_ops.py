@@ -357,14 +357,22 @@ def make_upsample_shift_add_autograd(backward_op: Callable):
         ctx.args = (shapes, kernel_size, align_corners, [_channels_last(t) for t in taps])
 
     def backward(ctx, grad):
-        shapes, kernel_size, align_corners, channels_last = ctx.args
-        grad_base = grad if ctx.needs_input_grad[0] else None
-        grad_taps = None if shapes else []  # [] when there are no taps: the structure of the input
-        if ctx.needs_input_grad[1] and shapes:
-            grad_taps = list(backward_op(_dense(grad), shapes, kernel_size, align_corners, channels_last))
+        grad_base, grad_taps = upsample_shift_add_input_grads(ctx.args, grad, ctx.needs_input_grad[0],
+                                                              ctx.needs_input_grad[1], backward_op)
         return grad_base, grad_taps, None, None
 
     return backward, setup_context
+
+
+def upsample_shift_add_input_grads(args, grad, need_base: bool, need_taps: bool, backward_op: Callable):
+    """(grad_base, grad_taps) of upsample_shift_add from grad (make_upsample_shift_add_autograd's
+    setup_context made `args`)."""
+    shapes, kernel_size, align_corners, channels_last = args
+    grad_base = grad if need_base else None
+    grad_taps = None if shapes else []  # [] when there are no taps: the structure of the input
+    if need_taps and shapes:
+        grad_taps = list(backward_op(_dense(grad), shapes, kernel_size, align_corners, channels_last))
+    return grad_base, grad_taps
 
 
 def make_upsample_shift_add_backward_autograd(forward_op: Callable):

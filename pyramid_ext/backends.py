@@ -273,6 +273,8 @@ class _Compiled:
 
     @staticmethod
     def upsample_shift_add(base, taps, kernel_size, align_corners):
+        if _grad_transform_active():
+            return _functorch().upsample_shift_add(base, taps, kernel_size, align_corners)
         return torch.ops.pyramid_ext.upsample_shift_add(base, taps, kernel_size, align_corners)
 
 

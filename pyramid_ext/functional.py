@@ -707,7 +707,8 @@ def _fast_uc_conv_key(x, branches, weight, bias, size, x_first, backend):
     if (type(x) is not torch.Tensor or (type(branches) is not list and type(branches) is not tuple)
             or type(weight) is not torch.Tensor or (bias is not None and type(bias) is not torch.Tensor)
             or torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled()
-            or _FORCED_PLAN is not None):  # (a forced plan: not a cached one)
+            or _FORCED_PLAN is not None  # (a forced plan: not a cached one)
+            or torch._C._are_functorch_transforms_active()):  # (vmap answers no channels_last query)
         return None
     if x.dim() != 4:
         return None

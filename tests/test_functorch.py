@@ -1,11 +1,15 @@
 """torch.func transforms over the public ops: vmap (the ops' batching rules, pyramid_ext/_functorch.py),
 grad / vjp / jacrev (the compiled ops' Python autograd Functions under a grad transform), their nestings
 (vmap(grad), jacrev(jacrev)), against PyTorch's own eager code under the same transforms."""
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import pyramid_ext as pe
+
+from .test_upsample_concat_conv import forced_plan
 
 # `backend` (tests/conftest.py): the compiled ops (the torch backend is the eager code itself).
 BINS = (1, 2, 3)
@@ -152,3 +156,58 @@ def test_ppm_module_under_grad(backend):
         with pe.use_backend(backend):
             (gk,) = torch.autograd.grad(fused(xk).square().sum(), xk)
         _close(per_sample[k], gk[0])
+
+
+@pytest.mark.parametrize("plan", ["taps", "resize"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("kernel_size", [1, 3])
+def test_vmap_upsample_concat_conv2d_and_its_grad(kernel_size, channels_last, plan, backend):
+    """upsample_concat_conv2d; with the "taps" plan its kernel op upsample_shift_add and that op's backward run
+    under vmap (their batching rules)."""
+    gen = torch.Generator().manual_seed(6)
+    x, branches = _inputs("uc", 3, channels_last, gen)
+    weight = torch.randn((4, 5 + 6, kernel_size, kernel_size), generator=gen, dtype=torch.float64)
+
+    def eager(t, *bs):
+        return F.conv2d(_eager("uc")(t, *bs), weight, padding=kernel_size // 2)
+
+    def fused(t, *bs):
+        return pe.upsample_concat_conv2d(t, list(bs), weight)
+
+    with pe.use_backend(backend), forced_plan(plan):
+        got = torch.vmap(fused)(x, *branches)
+        got_grad = torch.vmap(torch.func.grad(lambda *a: fused(*a).square().sum(), argnums=(0, 1, 2)))(x, *branches)
+    _close(got, torch.vmap(eager)(x, *branches))
+    _close(got_grad, torch.vmap(torch.func.grad(lambda *a: eager(*a).square().sum(), argnums=(0, 1, 2)))(x, *branches))
+
+
+def _square_sum(outs):
+    """The sum of squares of every float tensor in a nest of outputs (max's indices left out)."""
+    if isinstance(outs, torch.Tensor):
+        return outs.square().sum() if outs.is_floating_point() else 0
+    return sum(_square_sum(o) for o in outs)
+
+
+def test_vmap_runs_no_op_slice_by_slice(backend):
+    """Every op a public call reaches under vmap has a batching rule: PyTorch's batched fallback (one call per
+    slice) warns, naming the op, where one is missing."""
+    gen = torch.Generator().manual_seed(7)
+    x, branches = _inputs("uc", 3, False, gen)
+    weight = torch.randn((4, 5 + 6, 3, 3), generator=gen, dtype=torch.float64)
+    calls = [lambda t, *bs: pe.multi_adaptive_avg_pool2d(t, BINS),
+             lambda t, *bs: pe.multi_adaptive_max_pool2d(t, BINS, return_indices=True),
+             lambda t, *bs: pe.spatial_pyramid_pool(t, BINS),
+             lambda t, *bs: pe.upsample_concat(t, list(bs)),
+             lambda t, *bs: pe.upsample_concat_conv2d(t, list(bs), weight)]
+    previous = torch._C._debug_only_are_vmap_fallback_warnings_enabled()
+    torch._C._debug_only_display_vmap_fallback_warnings(True)
+    try:
+        with pe.use_backend(backend), forced_plan("taps"), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for call in calls:
+                torch.vmap(call)(x, *branches)
+                torch.vmap(torch.func.grad(lambda *a, c=call: _square_sum(c(*a))))(x, *branches)
+    finally:
+        torch._C._debug_only_display_vmap_fallback_warnings(previous)
+    fallbacks = [str(w.message) for w in caught if "batching rule" in str(w.message) and "pyramid_ext" in str(w.message)]
+    assert not fallbacks, fallbacks
