@@ -139,23 +139,6 @@ class _UpsampleConcat(torch.autograd.Function):
         return (grad_x, None, None, None, None, *(grad_branches or [None] * (len(need) - 5)))
 
 
-class _UpsampleConcatBackward(torch.autograd.Function):
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(grad_out, branch_shapes, channel_offset, align_corners, channels_last):
-        return tuple(_ops_ns.upsample_concat_backward.default(grad_out, branch_shapes, channel_offset,
-                                                              align_corners, channels_last))
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _uc_backward_setup(ctx, inputs, output)
-
-    @staticmethod
-    def backward(ctx, *grad_grad_branches):
-        return _uc_backward_backward(ctx, grad_grad_branches)
-
-
 class _ShiftAdd(torch.autograd.Function):
     """upsample_shift_add (upsample_concat_conv2d's kernel op); the taps are separate arguments."""
 
@@ -178,21 +161,32 @@ class _ShiftAdd(torch.autograd.Function):
         return (grad_base, None, None, *(grad_taps or [None] * (len(need) - 3)))
 
 
-class _ShiftAddBackward(torch.autograd.Function):
-    generate_vmap_rule = True
+def _list_backward_function(op, setup_context, backward):
+    """An autograd.Function over a backward op that returns a list of tensors
+    (returned as a tuple; its backward takes one gradient per tensor)."""
 
-    @staticmethod
-    def forward(grad, tap_shapes, kernel_size, align_corners, channels_last):
-        return tuple(_ops_ns.upsample_shift_add_backward.default(grad, tap_shapes, kernel_size, align_corners,
-                                                                 channels_last))
+    class ListBackward(torch.autograd.Function):
+        generate_vmap_rule = True
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _sa_backward_setup(ctx, inputs, output)
+        @staticmethod
+        def forward(*args):
+            return tuple(op(*args))
 
-    @staticmethod
-    def backward(ctx, *grad_grad_taps):
-        return _sa_backward_backward(ctx, grad_grad_taps)
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            setup_context(ctx, inputs, output)
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return backward(ctx, grads)
+
+    return ListBackward
+
+
+_UpsampleConcatBackward = _list_backward_function(_ops_ns.upsample_concat_backward.default, _uc_backward_setup,
+                                                  _uc_backward_backward)
+_ShiftAddBackward = _list_backward_function(_ops_ns.upsample_shift_add_backward.default, _sa_backward_setup,
+                                            _sa_backward_backward)
 
 
 # --------------------------------------------------------------------------
