@@ -227,40 +227,34 @@ def _pool_backward_vmap(info, in_dims, grad, indices, input_shape, h_bounds, w_b
     return grad_x.unflatten(0, (size, -1)), 0
 
 
-def _upsample_concat_vmap(info, in_dims, x, branches, size, align_corners, x_first, channels_last):
-    n = info.batch_size
-    out = _ops_ns.upsample_concat.default(_fold(x, in_dims[0], n), [_fold(b, d, n) for b, d in zip(branches, in_dims[1])],
-                                          size, align_corners, x_first, channels_last)
-    return out.unflatten(0, (n, -1)), 0
+def _tensor_and_list_vmap(op):
+    """The batching rule of an op (t, ts: Tensor[], *rest) -> Tensor whose tensors
+    all carry N (upsample_concat, upsample_shift_add)."""
+
+    def rule(info, in_dims, t, ts, *rest):
+        n = info.batch_size
+        out = op(_fold(t, in_dims[0], n), [_fold(u, d, n) for u, d in zip(ts, in_dims[1])], *rest)
+        return out.unflatten(0, (n, -1)), 0
+
+    return rule
 
 
-def _upsample_concat_backward_vmap(info, in_dims, grad_out, branch_shapes, channel_offset, align_corners,
-                                   channels_last):
-    n = info.batch_size
-    grads = _ops_ns.upsample_concat_backward.default(_fold(grad_out, in_dims[0], n), branch_shapes, channel_offset,
-                                                     align_corners, channels_last)
-    return [g.unflatten(0, (n, -1)) for g in grads], [0] * len(grads)
+def _list_result_vmap(op):
+    """The batching rule of an op (grad, *rest) -> Tensor[] whose only tensor is
+    grad (upsample_concat_backward, upsample_shift_add_backward)."""
 
+    def rule(info, in_dims, grad, *rest):
+        n = info.batch_size
+        grads = op(_fold(grad, in_dims[0], n), *rest)
+        return [g.unflatten(0, (n, -1)) for g in grads], [0] * len(grads)
 
-def _shift_add_vmap(info, in_dims, base, taps, kernel_size, align_corners):
-    n = info.batch_size
-    out = _ops_ns.upsample_shift_add.default(_fold(base, in_dims[0], n),
-                                             [_fold(t, d, n) for t, d in zip(taps, in_dims[1])], kernel_size,
-                                             align_corners)
-    return out.unflatten(0, (n, -1)), 0
-
-
-def _shift_add_backward_vmap(info, in_dims, grad, tap_shapes, kernel_size, align_corners, channels_last):
-    n = info.batch_size
-    grads = _ops_ns.upsample_shift_add_backward.default(_fold(grad, in_dims[0], n), tap_shapes, kernel_size,
-                                                        align_corners, channels_last)
-    return [g.unflatten(0, (n, -1)) for g in grads], [0] * len(grads)
+    return rule
 
 
 def register_vmap_rules(lib: str = "pyramid_ext::") -> None:
     torch.library.register_vmap(lib + "multi_pool2d", _pool_vmap)
     torch.library.register_vmap(lib + "multi_pool2d_backward", _pool_backward_vmap)
-    torch.library.register_vmap(lib + "upsample_concat", _upsample_concat_vmap)
-    torch.library.register_vmap(lib + "upsample_concat_backward", _upsample_concat_backward_vmap)
-    torch.library.register_vmap(lib + "upsample_shift_add", _shift_add_vmap)
-    torch.library.register_vmap(lib + "upsample_shift_add_backward", _shift_add_backward_vmap)
+    for name in ("upsample_concat", "upsample_shift_add"):
+        torch.library.register_vmap(lib + name, _tensor_and_list_vmap(getattr(_ops_ns, name).default))
+        torch.library.register_vmap(lib + name + "_backward",
+                                    _list_result_vmap(getattr(_ops_ns, name + "_backward").default))
