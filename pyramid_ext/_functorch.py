@@ -16,9 +16,14 @@ Under such a transform the "cpp" backend calls the ops through the Python
 (``_ops.make_pool_autograd`` and the rest; upsample_concat_conv2d's kernel op
 ``upsample_shift_add`` too), with ``setup_context``, as functorch
 requires; the backward ops get Functions of their own. Only there: elsewhere the
-C++ node is the cheaper one. Not covered: forward mode inside a grad transform
-(``jacfwd`` of ``grad``, so ``torch.func.hessian``: these Functions have no
-``jvp``), and the Triton backend under a grad transform.
+C++ node is the cheaper one.
+
+Forward mode inside a grad transform (``torch.func.hessian``, ``jacfwd`` or
+``jvp`` of ``grad``): each Function's ``jvp``. Every op here is linear in its
+tensor inputs (max pooling at its recorded argmax), so an output's tangent is
+the op (through these Functions, so it is differentiable again) of the inputs'
+tangents, zeros standing in where an input has none; max pooling's is a gather
+at the indices. Not covered: the Triton backend under a grad transform.
 """
 from __future__ import annotations
 
@@ -46,25 +51,32 @@ def grad_transform_active() -> bool:
 # grad transforms: Python autograd Functions over the compiled ops
 # --------------------------------------------------------------------------
 # Each forward runs below the transform's grad level, where the op's own
-# autograd records nothing.
+# autograd records nothing. The ops' list arguments go in as _Leaf: vmap's
+# generated rule pairs each input with one tangent when it runs a jvp, and
+# counts a plain list as one input per element.
+
+
+class _Leaf(tuple):
+    """A list argument as one pytree leaf (a tuple subclass is not a pytree node)."""
 
 
 def multi_pool2d(x, h_bounds, w_bounds, level_bins, mode, channels_last_levels):
-    return _Pool.apply(x, h_bounds, w_bounds, level_bins, mode, channels_last_levels)
+    return _Pool.apply(x, _Leaf(h_bounds), _Leaf(w_bounds), _Leaf(level_bins), mode, channels_last_levels)
 
 
 def multi_pool2d_backward(grad, indices, input_shape, h_bounds, w_bounds, level_bins, mode, channels_last_levels,
                           channels_last_input, addend=None):
-    return _PoolBackward.apply(grad, indices, input_shape, h_bounds, w_bounds, level_bins, mode,
-                               channels_last_levels, channels_last_input, addend)
+    return _PoolBackward.apply(grad, indices, _Leaf(input_shape), _Leaf(h_bounds), _Leaf(w_bounds),
+                               _Leaf(level_bins), mode, channels_last_levels, channels_last_input, addend)
 
 
 def upsample_concat(x, branches, size, align_corners, x_first, channels_last):
-    return _UpsampleConcat.apply(x, size, align_corners, x_first, channels_last, *branches)
+    return _UpsampleConcat.apply(x, _Leaf(size), align_corners, x_first, channels_last, *branches)
 
 
 def upsample_concat_backward(grad_out, branch_shapes, channel_offset, align_corners, channels_last):
-    return _UpsampleConcatBackward.apply(grad_out, branch_shapes, channel_offset, align_corners, channels_last)
+    return _UpsampleConcatBackward.apply(grad_out, _Leaf(branch_shapes), channel_offset, align_corners,
+                                         channels_last)
 
 
 def upsample_shift_add(base, taps, kernel_size, align_corners):
@@ -72,7 +84,7 @@ def upsample_shift_add(base, taps, kernel_size, align_corners):
 
 
 def upsample_shift_add_backward(grad, tap_shapes, kernel_size, align_corners, channels_last):
-    return _ShiftAddBackward.apply(grad, tap_shapes, kernel_size, align_corners, channels_last)
+    return _ShiftAddBackward.apply(grad, _Leaf(tap_shapes), kernel_size, align_corners, _Leaf(channels_last))
 
 
 _pool_backward, _pool_setup = _ops.make_pool_autograd(multi_pool2d_backward)
@@ -93,10 +105,21 @@ class _Pool(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         _pool_setup(ctx, inputs, output)
+        ctx.save_for_forward(output[1] if inputs[4] == _ops.POOL_MAX else None)
 
     @staticmethod
     def backward(ctx, grad_values, grad_indices):
         return _pool_backward(ctx, grad_values, grad_indices)
+
+    @staticmethod
+    def jvp(ctx, x_t, *_):
+        # linear in x (max at its argmax): the values' tangent is the pooling of x's
+        _, h_bounds, w_bounds, level_bins, mode, cl_levels, _ = ctx.args
+        if mode == _ops.POOL_MAX:
+            (indices,) = ctx.saved_tensors
+            return _ops.gather_packed(_ops._dense(x_t), indices, level_bins, cl_levels), None
+        values, _ = multi_pool2d(_ops._dense(x_t), h_bounds, w_bounds, level_bins, mode, cl_levels)
+        return values, None
 
 
 class _PoolBackward(torch.autograd.Function):
@@ -111,10 +134,23 @@ class _PoolBackward(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         _pool_backward_setup(ctx, inputs, output)
+        ctx.input_shape, ctx.channels_last_input = list(inputs[2]), inputs[8]
+        ctx.save_for_forward(inputs[1] if inputs[6] == _ops.POOL_MAX else None)
 
     @staticmethod
     def backward(ctx, grad_grad_x):
         return _pool_backward_backward(ctx, grad_grad_x)
+
+    @staticmethod
+    def jvp(ctx, grad_t, _indices_t, *rest):
+        # addend + (linear in grad): the backward op of grad's tangent onto addend's
+        addend_t = rest[7] if len(rest) > 7 else None
+        if grad_t is None:
+            return addend_t
+        (indices,) = ctx.saved_tensors
+        h_bounds, w_bounds, level_bins, mode, cl_levels = ctx.args
+        return multi_pool2d_backward(grad_t.contiguous(), indices, ctx.input_shape, h_bounds, w_bounds, level_bins,
+                                     mode, cl_levels, ctx.channels_last_input, addend_t)
 
 
 class _UpsampleConcat(torch.autograd.Function):
@@ -130,6 +166,7 @@ class _UpsampleConcat(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         x, size, align_corners, x_first, channels_last, *branches = inputs
         _uc_setup(ctx, (x, branches, size, align_corners, x_first, channels_last), output)
+        ctx.size = list(size)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -137,6 +174,19 @@ class _UpsampleConcat(torch.autograd.Function):
         grad_x, grad_branches = _ops.upsample_concat_input_grads(ctx.args, grad_out, need[0], any(need[5:]),
                                                                  upsample_concat_backward)
         return (grad_x, None, None, None, None, *(grad_branches or [None] * (len(need) - 5)))
+
+    @staticmethod
+    def jvp(ctx, x_t, _size, _align, _x_first, _cl, *branch_ts):
+        # linear in x and the branches: the op of their tangents (zeros for those without one)
+        shapes, cx, _, x_first, align_corners, channels_last, has_x = ctx.args
+        like = next(t for t in (x_t, *branch_ts) if t is not None)
+        n, size = like.shape[0], ctx.size
+        if has_x and x_t is None:
+            x_t = like.new_zeros((n, cx, *size))
+        branch_ts = [like.new_zeros((n, *shapes[3 * k:3 * k + 3])) if t is None else _ops._dense(t)
+                     for k, t in enumerate(branch_ts)]
+        return upsample_concat(_ops._dense(x_t) if has_x else None, branch_ts, size, align_corners, x_first,
+                               channels_last)
 
 
 class _ShiftAdd(torch.autograd.Function):
@@ -152,6 +202,7 @@ class _ShiftAdd(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         base, kernel_size, align_corners, *taps = inputs
         _sa_setup(ctx, (base, taps, kernel_size, align_corners), output)
+        ctx.base_shape, ctx.tap_channels = list(base.shape), kernel_size * kernel_size * base.shape[1]
 
     @staticmethod
     def backward(ctx, grad):
@@ -160,10 +211,23 @@ class _ShiftAdd(torch.autograd.Function):
                                                                    upsample_shift_add_backward)
         return (grad_base, None, None, *(grad_taps or [None] * (len(need) - 3)))
 
+    @staticmethod
+    def jvp(ctx, base_t, _kernel_size, _align, *tap_ts):
+        # linear in base and the taps: the op of their tangents (zeros for those without one)
+        shapes, kernel_size, align_corners, _ = ctx.args
+        like = next(t for t in (base_t, *tap_ts) if t is not None)
+        if base_t is None:
+            base_t = like.new_zeros(ctx.base_shape)
+        taps = [like.new_zeros((ctx.base_shape[0], ctx.tap_channels, shapes[2 * k], shapes[2 * k + 1]))
+                if t is None else _ops._dense(t) for k, t in enumerate(tap_ts)]
+        return upsample_shift_add(_ops._dense(base_t), taps, kernel_size, align_corners)
 
-def _list_backward_function(op, setup_context, backward):
+
+def _list_backward_function(op, setup_context, backward, differentiable_op):
     """An autograd.Function over a backward op that returns a list of tensors
-    (returned as a tuple; its backward takes one gradient per tensor)."""
+    (returned as a tuple; its backward takes one gradient per tensor). The op
+    is linear in its one tensor input: its jvp is `differentiable_op` (the op
+    through this Function) of that input's tangent."""
 
     class ListBackward(torch.autograd.Function):
         generate_vmap_rule = True
@@ -175,18 +239,23 @@ def _list_backward_function(op, setup_context, backward):
         @staticmethod
         def setup_context(ctx, inputs, output):
             setup_context(ctx, inputs, output)
+            ctx.jvp_args = inputs[1:]
 
         @staticmethod
         def backward(ctx, *grads):
             return backward(ctx, grads)
 
+        @staticmethod
+        def jvp(ctx, grad_t, *_):
+            return tuple(differentiable_op(_ops._dense(grad_t), *ctx.jvp_args))
+
     return ListBackward
 
 
 _UpsampleConcatBackward = _list_backward_function(_ops_ns.upsample_concat_backward.default, _uc_backward_setup,
-                                                  _uc_backward_backward)
+                                                  _uc_backward_backward, upsample_concat_backward)
 _ShiftAddBackward = _list_backward_function(_ops_ns.upsample_shift_add_backward.default, _sa_backward_setup,
-                                            _sa_backward_backward)
+                                            _sa_backward_backward, upsample_shift_add_backward)
 
 
 # --------------------------------------------------------------------------

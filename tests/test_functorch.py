@@ -1,6 +1,7 @@
 """torch.func transforms over the public ops: vmap (the ops' batching rules, pyramid_ext/_functorch.py),
 grad / vjp / jacrev (the compiled ops' Python autograd Functions under a grad transform), their nestings
-(vmap(grad), jacrev(jacrev)), against PyTorch's own eager code under the same transforms."""
+(vmap(grad), jacrev(jacrev)), and forward mode inside a grad transform (hessian, jvp of grad: the Functions'
+jvp), against PyTorch's own eager code under the same transforms."""
 import warnings
 
 import pytest
@@ -137,6 +138,88 @@ def test_second_order_jacrev_of_jacrev(name, backend):
     want = torch.func.jacrev(torch.func.jacrev(_loss(_eager(name), weights)))(x, *branches)
     with pe.use_backend(backend):
         got = torch.func.jacrev(torch.func.jacrev(_loss(_fused(name), weights)))(x, *branches)
+    _close(got, want)
+
+
+def _cubic(fn, weights):
+    """A scalar of fn's outputs whose Hessian depends on the point (a third power) and weights every element."""
+    def loss(*args):
+        outs = fn(*args)
+        outs = outs if isinstance(outs, (list, tuple)) else [outs]
+        return sum((o * w).sum() + (o * o * o).sum() for o, w in zip(outs, weights))
+    return loss
+
+
+def _hessians(fn, args, tangents):
+    """torch.func.hessian (jacfwd of jacrev) of fn over every argument, and jvp of its grad (Hessian-vector
+    products): forward mode through the ops and through their backward ops inside a grad transform (the
+    autograd Functions' jvp)."""
+    argnums = tuple(range(len(args)))
+    hessian = torch.func.hessian(fn, argnums=argnums)(*args)
+    _, hvp = torch.func.jvp(torch.func.grad(fn, argnums=argnums), args, tangents)
+    return hessian, hvp
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("name", ["avg", "max", "spp", "uc"])
+def test_hessian_and_forward_over_reverse_match_eager(name, channels_last, backend):
+    gen = torch.Generator().manual_seed(8)
+    x, branches = _inputs(name, 1, channels_last, gen)
+    args = (x[0], *[b[0] for b in branches])
+    with torch.no_grad():
+        outs = _eager(name)(*args)
+    outs = outs if isinstance(outs, (list, tuple)) else [outs]
+    weights = [torch.randn(o.shape, generator=gen, dtype=torch.float64) for o in outs]
+    tangents = tuple(torch.randn(a.shape, generator=gen, dtype=torch.float64) for a in args)
+    want = _hessians(_cubic(_eager(name), weights), args, tangents)
+    with pe.use_backend(backend):
+        got = _hessians(_cubic(_fused(name), weights), args, tangents)
+    _close(got, want)
+
+
+@pytest.mark.parametrize("plan", ["taps", "resize"])
+@pytest.mark.parametrize("varies", ["x", "branches", "both"])
+def test_forward_over_reverse_with_inputs_held_constant(varies, plan, backend):
+    """Hessian-vector products of upsample_concat and upsample_concat_conv2d (upsample_shift_add on the taps
+    plan) where some inputs are constants: the Functions' jvp stands zeros in for their tangents."""
+    gen = torch.Generator().manual_seed(9)
+    x, branches = _inputs("uc", 1, False, gen)
+    x, branches = x[0], [b[0] for b in branches]
+    weight = torch.randn((4, 5 + 6, 3, 3), generator=gen, dtype=torch.float64)
+    weights = [torch.randn((2, 11, 9, 7), generator=gen, dtype=torch.float64),
+               torch.randn((2, 4, 9, 7), generator=gen, dtype=torch.float64)]
+
+    def model(uc, conv):
+        def fn(t, *bs):
+            t = x if varies == "branches" else t
+            bs = branches if varies == "x" else bs
+            return [uc(t, *bs), conv(t, *bs)]
+        return fn
+
+    eager = model(_eager("uc"), lambda t, *bs: F.conv2d(_eager("uc")(t, *bs), weight, padding=1))
+    fused = model(_fused("uc"), lambda t, *bs: pe.upsample_concat_conv2d(t, list(bs), weight))
+    args = (x, *branches)
+    tangents = tuple(torch.randn(a.shape, generator=gen, dtype=torch.float64) for a in args)
+    want = _hessians(_cubic(eager, weights), args, tangents)
+    with pe.use_backend(backend), forced_plan(plan):
+        got = _hessians(_cubic(fused, weights), args, tangents)
+    _close(got, want)
+
+
+def test_ppm_module_hessian_vector_product(backend):
+    """pe.nn.PPM (its pooling node that hands x on steps aside) under jvp of grad."""
+    torch.manual_seed(10)
+    fused = pe.nn.PPM(6, 2, (1, 2, 3)).double().eval()
+    x = torch.randn((2, 6, 7, 9), dtype=torch.float64)
+    t = torch.randn_like(x)
+
+    def loss(v):
+        return (fused(v) ** 3).sum()
+
+    with pe.use_backend("torch"):
+        want = torch.func.jvp(torch.func.grad(loss), (x,), (t,))
+    with pe.use_backend(backend):
+        got = torch.func.jvp(torch.func.grad(loss), (x,), (t,))
     _close(got, want)
 
 
