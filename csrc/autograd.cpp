@@ -11,6 +11,7 @@
 // them through the dispatcher, so their derivatives are recorded as before.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -278,63 +279,148 @@ at::Tensor upsample_concat_autograd(const std::optional<at::Tensor>& x, at::Tens
   return UpsampleConcatFunction::apply(x, branches, size, align_corners, x_first, channels_last_out)[0];
 }
 
-// The ops whose autograd is Python (pyramid_ext/_ops.py: the three backward
-// ops, upsample_shift_add) have no forward-mode AD: torch.library's autograd
-// runs them below autograd when nothing requires grad, and their tangents
-// were dropped silently (upsample_concat_conv2d's taps plan returned no
-// tangent). A kernel at ADInplaceOrView, which every call below their
-// autograd passes, refuses a tangent with a clear error instead.
-void refuse_tangents(const char* op, std::initializer_list<const at::Tensor*> tensors, at::TensorList lists = {}) {
-  bool tangent = false;
-  for (const at::Tensor* t : tensors) tangent = tangent || tangent_of(*t).defined();
-  for (const at::Tensor& t : lists) tangent = tangent || tangent_of(t).defined();
-  TORCH_CHECK(!tangent, "pyramid_ext::", op, " has no forward-mode AD (a tangent reached it: ",
-              "torch.autograd.forward_ad or torch.func.jvp); multi_pool2d and upsample_concat have it, and the torch ",
-              "backend has it for every op");
+// Forward-mode AD of the ops whose autograd is Python (pyramid_ext/_ops.py:
+// the three backward ops, upsample_shift_add). torch.library's autograd runs
+// them below autograd when no input requires grad, so a tangent reaches the
+// kernel at ADInplaceOrView, which every call below their autograd passes
+// (before, it was dropped there silently: upsample_concat_conv2d's taps plan
+// returned no tangent). Each op is linear in its float inputs, so the
+// output's tangent is the op of the inputs' tangents (zeros where an input
+// has none), called with autograd back on (WithAutograd) so that a tangent
+// that requires grad records its own derivatives (and _fw_primal, an
+// autograd kernel, can run). The primal output is the op of the primals
+// below ADInplaceOrView.
+
+// Undoes, for its scope, the exclusion of the autograd keys that torch.library's
+// autograd set before it redispatched below autograd.
+class WithAutograd {
+ public:
+  WithAutograd() : guard_(without_autograd_exclusion(c10::impl::tls_local_dispatch_key_set())) {}
+
+ private:
+  static c10::impl::LocalDispatchKeySet without_autograd_exclusion(c10::impl::LocalDispatchKeySet keys) {
+    keys.excluded_ = keys.excluded_ - c10::autograd_dispatch_keyset;
+    return keys;
+  }
+  c10::impl::ForceDispatchKeyGuard guard_;
+};
+
+bool any_tangent(std::initializer_list<const at::Tensor*> tensors, at::TensorList lists = {}) {
+  for (const at::Tensor* t : tensors)
+    if (t && tangent_of(*t).defined()) return true;
+  for (const at::Tensor& t : lists)
+    if (tangent_of(t).defined()) return true;
+  return false;
+}
+
+at::Tensor primal_of(const at::Tensor& t) { return tangent_of(t).defined() ? t._fw_primal(/*level=*/0) : t; }
+
+// t's tangent as the ops read it, or zeros like t.
+at::Tensor tangent_or_zeros(const at::Tensor& t) {
+  const at::Tensor g = tangent_of(t);
+  return g.defined() ? dense_tangent(g) : at::zeros_like(t);
+}
+
+void set_tangents(const std::vector<at::Tensor>& outs, const std::vector<at::Tensor>& tangents) {
+  for (size_t k = 0; k < outs.size(); ++k) outs[k]._set_fw_grad(tangents[k], /*level=*/0, /*is_inplace_op=*/false);
 }
 
 using ShiftAddSig = at::Tensor(const at::Tensor&, at::TensorList, int64_t, bool);
 using ShiftAddBackwardSig = std::vector<at::Tensor>(const at::Tensor&, c10::SymIntArrayRef, int64_t, bool,
                                                     const c10::List<bool>&);
 
-at::Tensor multi_pool2d_backward_no_tangents(const at::Tensor& grad, const std::optional<at::Tensor>& indices,
-                                             c10::SymIntArrayRef input_shape, c10::SymIntArrayRef h_bounds,
-                                             c10::SymIntArrayRef w_bounds, at::IntArrayRef level_bins, int64_t mode,
-                                             bool channels_last_levels, bool channels_last_input,
-                                             const std::optional<at::Tensor>& addend) {
-  const at::Tensor none;
-  refuse_tangents("multi_pool2d_backward", {&grad, addend ? &*addend : &none});
+// addend + (linear in grad): the tangent is the op of grad's tangent onto addend's.
+at::Tensor multi_pool2d_backward_ad(const at::Tensor& grad, const std::optional<at::Tensor>& indices,
+                                    c10::SymIntArrayRef input_shape, c10::SymIntArrayRef h_bounds,
+                                    c10::SymIntArrayRef w_bounds, at::IntArrayRef level_bins, int64_t mode,
+                                    bool channels_last_levels, bool channels_last_input,
+                                    const std::optional<at::Tensor>& addend) {
   static const auto op = op_handle<PoolBackwardSig>("pyramid_ext::multi_pool2d_backward");
-  at::AutoDispatchBelowADInplaceOrView below;
-  return op.call(grad, indices, input_shape, h_bounds, w_bounds, level_bins, mode, channels_last_levels,
-                 channels_last_input, addend);
+  const bool has_addend = addend.has_value() && addend->defined();
+  if (!any_tangent({&grad, has_addend ? &*addend : nullptr})) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    return op.call(grad, indices, input_shape, h_bounds, w_bounds, level_bins, mode, channels_last_levels,
+                   channels_last_input, addend);
+  }
+  WithAutograd autograd;
+  std::optional<at::Tensor> addend_primal, addend_tangent;
+  if (has_addend) {
+    addend_primal = primal_of(*addend);
+    if (tangent_of(*addend).defined()) addend_tangent = tangent_of(*addend);
+  }
+  const at::Tensor grad_primal = primal_of(grad), grad_tangent = tangent_or_zeros(grad);
+  at::Tensor out;
+  {
+    at::AutoDispatchBelowADInplaceOrView below;
+    out = op.call(grad_primal, indices, input_shape, h_bounds, w_bounds, level_bins, mode, channels_last_levels,
+                  channels_last_input, addend_primal);
+  }
+  out._set_fw_grad(op.call(grad_tangent, indices, input_shape, h_bounds, w_bounds, level_bins, mode,
+                           channels_last_levels, channels_last_input, addend_tangent),
+                   /*level=*/0, /*is_inplace_op=*/false);
+  return out;
 }
 
-std::vector<at::Tensor> upsample_concat_backward_no_tangents(const at::Tensor& grad_out,
-                                                             c10::SymIntArrayRef branch_shapes,
-                                                             c10::SymInt channel_offset, bool align_corners,
-                                                             bool channels_last) {
-  refuse_tangents("upsample_concat_backward", {&grad_out});
+std::vector<at::Tensor> upsample_concat_backward_ad(const at::Tensor& grad_out, c10::SymIntArrayRef branch_shapes,
+                                                    c10::SymInt channel_offset, bool align_corners,
+                                                    bool channels_last) {
   static const auto op = op_handle<UpsampleBackwardSig>("pyramid_ext::upsample_concat_backward");
-  at::AutoDispatchBelowADInplaceOrView below;
-  return op.call(grad_out, branch_shapes, std::move(channel_offset), align_corners, channels_last);
+  if (!any_tangent({&grad_out})) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    return op.call(grad_out, branch_shapes, std::move(channel_offset), align_corners, channels_last);
+  }
+  WithAutograd autograd;
+  const at::Tensor primal = primal_of(grad_out), tangent = tangent_or_zeros(grad_out);
+  std::vector<at::Tensor> outs;
+  {
+    at::AutoDispatchBelowADInplaceOrView below;
+    outs = op.call(primal, branch_shapes, channel_offset, align_corners, channels_last);
+  }
+  set_tangents(outs, op.call(tangent, branch_shapes, std::move(channel_offset), align_corners, channels_last));
+  return outs;
 }
 
-at::Tensor upsample_shift_add_no_tangents(const at::Tensor& base, at::TensorList taps, int64_t kernel_size,
-                                          bool align_corners) {
-  refuse_tangents("upsample_shift_add", {&base}, taps);
+at::Tensor upsample_shift_add_ad(const at::Tensor& base, at::TensorList taps, int64_t kernel_size,
+                                 bool align_corners) {
   static const auto op = op_handle<ShiftAddSig>("pyramid_ext::upsample_shift_add");
-  at::AutoDispatchBelowADInplaceOrView below;
-  return op.call(base, taps, kernel_size, align_corners);
+  if (!any_tangent({&base}, taps)) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    return op.call(base, taps, kernel_size, align_corners);
+  }
+  WithAutograd autograd;
+  std::vector<at::Tensor> tap_primals, tap_tangents;
+  for (const at::Tensor& t : taps) {
+    tap_primals.push_back(primal_of(t));
+    tap_tangents.push_back(tangent_or_zeros(t));
+  }
+  const at::Tensor base_primal = primal_of(base), base_tangent = tangent_or_zeros(base);
+  at::Tensor out;
+  {
+    at::AutoDispatchBelowADInplaceOrView below;
+    out = op.call(base_primal, tap_primals, kernel_size, align_corners);
+  }
+  out._set_fw_grad(op.call(base_tangent, tap_tangents, kernel_size, align_corners), /*level=*/0,
+                   /*is_inplace_op=*/false);
+  return out;
 }
 
-std::vector<at::Tensor> upsample_shift_add_backward_no_tangents(const at::Tensor& grad, c10::SymIntArrayRef tap_shapes,
-                                                                int64_t kernel_size, bool align_corners,
-                                                                const c10::List<bool>& channels_last) {
-  refuse_tangents("upsample_shift_add_backward", {&grad});
+std::vector<at::Tensor> upsample_shift_add_backward_ad(const at::Tensor& grad, c10::SymIntArrayRef tap_shapes,
+                                                       int64_t kernel_size, bool align_corners,
+                                                       const c10::List<bool>& channels_last) {
   static const auto op = op_handle<ShiftAddBackwardSig>("pyramid_ext::upsample_shift_add_backward");
-  at::AutoDispatchBelowADInplaceOrView below;
-  return op.call(grad, tap_shapes, kernel_size, align_corners, channels_last);
+  if (!any_tangent({&grad})) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    return op.call(grad, tap_shapes, kernel_size, align_corners, channels_last);
+  }
+  WithAutograd autograd;
+  const at::Tensor primal = primal_of(grad), tangent = tangent_or_zeros(grad);
+  std::vector<at::Tensor> outs;
+  {
+    at::AutoDispatchBelowADInplaceOrView below;
+    outs = op.call(primal, tap_shapes, kernel_size, align_corners, channels_last);
+  }
+  set_tangents(outs, op.call(tangent, tap_shapes, kernel_size, align_corners, channels_last));
+  return outs;
 }
 
 }  // namespace
@@ -345,10 +431,10 @@ TORCH_LIBRARY_IMPL(pyramid_ext, Autograd, m) {
 }
 
 TORCH_LIBRARY_IMPL(pyramid_ext, ADInplaceOrView, m) {
-  m.impl("multi_pool2d_backward", TORCH_FN(multi_pool2d_backward_no_tangents));
-  m.impl("upsample_concat_backward", TORCH_FN(upsample_concat_backward_no_tangents));
-  m.impl("upsample_shift_add", TORCH_FN(upsample_shift_add_no_tangents));
-  m.impl("upsample_shift_add_backward", TORCH_FN(upsample_shift_add_backward_no_tangents));
+  m.impl("multi_pool2d_backward", TORCH_FN(multi_pool2d_backward_ad));
+  m.impl("upsample_concat_backward", TORCH_FN(upsample_concat_backward_ad));
+  m.impl("upsample_shift_add", TORCH_FN(upsample_shift_add_ad));
+  m.impl("upsample_shift_add_backward", TORCH_FN(upsample_shift_add_backward_ad));
 }
 
 }  // namespace pyramid_ext

@@ -2,10 +2,11 @@
 
 multi_pool2d and upsample_concat carry tangents (csrc/autograd.cpp: the ops are
 linear in their inputs, max pooling at its argmax), on the eager fast paths and the
-general paths alike; their tangents are checked against PyTorch's own forward AD of
-the eager code (F.adaptive_*_pool2d, F.interpolate, torch.cat). The ops without a
-forward-mode formula (upsample_shift_add, the backward ops) raise a clear error
-instead of dropping the tangent, which they did silently before.
+general paths alike; so do upsample_shift_add (upsample_concat_conv2d's taps plan)
+and the backward ops (forward over reverse: a gradient's tangent), whose tangents
+were dropped silently once and refused later. Every tangent is checked against
+PyTorch's own forward AD of the eager code (F.adaptive_*_pool2d, F.interpolate,
+torch.cat, F.conv2d).
 """
 import pytest
 import torch
@@ -155,23 +156,93 @@ def test_ppm_module_tangent_equals_the_eager_modules(train):
         torch.testing.assert_close(gt, wt)
 
 
-def test_ops_without_forward_ad_refuse_a_tangent():
-    """upsample_concat_conv2d's taps plan goes through upsample_shift_add, which has no
-    forward-mode formula: a clear error naming it (before: the tangent was None)."""
+@pytest.mark.parametrize("kind", ["nchw", "channels_last"])
+@pytest.mark.parametrize("plan", ["taps", "resize"])
+@pytest.mark.parametrize("which", ["all", "x", "branches"])
+def test_upsample_concat_conv2d_tangents_equal_pytorchs(which, plan, kind):
+    """The taps plan runs upsample_shift_add (its forward-mode AD at ADInplaceOrView), the resize plan
+    upsample_concat; both against F.conv2d of the eager concatenation."""
+    x = layout(rand((2, 8, 9, 7), dtype=torch.float64), kind)
+    branches = [layout(rand((2, 4, b, b), dtype=torch.float64, seed=b), kind) for b in (1, 3)]
+    weight = rand((6, 16, 3, 3), dtype=torch.float64, seed=6)
+    tangents = [rand(t.shape, dtype=torch.float64, seed=20 + i) for i, t in enumerate([x] + branches)]
+    if which == "x":
+        tangents[1] = tangents[2] = None
+    elif which == "branches":
+        tangents[0] = None
+    want = _jvp(lambda v, *bs: F.conv2d(eager_upsample_concat(v, bs, (9, 7), False), weight, padding=1),
+                [x] + branches, tangents)
+    with forced_plan(plan):
+        got = _jvp(lambda v, *bs: pe.upsample_concat_conv2d(v, list(bs), weight), [x] + branches, tangents)
+    _assert_same(got, want)
+
+
+FORWARD_OVER_REVERSE = {
+    "avg": (lambda x, bs: pe.multi_adaptive_avg_pool2d(x, BINS), lambda x, bs: eager_pool(x, BINS, "avg")),
+    "max": (lambda x, bs: pe.multi_adaptive_max_pool2d(x, BINS), lambda x, bs: eager_pool(x, BINS, "max")),
+    "upsample_concat": (lambda x, bs: pe.upsample_concat(x, bs),
+                        lambda x, bs: eager_upsample_concat(x, bs, (9, 7), False)),
+}
+
+
+@pytest.mark.parametrize("kind", ["nchw", "channels_last"])
+@pytest.mark.parametrize("case", list(FORWARD_OVER_REVERSE) + ["conv_taps", "ppm"])
+def test_forward_over_reverse_equals_pytorchs(case, kind):
+    """torch.autograd.grad with dual cotangents: the backward ops (multi_pool2d_backward with and without
+    its addend, upsample_concat_backward, upsample_shift_add_backward) carry the tangent of the gradient."""
+    x = layout(rand((2, 8, 9, 7), dtype=torch.float64), kind)
+    branches = [layout(rand((2, 4, b, b), dtype=torch.float64, seed=b), kind) for b in (1, 3)]
+    if case == "conv_taps":
+        weight = rand((6, 16, 3, 3), dtype=torch.float64, seed=6)
+        fused = lambda v, bs: pe.upsample_concat_conv2d(v, bs, weight)  # noqa: E731
+        eager = lambda v, bs: F.conv2d(eager_upsample_concat(v, bs, (9, 7), False), weight, padding=1)  # noqa: E731
+    elif case == "ppm":  # the pooling node that hands x on adds its gradient into grad_out's x slice (addend)
+        torch.manual_seed(0)
+        module = pe.nn.PPM(8, 4, bins=(1, 2, 3)).double().eval()
+        fused = lambda v, bs: module(v)  # noqa: E731
+
+        def eager(v, bs):
+            with pe.use_backend("torch"):
+                return module(v)
+    else:
+        fused, eager = FORWARD_OVER_REVERSE[case]
+
+    def grads(fn):
+        inputs = [x.detach().requires_grad_()] + [b.detach().requires_grad_() for b in branches]
+        with fwAD.dual_level():
+            out = fn(inputs[0], inputs[1:])
+            outs = out if isinstance(out, (list, tuple)) else [out]
+            cotangents = [fwAD.make_dual(rand(o.shape, dtype=torch.float64, seed=30 + i),
+                                         rand(o.shape, dtype=torch.float64, seed=40 + i)) for i, o in enumerate(outs)]
+            gs = torch.autograd.grad(outs, inputs, cotangents, allow_unused=True)
+            return [None if g is None else (fwAD.unpack_dual(g).primal.clone(), fwAD.unpack_dual(g).tangent)
+                    for g in gs]
+
+    with forced_plan("taps"):
+        got = grads(fused)
+    want = grads(eager)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert (g is None) == (w is None)
+        if g is not None:
+            assert g[1] is not None, "the gradient's tangent was dropped"
+            torch.testing.assert_close(g, w, rtol=0, atol=1e-12)
+
+
+def test_a_tangent_that_requires_grad_records_its_derivatives():
+    """upsample_shift_add's tangent is computed with autograd on: backward through it matches eager's."""
     x = rand((2, 8, 9, 7), dtype=torch.float64)
     branches = [rand((2, 4, b, b), dtype=torch.float64, seed=b) for b in (1, 3)]
-    weight = rand((6, 16, 1, 1), dtype=torch.float64, seed=6)
-    with forced_plan("taps"), fwAD.dual_level():
-        dual = fwAD.make_dual(x, rand(x.shape, dtype=torch.float64, seed=7))
-        with pytest.raises(RuntimeError, match="upsample_shift_add has no forward-mode AD"):
-            pe.upsample_concat_conv2d(dual, branches, weight)
-    with fwAD.dual_level():
-        grad = fwAD.make_dual(rand((1, 2 * 4, 3, 3), dtype=torch.float64), torch.ones(1, 8, 3, 3, dtype=torch.float64))
-        with pytest.raises(RuntimeError, match="upsample_concat_backward has no forward-mode AD"):
-            torch.ops.pyramid_ext.upsample_concat_backward(grad, [4, 1, 1, 4, 2, 2], 0, False, False)
-    # the resize plan (upsample_concat, then the convolution) carries the tangent
-    with forced_plan("resize"):
-        got = _jvp(lambda v: pe.upsample_concat_conv2d(v, branches, weight), [x], [rand(x.shape, dtype=torch.float64)])
-    want = _jvp(lambda v: F.conv2d(eager_upsample_concat(v, branches, (9, 7), False), weight), [x],
-                [rand(x.shape, dtype=torch.float64)])
-    _assert_same(got, want)
+    weight = rand((6, 16, 3, 3), dtype=torch.float64, seed=6)
+
+    def tangent_grad(fn):
+        t = rand(x.shape, dtype=torch.float64, seed=7).requires_grad_()
+        with fwAD.dual_level():
+            tangent = fwAD.unpack_dual(fn(fwAD.make_dual(x, t))).tangent
+        (g,) = torch.autograd.grad((tangent * tangent).sum(), t)
+        return g
+
+    want = tangent_grad(lambda v: F.conv2d(eager_upsample_concat(v, branches, (9, 7), False), weight, padding=1))
+    with forced_plan("taps"):
+        got = tangent_grad(lambda v: pe.upsample_concat_conv2d(v, branches, weight))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
