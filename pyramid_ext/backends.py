@@ -244,9 +244,16 @@ def _functorch():
     return module
 
 
-def _grad_transform_active() -> bool:
+def grad_functions(suffix: str = ""):
+    """The entry points of the ops pyramid_ext::<op><suffix> under a grad
+    transform (_functorch: autograd Functions that functorch accepts)."""
+    return _functorch().functions(suffix)
+
+
+def grad_transform_active() -> bool:
     """Under torch.func.grad / vjp / jacrev, where the compiled ops' C++ autograd
-    Function raises: they run through _functorch's Python Functions there."""
+    Function and torch.library's autograd (the Triton ops') raise: the ops run
+    through grad_functions() there."""
     return (not torch.compiler.is_dynamo_compiling() and torch._C._are_functorch_transforms_active()
             and _functorch().grad_transform_active())
 
@@ -256,14 +263,14 @@ class _Compiled:
 
     @staticmethod
     def multi_pool2d(x, h_bounds, w_bounds, level_bins, mode, channels_last_levels):
-        if _grad_transform_active():
-            return _functorch().multi_pool2d(x, h_bounds, w_bounds, level_bins, mode, channels_last_levels)
+        if grad_transform_active():
+            return grad_functions().multi_pool2d(x, h_bounds, w_bounds, level_bins, mode, channels_last_levels)
         return torch.ops.pyramid_ext.multi_pool2d(x, h_bounds, w_bounds, level_bins, mode, channels_last_levels)
 
     @staticmethod
     def upsample_concat(x, branches, size, align_corners, x_first, channels_last):
-        if _grad_transform_active():
-            return _functorch().upsample_concat(x, branches, size, align_corners, x_first, channels_last)
+        if grad_transform_active():
+            return grad_functions().upsample_concat(x, branches, size, align_corners, x_first, channels_last)
         return torch.ops.pyramid_ext.upsample_concat(x, branches, size, align_corners, x_first, channels_last)
 
     @staticmethod
@@ -273,8 +280,8 @@ class _Compiled:
 
     @staticmethod
     def upsample_shift_add(base, taps, kernel_size, align_corners):
-        if _grad_transform_active():
-            return _functorch().upsample_shift_add(base, taps, kernel_size, align_corners)
+        if grad_transform_active():
+            return grad_functions().upsample_shift_add(base, taps, kernel_size, align_corners)
         return torch.ops.pyramid_ext.upsample_shift_add(base, taps, kernel_size, align_corners)
 
 

@@ -6,11 +6,13 @@ the CI does). Shapes stay small: the interpreter is slow.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -1073,3 +1075,52 @@ def test_forward_mode_tangent_is_refused_not_dropped():
         with pytest.raises(RuntimeError, match="upsample_concat_triton has no forward-mode AD"):
             pe.upsample_concat(dual, [rand((1, 2, 3, 3), device=DEVICE)], backend="triton")
     assert len(pe.multi_adaptive_avg_pool2d(x, (1, 2), backend="triton")) == 2  # outside a dual level: as before
+
+
+@pytest.mark.parametrize("name", ["avg", "max", "spp", "uc", "ucconv"])
+def test_torch_func_grad_transforms_match_eager(name):
+    """grad, vmap(grad) (per-sample gradients), jacrev(jacrev), hessian and jvp(grad) through the Triton ops:
+    under a grad transform, which refuses torch.library's autograd, they run through _functorch's autograd
+    Functions, vmapped by the ops' batching rules (none runs slice by slice: PyTorch's fallback warns)."""
+    from .test_functorch import _close, _cubic, _eager, _fused, _hessians, _loss
+
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn((2, 1, 2, 4, 5), generator=gen, dtype=torch.float64).to(DEVICE)  # (vmapped, N, C, H, W)
+    branches = [torch.randn((2, 1, 2, 2, 3), generator=gen, dtype=torch.float64).to(DEVICE)] \
+        if name in ("uc", "ucconv") else []
+    if name == "ucconv":  # the taps plan: upsample_shift_add_triton and its backward
+        from .test_upsample_concat_conv import forced_plan
+
+        weight = torch.randn((3, 4, 3, 3), generator=gen, dtype=torch.float64).to(DEVICE)
+        eager = lambda t, b: F.conv2d(_eager("uc")(t, b), weight, padding=1)  # noqa: E731
+        fused = lambda t, b: pe.upsample_concat_conv2d(t, [b], weight)  # noqa: E731
+        plan = forced_plan("taps")
+    else:
+        eager, fused = _eager(name), _fused(name)
+        plan = contextlib.nullcontext()
+    args = (x[0], *[b[0] for b in branches])
+    with torch.no_grad():
+        outs = eager(*args)
+    outs = outs if isinstance(outs, (list, tuple)) else [outs]
+    weights = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(DEVICE) for o in outs]
+    tangents = tuple(torch.randn(a.shape, generator=gen, dtype=torch.float64).to(DEVICE) for a in args)
+    argnums = tuple(range(len(args)))
+
+    def transforms(fn):
+        return (torch.func.grad(_loss(fn, weights), argnums=argnums)(*args),
+                torch.vmap(torch.func.grad(_loss(fn, weights), argnums=argnums))(x, *branches),
+                torch.func.jacrev(torch.func.jacrev(_loss(fn, weights), argnums=argnums), argnums=argnums)(*args),
+                _hessians(_cubic(fn, weights), args, tangents))
+
+    want = transforms(eager)
+    previous = torch._C._debug_only_are_vmap_fallback_warnings_enabled()
+    torch._C._debug_only_display_vmap_fallback_warnings(True)
+    try:
+        with pe.use_backend(T), plan, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = transforms(fused)
+    finally:
+        torch._C._debug_only_display_vmap_fallback_warnings(previous)
+    fallbacks = [str(w.message) for w in caught if "batching rule" in str(w.message) and "pyramid_ext" in str(w.message)]
+    assert not fallbacks, fallbacks
+    _close(got, want)

@@ -21,7 +21,7 @@ import functools
 import torch
 import torch.autograd.forward_ad as forward_ad
 
-from .. import _ops
+from .. import _functorch, _ops, backends
 from ._common import INTERPRETED
 from ._multi_pool2d import _pool_backward_impl, _pool_impl
 from ._upsample_concat import _upsample_concat_backward_impl, _upsample_concat_impl, _upsample_concat_out_impl
@@ -95,6 +95,7 @@ def _register() -> None:
     backward, setup = _ops.make_upsample_shift_add_backward_autograd(ops.upsample_shift_add_triton.default)
     torch.library.register_autograd("pyramid_ext::upsample_shift_add_backward_triton", backward,
                                     setup_context=setup, lib=_LIB)
+    _functorch.register_vmap_rules(suffix="_triton", library=_LIB)
 
 
 _LIB = None
@@ -106,12 +107,22 @@ _register()
 # --------------------------------------------------------------------------
 
 
+# Under a grad transform (torch.func.grad, vjp, jacrev, hessian), which refuses
+# torch.library's autograd, the ops run through _functorch's autograd Functions.
+
+
 def multi_pool2d(x, h_bounds, w_bounds, level_bins, mode, channels_last_levels):
+    if backends.grad_transform_active():
+        return backends.grad_functions("_triton").multi_pool2d(x, list(h_bounds), list(w_bounds), list(level_bins),
+                                                               int(mode), bool(channels_last_levels))
     return torch.ops.pyramid_ext.multi_pool2d_triton(x, list(h_bounds), list(w_bounds), list(level_bins), int(mode),
                                                       bool(channels_last_levels))
 
 
 def upsample_concat(x, branches, size, align_corners, x_first, channels_last):
+    if backends.grad_transform_active():
+        return backends.grad_functions("_triton").upsample_concat(x, list(branches), list(size), bool(align_corners),
+                                                                  bool(x_first), bool(channels_last))
     return torch.ops.pyramid_ext.upsample_concat_triton(x, list(branches), list(size), bool(align_corners),
                                                         bool(x_first), bool(channels_last))
 
@@ -122,6 +133,9 @@ def upsample_concat_out(x, branches, align_corners, x_first, out):
 
 
 def upsample_shift_add(base, taps, kernel_size, align_corners):
+    if backends.grad_transform_active():
+        return backends.grad_functions("_triton").upsample_shift_add(base, list(taps), int(kernel_size),
+                                                                     bool(align_corners))
     return torch.ops.pyramid_ext.upsample_shift_add_triton(base, list(taps), int(kernel_size), bool(align_corners))
 
 
