@@ -280,7 +280,8 @@ at::Tensor upsample_concat_autograd(const std::optional<at::Tensor>& x, at::Tens
 }
 
 // Forward-mode AD of the ops whose autograd is Python (pyramid_ext/_ops.py:
-// the three backward ops, upsample_shift_add). torch.library's autograd runs
+// the three backward ops, upsample_shift_add; every Triton op, below).
+// torch.library's autograd runs
 // them below autograd when no input requires grad, so a tangent reaches the
 // kernel at ADInplaceOrView, which every call below their autograd passes
 // (before, it was dropped there silently: upsample_concat_conv2d's taps plan
@@ -330,12 +331,13 @@ using ShiftAddBackwardSig = std::vector<at::Tensor>(const at::Tensor&, c10::SymI
                                                     const c10::List<bool>&);
 
 // addend + (linear in grad): the tangent is the op of grad's tangent onto addend's.
+template <const char* kName>
 at::Tensor multi_pool2d_backward_ad(const at::Tensor& grad, const std::optional<at::Tensor>& indices,
                                     c10::SymIntArrayRef input_shape, c10::SymIntArrayRef h_bounds,
                                     c10::SymIntArrayRef w_bounds, at::IntArrayRef level_bins, int64_t mode,
                                     bool channels_last_levels, bool channels_last_input,
                                     const std::optional<at::Tensor>& addend) {
-  static const auto op = op_handle<PoolBackwardSig>("pyramid_ext::multi_pool2d_backward");
+  static const auto op = op_handle<PoolBackwardSig>(kName);
   const bool has_addend = addend.has_value() && addend->defined();
   if (!any_tangent({&grad, has_addend ? &*addend : nullptr})) {
     at::AutoDispatchBelowADInplaceOrView below;
@@ -361,10 +363,11 @@ at::Tensor multi_pool2d_backward_ad(const at::Tensor& grad, const std::optional<
   return out;
 }
 
+template <const char* kName>
 std::vector<at::Tensor> upsample_concat_backward_ad(const at::Tensor& grad_out, c10::SymIntArrayRef branch_shapes,
                                                     c10::SymInt channel_offset, bool align_corners,
                                                     bool channels_last) {
-  static const auto op = op_handle<UpsampleBackwardSig>("pyramid_ext::upsample_concat_backward");
+  static const auto op = op_handle<UpsampleBackwardSig>(kName);
   if (!any_tangent({&grad_out})) {
     at::AutoDispatchBelowADInplaceOrView below;
     return op.call(grad_out, branch_shapes, std::move(channel_offset), align_corners, channels_last);
@@ -380,9 +383,10 @@ std::vector<at::Tensor> upsample_concat_backward_ad(const at::Tensor& grad_out, 
   return outs;
 }
 
+template <const char* kName>
 at::Tensor upsample_shift_add_ad(const at::Tensor& base, at::TensorList taps, int64_t kernel_size,
                                  bool align_corners) {
-  static const auto op = op_handle<ShiftAddSig>("pyramid_ext::upsample_shift_add");
+  static const auto op = op_handle<ShiftAddSig>(kName);
   if (!any_tangent({&base}, taps)) {
     at::AutoDispatchBelowADInplaceOrView below;
     return op.call(base, taps, kernel_size, align_corners);
@@ -404,10 +408,11 @@ at::Tensor upsample_shift_add_ad(const at::Tensor& base, at::TensorList taps, in
   return out;
 }
 
+template <const char* kName>
 std::vector<at::Tensor> upsample_shift_add_backward_ad(const at::Tensor& grad, c10::SymIntArrayRef tap_shapes,
                                                        int64_t kernel_size, bool align_corners,
                                                        const c10::List<bool>& channels_last) {
-  static const auto op = op_handle<ShiftAddBackwardSig>("pyramid_ext::upsample_shift_add_backward");
+  static const auto op = op_handle<ShiftAddBackwardSig>(kName);
   if (!any_tangent({&grad})) {
     at::AutoDispatchBelowADInplaceOrView below;
     return op.call(grad, tap_shapes, kernel_size, align_corners, channels_last);
@@ -430,11 +435,90 @@ TORCH_LIBRARY_IMPL(pyramid_ext, Autograd, m) {
   m.impl("upsample_concat", TORCH_FN(upsample_concat_autograd));
 }
 
+// Triton's forward ops (pyramid_ext::<op>_triton, declared by pyramid_ext.triton
+// in Python; their autograd is torch.library's too): the tangent as
+// multi_pool2d_with_tangent / upsample_concat_with_tangents compute it.
+template <const char* kName>
+std::tuple<at::Tensor, at::Tensor> multi_pool2d_ad(const at::Tensor& x, c10::SymIntArrayRef h_bounds,
+                                                   c10::SymIntArrayRef w_bounds, at::IntArrayRef level_bins,
+                                                   int64_t mode, bool channels_last_levels) {
+  static const auto op = op_handle<PoolSig>(kName);
+  if (!any_tangent({&x})) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    return op.call(x, h_bounds, w_bounds, level_bins, mode, channels_last_levels);
+  }
+  WithAutograd autograd;
+  const at::Tensor primal = primal_of(x), tangent = dense_tangent(tangent_of(x));
+  // values only (mode 2): the argmax is needed for the tangent
+  const int64_t primal_mode = mode == kPoolMaxValues ? kPoolMax : mode;
+  at::Tensor values, indices;
+  {
+    at::AutoDispatchBelowADInplaceOrView below;
+    std::tie(values, indices) = op.call(primal, h_bounds, w_bounds, level_bins, primal_mode, channels_last_levels);
+  }
+  values._set_fw_grad(mode == kPoolAvg
+                          ? std::get<0>(op.call(tangent, h_bounds, w_bounds, level_bins, mode, channels_last_levels))
+                          : max_pool_tangent(tangent, indices, level_bins, channels_last_levels),
+                      /*level=*/0, /*is_inplace_op=*/false);
+  if (mode == kPoolMaxValues) indices = at::empty({0}, indices.options());
+  return {values, indices};
+}
+
+template <const char* kName>
+at::Tensor upsample_concat_ad(const std::optional<at::Tensor>& x, at::TensorList branches, c10::SymIntArrayRef size,
+                              bool align_corners, bool x_first, bool channels_last_out) {
+  static const auto op = op_handle<UpsampleSig>(kName);
+  const bool has_x = x.has_value() && x->defined();
+  if (!any_tangent({has_x ? &*x : nullptr}, branches)) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    return op.call(x, branches, size, align_corners, x_first, channels_last_out);
+  }
+  WithAutograd autograd;
+  std::optional<at::Tensor> x_primal, x_tangent;
+  if (has_x) {
+    x_primal = primal_of(*x);
+    x_tangent = tangent_or_zeros(*x);
+  }
+  std::vector<at::Tensor> branch_primals, branch_tangents;
+  for (const at::Tensor& b : branches) {
+    branch_primals.push_back(primal_of(b));
+    branch_tangents.push_back(tangent_or_zeros(b));
+  }
+  at::Tensor out;
+  {
+    at::AutoDispatchBelowADInplaceOrView below;
+    out = op.call(x_primal, branch_primals, size, align_corners, x_first, channels_last_out);
+  }
+  out._set_fw_grad(op.call(x_tangent, branch_tangents, size, align_corners, x_first, channels_last_out),
+                   /*level=*/0, /*is_inplace_op=*/false);
+  return out;
+}
+
+// The ops' names, as template arguments.
+constexpr char kPoolBackward[] = "pyramid_ext::multi_pool2d_backward";
+constexpr char kUpsampleBackward[] = "pyramid_ext::upsample_concat_backward";
+constexpr char kShiftAdd[] = "pyramid_ext::upsample_shift_add";
+constexpr char kShiftAddBackward[] = "pyramid_ext::upsample_shift_add_backward";
+constexpr char kPoolTriton[] = "pyramid_ext::multi_pool2d_triton";
+constexpr char kPoolBackwardTriton[] = "pyramid_ext::multi_pool2d_backward_triton";
+constexpr char kUpsampleTriton[] = "pyramid_ext::upsample_concat_triton";
+constexpr char kUpsampleBackwardTriton[] = "pyramid_ext::upsample_concat_backward_triton";
+constexpr char kShiftAddTriton[] = "pyramid_ext::upsample_shift_add_triton";
+constexpr char kShiftAddBackwardTriton[] = "pyramid_ext::upsample_shift_add_backward_triton";
+
 TORCH_LIBRARY_IMPL(pyramid_ext, ADInplaceOrView, m) {
-  m.impl("multi_pool2d_backward", TORCH_FN(multi_pool2d_backward_ad));
-  m.impl("upsample_concat_backward", TORCH_FN(upsample_concat_backward_ad));
-  m.impl("upsample_shift_add", TORCH_FN(upsample_shift_add_ad));
-  m.impl("upsample_shift_add_backward", TORCH_FN(upsample_shift_add_backward_ad));
+  m.impl("multi_pool2d_backward", TORCH_FN(multi_pool2d_backward_ad<kPoolBackward>));
+  m.impl("upsample_concat_backward", TORCH_FN(upsample_concat_backward_ad<kUpsampleBackward>));
+  m.impl("upsample_shift_add", TORCH_FN(upsample_shift_add_ad<kShiftAdd>));
+  m.impl("upsample_shift_add_backward", TORCH_FN(upsample_shift_add_backward_ad<kShiftAddBackward>));
+  // Triton's ops, declared when pyramid_ext.triton is imported (a kernel may be
+  // registered before its op's schema; the schema is checked against it then).
+  m.impl("multi_pool2d_triton", TORCH_FN(multi_pool2d_ad<kPoolTriton>));
+  m.impl("multi_pool2d_backward_triton", TORCH_FN(multi_pool2d_backward_ad<kPoolBackwardTriton>));
+  m.impl("upsample_concat_triton", TORCH_FN(upsample_concat_ad<kUpsampleTriton>));
+  m.impl("upsample_concat_backward_triton", TORCH_FN(upsample_concat_backward_ad<kUpsampleBackwardTriton>));
+  m.impl("upsample_shift_add_triton", TORCH_FN(upsample_shift_add_ad<kShiftAddTriton>));
+  m.impl("upsample_shift_add_backward_triton", TORCH_FN(upsample_shift_add_backward_ad<kShiftAddBackwardTriton>));
 }
 
 }  // namespace pyramid_ext

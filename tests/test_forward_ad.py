@@ -207,26 +207,32 @@ def test_forward_over_reverse_equals_pytorchs(case, kind):
     else:
         fused, eager = FORWARD_OVER_REVERSE[case]
 
-    def grads(fn):
-        inputs = [x.detach().requires_grad_()] + [b.detach().requires_grad_() for b in branches]
-        with fwAD.dual_level():
-            out = fn(inputs[0], inputs[1:])
-            outs = out if isinstance(out, (list, tuple)) else [out]
-            cotangents = [fwAD.make_dual(rand(o.shape, dtype=torch.float64, seed=30 + i),
-                                         rand(o.shape, dtype=torch.float64, seed=40 + i)) for i, o in enumerate(outs)]
-            gs = torch.autograd.grad(outs, inputs, cotangents, allow_unused=True)
-            return [None if g is None else (fwAD.unpack_dual(g).primal.clone(), fwAD.unpack_dual(g).tangent)
-                    for g in gs]
-
     with forced_plan("taps"):
-        got = grads(fused)
-    want = grads(eager)
+        got = dual_cotangent_grads(fused, x, branches)
+    assert_same_grads(got, dual_cotangent_grads(eager, x, branches))
+
+
+def dual_cotangent_grads(fn, x, branches):
+    """The (primal, tangent) of the gradient of fn(x, branches) with respect to x and each branch (None where
+    unused), taken with dual cotangents: forward mode through fn's backward."""
+    inputs = [x.detach().requires_grad_()] + [b.detach().requires_grad_() for b in branches]
+    with fwAD.dual_level():
+        out = fn(inputs[0], inputs[1:])
+        outs = out if isinstance(out, (list, tuple)) else [out]
+        cotangents = [fwAD.make_dual(rand(o.shape, dtype=o.dtype, seed=30 + i).to(o.device),
+                                     rand(o.shape, dtype=o.dtype, seed=40 + i).to(o.device))
+                      for i, o in enumerate(outs)]
+        gs = torch.autograd.grad(outs, inputs, cotangents, allow_unused=True)
+        return [None if g is None else (fwAD.unpack_dual(g).primal.clone(), fwAD.unpack_dual(g).tangent) for g in gs]
+
+
+def assert_same_grads(got, want, atol=1e-12):
     assert len(got) == len(want)
     for g, w in zip(got, want):
         assert (g is None) == (w is None)
         if g is not None:
             assert g[1] is not None, "the gradient's tangent was dropped"
-            torch.testing.assert_close(g, w, rtol=0, atol=1e-12)
+            torch.testing.assert_close(g, w, rtol=0, atol=atol)
 
 
 def test_a_tangent_that_requires_grad_records_its_derivatives():

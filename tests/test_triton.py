@@ -1062,19 +1062,47 @@ def test_upsample_shift_add_backward_long_sums_within_1e6_of_fp64():
         assert err <= 1e-6, f"taps {hw}: error {err:.3g} x sum|terms|"
 
 
-def test_forward_mode_tangent_is_refused_not_dropped():
-    """The Triton ops' autograd (torch.library's) has no jvp: a tangent raises a clear
-    error instead of coming back None."""
+@pytest.mark.parametrize("kind", ["nchw", "channels_last"])
+def test_forward_mode_tangents_match_pytorchs(kind):
+    """Every Triton op carries forward-mode tangents (the compiled extension's ADInplaceOrView kernels,
+    csrc/autograd.cpp): the pooling in every mode, upsample_concat, upsample_concat_conv2d's taps plan
+    (upsample_shift_add_triton), and gradients taken with dual cotangents (the backward ops), against
+    PyTorch's forward AD of the eager code. The out= variant still refuses a tangent."""
     import torch.autograd.forward_ad as fwAD
 
-    x = rand((1, 2, 6, 6), device=DEVICE)
-    with fwAD.dual_level():
-        dual = fwAD.make_dual(x, torch.ones_like(x))
-        with pytest.raises(RuntimeError, match="multi_pool2d_triton has no forward-mode AD"):
-            pe.multi_adaptive_avg_pool2d(dual, (1, 2), backend="triton")
-        with pytest.raises(RuntimeError, match="upsample_concat_triton has no forward-mode AD"):
-            pe.upsample_concat(dual, [rand((1, 2, 3, 3), device=DEVICE)], backend="triton")
-    assert len(pe.multi_adaptive_avg_pool2d(x, (1, 2), backend="triton")) == 2  # outside a dual level: as before
+    from ._helpers import layout
+    from .test_forward_ad import POOL_CASES, FORWARD_OVER_REVERSE, _assert_same, _jvp, assert_same_grads, \
+        dual_cotangent_grads
+    from .test_upsample_concat_conv import forced_plan
+
+    x = layout(_rand(2, 4, 9, 7, dtype=torch.float64), kind)
+    branches = [layout(_rand(2, 2, b, b, dtype=torch.float64, seed=b), kind) for b in (1, 3)]
+    weight = _rand(3, 8, 3, 3, dtype=torch.float64, seed=6)
+    tangents = [_rand(*t.shape, dtype=torch.float64, seed=20 + i) for i, t in enumerate([x] + branches)]
+
+    def conv(fn):
+        return lambda v, *bs: fn(v, list(bs))
+
+    eager_conv = conv(lambda v, bs: F.conv2d(_helpers_eager_upsample_concat(v, bs, (9, 7), False), weight,
+                                             padding=1))
+    with pe.use_backend(T), forced_plan("taps"):
+        for fused, eager in POOL_CASES.values():
+            _assert_same(_jvp(fused, [x], tangents[:1]), _jvp(eager, [x], tangents[:1]))
+        fused_uc, eager_uc = FORWARD_OVER_REVERSE["upsample_concat"]
+        _assert_same(_jvp(conv(fused_uc), [x] + branches, [tangents[0], None, tangents[2]]),
+                     _jvp(conv(eager_uc), [x] + branches, [tangents[0], None, tangents[2]]))
+        fused_conv = conv(lambda v, bs: pe.upsample_concat_conv2d(v, bs, weight))
+        _assert_same(_jvp(fused_conv, [x] + branches, tangents), _jvp(eager_conv, [x] + branches, tangents))
+        for fused, eager in [*FORWARD_OVER_REVERSE.values(),
+                             (lambda v, bs: pe.upsample_concat_conv2d(v, bs, weight),
+                              lambda v, bs: F.conv2d(_helpers_eager_upsample_concat(v, bs, (9, 7), False), weight,
+                                                     padding=1))]:
+            assert_same_grads(dual_cotangent_grads(fused, x, branches), dual_cotangent_grads(eager, x, branches))
+        with fwAD.dual_level():
+            dual = fwAD.make_dual(x, tangents[0])
+            out = torch.empty((2, 4 + 4, 9, 7), dtype=torch.float64, device=DEVICE)
+            with pytest.raises(RuntimeError, match="upsample_concat_out_triton has no forward-mode AD"):
+                pe.upsample_concat(dual, branches, out=out)
 
 
 @pytest.mark.parametrize("name", ["avg", "max", "spp", "uc", "ucconv"])

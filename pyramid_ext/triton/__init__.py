@@ -21,7 +21,7 @@ import functools
 import torch
 import torch.autograd.forward_ad as forward_ad
 
-from .. import _functorch, _ops, backends
+from .. import _extension, _functorch, _ops, backends
 from ._common import INTERPRETED
 from ._multi_pool2d import _pool_backward_impl, _pool_impl
 from ._upsample_concat import _upsample_concat_backward_impl, _upsample_concat_impl, _upsample_concat_out_impl
@@ -51,9 +51,16 @@ def _registered(name: str) -> bool:
 
 
 def _refusing_tangents(op: str, impl):
-    """impl, raising where an input carries a forward-mode tangent: these ops'
-    autograd (torch.library's, from _ops.py) has no jvp, and below it the
-    tangent would be dropped silently. Checked only inside a dual level."""
+    """impl, raising where an input carries a forward-mode tangent, for the ops
+    whose tangents nothing computes: every op without the compiled extension
+    (its ADInplaceOrView kernels, csrc/autograd.cpp, carry the Triton ops'
+    tangents), and the out= variant always. Below torch.library's autograd,
+    which has no jvp, the tangent would be dropped silently. Checked only
+    inside a dual level."""
+    if _extension.LOADED and op != "upsample_concat_out":
+        return impl
+    why = ("the out= variant has none" if op == "upsample_concat_out" else
+           "the compiled extension, which carries the Triton ops' tangents, is not loaded")
 
     @functools.wraps(impl)
     def checked(*args):
@@ -61,9 +68,9 @@ def _refusing_tangents(op: str, impl):
             for a in args:
                 for t in (a if isinstance(a, (list, tuple)) else (a,)):
                     if isinstance(t, torch.Tensor) and torch._VF._unpack_dual(t, 0).tangent is not None:
-                        raise RuntimeError(f"pyramid_ext::{op}_triton has no forward-mode AD (a tangent reached it: "
-                                           "torch.autograd.forward_ad or torch.func.jvp); the cpp backend has it for "
-                                           "multi_pool2d and upsample_concat, the torch backend for every op")
+                        raise RuntimeError(f"pyramid_ext::{op}_triton has no forward-mode AD here (a tangent reached "
+                                           f"it: torch.autograd.forward_ad or torch.func.jvp): {why}; the torch "
+                                           "backend has it for every op")
         return impl(*args)
 
     return checked
