@@ -113,6 +113,45 @@ at::Tensor dense_tangent(const at::Tensor& t) {
   return t.is_contiguous() || t.is_contiguous(at::MemoryFormat::ChannelsLast) ? t : t.contiguous();
 }
 
+bool any_tangent(std::initializer_list<const at::Tensor*> tensors, at::TensorList lists = {}) {
+  for (const at::Tensor* t : tensors)
+    if (t && tangent_of(*t).defined()) return true;
+  for (const at::Tensor& t : lists)
+    if (tangent_of(t).defined()) return true;
+  return false;
+}
+
+at::Tensor primal_of(const at::Tensor& t) { return tangent_of(t).defined() ? t._fw_primal(/*level=*/0) : t; }
+
+// t's tangent as the ops read it, or zeros like t.
+at::Tensor tangent_or_zeros(const at::Tensor& t) {
+  const at::Tensor g = tangent_of(t);
+  return g.defined() ? dense_tangent(g) : at::zeros_like(t);
+}
+
+void set_tangents(const std::vector<at::Tensor>& outs, const std::vector<at::Tensor>& tangents) {
+  for (size_t k = 0; k < outs.size(); ++k) outs[k]._set_fw_grad(tangents[k], /*level=*/0, /*is_inplace_op=*/false);
+}
+
+// upsample_concat's inputs as primals and tangents (zeros for an input without one).
+struct UpsampleDuals {
+  std::optional<at::Tensor> x_primal, x_tangent;
+  std::vector<at::Tensor> branch_primals, branch_tangents;
+};
+
+UpsampleDuals split_duals(const std::optional<at::Tensor>& x, at::TensorList branches) {
+  UpsampleDuals d;
+  if (x.has_value() && x->defined()) {
+    d.x_primal = primal_of(*x);
+    d.x_tangent = tangent_or_zeros(*x);
+  }
+  for (const at::Tensor& b : branches) {
+    d.branch_primals.push_back(primal_of(b));
+    d.branch_tangents.push_back(tangent_or_zeros(b));
+  }
+  return d;
+}
+
 // Max pooling's tangent: x's tangent at each bin's argmax (`indices`, flat
 // h * W + w, packed as the values are), per level gathered from the (N, C,
 // H * W) tangent and packed again.
@@ -241,24 +280,10 @@ at::Tensor upsample_concat_with_tangents(const std::optional<at::Tensor>& x, at:
                                          c10::SymIntArrayRef size, bool align_corners, bool x_first,
                                          bool channels_last_out) {
   static const auto op = op_handle<UpsampleSig>("pyramid_ext::upsample_concat");
-  const bool has_x = x.has_value() && x->defined();
-  auto primal = [](const at::Tensor& t) { return tangent_of(t).defined() ? t._fw_primal(/*level=*/0) : t; };
-  auto tangent = [](const at::Tensor& t) {
-    const at::Tensor g = tangent_of(t);
-    return g.defined() ? dense_tangent(g) : at::zeros_like(t);
-  };
-  std::optional<at::Tensor> x_primal, x_tangent;
-  if (has_x) {
-    x_primal = primal(*x);
-    x_tangent = tangent(*x);
-  }
-  std::vector<at::Tensor> branch_primals, branch_tangents;
-  for (const at::Tensor& b : branches) {
-    branch_primals.push_back(primal(b));
-    branch_tangents.push_back(tangent(b));
-  }
-  at::Tensor out = upsample_concat_autograd(x_primal, branch_primals, size, align_corners, x_first, channels_last_out);
-  out._set_fw_grad(op.call(x_tangent, branch_tangents, size, align_corners, x_first, channels_last_out),
+  const UpsampleDuals d = split_duals(x, branches);
+  at::Tensor out = upsample_concat_autograd(d.x_primal, d.branch_primals, size, align_corners, x_first,
+                                            channels_last_out);
+  out._set_fw_grad(op.call(d.x_tangent, d.branch_tangents, size, align_corners, x_first, channels_last_out),
                    /*level=*/0, /*is_inplace_op=*/false);
   return out;
 }
@@ -305,26 +330,6 @@ class WithAutograd {
   }
   c10::impl::ForceDispatchKeyGuard guard_;
 };
-
-bool any_tangent(std::initializer_list<const at::Tensor*> tensors, at::TensorList lists = {}) {
-  for (const at::Tensor* t : tensors)
-    if (t && tangent_of(*t).defined()) return true;
-  for (const at::Tensor& t : lists)
-    if (tangent_of(t).defined()) return true;
-  return false;
-}
-
-at::Tensor primal_of(const at::Tensor& t) { return tangent_of(t).defined() ? t._fw_primal(/*level=*/0) : t; }
-
-// t's tangent as the ops read it, or zeros like t.
-at::Tensor tangent_or_zeros(const at::Tensor& t) {
-  const at::Tensor g = tangent_of(t);
-  return g.defined() ? dense_tangent(g) : at::zeros_like(t);
-}
-
-void set_tangents(const std::vector<at::Tensor>& outs, const std::vector<at::Tensor>& tangents) {
-  for (size_t k = 0; k < outs.size(); ++k) outs[k]._set_fw_grad(tangents[k], /*level=*/0, /*is_inplace_op=*/false);
-}
 
 using ShiftAddSig = at::Tensor(const at::Tensor&, at::TensorList, int64_t, bool);
 using ShiftAddBackwardSig = std::vector<at::Tensor>(const at::Tensor&, c10::SymIntArrayRef, int64_t, bool,
@@ -474,22 +479,13 @@ at::Tensor upsample_concat_ad(const std::optional<at::Tensor>& x, at::TensorList
     return op.call(x, branches, size, align_corners, x_first, channels_last_out);
   }
   WithAutograd autograd;
-  std::optional<at::Tensor> x_primal, x_tangent;
-  if (has_x) {
-    x_primal = primal_of(*x);
-    x_tangent = tangent_or_zeros(*x);
-  }
-  std::vector<at::Tensor> branch_primals, branch_tangents;
-  for (const at::Tensor& b : branches) {
-    branch_primals.push_back(primal_of(b));
-    branch_tangents.push_back(tangent_or_zeros(b));
-  }
+  const UpsampleDuals d = split_duals(x, branches);
   at::Tensor out;
   {
     at::AutoDispatchBelowADInplaceOrView below;
-    out = op.call(x_primal, branch_primals, size, align_corners, x_first, channels_last_out);
+    out = op.call(d.x_primal, d.branch_primals, size, align_corners, x_first, channels_last_out);
   }
-  out._set_fw_grad(op.call(x_tangent, branch_tangents, size, align_corners, x_first, channels_last_out),
+  out._set_fw_grad(op.call(d.x_tangent, d.branch_tangents, size, align_corners, x_first, channels_last_out),
                    /*level=*/0, /*is_inplace_op=*/false);
   return out;
 }

@@ -61,6 +61,19 @@ def _inputs(name, batch, channels_last, gen):
     return x, branches
 
 
+def _case(name, batch, channels_last, seed):
+    """(gen, x, branches) batched by `batch` (_inputs), the first sample's arguments, and weights for _loss of
+    the shapes of the eager outputs."""
+    gen = torch.Generator().manual_seed(seed)
+    x, branches = _inputs(name, batch, channels_last, gen)
+    args = (x[0], *[b[0] for b in branches])
+    with torch.no_grad():
+        outs = _eager(name)(*args)
+    outs = outs if isinstance(outs, (list, tuple)) else [outs]
+    weights = [torch.randn(o.shape, generator=gen, dtype=torch.float64) for o in outs]
+    return gen, x, branches, args, weights
+
+
 def _close(a, b):
     if isinstance(a, (list, tuple)):
         assert len(a) == len(b)
@@ -104,13 +117,7 @@ def test_vmap_other_dims_and_unbatched_branches(backend):
 @pytest.mark.parametrize("name", ["avg", "max", "spp", "uc"])
 def test_grad_vjp_and_per_sample_grads_match_eager(name, channels_last, backend):
     """torch.func.grad (all inputs), torch.func.vjp, and vmap(grad): per-sample gradients."""
-    gen = torch.Generator().manual_seed(3)
-    x, branches = _inputs(name, 3, channels_last, gen)
-    args = (x[0], *[b[0] for b in branches])
-    with torch.no_grad():
-        outs = _eager(name)(*args)
-    outs = outs if isinstance(outs, (list, tuple)) else [outs]
-    weights = [torch.randn(o.shape, generator=gen, dtype=torch.float64) for o in outs]
+    _, x, branches, args, weights = _case(name, 3, channels_last, seed=3)
     argnums = tuple(range(len(args)))
     want = torch.func.grad(_loss(_eager(name), weights), argnums=argnums)(*args)
     want_per_sample = torch.vmap(torch.func.grad(_loss(_eager(name), weights), argnums=argnums))(x, *branches)
@@ -163,13 +170,7 @@ def _hessians(fn, args, tangents):
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
 @pytest.mark.parametrize("name", ["avg", "max", "spp", "uc"])
 def test_hessian_and_forward_over_reverse_match_eager(name, channels_last, backend):
-    gen = torch.Generator().manual_seed(8)
-    x, branches = _inputs(name, 1, channels_last, gen)
-    args = (x[0], *[b[0] for b in branches])
-    with torch.no_grad():
-        outs = _eager(name)(*args)
-    outs = outs if isinstance(outs, (list, tuple)) else [outs]
-    weights = [torch.randn(o.shape, generator=gen, dtype=torch.float64) for o in outs]
+    gen, _, _, args, weights = _case(name, 1, channels_last, seed=8)
     tangents = tuple(torch.randn(a.shape, generator=gen, dtype=torch.float64) for a in args)
     want = _hessians(_cubic(_eager(name), weights), args, tangents)
     with pe.use_backend(backend):
