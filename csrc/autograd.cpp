@@ -306,11 +306,13 @@ at::Tensor upsample_concat_autograd(const std::optional<at::Tensor>& x, at::Tens
 
 // Forward-mode AD of the ops whose autograd is Python (pyramid_ext/_ops.py:
 // the three backward ops, upsample_shift_add; every Triton op, below).
-// torch.library's autograd runs
-// them below autograd when no input requires grad, so a tangent reaches the
-// kernel at ADInplaceOrView, which every call below their autograd passes
-// (before, it was dropped there silently: upsample_concat_conv2d's taps plan
-// returned no tangent). Each op is linear in its float inputs, so the
+// torch.library's autograd runs them below autograd when no input requires
+// grad, so a tangent reaches the kernel at ADInplaceOrView, which every call
+// below their autograd passes (before, it was dropped there silently:
+// upsample_concat_conv2d's taps plan returned no tangent). Where an input
+// also requires grad, that autograd (no jvp) raises: the Python entry points
+// take _functorch's Functions inside a dual level
+// (backends.autograd_functions_needed). Each op is linear in its float inputs, so the
 // output's tangent is the op of the inputs' tangents (zeros where an input
 // has none), called with autograd back on (WithAutograd) so that a tangent
 // that requires grad records its own derivatives (and _fw_primal, an
@@ -433,13 +435,6 @@ std::vector<at::Tensor> upsample_shift_add_backward_ad(const at::Tensor& grad, c
   return outs;
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(pyramid_ext, Autograd, m) {
-  m.impl("multi_pool2d", TORCH_FN(multi_pool2d_autograd));
-  m.impl("upsample_concat", TORCH_FN(upsample_concat_autograd));
-}
-
 // Triton's forward ops (pyramid_ext::<op>_triton, declared by pyramid_ext.triton
 // in Python; their autograd is torch.library's too): the tangent as
 // multi_pool2d_with_tangent / upsample_concat_with_tangents compute it.
@@ -501,6 +496,13 @@ constexpr char kUpsampleTriton[] = "pyramid_ext::upsample_concat_triton";
 constexpr char kUpsampleBackwardTriton[] = "pyramid_ext::upsample_concat_backward_triton";
 constexpr char kShiftAddTriton[] = "pyramid_ext::upsample_shift_add_triton";
 constexpr char kShiftAddBackwardTriton[] = "pyramid_ext::upsample_shift_add_backward_triton";
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyramid_ext, Autograd, m) {
+  m.impl("multi_pool2d", TORCH_FN(multi_pool2d_autograd));
+  m.impl("upsample_concat", TORCH_FN(upsample_concat_autograd));
+}
 
 TORCH_LIBRARY_IMPL(pyramid_ext, ADInplaceOrView, m) {
   m.impl("multi_pool2d_backward", TORCH_FN(multi_pool2d_backward_ad<kPoolBackward>));

@@ -25,6 +25,7 @@ import threading
 from typing import List, Optional, Tuple
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 
 from . import _extension, reference
 
@@ -258,6 +259,15 @@ def grad_transform_active() -> bool:
             and _functorch().grad_transform_active())
 
 
+def autograd_functions_needed() -> bool:
+    """Where the ops whose autograd is torch.library's (upsample_shift_add, every
+    Triton op) run through grad_functions(): under a grad transform, and inside
+    a forward-AD dual level, where that autograd has no jvp for an input that
+    requires grad and carries a tangent (the Functions' jvp serves both)."""
+    return (not torch.compiler.is_dynamo_compiling()
+            and (forward_ad._current_level >= 0 or grad_transform_active()))
+
+
 class _Compiled:
     """The "cpp" entry: the compiled ops (C++ on CPU, CUDA kernels on GPU)."""
 
@@ -280,7 +290,7 @@ class _Compiled:
 
     @staticmethod
     def upsample_shift_add(base, taps, kernel_size, align_corners):
-        if grad_transform_active():
+        if autograd_functions_needed():
             return grad_functions().upsample_shift_add(base, taps, kernel_size, align_corners)
         return torch.ops.pyramid_ext.upsample_shift_add(base, taps, kernel_size, align_corners)
 

@@ -125,6 +125,35 @@ def test_tangent_and_gradient_together():
         torch.testing.assert_close(tangents, want_tangents)
 
 
+def tangent_and_grads(fn, x, branches, tangents):
+    """fn(x, branches)'s tangent (tangents[i] on input i, None: none) and the gradients of a weighted sum of
+    it with respect to x and the branches (zeros where unused), all of which require grad, in the same pass."""
+    inputs = [x.detach().requires_grad_()] + [b.detach().requires_grad_() for b in branches]
+    with fwAD.dual_level():
+        duals = [v if t is None else fwAD.make_dual(v, t) for v, t in zip(inputs, tangents)]
+        out = fn(duals[0], duals[1:])
+        tangent = fwAD.unpack_dual(out).tangent
+        loss = (out * rand(out.shape, dtype=out.dtype, seed=50).to(out.device)).sum()
+    return tangent, torch.autograd.grad(loss, inputs, allow_unused=True, materialize_grads=True)
+
+
+@pytest.mark.parametrize("plan", ["taps", "resize"])
+def test_conv_tangent_and_gradient_together(plan):
+    """upsample_concat_conv2d with inputs that require grad and carry tangents: on the taps plan the kernel
+    op's autograd is torch.library's, which has no jvp; inside a dual level the op runs through _functorch's
+    autograd Functions, whose jvp serves the tangent while the gradient is recorded."""
+    x = rand((2, 8, 9, 7), dtype=torch.float64)
+    branches = [rand((2, 4, b, b), dtype=torch.float64, seed=b) for b in (1, 3)]
+    weight = rand((6, 16, 3, 3), dtype=torch.float64, seed=6)
+    tangents = [rand(x.shape, dtype=torch.float64, seed=7), None, rand(branches[1].shape, dtype=torch.float64)]
+    with forced_plan(plan):
+        got = tangent_and_grads(lambda v, bs: pe.upsample_concat_conv2d(v, bs, weight), x, branches, tangents)
+    want = tangent_and_grads(lambda v, bs: F.conv2d(eager_upsample_concat(v, bs, (9, 7), False), weight, padding=1),
+                             x, branches, tangents)
+    assert got[0] is not None
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+
+
 def test_func_jvp_equals_pytorchs():
     x = rand((2, 5, 9, 7), dtype=torch.float64)
     t = rand(x.shape, dtype=torch.float64, seed=4)

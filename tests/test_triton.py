@@ -1066,13 +1066,14 @@ def test_upsample_shift_add_backward_long_sums_within_1e6_of_fp64():
 def test_forward_mode_tangents_match_pytorchs(kind):
     """Every Triton op carries forward-mode tangents (the compiled extension's ADInplaceOrView kernels,
     csrc/autograd.cpp): the pooling in every mode, upsample_concat, upsample_concat_conv2d's taps plan
-    (upsample_shift_add_triton), and gradients taken with dual cotangents (the backward ops), against
-    PyTorch's forward AD of the eager code. The out= variant still refuses a tangent."""
+    (upsample_shift_add_triton), gradients taken with dual cotangents (the backward ops), and inputs that
+    require grad and carry tangents, against PyTorch's forward AD of the eager code. The out= variant still
+    refuses a tangent."""
     import torch.autograd.forward_ad as fwAD
 
     from ._helpers import layout
     from .test_forward_ad import POOL_CASES, FORWARD_OVER_REVERSE, _assert_same, _jvp, assert_same_grads, \
-        dual_cotangent_grads
+        dual_cotangent_grads, tangent_and_grads
     from .test_upsample_concat_conv import forced_plan
 
     x = layout(_rand(2, 4, 9, 7, dtype=torch.float64), kind)
@@ -1098,6 +1099,16 @@ def test_forward_mode_tangents_match_pytorchs(kind):
                               lambda v, bs: F.conv2d(_helpers_eager_upsample_concat(v, bs, (9, 7), False), weight,
                                                      padding=1))]:
             assert_same_grads(dual_cotangent_grads(fused, x, branches), dual_cotangent_grads(eager, x, branches))
+        # inputs that require grad and carry tangents: the ops run through _functorch's Functions
+        for fused, eager in [(lambda v, bs: pe.multi_adaptive_max_pool2d(v, (2, 3))[1],
+                              lambda v, bs: F.adaptive_max_pool2d(v, 3)),
+                             (lambda v, bs: pe.upsample_concat(v, bs), FORWARD_OVER_REVERSE["upsample_concat"][1]),
+                             (lambda v, bs: pe.upsample_concat_conv2d(v, bs, weight),
+                              lambda v, bs: F.conv2d(_helpers_eager_upsample_concat(v, bs, (9, 7), False), weight,
+                                                     padding=1))]:
+            got = tangent_and_grads(fused, x, branches, tangents)
+            assert got[0] is not None
+            torch.testing.assert_close(got, tangent_and_grads(eager, x, branches, tangents), rtol=0, atol=1e-10)
         with fwAD.dual_level():
             dual = fwAD.make_dual(x, tangents[0])
             out = torch.empty((2, 4 + 4, 9, 7), dtype=torch.float64, device=DEVICE)

@@ -115,11 +115,12 @@ _register()
 
 
 # Under a grad transform (torch.func.grad, vjp, jacrev, hessian), which refuses
-# torch.library's autograd, the ops run through _functorch's autograd Functions.
+# torch.library's autograd, and inside a forward-AD dual level (that autograd
+# has no jvp), the ops run through _functorch's autograd Functions.
 
 
 def multi_pool2d(x, h_bounds, w_bounds, level_bins, mode, channels_last_levels):
-    if backends.grad_transform_active():
+    if backends.autograd_functions_needed():
         return backends.grad_functions("_triton").multi_pool2d(x, list(h_bounds), list(w_bounds), list(level_bins),
                                                                int(mode), bool(channels_last_levels))
     return torch.ops.pyramid_ext.multi_pool2d_triton(x, list(h_bounds), list(w_bounds), list(level_bins), int(mode),
@@ -127,7 +128,7 @@ def multi_pool2d(x, h_bounds, w_bounds, level_bins, mode, channels_last_levels):
 
 
 def upsample_concat(x, branches, size, align_corners, x_first, channels_last):
-    if backends.grad_transform_active():
+    if backends.autograd_functions_needed():
         return backends.grad_functions("_triton").upsample_concat(x, list(branches), list(size), bool(align_corners),
                                                                   bool(x_first), bool(channels_last))
     return torch.ops.pyramid_ext.upsample_concat_triton(x, list(branches), list(size), bool(align_corners),
@@ -140,7 +141,7 @@ def upsample_concat_out(x, branches, align_corners, x_first, out):
 
 
 def upsample_shift_add(base, taps, kernel_size, align_corners):
-    if backends.grad_transform_active():
+    if backends.autograd_functions_needed():
         return backends.grad_functions("_triton").upsample_shift_add(base, list(taps), int(kernel_size),
                                                                      bool(align_corners))
     return torch.ops.pyramid_ext.upsample_shift_add_triton(base, list(taps), int(kernel_size), bool(align_corners))
